@@ -1,0 +1,98 @@
+"""Model architectures named by a spec: ``logistic``, ``mlp:hidden=64x32``, ``cnn``, ``pkg.mod:fn``.
+
+``mlp`` alone has one hidden layer of 64 (on digits: 64-64-10, 4,810 parameters).
+
+Every model takes flat input ``[batch, prod(input_shape)]`` and returns logits
+``[batch, num_classes]``. Built-in models are ``nn.Sequential`` stacks of plain layers (no
+BatchNorm, no Dropout) whose last layer is named ``head``, so a community can keep it private.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from p2pfl.spec import SpecError, parse_spec, positive_int
+
+MODEL_KINDS = ("logistic", "mlp", "cnn")
+
+
+def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    """Build the model ``spec`` names, initialised from ``seed`` (same seed, same weights)."""
+    kind = spec.strip().partition(":")[0].strip().lower()
+    if kind not in MODEL_KINDS and ":" in spec and "=" not in spec:
+        return _from_factory(spec.strip(), input_shape, num_classes, seed)
+    if kind not in MODEL_KINDS:
+        raise SpecError(
+            f"{spec!r}: unknown model {kind!r}; choose one of: {', '.join(MODEL_KINDS)}, "
+            "or module:function for your own factory"
+        )
+    parsed = parse_spec(spec, MODEL_KINDS)
+    features = math.prod(input_shape)
+    torch.manual_seed(seed)
+    if parsed.kind == "logistic":
+        parsed.check_keys([])
+        return nn.Sequential(OrderedDict(head=nn.Linear(features, num_classes)))
+    if parsed.kind == "mlp":
+        parsed.check_keys(["hidden"])
+        hidden = parsed.take("hidden", _widths, default=(64,))
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        for i, width in enumerate(hidden, start=1):
+            layers[f"fc{i}"] = nn.Linear(features, width)
+            layers[f"act{i}"] = nn.ReLU()
+            features = width
+        layers["head"] = nn.Linear(features, num_classes)
+        return nn.Sequential(layers)
+    parsed.check_keys([])
+    if len(input_shape) != 3:
+        raise SpecError(
+            f"{spec!r}: cnn needs image-shaped input (channels, height, width), got "
+            f"{input_shape}; use mlp or logistic for this dataset"
+        )
+    channels = input_shape[0]
+    return nn.Sequential(
+        OrderedDict(
+            unflatten=nn.Unflatten(1, input_shape),
+            conv1=nn.Conv2d(channels, 16, kernel_size=3, padding=1),
+            act1=nn.ReLU(),
+            conv2=nn.Conv2d(16, 32, kernel_size=3, padding=1),
+            act2=nn.ReLU(),
+            pool=nn.AdaptiveAvgPool2d(2),
+            flatten=nn.Flatten(),
+            head=nn.Linear(32 * 2 * 2, num_classes),
+        )
+    )
+
+
+def _widths(raw: str) -> tuple[int, ...]:
+    """Parse hidden layer widths such as ``64x32``."""
+    return tuple(positive_int(part) for part in raw.lower().split("x"))
+
+
+def _from_factory(
+    spec: str, input_shape: tuple[int, ...], num_classes: int, seed: int
+) -> nn.Module:
+    """Call the user factory ``module:function`` as ``factory(input_shape=, num_classes=)``."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SpecError(
+            f"{spec!r}: cannot import module {module_name!r} ({exc}); "
+            "check the name and that its directory is on PYTHONPATH"
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise SpecError(f"{spec!r}: module {module_name!r} has no function {attr!r}")
+    torch.manual_seed(seed)
+    model = factory(input_shape=input_shape, num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise SpecError(
+            f"{spec!r}: {attr}(input_shape=..., num_classes=...) returned "
+            f"{type(model).__name__}, expected a torch.nn.Module"
+        )
+    return model
