@@ -1,0 +1,1 @@
+"""Learners (one model or many stacked), flat parameter vectors and merge rules."""

@@ -1,0 +1,50 @@
+"""Mini-batch sampling shared by all learners, so that per-node and batched training see
+exactly the same batches for the same seed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class NodeDataBank:
+    """Every node's training set, padded into one ``[nodes, max_n, features]`` tensor.
+
+    Batches are drawn with replacement (uniform over the node's own samples), one row of
+    indices per node, from one seeded generator.
+    """
+
+    def __init__(
+        self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], batch_size: int, seed: int
+    ) -> None:
+        if not xs or len(xs) != len(ys):
+            raise ValueError("need one (x, y) pair per node")
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.replace_all(xs, ys)
+
+    def replace_all(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> None:
+        """Swap every node's data (e.g. after concept drift); shapes may change."""
+        counts = [len(y) for y in ys]
+        if min(counts) < 1:
+            raise ValueError("every node needs at least one training sample")
+        width = max(counts)
+        features = xs[0].shape[1]
+        self.x = torch.zeros(len(xs), width, features)
+        self.y = torch.zeros(len(ys), width, dtype=torch.long)
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            self.x[i, : len(y)] = x
+            self.y[i, : len(y)] = y
+        self.counts = torch.tensor(counts)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.counts)
+
+    def draw(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch for each listed node: ``x [k, batch, features]``, ``y [k, batch]``."""
+        u = torch.rand(len(nodes), self.batch_size, generator=self.generator)
+        idx = (u * self.counts[nodes, None]).long()
+        rows = nodes[:, None]
+        return self.x[rows, idx], self.y[rows, idx]

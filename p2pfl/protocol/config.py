@@ -1,0 +1,90 @@
+"""Protocol specs (``none``, ``continuous``, ``periodic:b=B``, ``gossip:b=B``,
+``dynamic:delta=D,b=B``) parsed into one validated configuration."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from p2pfl.spec import SpecError, non_negative_float, parse_spec, positive_int
+
+PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
+MERGES = ("uniform", "samples")
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Everything a core needs to know about its protocol.
+
+    ``delta`` is absolute when given; otherwise the dynamic protocol uses
+    ``rel * ||reference||²`` (see ``DynamicCore``), which makes the default independent of
+    the model's size and scale.
+    """
+
+    kind: str
+    b: int = 1
+    delta: float | None = None
+    rel: float = 0.0
+    group: int = 0
+    cap: int = 0
+    correction: float = 0.0
+    merge: str = "uniform"
+    timeout: float = 2.0
+    text: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.text or self.kind
+
+
+DYNAMIC_DEFAULTS = {"b": 2, "rel": 0.002, "correction": 0.0, "cap": 0, "group": 0}
+
+
+def parse_protocol(text: str) -> ProtocolConfig:
+    """Parse and validate a protocol spec; bad specs raise SpecError naming the fix."""
+    spec = parse_spec(text, PROTOCOLS)
+    common = {"merge", "timeout"}
+    merge = spec.take("merge", str, "uniform")
+    if merge not in MERGES:
+        raise SpecError(f"{text!r}: merge must be one of {', '.join(MERGES)}")
+    timeout = spec.take("timeout", _positive_float, 2.0)
+    base = {"merge": merge, "timeout": timeout, "text": spec.text}
+    if spec.kind in ("none", "continuous"):
+        spec.check_keys(common if spec.kind == "continuous" else set())
+        return ProtocolConfig(kind="periodic" if spec.kind == "continuous" else "none", b=1, **base)
+    if spec.kind in ("periodic", "gossip"):
+        spec.check_keys(common | {"b"})
+        return ProtocolConfig(kind=spec.kind, b=spec.take("b", positive_int, 1), **base)
+    spec.check_keys(common | {"b", "delta", "rel", "group", "cap", "correction"})
+    d = DYNAMIC_DEFAULTS
+    delta = spec.take("delta", non_negative_float, None)
+    rel = spec.take("rel", non_negative_float, d["rel"])
+    if delta is not None and "rel" in spec.args:
+        raise SpecError(f"{text!r}: give either delta (absolute) or rel (relative), not both")
+    correction = spec.take("correction", non_negative_float, d["correction"])
+    if correction > 1.0:
+        raise SpecError(f"{text!r}: correction is a damping factor between 0 and 1")
+    return ProtocolConfig(
+        kind="dynamic",
+        b=spec.take("b", positive_int, d["b"]),
+        delta=delta,
+        rel=0.0 if delta is not None else rel,
+        group=spec.take("group", _non_negative_int, d["group"]),
+        cap=spec.take("cap", _non_negative_int, d["cap"]),
+        correction=correction,
+        **base,
+    )
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value

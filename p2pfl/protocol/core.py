@@ -1,0 +1,135 @@
+"""The node core shared by every protocol: identity, neighbours, step counter, counters and
+the event entry points a driver calls. Policies subclass it (see ``make_core``)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+import torch
+
+from p2pfl.learning.merge import merge
+from p2pfl.protocol.actions import Action, ReplaceModel
+from p2pfl.protocol.config import ProtocolConfig
+from p2pfl.wire.messages import Message
+
+log = logging.getLogger("p2pfl.protocol")
+
+
+class ModelAccess(Protocol):
+    """The core's read access to its node's model (writes go through actions)."""
+
+    def read(self) -> torch.Tensor:
+        """Current flat parameters; may be a live view, so clone what you keep."""
+        ...
+
+    @property
+    def samples(self) -> int:
+        """Number of local training samples."""
+        ...
+
+
+@dataclass
+class CoreStats:
+    """Counters every core keeps."""
+
+    syncs: int = 0
+    sessions: int = 0
+    violations: int = 0
+    refused_busy: int = 0
+    gave_way: int = 0
+    timeouts: int = 0
+    ignored: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class NodeCore:
+    """Base core: ``none`` protocol (trains alone, ignores every message)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        config: ProtocolConfig,
+        model: ModelAccess,
+        neighbors: Iterable[str],
+        seed: int = 0,
+        step_size: float = 0.1,
+    ) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.model = model
+        self.neighbors: set[str] = set(neighbors) - {node_id}
+        self.down: set[str] = set()
+        self.rng = random.Random(seed)
+        self.step_size = step_size
+        self.step = 0
+        self.stats = CoreStats()
+
+    @property
+    def live_neighbors(self) -> list[str]:
+        """Neighbours not known to be down, in a stable order."""
+        return sorted(self.neighbors - self.down)
+
+    def on_local_step(self, now: float) -> list[Action]:
+        """The learner finished one local step."""
+        self.step += 1
+        return self._after_step(now)
+
+    def on_message(self, now: float, sender: str, message: Message) -> list[Action]:
+        """A validated message arrived from ``sender``."""
+        self.stats.ignored += 1
+        log.debug("%s: ignoring %s from %s", self.node_id, type(message).__name__, sender)
+        return []
+
+    def on_timer(self, now: float, key: Hashable) -> list[Action]:
+        """A timer set with ``SetTimer`` fired."""
+        return []
+
+    def on_peer_down(self, now: float, peer: str) -> list[Action]:
+        """A neighbour became unreachable."""
+        self.down.add(peer)
+        return []
+
+    def on_peer_up(self, now: float, peer: str) -> list[Action]:
+        """A neighbour is reachable (again); unknown peers become neighbours."""
+        self.down.discard(peer)
+        if peer != self.node_id:
+            self.neighbors.add(peer)
+        return []
+
+    def _after_step(self, now: float) -> list[Action]:
+        return []
+
+    def _merge(self, vectors: list[torch.Tensor], samples: list[int]) -> torch.Tensor:
+        return merge(vectors, samples, self.config.merge)
+
+    def _replace_keeping_progress(self, merged: torch.Tensor, sent: torch.Tensor) -> ReplaceModel:
+        """Adopt ``merged`` but keep the local steps taken since ``sent`` was handed out:
+        ``w = merged + (w_now - sent)``. No local work is lost while a sync is in flight."""
+        return ReplaceModel(merged + (self.model.read() - sent))
+
+
+def make_core(
+    node_id: str,
+    config: ProtocolConfig,
+    model: ModelAccess,
+    neighbors: Iterable[str],
+    seed: int = 0,
+    step_size: float = 0.1,
+) -> NodeCore:
+    """Build the core for ``config.kind``."""
+    from p2pfl.protocol.dynamic import DynamicCore
+    from p2pfl.protocol.scheduled import GossipCore, PeriodicCore
+
+    cls: type[NodeCore] = {
+        "none": NodeCore,
+        "periodic": PeriodicCore,
+        "gossip": GossipCore,
+        "dynamic": DynamicCore,
+    }[config.kind]
+    return cls(node_id, config, model, neighbors, seed=seed, step_size=step_size)

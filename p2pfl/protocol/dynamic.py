@@ -1,0 +1,260 @@
+"""Decentralized dynamic averaging (Kamp et al., 2018) with balancing sessions.
+
+Each node keeps a reference ``r`` (the last average it agreed on). Every ``b`` local steps it
+checks the local condition ``||w - r||² <= Δ``. On a violation it becomes the coordinator of
+a *balancing session*: it pulls the models of its live neighbours, averages them with its
+own, and while that average is still farther than Δ from ``r`` it widens the group with
+neighbours of the members (doubling it, up to ``cap``; the paper's hedge). It then sends the
+average to the group; every member sets ``w = r = average``.
+
+Decisions that matter on a real network:
+
+* A node is in at most one session at a time. A ``Pull`` that reaches a busy node is
+  answered with ``Busy`` and the coordinator goes on without it; two nodes that violate
+  together therefore never wait on each other.
+* Members keep training while the session runs. When the average arrives they adopt
+  ``average + (w_now - w_sent)``: local steps taken meanwhile are kept, none is lost.
+* Every wait is bounded by ``timeout``. A coordinator resolves with whoever answered and
+  releases the others (``Busy`` sent back); a member whose coordinator vanished drops out of
+  the session and keeps its own model.
+* Δ: absolute ``delta``, or ``rel * ||r||²`` (default), i.e. a violation when the model has
+  moved by more than √rel of its own norm. This scale-free rule works unchanged across the
+  built-in models and data sets.
+* Drift correction (``correction`` λ, default 1): under non-IID data every local model drifts
+  steadily toward its own data, which both hurts accuracy and triggers violations that carry
+  no new knowledge. After each sync a member sets a gradient correction in the spirit of
+  SCAFFOLD, from quantities it already has: ``c += λ (w_sent - average) / (η K)`` (``K``
+  local steps since its previous sync, ``η`` the step size). Uniform merges make these
+  updates sum to zero over the group, so the global mean is untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+
+from p2pfl.protocol.actions import Action, Send, SetCorrection, SetTimer
+from p2pfl.protocol.core import NodeCore, log
+from p2pfl.wire.messages import Average, Busy, Message, ModelReply, Pull
+
+
+@dataclass
+class Session:
+    """A balancing session this node coordinates."""
+
+    id: int
+    sent: torch.Tensor
+    asked: set[str]
+    round: int = 0
+    replies: dict[str, tuple[torch.Tensor, int, list[str]]] = field(default_factory=dict)
+    refused: set[str] = field(default_factory=set)
+
+    @property
+    def answered(self) -> bool:
+        return self.asked <= set(self.replies) | self.refused
+
+
+@dataclass
+class Membership:
+    """A session of another node this node has handed its model to."""
+
+    id: int
+    coordinator: str
+    sent: torch.Tensor
+
+
+MAX_WIDENING_ROUNDS = 6
+
+
+class DynamicCore(NodeCore):
+    """Dynamic averaging; see the module docstring."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.reference = self.model.read().clone()
+        self.correction: torch.Tensor | None = None
+        self.steps_since_sync = 0
+        self.session: Session | None = None
+        self.membership: Membership | None = None
+        self.quiet_until = 0
+        self._delta = self._compute_delta()
+
+    # -- the local condition -------------------------------------------------------------
+    @property
+    def delta(self) -> float:
+        """The current threshold Δ on ``||w - r||²``."""
+        return self._delta
+
+    def _compute_delta(self) -> float:
+        if self.config.delta is not None:
+            return self.config.delta
+        return self.config.rel * float(self.reference.square().sum())
+
+    def drift(self) -> float:
+        """``||w - r||²``: how far the model has moved since the last agreement."""
+        return float((self.model.read() - self.reference).square().sum())
+
+    @property
+    def busy(self) -> bool:
+        return self.session is not None or self.membership is not None
+
+    def _after_step(self, now: float) -> list[Action]:
+        self.steps_since_sync += 1
+        if self.step % self.config.b or self.busy or self.step < self.quiet_until:
+            return []
+        if self.drift() <= self._delta:
+            return []
+        self.stats.violations += 1
+        return self._start_session(now)
+
+    # -- coordinator -----------------------------------------------------------------------
+    def _start_session(self, now: float) -> list[Action]:
+        peers = self.live_neighbors
+        if self.config.group and len(peers) > self.config.group:
+            peers = self.rng.sample(peers, self.config.group)
+        if not peers:
+            return []
+        sid = self.rng.getrandbits(62)
+        self.session = Session(sid, self.model.read().clone(), set(peers))
+        self.stats.sessions += 1
+        return self._ask(now, peers)
+
+    def _ask(self, now: float, peers: list[str]) -> list[Action]:
+        assert self.session is not None
+        s = self.session
+        actions: list[Action] = [Send(p, Pull(s.id)) for p in peers]
+        actions.append(SetTimer(now + self.config.timeout, ("session", s.id, s.round)))
+        return actions
+
+    def _on_reply(self, now: float, sender: str, msg: ModelReply) -> list[Action]:
+        s = self.session
+        if s is None or s.id != msg.session or sender not in s.asked or sender in s.replies:
+            # A late reply to a session already resolved: let the peer go at once.
+            self.stats.ignored += 1
+            return [Send(sender, Busy(msg.session))]
+        s.replies[sender] = (msg.params, msg.samples, msg.neighbors)
+        return self._resolve(now) if s.answered else []
+
+    def _resolve(self, now: float) -> list[Action]:
+        s = self.session
+        assert s is not None
+        if not s.replies:
+            # Nobody was free: back off for a random number of checks before trying again.
+            self.session = None
+            self.quiet_until = self.step + self.config.b * self.rng.randint(1, 4)
+            return []
+        vectors = [s.sent] + [p for p, _, _ in s.replies.values()]
+        samples = [self.model.samples] + [n for _, n, _ in s.replies.values()]
+        average = self._merge(vectors, samples)
+        if float((average - self.reference).square().sum()) > self._delta:
+            wider = self._widen()
+            if wider:
+                s.asked |= set(wider)
+                s.round += 1
+                return self._ask(now, wider)
+        actions: list[Action] = [Send(p, Average(s.id, average)) for p in s.replies]
+        actions += [Send(p, Busy(s.id)) for p in s.asked - set(s.replies) - s.refused]
+        self.session = None
+        return actions + self._adopt(average, s.sent)
+
+    def _widen(self) -> list[str]:
+        """Up to as many new peers as the group has (doubling it), drawn from the members'
+        neighbours, within ``cap`` and the widening round limit."""
+        s = self.session
+        assert s is not None
+        size = 1 + len(s.replies)
+        room = size if not self.config.cap else min(size, self.config.cap - size)
+        if room <= 0 or s.round >= MAX_WIDENING_ROUNDS:
+            return []
+        known = {n for _, _, ns in s.replies.values() for n in ns}
+        fresh = sorted(known - s.asked - {self.node_id})
+        return self.rng.sample(fresh, min(room, len(fresh)))
+
+    # -- member ------------------------------------------------------------------------------
+    def _on_pull(self, now: float, sender: str, msg: Pull) -> list[Action]:
+        actions: list[Action] = []
+        if self.session is not None and msg.session < self.session.id:
+            actions = self._give_way()
+        if self.busy:
+            self.stats.refused_busy += 1
+            return [Send(sender, Busy(msg.session))]
+        sent = self.model.read().clone()
+        self.membership = Membership(msg.session, sender, sent)
+        reply = ModelReply(msg.session, sent, self.model.samples, self.live_neighbors)
+        deadline = now + self.config.timeout * (MAX_WIDENING_ROUNDS + 2)
+        return actions + [Send(sender, reply), SetTimer(deadline, ("member", msg.session))]
+
+    def _give_way(self) -> list[Action]:
+        """Abandon our session for a competing one with a lower id (so of all competing
+        coordinators, the lowest id always proceeds: no livelock when many violate at once);
+        the peers we asked are released."""
+        s = self.session
+        assert s is not None
+        self.session = None
+        self.stats.gave_way += 1
+        return [Send(p, Busy(s.id)) for p in s.asked - s.refused]
+
+    def _on_average(self, sender: str, msg: Average) -> list[Action]:
+        m = self.membership
+        if m is None or m.id != msg.session or m.coordinator != sender:
+            self.stats.ignored += 1
+            log.debug("%s: stale average from %s", self.node_id, sender)
+            return []
+        self.membership = None
+        return self._adopt(msg.params, m.sent)
+
+    def _adopt(self, average: torch.Tensor, sent: torch.Tensor) -> list[Action]:
+        """Take the session's average as model and reference; update the drift correction."""
+        actions: list[Action] = [self._replace_keeping_progress(average, sent)]
+        lam = self.config.correction
+        if lam and self.steps_since_sync:
+            change = (sent - average) * (lam / (self.step_size * self.steps_since_sync))
+            self.correction = change if self.correction is None else self.correction + change
+            actions.append(SetCorrection(self.correction.clone()))
+        self.reference = average.clone()
+        self._delta = self._compute_delta()
+        self.steps_since_sync = 0
+        self.stats.syncs += 1
+        return actions
+
+    # -- events --------------------------------------------------------------------------------
+    def on_message(self, now: float, sender: str, message: Message) -> list[Action]:
+        if isinstance(message, Pull):
+            return self._on_pull(now, sender, message)
+        if isinstance(message, ModelReply):
+            return self._on_reply(now, sender, message)
+        if isinstance(message, Average):
+            return self._on_average(sender, message)
+        if isinstance(message, Busy):
+            s, m = self.session, self.membership
+            if s is not None and s.id == message.session and sender in s.asked:
+                s.refused.add(sender)
+                return self._resolve(now) if s.answered else []
+            if m is not None and m.id == message.session and m.coordinator == sender:
+                self.membership = None  # released: the session went on without us
+            return []
+        return super().on_message(now, sender, message)
+
+    def on_timer(self, now: float, key: Hashable) -> list[Action]:
+        s, m = self.session, self.membership
+        if s is not None and key == ("session", s.id, s.round):
+            self.stats.timeouts += 1
+            s.refused |= s.asked - set(s.replies)
+            return self._resolve(now)
+        if m is not None and key == ("member", m.id):
+            self.stats.timeouts += 1
+            self.membership = None
+        return []
+
+    def on_peer_down(self, now: float, peer: str) -> list[Action]:
+        super().on_peer_down(now, peer)
+        m = self.membership
+        if m is not None and m.coordinator == peer:
+            self.membership = None  # our coordinator is gone: keep our own model
+        s = self.session
+        if s is not None and peer in s.asked and peer not in s.replies:
+            s.refused.add(peer)
+            return self._resolve(now) if s.answered else []
+        return []

@@ -1,0 +1,1 @@
+"""Wire format: msgpack messages with parameters as raw buffers, validated on decode."""
