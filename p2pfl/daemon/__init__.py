@@ -1,0 +1,1 @@
+"""The node daemon: drives one protocol core on trio + libp2p (transport, identity, control)."""

@@ -1,0 +1,542 @@
+"""Byte transport of the daemon: one libp2p host (TCP + Noise + yamux) moving framed messages.
+
+Every message travels on its own stream as one frame: a 4-byte big-endian length, then the
+payload. The receiver reads the whole frame into memory at once (yamux resets a sender left
+waiting 5 s for window updates), answers one acknowledgement byte, closes the stream, and only
+then hands the payload to the protocol handler; `send` returns once the acknowledgement arrives.
+A refused frame (too large, over the peer's rate or concurrency limit) is reset instead. A
+libp2p reset reads as a plain EOF on the sender's side, hence the explicit byte.
+
+Nothing a peer sends can raise out of a stream handler: py-libp2p (0.8.1) tears the whole host
+down when that happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import struct
+import tempfile
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+
+import trio
+from libp2p import new_host
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.ed25519 import create_new_key_pair as create_ed25519_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.identity_utils import load_identity
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from libp2p.network.swarm import Swarm
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, Yamux, YamuxStream
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.transport.tcp.tcp import TCP
+from multiaddr import Multiaddr
+
+log = logging.getLogger("p2pfl.transport")
+
+Handler = Callable[[str, bytes], Awaitable[None]]
+"""Protocol handler: awaited with (sender peer id, payload) once per received frame."""
+
+PeerCallback = Callable[[str], None]
+"""Called with a peer id when its first connection opens or its last one closes."""
+
+_HEADER = struct.Struct(">I")
+_ACK = b"\x06"
+MAX_FRAME_BYTES = 2**32 - 1
+"""Largest payload the 4-byte length prefix can describe."""
+
+_CLEANUP_TIMEOUT_S = 5.0
+_MAX_IDLE_BUCKETS = 1024
+_LISTEN_PROTOCOLS = {"ip4", "ip6", "tcp"}
+
+
+class TransportError(Exception):
+    """A connect or send failed; the message names the peer and the reason."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Safety limits of one transport; per-peer limits apply to inbound streams."""
+
+    max_frame_bytes: int = 64 * 2**20
+    """Default largest accepted payload; `Transport.set_handler` can override it per protocol."""
+    max_inbound_streams_per_peer: int = 4
+    """Inbound messages of one peer being read or handled at the same time."""
+    messages_per_s: float = 10.0
+    """Sustained inbound message rate allowed per peer (token bucket refill rate)."""
+    burst: int = 20
+    """Inbound messages a peer may send back to back (token bucket size)."""
+    io_timeout_s: float = 120.0
+    """Time allowed to read one inbound frame, or to write and confirm one outbound frame."""
+    dial_timeout_s: float = 10.0
+    """Time allowed to establish a connection (TCP, Noise handshake, yamux)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_frame_bytes <= MAX_FRAME_BYTES:
+            raise ValueError(f"max_frame_bytes must be in [0, {MAX_FRAME_BYTES}]")
+        if self.max_inbound_streams_per_peer < 1 or self.burst < 1:
+            raise ValueError("max_inbound_streams_per_peer and burst must be >= 1")
+        if min(self.messages_per_s, self.io_timeout_s, self.dial_timeout_s) <= 0:
+            raise ValueError("messages_per_s, io_timeout_s and dial_timeout_s must be > 0")
+
+
+class _TokenBucket:
+    """Classic token bucket on the trio clock."""
+
+    __slots__ = ("rate", "size", "tokens", "stamp")
+
+    def __init__(self, rate: float, size: int, now: float) -> None:
+        self.rate, self.size, self.tokens, self.stamp = rate, size, float(size), now
+
+    def refill(self, now: float) -> None:
+        self.tokens = min(self.size, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        self.refill(now)
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass(frozen=True)
+class _Route:
+    protocol: str
+    handler: Handler
+    max_frame_bytes: int
+
+
+class _FrameRefused(Exception):
+    """An inbound frame broke a limit or the framing; the message is the logged reason."""
+
+
+class _PeerEvents(INotifee):
+    """Turns libp2p connection notifications into peer up/down callbacks."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._transport._peer_up(str(conn.muxed_conn.peer_id))
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        peer = conn.muxed_conn.peer_id
+        if not network.get_connections(peer):
+            self._transport._peer_down(str(peer))
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        return None
+
+
+class Transport:
+    """One libp2p host (TCP + Noise + yamux) sending and receiving length-prefixed frames.
+
+    Use as `async with Transport(key_pair, listen=[...]) as t:`; a transport runs once.
+    """
+
+    def __init__(
+        self,
+        key_pair: KeyPair,
+        listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        limits: Limits | None = None,
+        on_peer_connected: PeerCallback | None = None,
+        on_peer_disconnected: PeerCallback | None = None,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.on_peer_connected = on_peer_connected
+        self.on_peer_disconnected = on_peer_disconnected
+        self.bytes_sent = 0
+        """Frame bytes (prefix + payload) of sends the receiver confirmed."""
+        self.bytes_received = 0
+        """Frame bytes (prefix + payload) of inbound frames read completely."""
+        self._listen = [_tcp_listen_addr(a) for a in listen]
+        noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+        self._host = new_host(
+            key_pair=key_pair,
+            sec_opt={NOISE_PROTOCOL_ID: noise},
+            muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+            transports=[TCP()],
+        )
+        self._host.get_network().register_notifee(_PeerEvents(self))
+        self._address_book: dict[str, list[Multiaddr]] = {}
+        self._dial_locks: dict[str, trio.Lock] = {}
+        self._inbound: dict[str, int] = {}
+        self._buckets: dict[str, _TokenBucket] = {}
+        self._up: set[str] = set()
+        self._run: AbstractAsyncContextManager[None] | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Transport:
+        if self._run is not None:
+            raise RuntimeError("a Transport runs once; create a new one")
+        self._run = self._host.run(listen_addrs=self._listen)
+        await self._run.__aenter__()
+        network = self._host.get_network()
+        if isinstance(network, Swarm):
+            # Neighbours are the protocol's choice: libp2p's auto-connector would dial any peer
+            # in its peerstore every 30 s, trying to hold 50 connections.
+            await network.auto_connector.stop()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        # Leaving host.run() alone leaks listeners and connections: close inside it.
+        with trio.move_on_after(_CLEANUP_TIMEOUT_S, shield=True) as scope:
+            await self._host.close()
+        if scope.cancelled_caught:
+            log.warning("host %s did not close within %.0f s", self.peer_id, _CLEANUP_TIMEOUT_S)
+        assert self._run is not None, "__aexit__ without __aenter__"
+        return await self._run.__aexit__(exc_type, exc, tb)
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def peer_id(self) -> str:
+        """This host's peer id (base58)."""
+        return str(self._host.get_id())
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        """Full dialable addresses, each ending in /p2p/<peer id>."""
+        return [str(a) for a in self._host.get_addrs()]
+
+    def peers(self) -> list[str]:
+        """Peer ids with at least one open connection."""
+        return [str(p) for p in self._host.get_connected_peers()]
+
+    # ------------------------------------------------------------------ outbound
+
+    async def connect(self, multiaddr: str) -> str:
+        """Dial `/ip4/.../tcp/.../p2p/<id>`, remember the address, and return the peer id."""
+        try:
+            info = info_from_p2p_addr(Multiaddr(multiaddr))
+        except Exception as exc:
+            raise TransportError(
+                f"bad peer address {multiaddr!r} ({exc}); expected /ip4/<ip>/tcp/<port>/p2p/<id>"
+            ) from exc
+        peer = str(info.peer_id)
+        if peer == self.peer_id:
+            raise TransportError(f"refusing to connect to our own address {multiaddr}")
+        known = self._address_book.setdefault(peer, [])
+        known.extend(a for a in info.addrs if a not in known)
+        await self._dial(info.peer_id)
+        return peer
+
+    async def send(self, peer_id: str, protocol: str, payload: bytes) -> None:
+        """Deliver one frame on a new stream; return once the receiver acknowledged all of it.
+
+        Re-dials from the address book when no connection is open. Raises TransportError.
+        """
+        if len(payload) > MAX_FRAME_BYTES:
+            raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
+        peer = _parse_peer_id(peer_id)
+        try:
+            with trio.fail_after(self.limits.io_timeout_s + self.limits.dial_timeout_s):
+                if not self._host.get_network().get_connections(peer):
+                    await self._dial(peer)
+                stream = await self._host.new_stream(peer, [TProtocol(protocol)])
+                try:
+                    await stream.write(_HEADER.pack(len(payload)))
+                    await stream.write(payload)
+                    await stream.close_write()
+                    await _await_ack(stream)
+                except BaseException:
+                    await _cleanup(stream.reset)
+                    raise
+                await _cleanup(stream.close)
+        except TransportError:
+            raise
+        except trio.TooSlowError as exc:
+            raise TransportError(f"send to {peer_id} on {protocol} timed out") from exc
+        except Exception as exc:
+            raise TransportError(f"send to {peer_id} on {protocol} failed: {_why(exc)}") from exc
+        self.bytes_sent += _HEADER.size + len(payload)
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to `peer_id`; its address stays in the address book."""
+        with trio.move_on_after(_CLEANUP_TIMEOUT_S, shield=True):
+            await self._host.disconnect(_parse_peer_id(peer_id))
+
+    async def _dial(self, peer: ID) -> None:
+        """Open a connection to `peer` from the address book (one dial per peer at a time)."""
+        key = str(peer)
+        addrs = self._address_book.get(key)
+        if not addrs:
+            raise TransportError(f"no address known for peer {key}; call connect() first")
+        lock = self._dial_locks.setdefault(key, trio.Lock())
+        async with lock:
+            if self._host.get_network().get_connections(peer):
+                return
+            try:
+                with trio.fail_after(self.limits.dial_timeout_s):
+                    await self._host.connect(PeerInfo(peer, addrs))
+            except trio.TooSlowError as exc:
+                raise TransportError(
+                    f"dial of peer {key} at {[str(a) for a in addrs]} timed out after "
+                    f"{self.limits.dial_timeout_s:.0f} s"
+                ) from exc
+            except Exception as exc:
+                raise TransportError(
+                    f"dial of peer {key} at {[str(a) for a in addrs]} failed: {_why(exc)}"
+                ) from exc
+
+    # ------------------------------------------------------------------- inbound
+
+    def set_handler(
+        self, protocol: str, handler: Handler, *, max_frame_bytes: int | None = None
+    ) -> None:
+        """Deliver frames received on `protocol` to `handler`.
+
+        `max_frame_bytes` overrides `Limits.max_frame_bytes` for this protocol.
+        """
+        limit = self.limits.max_frame_bytes if max_frame_bytes is None else max_frame_bytes
+        if not 0 <= limit <= MAX_FRAME_BYTES:
+            raise ValueError(f"max_frame_bytes must be in [0, {MAX_FRAME_BYTES}]")
+        route = _Route(protocol, handler, limit)
+        self._host.set_stream_handler(TProtocol(protocol), partial(self._on_stream, route))
+
+    async def _on_stream(self, route: _Route, stream: INetStream) -> None:
+        """libp2p stream handler: must never raise (an escaping error kills the host)."""
+        try:
+            await self._serve(route, stream)
+        except Exception:
+            log.exception("internal error serving a stream on %s", route.protocol)
+            await _cleanup(stream.reset)
+
+    async def _serve(self, route: _Route, stream: INetStream) -> None:
+        """Admit one inbound stream under the per-peer limits and receive its frame."""
+        peer = str(stream.muxed_conn.peer_id)
+        refusal = self._admit(peer)
+        if refusal is not None:
+            log.warning("refused message from peer %s on %s: %s", peer, route.protocol, refusal)
+            await _cleanup(stream.reset)
+            return
+        self._inbound[peer] = self._inbound.get(peer, 0) + 1
+        try:
+            await self._receive(peer, route, stream)
+        finally:
+            self._inbound[peer] -= 1
+            if not self._inbound[peer]:
+                del self._inbound[peer]
+
+    def _admit(self, peer: str) -> str | None:
+        """Apply the per-peer rate and concurrency limits; return a refusal reason or None."""
+        now = trio.current_time()
+        bucket = self._buckets.get(peer)
+        if bucket is None:
+            if len(self._buckets) >= _MAX_IDLE_BUCKETS:
+                self._forget_idle_buckets(now)
+            bucket = _TokenBucket(self.limits.messages_per_s, self.limits.burst, now)
+            self._buckets[peer] = bucket
+        if not bucket.take(now):
+            return (
+                f"rate limit exceeded ({self.limits.messages_per_s:g} msg/s, "
+                f"burst {self.limits.burst})"
+            )
+        if self._inbound.get(peer, 0) >= self.limits.max_inbound_streams_per_peer:
+            return (
+                f"too many concurrent inbound messages "
+                f"(limit {self.limits.max_inbound_streams_per_peer} per peer)"
+            )
+        return None
+
+    def _forget_idle_buckets(self, now: float) -> None:
+        """Drop buckets that have refilled completely: they carry no state worth keeping."""
+        for peer, bucket in list(self._buckets.items()):
+            bucket.refill(now)
+            if bucket.tokens >= bucket.size:
+                del self._buckets[peer]
+
+    async def _receive(self, peer: str, route: _Route, stream: INetStream) -> None:
+        """Read one frame completely, close the stream, then run the handler."""
+        try:
+            with trio.fail_after(self.limits.io_timeout_s):
+                (size,) = _HEADER.unpack(await _read_exactly(stream, _HEADER.size))
+                if size > route.max_frame_bytes:
+                    raise _FrameRefused(
+                        f"frame of {size} bytes exceeds the limit of {route.max_frame_bytes}"
+                    )
+                _widen_receive_window(stream, size)
+                payload = await _read_exactly(stream, size)
+                await stream.write(_ACK)
+                await stream.close()
+        except _FrameRefused as exc:
+            log.warning("refused message from peer %s on %s: %s", peer, route.protocol, exc)
+            await _cleanup(stream.reset)
+            return
+        except trio.TooSlowError:
+            log.warning(
+                "dropped message from peer %s on %s: not received within %.0f s",
+                peer,
+                route.protocol,
+                self.limits.io_timeout_s,
+            )
+            await _cleanup(stream.reset)
+            return
+        except Exception as exc:
+            log.warning("dropped message from peer %s on %s: %s", peer, route.protocol, _why(exc))
+            await _cleanup(stream.reset)
+            return
+        self.bytes_received += _HEADER.size + len(payload)
+        try:
+            await route.handler(peer, payload)
+        except Exception:
+            log.exception(
+                "handler for %s failed on a %d-byte message from peer %s",
+                route.protocol,
+                len(payload),
+                peer,
+            )
+
+    # ---------------------------------------------------------------- peer events
+
+    def _peer_up(self, peer: str) -> None:
+        if peer not in self._up:
+            self._up.add(peer)
+            self._notify(self.on_peer_connected, peer)
+
+    def _peer_down(self, peer: str) -> None:
+        if peer in self._up:
+            self._up.discard(peer)
+            self._notify(self.on_peer_disconnected, peer)
+
+    def _notify(self, callback: PeerCallback | None, peer: str) -> None:
+        if callback is None:
+            return
+        try:
+            callback(peer)
+        except Exception:
+            log.exception("peer event callback %r failed for peer %s", callback, peer)
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+async def _read_exactly(stream: INetStream, n: int) -> bytes:
+    """Read exactly `n` bytes; fail with _FrameRefused if the sender ends the stream early."""
+    chunks: list[bytes] = []
+    got = 0
+    while got < n:
+        try:
+            chunk = await stream.read(n - got)
+        except StreamEOF:
+            chunk = b""
+        if not chunk:
+            raise _FrameRefused(f"stream ended after {got} of {n} bytes")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _widen_receive_window(stream: INetStream, size: int) -> None:
+    """Let the sender push the whole admitted frame (up to 16 MiB) without stalling.
+
+    A fresh yamux stream starts with a 256 KiB window and py-libp2p's sender polls every
+    10 ms while its window is empty, which caps a new stream at a few tens of MiB/s. Raising
+    the auto-tune target makes the next read grant the window at once.
+    """
+    muxed = stream.muxed_stream
+    if isinstance(muxed, YamuxStream):
+        muxed.target_recv_window = max(muxed.target_recv_window, min(size, MAX_WINDOW_SIZE))
+
+
+async def _await_ack(stream: INetStream) -> None:
+    """Wait for the receiver's one-byte acknowledgement that it read the whole frame."""
+    try:
+        reply = await stream.read(1)
+    except (StreamEOF, StreamReset) as exc:
+        raise TransportError("receiver refused or dropped the message (see its log)") from exc
+    if reply != _ACK:
+        raise TransportError(f"receiver sent {reply!r} instead of the acknowledgement")
+
+
+async def _cleanup(close: Callable[[], Awaitable[None]]) -> None:
+    """Close or reset a stream, shielded and bounded, ignoring errors of a dying stream."""
+    with trio.move_on_after(_CLEANUP_TIMEOUT_S, shield=True):
+        try:
+            await close()
+        except Exception as exc:
+            log.debug("stream cleanup failed: %s", _why(exc))
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _parse_peer_id(peer_id: str) -> ID:
+    try:
+        return ID.from_base58(peer_id)
+    except Exception as exc:
+        raise TransportError(f"{peer_id!r} is not a valid peer id") from exc
+
+
+def _tcp_listen_addr(addr: str) -> Multiaddr:
+    """Parse a listen address and check that it is plain TCP (/ip4|ip6/<host>/tcp/<port>)."""
+    try:
+        maddr = Multiaddr(addr)
+    except Exception as exc:
+        raise ValueError(f"bad listen address {addr!r}: {exc}") from exc
+    names = {p.name for p in maddr.protocols()}
+    if "tcp" not in names or not names <= _LISTEN_PROTOCOLS:
+        raise ValueError(f"listen address {addr!r} must be /ip4|ip6/<host>/tcp/<port>")
+    return maddr
+
+
+# ----------------------------------------------------------------------- identity
+
+
+def load_or_create_identity(path: Path) -> KeyPair:
+    """Load the node key at `path`, or create an Ed25519 key there (mode 0600, atomic)."""
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning("identity file %s has mode %o; run: chmod 600 %s", path, mode, path)
+        try:
+            return load_identity(path)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc}. Restore {path} from a backup, or delete it to create a new identity "
+                "(this node then gets a new peer id)."
+            ) from exc
+    key_pair = create_ed25519_key_pair()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)  # mkstemp creates the file with mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pair.private_key.serialize())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return key_pair
