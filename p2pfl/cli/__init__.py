@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from p2pfl.cli import simulate, topology
+from p2pfl.cli import node, simulate, topology
 
 app = typer.Typer(
     help="p2pfl: peer-to-peer decentralized learning with dynamic averaging.",
@@ -16,6 +16,7 @@ app = typer.Typer(
 app.command("sim")(simulate.sim)
 app.command("demo")(simulate.demo)
 app.add_typer(topology.app, name="topology", help="Inspect and draw topologies.")
+app.add_typer(node.app, name="node", help="Run a node daemon.")
 
 
 def main() -> None:

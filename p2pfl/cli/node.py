@@ -1,0 +1,156 @@
+"""``p2pfl node init|start|status|stop``: run one participant as a foreground daemon."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from p2pfl.daemon.config import ConfigError, load_config, write_template
+from p2pfl.daemon.control import ControlError, request, socket_path
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+HOME = typer.Option(..., "--home", help="The node's directory (identity, config, checkpoints).")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@app.command()
+def init(home: Path = HOME) -> None:
+    """Create DIR with a private identity key and a commented config.toml."""
+    from p2pfl.daemon.config import KEY_FILE
+    from p2pfl.daemon.transport import load_or_create_identity
+
+    try:
+        config = write_template(home)
+        key_pair = load_or_create_identity(home / KEY_FILE)
+    except (OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    from libp2p.peer.id import ID
+
+    print(f"peer id {ID.from_pubkey(key_pair.public_key)}")
+    print(f"edit {config}, then run: p2pfl node start --home {home}")
+
+
+@app.command()
+def start(
+    home: Path = HOME,
+    listen: str | None = typer.Option(None, "--listen", help="e.g. /ip4/0.0.0.0/tcp/4001"),
+    bootstrap: list[str] = typer.Option([], "--bootstrap", help="Peer address; repeatable."),
+    data: str | None = typer.Option(None, "--data", help="x.npz or digits:part=3/8,alpha=0.5"),
+    model: str | None = typer.Option(None, "--model", help="logistic, mlp, cnn, ..."),
+    protocol: str | None = typer.Option(None, "--protocol", help="dynamic, periodic:b=10, ..."),
+    steps: int | None = typer.Option(None, "--steps", help="Steps to train (0 = no limit)."),
+    lr: float | None = typer.Option(None, "--lr"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    seed: int | None = typer.Option(None, "--seed"),
+    step_interval: float | None = typer.Option(None, "--step-interval", help="Seconds."),
+    target_degree: int | None = typer.Option(None, "--target-degree"),
+    metrics_port: int | None = typer.Option(None, "--metrics-port", help="0 = off."),
+) -> None:
+    """Run the node in the foreground until SIGINT/SIGTERM or `p2pfl node stop`."""
+    flags: dict[str, Any] = {
+        "listen": listen,
+        "bootstrap": bootstrap,
+        "data": data,
+        "model": model,
+        "protocol": protocol,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "step_interval": step_interval,
+        "target_degree": target_degree,
+        "metrics_port": metrics_port,
+    }
+    if not home.is_dir():
+        raise _fail(f"{home} does not exist; create it with `p2pfl node init --home {home}`")
+    try:
+        config = load_config(home, flags)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    _setup_logging(home)
+    import trio
+
+    from p2pfl.daemon.control import ControlError as BindError
+    from p2pfl.daemon.node import NodeDaemon
+    from p2pfl.daemon.transport import load_or_create_identity
+
+    try:
+        key_pair = load_or_create_identity(config.key_file)
+        daemon = NodeDaemon(config, key_pair)
+        trio.run(daemon.run, _print_addresses)
+    except (ConfigError, BindError, ValueError) as exc:
+        logging.getLogger("p2pfl.daemon").error("%s", exc)
+        raise typer.Exit(2) from None
+
+
+def _print_addresses(addrs: list[str]) -> None:
+    for addr in addrs:
+        print(addr, flush=True)
+
+
+def _setup_logging(home: Path) -> None:
+    root = logging.getLogger("p2pfl")
+    root.setLevel(logging.INFO)
+    formatter = logging.Formatter(LOG_FORMAT)
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(home / "node.log")):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.propagate = False
+
+
+@app.command()
+def status(
+    home: Path = HOME,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show the running node's peers, progress, traffic and accuracy."""
+    try:
+        reply = request(home, "status")
+    except ControlError as exc:
+        raise _fail(str(exc), code=1) from None
+    if as_json:
+        print(json.dumps(reply, indent=2))
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in reply.items():
+        if isinstance(value, list):
+            value = "\n".join(map(str, value)) or "-"
+        elif isinstance(value, float):
+            value = f"{value:.4f}"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+@app.command()
+def stop(
+    home: Path = HOME,
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the exit."),
+) -> None:
+    """Stop the running node gracefully (it writes a final checkpoint)."""
+    try:
+        request(home, "stop")
+    except ControlError as exc:
+        raise _fail(str(exc), code=1) from None
+    deadline = time.monotonic() + timeout
+    while socket_path(home).exists():
+        if time.monotonic() > deadline:
+            raise _fail(f"the node in {home} did not stop within {timeout:.0f} s", code=1)
+        time.sleep(0.1)
+    print("stopped")

@@ -1,0 +1,215 @@
+"""The node's settings: ``DIR/config.toml`` values, overridden by command-line flags.
+
+Every value is checked here, before anything starts; a bad one raises ``ConfigError`` naming
+the key, where it came from, and how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from multiaddr import Multiaddr
+
+from p2pfl.protocol.config import ProtocolConfig, parse_protocol
+from p2pfl.spec import SpecError
+
+CONFIG_FILE = "config.toml"
+KEY_FILE = "identity.key"
+
+CONFIG_TEMPLATE = """\
+# p2pfl node configuration. Command-line flags override these values.
+# Uncomment a line to change its default.
+
+# Address to listen on (TCP only; port 0 picks a free port).
+# listen = "/ip4/127.0.0.1/tcp/0"
+
+# Peers to join, as full addresses printed by `p2pfl node start`.
+# bootstrap = ["/ip4/192.0.2.10/tcp/4001/p2p/12D3KooW..."]
+
+# This node's data: a .npz file (arrays x, y) or a slice of a built-in set,
+# e.g. "digits:part=3/8,alpha=0.5,seed=1" (node 3 of 8, Dirichlet label skew 0.5).
+# data = "digits"
+
+# Model architecture: logistic, mlp, mlp:hidden=64x32, cnn, or module:function.
+# Every node of a network must use the same model (and seed, for a common start).
+# model = "mlp"
+
+# Sync protocol: none, continuous, periodic:b=10, gossip:b=5, dynamic, dynamic:rel=0.002,b=2.
+# protocol = "dynamic"
+
+# Local SGD steps to train (0 = until stopped); the node keeps serving its peers afterwards.
+# steps = 0
+
+# lr = 0.1
+# batch_size = 32
+
+# Seed of the model initialisation (keep it equal across the network); the node's own
+# sampling is seeded from it and the node's peer id.
+# seed = 0
+
+# Seconds between two local steps.
+# step_interval = 0.01
+
+# Number of neighbours to keep connected: the node redials address-book peers below it.
+# target_degree = 8
+
+# Port of a Prometheus metrics endpoint on 127.0.0.1 (0 = off).
+# metrics_port = 0
+"""
+
+
+class ConfigError(ValueError):
+    """A setting cannot be used; the message names the key, its source and the fix."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Validated settings of one node daemon."""
+
+    home: Path
+    listen: str = "/ip4/127.0.0.1/tcp/0"
+    bootstrap: tuple[str, ...] = ()
+    data: str = "digits"
+    model: str = "mlp"
+    protocol: str = "dynamic"
+    steps: int = 0
+    lr: float = 0.1
+    batch_size: int = 32
+    seed: int = 0
+    step_interval: float = 0.01
+    target_degree: int = 8
+    metrics_port: int = 0
+    protocol_config: ProtocolConfig = field(default=parse_protocol("dynamic"), compare=False)
+
+    @property
+    def key_file(self) -> Path:
+        return self.home / KEY_FILE
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value.strip()
+
+
+def _int(low: int, high: int | None = None) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be a whole number, got {value!r}")
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise ValueError(f"must be {bound}, got {value}")
+        return value
+
+    return convert
+
+
+def _positive_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be a positive number, got {value}")
+    return float(value)
+
+
+def _listen(value: Any) -> str:
+    text = _str(value)
+    try:
+        addr = Multiaddr(text)
+    except Exception as exc:
+        raise ValueError(f"{text!r} is not a multiaddr ({exc})") from None
+    protocols = [p.name for p in addr.protocols()]
+    if len(protocols) != 2 or protocols[0] not in ("ip4", "ip6") or protocols[1] != "tcp":
+        raise ValueError(f"{text!r} must be /ip4/<address>/tcp/<port> (TCP only, e.g. port 0)")
+    return text
+
+
+def _peer_addr(value: Any) -> str:
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    text = _str(value)
+    try:
+        info_from_p2p_addr(Multiaddr(text))
+    except Exception:
+        raise ValueError(
+            f"{text!r} is not a full peer address; copy the /ip4/<ip>/tcp/<port>/p2p/<peer id> "
+            "line another node printed at start"
+        ) from None
+    return text
+
+
+def _bootstrap(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise ValueError("must be a list of peer addresses")
+    return tuple(_peer_addr(v) for v in value)
+
+
+def _protocol(value: Any) -> str:
+    text = _str(value)
+    parse_protocol(text)
+    return text
+
+
+CHECKS: dict[str, Callable[[Any], Any]] = {
+    "listen": _listen,
+    "bootstrap": _bootstrap,
+    "data": _str,
+    "model": _str,
+    "protocol": _protocol,
+    "steps": _int(0),
+    "lr": _positive_float,
+    "batch_size": _int(1),
+    "seed": _int(0, 2**63 - 1),
+    "step_interval": _positive_float,
+    "target_degree": _int(1),
+    "metrics_port": _int(0, 65535),
+}
+"""Every key a config file or flag may set, with its converter (raises ValueError)."""
+
+
+def write_template(home: Path) -> Path:
+    """Create ``home`` (0700) and its commented config template unless one exists."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = home / CONFIG_FILE
+    if not path.exists():
+        path.write_text(CONFIG_TEMPLATE)
+    return path
+
+
+def load_config(home: Path, flags: Mapping[str, Any] | None = None) -> NodeConfig:
+    """Read ``home/config.toml`` (if any), apply the non-None ``flags``, validate everything."""
+    path = home / CONFIG_FILE
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path.exists():
+        try:
+            values = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"{path}: not valid TOML ({exc}); fix the file or re-create it "
+                "with `p2pfl node init`"
+            ) from None
+        sources = {key: str(path) for key in values}
+    unknown = sorted(set(values) - set(CHECKS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; known keys: {', '.join(CHECKS)}")
+    for key, value in (flags or {}).items():
+        if value is None or value == () or value == []:
+            continue
+        values[key] = value
+        sources[key] = f"--{key.replace('_', '-')}"
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        try:
+            checked[key] = CHECKS[key](value)
+        except (ValueError, SpecError) as exc:
+            raise ConfigError(f"bad value for {key!r} (from {sources[key]}): {exc}") from None
+    protocol = parse_protocol(checked.get("protocol", NodeConfig.protocol))
+    return NodeConfig(home=home, protocol_config=protocol, **checked)

@@ -1,0 +1,387 @@
+"""The node daemon: one learner and one protocol core driven by trio, talking over libp2p.
+
+The daemon only performs what the core decides: local steps feed ``on_local_step``, decoded
+frames ``on_message``, timers ``on_timer``, connection events ``on_peer_up``/``on_peer_down``;
+the returned actions are carried out here (send, replace model, set correction, set timer).
+Training runs inline on the event loop (a step of a small model takes well under a
+millisecond), so the model never changes under a handler's feet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import trio
+from libp2p.crypto.keys import KeyPair
+from libp2p.peer.id import ID
+
+from p2pfl.daemon.checkpoint import encode_checkpoint, load_newest, write_atomically
+from p2pfl.daemon.config import ConfigError, NodeConfig
+from p2pfl.daemon.control import bind_socket, serve, socket_path
+from p2pfl.daemon.state import node_state, restore_node_state
+from p2pfl.daemon.transport import Limits, Transport, TransportError
+from p2pfl.data import DataError
+from p2pfl.data.datasets import Dataset, load_dataset, non_negative_int
+from p2pfl.data.partition import NodeData, node_slice
+from p2pfl.learning.learner import PerNodeLearner, SGDConfig
+from p2pfl.learning.sampler import NodeDataBank
+from p2pfl.models import build_model
+from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
+from p2pfl.protocol.core import NodeCore, make_core
+from p2pfl.spec import SpecError, parse_spec
+from p2pfl.wire.codec import WireError, decode, encode, max_message_bytes
+
+log = logging.getLogger("p2pfl.daemon")
+
+SYNC_PROTOCOL = "/p2pfl/sync/1.0.0"
+CHECKPOINT_EVERY_STEPS = 100
+CHECKPOINT_EVERY_S = 30.0
+REDIAL_EVERY_S = 3.0
+OUTBOX_SIZE = 32
+LIMITS = {"messages_per_s": 50.0, "burst": 100, "max_inbound_streams_per_peer": 8}
+"""Per-peer inbound limits: a sync protocol sends a few messages per step at most."""
+
+
+class _LocalModel:
+    """``ModelAccess`` of the core: node 0 of the learner."""
+
+    def __init__(self, learner: PerNodeLearner, samples: int) -> None:
+        self._learner, self._samples = learner, samples
+
+    def read(self) -> torch.Tensor:
+        return self._learner.get(0)
+
+    @property
+    def samples(self) -> int:
+        return self._samples
+
+
+@dataclass
+class Learning:
+    """The node's data, learner and the dataset's shared test split."""
+
+    data: NodeData
+    dataset: Dataset
+    learner: PerNodeLearner
+
+
+def node_seed(seed: int, peer_id: str) -> int:
+    """Seed of this node's sampling and protocol randomness: differs between peers."""
+    digest = hashlib.sha256(f"{seed}:{peer_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def _dataset_of(spec: str) -> Dataset:
+    """The whole dataset a ``node_slice`` spec slices (for its shape, classes, test split)."""
+    source, sep, rest = spec.strip().partition(":")
+    is_file = source.lower().endswith(".npz")
+    parsed = parse_spec(f"npz{sep}{rest}" if is_file else spec)
+    seed = parsed.take("seed", non_negative_int, default=0)
+    args = {k: v for k, v in parsed.args.items() if k not in ("part", "alpha", "seed")}
+    if is_file:
+        return load_dataset(source, seed)
+    text = ",".join(f"{k}={v}" for k, v in args.items())
+    return load_dataset(f"{parsed.kind}:{text}" if text else parsed.kind, seed)
+
+
+def build_learning(config: NodeConfig, peer_id: str) -> Learning:
+    """Load the node's data and build its model and learner; bad specs raise ConfigError."""
+    try:
+        data = node_slice(config.data)
+        dataset = _dataset_of(config.data)
+    except (SpecError, DataError) as exc:
+        raise ConfigError(f"bad value for 'data': {exc}") from None
+    try:
+        model = build_model(config.model, dataset.input_shape, dataset.num_classes, config.seed)
+    except SpecError as exc:
+        raise ConfigError(f"bad value for 'model': {exc}") from None
+    bank = NodeDataBank(
+        [data.x_train], [data.y_train], config.batch_size, node_seed(config.seed, peer_id)
+    )
+    return Learning(data, dataset, PerNodeLearner(model, bank, SGDConfig(lr=config.lr)))
+
+
+class NodeDaemon:
+    """One participant: learner + core + transport + control socket + checkpoints."""
+
+    def __init__(self, config: NodeConfig, key_pair: KeyPair) -> None:
+        self.config = config
+        self.key_pair = key_pair
+        self.peer_id = str(ID.from_pubkey(key_pair.public_key))
+        self.learning = build_learning(config, self.peer_id)
+        self.learner = self.learning.learner
+        self.schema = self.learner.schema
+        self.max_frame = max_message_bytes(self.schema)
+        self.core: NodeCore = make_core(
+            self.peer_id,
+            config.protocol_config,
+            _LocalModel(self.learner, len(self.learning.data.y_train)),
+            [],
+            seed=node_seed(config.seed, self.peer_id),
+            step_size=config.lr,
+        )
+        self.counters = {"bytes_sent": 0, "bytes_received": 0, "rejected": 0, "send_failures": 0}
+        self._restore()
+        self._base = dict(self.counters)
+        self.checkpoint_step = self.core.step
+        self.transport: Transport | None = None
+        self._nursery: trio.Nursery | None = None
+        self._outboxes: dict[str, trio.MemorySendChannel[bytes]] = {}
+        self._stop = trio.Event()
+        self._ckpt_lock = trio.Lock()
+        self.loss = math.nan
+        self.started = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _restore(self) -> None:
+        state = load_newest(self.config.home)
+        if state is None:
+            log.info("no checkpoint in %s: starting at step 0", self.config.home)
+            return
+        try:
+            self.counters.update(restore_node_state(self.learner, self.core, self.peer_id, state))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"checkpoint in {self.config.home} cannot be used: {exc}") from None
+        log.info("resumed from checkpoint at step %d", self.core.step)
+
+    def stop(self) -> None:
+        """Ask the daemon to stop (it writes a final checkpoint first)."""
+        self._stop.set()
+
+    async def run(self, on_listening: Callable[[list[str]], None] | None = None) -> None:
+        """Serve until ``stop()``, SIGINT/SIGTERM or a control ``stop``; checkpoint at exit."""
+        limits = Limits(max_frame_bytes=self.max_frame, **LIMITS)
+        transport = Transport(
+            self.key_pair,
+            listen=[self.config.listen],
+            limits=limits,
+            on_peer_connected=self._peer_up,
+            on_peer_disconnected=self._peer_down,
+        )
+        self.transport = transport
+        control = await bind_socket(self.config.home)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                async with transport:
+                    transport.set_handler(SYNC_PROTOCOL, self._on_frame)
+                    self.started = trio.current_time()
+                    nursery.start_soon(serve, control, self._respond)
+                    nursery.start_soon(self._watch_signals)
+                    nursery.start_soon(self._train)
+                    nursery.start_soon(self._keep_neighbours)
+                    nursery.start_soon(self._checkpoint_periodically)
+                    log.info("node %s listening on %s", self.peer_id, transport.listen_addrs)
+                    if on_listening is not None:
+                        on_listening(transport.listen_addrs)
+                    await self._stop.wait()
+                    log.info("stopping at step %d", self.core.step)
+                    with trio.CancelScope(shield=True):
+                        await self.save_checkpoint()
+                    nursery.cancel_scope.cancel()
+        finally:
+            control.close()
+            socket_path(self.config.home).unlink(missing_ok=True)
+        log.info("stopped")
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                self.stop()
+                return
+
+    # ------------------------------------------------------------------- training
+
+    async def _train(self) -> None:
+        interval = self.config.step_interval
+        target = self.config.steps
+        step = torch.tensor([0])
+        next_at = trio.current_time()
+        while not target or self.core.step < target:
+            self.loss = float(self.learner.step(step)[0])
+            self._perform(self.core.on_local_step(trio.current_time()))
+            if self.core.step % CHECKPOINT_EVERY_STEPS == 0:
+                self._checkpoint_soon()
+            next_at = max(next_at + interval, trio.current_time() - interval)
+            await trio.sleep_until(next_at)
+        log.info("finished %d steps; serving peers until stopped", self.core.step)
+        self._checkpoint_soon()
+
+    # ---------------------------------------------------------------- checkpoints
+
+    async def save_checkpoint(self) -> None:
+        """Write a checkpoint of the current state (atomically, in a worker thread)."""
+        async with self._ckpt_lock:
+            step = self.core.step
+            data = encode_checkpoint(
+                node_state(self.learner, self.core, self.peer_id, self._counters())
+            )
+            await trio.to_thread.run_sync(write_atomically, self.config.home, data)
+            self.checkpoint_step = step
+            log.debug("checkpoint written at step %d", step)
+
+    def _checkpoint_soon(self) -> None:
+        if self._nursery is not None and not self._ckpt_lock.locked():
+            self._nursery.start_soon(self.save_checkpoint)
+
+    async def _checkpoint_periodically(self) -> None:
+        while True:
+            await trio.sleep(CHECKPOINT_EVERY_S)
+            await self.save_checkpoint()
+
+    # ------------------------------------------------------------------- actions
+
+    def _perform(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self._enqueue(action.to, encode(action.message, self.schema))
+            elif isinstance(action, ReplaceModel):
+                self.learner.set(0, action.params)
+            elif isinstance(action, SetCorrection):
+                self.learner.set_correction(0, action.vector)
+            elif isinstance(action, SetTimer):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._timer, action.at, action.key)
+
+    async def _timer(self, at: float, key: object) -> None:
+        await trio.sleep_until(at)
+        self._perform(self.core.on_timer(trio.current_time(), key))
+
+    def _enqueue(self, peer: str, data: bytes) -> None:
+        """Queue a frame on the peer's outbox (one sender task per peer keeps the order)."""
+        outbox = self._outboxes.get(peer)
+        if outbox is None:
+            assert self._nursery is not None
+            outbox, inbox = trio.open_memory_channel[bytes](OUTBOX_SIZE)
+            self._outboxes[peer] = outbox
+            self._nursery.start_soon(self._sender, peer, inbox)
+        try:
+            outbox.send_nowait(data)
+        except trio.WouldBlock:
+            self.counters["send_failures"] += 1
+            log.warning("outbox to peer %s is full: dropped a %d-byte message", peer, len(data))
+
+    async def _sender(self, peer: str, inbox: trio.MemoryReceiveChannel[bytes]) -> None:
+        assert self.transport is not None
+        async with inbox:
+            async for data in inbox:
+                try:
+                    await self.transport.send(peer, SYNC_PROTOCOL, data)
+                except TransportError as exc:
+                    self.counters["send_failures"] += 1
+                    log.warning("%s; treating peer %s as down", exc, peer)
+                    if peer not in self.core.down:
+                        self._perform(self.core.on_peer_down(trio.current_time(), peer))
+
+    # -------------------------------------------------------------------- inbound
+
+    async def _on_frame(self, peer: str, payload: bytes) -> None:
+        """Decode one frame and hand it to the core; a bad frame is logged and dropped."""
+        try:
+            message = decode(payload, self.schema, self.max_frame)
+        except WireError as exc:
+            self.counters["rejected"] += 1
+            log.warning("refused message from peer %s: %s", peer, exc)
+            return
+        now = trio.current_time()
+        if peer in self.core.down:
+            self._perform(self.core.on_peer_up(now, peer))
+        self._perform(self.core.on_message(now, peer, message))
+
+    def _peer_up(self, peer: str) -> None:
+        log.info("peer %s connected", peer)
+        self._perform(self.core.on_peer_up(trio.current_time(), peer))
+
+    def _peer_down(self, peer: str) -> None:
+        log.info("peer %s disconnected", peer)
+        outbox = self._outboxes.pop(peer, None)
+        if outbox is not None:
+            outbox.close()
+        self._perform(self.core.on_peer_down(trio.current_time(), peer))
+
+    async def _keep_neighbours(self) -> None:
+        """Dial bootstrap peers that are not connected while below the target degree."""
+        assert self.transport is not None
+        while True:
+            connected = set(self.transport.peers())
+            missing = [
+                addr
+                for addr in self.config.bootstrap
+                if not addr.endswith(self.peer_id) and addr.rsplit("/", 1)[-1] not in connected
+            ]
+            room = self.config.target_degree - len(connected)
+            if missing and room > 0:
+                async with trio.open_nursery() as dials:
+                    for addr in missing[:room]:
+                        dials.start_soon(self._dial, addr)
+            await trio.sleep(REDIAL_EVERY_S)
+
+    async def _dial(self, addr: str) -> None:
+        assert self.transport is not None
+        try:
+            peer = await self.transport.connect(addr)
+        except TransportError as exc:
+            log.info("could not reach %s (will retry): %s", addr, exc)
+            return
+        log.info("connected to %s", peer)
+
+    # -------------------------------------------------------------------- status
+
+    def _counters(self) -> dict[str, int]:
+        counters = dict(self.counters)
+        if self.transport is not None:
+            counters["bytes_sent"] = self._base["bytes_sent"] + self.transport.bytes_sent
+            counters["bytes_received"] = (
+                self._base["bytes_received"] + self.transport.bytes_received
+            )
+        return counters
+
+    def status(self) -> dict[str, Any]:
+        """Everything ``p2pfl node status`` shows."""
+        assert self.transport is not None
+        data, dataset = self.learning.data, self.learning.dataset
+        return {
+            "peer_id": self.peer_id,
+            "listen_addrs": self.transport.listen_addrs,
+            "peers": sorted(self.transport.peers()),
+            "neighbors": self.core.live_neighbors,
+            "protocol": self.config.protocol,
+            "step": self.core.step,
+            "steps": self.config.steps,
+            "done": bool(self.config.steps) and self.core.step >= self.config.steps,
+            "syncs": self.core.stats.syncs,
+            "core_stats": self.core.stats.as_dict(),
+            **self._counters(),
+            "loss": None if math.isnan(self.loss) else self.loss,
+            "local_accuracy": self._accuracy(data.x_test, data.y_test),
+            "test_accuracy": self._accuracy(dataset.x_test, dataset.y_test),
+            "train_samples": len(data.y_train),
+            "checkpoint_step": self.checkpoint_step,
+            "uptime_s": round(trio.current_time() - self.started, 3),
+        }
+
+    def _accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        if not len(y):
+            return None
+        accuracy, _ = self.learner.evaluate(x, y)
+        return float(accuracy[0])
+
+    async def _respond(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request["cmd"]
+        if cmd == "status":
+            return self.status()
+        if cmd == "stop":
+            self.stop()
+            return {"ok": True}
+        if cmd == "ping":
+            return {"ok": True}
+        return {"error": f"unknown command {cmd!r}; use status, stop or ping"}
