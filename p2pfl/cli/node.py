@@ -104,11 +104,16 @@ def _print_addresses(addrs: list[str]) -> None:
 
 
 def _setup_logging(home: Path) -> None:
+    """Log INFO and above of p2pfl to stderr and DIR/node.log (replacing earlier setups)."""
     root = logging.getLogger("p2pfl")
     root.setLevel(logging.INFO)
+    for old in [h for h in root.handlers if getattr(h, "p2pfl_node", False)]:
+        root.removeHandler(old)
+        old.close()
     formatter = logging.Formatter(LOG_FORMAT)
     for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(home / "node.log")):
         handler.setFormatter(formatter)
+        handler.p2pfl_node = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.propagate = False
 

@@ -64,7 +64,7 @@ async def bind_socket(home: Path) -> trio.socket.SocketType:
         raise ControlError(f"{path} is too long for a Unix socket; use a shorter --home")
     if path.exists() or path.is_symlink():
         try:
-            request(home, "ping", timeout=1.0)
+            await trio.to_thread.run_sync(request, home, "ping", 1.0)
         except ControlError:
             path.unlink()
         else:
