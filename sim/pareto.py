@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 from p2pfl.simulator.engine import Simulation, prepare  # noqa: E402
 from p2pfl.simulator.scenario import load_scenario  # noqa: E402
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--rels", default=",".join(map(str, RELS)))
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args()
+    torch.set_num_threads(1)
     protocols = [f"periodic:b={b}" for b in args.periods.split(",")]
     protocols += ["dynamic"] + [f"dynamic:rel={r}" for r in args.rels.split(",")]
     protocols += ["none"]
