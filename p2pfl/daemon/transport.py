@@ -234,7 +234,11 @@ class Transport:
     # ------------------------------------------------------------------ outbound
 
     async def connect(self, multiaddr: str) -> str:
-        """Dial `/ip4/.../tcp/.../p2p/<id>`, remember the address, and return the peer id."""
+        """Dial `/ip4/.../tcp/.../p2p/<id>`, remember the address, and return the peer id.
+
+        The dial is always attempted, even if the peer failed recently: libp2p would refuse it
+        for 60 s (its negative cache); callers that retry pace themselves.
+        """
         try:
             info = info_from_p2p_addr(Multiaddr(multiaddr))
         except Exception as exc:
@@ -246,6 +250,9 @@ class Transport:
             raise TransportError(f"refusing to connect to our own address {multiaddr}")
         known = self._address_book.setdefault(peer, [])
         known.extend(a for a in info.addrs if a not in known)
+        network = self._host.get_network()
+        if isinstance(network, Swarm):
+            network.unblock_peer(info.peer_id)
         await self._dial(info.peer_id)
         return peer
 

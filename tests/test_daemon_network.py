@@ -1,0 +1,245 @@
+"""Node daemons as real processes on 127.0.0.1: they train and sync, survive `kill -9` of a
+peer and resume from checkpoints, and refuse bad peers while they keep serving."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.tcp.tcp import TCP
+from multiaddr import Multiaddr
+
+from p2pfl.daemon.config import CONFIG_FILE, KEY_FILE, load_config
+from p2pfl.daemon.control import ControlError, request
+from p2pfl.daemon.node import SYNC_PROTOCOL, build_learning
+from p2pfl.daemon.transport import Transport, TransportError, load_or_create_identity
+from p2pfl.learning.params import ParamSchema
+from p2pfl.models import build_model
+from p2pfl.wire.codec import encode, max_message_bytes
+from p2pfl.wire.messages import Push
+
+REPO = Path(__file__).resolve().parent.parent
+NODES = 3
+STEPS = 600
+DATA = "digits:part={i}/{n},alpha=0.1,seed=1"
+
+
+class Daemon:
+    """One `p2pfl node start` process with its home directory."""
+
+    def __init__(self, home: Path, index: int, port: int, config: str) -> None:
+        self.home, self.index, self.port = home, index, port
+        home.mkdir(exist_ok=True)
+        key = load_or_create_identity(home / KEY_FILE)
+        self.peer_id = str(ID.from_pubkey(key.public_key))
+        self.addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{self.peer_id}"
+        (home / CONFIG_FILE).write_text(config)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        with open(self.home / "stdout", "ab") as out, open(self.home / "stderr", "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "p2pfl", "node", "start", "--home", str(self.home)],
+                cwd=REPO,
+                stdout=out,
+                stderr=err,
+                env=env,
+            )
+
+    def status(self) -> dict:
+        return request(self.home, "status")
+
+    def wait_status(self, condition, timeout: float = 60.0) -> dict:
+        """Poll status every 0.25 s until `condition(status)`; fail after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        last: dict | str = "no answer"
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log()[-2000:]
+            try:
+                last = self.status()
+                if condition(last):
+                    return last
+            except ControlError as exc:
+                last = str(exc)
+            time.sleep(0.25)
+        raise AssertionError(f"node {self.index}: condition not met; last status {last}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Graceful stop over the control socket, then make sure the process is gone."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            request(self.home, "stop")
+            self.proc.wait(timeout=20)
+        except (ControlError, subprocess.TimeoutExpired):
+            self.kill()
+
+    def log(self) -> str:
+        path = self.home / "node.log"
+        return path.read_text() if path.exists() else ""
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def make_network(tmp_path: Path, n: int, steps: int, protocol: str = "dynamic") -> list[Daemon]:
+    ports = free_ports(n)
+    daemons = [Daemon(tmp_path / f"n{i}", i, ports[i], "") for i in range(n)]
+    for d in daemons:
+        peers = [o.addr for o in daemons if o is not d]
+        (d.home / CONFIG_FILE).write_text(
+            f'listen = "/ip4/127.0.0.1/tcp/{d.port}"\nbootstrap = {peers!r}\n'.replace("'", '"')
+            + f'data = "{DATA.format(i=d.index, n=n)}"\n'
+            f'protocol = "{protocol}"\nsteps = {steps}\nbatch_size = 16\nlr = 0.1\nseed = 1\n'
+            "step_interval = 0.01\n"
+        )
+    return daemons
+
+
+def alone_accuracy(daemon: Daemon, steps: int) -> float:
+    """The same node (same data, init, sampling seed) trained alone for `steps` steps."""
+    config = load_config(daemon.home)
+    learning = build_learning(config, daemon.peer_id)
+    nodes = torch.tensor([0])
+    for _ in range(steps):
+        learning.learner.step(nodes)
+    accuracy, _ = learning.learner.evaluate(learning.dataset.x_test, learning.dataset.y_test)
+    return float(accuracy[0])
+
+
+@pytest.mark.slow
+def test_daemons_sync_beat_training_alone_and_resume_after_kill_9(tmp_path):
+    daemons = make_network(tmp_path, NODES, STEPS)
+    victim = daemons[-1]
+    try:
+        for d in daemons:
+            d.start()
+        for d in daemons:
+            d.wait_status(lambda s: len(s["peers"]) == NODES - 1, timeout=120)
+        assert (victim.home / "stdout").read_text().strip() == victim.addr
+
+        # kill -9 one node after its first checkpoint; the others keep going
+        before = victim.wait_status(lambda s: s["checkpoint_step"] >= 100)
+        victim.kill()
+        survivors = daemons[:-1]
+        steps_then = [d.status()["step"] for d in survivors]
+        for d, then in zip(survivors, steps_then, strict=True):
+            d.wait_status(lambda s, then=then: s["step"] > then + 50, timeout=30)
+        victim.start()
+        resumed = victim.wait_status(lambda s: s["step"] > 0, timeout=120)
+        assert resumed["step"] >= before["checkpoint_step"] >= 100
+        assert f"resumed from checkpoint at step {before['checkpoint_step']}" in victim.log()
+
+        for d in daemons:
+            d.wait_status(lambda s: s["done"], timeout=90)
+        time.sleep(1.0)  # let sessions in flight settle
+        finals = [d.status() for d in daemons]
+    finally:
+        for d in daemons:
+            d.stop()
+    for d, final in zip(daemons, finals, strict=True):
+        alone = alone_accuracy(d, STEPS)
+        print(
+            f"node {d.index}: together {final['test_accuracy']:.3f}, alone {alone:.3f}, "
+            f"syncs {final['syncs']}, sent {final['bytes_sent']} B"
+        )
+        assert final["syncs"] > 0 and final["bytes_sent"] > 0 and final["bytes_received"] > 0
+        assert final["test_accuracy"] > alone
+    assert all(not (d.home / "control.sock").exists() for d in daemons)
+    assert "stopping at step" in daemons[0].log()
+
+
+async def _send_bad_frames(target: Daemon, caplog_marks: list[str]) -> None:
+    schema = ParamSchema.from_module(build_model("mlp", (1, 8, 8), 10, 0))
+    other = ParamSchema.from_module(build_model("logistic", (1, 8, 8), 10, 0))
+    nan = torch.zeros(schema.numel)
+    nan[3] = float("nan")
+    frames = {
+        "malformed msgpack": b"\xc1garbage",
+        "schema hash mismatch": encode(Push(-1, torch.zeros(other.numel), 5), other),
+        "NaN/inf": encode(Push(-1, nan, 5), schema),
+        "exceeds the limit": b"\x00" * (max_message_bytes(schema) + 1),
+    }
+    async with Transport(create_new_key_pair()) as evil:
+        peer = await evil.connect(target.addr)
+        for reason, frame in frames.items():
+            try:
+                await evil.send(peer, SYNC_PROTOCOL, frame)
+            except TransportError:
+                assert reason == "exceeds the limit"
+            caplog_marks.append(reason)
+
+
+async def _plaintext_dial(target: Daemon) -> bool:
+    key_pair = create_new_key_pair()
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(key_pair)},
+        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+        transports=[TCP()],
+    )
+    async with host.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        try:
+            await host.connect(info_from_p2p_addr(Multiaddr(target.addr)))
+            peer = ID.from_base58(target.peer_id)
+            stream = await host.new_stream(peer, [TProtocol(SYNC_PROTOCOL)])
+            await stream.write(b"\x00\x00\x00\x02hi")
+            return True
+        except Exception:
+            return False
+        finally:
+            with trio.CancelScope(shield=True):
+                await host.close()
+
+
+@pytest.mark.slow
+def test_bad_peers_are_refused_and_the_node_keeps_serving(tmp_path):
+    (node,) = make_network(tmp_path, 1, 0)
+    try:
+        node.start()
+        first = node.wait_status(lambda s: s["step"] > 0, timeout=120)
+        sent: list[str] = []
+
+        async def attack() -> bool:
+            with trio.fail_after(30):
+                await _send_bad_frames(node, sent)
+                return await _plaintext_dial(node)
+
+        assert trio.run(attack) is False
+        assert len(sent) == 4
+        after = node.wait_status(lambda s: s["step"] > first["step"] + 20, timeout=20)
+        assert after["rejected"] == 3
+        log = node.log()
+        for reason in sent:
+            assert "refused message from peer" in log and reason in log, reason
+    finally:
+        node.stop()
+    assert node.proc is not None and node.proc.returncode == 0
