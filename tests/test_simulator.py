@@ -1,0 +1,265 @@
+"""The simulator end to end: the results contract (summary.json, metrics.jsonl, report.png),
+traffic ordering and exact byte accounting, determinism, fair evaluation steps, concept drift,
+churn and loss, and scenario validation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from p2pfl.learning.params import ParamSchema
+from p2pfl.simulator.engine import final_eval_steps, prepare
+from p2pfl.simulator.results import run_scenario
+from p2pfl.simulator.scenario import ScenarioError, load_scenario
+from p2pfl.wire.codec import encoded_size
+from p2pfl.wire.messages import Push
+
+NODES, STEPS = 8, 150
+PROTOCOLS = ("none", "continuous", "periodic:b=10", "dynamic")
+RUN_KEYS = {
+    "protocol",
+    "final_accuracy",
+    "bytes_sent",
+    "messages",
+    "syncs",
+    "steps",
+    "wall_seconds",
+}
+ROW_KEYS = {"protocol", "step", "accuracy", "loss", "bytes", "divergence", "messages", "syncs"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small models: one thread is much faster, above all on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small(**overrides):
+    settings = {
+        "nodes": NODES,
+        "steps": STEPS,
+        "topology": "ring",
+        "dataset": "digits",
+        "model": "mlp",
+        "protocols": PROTOCOLS,
+        "eval_every": 25,
+    }
+    settings.update(overrides)
+    return load_scenario(None, settings)
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    """One run of the four standard protocols on a ring, with its files."""
+    out = tmp_path_factory.mktemp("four")
+    summary = run_scenario(small(), out, progress=False)
+    return summary, out, {r["protocol"]: r for r in summary["runs"]}
+
+
+def read_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_summary_contract(four):
+    summary, out, runs = four
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["scenario"]["nodes"] == NODES and on_disk["scenario"]["topology"] == "ring"
+    assert on_disk["scenario"]["protocols"] == list(PROTOCOLS)
+    assert [r["protocol"] for r in on_disk["runs"]] == list(PROTOCOLS)
+    for run in on_disk["runs"]:
+        assert set(run) >= RUN_KEYS, RUN_KEYS - set(run)
+        assert 0.0 <= run["final_accuracy"] <= 1.0
+        assert run["steps"] == STEPS and run["node_steps"] == NODES * STEPS
+        assert isinstance(run["bytes_sent"], int) and isinstance(run["messages"], int)
+        assert isinstance(run["wall_seconds"], float) and run["wall_seconds"] >= 0
+        assert run["final_eval_steps"] == final_eval_steps(STEPS)
+    # every protocol learns something on digits in 150 steps (chance is 0.1)
+    assert min(r["final_accuracy"] for r in on_disk["runs"]) > 0.5
+
+
+def test_metrics_rows(four):
+    summary, out, runs = four
+    rows = read_rows(out)
+    evals = sorted({*range(25, STEPS + 1, 25), *final_eval_steps(STEPS)})
+    for protocol in PROTOCOLS:
+        mine = [r for r in rows if r["protocol"] == protocol]
+        assert [r["step"] for r in mine] == evals
+        for row in mine:
+            assert set(row) >= ROW_KEYS, ROW_KEYS - set(row)
+            assert 0.0 <= row["accuracy"] <= 1.0 and row["loss"] > 0
+            assert row["divergence"] >= 0
+        byte_counts = [r["bytes"] for r in mine]
+        assert byte_counts == sorted(byte_counts)  # cumulative
+        assert byte_counts[-1] == runs[protocol]["bytes_sent"]
+        # final accuracy is the mean over the final evaluation steps
+        finals = [r["accuracy"] for r in mine if r["step"] in final_eval_steps(STEPS)]
+        assert runs[protocol]["final_accuracy"] == pytest.approx(sum(finals) / len(finals))
+    last = {r["protocol"]: r for r in rows if r["step"] == STEPS}
+    # averaging keeps the models together; alone they drift apart
+    assert last["continuous"]["divergence"] < 0.2 * last["none"]["divergence"]
+    assert last["periodic:b=10"]["divergence"] < last["none"]["divergence"]
+
+
+def test_report_png(four):
+    _, out, _ = four
+    data = (out / "report.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 10_000
+
+
+def test_traffic_order(four):
+    _, _, runs = four
+    none, cont, per = runs["none"], runs["continuous"], runs["periodic:b=10"]
+    assert none["bytes_sent"] == none["messages"] == none["syncs"] == 0
+    assert cont["bytes_sent"] > per["bytes_sent"] > none["bytes_sent"]
+    assert cont["messages"] == NODES * 2 * STEPS  # ring: two neighbours, every step
+    assert per["messages"] == NODES * 2 * (STEPS // 10)
+    # every round completes, but the last one (its models still in flight at the end)
+    assert cont["syncs"] == NODES * (STEPS - 1)
+    assert per["syncs"] == NODES * (STEPS // 10 - 1)
+    dyn = runs["dynamic"]
+    assert dyn["bytes_sent"] > 0 and dyn["sessions"] > 0 and dyn["syncs"] > 0
+    assert dyn["messages_lost"] == dyn["messages_rejected"] == 0
+
+
+@pytest.mark.parametrize(("protocol", "b"), [("continuous", 1), ("periodic:b=10", 10)])
+def test_bytes_are_the_real_encoded_sizes(four, protocol, b):
+    _, _, runs = four
+    prepared = prepare(small())
+    schema = ParamSchema.from_module(prepared.model)
+    params = torch.zeros(schema.numel)
+    expected = sum(
+        2 * encoded_size(Push(step // b, params, len(node.y_train)), schema)
+        for node in prepared.nodes
+        for step in range(b, STEPS + 1, b)
+    )
+    assert runs[protocol]["bytes_sent"] == expected
+    assert expected > runs[protocol]["messages"] * schema.numel * 4  # a float32 each, at least
+
+
+def test_same_seed_same_results(tmp_path):
+    def run(name, seed):
+        scenario = small(
+            protocols=("dynamic", "gossip"),
+            steps=80,
+            seed=seed,
+            eval_every=20,
+            network={"jitter": 0.003, "speed_spread": 0.5},
+        )
+        summary = run_scenario(scenario, tmp_path / name, progress=False)
+        for r in summary["runs"]:
+            r.pop("wall_seconds")
+        return summary, (tmp_path / name / "metrics.jsonl").read_text()
+
+    first, second, other = run("a", 3), run("b", 3), run("c", 4)
+    assert first == second
+    assert first[0]["runs"][0]["messages"] > 0
+    assert other[0]["runs"] != first[0]["runs"]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 150, 1000, 4000])
+def test_final_eval_steps_are_primes_at_the_end(steps):
+    picked = final_eval_steps(steps)
+    assert picked == sorted(set(picked)) and 1 <= len(picked) <= 5
+    assert all(1 <= s <= steps for s in picked)
+    if steps >= 3:
+        assert all(s > 1 and all(s % d for d in range(2, math.isqrt(s) + 1)) for s in picked)
+    if steps >= 200:  # long runs: strictly in the last tenth, five of them
+        assert len(picked) == 5 and min(picked) >= steps - steps // 10
+
+
+def test_concept_drift_drops_accuracy_then_recovers(tmp_path):
+    scenario = small(
+        dataset="digits:drift_at=100", protocols=("continuous",), steps=160, eval_every=10
+    )
+    summary = run_scenario(scenario, tmp_path, progress=False)
+    assert summary["runs"][0]["syncs"] > 0
+    acc = {r["step"]: r["accuracy"] for r in read_rows(tmp_path)}
+    assert acc[100] > 0.6
+    assert acc[110] < acc[100] - 0.3  # labels permuted after step 100
+    assert acc[160] > acc[110] + 0.2  # and it learns the new task
+
+
+def test_churn(tmp_path):
+    network = {"churn": 0.02, "rejoin": 0.2}  # no random loss: only offline nodes lose messages
+    scenario = small(protocols=("dynamic", "periodic:b=5"), steps=200, network=network)
+    summary = run_scenario(scenario, tmp_path, progress=False)
+    runs = {r["protocol"]: r for r in summary["runs"]}
+    for run in runs.values():
+        assert run["node_steps"] < NODES * 200  # offline nodes do not train
+        assert run["messages_lost"] > 0  # what is sent to an offline node is lost
+        assert run["messages_rejected"] == 0
+        assert run["final_accuracy"] > 0.5
+    assert runs["dynamic"]["syncs"] > 0 and runs["dynamic"]["sessions"] > 0
+    assert runs["periodic:b=5"]["syncs"] > 0
+    online = [r["online"] for r in read_rows(tmp_path)]
+    assert min(online) < NODES and max(online) <= NODES
+
+
+def test_loss():
+    # a short timeout: with the default (2 s = 200 steps) a lost message parks a session
+    # and its members for longer than this whole run
+    protocols = ("dynamic:timeout=0.1", "continuous")
+    scenario = small(protocols=protocols, steps=150, network={"loss": 0.1})
+    runs = {r["protocol"]: r for r in run_scenario(scenario, None, progress=False)["runs"]}
+    for run in runs.values():
+        assert run["node_steps"] == NODES * 150
+        assert 0.05 < run["messages_lost"] / run["messages"] < 0.15
+        assert run["final_accuracy"] > 0.5
+    dynamic = runs["dynamic:timeout=0.1"]
+    assert dynamic["syncs"] > 20 and dynamic["timeouts"] > 0  # lost replies resolve by timer
+    assert runs["continuous"]["syncs"] > NODES * 100  # rounds still close (by the next one)
+
+
+# -- scenario validation --
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        ({"nodez": 3}, ["unknown scenario key(s) ['nodez']", "known:", "nodes"]),
+        ({"network": {"lag": 1}}, ["network.lag", "latency"]),
+        ({"protocols": ("dynamic:delta=-1",)}, ["protocol", "'delta'", "must be >= 0"]),
+        ({"protocols": ("telepathy",)}, ["unknown kind 'telepathy'"]),
+        ({"nodes": "many"}, ["'nodes'", "'many' is not a valid int"]),
+        ({"nodes": 2.5}, ["'nodes'", "not a valid int"]),
+        ({"nodes": True}, ["'nodes'", "not a valid int"]),
+        ({"lr": "fast"}, ["'lr'", "not a valid float"]),
+        ({"allow_disconnected": "yes"}, ["'allow_disconnected'", "not a valid bool"]),
+        ({"network": {"loss": "lots"}}, ["'network.loss'", "not a valid float"]),
+        ({"steps": 0}, ["steps must be >= 1"]),
+        ({"learner": "gpu"}, ["learner must be 'batched' or 'per-node'"]),
+        ({"momentum": 1.0}, ["momentum must be in [0, 1)"]),
+        ({"network": {"loss": 1.0}}, ["network.loss must be in [0, 1)"]),
+    ],
+)
+def test_scenario_errors(overrides, fragments):
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(None, overrides)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_scenario_files(tmp_path):
+    with pytest.raises(ScenarioError, match="not found"):
+        load_scenario(tmp_path / "missing.toml", {})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("nodes = = 3\n")
+    with pytest.raises(ScenarioError, match="not valid TOML"):
+        load_scenario(bad, {})
+    good = tmp_path / "good.toml"
+    good.write_text(
+        'nodes = 5\nsteps = 7\nprotocols = ["none", "dynamic:delta=0.1"]\n'
+        "[network]\nlatency = 0.01\nchurn = 0.1\n"
+    )
+    scenario = load_scenario(good, {"steps": 9, "seed": None, "protocols": ()})
+    assert (scenario.nodes, scenario.steps, scenario.seed) == (5, 9, 0)  # None/() keep the file's
+    assert scenario.protocols == ("none", "dynamic:delta=0.1")
+    assert (scenario.network.latency, scenario.network.churn) == (0.01, 0.1)
+    assert scenario.network.bandwidth == 125e6  # defaults fill the rest
+    assert load_scenario(None, {"protocols": "gossip"}).protocols == ("gossip",)
