@@ -22,12 +22,12 @@ demo: $(STAMP)
 	$(BIN)/p2pfl demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/ruff check p2pfl tests sim examples
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check p2pfl tests sim examples
-	$(BIN)/ruff format --check p2pfl tests sim examples
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs

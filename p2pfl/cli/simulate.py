@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from p2pfl.data import DataError
 from p2pfl.simulator.results import comparison_table, run_scenario
@@ -27,6 +28,9 @@ def sim(
     batch_size: int | None = typer.Option(None, "--batch-size"),
     lr: float | None = typer.Option(None, "--lr", help="SGD learning rate."),
     seed: int | None = typer.Option(None, "--seed"),
+    allow_disconnected: bool = typer.Option(
+        False, "--allow-disconnected", help="Accept a topology that is not connected."
+    ),
     out: Path = typer.Option(Path("runs/sim"), "--out", help="Directory for the results."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -42,6 +46,7 @@ def sim(
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
+        "allow_disconnected": allow_disconnected or None,
     }
     _run(scenario, overrides, out, quiet)
 
@@ -60,7 +65,7 @@ def _run(path: Path | None, overrides: dict[str, object], out: Path, quiet: bool
         scenario = load_scenario(path, overrides)
         summary = run_scenario(scenario, out, progress=not quiet)
     except (ScenarioError, SpecError, DataError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     console.print(comparison_table(summary))
     console.print(f"results in {out}/ (summary.json, metrics.jsonl, report.png)")

@@ -29,7 +29,7 @@ class ProtocolConfig:
     cap: int = 0
     correction: float = 0.0
     merge: str = "uniform"
-    timeout: float = 2.0
+    timeout: float = 0.5
     text: str = ""
 
     @property
@@ -47,7 +47,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
     merge = spec.take("merge", str, "uniform")
     if merge not in MERGES:
         raise SpecError(f"{text!r}: merge must be one of {', '.join(MERGES)}")
-    timeout = spec.take("timeout", _positive_float, 2.0)
+    timeout = spec.take("timeout", _positive_float, 0.5)
     base = {"merge": merge, "timeout": timeout, "text": spec.text}
     if spec.kind in ("none", "continuous"):
         spec.check_keys(common if spec.kind == "continuous" else set())

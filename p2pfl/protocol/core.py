@@ -108,10 +108,14 @@ class NodeCore:
     def _merge(self, vectors: list[torch.Tensor], samples: list[int]) -> torch.Tensor:
         return merge(vectors, samples, self.config.merge)
 
-    def _replace_keeping_progress(self, merged: torch.Tensor, sent: torch.Tensor) -> ReplaceModel:
+    def _replace_keeping_progress(
+        self, merged: torch.Tensor, sent: torch.Tensor, current: torch.Tensor | None = None
+    ) -> ReplaceModel:
         """Adopt ``merged`` but keep the local steps taken since ``sent`` was handed out:
-        ``w = merged + (w_now - sent)``. No local work is lost while a sync is in flight."""
-        return ReplaceModel(merged + (self.model.read() - sent))
+        ``w = merged + (w_now - sent)``. No local work is lost while a sync is in flight.
+        ``current`` stands for ``w_now`` when an earlier replacement is not applied yet."""
+        now = self.model.read() if current is None else current
+        return ReplaceModel(merged + (now - sent))
 
 
 def make_core(

@@ -24,7 +24,8 @@ Decisions that matter on a real network:
   drifts steadily toward its own data, which both hurts accuracy and triggers violations that
   carry no new knowledge. After each sync a member updates a gradient correction in the
   spirit of SCAFFOLD, from quantities it already has: ``c += λ (w_sent - average) / (η K)``
-  (``K`` local steps since its previous sync, ``η`` the step size). This is an integral
+  (``K`` the group's mean number of local steps since the previous sync, sent with the
+  average, ``η`` the step size). This is an integral
   controller: it learns the constant offset between the node's gradient and its group's.
   Uniform merges make the updates sum to zero over a group, so the global mean is kept. The
   gain must stay small: references differ slightly between groups, that difference enters
@@ -52,7 +53,7 @@ class Session:
     sent: torch.Tensor
     asked: set[str]
     round: int = 0
-    replies: dict[str, tuple[torch.Tensor, int, list[str]]] = field(default_factory=dict)
+    replies: dict[str, ModelReply] = field(default_factory=dict)
     refused: set[str] = field(default_factory=set)
 
     @property
@@ -138,7 +139,7 @@ class DynamicCore(NodeCore):
             # A late reply to a session already resolved: let the peer go at once.
             self.stats.ignored += 1
             return [Send(sender, Busy(msg.session))]
-        s.replies[sender] = (msg.params, msg.samples, msg.neighbors)
+        s.replies[sender] = msg
         return self._resolve(now) if s.answered else []
 
     def _resolve(self, now: float) -> list[Action]:
@@ -149,8 +150,8 @@ class DynamicCore(NodeCore):
             self.session = None
             self.quiet_until = self.step + self.config.b * self.rng.randint(1, 4)
             return []
-        vectors = [s.sent] + [p for p, _, _ in s.replies.values()]
-        samples = [self.model.samples] + [n for _, n, _ in s.replies.values()]
+        vectors = [s.sent] + [r.params for r in s.replies.values()]
+        samples = [self.model.samples] + [r.samples for r in s.replies.values()]
         average = self._merge(vectors, samples)
         if float((average - self.reference).square().sum()) > self._delta:
             wider = self._widen()
@@ -158,10 +159,13 @@ class DynamicCore(NodeCore):
                 s.asked |= set(wider)
                 s.round += 1
                 return self._ask(now, wider)
-        actions: list[Action] = [Send(p, Average(s.id, average)) for p in s.replies]
+        steps = [self.steps_since_sync] + [r.steps for r in s.replies.values()]
+        group_steps = max(1, round(sum(steps) / len(steps)))
+        actions: list[Action] = [Send(p, Average(s.id, average, group_steps)) for p in s.replies]
+        # Peers that never answered (timed out) are released instead of waiting for us.
         actions += [Send(p, Busy(s.id)) for p in s.asked - set(s.replies) - s.refused]
         self.session = None
-        return actions + self._adopt(average, s.sent)
+        return actions + self._adopt(average, s.sent, group_steps)
 
     def _widen(self) -> list[str]:
         """Up to as many new peers as the group has (doubling it), drawn from the members'
@@ -172,7 +176,7 @@ class DynamicCore(NodeCore):
         room = size if not self.config.cap else min(size, self.config.cap - size)
         if room <= 0 or s.round >= MAX_WIDENING_ROUNDS:
             return []
-        known = {n for _, _, ns in s.replies.values() for n in ns}
+        known = {n for r in s.replies.values() for n in r.neighbors}
         fresh = sorted(known - s.asked - {self.node_id})
         return self.rng.sample(fresh, min(room, len(fresh)))
 
@@ -186,7 +190,9 @@ class DynamicCore(NodeCore):
             return [Send(sender, Busy(msg.session))]
         sent = self.model.read().clone()
         self.membership = Membership(msg.session, sender, sent)
-        reply = ModelReply(msg.session, sent, self.model.samples, self.live_neighbors)
+        reply = ModelReply(
+            msg.session, sent, self.model.samples, self.live_neighbors, self.steps_since_sync
+        )
         deadline = now + self.config.timeout * (MAX_WIDENING_ROUNDS + 2)
         return actions + [Send(sender, reply), SetTimer(deadline, ("member", msg.session))]
 
@@ -207,14 +213,15 @@ class DynamicCore(NodeCore):
             log.debug("%s: stale average from %s", self.node_id, sender)
             return []
         self.membership = None
-        return self._adopt(msg.params, m.sent)
+        return self._adopt(msg.params, m.sent, msg.steps)
 
-    def _adopt(self, average: torch.Tensor, sent: torch.Tensor) -> list[Action]:
-        """Take the session's average as model and reference; update the drift correction."""
+    def _adopt(self, average: torch.Tensor, sent: torch.Tensor, group_steps: int) -> list[Action]:
+        """Take the session's average as model and reference; update the drift correction,
+        scaled by the group's shared step count so the members' updates sum to zero."""
         actions: list[Action] = [self._replace_keeping_progress(average, sent)]
         lam = self.config.correction
-        if lam and self.steps_since_sync:
-            change = (sent - average) * (lam / (self.step_size * self.steps_since_sync))
+        if lam and group_steps > 0:
+            change = (sent - average) * (lam / (self.step_size * group_steps))
             self.correction = change if self.correction is None else self.correction + change
             actions.append(SetCorrection(self.correction.clone()))
         self.reference = average.clone()
@@ -245,7 +252,6 @@ class DynamicCore(NodeCore):
         s, m = self.session, self.membership
         if s is not None and key == ("session", s.id, s.round):
             self.stats.timeouts += 1
-            s.refused |= s.asked - set(s.replies)
             return self._resolve(now)
         if m is not None and key == ("member", m.id):
             self.stats.timeouts += 1

@@ -7,7 +7,7 @@ from collections.abc import Hashable
 
 import torch
 
-from p2pfl.protocol.actions import Action, Send, SetTimer
+from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetTimer
 from p2pfl.protocol.core import NodeCore, log
 from p2pfl.wire.messages import Message, Push
 
@@ -27,15 +27,15 @@ class PeriodicCore(NodeCore):
     def _after_step(self, now: float) -> list[Action]:
         if self.step % self.config.b:
             return []
-        actions: list[Action] = []
-        if self.open_round is not None:
-            actions += self._finish_round()
+        # A round still open is closed first; what we send next is the model it produced.
+        actions = self._finish_round() if self.open_round is not None else []
+        current = actions[-1].params if actions else self.model.read()
         rnd = self.step // self.config.b
-        self.open_round, self.sent = rnd, self.model.read().clone()
+        self.open_round, self.sent = rnd, current.clone()
         for peer in self.live_neighbors:
             actions.append(Send(peer, Push(rnd, self.sent, self.model.samples)))
         actions.append(SetTimer(now + self.config.timeout, ("round", rnd)))
-        return actions + self._finish_if_complete()
+        return actions + self._finish_if_complete(current)
 
     def on_message(self, now: float, sender: str, message: Message) -> list[Action]:
         if not isinstance(message, Push) or message.round < 0 or sender not in self.neighbors:
@@ -54,15 +54,16 @@ class PeriodicCore(NodeCore):
             return self._finish_round()
         return []
 
-    def _finish_if_complete(self) -> list[Action]:
+    def _finish_if_complete(self, current: torch.Tensor | None = None) -> list[Action]:
         if self.open_round is None:
             return []
         got = self.inbox.get(self.open_round, {})
         if all(peer in got for peer in self.live_neighbors):
-            return self._finish_round()
+            return self._finish_round(current)
         return []
 
-    def _finish_round(self) -> list[Action]:
+    def _finish_round(self, current: torch.Tensor | None = None) -> list[ReplaceModel]:
+        """Merge the open round; ``current`` is the model if a replacement is still pending."""
         assert self.open_round is not None and self.sent is not None
         got = self.inbox.pop(self.open_round, {})
         for old in [r for r in self.inbox if r < self.open_round]:
@@ -73,7 +74,7 @@ class PeriodicCore(NodeCore):
         vectors = [sent] + [p for p, _ in got.values()]
         samples = [self.model.samples] + [n for _, n in got.values()]
         self.stats.syncs += 1
-        return [self._replace_keeping_progress(self._merge(vectors, samples), sent)]
+        return [self._replace_keeping_progress(self._merge(vectors, samples), sent, current)]
 
 
 class GossipCore(NodeCore):

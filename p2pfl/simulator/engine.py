@@ -100,8 +100,15 @@ class Simulation:
             s.seed,
         )
         sgd = SGDConfig(lr=s.lr, momentum=s.momentum)
-        cls = BatchedLearner if s.learner == "batched" else PerNodeLearner
-        self.learner: Learner = cls(prepared.model, bank, sgd)
+        self.learner: Learner
+        if s.learner == "batched":
+            try:
+                self.learner = BatchedLearner(prepared.model, bank, sgd)
+            except ValueError as exc:
+                log.warning("%s; falling back to the per-node learner (slower)", exc)
+                self.learner = PerNodeLearner(prepared.model, bank, sgd)
+        else:
+            self.learner = PerNodeLearner(prepared.model, bank, sgd)
         self.schema = self.learner.schema
         self.net = SimNetwork(prepared.graph, s.network, s.seed)
         step_size = s.lr / (1 - s.momentum)

@@ -176,7 +176,7 @@ def _read_field(name: str, value: object, tag: str, layout: _Layout) -> object:
         return _unpack_params(value, layout)
     if name == "neighbors":
         return _read_neighbors(value, where)
-    lowest = 0 if name == "samples" else _INT64_MIN
+    lowest = 0 if name in ("samples", "steps") else _INT64_MIN
     if type(value) is not int:
         raise WireError(f"{where} must be int, got {_kind(value)}")
     if not lowest <= value <= _INT64_MAX:

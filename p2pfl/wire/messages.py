@@ -21,12 +21,14 @@ class Pull:
 
 @dataclass
 class ModelReply:
-    """A peer's model for a session, with its sample count and neighbour ids (for widening)."""
+    """A peer's model for a session, with its sample count, neighbour ids (for widening) and
+    the local steps it took since its last sync."""
 
     session: int
     params: torch.Tensor
     samples: int
     neighbors: list[str] = field(default_factory=list)
+    steps: int = 0
 
 
 @dataclass
@@ -38,10 +40,13 @@ class Busy:
 
 @dataclass
 class Average:
-    """The session's result: every member sets its model and reference to ``params``."""
+    """The session's result: every member sets its model and reference to ``params``;
+    ``steps`` is the group's mean number of local steps since its last sync (one shared scale
+    for the drift correction, so the members' updates sum to zero)."""
 
     session: int
     params: torch.Tensor
+    steps: int = 0
 
 
 @dataclass
