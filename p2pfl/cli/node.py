@@ -132,6 +132,8 @@ def status(
         print(json.dumps(reply, indent=2))
         return
     table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
     for key, value in reply.items():
         if isinstance(value, list):
             value = "\n".join(map(str, value)) or "-"
