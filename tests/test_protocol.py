@@ -227,7 +227,7 @@ def test_defaults_of_each_kind():
     assert (dyn.group, dyn.cap, dyn.correction, dyn.merge, dyn.timeout) == (
         0,
         0,
-        0.02,
+        0.2,
         "uniform",
         0.5,
     )

@@ -20,17 +20,16 @@ Decisions that matter on a real network:
 * Δ: absolute ``delta``, or ``rel * ||r||²`` (default), i.e. a violation when the model has
   moved by more than √rel of its own norm. This scale-free rule works unchanged across the
   built-in models and data sets.
-* Drift correction (``correction`` λ, default 0.02): under non-IID data every local model
+* Drift correction (``correction`` λ, default 0.2): under non-IID data every local model
   drifts steadily toward its own data, which both hurts accuracy and triggers violations that
   carry no new knowledge. After each sync a member updates a gradient correction in the
   spirit of SCAFFOLD, from quantities it already has: ``c += λ (w_sent - average) / (η K)``
   (``K`` the group's mean number of local steps since the previous sync, sent with the
-  average, ``η`` the step size). This is an integral
-  controller: it learns the constant offset between the node's gradient and its group's.
-  Uniform merges make the updates sum to zero over a group, so the global mean is kept. The
-  gain must stay small: references differ slightly between groups, that difference enters
-  ``w_sent - average``, and with λ >= 0.05 the loop oscillates (measured on digits,
-  Dirichlet 0.5: λ=0.01-0.03 best, 0.05 worse than none, 1.0 diverges).
+  average, ``η`` the step size). This is an integral controller: it learns the constant
+  offset between the node's gradient and its group's. With one shared ``K`` the updates sum
+  to zero over the group, so the mean gradient is unbiased. Measured on digits (16 nodes,
+  Dirichlet 0.5, seeds 1-2, and IID): λ from 0.06 to 0.4 all end within 1 point of
+  continuous averaging; λ=0 loses about 6 points under label skew.
 """
 
 from __future__ import annotations
