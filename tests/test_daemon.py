@@ -244,3 +244,13 @@ def test_control_socket_is_private_and_answers(tmp_path):
 def test_request_without_a_node_is_a_clear_error(tmp_path):
     with pytest.raises(ControlError, match="no node is running"):
         request(tmp_path, "status")
+
+
+def test_start_with_only_corrupt_checkpoints_exits_2(tmp_path):
+    write_template(tmp_path)
+    (tmp_path / "ckpt").write_bytes(b"garbage")
+    result, text = invoke("node", "start", "--home", tmp_path, "--model", "logistic")
+    assert result.exit_code == 2 and "Traceback" not in text
+    assert "no usable checkpoint" in caplog_text(tmp_path)
+    assert (tmp_path / "ckpt.corrupt").exists()
+    assert logging.getLogger("p2pfl").propagate  # the in-process CLI left logging as it was

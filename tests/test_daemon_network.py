@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,9 @@ async def _plaintext_dial(target: Daemon) -> bool:
 @pytest.mark.slow
 def test_bad_peers_are_refused_and_the_node_keeps_serving(tmp_path):
     (node,) = make_network(tmp_path, 1, 0)
+    (metrics_port,) = free_ports(1)
+    with open(node.home / CONFIG_FILE, "a") as config:
+        config.write(f"metrics_port = {metrics_port}\n")
     try:
         node.start()
         first = node.wait_status(lambda s: s["step"] > 0, timeout=120)
@@ -237,6 +241,9 @@ def test_bad_peers_are_refused_and_the_node_keeps_serving(tmp_path):
         assert len(sent) == 4
         after = node.wait_status(lambda s: s["step"] > first["step"] + 20, timeout=20)
         assert after["rejected"] == 3
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/", timeout=5) as page:
+            metrics = page.read().decode()
+        assert "p2pfl_rejected_total 3.0" in metrics and "p2pfl_step_total" in metrics
         log = node.log()
         for reason in sent:
             assert "refused message from peer" in log and reason in log, reason

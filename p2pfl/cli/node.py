@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from p2pfl.daemon.config import ConfigError, load_config, write_template
+from p2pfl.daemon.config import KEY_FILE, ConfigError, load_config, write_template
 from p2pfl.daemon.control import ControlError, request, socket_path
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
@@ -31,7 +31,8 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 @app.command()
 def init(home: Path = HOME) -> None:
     """Create DIR with a private identity key and a commented config.toml."""
-    from p2pfl.daemon.config import KEY_FILE
+    from libp2p.peer.id import ID
+
     from p2pfl.daemon.transport import load_or_create_identity
 
     try:
@@ -39,8 +40,6 @@ def init(home: Path = HOME) -> None:
         key_pair = load_or_create_identity(home / KEY_FILE)
     except (OSError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    from libp2p.peer.id import ID
-
     print(f"peer id {ID.from_pubkey(key_pair.public_key)}")
     print(f"edit {config}, then run: p2pfl node start --home {home}")
 
@@ -82,20 +81,22 @@ def start(
         config = load_config(home, flags)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    _setup_logging(home)
     import trio
 
-    from p2pfl.daemon.control import ControlError as BindError
+    from p2pfl.daemon.checkpoint import CheckpointError
     from p2pfl.daemon.node import NodeDaemon
     from p2pfl.daemon.transport import load_or_create_identity
 
+    handlers = _setup_logging(home)
     try:
         key_pair = load_or_create_identity(config.key_file)
         daemon = NodeDaemon(config, key_pair)
         trio.run(daemon.run, _print_addresses)
-    except (ConfigError, BindError, ValueError) as exc:
+    except (ConfigError, ControlError, CheckpointError, ValueError) as exc:
         logging.getLogger("p2pfl.daemon").error("%s", exc)
         raise typer.Exit(2) from None
+    finally:
+        _remove_logging(handlers)
 
 
 def _print_addresses(addrs: list[str]) -> None:
@@ -103,19 +104,30 @@ def _print_addresses(addrs: list[str]) -> None:
         print(addr, flush=True)
 
 
-def _setup_logging(home: Path) -> None:
-    """Log INFO and above of p2pfl to stderr and DIR/node.log (replacing earlier setups)."""
+def _setup_logging(home: Path) -> list[logging.Handler]:
+    """Send INFO and above of p2pfl to stderr and DIR/node.log; return the new handlers."""
     root = logging.getLogger("p2pfl")
     root.setLevel(logging.INFO)
-    for old in [h for h in root.handlers if getattr(h, "p2pfl_node", False)]:
-        root.removeHandler(old)
-        old.close()
-    formatter = logging.Formatter(LOG_FORMAT)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(home / "node.log")):
-        handler.setFormatter(formatter)
-        handler.p2pfl_node = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
     root.propagate = False
+    formatter = logging.Formatter(LOG_FORMAT)
+    handlers: list[logging.Handler] = [
+        logging.StreamHandler(sys.stderr),
+        logging.FileHandler(home / "node.log"),
+    ]
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    return handlers
+
+
+def _remove_logging(handlers: list[logging.Handler]) -> None:
+    """Undo ``_setup_logging`` (matters when the CLI runs in-process, e.g. in tests)."""
+    root = logging.getLogger("p2pfl")
+    for handler in handlers:
+        root.removeHandler(handler)
+        handler.close()
+    root.propagate = True
+    root.setLevel(logging.NOTSET)
 
 
 @app.command()

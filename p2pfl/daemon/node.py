@@ -25,6 +25,7 @@ from libp2p.peer.id import ID
 from p2pfl.daemon.checkpoint import encode_checkpoint, load_newest, write_atomically
 from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.daemon.control import bind_socket, serve, socket_path
+from p2pfl.daemon.metrics import serve_metrics
 from p2pfl.daemon.state import node_state, restore_node_state
 from p2pfl.daemon.transport import Limits, Transport, TransportError
 from p2pfl.data import DataError
@@ -168,6 +169,16 @@ class NodeDaemon:
         )
         self.transport = transport
         control = await bind_socket(self.config.home)
+        if self.config.metrics_port:
+            try:
+                serve_metrics(self.config.metrics_port, self.metrics)
+            except OSError as exc:
+                control.close()
+                socket_path(self.config.home).unlink(missing_ok=True)
+                raise ConfigError(
+                    f"bad value for 'metrics_port': cannot listen on 127.0.0.1:"
+                    f"{self.config.metrics_port} ({exc}); pick a free port or 0 to turn it off"
+                ) from None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -344,6 +355,17 @@ class NodeDaemon:
                 self._base["bytes_received"] + self.transport.bytes_received
             )
         return counters
+
+    def metrics(self) -> dict[str, Any]:
+        """Plain numbers for the metrics endpoint (safe to read from another thread)."""
+        transport = self.transport
+        return {
+            "step": self.core.step,
+            "syncs": self.core.stats.syncs,
+            **self._counters(),
+            "peers": len(transport.peers()) if transport is not None else 0,
+            "loss": self.loss,
+        }
 
     def status(self) -> dict[str, Any]:
         """Everything ``p2pfl node status`` shows."""
