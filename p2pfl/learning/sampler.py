@@ -42,9 +42,19 @@ class NodeDataBank:
     def num_nodes(self) -> int:
         return len(self.counts)
 
-    def draw(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch for each listed node: ``x [k, batch, features]``, ``y [k, batch]``."""
+    def draw(
+        self, nodes: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch for each listed node: ``x [k, batch, features]``, ``y [k, batch]``
+        (written into ``out`` if given, e.g. to reuse memory from step to step)."""
         u = torch.rand(len(nodes), self.batch_size, generator=self.generator)
         idx = (u * self.counts[nodes, None]).long()
-        rows = nodes[:, None]
-        return self.x[rows, idx], self.y[rows, idx]
+        # Row of sample idx[k, j] of node nodes[k] in the flattened [nodes * max_n] bank.
+        flat = idx.add_(nodes[:, None] * self.x.shape[1]).view(-1)
+        features = self.x.shape[-1]
+        x_out = y_out = None
+        if out is not None:
+            x_out, y_out = out[0].view(-1, features), out[1].view(-1)
+        x = torch.index_select(self.x.view(-1, features), 0, flat, out=x_out)
+        y = torch.index_select(self.y.view(-1), 0, flat, out=y_out)
+        return x.view(len(nodes), self.batch_size, features), y.view(len(nodes), self.batch_size)
