@@ -233,7 +233,7 @@ def scale_table(args: argparse.Namespace) -> None:
         f"(3..{args.steps}), {args.threads or torch.get_num_threads()} thread(s)"
     )
     head = (
-        f"{'nodes':>6} {'learner':>9} {'steps':>6} {'train node-steps/s':>19} "
+        f"{'nodes':>6} {'learner':>9} {'steps':>6} {'train node-steps/s':>19} {'us':>7} "
         f"{'end-to-end node-steps/s':>24} {'msgs/node-step':>15} {'peak MB':>8} {'+sim MB':>8}"
     )
     print(head)
@@ -245,8 +245,9 @@ def scale_table(args: argparse.Namespace) -> None:
             "per-node": spawn(args, "scale", n, pn_steps, "per-node"),
         }
         for name, r in rows.items():
+            rate = r["node_steps"] / r["train"]
             print(
-                f"{n:>6} {name:>9} {r['steps']:>6} {r['node_steps'] / r['train']:>19,.0f} "
+                f"{n:>6} {name:>9} {r['steps']:>6} {rate:>19,.0f} {1e6 / rate:>7.1f} "
                 f"{r['node_steps'] / r['wall']:>24,.0f} {r['messages'] / r['node_steps']:>15.2f} "
                 f"{r['peak_mb']:>8.0f} {r['sim_mb']:>8.0f}"
             )
@@ -254,14 +255,15 @@ def scale_table(args: argparse.Namespace) -> None:
         train_ratio = (b["node_steps"] / b["train"]) / (p["node_steps"] / p["train"])
         e2e_ratio = (b["node_steps"] / b["wall"]) / (p["node_steps"] / p["wall"])
         print(
-            f"{n:>6} {'ratio':>9} {'':>6} {train_ratio:>18.1f}x {e2e_ratio:>23.1f}x "
+            f"{n:>6} {'ratio':>9} {'':>6} {train_ratio:>18.1f}x {'':>7} {e2e_ratio:>23.1f}x "
             f"(batched / per-node; per-node ran {pn_steps} steps, rates extrapolate per node-step)"
         )
         if n > 1438:
             notes.append(n)
     print(
+        "train = time inside learner.step (us = per node-step); end-to-end = Simulation.run.\n"
         "peak MB = ru_maxrss of the configuration's own process; +sim MB = growth of that peak "
-        "after imports and data (learner, cores, messages in flight)"
+        "after imports and data (learner, cores, messages in flight, evaluation)"
     )
     for n in notes:
         print(f"note: {n} nodes > 1,438 digits samples: node i trains on part i mod 1024")

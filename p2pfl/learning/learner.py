@@ -356,11 +356,11 @@ class BatchedLearner(Learner):
 
     def _dense_logits(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         """Fast-path logits ``[nodes, classes, n]`` on shared inputs, a block of nodes at a
-        time so that no hidden activation exceeds ~64 MB at any scale."""
+        time so that no hidden activation exceeds ~16 MB at any scale."""
         assert self._dense is not None
         first, rest = self._dense[0], self._dense[1:]
         widest = max(layer.out_features for layer in self._dense)
-        size = max(1, (1 << 24) // max(1, len(x) * widest))
+        size = max(1, (1 << 22) // max(1, len(x) * widest))
         for start in range(0, self.num_nodes, size):
             w = self.params[start : start + size]
             # The inputs are shared: the first layer is one large matrix product.
