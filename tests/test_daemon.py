@@ -23,7 +23,7 @@ from p2pfl.daemon.checkpoint import (
 from p2pfl.daemon.config import CONFIG_FILE, ConfigError, load_config, write_template
 from p2pfl.daemon.control import ControlError, bind_socket, request, serve, socket_path
 from p2pfl.daemon.node import build_learning, node_seed
-from p2pfl.daemon.state import core_state, load_core_state, node_state, restore_node_state
+from p2pfl.daemon.state import node_state, restore_node_state
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import make_core
 from p2pfl.protocol.dynamic import DynamicCore
@@ -170,7 +170,7 @@ def test_dynamic_core_state_roundtrip():
     core.step, core.steps_since_sync, core.stats.syncs = 42, 5, 3
     core.reference, core.correction = torch.ones(4), torch.full((4,), 0.5)
     fresh = make_core("a", config, model, ["b"])
-    load_core_state(fresh, core_state(core))
+    fresh.load_state_dict(core.state_dict())
     assert (fresh.step, fresh.steps_since_sync, fresh.stats.syncs) == (42, 5, 3)
     assert torch.equal(fresh.reference, core.reference)
     assert torch.equal(fresh.correction, core.correction)

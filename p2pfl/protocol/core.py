@@ -7,7 +7,7 @@ import logging
 import random
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -101,6 +101,16 @@ class NodeCore:
         if peer != self.node_id:
             self.neighbors.add(peer)
         return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """What matters across a restart, as plain values (sessions in flight are not kept:
+        peers time them out)."""
+        return {"step": self.step, "stats": self.stats.as_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        self.step = int(state["step"])
+        self.stats = CoreStats(**{k: int(v) for k, v in state["stats"].items()})
 
     def _after_step(self, now: float) -> list[Action]:
         return []

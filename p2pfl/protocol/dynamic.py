@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -84,6 +85,22 @@ class DynamicCore(NodeCore):
         self.membership: Membership | None = None
         self.quiet_until = 0
         self._delta = self._compute_delta()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Base state plus reference, drift correction and steps since the last sync."""
+        return super().state_dict() | {
+            "reference": self.reference.clone(),
+            "correction": None if self.correction is None else self.correction.clone(),
+            "steps_since_sync": self.steps_since_sync,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "reference" in state:
+            self.reference = state["reference"].clone()
+            self.correction = state["correction"]
+            self.steps_since_sync = int(state["steps_since_sync"])
+            self._delta = self._compute_delta()
 
     # -- the local condition -------------------------------------------------------------
     @property
