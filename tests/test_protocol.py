@@ -227,7 +227,7 @@ def test_defaults_of_each_kind():
     assert (dyn.group, dyn.cap, dyn.correction, dyn.merge, dyn.timeout) == (
         0,
         0,
-        0.2,
+        0.1,
         "uniform",
         0.5,
     )
@@ -781,13 +781,13 @@ def test_drift_correction_on_by_default_and_off_with_zero():
     driver.step("0", vec(1.0))
     driver.settle()
     assert driver.stat("syncs") == 2 and driver.corrections == {}
-    driver = Driver("dynamic:delta=0.01,b=1", line(2), zero)  # default λ = 0.2, η = 0.1
+    driver = Driver("dynamic:delta=0.01,b=1", line(2), zero)  # default λ = 0.1, η = 0.1
     driver.step("1", vec(0.0, 0.05))
     driver.step("0", vec(1.0))
     driver.settle()
     # c += λ (w_sent - average) / (η K), K = 1 local step each
-    torch.testing.assert_close(driver.corrections["0"], vec(1.0, -0.05))
-    torch.testing.assert_close(driver.corrections["1"], vec(-1.0, 0.05))
+    torch.testing.assert_close(driver.corrections["0"], vec(0.5, -0.025))
+    torch.testing.assert_close(driver.corrections["1"], vec(-0.5, 0.025))
 
 
 def _corrections_after_one_session(steps_a, steps_b):

@@ -37,7 +37,7 @@ class ProtocolConfig:
         return self.text or self.kind
 
 
-DYNAMIC_DEFAULTS = {"b": 2, "rel": 0.002, "correction": 0.2, "cap": 0, "group": 0}
+DYNAMIC_DEFAULTS = {"b": 2, "rel": 0.002, "correction": 0.1, "cap": 0, "group": 0}
 
 
 def parse_protocol(text: str) -> ProtocolConfig:
