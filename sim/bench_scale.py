@@ -10,7 +10,7 @@ extrapolate linearly, and the table says how many steps each side ran.
 
 Part 2: ``nodes x steps`` of ``dynamic`` end to end through ``Simulation.run`` (default
 1,000 x 1,000, target under a minute), with the time split over learner, protocol cores,
-wire encode/decode, network model, evaluation and the engine loop itself (measured with
+wire encoding, network model, evaluation and the engine loop itself (measured with
 per-call timers, which add about a microsecond per call).
 
 Digits has 1,438 training samples. Sizes above that cannot be split; there, node ``i`` trains
@@ -144,7 +144,7 @@ def instrument(sim: Simulation, timers: Timers) -> None:
         core.on_local_step = timers.wrap("core.on_local_step", core.on_local_step)  # type: ignore[method-assign]
         core.on_message = timers.wrap("core.on_message", core.on_message)  # type: ignore[method-assign]
         core.on_timer = timers.wrap("core.on_timer", core.on_timer)  # type: ignore[method-assign]
-    encode, decode = engine.encode, engine.decode
+    encode = engine.encode
 
     def typed_encode(message: Any, schema: Any) -> bytes:
         start = time.perf_counter()
@@ -154,15 +154,7 @@ def instrument(sim: Simulation, timers: Timers) -> None:
         timers.calls[f"wire.encode {kind}"] += 1
         return data
 
-    def typed_decode(data: bytes, schema: Any) -> Any:
-        start = time.perf_counter()
-        message = decode(data, schema)
-        kind = type(message).__name__
-        timers.seconds[f"wire.decode {kind}"] += time.perf_counter() - start
-        timers.calls[f"wire.decode {kind}"] += 1
-        return message
-
-    engine.encode, engine.decode = typed_encode, typed_decode  # type: ignore[assignment]
+    engine.encode = typed_encode  # type: ignore[assignment]
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:

@@ -257,13 +257,13 @@ def _unpack_params(header: object, layout: _Layout) -> torch.Tensor:
             raise WireError(f"params buffer '{dtype}' must be {expected} bytes, got {size}")
         chunks[dtype] = torch.frombuffer(bytearray(raw), dtype=_WIRE_DTYPES[dtype])
     vector = _gather(chunks, layout)
-    if not _all_finite(vector):
+    if not all_finite(vector):
         bad = int((~torch.isfinite(vector)).sum())
         raise WireError(f"params contain NaN/inf ({bad} of {vector.numel()} values)")
     return vector
 
 
-def _all_finite(vector: torch.Tensor) -> bool:
+def all_finite(vector: torch.Tensor) -> bool:
     """True if no NaN/inf; aminmax propagates NaN and is ~10x faster than isfinite().all()."""
     if vector.numel() == 0:
         return True

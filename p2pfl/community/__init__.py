@@ -1,0 +1,1 @@
+"""Communities: signed manifests, invites, membership and sharing masks."""
