@@ -1,0 +1,305 @@
+"""A node's memberships on disk: ``DIR/communities/<id>/manifest.toml`` (the signed manifest)
+and ``membership.toml`` (the node's credential, when it joined, its bootstrap addresses).
+
+A community directory appears and disappears with one rename, so a running node re-reading
+the store never sees half a membership. Every manifest is verified on load; nothing is written
+before the membership rule (``check_credential``) admits this node.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import shutil
+import tempfile
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from p2pfl.community.invite import (
+    MAX_CREDENTIAL_BYTES,
+    TOKEN_PREFIX,
+    Invite,
+    check_credential,
+    read_token,
+)
+from p2pfl.community.manifest import (
+    MAX_MANIFEST_CHARS,
+    MAX_TIME,
+    CommunityError,
+    Manifest,
+    format_time,
+    load_manifest,
+    toml_string,
+)
+
+COMMUNITIES_DIR = "communities"
+MANIFEST_FILE = "manifest.toml"
+MEMBERSHIP_FILE = "membership.toml"
+MAX_BOOTSTRAP = 64
+MAX_ADDRESS_CHARS = 1000
+_MEMBERSHIP_KEYS = frozenset({"credential", "joined", "bootstrap"})
+
+
+@dataclass(frozen=True)
+class Membership:
+    """This node's membership in one community."""
+
+    manifest: Manifest
+    credential: bytes | None
+    """The invite this node presents to peers (``Invite.to_bytes``), or None (founder, open)."""
+    joined: int
+    """Unix seconds."""
+    bootstrap: tuple[str, ...]
+    """Full peer addresses (``/ip4/.../tcp/.../p2p/...``) to find the community's members."""
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+
+def communities_dir(home: Path) -> Path:
+    return home / COMMUNITIES_DIR
+
+
+def load_memberships(home: Path) -> list[Membership]:
+    """Every membership stored in ``home``, each manifest verified, sorted by name."""
+    root = communities_dir(home)
+    if not root.is_dir():
+        return []
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as exc:
+        raise CommunityError(f"cannot read {root}: {exc}") from None
+    memberships = [_load_one(entry) for entry in entries if not entry.name.startswith(".")]
+    return sorted(memberships, key=lambda m: (m.manifest.name, m.id))
+
+
+def find_membership(home: Path, community: str) -> Membership:
+    """The membership named by ``community``: an id, a unique id prefix, or a unique name."""
+    memberships = load_memberships(home)
+    key = community.strip()
+    matches = [m for m in memberships if m.id == key]
+    if not matches and key:
+        matches = [m for m in memberships if m.id.startswith(key.lower())]
+    if not matches:
+        matches = [m for m in memberships if m.manifest.name == key]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        listed = ", ".join(f"{m.id[:12]} ({m.manifest.name})" for m in matches)
+        raise CommunityError(
+            f"{community!r} names several communities: {listed}; give more of the id"
+        )
+    known = ", ".join(f"{m.id[:12]} ({m.manifest.name})" for m in memberships) or "none"
+    raise CommunityError(
+        f"this node ({home}) is not a member of {community!r}; its communities: {known} "
+        "(see `p2pfl community list`)"
+    )
+
+
+def save_membership(home: Path, membership: Membership) -> None:
+    """Write (or replace) a membership; each file is replaced atomically, a new community
+    directory appears at once."""
+    root = communities_dir(home)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    files = {
+        MANIFEST_FILE: membership.manifest.to_toml(),
+        MEMBERSHIP_FILE: _membership_toml(membership),
+    }
+    target = root / membership.id
+    if target.is_dir():
+        for name, text in files.items():
+            _write_atomic(target / name, text)
+        return
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{membership.id}.new-"))
+    try:
+        for name, text in files.items():
+            _write_atomic(staging / name, text)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def remove_membership(home: Path, community: str) -> Manifest:
+    """Leave ``community`` (id, unique id prefix or name): its directory disappears at once.
+    Returns the manifest of the community left."""
+    membership = find_membership(home, community)
+    root = communities_dir(home)
+    doomed = Path(tempfile.mkdtemp(dir=root, prefix=f".{membership.id}.gone-"))
+    os.rename(root / membership.id, doomed / membership.id)
+    shutil.rmtree(doomed, ignore_errors=True)
+    return membership.manifest
+
+
+def join(
+    home: Path, token_or_manifest: str, peer_id: str, bootstrap: Sequence[str], now: int
+) -> Membership:
+    """Join with an invite token, a signed manifest file, or signed manifest text, as
+    ``peer_id``; everything is verified before anything is written. Joining a community
+    again replaces the credential (e.g. a renewed invite) and, if given, the bootstrap list."""
+    text = token_or_manifest.strip()
+    credential: bytes | None = None
+    if text.startswith(TOKEN_PREFIX):
+        invite, manifest = read_token(text)
+        credential = invite.to_bytes()
+    elif "\n" in text:
+        manifest = load_manifest(text, "the given manifest text")
+    else:
+        manifest = load_manifest(_read_manifest_file(Path(text)), text)
+    check_credential(manifest, peer_id, credential, now)
+    addresses = tuple(check_bootstrap(addr) for addr in bootstrap)
+    if len(addresses) > MAX_BOOTSTRAP:
+        raise CommunityError(f"{len(addresses)} bootstrap addresses; give at most {MAX_BOOTSTRAP}")
+    memberships = load_memberships(home)
+    check_disjoint_sharing(manifest, [m for m in memberships if m.id != manifest.id])
+    previous = next((m for m in memberships if m.id == manifest.id), None)
+    if previous is not None and not addresses:
+        addresses = previous.bootstrap
+    membership = Membership(manifest, credential, now, addresses)
+    save_membership(home, membership)
+    return membership
+
+
+def check_disjoint_sharing(manifest: Manifest, memberships: Sequence[Membership]) -> None:
+    """Refuse a community that would share a parameter another membership already shares
+    (each parameter syncs under one community's policy)."""
+    ours = set(manifest.schema.names)
+    for other in memberships:
+        overlap = sorted(ours & set(other.manifest.schema.names))
+        if overlap:
+            raise CommunityError(
+                f"community {manifest.name!r} shares {overlap[0]!r}, which this node already "
+                f"shares with {other.manifest.name!r} ({other.id[:12]}); a parameter can be "
+                "shared with one community at a time: leave that one first"
+            )
+
+
+def check_bootstrap(address: str) -> str:
+    """Return ``address`` if it is a full peer address, else raise ``CommunityError``."""
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    text = address.strip()
+    try:
+        if len(text) > MAX_ADDRESS_CHARS:
+            raise ValueError("too long")
+        info_from_p2p_addr(Multiaddr(text))
+    except Exception:  # multiaddr parsing raises many unrelated types
+        raise CommunityError(
+            f"bootstrap {address!r} is not a full peer address; copy the "
+            "/ip4/<ip>/tcp/<port>/p2p/<peer id> line printed by `p2pfl node start`"
+        ) from None
+    return text
+
+
+def credential_expiry(membership: Membership) -> int | None:
+    """When the membership's invite expires (unix seconds), or None if it never does."""
+    if membership.credential is None:
+        return None
+    return Invite.from_bytes(membership.credential).expires
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def _load_one(directory: Path) -> Membership:
+    manifest_path = directory / MANIFEST_FILE
+    membership_path = directory / MEMBERSHIP_FILE
+    fix = f"restore it, or remove {directory} to leave that community"
+    try:
+        manifest = load_manifest(_read_text(manifest_path), str(manifest_path))
+    except (CommunityError, OSError) as exc:
+        raise CommunityError(f"{exc}; {fix}") from None
+    if manifest.id != directory.name:
+        raise CommunityError(
+            f"{manifest_path} is the manifest of community {manifest.id}, not of "
+            f"{directory.name}; {fix}"
+        )
+    try:
+        data = tomllib.loads(_read_text(membership_path))
+        credential, joined, bootstrap = _membership_fields(data)
+    except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
+        raise CommunityError(f"{membership_path}: {exc}; {fix}") from None
+    return Membership(manifest, credential, joined, bootstrap)
+
+
+def _membership_fields(data: dict[str, Any]) -> tuple[bytes | None, int, tuple[str, ...]]:
+    unknown = sorted(set(data) - _MEMBERSHIP_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}")
+    credential = None
+    if "credential" in data:
+        raw = data["credential"]
+        if not isinstance(raw, str) or len(raw) > 2 * MAX_CREDENTIAL_BYTES:
+            raise ValueError("credential must be a base64 string")
+        try:
+            credential = base64.b64decode(raw, validate=True)
+        except binascii.Error:
+            raise ValueError("credential is not valid base64") from None
+        Invite.from_bytes(credential)
+    joined = data.get("joined")
+    if isinstance(joined, bool) or not isinstance(joined, int) or not 0 <= joined <= MAX_TIME:
+        raise ValueError("joined must be unix seconds")
+    bootstrap = data.get("bootstrap", [])
+    if (
+        not isinstance(bootstrap, list)
+        or len(bootstrap) > MAX_BOOTSTRAP
+        or not all(isinstance(a, str) and len(a) <= MAX_ADDRESS_CHARS for a in bootstrap)
+    ):
+        raise ValueError(f"bootstrap must be a list of at most {MAX_BOOTSTRAP} addresses")
+    return credential, joined, tuple(bootstrap)
+
+
+def _membership_toml(membership: Membership) -> str:
+    lines = [
+        f"# membership of this node in community {membership.manifest.name!r}",
+        "# written by `p2pfl community join/create`; remove it with `p2pfl community leave`",
+        f"joined = {membership.joined}  # {format_time(membership.joined)}",
+    ]
+    if membership.credential is not None:
+        encoded = base64.b64encode(membership.credential).decode("ascii")
+        lines.append(f'credential = "{encoded}"  # the invite this node shows its peers')
+    addresses = ", ".join(toml_string(a) for a in membership.bootstrap)
+    lines.append(f"bootstrap = [{addresses}]")
+    return "\n".join(lines) + "\n"
+
+
+def _read_manifest_file(path: Path) -> str:
+    try:
+        return _read_text(path)
+    except OSError as exc:
+        raise CommunityError(
+            f"{str(path)[:200]!r} is neither an invite token ({TOKEN_PREFIX}...) nor a readable "
+            f"signed manifest file ({exc.strerror or exc})"
+        ) from None
+
+
+def _read_text(path: Path) -> str:
+    """Read a UTF-8 file of bounded size (``OSError`` if missing, too large or not text)."""
+    with path.open("rb") as f:
+        data = f.read(MAX_MANIFEST_CHARS * 4 + 1)
+    if len(data) > MAX_MANIFEST_CHARS * 4:
+        raise OSError(f"{path} is too large")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OSError(f"{path} is not UTF-8 text") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)  # mkstemp creates the file with mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
