@@ -1,0 +1,246 @@
+"""Invariants of the default ``dynamic`` protocol: uniform merges keep the global mean over
+many overlapping sessions on a random graph; a node whose drift stays within Δ never starts
+a session (a network that stays within Δ is silent); traffic resumes after concept drift.
+
+The first two drive the sans-I/O cores directly over fake models (one tensor each) with the
+real wire codec, a fake clock with latency and jitter, and timers; the last one runs the
+simulator on digits.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+
+import networkx as nx
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from p2pfl.learning.params import ParamSchema, ParamSpec
+from p2pfl.protocol.actions import ReplaceModel, Send, SetCorrection, SetTimer
+from p2pfl.protocol.config import parse_protocol
+from p2pfl.protocol.core import make_core
+from p2pfl.protocol.dynamic import DynamicCore
+from p2pfl.simulator.engine import Simulation, prepare
+from p2pfl.simulator.scenario import load_scenario
+from p2pfl.wire.codec import decode, encode
+from p2pfl.wire.messages import Busy, ModelReply, Pull
+
+DIM = 32
+SCHEMA = ParamSchema((ParamSpec("w", (DIM,)),))
+TICK = 0.01
+
+
+class FakeModel:
+    """``ModelAccess`` over one tensor."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w = w.clone()
+
+    def read(self) -> torch.Tensor:
+        return self.w
+
+    @property
+    def samples(self) -> int:
+        return 10
+
+
+class Network:
+    """Default-``dynamic`` cores on ``graph`` over fake models; messages go through the wire
+    codec and arrive after ``latency`` plus uniform ``jitter``; timers fire on time."""
+
+    def __init__(self, graph: nx.Graph, models: list[torch.Tensor], seed: int, jitter: float):
+        self.config = parse_protocol("dynamic")
+        self.models = {str(i): FakeModel(w) for i, w in enumerate(models)}
+        self.cores = {
+            str(i): make_core(str(i), self.config, self.models[str(i)], map(str, graph[i]), seed=i)
+            for i in graph
+        }
+        self.rng = random.Random(seed)
+        self.jitter = jitter
+        self.now = 0.0
+        self.events: list = []
+        self.seq = 0
+        self.sent: list[tuple[str, str, object]] = []  # (src, dst, message) of every Send
+        self.added = torch.zeros(DIM)  # the sum of every local step's change
+        self.alone = {n: m.w.clone() for n, m in self.models.items()}  # the same steps, no sync
+
+    def perform(self, node: str, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                msg = decode(encode(action.message, SCHEMA), SCHEMA)
+                self.sent.append((node, action.to, msg))
+                at = self.now + 0.002 + self.rng.uniform(0, self.jitter)
+                self.seq += 1
+                heapq.heappush(self.events, (at, self.seq, "msg", (node, action.to, msg)))
+            elif isinstance(action, ReplaceModel):
+                self.models[node].w = action.params.clone()
+            elif isinstance(action, SetTimer):
+                self.seq += 1
+                heapq.heappush(self.events, (action.at, self.seq, "timer", (node, action.key)))
+            else:
+                assert isinstance(action, SetCorrection)  # fake models take no gradient
+
+    def advance(self, until: float) -> None:
+        while self.events and self.events[0][0] <= until:
+            at, _, kind, payload = heapq.heappop(self.events)
+            self.now = at
+            if kind == "timer":
+                node, key = payload
+                self.perform(node, self.cores[node].on_timer(at, key))
+            else:
+                src, dst, msg = payload
+                self.perform(dst, self.cores[dst].on_message(at, src, msg))
+        self.now = max(self.now, until)
+
+    def settle(self) -> None:
+        for _ in range(100_000):
+            if not self.events:
+                return
+            self.advance(self.events[0][0])
+        raise AssertionError("the network never went quiet")
+
+    def step(self, node: str, change: torch.Tensor) -> None:
+        self.models[node].w = self.models[node].w + change
+        self.added += change
+        self.alone[node] += change
+        self.perform(node, self.cores[node].on_local_step(self.now))
+
+    def mean(self) -> torch.Tensor:
+        return torch.stack([m.w for m in self.models.values()]).mean(0)
+
+    def spread(self, alone: bool = False) -> float:
+        """Mean squared distance of the models to their mean (``alone``: without syncs)."""
+        w = torch.stack(list(self.alone.values()) if alone else [m.w for m in self.models.values()])
+        return float((w - w.mean(0)).square().sum(1).mean())
+
+    def stat(self, name: str) -> int:
+        return sum(getattr(c.stats, name) for c in self.cores.values())
+
+
+def random_graph(n: int, seed: int) -> nx.Graph:
+    """A connected Erdős–Rényi graph (redrawn until connected)."""
+    for attempt in range(100):
+        graph = nx.erdos_renyi_graph(n, 0.3, seed=seed * 100 + attempt)
+        if nx.is_connected(graph):
+            return graph
+    raise AssertionError("no connected graph drawn")
+
+
+def start_models(n: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """A common start plus a little noise: ||w||² ≈ DIM, so the default Δ = rel·||r||²."""
+    base = torch.randn(DIM, generator=gen)
+    return [base + 0.01 * torch.randn(DIM, generator=gen) for _ in range(n)]
+
+
+# -- uniform merges keep the global mean --
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_dynamic_keeps_the_global_mean_on_a_random_graph(seed):
+    n, ticks = 12, 400
+    gen = torch.Generator().manual_seed(seed)
+    net = Network(random_graph(n, seed), start_models(n, gen), seed, jitter=0.03)
+    before = net.mean()
+    rng = random.Random(seed)
+    for _ in range(ticks):
+        net.advance(net.now + TICK)
+        for node in net.cores:
+            if rng.random() < 0.8:
+                # a steady per-node pull (non-IID-like drift) plus noise
+                change = 0.01 * torch.randn(DIM, generator=gen) + 0.002 * (int(node) - n / 2)
+                net.step(node, change)
+    net.settle()
+    # many real sessions, overlapping each other (busy refusals or coordinators giving way)
+    assert net.stat("sessions") >= 100
+    assert net.stat("syncs") >= 300
+    assert net.stat("refused_busy") + net.stat("gave_way") > 0
+    assert not any(c.busy for c in net.cores.values())
+    # the mean moved by exactly the local steps: merging added or lost nothing
+    torch.testing.assert_close(net.mean(), before + net.added / n, atol=1e-4, rtol=0)
+    # and merging really kept the models together (alone the pulls would spread them)
+    assert net.spread() < 0.01 * net.spread(alone=True)
+
+
+# -- no traffic within Δ --
+def within(reference: torch.Tensor, target: torch.Tensor, delta: float) -> torch.Tensor:
+    """``target`` pulled back into the ball ``||w - r||² <= 0.99 Δ``."""
+    offset = target - reference
+    limit = (0.99 * delta) ** 0.5
+    norm = float(offset.norm())
+    return reference + offset * min(1.0, limit / norm) if norm > 0 else target
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([0.01, 0.1, 1.0, 10.0]))
+def test_a_network_that_stays_within_delta_is_silent(seed, scale):
+    n = 6
+    gen = torch.Generator().manual_seed(seed)
+    net = Network(random_graph(n, seed % 1000), start_models(n, gen), seed, jitter=0.01)
+    for _ in range(60):
+        net.advance(net.now + TICK)
+        for node, core in net.cores.items():
+            assert isinstance(core, DynamicCore)
+            w = net.models[node].w
+            target = within(core.reference, w + scale * torch.randn(DIM, generator=gen), core.delta)
+            net.step(node, target - w)
+    net.settle()
+    assert net.sent == []
+    assert net.stat("violations") == net.stat("sessions") == net.stat("syncs") == 0
+
+
+def test_a_node_within_delta_never_coordinates_while_its_neighbours_do():
+    n = 8
+    gen = torch.Generator().manual_seed(7)
+    graph = nx.complete_graph(n)
+    net = Network(graph, start_models(n, gen), seed=7, jitter=0.01)
+    quiet = net.cores["0"]
+    assert isinstance(quiet, DynamicCore)
+    for _ in range(200):
+        net.advance(net.now + TICK)
+        for node in net.cores:
+            w = net.models[node].w
+            if node != "0":
+                net.step(node, 0.05 * torch.randn(DIM, generator=gen))
+            elif not quiet.busy:  # steps only between sessions, so w - r never exceeds Δ
+                target = within(quiet.reference, w + torch.randn(DIM, generator=gen), quiet.delta)
+                net.step(node, target - w)
+    net.settle()
+    assert quiet.stats.syncs > 10  # it took part in its neighbours' sessions...
+    own = [type(m) for src, _, m in net.sent if src == "0"]
+    assert ModelReply in own and set(own) <= {ModelReply, Busy}  # ...but only answered pulls
+    assert quiet.stats.violations == quiet.stats.sessions == 0
+    # control: one step beyond Δ on a check step starts a session at once
+    while quiet.busy or (quiet.step + 1) % quiet.config.b:
+        net.settle()
+        net.step("0", torch.zeros(DIM))
+    w = net.models["0"].w
+    offset = torch.randn(DIM, generator=gen)
+    beyond = quiet.reference + offset * (1.01 * quiet.delta) ** 0.5 / offset.norm()
+    before = len(net.sent)
+    net.step("0", beyond - w)
+    assert any(src == "0" and isinstance(m, Pull) for src, _, m in net.sent[before:])
+
+
+# -- traffic resumes after concept drift --
+def test_default_dynamic_traffic_rises_after_concept_drift():
+    drift_at, window = 600, 100
+    scenario = load_scenario(
+        None,
+        {
+            "nodes": 8,
+            "topology": "small-world:k=4,p=0.2",
+            "dataset": f"digits:drift_at={drift_at}",
+            "partition": "dirichlet:alpha=0.5",
+            "model": "mlp",
+            "protocols": ("dynamic",),
+            "steps": drift_at + window,
+            "eval_every": window,
+            "seed": 1,
+        },
+    )
+    rows = Simulation(prepare(scenario), "dynamic").run()["metrics"]
+    sent = {r["step"]: r["bytes"] for r in rows}
+    before = sent[drift_at] - sent[drift_at - window]
+    after = sent[drift_at + window] - sent[drift_at]
+    assert after > 3 * before, (before, after)
