@@ -10,7 +10,7 @@ extrapolate linearly, and the table says how many steps each side ran.
 
 Part 2: ``nodes x steps`` of ``dynamic`` end to end through ``Simulation.run`` (default
 1,000 x 1,000, target under a minute), with the time split over learner, protocol cores,
-wire encoding, network model, evaluation and the engine loop itself (measured with
+wire sizes, network model, evaluation and the engine loop itself (measured with
 per-call timers, which add about a microsecond per call).
 
 Digits has 1,438 training samples. Sizes above that cannot be split; there, node ``i`` trains
@@ -144,17 +144,17 @@ def instrument(sim: Simulation, timers: Timers) -> None:
         core.on_local_step = timers.wrap("core.on_local_step", core.on_local_step)  # type: ignore[method-assign]
         core.on_message = timers.wrap("core.on_message", core.on_message)  # type: ignore[method-assign]
         core.on_timer = timers.wrap("core.on_timer", core.on_timer)  # type: ignore[method-assign]
-    encode = engine.encode
+    encoded_size = engine.encoded_size
 
-    def typed_encode(message: Any, schema: Any) -> bytes:
+    def timed_encoded_size(message: Any, schema: Any) -> int:
         start = time.perf_counter()
-        data = encode(message, schema)
+        size = encoded_size(message, schema)
         kind = type(message).__name__
-        timers.seconds[f"wire.encode {kind}"] += time.perf_counter() - start
-        timers.calls[f"wire.encode {kind}"] += 1
-        return data
+        timers.seconds[f"wire.encoded_size {kind}"] += time.perf_counter() - start
+        timers.calls[f"wire.encoded_size {kind}"] += 1
+        return size
 
-    engine.encode = typed_encode  # type: ignore[assignment]
+    engine.encoded_size = timed_encoded_size  # type: ignore[assignment]
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:

@@ -142,6 +142,28 @@ def test_model_message_overhead_is_under_1_kib() -> None:
         assert 0 < overhead < 1024, (type(message).__name__, overhead)
 
 
+@pytest.mark.parametrize(
+    "schema",
+    [
+        SCHEMA,
+        MIXED,
+        ParamSchema((ParamSpec("w", (60,)),)),  # 240-byte buffer: bin 8
+        ParamSchema((ParamSpec("w", (64,)),)),  # 256-byte buffer: bin 16
+        ParamSchema((ParamSpec("w", (16384,)),)),  # 65,536-byte buffer: bin 32
+        ParamSchema((ParamSpec("a", (3,), "float16"), ParamSpec("b", (20000,)))),
+    ],
+    ids=["small", "mixed", "bin8", "bin16", "bin32", "f16+bin32"],
+)
+def test_encoded_size_is_exactly_the_encoded_length(schema: ParamSchema) -> None:
+    for message in messages(vector(schema)):
+        assert encoded_size(message, schema) == len(encode(message, schema))
+
+
+def test_encoded_size_checks_params_like_encode() -> None:
+    with pytest.raises(ValueError, match="flat vector"):
+        encoded_size(Average(1, torch.zeros(SCHEMA.numel + 1)), SCHEMA)
+
+
 def test_max_message_bytes_covers_the_largest_legitimate_message() -> None:
     schema = mlp_schema()
     widest = ["\U0001f600" * MAX_PEER_ID_CHARS] * MAX_NEIGHBORS  # 4 UTF-8 bytes per char

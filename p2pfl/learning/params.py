@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,6 +33,14 @@ class ParamSchema:
     """An ordered list of parameters; the flat vector is their concatenation in this order."""
 
     params: tuple[ParamSpec, ...]
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        """Computed once: schemas key the codec's caches, so they are hashed per message."""
+        return hash(self.params)
 
     @classmethod
     def from_module(cls, module: nn.Module, include: Iterable[str] | None = None) -> ParamSchema:

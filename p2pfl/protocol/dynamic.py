@@ -113,11 +113,12 @@ class DynamicCore(NodeCore):
     def _compute_delta(self) -> float:
         if self.config.delta is not None:
             return self.config.delta
-        return self.config.rel * float(self.reference.square().sum())
+        return self.config.rel * float(self.reference.dot(self.reference))
 
     def drift(self) -> float:
         """``||w - r||²``: how far the model has moved since the last agreement."""
-        return float((self.model.read() - self.reference).square().sum())
+        difference = self.model.read() - self.reference
+        return float(difference.dot(difference))
 
     @property
     def busy(self) -> bool:

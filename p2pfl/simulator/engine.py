@@ -5,9 +5,9 @@ events to the cores and carries out the actions they return.
 One tick of the clock (``network.step_time`` seconds) is: apply concept drift and churn if
 due, deliver every message and timer that is due, train every online node whose compute
 speed gives it a step in this tick (one batched step), hand each of them ``on_local_step``,
-then evaluate if due. Every message is encoded for real, so bytes are real bytes; the
-receiver gets a snapshot of the sent message (what decoding those bytes yields, checked for
-NaN/inf like the decoder does) without paying for a decode.
+then evaluate if due. Links carry each message's exact encoded size (``encoded_size``, equal
+to ``len(encode(...))``); the receiver gets a snapshot of the sent message (what decoding those
+bytes yields, checked for NaN/inf like the decoder does) without paying for encode and decode.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from p2pfl.protocol.core import NodeCore, make_core
 from p2pfl.simulator.network import SimNetwork
 from p2pfl.simulator.scenario import Scenario
 from p2pfl.topology import build_topology
-from p2pfl.wire.codec import all_finite, encode
+from p2pfl.wire.codec import all_finite, encoded_size
 from p2pfl.wire.messages import Message
 
 log = logging.getLogger("p2pfl.simulator")
@@ -151,7 +151,7 @@ class Simulation:
         for action in actions:
             if isinstance(action, Send):
                 dst = int(action.to)
-                size = len(encode(action.message, self.schema))
+                size = encoded_size(action.message, self.schema)
                 arrival = self.net.transmit(now, node, dst, size)
                 if arrival is not None:
                     self._push(arrival, "msg", (node, dst, _snapshot(action.message)))
