@@ -1,4 +1,4 @@
-"""The ``p2pfl`` command line: ``demo``, ``sim``, ``topology``, ``node``."""
+"""The ``p2pfl`` command line: ``demo``, ``sim``, ``topology``, ``node``, ``community``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import torch
 import typer
 
-from p2pfl.cli import node, simulate, topology
+from p2pfl.cli import community, node, simulate, topology
 
 app = typer.Typer(
     help="p2pfl: peer-to-peer decentralized learning with dynamic averaging.",
@@ -19,6 +19,7 @@ app.command("sim")(simulate.sim)
 app.command("demo")(simulate.demo)
 app.add_typer(topology.app, name="topology", help="Inspect and draw topologies.")
 app.add_typer(node.app, name="node", help="Run a node daemon.")
+app.add_typer(community.app, name="community", help="Create, join, leave and list communities.")
 
 
 def main() -> None:

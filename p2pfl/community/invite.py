@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import base58
 import msgpack
 from libp2p.crypto.keys import KeyPair
 
@@ -206,17 +207,19 @@ def check_credential(manifest: Manifest, peer_id: str, credential: bytes | None,
 
 def check_peer_id(text: str) -> str:
     """Return ``text`` if it is a libp2p peer id, else raise ``CommunityError``."""
-    from libp2p.peer.id import ID
-
-    if not _is_peer_id_text(text):
-        raise CommunityError(f"{text!r} is not a peer id (e.g. 12D3KooW...)")
-    try:
-        ID.from_base58(text)
-    except Exception:  # base58/multihash decoding raises several unrelated types
+    if not _is_peer_id_text(text) or not _is_multihash(base58.b58decode(text)):
         raise CommunityError(
-            f"{text!r} is not a peer id; copy it from `p2pfl node init` or `p2pfl node status`"
-        ) from None
+            f"{text!r} is not a peer id (12D3KooW... or Qm...); copy it from "
+            "`p2pfl node init` or `p2pfl node status`"
+        )
     return text
+
+
+def _is_multihash(raw: bytes) -> bool:
+    """An identity multihash (inlined key, e.g. Ed25519) or a sha2-256 one (e.g. RSA)."""
+    identity = len(raw) >= 2 and raw[0] == 0x00 and raw[1] == len(raw) - 2
+    sha256 = len(raw) == 34 and raw[0] == 0x12 and raw[1] == 0x20
+    return identity or sha256
 
 
 def _is_peer_id_text(value: Any) -> bool:

@@ -31,7 +31,7 @@ from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.peer.id import ID
 
 from p2pfl.learning.params import ParamSchema, ParamSpec
-from p2pfl.protocol.config import parse_protocol
+from p2pfl.protocol.config import PROTOCOLS, parse_protocol
 from p2pfl.spec import SpecError, parse_spec
 
 MANIFEST_FORMAT = "p2pfl-manifest-v1"
@@ -235,16 +235,16 @@ def load_manifest(text: str, source: str) -> Manifest:
     """Parse the signed manifest ``text`` (read from ``source``) and verify it: well-formed
     fields, founder == peer id of founder_key, and a signature that matches."""
     data = _parse_toml(text, source, "signed manifest")
+    if data.get("format") != MANIFEST_FORMAT:
+        raise CommunityError(
+            f"{source}: not a p2pfl signed manifest (format must be {MANIFEST_FORMAT!r}); "
+            "a draft is signed with `p2pfl community create`"
+        )
     unknown = sorted(set(data) - _FILE_KEYS)
     if unknown:
         raise CommunityError(
             f"{source}: unknown key(s) {unknown} in a signed manifest; "
             "get the original file from the founder"
-        )
-    if data.get("format") != MANIFEST_FORMAT:
-        raise CommunityError(
-            f"{source}: not a p2pfl signed manifest (format must be {MANIFEST_FORMAT!r}); "
-            "a draft is signed with `p2pfl community create`"
         )
 
     def field(key: str, check: Callable[[Any], Any]) -> Any:
@@ -381,7 +381,7 @@ def _draft_protocol(policy: Mapping[str, Any], source: str) -> str:
     folded in, with the merge rule always written out."""
     text = _field(policy, "protocol", _spec_text, source, "policy") if "protocol" in policy else ""
     try:
-        spec = parse_spec(text or "dynamic")
+        spec = parse_spec(text or "dynamic", PROTOCOLS)
     except SpecError as exc:
         raise CommunityError(f"{source}: policy.protocol: {exc}") from None
     if spec.kind == "none":

@@ -1,0 +1,244 @@
+"""``p2pfl community create|invite|join|leave|list``: manage this node's communities.
+
+Every command works on the node's directory (``--home``); a running node is asked to re-read
+its communities after a change. The community library (torch, libp2p) is imported inside the
+commands, so ``p2pfl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from p2pfl.daemon.config import KEY_FILE
+from p2pfl.daemon.control import ControlError, request, socket_path
+
+if TYPE_CHECKING:
+    from libp2p.crypto.keys import KeyPair
+
+    from p2pfl.community.store import Membership
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+HOME = typer.Option(..., "--home", help="The node's directory (identity, config, communities).")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"(\d{1,9})([smhdw])")
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {escape(message)}")
+    return typer.Exit(2)
+
+
+def parse_duration(text: str) -> int | None:
+    """Seconds in ``30m``, ``12h``, ``7d``, ``2w``, ``90s``; None for ``never``."""
+    from p2pfl.community.manifest import CommunityError
+
+    value = text.strip().lower()
+    if value == "never":
+        return None
+    match = _DURATION.fullmatch(value)
+    if not match or int(match.group(1)) == 0:
+        raise CommunityError(
+            f"--expires {text!r}: write a positive duration such as 30m, 12h, 7d, 2w, or never"
+        )
+    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+@app.command()
+def create(
+    manifest_file: Path = typer.Argument(..., metavar="MANIFEST.toml", help="Draft manifest."),
+    home: Path = HOME,
+) -> None:
+    """Sign a draft manifest with this node's key; the node becomes the founder and a member."""
+    from p2pfl.community.manifest import CommunityError, create_manifest
+    from p2pfl.community.store import MANIFEST_FILE, communities_dir, join
+
+    try:
+        try:
+            draft = manifest_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommunityError(f"cannot read the draft manifest {manifest_file}: {exc}") from None
+        key_pair = _identity(home, create=True)
+        founder = _peer_id(key_pair)
+        manifest = create_manifest(draft, str(manifest_file), key_pair, int(time.time()))
+        membership = join(home, manifest.to_toml(), founder, [], int(time.time()))
+    except (CommunityError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    print(f"id {membership.id}")
+    print(f"manifest {communities_dir(home) / membership.id / MANIFEST_FILE}")
+    console.print(
+        f"community {escape(manifest.name)!r} created; this node ({founder}) is its founder. "
+        f"Invite members with: p2pfl community invite --home {escape(str(home))} "
+        f"{membership.id[:12]}"
+    )
+    _notify_node(home)
+
+
+@app.command()
+def invite(
+    community: str = typer.Argument(..., help="Community id, id prefix or name."),
+    home: Path = HOME,
+    for_peer: str | None = typer.Option(
+        None, "--for", metavar="PEER_ID", help="Only this peer may use the invite."
+    ),
+    expires: str = typer.Option("7d", "--expires", help="30m, 12h, 7d, 2w or never."),
+) -> None:
+    """Print an invite token (founder only); the token alone suffices to join."""
+    from p2pfl.community.invite import issue_invite, make_token
+    from p2pfl.community.manifest import CommunityError, format_time
+    from p2pfl.community.store import find_membership
+
+    try:
+        lifetime = parse_duration(expires)
+        manifest = find_membership(home, community).manifest
+        key_pair = _identity(home, create=False)
+        expiry = None if lifetime is None else int(time.time()) + lifetime
+        token = make_token(issue_invite(manifest, key_pair, for_peer, expiry), manifest)
+    except (CommunityError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    print(token)
+    who = f"peer {for_peer}" if for_peer else "whoever holds it"
+    until = "never expires" if expiry is None else f"expires at {format_time(expiry)}"
+    console.print(f"invite to {escape(manifest.name)!r} for {escape(who)}; it {until}")
+    if manifest.admission == "open":
+        console.print("(the community is open: the manifest alone also suffices to join)")
+
+
+@app.command()
+def join(
+    token_or_manifest: str = typer.Argument(
+        ..., metavar="TOKEN_OR_MANIFEST", help="An invite token or a signed manifest file."
+    ),
+    home: Path = HOME,
+    bootstrap: list[str] = typer.Option(
+        [], "--bootstrap", metavar="MULTIADDR", help="A member's address; repeatable."
+    ),
+) -> None:
+    """Join a community with an invite token, or with its signed manifest if it is open."""
+    from p2pfl.community.manifest import CommunityError
+    from p2pfl.community.store import join as join_community
+
+    try:
+        peer_id = _peer_id(_identity(home, create=True))
+        membership = join_community(home, token_or_manifest, peer_id, bootstrap, int(time.time()))
+    except (CommunityError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    print(f"joined {membership.manifest.name!r} ({membership.id}) as {peer_id}")
+    console.print(f"credential: {_expiry_text(membership)}")
+    _notify_node(home)
+
+
+@app.command()
+def leave(
+    community: str = typer.Argument(..., help="Community id, id prefix or name."),
+    home: Path = HOME,
+) -> None:
+    """Leave a community: this node stops sharing with it at once."""
+    from p2pfl.community.manifest import CommunityError
+    from p2pfl.community.store import remove_membership
+
+    try:
+        manifest = remove_membership(home, community)
+    except (CommunityError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    print(f"left {manifest.name!r} ({manifest.id})")
+    _notify_node(home)
+
+
+@app.command("list")
+def list_communities(home: Path = HOME) -> None:
+    """Show this node's communities: role, admission, shared parameters, policy, credential."""
+    from p2pfl.community.manifest import CommunityError
+    from p2pfl.community.store import load_memberships
+
+    if not home.is_dir():
+        raise _fail(f"{home} does not exist; create it with `p2pfl node init --home {home}`")
+    try:
+        memberships = load_memberships(home)
+        me = _peer_id(_identity(home, create=False)) if (home / KEY_FILE).exists() else None
+    except (CommunityError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    if not memberships:
+        print("no communities; create one (p2pfl community create) or join one")
+        return
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("id", "name", "role", "admission", "shared", "protocol", "credential"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("id", "role", "admission"))
+    for m in memberships:
+        manifest = m.manifest
+        table.add_row(
+            m.id[:12],
+            escape(manifest.name),
+            "founder" if manifest.founder == me else "member",
+            manifest.admission,
+            escape(", ".join(manifest.shared)),
+            escape(manifest.protocol),
+            escape(_expiry_text(m)),
+        )
+    out = Console(highlight=False)
+    if not out.is_terminal:  # piped: no terminal width to respect, keep rows on one line
+        out = Console(highlight=False, width=200)
+    out.print(table)
+
+
+def _expiry_text(membership: Membership) -> str:
+    from p2pfl.community.manifest import format_time
+    from p2pfl.community.store import credential_expiry
+
+    if membership.credential is None:
+        return "none needed" if membership.manifest.admission == "open" else "founder"
+    expiry = credential_expiry(membership)
+    if expiry is None:
+        return "never expires"
+    state = "expired" if expiry <= time.time() else "expires"
+    return f"{state} {format_time(expiry)}"
+
+
+def _identity(home: Path, create: bool) -> KeyPair:
+    """The node's key pair from DIR/identity.key (created if missing and ``create``)."""
+    from p2pfl.community.manifest import CommunityError
+    from p2pfl.daemon.transport import load_or_create_identity
+
+    path = home / KEY_FILE
+    if not create and not path.exists():
+        raise CommunityError(f"{path} does not exist: this directory has no node identity")
+    try:
+        return load_or_create_identity(path)
+    except ValueError as exc:
+        raise CommunityError(str(exc)) from None
+
+
+def _peer_id(key_pair: KeyPair) -> str:
+    from p2pfl.community.manifest import peer_id_of
+
+    return peer_id_of(key_pair.public_key)
+
+
+def _notify_node(home: Path) -> None:
+    """Ask a node running in ``home`` to re-read its communities; say whether it did."""
+    if not socket_path(home).exists():
+        console.print(f"no node is running in {escape(str(home))}; it applies this at start")
+        return
+    try:
+        reply = request(home, "communities")
+    except ControlError as exc:
+        console.print(f"[yellow]warning:[/yellow] {escape(str(exc))}; restart the node to apply")
+        return
+    if reply.get("ok") is True:
+        count = len(reply.get("communities") or [])
+        console.print(f"the running node applied the change ({count} communities)")
+    else:
+        reason = str(reply.get("error", reply))
+        console.print(
+            f"[yellow]warning:[/yellow] the running node did not apply the change: {escape(reason)}"
+        )
