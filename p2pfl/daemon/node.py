@@ -3,6 +3,7 @@
 The daemon only performs what the core decides: local steps feed ``on_local_step``, decoded
 frames ``on_message``, timers ``on_timer``, connection events ``on_peer_up``/``on_peer_down``;
 the returned actions are carried out here (send, replace model, set correction, set timer).
+Communities the node joined run their own cores on their shared parts (``communities.py``).
 Training runs inline on the event loop (a step of a small model takes well under a
 millisecond), so the model never changes under a handler's feet.
 """
@@ -22,7 +23,9 @@ import trio
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
+from p2pfl.community.manifest import CommunityError
 from p2pfl.daemon.checkpoint import encode_checkpoint, load_newest, write_atomically
+from p2pfl.daemon.communities import Communities
 from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.daemon.control import bind_socket, serve, socket_path
 from p2pfl.daemon.metrics import serve_metrics
@@ -131,6 +134,14 @@ class NodeDaemon:
         self.counters = {"bytes_sent": 0, "bytes_received": 0, "rejected": 0, "send_failures": 0}
         self._restore()
         self._base = dict(self.counters)
+        self.communities = Communities(
+            config,
+            self.peer_id,
+            self.learner,
+            len(self.learning.data.y_train),
+            node_seed(config.seed, self.peer_id),
+            self.counters,
+        )
         self.checkpoint_step = self.core.step
         self.transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
@@ -166,6 +177,7 @@ class NodeDaemon:
             limits=limits,
             on_peer_connected=self._peer_up,
             on_peer_disconnected=self._peer_down,
+            pubsub=True,
         )
         self.transport = transport
         control = await bind_socket(self.config.home)
@@ -184,6 +196,8 @@ class NodeDaemon:
                 self._nursery = nursery
                 async with transport:
                     transport.set_handler(SYNC_PROTOCOL, self._on_frame)
+                    self.communities.register(transport)
+                    self.communities.start(nursery, transport)
                     self.started = trio.current_time()
                     nursery.start_soon(serve, control, self._respond)
                     nursery.start_soon(self._watch_signals)
@@ -219,7 +233,9 @@ class NodeDaemon:
         next_at = trio.current_time()
         while not target or self.core.step < target:
             self.loss = float(self.learner.step(step)[0])
-            self._perform(self.core.on_local_step(trio.current_time()))
+            now = trio.current_time()
+            self._perform(self.core.on_local_step(now))
+            self.communities.on_local_step(now)
             if self.core.step % CHECKPOINT_EVERY_STEPS == 0:
                 self._checkpoint_soon()
             next_at = max(next_at + interval, trio.current_time() - interval)
@@ -311,6 +327,7 @@ class NodeDaemon:
     def _peer_up(self, peer: str) -> None:
         log.info("peer %s connected", peer)
         self._perform(self.core.on_peer_up(trio.current_time(), peer))
+        self.communities.peer_up(peer)
 
     def _peer_down(self, peer: str) -> None:
         log.info("peer %s disconnected", peer)
@@ -318,6 +335,7 @@ class NodeDaemon:
         if outbox is not None:
             outbox.close()
         self._perform(self.core.on_peer_down(trio.current_time(), peer))
+        self.communities.peer_down(peer)
 
     async def _keep_neighbours(self) -> None:
         """Dial bootstrap peers that are not connected while below the target degree."""
@@ -388,6 +406,7 @@ class NodeDaemon:
             "test_accuracy": self._accuracy(dataset.x_test, dataset.y_test),
             "train_samples": len(data.y_train),
             "checkpoint_step": self.checkpoint_step,
+            "communities": self.communities.status(),
             "uptime_s": round(trio.current_time() - self.started, 3),
         }
 
@@ -406,4 +425,12 @@ class NodeDaemon:
             return {"ok": True}
         if cmd == "ping":
             return {"ok": True}
-        return {"error": f"unknown command {cmd!r}; use status, stop or ping"}
+        if cmd == "communities":
+            try:
+                return {"ok": True, "communities": await self.communities.reload()}
+            except (CommunityError, ConfigError) as exc:
+                return {"error": str(exc)}
+            except Exception as exc:  # a reload must never take the daemon down
+                log.exception("re-reading the communities failed")
+                return {"error": f"re-reading the communities failed: {exc} (see node.log)"}
+        return {"error": f"unknown command {cmd!r}; use status, stop, ping or communities"}

@@ -9,6 +9,9 @@ libp2p reset reads as a plain EOF on the sender's side, hence the explicit byte.
 
 Nothing a peer sends can raise out of a stream handler: py-libp2p (0.8.1) tears the whole host
 down when that happens.
+
+With ``pubsub=True`` the host also runs GossipSub for small signed announcements (never model
+parameters: py-libp2p drops pubsub messages over 1 MiB silently and queues 32 per topic).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import stat
 import struct
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,10 +40,16 @@ from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_PROTOCOL_ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_PROTOCOL_ID_V11
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.subscription import TrioSubscriptionAPI
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, Yamux, YamuxStream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp.tcp import TCP
 from multiaddr import Multiaddr
 
@@ -60,6 +69,9 @@ MAX_FRAME_BYTES = 2**32 - 1
 _CLEANUP_TIMEOUT_S = 5.0
 _MAX_IDLE_BUCKETS = 1024
 _LISTEN_PROTOCOLS = {"ip4", "ip6", "tcp"}
+_GOSSIP_HEARTBEAT_S = 1
+"""GossipSub heartbeat: meshes form and repair within about a second (libp2p's default 120 s
+suits long-lived networks, not peers that join a community and want to be found now)."""
 
 
 class TransportError(Exception):
@@ -150,6 +162,33 @@ class _PeerEvents(INotifee):
         return None
 
 
+class Subscription:
+    """Messages other peers published on one pubsub topic, as (origin peer id, data).
+
+    The origin is the signer of the message (py-libp2p verifies the signature). Iteration ends
+    when the topic is unsubscribed.
+    """
+
+    def __init__(self, subscription: TrioSubscriptionAPI, own_peer_id: str) -> None:
+        self._subscription, self._own = subscription, own_peer_id
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> tuple[str, bytes]:
+        while True:
+            try:
+                message = await self._subscription.get()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                raise StopAsyncIteration from None
+            try:
+                origin = str(ID(message.from_id))
+            except Exception:
+                continue
+            if origin != self._own:
+                return origin, bytes(message.data)
+
+
 class Transport:
     """One libp2p host (TCP + Noise + yamux) sending and receiving length-prefixed frames.
 
@@ -163,6 +202,7 @@ class Transport:
         limits: Limits | None = None,
         on_peer_connected: PeerCallback | None = None,
         on_peer_disconnected: PeerCallback | None = None,
+        pubsub: bool = False,
     ) -> None:
         self.limits = limits or Limits()
         self.on_peer_connected = on_peer_connected
@@ -186,6 +226,20 @@ class Transport:
         self._buckets: dict[str, _TokenBucket] = {}
         self._up: set[str] = set()
         self._run: AbstractAsyncContextManager[None] | None = None
+        self._services = AsyncExitStack()
+        self._gossipsub: GossipSub | None = None
+        self._pubsub: Pubsub | None = None
+        if pubsub:
+            # Built before the host runs, so its notifee sees every connection.
+            self._gossipsub = GossipSub(
+                protocols=[GOSSIPSUB_PROTOCOL_ID_V11, GOSSIPSUB_PROTOCOL_ID],
+                degree=6,
+                degree_low=4,
+                degree_high=12,
+                heartbeat_initial_delay=0.1,
+                heartbeat_interval=_GOSSIP_HEARTBEAT_S,
+            )
+            self._pubsub = Pubsub(self._host, self._gossipsub)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -199,6 +253,14 @@ class Transport:
             # Neighbours are the protocol's choice: libp2p's auto-connector would dial any peer
             # in its peerstore every 30 s, trying to hold 50 connections.
             await network.auto_connector.stop()
+        if self._pubsub is not None and self._gossipsub is not None:
+            try:
+                await self._services.enter_async_context(background_trio_service(self._pubsub))
+                await self._services.enter_async_context(background_trio_service(self._gossipsub))
+                await self._pubsub.wait_until_ready()
+            except BaseException as exc:
+                await self.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
         return self
 
     async def __aexit__(
@@ -207,6 +269,8 @@ class Transport:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        with trio.move_on_after(_CLEANUP_TIMEOUT_S, shield=True):
+            await self._services.aclose()
         # Leaving host.run() alone leaks listeners and connections: close inside it.
         with trio.move_on_after(_CLEANUP_TIMEOUT_S, shield=True) as scope:
             await self._host.close()
@@ -313,6 +377,31 @@ class Transport:
                 raise TransportError(
                     f"dial of peer {key} at {[str(a) for a in addrs]} failed: {_why(exc)}"
                 ) from exc
+
+    # -------------------------------------------------------------------- pubsub
+
+    async def subscribe(self, topic: str) -> Subscription:
+        """Join a pubsub topic (needs ``pubsub=True``); iterate the result for messages."""
+        pubsub = self._require_pubsub()
+        subscription = await pubsub.subscribe(topic)
+        assert isinstance(subscription, TrioSubscriptionAPI)
+        return Subscription(subscription, self.peer_id)
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Leave a pubsub topic: its Subscription ends, peers learn we left it."""
+        await self._require_pubsub().unsubscribe(topic)
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Sign and publish a small message on a topic; raises TransportError on failure."""
+        try:
+            await self._require_pubsub().publish(topic, data)
+        except Exception as exc:
+            raise TransportError(f"publish on {topic} failed: {_why(exc)}") from exc
+
+    def _require_pubsub(self) -> Pubsub:
+        if self._pubsub is None:
+            raise RuntimeError("this Transport was created without pubsub=True")
+        return self._pubsub
 
     # ------------------------------------------------------------------- inbound
 

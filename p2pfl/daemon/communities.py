@@ -1,0 +1,760 @@
+"""The communities of a running node: one protocol core per joined community, syncing only the
+community's shared parameters, only with its admitted members.
+
+A community's core sees its shared part through ``PartView`` and its messages travel encoded
+with the community's shared sub-schema, so private parameters never leave the node. Three
+small protocols carry a community's traffic:
+
+* hello (``HELLO_PROTOCOL``): ``{community, credential, answer, refused}``. The receiver runs
+  ``check_credential`` against the Noise-authenticated peer id, admits the peer and answers
+  with its own hello; a refused hello is answered with the reason, so both sides log it.
+  Admission lasts as long as the connection (and the credential: it is checked again on every
+  frame, so an expiring invite stops the sync).
+* sync (``SYNC_PROTOCOL``): the 16-byte community id, then a wire message encoded with the
+  community's shared schema. Frames from peers not admitted to that community are refused.
+* announcements on the gossipsub topic ``p2pfl/community/<id>``: ``{peer, addrs, credential}``
+  every ``ANNOUNCE_EVERY_S``, signed by the publisher; a member that hears an unknown member
+  checks its credential, dials it and says hello. Bootstrap addresses of the membership (and
+  peers that say hello) are the other way in.
+
+Leaving (``reload`` after ``p2pfl community leave``) stops a community at once: its core is
+dropped, frames queued or in flight are cancelled, the topic is left, its drift correction
+cleared, and its members are told (a refusal "left the community").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from multiaddr import Multiaddr
+
+from p2pfl.community.invite import check_credential
+from p2pfl.community.manifest import CommunityError, Manifest
+from p2pfl.community.sharing import (
+    Corrections,
+    PartView,
+    SharedPart,
+    SharingError,
+    check_disjoint,
+    shared_part,
+)
+from p2pfl.community.store import Membership, load_memberships
+from p2pfl.daemon.config import ConfigError, NodeConfig
+from p2pfl.daemon.transport import Transport, TransportError
+from p2pfl.learning.learner import PerNodeLearner
+from p2pfl.learning.params import ParamSchema
+from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
+from p2pfl.protocol.config import parse_protocol
+from p2pfl.protocol.core import NodeCore, make_core
+from p2pfl.spec import SpecError
+from p2pfl.wire.codec import WireError, decode, encode, max_message_bytes
+
+log = logging.getLogger("p2pfl.communities")
+
+HELLO_PROTOCOL = "/p2pfl/community/hello/1.0.0"
+SYNC_PROTOCOL = "/p2pfl/community/sync/1.0.0"
+TOPIC_PREFIX = "p2pfl/community/"
+ID_BYTES = 16
+"""Sync frames start with the community id as 16 raw bytes (its 32 hex chars)."""
+HELLO_MAX_BYTES = 4096
+ANNOUNCEMENT_MAX_BYTES = 2048
+MAX_ANNOUNCED_ADDRS = 8
+MAX_ADDR_CHARS = 256
+MAX_REASON_CHARS = 1000
+ANNOUNCE_EVERY_S = 5.0
+"""Announcements per community and node: one every 5 s, a few hundred bytes each."""
+MAINTAIN_EVERY_S = 1.0
+REDIAL_EVERY_S = 3.0
+"""At most one dial per peer and community every 3 s."""
+REFUSAL_EVERY_S = 10.0
+"""At most one refusal notice per peer and community every 10 s."""
+MAX_REFUSALS_REMEMBERED = 1024
+KNOWN_MEMBER_TTL_S = 60.0
+"""An announced member is dialled while its announcements are at most this old."""
+BYE_TIMEOUT_S = 2.0
+OUTBOX_SIZE = 64
+
+
+def topic_of(community: str) -> str:
+    """The gossipsub topic of a community's announcements."""
+    return TOPIC_PREFIX + community
+
+
+# ---------------------------------------------------------------------------------- checks
+
+
+def check_model(schema: ParamSchema, membership: Membership, model_spec: str) -> SharedPart:
+    """The node's shared part for ``membership``; raise CommunityError if the node's model does
+    not have exactly the parameters the community's manifest describes."""
+    manifest = membership.manifest
+    label = f"community {manifest.name!r} ({manifest.id[:12]})"
+    fix = (
+        f"run the node with the community's model: --model {manifest.model!r} on data with "
+        f"inputs {list(manifest.input_shape)} and {manifest.classes} classes, or leave it with "
+        f"`p2pfl community leave {manifest.id[:12]}`"
+    )
+    try:
+        part = shared_part(schema, manifest.shared)
+    except SharingError as exc:
+        raise CommunityError(
+            f"{label} shares {list(manifest.shared)}, but this node's model "
+            f"({model_spec!r}) does not fit: {exc}; {fix}"
+        ) from None
+    if part.schema != manifest.schema:
+        raise CommunityError(
+            f"{label} shares {_describe(manifest.schema)}, but this node's model "
+            f"({model_spec!r}) has {_describe(part.schema)} under {list(manifest.shared)}; {fix}"
+        )
+    return part
+
+
+def check_whole_model_protocol(config: NodeConfig, memberships: Sequence[Membership]) -> None:
+    """Refuse a whole-model protocol on a node in communities: it would send every parameter,
+    private ones included, to every connected peer."""
+    if memberships and config.protocol_config.kind != "none":
+        names = ", ".join(repr(m.manifest.name) for m in memberships)
+        raise ConfigError(
+            f"this node is a member of {names} but its whole-model protocol is "
+            f"{config.protocol!r}, which would send every parameter (private ones included) to "
+            f'every connected peer; set protocol = "none" in {config.home / "config.toml"} '
+            "(or start with --protocol none), or leave the communities with "
+            "`p2pfl community leave`"
+        )
+
+
+def _describe(schema: ParamSchema) -> str:
+    return ", ".join(f"{p.name} {list(p.shape)} {p.dtype}" for p in schema.params) or "nothing"
+
+
+# ------------------------------------------------------------------------------------ wire
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A membership claim (``credential``) for ``community``, or a refusal with its reason."""
+
+    community: str
+    credential: bytes | None = None
+    answer: bool = False
+    """True for the reply to a hello (a reply is not answered again)."""
+    refused: str | None = None
+    """Why the sender refuses the receiver (then ``credential`` is None)."""
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(
+            {
+                "community": self.community,
+                "credential": self.credential,
+                "answer": self.answer,
+                "refused": self.refused,
+            },
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Hello:
+        """Parse a peer's hello; anything malformed raises WireError."""
+        body = _unpack(data, "hello", max_map_len=4)
+        if not isinstance(body, dict) or set(body) != {
+            "community",
+            "credential",
+            "answer",
+            "refused",
+        }:
+            raise WireError("hello must be a map of community, credential, answer, refused")
+        community, credential = body["community"], body["credential"]
+        answer, refused = body["answer"], body["refused"]
+        _check_community_id(community, "hello")
+        if credential is not None and not isinstance(credential, bytes):
+            raise WireError("hello: credential must be bytes or nil")
+        if not isinstance(answer, bool):
+            raise WireError("hello: answer must be a boolean")
+        if refused is not None and (
+            not isinstance(refused, str) or len(refused) > MAX_REASON_CHARS
+        ):
+            raise WireError(
+                f"hello: refused must be a reason text (at most {MAX_REASON_CHARS} chars) or nil"
+            )
+        return cls(community, credential, answer, refused)
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """``peer`` is a member of the topic's community and listens on ``addrs``."""
+
+    peer: str
+    addrs: tuple[str, ...]
+    credential: bytes | None
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(
+            {"peer": self.peer, "addrs": list(self.addrs), "credential": self.credential},
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Announcement:
+        """Parse an announcement; anything malformed raises WireError."""
+        if len(data) > ANNOUNCEMENT_MAX_BYTES:
+            raise WireError(f"announcement of {len(data)} bytes (at most {ANNOUNCEMENT_MAX_BYTES})")
+        body = _unpack(data, "announcement", max_map_len=3)
+        if not isinstance(body, dict) or set(body) != {"peer", "addrs", "credential"}:
+            raise WireError("announcement must be a map of peer, addrs, credential")
+        peer, addrs, credential = body["peer"], body["addrs"], body["credential"]
+        if not isinstance(peer, str) or not 0 < len(peer) <= 128:
+            raise WireError("announcement: peer must be a peer id")
+        if (
+            not isinstance(addrs, list)
+            or len(addrs) > MAX_ANNOUNCED_ADDRS
+            or not all(isinstance(a, str) and len(a) <= MAX_ADDR_CHARS for a in addrs)
+        ):
+            raise WireError(f"announcement: addrs must be at most {MAX_ANNOUNCED_ADDRS} addresses")
+        if credential is not None and not isinstance(credential, bytes):
+            raise WireError("announcement: credential must be bytes or nil")
+        return cls(peer, tuple(addrs), credential)
+
+
+def _unpack(data: bytes, what: str, max_map_len: int) -> Any:
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=HELLO_MAX_BYTES,
+            max_str_len=HELLO_MAX_BYTES,
+            max_array_len=MAX_ANNOUNCED_ADDRS,
+            max_map_len=max_map_len,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises ValueError subclasses, TypeError, ...
+        raise WireError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
+
+
+def _check_community_id(value: object, where: str) -> None:
+    if (
+        not isinstance(value, str)
+        or len(value) != 2 * ID_BYTES
+        or any(c not in "0123456789abcdef" for c in value)
+    ):
+        raise WireError(f"{where}: community must be a 32-hex-digit community id")
+
+
+# ---------------------------------------------------------------------------- one community
+
+
+@dataclass
+class Community:
+    """One joined community's live state."""
+
+    membership: Membership
+    part: SharedPart
+    core: NodeCore
+    max_frame: int
+    admitted: dict[str, bytes | None] = field(default_factory=dict)
+    """Members admitted on their current connection, with the credential they presented."""
+    greeted: set[str] = field(default_factory=set)
+    """Peers we said hello to on their current connection."""
+    announced: dict[str, tuple[tuple[str, ...], float]] = field(default_factory=dict)
+    """Members heard on the topic: their addresses and when (trio clock)."""
+    last_dial: dict[str, float] = field(default_factory=dict)
+    sending: set[trio.CancelScope] = field(default_factory=set)
+    """Scopes of this community's frames in flight (cancelled when it is left)."""
+    tasks: trio.CancelScope = field(default_factory=trio.CancelScope)
+    counters: dict[str, int] = field(
+        default_factory=lambda: {"bytes_sent": 0, "bytes_received": 0, "rejected": 0}
+    )
+
+    @property
+    def id(self) -> str:
+        return self.membership.id
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.membership.manifest
+
+    @property
+    def prefix(self) -> bytes:
+        return bytes.fromhex(self.id)
+
+    @property
+    def label(self) -> str:
+        return f"{self.manifest.name!r} ({self.id[:12]})"
+
+    def bootstrap_peers(self) -> dict[str, str]:
+        """Peer id -> address of the membership's bootstrap list."""
+        return {addr.rsplit("/", 1)[-1]: addr for addr in self.membership.bootstrap}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.manifest.name,
+            "shared": list(self.manifest.shared),
+            "protocol": self.manifest.protocol,
+            "members": sorted(self.admitted),
+            "step": self.core.step,
+            "syncs": self.core.stats.syncs,
+            **self.counters,
+        }
+
+
+@dataclass(frozen=True)
+class _Frame:
+    protocol: str
+    community: str
+    data: bytes
+    after_leave: bool = False
+    """Send even if the community is no longer active (refusal notices)."""
+
+
+# ------------------------------------------------------------------------------- all of them
+
+
+class Communities:
+    """Every community of one node daemon: their cores, members, traffic and discovery.
+
+    Build it after the learner is restored (cores take the current model as reference), call
+    ``start`` once the transport runs, feed it local steps and peer events, and ``reload``
+    when the memberships on disk change.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        peer_id: str,
+        learner: PerNodeLearner,
+        samples: int,
+        seed: int,
+        counters: dict[str, int],
+    ) -> None:
+        self.config = config
+        self.peer_id = peer_id
+        self.learner = learner
+        self.samples = samples
+        self.seed = seed
+        self.node_counters = counters
+        """The node's counters; refused frames count in its ``rejected`` too."""
+        self.corrections = Corrections(learner.schema.numel)
+        self.active: dict[str, Community] = {}
+        self.max_sync_frame = ID_BYTES + max_message_bytes(learner.schema)
+        self._transport: Transport | None = None
+        self._nursery: trio.Nursery | None = None
+        self._outboxes: dict[str, trio.MemorySendChannel[_Frame]] = {}
+        self._last_refusal: dict[tuple[str, str], float] = {}
+        self._reload_lock = trio.Lock()
+        for membership in self._checked(load_memberships(config.home)):
+            self._add(membership)
+
+    @property
+    def home(self) -> Path:
+        return self.config.home
+
+    # -------------------------------------------------------------------- lifecycle
+
+    def register(self, transport: Transport) -> None:
+        """Install the hello and sync handlers on ``transport`` (before it runs peers)."""
+        transport.set_handler(HELLO_PROTOCOL, self.on_hello, max_frame_bytes=HELLO_MAX_BYTES)
+        transport.set_handler(SYNC_PROTOCOL, self.on_sync, max_frame_bytes=self.max_sync_frame)
+
+    def start(self, nursery: trio.Nursery, transport: Transport) -> None:
+        """Run the communities loaded at construction on ``transport``."""
+        self._nursery, self._transport = nursery, transport
+        for community in self.active.values():
+            nursery.start_soon(self._run, community)
+
+    async def reload(self) -> list[str]:
+        """Re-read the memberships: stop left communities at once, start joined ones.
+
+        Raises CommunityError or ConfigError (nothing new starts then; leaves still apply)."""
+        async with self._reload_lock:
+            memberships = load_memberships(self.home)
+            wanted = {m.id: m for m in memberships}
+            for cid in [c for c in self.active if c not in wanted]:
+                await self._stop(self.active[cid])
+            joined = [m for m in memberships if m.id not in self.active]
+            if joined:
+                self._checked(memberships)
+            for membership in joined:
+                community = self._add(membership)
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._run, community)
+                log.info("joined community %s", community.label)
+            return sorted(self.active)
+
+    def _checked(self, memberships: list[Membership]) -> list[Membership]:
+        """Check the memberships against the node's model, protocol and each other."""
+        check_whole_model_protocol(self.config, memberships)
+        parts = []
+        for membership in memberships:
+            part = check_model(self.learner.schema, membership, self.config.model)
+            parts.append((f"community {membership.manifest.name!r}", part))
+            try:
+                check_credential(
+                    membership.manifest, self.peer_id, membership.credential, int(time.time())
+                )
+            except CommunityError as exc:
+                log.warning("members will refuse this node: %s", exc)
+        try:
+            check_disjoint(parts)
+        except SharingError as exc:
+            raise CommunityError(str(exc)) from None
+        return memberships
+
+    def _add(self, membership: Membership) -> Community:
+        part = check_model(self.learner.schema, membership, self.config.model)
+        try:
+            protocol = parse_protocol(membership.manifest.protocol)
+        except SpecError as exc:
+            raise CommunityError(
+                f"community {membership.manifest.name!r}: protocol {exc}; ask the founder to "
+                "fix the manifest"
+            ) from None
+        digest = hashlib.sha256(f"{self.seed}:{membership.id}".encode()).digest()
+        core = make_core(
+            self.peer_id,
+            protocol,
+            PartView(lambda: self.learner.get(0), part, self.samples),
+            [],
+            seed=int.from_bytes(digest[:8], "big") & (2**63 - 1),
+            step_size=self.config.lr,
+        )
+        community = Community(membership, part, core, max_message_bytes(part.schema))
+        self.active[community.id] = community
+        return community
+
+    async def _stop(self, community: Community) -> None:
+        """Leave: no frame of this community is sent or accepted once this returns."""
+        del self.active[community.id]
+        community.tasks.cancel()
+        for scope in community.sending:
+            scope.cancel()
+        self.learner.set_correction(0, self.corrections.clear(community.part))
+        if self._transport is not None:
+            with trio.move_on_after(BYE_TIMEOUT_S, shield=True):
+                try:
+                    await self._transport.unsubscribe(topic_of(community.id))
+                except Exception as exc:
+                    log.debug("unsubscribing %s failed: %s", community.label, exc)
+                async with trio.open_nursery() as byes:
+                    for peer in community.admitted:
+                        bye = Hello(community.id, refused="left the community", answer=True)
+                        byes.start_soon(self._send_quietly, peer, bye)
+        log.info("left community %s: its sync stopped", community.label)
+
+    async def _send_quietly(self, peer: str, hello: Hello) -> None:
+        assert self._transport is not None
+        try:
+            await self._transport.send(peer, HELLO_PROTOCOL, hello.to_bytes())
+        except TransportError as exc:
+            log.debug("could not tell peer %s: %s", peer, exc)
+
+    # ------------------------------------------------------------- community tasks
+
+    async def _run(self, community: Community) -> None:
+        """Announce, listen for announcements and reach bootstrap peers until left."""
+        with community.tasks:
+            assert self._transport is not None
+            try:
+                subscription = await self._transport.subscribe(topic_of(community.id))
+            except Exception as exc:
+                log.warning("cannot subscribe to %s: %s", topic_of(community.id), exc)
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._announce, community)
+                nursery.start_soon(self._maintain, community)
+                async for origin, data in subscription:
+                    self._on_announcement(community, origin, data)
+
+    async def _announce(self, community: Community) -> None:
+        assert self._transport is not None
+        while True:
+            await trio.sleep(ANNOUNCE_EVERY_S if community.admitted else MAINTAIN_EVERY_S)
+            announcement = Announcement(
+                self.peer_id,
+                tuple(self._transport.listen_addrs[:MAX_ANNOUNCED_ADDRS]),
+                community.membership.credential,
+            )
+            try:
+                await self._transport.publish(topic_of(community.id), announcement.to_bytes())
+            except TransportError as exc:
+                log.debug("announcement for %s not published: %s", community.label, exc)
+
+    async def _maintain(self, community: Community) -> None:
+        """Dial bootstrap and announced members; greet connected ones not greeted yet."""
+        assert self._transport is not None
+        while True:
+            now = trio.current_time()
+            connected = set(self._transport.peers())
+            candidates = dict(community.bootstrap_peers())
+            for peer, (addrs, heard) in list(community.announced.items()):
+                if now - heard > KNOWN_MEMBER_TTL_S:
+                    del community.announced[peer]
+                elif addrs and len(community.admitted) < self.config.target_degree:
+                    candidates.setdefault(peer, addrs[0])
+            for peer, addr in candidates.items():
+                if peer == self.peer_id or peer in community.admitted:
+                    continue
+                if peer in connected:
+                    self._greet(community, peer)
+                elif now - community.last_dial.get(peer, -REDIAL_EVERY_S) >= REDIAL_EVERY_S:
+                    community.last_dial[peer] = now
+                    self._nursery_start(self._dial, community, peer, addr)
+            await trio.sleep(MAINTAIN_EVERY_S)
+
+    async def _dial(self, community: Community, peer: str, addr: str) -> None:
+        assert self._transport is not None
+        try:
+            await self._transport.connect(addr)
+        except TransportError as exc:
+            log.info(
+                "community %s: could not reach %s (will retry): %s", community.label, peer, exc
+            )
+            return
+        if self.active.get(community.id) is community:
+            self._greet(community, peer)
+
+    def _on_announcement(self, community: Community, origin: str, data: bytes) -> None:
+        """A member announced itself: remember it (the maintenance loop dials it)."""
+        try:
+            announcement = Announcement.from_bytes(data)
+            if announcement.peer != origin:
+                raise WireError(f"it names peer {announcement.peer}, not its signer")
+            check_credential(community.manifest, origin, announcement.credential, int(time.time()))
+        except (WireError, CommunityError) as exc:
+            log.info("ignored announcement from %s on %s: %s", origin, community.label, exc)
+            return
+        addrs = tuple(a for a in announcement.addrs if _is_address_of(a, origin))
+        if origin not in community.announced and origin not in community.admitted:
+            log.info("community %s: heard of member %s", community.label, origin)
+        community.announced[origin] = (addrs, trio.current_time())
+
+    def _nursery_start(self, fn: Any, *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    # ------------------------------------------------------------------------ hello
+
+    def _greet(self, community: Community, peer: str, answer: bool = False) -> None:
+        """Say hello (present our credential) to a peer once per connection."""
+        if peer in community.greeted:
+            return
+        community.greeted.add(peer)
+        hello = Hello(community.id, community.membership.credential, answer=answer)
+        self._enqueue(peer, _Frame(HELLO_PROTOCOL, community.id, hello.to_bytes()))
+
+    async def on_hello(self, peer: str, payload: bytes) -> None:
+        """Hello handler: admit the peer if its credential holds, else tell it why not."""
+        try:
+            hello = Hello.from_bytes(payload)
+        except WireError as exc:
+            self.node_counters["rejected"] += 1
+            log.warning("refused hello from peer %s: %s", peer, exc)
+            return
+        community = self.active.get(hello.community)
+        if hello.refused is not None:
+            if community is not None:
+                log.warning(
+                    "peer %s refused us in community %s: %s", peer, community.label, hello.refused
+                )
+                self._drop(community, peer)
+            return
+        if community is None:
+            self.node_counters["rejected"] += 1
+            log.warning(
+                "refused hello from peer %s: this node is not a member of community %s",
+                peer,
+                hello.community,
+            )
+            self._refuse(hello.community, peer, "this node is not a member of that community")
+            return
+        try:
+            check_credential(community.manifest, peer, hello.credential, int(time.time()))
+        except CommunityError as exc:
+            community.counters["rejected"] += 1
+            self.node_counters["rejected"] += 1
+            log.warning("refused peer %s in community %s: %s", peer, community.label, exc)
+            self._refuse(community.id, peer, str(exc))
+            return
+        if peer not in community.admitted:
+            log.info("community %s: admitted member %s", community.label, peer)
+            community.admitted[peer] = hello.credential
+            self._perform(community, community.core.on_peer_up(trio.current_time(), peer))
+        if not hello.answer:
+            self._greet(community, peer, answer=True)
+
+    def _refuse(self, community_id: str, peer: str, reason: str) -> None:
+        """Tell ``peer`` why it was refused (at most once per REFUSAL_EVERY_S and community)."""
+        now = trio.current_time()
+        if len(self._last_refusal) > MAX_REFUSALS_REMEMBERED:
+            self._last_refusal = {
+                k: t for k, t in self._last_refusal.items() if now - t < REFUSAL_EVERY_S
+            }
+        if now - self._last_refusal.get((peer, community_id), -REFUSAL_EVERY_S) < REFUSAL_EVERY_S:
+            return
+        self._last_refusal[(peer, community_id)] = now
+        notice = Hello(community_id, answer=True, refused=reason[:MAX_REASON_CHARS])
+        frame = _Frame(HELLO_PROTOCOL, community_id, notice.to_bytes(), after_leave=True)
+        self._enqueue(peer, frame)
+
+    def _drop(self, community: Community, peer: str) -> None:
+        """Forget ``peer``'s admission (refused us, left, or disconnected)."""
+        community.greeted.discard(peer)
+        if peer in community.admitted:
+            del community.admitted[peer]
+            self._perform(community, community.core.on_peer_down(trio.current_time(), peer))
+
+    # -------------------------------------------------------------------- sync frames
+
+    async def on_sync(self, peer: str, payload: bytes) -> None:
+        """Sync handler: decode with the community's schema if the peer is admitted to it."""
+        community = self.active.get(payload[:ID_BYTES].hex()) if len(payload) > ID_BYTES else None
+        if community is None:
+            self.node_counters["rejected"] += 1
+            cid = payload[:ID_BYTES].hex()
+            log.warning(
+                "refused sync frame from peer %s: this node is not a member of community %s",
+                peer,
+                cid or "(none)",
+            )
+            if len(cid) == 2 * ID_BYTES:
+                self._refuse(cid, peer, "this node is not a member of that community")
+            return
+        reason = self._admission_problem(community, peer)
+        if reason is None:
+            try:
+                message = decode(payload[ID_BYTES:], community.part.schema, community.max_frame)
+            except WireError as exc:
+                reason = str(exc)
+        if reason is not None:
+            community.counters["rejected"] += 1
+            self.node_counters["rejected"] += 1
+            log.warning(
+                "refused sync frame from peer %s in community %s: %s", peer, community.label, reason
+            )
+            return
+        community.counters["bytes_received"] += 4 + len(payload)
+        self._perform(community, community.core.on_message(trio.current_time(), peer, message))
+
+    def _admission_problem(self, community: Community, peer: str) -> str | None:
+        if peer not in community.admitted:
+            self._refuse(community.id, peer, "not admitted: say hello with a valid invite first")
+            return "not admitted (no valid hello on this connection)"
+        try:
+            check_credential(community.manifest, peer, community.admitted[peer], int(time.time()))
+        except CommunityError as exc:
+            self._drop(community, peer)
+            self._refuse(community.id, peer, str(exc))
+            return str(exc)
+        return None
+
+    # ------------------------------------------------------------------------ actions
+
+    def on_local_step(self, now: float) -> None:
+        """The learner took a step: every community core takes it too."""
+        for community in list(self.active.values()):
+            self._perform(community, community.core.on_local_step(now))
+
+    def _perform(self, community: Community, actions: list[Action]) -> None:
+        down: list[str] = []
+        for action in actions:
+            if self.active.get(community.id) is not community:
+                return
+            if isinstance(action, Send):
+                if action.to in community.admitted:
+                    data = community.prefix + encode(action.message, community.part.schema)
+                    self._enqueue(action.to, _Frame(SYNC_PROTOCOL, community.id, data))
+                else:
+                    log.debug("community %s: %s is not admitted", community.label, action.to)
+                    down.append(action.to)
+            elif isinstance(action, ReplaceModel):
+                self.learner.set(0, community.part.put(self.learner.get(0), action.params))
+            elif isinstance(action, SetCorrection):
+                full = self.corrections.set(community.part, action.vector)
+                self.learner.set_correction(0, full)
+            elif isinstance(action, SetTimer):
+                self._nursery_start(self._timer, community, action.at, action.key)
+        now = trio.current_time()
+        for peer in down:  # e.g. a peer a member named for widening, not admitted here
+            if peer not in community.core.down:
+                self._perform(community, community.core.on_peer_down(now, peer))
+
+    async def _timer(self, community: Community, at: float, key: Hashable) -> None:
+        await trio.sleep_until(at)
+        if self.active.get(community.id) is community:
+            self._perform(community, community.core.on_timer(trio.current_time(), key))
+
+    def _enqueue(self, peer: str, frame: _Frame) -> None:
+        """Queue a frame on the peer's outbox (one sender task per peer keeps the order)."""
+        outbox = self._outboxes.get(peer)
+        if outbox is None:
+            outbox, inbox = trio.open_memory_channel[_Frame](OUTBOX_SIZE)
+            self._outboxes[peer] = outbox
+            self._nursery_start(self._sender, peer, inbox)
+        try:
+            outbox.send_nowait(frame)
+        except trio.WouldBlock:
+            self.node_counters["send_failures"] += 1
+            log.warning("community outbox to peer %s is full: dropped a frame", peer)
+
+    async def _sender(self, peer: str, inbox: trio.MemoryReceiveChannel[_Frame]) -> None:
+        assert self._transport is not None
+        async with inbox:
+            async for frame in inbox:
+                community = self.active.get(frame.community)
+                if community is None and not frame.after_leave:
+                    continue  # left while the frame waited
+                with trio.CancelScope() as scope:
+                    if community is not None:
+                        community.sending.add(scope)
+                    try:
+                        await self._transport.send(peer, frame.protocol, frame.data)
+                    except TransportError as exc:
+                        self.node_counters["send_failures"] += 1
+                        log.warning(
+                            "%s; dropping peer %s from community %s", exc, peer, frame.community
+                        )
+                        if community is not None and self.active.get(community.id) is community:
+                            self._drop(community, peer)
+                    else:
+                        if community is not None and frame.protocol == SYNC_PROTOCOL:
+                            community.counters["bytes_sent"] += 4 + len(frame.data)
+                    finally:
+                        if community is not None:
+                            community.sending.discard(scope)
+
+    # ---------------------------------------------------------------------- peer events
+
+    def peer_up(self, peer: str) -> None:
+        """A connection opened: greet it in the communities where it is a known member."""
+        if self._nursery is None:
+            return  # not started yet: the maintenance loops greet it
+        for community in list(self.active.values()):
+            if peer in community.bootstrap_peers() or peer in community.announced:
+                self._greet(community, peer)
+
+    def peer_down(self, peer: str) -> None:
+        """The last connection closed: admissions end with it."""
+        outbox = self._outboxes.pop(peer, None)
+        if outbox is not None:
+            outbox.close()
+        for community in list(self.active.values()):
+            self._drop(community, peer)
+
+    def status(self) -> list[dict[str, Any]]:
+        """One entry per community, for ``p2pfl node status``."""
+        return [c.status() for c in sorted(self.active.values(), key=lambda c: c.manifest.name)]
+
+
+def _is_address_of(addr: str, peer: str) -> bool:
+    try:
+        return str(info_from_p2p_addr(Multiaddr(addr)).peer_id) == peer
+    except Exception:  # multiaddr parsing raises many unrelated types
+        return False
