@@ -9,9 +9,9 @@ per-node learner runs fewer steps at large sizes; its rates are per node-step, i
 extrapolate linearly, and the table says how many steps each side ran.
 
 Part 2: ``nodes x steps`` of ``dynamic`` end to end through ``Simulation.run`` (default
-1,000 x 1,000, target under a minute), with the time split over learner, protocol cores,
-wire sizes, network model, evaluation and the engine loop itself (measured with
-per-call timers, which add about a microsecond per call).
+1,000 x 1,000, target under a minute), wall and CPU time (on a busy machine CPU time is
+the better guide); with ``--breakdown`` a second, instrumented run splits the time over
+learner, protocol cores, wire sizes, network model, evaluation and the engine loop itself.
 
 Digits has 1,438 training samples. Sizes above that cannot be split; there, node ``i`` trains
 on part ``i mod 1024`` of a 1,024-way split (the output says so).
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -63,6 +64,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--e2e", default="1000x1000", help="NODESxSTEPS of the end-to-end run")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end run")
     p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="after the end-to-end run, repeat it with per-call timers and print where the "
+        "time goes (the timers add about a microsecond per call)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -70,7 +77,7 @@ def parse_args() -> argparse.Namespace:
         "0 keeps torch's default)",
     )
     p.add_argument("--quick", action="store_true", help="16, 64, 256 nodes x 50 steps; 200x100")
-    p.add_argument("--child", choices=("scale", "e2e"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("scale", "e2e", "breakdown"), help=argparse.SUPPRESS)
     p.add_argument("--nodes", type=int, help=argparse.SUPPRESS)
     p.add_argument("--learner", default="batched", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -132,10 +139,13 @@ class Timers:
         return timed
 
 
-def instrument(sim: Simulation, timers: Timers) -> None:
-    """Time the learner, every core's event handlers, the codec and the network model."""
+def instrument(sim: Simulation, timers: Timers, breakdown: bool) -> None:
+    """Time the learner's steps; with ``breakdown`` also every core's event handlers, the
+    codec and the network model."""
     learner = sim.learner
     learner.step = timers.wrap("learner.step (training)", learner.step)  # type: ignore[method-assign]
+    if not breakdown:
+        return
     for name in ("set", "set_correction"):
         setattr(learner, name, timers.wrap("learner.set/set_correction", getattr(learner, name)))
     sim.net.transmit = timers.wrap("network.transmit", sim.net.transmit)  # type: ignore[method-assign]
@@ -165,16 +175,18 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     after_data = peak_mb()
     sim = Simulation(prepared, args.protocol)
     timers = Timers()
-    instrument(sim, timers)
-    started = time.perf_counter()
+    instrument(sim, timers, breakdown=args.child == "breakdown")
+    started, cpu_started = time.perf_counter(), time.process_time()
     summary = sim.run()
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     return {
         "nodes": args.nodes,
         "learner": args.learner,
         "steps": steps,
         "node_steps": summary["node_steps"],
         "wall": wall,
+        "cpu": cpu,
+        "load": os.getloadavg()[0],
         "train": timers.seconds["learner.step (training)"],
         "peak_mb": peak_mb(),
         "sim_mb": peak_mb() - after_data,
@@ -269,11 +281,19 @@ def e2e_table(args: argparse.Namespace) -> None:
     wall = r["wall"]
     verdict = "ok" if wall < E2E_TARGET_S else "ABOVE TARGET"
     print(
-        f"Simulation.run: {wall:.1f} s (target < {E2E_TARGET_S:.0f} s: {verdict}); "
+        f"Simulation.run: {wall:.1f} s wall (target < {E2E_TARGET_S:.0f} s: {verdict}), "
+        f"{r['cpu']:.1f} s CPU, load average {r['load']:.1f} at the end; "
         f"{r['node_steps']:,} node-steps, {r['messages']:,} messages, {r['syncs']:,} syncs, "
         f"final accuracy {r['accuracy']:.3f}, peak {r['peak_mb']:.0f} MB"
     )
-    seconds, calls = r["seconds"], r["calls"]
+    if args.breakdown:
+        breakdown_table(spawn(args, "breakdown", nodes, steps, "batched"))
+
+
+def breakdown_table(r: dict[str, Any]) -> None:
+    """Where the time of an instrumented end-to-end run goes."""
+    wall, seconds, calls = r["wall"], r["seconds"], r["calls"]
+    print(f"instrumented repeat: {wall:.1f} s wall")
     # Wrapped categories never nest, so what remains is the engine's own loop.
     rest = wall - sum(seconds.values())
     rows = sorted(seconds.items(), key=lambda kv: -kv[1]) + [("engine loop (the rest)", rest)]

@@ -53,7 +53,7 @@ class ParamSchema:
             specs.append(ParamSpec(name, tuple(p.shape), str(p.dtype).removeprefix("torch.")))
         return cls(tuple(specs))
 
-    @property
+    @functools.cached_property
     def numel(self) -> int:
         return sum(p.numel for p in self.params)
 
