@@ -30,9 +30,11 @@ from p2pfl.community.invite import (
     read_token,
 )
 from p2pfl.community.manifest import (
+    MAX_TIME,
     CommunityError,
     Manifest,
     create_manifest,
+    format_time,
     load_manifest,
     peer_id_of,
 )
@@ -171,6 +173,13 @@ def test_an_invite_admits_its_peer_until_it_expires(manifest: Manifest, founder,
     check_credential(manifest, peer(other), invite.to_bytes(), NOW + HOUR - 1)
     with pytest.raises(CommunityError, match="expired at 2023-11-14 23:13 UTC"):
         check_credential(manifest, peer(other), invite.to_bytes(), NOW + HOUR)
+
+
+def test_the_latest_expiry_can_still_be_shown(manifest: Manifest, founder, other):
+    invite = issue_invite(manifest, founder, None, MAX_TIME)
+    assert format_time(Invite.from_bytes(invite.to_bytes()).expires) == "9999-12-31 23:59 UTC"
+    with pytest.raises(CommunityError, match="not a valid time"):
+        issue_invite(manifest, founder, None, MAX_TIME + 1)
 
 
 def test_a_token_carries_the_invite_and_the_manifest(manifest: Manifest, founder):

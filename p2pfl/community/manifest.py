@@ -51,8 +51,8 @@ MAX_NDIM = 8
 MAX_PARAMS = 2**31
 MAX_CLASSES = 2**20
 MAX_MANIFEST_CHARS = 1024 * 1024
-MAX_TIME = 2**40
-"""Unix seconds far beyond any real date (year ~36,800), small enough for every clock."""
+MAX_TIME = 253_402_300_799
+"""Unix seconds of 9999-12-31 23:59:59 UTC, the last time ``datetime`` can show."""
 
 _ED25519_KEY_PREFIX = b"\x08\x01\x12\x20"
 """Protobuf header of a serialized libp2p Ed25519 public key (type 1, 32 bytes)."""
@@ -111,9 +111,9 @@ class Manifest:
     """Unix seconds."""
     signature: bytes
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
-        """32 hex chars of sha256 over the signed bytes."""
+        """32 hex chars of sha256 over the signed bytes (computed once per manifest)."""
         return hashlib.sha256(self.signed_bytes()).hexdigest()[:32]
 
     def signed_bytes(self) -> bytes:
