@@ -1,5 +1,5 @@
 """The accuracy-vs-bytes frontier: periodic averaging at every period b against dynamic
-averaging over a range of Δ, on identical data, initial model and seed.
+averaging over a range of Δ (and b), on identical data, initial model and seed.
 
     .venv/bin/python sim/pareto.py sim/pareto-dirichlet05.toml --out runs/pareto-dirichlet05
 
@@ -7,6 +7,11 @@ Writes ``pareto.json`` and ``pareto.png`` (frontier, and traffic over time) into
 and prints, for target accuracies (95 % and 99 % of ``continuous``), the fewest bytes each
 family needed and the ratio best-periodic / dynamic. Accuracy is measured fairly: the mean
 of evaluations at prime-numbered steps in the last tenth of the run (no period divides them).
+
+With concept drift in the scenario it also runs the periodic schedule whose traffic matches
+the default ``dynamic`` and writes ``drift.png`` (accuracy, cumulative bytes and bytes per
+window over steps, the drift step marked) and, for every run, the steps it took after the
+drift to get back to 95 % of its own pre-drift accuracy.
 """
 
 from __future__ import annotations
@@ -22,15 +27,33 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from p2pfl.protocol.config import DYNAMIC_DEFAULTS  # noqa: E402
 from p2pfl.simulator.engine import Simulation, prepare  # noqa: E402
 from p2pfl.simulator.scenario import load_scenario  # noqa: E402
 
 PERIODS = (1, 2, 5, 10, 20, 50, 100, 200)
 RELS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)
+DYNAMIC_BS = (DYNAMIC_DEFAULTS["b"],)
+RECOVERY_SHARE = 0.95
+TRAFFIC_LINES = ("continuous", "periodic:b=10", "dynamic")
 
 
 def family(protocol: str) -> str:
     return "dynamic" if protocol.startswith("dynamic") else "periodic"
+
+
+def sweep_protocols(periods: list[int], rels: list[float], bs: list[int]) -> list[str]:
+    """Every periodic period, the default ``dynamic``, dynamic at each (rel, b) that differs
+    from the default, and ``none``."""
+    protocols = [f"periodic:b={b}" for b in periods] + ["dynamic"]
+    for b in bs:
+        for rel in rels:
+            if (rel, b) == (DYNAMIC_DEFAULTS["rel"], DYNAMIC_DEFAULTS["b"]):
+                continue
+            protocols.append(
+                f"dynamic:rel={rel}" + (f",b={b}" if b != DYNAMIC_DEFAULTS["b"] else "")
+            )
+    return protocols + ["none"]
 
 
 def cheapest(runs: list[dict[str, Any]], fam: str, target: float) -> dict[str, Any] | None:
@@ -61,8 +84,90 @@ def frontier_table(runs: list[dict[str, Any]], reference: float) -> list[dict[st
     return rows
 
 
+# -- concept drift -----------------------------------------------------------------------------
+def recovery(
+    rows: list[dict[str, Any]], drift_at: int, window: int, common: float | None = None
+) -> dict[str, Any]:
+    """Pre-drift accuracy (mean of evaluations in the ``window`` steps up to the drift); the
+    steps after the drift until an evaluation is back at ``RECOVERY_SHARE`` of it; and the
+    steps until it reaches the ``common`` accuracy level (None: never)."""
+
+    def steps_to(level: float) -> int | None:
+        back = (r["step"] for r in rows if r["step"] > drift_at and r["accuracy"] >= level)
+        step = next(back, None)
+        return None if step is None else step - drift_at
+
+    before = [r["accuracy"] for r in rows if drift_at - window < r["step"] <= drift_at]
+    level = sum(before) / len(before)
+    return {
+        "pre_drift_accuracy": level,
+        "recovery_steps": steps_to(RECOVERY_SHARE * level),
+        "steps_to_common_level": None if common is None else steps_to(common),
+    }
+
+
+def matched_period(runs: list[dict[str, Any]], target_bytes: int) -> int:
+    """The period b whose periodic schedule sends about ``target_bytes`` (a periodic round
+    costs the same every time, so its bytes scale as 1/b)."""
+    every_step = next(r["bytes_sent"] for r in runs if r["protocol"] == "periodic:b=1")
+    return max(1, round(every_step / max(target_bytes, 1)))
+
+
+def per_window(rows: list[dict[str, Any]], window: int) -> tuple[list[float], list[int]]:
+    """MB sent in each ``window`` steps (from the evaluations at multiples of ``window``),
+    with the window edges."""
+    marks = [{"step": 0, "bytes": 0}] + [r for r in rows if r["step"] % window == 0]
+    sent = [(b["bytes"] - a["bytes"]) / 1e6 for a, b in zip(marks, marks[1:], strict=False)]
+    return sent, [m["step"] for m in marks]
+
+
+def draw_drift(
+    metrics: dict[str, list[dict[str, Any]]],
+    recoveries: dict[str, dict[str, Any]],
+    drift_at: int,
+    window: int,
+    common: float,
+    path: Path,
+    title: str,
+) -> None:
+    """Accuracy (every run), cumulative MB and MB per window (all but ``continuous``, which
+    would flatten the others) over steps, with the drift step marked."""
+    fig, (ax_acc, ax_cum, ax_win) = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
+    for color, (name, rows) in enumerate(metrics.items()):
+        steps = [r["step"] for r in rows]
+        rec = recoveries[name]
+        label = (
+            f"{name}: {rows[-1]['bytes'] / 1e6:.1f} MB; back to {RECOVERY_SHARE:.0%} of own "
+            f"pre-drift in {rec['recovery_steps']} steps, to {common:.3f} in "
+            f"{rec['steps_to_common_level']}"
+        )
+        style = {"label": name, "color": f"C{color}"}
+        ax_acc.plot(steps, [r["accuracy"] for r in rows], **(style | {"label": label}))
+        if name == "continuous":
+            continue
+        ax_cum.plot(steps, [r["bytes"] / 1e6 for r in rows], **style)
+        ax_win.stairs(*per_window(rows, window), **style)
+    ax_acc.axhline(common, c="gray", ls=":", lw=1)
+    ax_acc.set(ylabel="mean accuracy", title="accuracy")
+    ax_cum.set(ylabel="MB sent (cumulative)", title="cumulative traffic")
+    ax_win.set(xlabel="step", ylabel=f"MB per {window} steps", title="traffic per window")
+    for ax in (ax_acc, ax_cum, ax_win):
+        ax.axvline(drift_at, c="red", ls="--", lw=1, label="concept drift")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the frontier plot -----------------------------------------------------------------------
 def draw(
-    runs: list[dict[str, Any]], metrics: dict[str, list[dict]], path: Path, title: str
+    runs: list[dict[str, Any]],
+    metrics: dict[str, list[dict]],
+    path: Path,
+    title: str,
+    drift_at: int | None,
 ) -> None:
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(13, 4.8))
     for fam, style in (("periodic", "o-"), ("dynamic", "s-")):
@@ -80,12 +185,15 @@ def draw(
     ax.set(xscale="log", xlabel="MB sent (log)", ylabel="final accuracy", title="frontier")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    for name, rows in metrics.items():
+    for name in (n for n in TRAFFIC_LINES if n in metrics):
+        rows = metrics[name]
         rate = [
             (b["bytes"] - a["bytes"]) / 1e6 / max(b["step"] - a["step"], 1)
             for a, b in zip(rows, rows[1:], strict=False)
         ]
         ax_t.plot([r["step"] for r in rows[1:]], rate, label=name)
+    if drift_at is not None:
+        ax_t.axvline(drift_at, c="red", ls="--", lw=1, label="concept drift")
     ax_t.set(yscale="log", xlabel="step", ylabel="MB per step (log)", title="traffic over time")
     ax_t.grid(alpha=0.3)
     ax_t.legend(fontsize=8)
@@ -101,18 +209,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/pareto"))
     parser.add_argument("--periods", default=",".join(map(str, PERIODS)))
     parser.add_argument("--rels", default=",".join(map(str, RELS)))
+    parser.add_argument("--bs", default=",".join(map(str, DYNAMIC_BS)), help="dynamic b values")
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    protocols = [f"periodic:b={b}" for b in args.periods.split(",")]
-    protocols += ["dynamic"] + [f"dynamic:rel={r}" for r in args.rels.split(",")]
-    protocols += ["none"]
+    protocols = sweep_protocols(
+        [int(b) for b in args.periods.split(",")],
+        [float(r) for r in args.rels.split(",")],
+        [int(b) for b in args.bs.split(",")],
+    )
     scenario = load_scenario(args.scenario, {"protocols": tuple(protocols), "steps": args.steps})
     prepared = prepare(scenario)
-    runs, metrics = [], {}
-    for protocol in scenario.protocols:
+    drift = prepared.dataset.drift
+    runs: list[dict[str, Any]] = []
+    metrics: dict[str, list[dict[str, Any]]] = {}
+
+    def run(protocol: str) -> dict[str, Any]:
         result = Simulation(prepared, protocol).run()
-        rows = result.pop("metrics")
+        name = "continuous" if protocol == "periodic:b=1" else protocol
+        metrics[name] = result.pop("metrics")
         runs.append(result)
         print(
             f"{protocol:28s} acc {result['final_accuracy']:.3f}  "
@@ -120,26 +235,67 @@ def main() -> None:
             f"{result['bytes_last_20pct'] / 1e6:8.1f} MB",
             flush=True,
         )
-        if protocol in ("periodic:b=1", "periodic:b=10", "dynamic"):
-            metrics[
-                protocol.replace("periodic:b=1", "continuous", 1)
-                if protocol.endswith("=1")
-                else protocol
-            ] = rows
+        return result
+
+    for protocol in scenario.protocols:
+        run(protocol)
     reference = next(r["final_accuracy"] for r in runs if r["protocol"] == "periodic:b=1")
     table = frontier_table(runs, reference)
     print(f"\ncontinuous (periodic:b=1) accuracy: {reference:.3f}")
     for row in table:
+        per, dyn = row["periodic"], row["dynamic"]
         print(
-            f"{row['target']}: periodic {row['periodic']}, dynamic {row['dynamic']}, "
+            f"{row['target']}: periodic {per and f'{per[0]} {per[1] / 1e6:.1f} MB'}, "
+            f"dynamic {dyn and f'{dyn[0]} {dyn[1] / 1e6:.1f} MB'}, "
             f"best-periodic/dynamic bytes = {row['ratio'] and round(row['ratio'], 1)}, "
             f"last-20% traffic ratio = {row['tail_ratio'] and round(row['tail_ratio'], 1)}"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"scenario": scenario.to_dict(), "runs": runs, "frontier": table}
+    title = f"{scenario.dataset} · {scenario.partition}"
+    summary: dict[str, Any] = {"scenario": scenario.to_dict(), "runs": runs, "frontier": table}
+    if drift is not None:
+        dynamic = next(r for r in runs if r["protocol"] == "dynamic")
+        matched = f"periodic:b={matched_period(runs, dynamic['bytes_sent'])}"
+        if matched not in metrics:
+            run(matched)
+        window, every = scenario.steps // 10, scenario.eval_every
+        pre = recovery(metrics["continuous"], drift.at_step, window)["pre_drift_accuracy"]
+        common = RECOVERY_SHARE * pre
+        recoveries = {
+            name: recovery(rows, drift.at_step, window, common) for name, rows in metrics.items()
+        }
+        for r in runs:
+            r.update(recoveries["continuous" if r["protocol"] == "periodic:b=1" else r["protocol"]])
+        shown = ("continuous", matched, "dynamic")
+        print(
+            f"\ndrift at step {drift.at_step}; steps to {RECOVERY_SHARE:.0%} of own pre-drift "
+            f"accuracy / to {common:.3f} ({RECOVERY_SHARE:.0%} of continuous's):"
+        )
+        for name in shown:
+            rec = recoveries[name]
+            print(
+                f"  {name:20s} {metrics[name][-1]['bytes'] / 1e6:8.1f} MB  pre-drift acc "
+                f"{rec['pre_drift_accuracy']:.3f}  recovery {rec['recovery_steps']} / "
+                f"{rec['steps_to_common_level']} steps"
+            )
+        summary["drift"] = {
+            "at_step": drift.at_step,
+            "matched_periodic": matched,
+            "common_level": common,
+        }
+        summary["drift_metrics"] = {name: metrics[name] for name in shown}
+        draw_drift(
+            {name: metrics[name] for name in shown},
+            recoveries,
+            drift.at_step,
+            max(every, scenario.steps // 30 // every * every),
+            common,
+            args.out / "drift.png",
+            f"{title} · concept drift at step {drift.at_step}",
+        )
     (args.out / "pareto.json").write_text(json.dumps(summary, indent=2) + "\n")
-    draw(runs, metrics, args.out / "pareto.png", f"{scenario.dataset} · {scenario.partition}")
-    print(f"wrote {args.out}/pareto.json and pareto.png")
+    draw(runs, metrics, args.out / "pareto.png", title, drift and drift.at_step)
+    print(f"wrote {args.out}/pareto.json, pareto.png" + (", drift.png" if drift else ""))
 
 
 if __name__ == "__main__":
