@@ -647,7 +647,10 @@ class FakeNode:
 @pytest.mark.parametrize(
     "reply, message",
     [
-        ({"ok": True, "communities": ["x"]}, "the running node applied the change (1 communities)"),
+        (
+            {"ok": True, "communities": ["x"]},
+            "the running node applied the change; it is now in 1 community",
+        ),
         ({"error": "model has no fc1"}, "did not apply the change: model has no fc1"),
     ],
 )

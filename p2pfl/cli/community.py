@@ -236,7 +236,8 @@ def _notify_node(home: Path) -> None:
         return
     if reply.get("ok") is True:
         count = len(reply.get("communities") or [])
-        console.print(f"the running node applied the change ({count} communities)")
+        noun = "community" if count == 1 else "communities"
+        console.print(f"the running node applied the change; it is now in {count} {noun}")
     else:
         reason = str(reply.get("error", reply))
         console.print(
