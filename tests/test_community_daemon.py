@@ -1,0 +1,563 @@
+"""Communities in the node daemon: in-process daemons on 127.0.0.1 under trio.
+
+Non-members are refused at the stream, private parameters never leave a node, leaving stops
+the sharing at once, and two communities share disjoint parts of one model.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.peer.id import ID
+
+from p2pfl.community import store
+from p2pfl.community.invite import Invite, issue_invite, make_token
+from p2pfl.community.manifest import CommunityError, Manifest, create_manifest
+from p2pfl.daemon import communities
+from p2pfl.daemon.communities import (
+    HELLO_PROTOCOL,
+    SYNC_PROTOCOL,
+    Announcement,
+    Hello,
+    topic_of,
+)
+from p2pfl.daemon.config import ConfigError, load_config
+from p2pfl.daemon.control import request
+from p2pfl.daemon.node import NodeDaemon
+from p2pfl.daemon.transport import Transport, load_or_create_identity
+from p2pfl.learning.params import ParamSchema
+from p2pfl.wire.codec import WireError, decode, encode
+from p2pfl.wire.messages import Push
+
+MODEL = "mlp:hidden=16"
+
+
+def draft(name: str, shared: list[str], protocol: str) -> str:
+    return (
+        f'name = "{name}"\nadmission = "invite"\n[model]\nfactory = "{MODEL}"\n'
+        f"inputs = [64]\nclasses = 10\nshared = {shared!r}\n"
+        f'[policy]\nprotocol = "{protocol}"\n'
+    ).replace("'", '"')
+
+
+@dataclass(eq=False)
+class Node:
+    """A node home with its identity and a preassigned port (its address is known early)."""
+
+    home: Path
+    key: KeyPair
+    port: int
+    index: int
+    daemon: NodeDaemon | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return str(ID.from_pubkey(self.key.public_key))
+
+    @property
+    def addr(self) -> str:
+        return f"/ip4/127.0.0.1/tcp/{self.port}/p2p/{self.peer_id}"
+
+    def start(self, n: int, protocol: str = "none", model: str = MODEL) -> NodeDaemon:
+        config = load_config(
+            self.home,
+            {
+                "listen": f"/ip4/127.0.0.1/tcp/{self.port}",
+                "data": f"digits:part={self.index}/{n},alpha=0.5,seed=1",
+                "model": model,
+                "protocol": protocol,
+                "seed": self.index,  # different initial models: convergence must come from sync
+            },
+        )
+        self.daemon = NodeDaemon(config, self.key)
+        return self.daemon
+
+    def params(self, prefix: str) -> torch.Tensor:
+        """This node's current parameters whose names start with ``prefix``."""
+        assert self.daemon is not None
+        schema = self.daemon.schema
+        chunks = schema.split(self.daemon.learner.get(0))
+        return torch.cat(
+            [
+                c.reshape(-1)
+                for s, c in zip(schema.params, chunks, strict=True)
+                if s.name.startswith(prefix)
+            ]
+        )
+
+    def community(self, manifest: Manifest) -> communities.Community:
+        assert self.daemon is not None
+        return self.daemon.communities.active[manifest.id]
+
+
+def make_nodes(tmp_path: Path, n: int) -> list[Node]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    nodes = []
+    for i in range(n):
+        home = tmp_path / f"n{i}"
+        nodes.append(Node(home, load_or_create_identity(home / "identity.key"), ports[i], i))
+    return nodes
+
+
+def found(founder: Node, text: str) -> Manifest:
+    now = int(time.time())
+    manifest = create_manifest(text, "draft", founder.key, now)
+    store.join(founder.home, manifest.to_toml(), founder.peer_id, [], now)
+    return manifest
+
+
+def admit(founder: Node, manifest: Manifest, node: Node) -> None:
+    """The founder invites ``node``, which joins with the token and the founder as bootstrap."""
+    token = make_token(issue_invite(manifest, founder.key, node.peer_id, None), manifest)
+    store.join(node.home, token, node.peer_id, [founder.addr], int(time.time()))
+
+
+def rel_dist(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / a.norm())
+
+
+@asynccontextmanager
+async def running(nodes: list[Node]) -> AsyncIterator[None]:
+    """Run every node's daemon; stop them all on exit."""
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            assert node.daemon is not None
+            listening = trio.Event()
+            nursery.start_soon(node.daemon.run, lambda _addrs, ev=listening: ev.set())
+            await listening.wait()
+        try:
+            yield
+        finally:
+            for node in nodes:
+                assert node.daemon is not None
+                node.daemon.stop()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    try:
+        with trio.fail_after(timeout):
+            while not condition():
+                await trio.sleep(0.05)
+    except trio.TooSlowError:
+        raise AssertionError(f"not within {timeout} s: {what}") from None
+
+
+@dataclass
+class Sent:
+    sender: str
+    to: str
+    protocol: str
+    payload: bytes
+    at: float
+
+
+@dataclass
+class Wire:
+    """Every frame and pubsub message the transports hand to libp2p, in order."""
+
+    frames: list[Sent] = field(default_factory=list)
+    published: list[Sent] = field(default_factory=list)
+    on_send: list[Callable[[Sent], None]] = field(default_factory=list)
+
+    def sync_frames(self, sender: str, since: float = 0.0) -> list[Sent]:
+        return [
+            f
+            for f in self.frames
+            if f.sender == sender and f.protocol == SYNC_PROTOCOL and f.at >= since
+        ]
+
+
+@pytest.fixture
+def wire(monkeypatch: pytest.MonkeyPatch) -> Wire:
+    captured = Wire()
+    real_send, real_publish = Transport.send, Transport.publish
+
+    async def send(self: Transport, peer_id: str, protocol: str, payload: bytes) -> None:
+        sent = Sent(self.peer_id, peer_id, protocol, bytes(payload), trio.current_time())
+        captured.frames.append(sent)
+        for check in captured.on_send:
+            check(sent)
+        await real_send(self, peer_id, protocol, payload)
+
+    async def publish(self: Transport, topic: str, data: bytes) -> None:
+        captured.published.append(Sent(self.peer_id, topic, "pubsub", data, trio.current_time()))
+        await real_publish(self, topic, data)
+
+    monkeypatch.setattr(Transport, "send", send)
+    monkeypatch.setattr(Transport, "publish", publish)
+    return captured
+
+
+def header_names(payload: bytes) -> list[str] | None:
+    """Parameter names in a sync frame's wire header (None for messages without params)."""
+    frame = msgpack.unpackb(payload[16:], raw=False)
+    return frame["params"]["names"] if "params" in frame else None
+
+
+def run(body: Callable[[], object], timeout: float = 60.0) -> None:
+    async def bounded() -> None:
+        with trio.fail_after(timeout):
+            await body()  # type: ignore[misc]
+
+    trio.run(bounded)
+
+
+# ------------------------------------------------------------------------ start-up checks
+
+
+def test_whole_model_protocol_is_refused_in_a_community(tmp_path):
+    a, b = make_nodes(tmp_path, 2)
+    manifest = found(a, draft("body", ["fc1.*"], "dynamic"))
+    admit(a, manifest, b)
+    with pytest.raises(ConfigError) as info:
+        b.start(2, protocol="dynamic")
+    text = str(info.value)
+    assert "'body'" in text and "private" in text and 'protocol = "none"' in text
+    assert "p2pfl community leave" in text
+    assert b.start(2, protocol="none").communities.active.keys() == {manifest.id}
+
+
+def test_model_that_does_not_fit_the_manifest_is_refused(tmp_path):
+    (a,) = make_nodes(tmp_path, 1)
+    found(a, draft("body", ["fc1.*"], "dynamic"))
+    with pytest.raises(CommunityError) as info:
+        a.start(1, model="mlp:hidden=32")
+    text = str(info.value)
+    assert "fc1.weight [16, 64] float32" in text and "fc1.weight [32, 64] float32" in text
+    assert "--model 'mlp:hidden=16'" in text
+    with pytest.raises(CommunityError, match="matches no parameter"):
+        a.start(1, model="logistic")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\xc1",
+        msgpack.packb([1, 2]),
+        msgpack.packb(
+            {"community": "x" * 32, "credential": None, "answer": False, "refused": None}
+        ),
+        msgpack.packb({"community": "ab" * 16, "credential": 5, "answer": False, "refused": None}),
+        msgpack.packb({"community": "ab" * 16, "credential": None, "answer": 1, "refused": None}),
+        msgpack.packb(
+            {"community": "ab" * 16, "credential": None, "answer": True, "refused": "r" * 5000}
+        ),
+        msgpack.packb({"community": "ab" * 16, "credential": None, "answer": True, "extra": 1}),
+    ],
+)
+def test_malformed_hello_is_a_wire_error(payload):
+    with pytest.raises(WireError):
+        Hello.from_bytes(payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x00" * 3000,
+        msgpack.packb({"peer": "p", "addrs": ["a"] * 9, "credential": None}),
+        msgpack.packb({"peer": "p", "addrs": [1], "credential": None}),
+        msgpack.packb({"peer": "", "addrs": [], "credential": None}),
+        msgpack.packb({"peer": "p", "addrs": []}),
+    ],
+)
+def test_malformed_announcement_is_a_wire_error(payload):
+    with pytest.raises(WireError):
+        Announcement.from_bytes(payload)
+
+
+def test_hello_and_announcement_round_trip():
+    hello = Hello("ab" * 16, b"cred", answer=True)
+    assert Hello.from_bytes(hello.to_bytes()) == hello
+    ann = Announcement("12D3KooWpeer", ("/ip4/127.0.0.1/tcp/1/p2p/12D3KooWpeer",), None)
+    assert Announcement.from_bytes(ann.to_bytes()) == ann
+
+
+# ------------------------------------------------------------------------------- network
+
+
+def test_non_members_are_refused_at_the_stream(tmp_path, wire):
+    """Peers without a valid credential get a refusal with the reason, their frames are
+    refused and counted, and they never receive a sync frame; members keep syncing."""
+    a, b, other = make_nodes(tmp_path, 3)
+    manifest = found(a, draft("body", ["fc1.*"], "periodic:b=20"))
+    admit(a, manifest, b)
+    foreign = create_manifest(draft("elsewhere", ["fc1.*"], "dynamic"), "d", other.key, 0)
+    a.start(2)
+    b.start(2)
+    now = int(time.time())
+    schema = manifest.schema
+    push = bytes.fromhex(manifest.id) + encode(Push(0, torch.zeros(schema.numel), 10), schema)
+
+    def credential_for(kind: str, peer: str) -> bytes | None:
+        if kind == "forged":  # claims the founder issued it, signed by someone else
+            unsigned = Invite(manifest.id, manifest.founder, peer, None, b"")
+            signature = other.key.private_key.sign(unsigned.signed_bytes())
+            return Invite(manifest.id, manifest.founder, peer, None, signature).to_bytes()
+        if kind == "expired":
+            return issue_invite(manifest, a.key, peer, now - 60).to_bytes()
+        if kind == "other peer":
+            return issue_invite(manifest, a.key, b.peer_id, None).to_bytes()
+        if kind == "foreign":
+            return issue_invite(foreign, other.key, peer, None).to_bytes()
+        return None
+
+    expected = {
+        "none": "has no invite",
+        "forged": "forged",
+        "expired": "expired at",
+        "other peer": "was issued for peer",
+        "foreign": "another community",
+        "silent": "not admitted",
+    }
+    refusals: dict[str, list[str]] = {kind: [] for kind in expected}
+    received_sync: list[str] = []
+
+    async def attacker(kind: str) -> None:
+        transport = Transport(create_new_key_pair())
+
+        async def on_hello(peer: str, payload: bytes) -> None:
+            hello = Hello.from_bytes(payload)
+            if hello.refused:
+                refusals[kind].append(hello.refused)
+
+        async def on_sync(peer: str, payload: bytes) -> None:
+            received_sync.append(kind)
+
+        transport.set_handler(HELLO_PROTOCOL, on_hello)
+        transport.set_handler(SYNC_PROTOCOL, on_sync)
+        async with transport:
+            await transport.connect(a.addr)
+            if kind != "silent":
+                hello = Hello(manifest.id, credential_for(kind, transport.peer_id))
+                await transport.send(a.peer_id, HELLO_PROTOCOL, hello.to_bytes())
+                await wait_until(lambda: refusals[kind], 10, f"refusal for {kind}")
+            for _ in range(3):
+                await transport.send(a.peer_id, SYNC_PROTOCOL, push)
+            await wait_until(lambda: refusals[kind], 10, f"refusal for {kind}")
+            await trio.sleep(1.0)  # time for a node that wrongly admitted us to send
+
+    async def body() -> None:
+        async with running([a, b]):
+            await wait_until(
+                lambda: a.community(manifest).core.stats.syncs >= 2, 20, "a and b sync"
+            )
+            rejected = a.daemon.counters["rejected"]
+            async with trio.open_nursery() as nursery:
+                for kind in expected:
+                    nursery.start_soon(attacker, kind)
+            assert a.daemon.counters["rejected"] >= rejected + 5 + 3 * len(expected)
+            syncs = b.community(manifest).core.stats.syncs
+            await wait_until(
+                lambda: b.community(manifest).core.stats.syncs > syncs, 10, "b still syncs"
+            )
+            assert set(a.community(manifest).admitted) == {b.peer_id}
+            assert a.community(manifest).core.live_neighbors == [b.peer_id]
+
+    run(body)
+    for kind, reason in expected.items():
+        assert any(reason in r for r in refusals[kind]), (kind, refusals[kind])
+    assert received_sync == []
+    members = {a.peer_id, b.peer_id}
+    assert {f.to for f in wire.frames if f.protocol == SYNC_PROTOCOL} == members
+
+
+def test_private_parameters_never_leave_the_node(tmp_path, wire, monkeypatch):
+    """Every encoded frame holds the shared fc1 entries and never the private head's bytes;
+    decoded frames have the shared schema only."""
+    a, b = make_nodes(tmp_path, 2)
+    manifest = found(a, draft("body", ["fc1.*"], "dynamic"))
+    admit(a, manifest, b)
+    nodes = [a, b]
+    for node in nodes:
+        node.start(2)
+    by_id = {node.peer_id: node for node in nodes}
+    violations: list[str] = []
+    encoded: list[tuple[str, bytes]] = []
+    shared_seen = {node.peer_id: 0 for node in nodes}
+    real_encode = communities.encode
+
+    def private_chunks(node: Node) -> list[bytes]:
+        head = node.params("head.").numpy().tobytes()
+        return [head[i : i + 64] for i in range(0, len(head), 64)]
+
+    def check_frame(sent: Sent) -> None:
+        for node in nodes:  # no head row of any node, at the moment the frame leaves
+            if any(chunk in sent.payload for chunk in private_chunks(node)):
+                violations.append(f"{sent.protocol} frame from {sent.sender} holds a head row")
+
+    def recording_encode(message: object, schema: ParamSchema) -> bytes:
+        data = real_encode(message, schema)
+        encoded.append((schema.names, data))
+        for node in nodes:  # the sender's model as it is when the message is encoded
+            if any(chunk in data for chunk in private_chunks(node)):
+                violations.append(f"encoded {type(message).__name__} holds a head row")
+            if node.params("fc1.").numpy().tobytes()[:64] in data:
+                shared_seen[node.peer_id] += 1
+        return data
+
+    wire.on_send.append(check_frame)
+    monkeypatch.setattr(communities, "encode", recording_encode)
+
+    async def body() -> None:
+        async with running(nodes):
+            await wait_until(
+                lambda: min(shared_seen.values()) >= 3 and len(encoded) >= 12, 30, "syncs"
+            )
+
+    run(body)
+    assert violations == []
+    assert {tuple(names) for names, _ in encoded} == {("fc1.weight", "fc1.bias")}
+    frames = [f for f in wire.frames if f.protocol == SYNC_PROTOCOL]
+    encoded_bytes = {data for _, data in encoded}
+    for frame in frames:
+        assert frame.payload[:16] == bytes.fromhex(manifest.id)
+        assert frame.payload[16:] in encoded_bytes  # nothing else leaves on the sync protocol
+        decode(frame.payload[16:], manifest.schema)
+        assert header_names(frame.payload) in (None, ["fc1.weight", "fc1.bias"])
+        assert frame.to in by_id and frame.sender in by_id
+    for frame in wire.frames + wire.published:
+        if frame.protocol != SYNC_PROTOCOL:
+            assert len(frame.payload) < 1024  # hellos and announcements: no parameters
+
+
+def test_two_members_share_the_body_and_keep_their_heads(tmp_path, wire):
+    """Two members with different initial models and data: their shared fc1 converges while
+    their private heads stay apart (and far from the other's)."""
+    a, b = make_nodes(tmp_path, 2)
+    manifest = found(a, draft("body", ["fc1.*"], "dynamic"))
+    admit(a, manifest, b)
+    a.start(2)
+    b.start(2)
+    start_fc1 = rel_dist(a.params("fc1."), b.params("fc1."))
+    start_head = rel_dist(a.params("head."), b.params("head."))
+
+    async def body() -> None:
+        async with running([a, b]):
+            await wait_until(
+                lambda: min(n.community(manifest).core.stats.syncs for n in (a, b)) >= 10,
+                30,
+                "ten syncs each",
+            )
+            await trio.sleep(0.3)
+
+    run(body)
+    fc1, head = (
+        rel_dist(a.params("fc1."), b.params("fc1.")),
+        rel_dist(a.params("head."), b.params("head.")),
+    )
+    assert start_fc1 > 1.0 and start_head > 1.0
+    assert fc1 < 0.2 * start_fc1, (start_fc1, fc1)
+    assert head > 0.5 * start_head, (start_head, head)
+
+
+def test_leaving_stops_the_sharing_at_once(tmp_path, wire):
+    """After `leave` and the reload reply, the node sends no sync frame and no announcement
+    for the community; the others drop it and go on; its drift correction is cleared."""
+    a, b, c = make_nodes(tmp_path, 3)
+    manifest = found(a, draft("body", ["fc1.*"], "dynamic"))
+    admit(a, manifest, b)
+    admit(a, manifest, c)
+    for node in (a, b, c):
+        node.start(3)
+    topic = topic_of(manifest.id)
+
+    async def body() -> None:
+        async with running([a, b, c]):
+            # b and c only know a: they find each other through announcements.
+            await wait_until(
+                lambda: b.peer_id in c.community(manifest).admitted, 20, "b and c meet"
+            )
+            await wait_until(lambda: b.community(manifest).core.stats.syncs >= 3, 20, "b syncs")
+            assert b.daemon.learner.correction(0).abs().sum() > 0
+            store.remove_membership(b.home, manifest.id)
+            reply = await trio.to_thread.run_sync(request, b.home, "communities")
+            left_at = trio.current_time()
+            assert reply == {"ok": True, "communities": []}
+            assert b.daemon.status()["communities"] == []
+            assert b.daemon.learner.correction(0).abs().sum() == 0
+            await wait_until(
+                lambda: (
+                    b.peer_id not in a.community(manifest).admitted
+                    and b.peer_id not in c.community(manifest).admitted
+                ),
+                5,
+                "a and c drop b",
+            )
+            syncs = {n.peer_id: n.community(manifest).core.stats.syncs for n in (a, c)}
+            await wait_until(
+                lambda: all(
+                    n.community(manifest).core.stats.syncs > syncs[n.peer_id] for n in (a, c)
+                ),
+                20,
+                "a and c go on",
+            )
+            await trio.sleep(ANNOUNCE_WAIT_S)
+            assert wire.sync_frames(b.peer_id, since=left_at) == []
+            assert [p for p in wire.published if p.sender == b.peer_id and p.at >= left_at] == []
+            assert any(
+                p.sender == a.peer_id and p.to == topic and p.at >= left_at for p in wire.published
+            )
+
+    run(body)
+    assert wire.sync_frames(b.peer_id)  # it did share before leaving
+
+
+ANNOUNCE_WAIT_S = communities.ANNOUNCE_EVERY_S + 0.5
+
+
+def test_two_communities_share_disjoint_parts(tmp_path, wire):
+    """A shares fc1.* with B (community 1) and head.* with C (community 2): B only ever
+    receives fc1 entries, C only head entries; A's fc1 moves toward B's, its head toward C's."""
+    a, b, c = make_nodes(tmp_path, 3)
+    body_c = found(a, draft("body", ["fc1.*"], "periodic:b=20"))
+    head_c = found(a, draft("head", ["head.*"], "periodic:b=20"))
+    admit(a, body_c, b)
+    admit(a, head_c, c)
+    for node in (a, b, c):
+        node.start(3)
+
+    async def body() -> None:
+        async with running([a, b, c]):
+            await wait_until(
+                lambda: (
+                    b.community(body_c).core.stats.syncs >= 5
+                    and c.community(head_c).core.stats.syncs >= 5
+                ),
+                30,
+                "both communities sync",
+            )
+            await trio.sleep(0.3)
+
+    run(body)
+    to_b = [f for f in wire.frames if f.to == b.peer_id and f.protocol == SYNC_PROTOCOL]
+    to_c = [f for f in wire.frames if f.to == c.peer_id and f.protocol == SYNC_PROTOCOL]
+    assert to_b and to_c
+    assert {f.payload[:16].hex() for f in to_b} == {body_c.id}
+    assert {f.payload[:16].hex() for f in to_c} == {head_c.id}
+    assert {tuple(header_names(f.payload) or ()) for f in to_b} <= {("fc1.weight", "fc1.bias"), ()}
+    assert {tuple(header_names(f.payload) or ()) for f in to_c} <= {
+        ("head.weight", "head.bias"),
+        (),
+    }
+    assert not any(f.to == c.peer_id for f in wire.sync_frames(b.peer_id))
+    fc1 = {n: rel_dist(a.params("fc1."), n.params("fc1.")) for n in (b, c)}
+    head = {n: rel_dist(a.params("head."), n.params("head.")) for n in (b, c)}
+    assert fc1[b] < 0.2 and fc1[c] > 0.5, fc1
+    assert head[c] < 0.2 and head[b] > 0.5, head
