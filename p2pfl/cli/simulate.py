@@ -9,7 +9,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from p2pfl.data import DataError
-from p2pfl.simulator.results import comparison_table, run_scenario
+from p2pfl.simulator.results import (
+    communities_table,
+    comparison_table,
+    joining_table,
+    run_scenario,
+)
 from p2pfl.simulator.scenario import ScenarioError, load_scenario
 from p2pfl.spec import SpecError
 
@@ -21,7 +26,9 @@ def sim(
     nodes: int | None = typer.Option(None, "--nodes", help="Number of nodes."),
     topology: str | None = typer.Option(None, "--topology", help="e.g. small-world:k=4,p=0.2"),
     dataset: str | None = typer.Option(None, "--dataset", help="digits, synthetic:..., x.npz"),
-    partition: str | None = typer.Option(None, "--partition", help="iid, dirichlet:alpha=0.5"),
+    partition: str | None = typer.Option(
+        None, "--partition", help="iid, dirichlet:alpha=0.5, labels:k=4,min=10,max=200"
+    ),
     model: str | None = typer.Option(None, "--model", help="logistic, mlp:hidden=64x32, cnn"),
     protocol: list[str] = typer.Option([], "--protocol", help="Repeat to compare protocols."),
     steps: int | None = typer.Option(None, "--steps", help="Steps per node."),
@@ -34,7 +41,8 @@ def sim(
     out: Path = typer.Option(Path("runs/sim"), "--out", help="Directory for the results."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Simulate nodes on a graph and compare protocols on identical data and seed."""
+    """Simulate nodes on a graph and compare protocols on identical data and seed; with
+    [[communities]] in the scenario, compare joining them against training alone."""
     overrides = {
         "nodes": nodes,
         "topology": topology,
@@ -68,4 +76,7 @@ def _run(path: Path | None, overrides: dict[str, object], out: Path, quiet: bool
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     console.print(comparison_table(summary))
+    if "joining" in summary:
+        console.print(joining_table(summary))
+        console.print(communities_table(summary))
     console.print(f"results in {out}/ (summary.json, metrics.jsonl, report.png)")

@@ -11,6 +11,7 @@ neither sent nor overwritten.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -32,14 +33,27 @@ class SharedPart:
     index: torch.Tensor
     """Positions (int64) of the shared entries in the full flat vector."""
 
+    @functools.cached_property
+    def span(self) -> slice | None:
+        """The shared entries as one slice when they are contiguous (whole layers next to each
+        other, or the whole model): then ``take`` and ``put`` copy a slice, several times
+        faster than gathering by index. None otherwise."""
+        first, count = int(self.index[0]), len(self.index)
+        contiguous = torch.equal(self.index, torch.arange(first, first + count))
+        return slice(first, first + count) if contiguous else None
+
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """The shared entries of a full vector (a copy)."""
-        return full.index_select(-1, self.index)
+        span = self.span
+        return full[..., span].clone() if span is not None else full.index_select(-1, self.index)
 
     def put(self, full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
         """A copy of ``full`` with the shared entries replaced by ``part``."""
+        span = self.span
+        if span is not None and span.start == 0 and span.stop == full.shape[-1]:
+            return part.clone()  # the whole model
         out = full.clone()
-        out[..., self.index] = part
+        out[..., self.index if span is None else span] = part
         return out
 
 
@@ -86,7 +100,12 @@ class PartView:
         self._read_full, self.part, self._samples = read_full, part, samples
 
     def read(self) -> torch.Tensor:
-        return self.part.take(self._read_full())
+        """The shared entries: a live view when they are contiguous, else a copy (the core
+        clones what it keeps, as ``ModelAccess`` asks)."""
+        full, span = self._read_full(), self.part.span
+        if span is None:
+            return self.part.take(full)
+        return full if span.start == 0 and span.stop == full.shape[-1] else full[..., span]
 
     @property
     def samples(self) -> int:
@@ -102,7 +121,7 @@ class Corrections:
 
     def set(self, part: SharedPart, vector: torch.Tensor) -> torch.Tensor:
         """Record a community's correction; returns the node's full correction vector."""
-        self.correction[part.index] = vector
+        self.correction[part.index if part.span is None else part.span] = vector
         return self.correction.clone()
 
     def clear(self, part: SharedPart) -> torch.Tensor:

@@ -1,11 +1,17 @@
 """Partitioners: how a training set is split across the nodes of a network.
 
 ``iid`` deals samples uniformly, ``dirichlet:alpha=A`` skews each node's label mix (smaller
-alpha, stronger skew), ``shards:k=K`` gives each node K label-sorted shards.
+alpha, stronger skew), ``shards:k=K`` gives each node K label-sorted shards. These three cover
+every sample. ``labels:k=K,min=A,max=B`` gives each node an objective of its own: K random
+classes, and a train size drawn log-uniformly in [A, B] (spread evenly over its classes,
+disjoint from every other node's, not necessarily covering the data set); its local test
+split is the global test set restricted to its classes, so even a node with ten samples is
+measured on its whole objective.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,8 +20,9 @@ import torch
 from p2pfl.data.datasets import Dataset, load_dataset, non_negative_int
 from p2pfl.spec import SpecError, non_negative_float, parse_spec, positive_int
 
-PARTITION_KINDS = ("iid", "dirichlet", "shards")
+PARTITION_KINDS = ("iid", "dirichlet", "shards", "labels")
 DIRICHLET_REDRAWS = 50
+LABELS_REDRAWS = 50
 
 
 @dataclass(eq=False)
@@ -29,7 +36,8 @@ class NodeData:
 
 
 def partition(y: torch.Tensor, num_nodes: int, spec: str, seed: int) -> list[torch.Tensor]:
-    """Disjoint sorted index tensors, one per node, covering every sample of ``y``."""
+    """Disjoint sorted index tensors, one per node, covering every sample of ``y`` (all
+    kinds but ``labels``, which takes only the samples its nodes need)."""
     parsed = parse_spec(spec, PARTITION_KINDS)
     labels = y.numpy()
     n = len(labels)
@@ -52,6 +60,20 @@ def partition(y: torch.Tensor, num_nodes: int, spec: str, seed: int) -> list[tor
                 f"{spec!r}: {num_nodes} nodes x min={min_size} exceeds the {n} samples; lower min"
             )
         parts = _dirichlet(labels, num_nodes, alpha, min_size, rng)
+    elif parsed.kind == "labels":
+        parsed.check_keys(["k", "min", "max"])
+        k = parsed.take("k", positive_int, default=2)
+        low = parsed.take("min", positive_int, default=10)
+        high = parsed.take("max", positive_int, default=400)
+        classes = len(np.unique(labels))
+        if k > classes:
+            raise SpecError(f"{spec!r}: k={k} but the data set has {classes} classes; lower k")
+        if not k <= low <= high:
+            raise SpecError(
+                f"{spec!r}: need k <= min <= max (every node gets at least one sample of each "
+                f"of its classes), got k={k}, min={low}, max={high}"
+            )
+        parts = _labels(labels, num_nodes, k, low, high, rng, spec)
     else:
         parsed.check_keys(["k"])
         k = parsed.take("k", positive_int, default=2)
@@ -90,6 +112,51 @@ def _dirichlet(
     return [np.flatnonzero(owner == node) for node in range(num_nodes)]
 
 
+def _labels(
+    labels: np.ndarray,
+    num_nodes: int,
+    k: int,
+    low: int,
+    high: int,
+    rng: np.random.Generator,
+    spec: str,
+) -> list[np.ndarray]:
+    """``k`` random classes per node and a log-uniform size in [low, high], spread evenly over
+    the node's classes; the draw is repeated until every class has the samples it needs."""
+    classes = np.unique(labels)
+    supply = {int(c): int((labels == c).sum()) for c in classes}
+    for _ in range(LABELS_REDRAWS):
+        chosen = [rng.choice(classes, size=k, replace=False) for _ in range(num_nodes)]
+        logs = rng.uniform(math.log(low), math.log(high + 1), size=num_nodes)
+        sizes = np.minimum(np.floor(np.exp(logs)).astype(np.int64), high)
+        wants = []  # per node: {class: samples}
+        demand = dict.fromkeys(supply, 0)
+        for node_classes, size in zip(chosen, sizes, strict=True):
+            share = np.full(k, size // k)
+            share[rng.choice(k, size=size % k, replace=False)] += 1
+            want = {int(c): int(n) for c, n in zip(node_classes, share, strict=True)}
+            for c, n in want.items():
+                demand[c] += n
+            wants.append(want)
+        if all(demand[c] <= supply[c] for c in supply):
+            break
+    else:
+        short = max(supply, key=lambda c: demand[c] - supply[c])
+        raise SpecError(
+            f"{spec!r}: {num_nodes} nodes need {demand[short]} samples of class {short}, the "
+            f"data set has {supply[short]} (best of {LABELS_REDRAWS} draws); lower max or the "
+            "number of nodes"
+        )
+    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in supply}
+    parts = []
+    for want in wants:
+        taken = [pools[c][:n] for c, n in want.items()]
+        for c, n in want.items():
+            del pools[c][:n]
+        parts.append(np.concatenate(taken).astype(np.int64))
+    return parts
+
+
 def split_nodes(
     dataset: Dataset,
     num_nodes: int,
@@ -97,11 +164,16 @@ def split_nodes(
     seed: int,
     local_test_fraction: float = 0.2,
 ) -> list[NodeData]:
-    """Partition the training set, then split each node's part into local train and test."""
+    """Partition the training set, then split each node's part into local train and test
+    (``labels``: all of the part is train, the local test split is the global test set
+    restricted to the node's classes)."""
     if not 0.0 <= local_test_fraction < 1.0:
         raise ValueError(f"local_test_fraction must be in [0, 1), got {local_test_fraction}")
+    parts = partition(dataset.y_train, num_nodes, partition_spec, seed)
+    if parse_spec(partition_spec).kind == "labels":
+        return [_own_objective(dataset, index) for index in parts]
     nodes: list[NodeData] = []
-    for node, index in enumerate(partition(dataset.y_train, num_nodes, partition_spec, seed)):
+    for node, index in enumerate(parts):
         rng = np.random.default_rng([seed, node])
         shuffled = index[torch.as_tensor(rng.permutation(len(index)))]
         n_test = min(round(local_test_fraction * len(index)), len(index) - 1)
@@ -115,6 +187,13 @@ def split_nodes(
             )
         )
     return nodes
+
+
+def _own_objective(dataset: Dataset, index: torch.Tensor) -> NodeData:
+    """A node that trains on ``index`` and is tested on the global test samples of its classes."""
+    y_train = dataset.y_train[index]
+    mine = torch.isin(dataset.y_test, y_train.unique())
+    return NodeData(dataset.x_train[index], y_train, dataset.x_test[mine], dataset.y_test[mine])
 
 
 def node_slice(spec: str) -> NodeData:

@@ -81,6 +81,11 @@ class Learner(ABC):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every node's predictions on the same inputs: ``[nodes, n, classes]``."""
 
+    @abstractmethod
+    def logits_each(self, x: torch.Tensor) -> torch.Tensor:
+        """Each node's predictions on its own inputs ``x [nodes, n, features]``:
+        ``[nodes, n, classes]`` (e.g. on local test splits padded to one length)."""
+
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-node accuracy and mean cross-entropy loss on ``(x, y)``."""
@@ -141,6 +146,10 @@ class PerNodeLearner(Learner):
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x) for m in self.models])
+
+    @torch.no_grad()
+    def logits_each(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(xi) for m, xi in zip(self.models, x, strict=True)])
 
 
 class BatchedLearner(Learner):
@@ -346,6 +355,19 @@ class BatchedLearner(Learner):
         if self._dense is None:
             return self._forward(self.params, x.expand(self.num_nodes, *x.shape))
         return torch.cat([z.transpose(1, 2) for z in self._dense_logits(x)])
+
+    @torch.no_grad()
+    def logits_each(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is None:
+            return self._forward(self.params, x)
+        size = max(1, (1 << 22) // max(1, x.shape[1] * max(la.out_features for la in self._dense)))
+        blocks = []
+        for start in range(0, self.num_nodes, size):
+            w, h = self.params[start : start + size], x[start : start + size].transpose(1, 2)
+            for layer in self._dense:
+                h = layer.forward(w, h)
+            blocks.append(h.transpose(1, 2))
+        return torch.cat(blocks)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,14 @@
-"""The simulation engine: drives one protocol core per node and one learner for all nodes
-over a ``SimNetwork`` on a virtual clock. It makes no protocol decision: it only delivers
-events to the cores and carries out the actions they return.
+"""The simulation engine: drives protocol cores and one learner for all nodes over a
+``SimNetwork`` on a virtual clock. It makes no protocol decision: it only delivers events to
+the cores and carries out the actions they return.
+
+Cores live in channels (see ``channels.py``): a channel is a graph over its members, the part
+of the model they share and one core per member. The plain simulation is one channel over the
+whole model; with communities a node has one core per community it is in. A core reads only
+its channel's part (``PartView``), its messages are sized with the part's sub-schema (so their
+bytes are the part's bytes), its ``ReplaceModel`` writes only the part's entries and its
+``SetCorrection`` fills only the part's slice of the node's correction (``Corrections``):
+private parameters are never sent nor overwritten.
 
 One tick of the clock (``network.step_time`` seconds) is: apply concept drift and churn if
 due, deliver every message and timer that is due, train every online node whose compute
@@ -17,22 +25,25 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
 import torch
 from torch import nn
 
+from p2pfl.community.sharing import Corrections, PartView
 from p2pfl.data import Dataset, NodeData, load_dataset, split_nodes
 from p2pfl.learning.learner import BatchedLearner, Learner, PerNodeLearner, SGDConfig
+from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.models import build_model
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
-from p2pfl.protocol.config import parse_protocol
-from p2pfl.protocol.core import NodeCore, make_core
+from p2pfl.protocol.core import CoreStats, NodeCore, make_core
+from p2pfl.simulator.channels import Channel, community_channels, union_graph, whole_model_channel
 from p2pfl.simulator.network import SimNetwork
+from p2pfl.simulator.objectives import OwnObjectives
 from p2pfl.simulator.scenario import Scenario
 from p2pfl.topology import build_topology
 from p2pfl.wire.codec import all_finite, encoded_size
@@ -43,24 +54,30 @@ log = logging.getLogger("p2pfl.simulator")
 
 @dataclass
 class Prepared:
-    """What every protocol of a scenario shares: data split, graph and initial model."""
+    """What every run of a scenario shares: data split, graph, initial model and, if the
+    scenario has communities, their channels (``graph`` is then the union of their graphs)."""
 
     scenario: Scenario
     dataset: Dataset
     nodes: list[NodeData]
     graph: nx.Graph
     model: nn.Module
+    communities: list[Channel] = field(default_factory=list)
 
 
 def prepare(scenario: Scenario) -> Prepared:
-    """Load data, split it over the nodes, build the graph and the initial model."""
-    dataset = load_dataset(scenario.dataset, scenario.seed)
-    nodes = split_nodes(dataset, scenario.nodes, scenario.partition, scenario.seed)
-    graph = build_topology(
-        scenario.topology, scenario.nodes, scenario.seed, scenario.allow_disconnected
-    )
-    model = build_model(scenario.model, dataset.input_shape, dataset.num_classes, scenario.seed)
-    return Prepared(scenario, dataset, nodes, graph, model)
+    """Load data, split it over the nodes, build the graph, the initial model and the
+    communities' channels (``ScenarioError`` if a community does not fit the model)."""
+    s = scenario
+    dataset = load_dataset(s.dataset, s.seed)
+    nodes = split_nodes(dataset, s.nodes, s.partition, s.seed)
+    model = build_model(s.model, dataset.input_shape, dataset.num_classes, s.seed)
+    if not s.communities:
+        graph = build_topology(s.topology, s.nodes, s.seed, s.allow_disconnected)
+        return Prepared(s, dataset, nodes, graph, model)
+    schema = ParamSchema.from_module(model)
+    channels = community_channels(s.communities, schema, s.nodes, s.seed, s.allow_disconnected)
+    return Prepared(s, dataset, nodes, union_graph(channels, s.nodes), model, channels)
 
 
 def final_eval_steps(steps: int, count: int = 5) -> list[int]:
@@ -81,28 +98,19 @@ def _snapshot(message: Message) -> Message:
     return message if params is None else replace(message, params=params.detach().clone())
 
 
-class _NodeModel:
-    """``ModelAccess`` for one row of the learner."""
-
-    def __init__(self, learner: Learner, node: int, samples: int) -> None:
-        self.learner, self.node, self._samples = learner, node, samples
-
-    def read(self) -> torch.Tensor:
-        return self.learner.get(self.node)
-
-    @property
-    def samples(self) -> int:
-        return self._samples
-
-
 class Simulation:
-    """One protocol on one prepared scenario."""
+    """One run on one prepared scenario: every node trains on its own data and syncs over the
+    channels it is a member of."""
 
-    def __init__(self, prepared: Prepared, protocol: str) -> None:
+    def __init__(
+        self, prepared: Prepared, protocol: str, channels: Sequence[Channel] | None = None
+    ) -> None:
+        """Without ``channels``, every node runs ``protocol`` over its whole model and the
+        scenario graph (one channel). With ``channels`` (a scenario's communities, or none at
+        all to train alone) ``protocol`` only names the run."""
         s = prepared.scenario
         self.prepared = prepared
         self.protocol = protocol
-        self.config = parse_protocol(protocol)
         bank = NodeDataBank(
             [d.x_train for d in prepared.nodes],
             [d.y_train for d in prepared.nodes],
@@ -120,19 +128,38 @@ class Simulation:
         else:
             self.learner = PerNodeLearner(prepared.model, bank, sgd)
         self.schema = self.learner.schema
+        if channels is None:
+            channels = [whole_model_channel(prepared.graph, self.schema, protocol)]
+        self.channels = list(channels)
         self.net = SimNetwork(prepared.graph, s.network, s.seed)
         step_size = s.lr / (1 - s.momentum)
-        self.cores: list[NodeCore] = [
-            make_core(
-                str(i),
-                self.config,
-                _NodeModel(self.learner, i, len(prepared.nodes[i].y_train)),
-                (str(j) for j in prepared.graph.neighbors(i)),
-                seed=s.seed * 100_003 + i,
-                step_size=step_size,
-            )
-            for i in range(s.nodes)
-        ]
+        # Per channel: member -> core; per node: its (channel, core) pairs; and all cores.
+        self.channel_cores: list[dict[int, NodeCore]] = []
+        self.node_cores: list[list[tuple[int, NodeCore]]] = [[] for _ in range(s.nodes)]
+        self.cores: list[NodeCore] = []
+        for c, channel in enumerate(self.channels):
+            members: dict[int, NodeCore] = {}
+            for i in channel.members:
+                view = PartView(
+                    lambda i=i: self.learner.get(i), channel.part, len(prepared.nodes[i].y_train)
+                )
+                members[i] = make_core(
+                    str(i),
+                    channel.protocol,
+                    view,
+                    (str(j) for j in channel.graph.neighbors(i)),
+                    seed=s.seed * 100_003 + i + c * 1_000_003,
+                    step_size=step_size,
+                )
+                self.node_cores[i].append((c, members[i]))
+                self.cores.append(members[i])
+            self.channel_cores.append(members)
+        self.channel_bytes = [0] * len(self.channels)
+        self.channel_messages = [0] * len(self.channels)
+        self.corrections: dict[int, Corrections] = {}
+        self.objectives = (
+            OwnObjectives(prepared.nodes, prepared.dataset.num_classes) if s.communities else None
+        )
         rng = random.Random(s.seed)
         self.speeds = torch.tensor(
             [1.0 - s.network.speed_spread * rng.random() for _ in range(s.nodes)]
@@ -147,29 +174,37 @@ class Simulation:
         self._seq += 1
         heapq.heappush(self.events, (at, self._seq, kind, payload))
 
-    def _perform(self, node: int, actions: list[Action], now: float) -> None:
+    def _perform(self, channel: int, node: int, actions: list[Action], now: float) -> None:
+        """Carry out the actions of ``node``'s core in ``channel``."""
+        part = self.channels[channel].part
         for action in actions:
             if isinstance(action, Send):
                 dst = int(action.to)
-                size = encoded_size(action.message, self.schema)
+                size = encoded_size(action.message, part.schema)
+                self.channel_bytes[channel] += size
+                self.channel_messages[channel] += 1
                 arrival = self.net.transmit(now, node, dst, size)
                 if arrival is not None:
-                    self._push(arrival, "msg", (node, dst, _snapshot(action.message)))
+                    self._push(arrival, "msg", (channel, node, dst, _snapshot(action.message)))
             elif isinstance(action, ReplaceModel):
-                self.learner.set(node, action.params)
+                self.learner.set(node, part.put(self.learner.get(node), action.params))
             elif isinstance(action, SetCorrection):
-                self.learner.set_correction(node, action.vector)
+                corrections = self.corrections.get(node)
+                if corrections is None:
+                    corrections = self.corrections[node] = Corrections(self.schema.numel)
+                self.learner.set_correction(node, corrections.set(part, action.vector))
             elif isinstance(action, SetTimer):
-                self._push(action.at, "timer", (node, action.key))
+                self._push(action.at, "timer", (channel, node, action.key))
 
     def _deliver_due(self, now: float) -> None:
         while self.events and self.events[0][0] <= now:
             at, _, kind, payload = heapq.heappop(self.events)
             if kind == "timer":
-                node, key = payload
-                self._perform(node, self.cores[node].on_timer(at, key), at)
+                channel, node, key = payload
+                core = self.channel_cores[channel][node]
+                self._perform(channel, node, core.on_timer(at, key), at)
                 continue
-            src, dst, message = payload
+            channel, src, dst, message = payload
             if not self.net.online[dst]:
                 self.net.lost += 1
                 continue
@@ -178,14 +213,16 @@ class Simulation:
                 self.rejected += 1
                 log.warning("node %d rejected a message from %d: params contain NaN/inf", dst, src)
                 continue
-            self._perform(dst, self.cores[dst].on_message(at, str(src), message), at)
+            core = self.channel_cores[channel][dst]
+            self._perform(channel, dst, core.on_message(at, str(src), message), at)
 
     def _notify(self, nodes: list[int], event: str, now: float) -> None:
         for node in nodes:
-            for peer in self.prepared.graph.neighbors(node):
-                core = self.cores[peer]
-                handler: Callable[[float, str], list[Action]] = getattr(core, event)
-                self._perform(peer, handler(now, str(node)), now)
+            for c, _ in self.node_cores[node]:
+                for peer in self.channels[c].graph.neighbors(node):
+                    core = self.channel_cores[c][peer]
+                    handler: Callable[[float, str], list[Action]] = getattr(core, event)
+                    self._perform(c, peer, handler(now, str(node)), now)
 
     # -- run ---------------------------------------------------------------------------------
     def run(self, on_tick: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -213,7 +250,8 @@ class Simulation:
                 self.learner.step(active)
                 node_steps += len(active)
                 for node in active.tolist():
-                    self._perform(node, self.cores[node].on_local_step(now), now)
+                    for c, core in self.node_cores[node]:
+                        self._perform(c, node, core.on_local_step(now), now)
             if t % s.eval_every == 0 or t in finals or t == s.steps:
                 metrics.append(self._measure(t, now))
             if on_tick is not None:
@@ -227,11 +265,21 @@ class Simulation:
         ys = [drift.relabel(d.x_train, d.y_train) for d in self.prepared.nodes]
         self.learner.data.replace_all([d.x_train for d in self.prepared.nodes], ys)
         self.y_test = drift.relabel(self.x_test, self.y_test)
+        if self.objectives is not None:
+            drifted = [
+                NodeData(d.x_train, y, d.x_test, drift.relabel(d.x_test, d.y_test))
+                for d, y in zip(self.prepared.nodes, ys, strict=True)
+            ]
+            self.objectives.relabel(drifted, self.prepared.dataset.num_classes)
 
     def _measure(self, t: int, now: float) -> dict[str, Any]:
         acc, loss = self.learner.evaluate(self.x_test, self.y_test)
         w = self.learner.stacked()
         divergence = float((w - w.mean(0)).square().sum(1).mean())
+        own = {}
+        if self.objectives is not None:
+            per_node = self.objectives.accuracy(self.learner)
+            own = {"own_accuracy": float(per_node.mean()), "own_accuracy_nodes": per_node.tolist()}
         return {
             "protocol": self.protocol,
             "step": t,
@@ -244,6 +292,7 @@ class Simulation:
             "messages": self.net.messages,
             "syncs": sum(c.stats.syncs for c in self.cores),
             "online": sum(self.net.online),
+            **own,
         }
 
     def _summary(
@@ -253,11 +302,11 @@ class Simulation:
         final = [m for m in metrics if m["step"] in finals] or metrics[-1:]
         tail_start = s.steps - s.steps // 5
         tail = [m for m in metrics if m["step"] >= tail_start]
-        stats: dict[str, int] = {}
+        stats = CoreStats().as_dict()
         for core in self.cores:
             for k, v in core.stats.as_dict().items():
-                stats[k] = stats.get(k, 0) + v
-        return {
+                stats[k] += v
+        summary = {
             "protocol": self.protocol,
             "final_accuracy": sum(m["accuracy"] for m in final) / len(final),
             "final_loss": sum(m["loss"] for m in final) / len(final),
@@ -274,3 +323,21 @@ class Simulation:
             **stats,
             "metrics": metrics,
         }
+        if self.objectives is not None:
+            per_node = torch.tensor([m["own_accuracy_nodes"] for m in final]).mean(0)
+            summary["final_own_accuracy"] = float(per_node.mean())
+            summary["own_accuracy_nodes"] = per_node.tolist()
+            summary["channels"] = [
+                {
+                    "name": channel.name,
+                    "protocol": channel.protocol.label,
+                    "shared": channel.part.schema.names,
+                    "shared_params": channel.part.schema.numel,
+                    "members": channel.members,
+                    "bytes_sent": self.channel_bytes[c],
+                    "messages": self.channel_messages[c],
+                    "syncs": sum(core.stats.syncs for core in self.channel_cores[c].values()),
+                }
+                for c, channel in enumerate(self.channels)
+            ]
+        return summary

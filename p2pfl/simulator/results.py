@@ -1,5 +1,9 @@
 """Running a scenario end to end and writing its results: ``summary.json``,
-``metrics.jsonl``, ``report.png``, and the comparison table printed to the terminal."""
+``metrics.jsonl``, ``report.png``, and the tables printed to the terminal.
+
+A scenario with communities runs twice, "alone" (every node on its own data) and
+"communities" (each node syncing its communities' parts), and its summary gains a
+``joining`` section: per node, own-objective accuracy with communities against alone."""
 
 from __future__ import annotations
 
@@ -11,18 +15,24 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from p2pfl.simulator.channels import Channel
 from p2pfl.simulator.engine import Simulation, prepare
-from p2pfl.simulator.report import draw_report
+from p2pfl.simulator.joining import compare_joining
+from p2pfl.simulator.report import draw_joining, draw_report
 from p2pfl.simulator.scenario import Scenario
 
 
 def run_scenario(
     scenario: Scenario, out: Path | None, console: Console | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """Run every protocol of ``scenario`` on identical data, graph, initial model and seed;
-    write the results into ``out`` (if given) and return the summary."""
+    """Run every protocol of ``scenario`` (or, with communities, "alone" and "communities") on
+    identical data, graph, initial model and seed; write the results into ``out`` (if given)
+    and return the summary."""
     console = console or Console(stderr=True)
     prepared = prepare(scenario)
+    plan: list[tuple[str, list[Channel] | None]] = [(p, None) for p in scenario.protocols]
+    if scenario.communities:
+        plan = [("alone", []), ("communities", prepared.communities)]
     runs = []
     with Progress(
         TextColumn("{task.description:<28}"),
@@ -32,9 +42,9 @@ def run_scenario(
         console=console,
         disable=not progress,
     ) as bar:
-        for protocol in scenario.protocols:
-            task = bar.add_task(protocol, total=scenario.steps)
-            sim = Simulation(prepared, protocol)
+        for name, channels in plan:
+            task = bar.add_task(name, total=scenario.steps)
+            sim = Simulation(prepared, name, channels)
             runs.append(sim.run(lambda t, task=task: bar.update(task, completed=t)))
     summary = {
         "scenario": scenario.to_dict(),
@@ -45,6 +55,8 @@ def run_scenario(
         "model_params": sum(p.numel() for p in prepared.model.parameters()),
         "runs": [{k: v for k, v in r.items() if k != "metrics"} for r in runs],
     }
+    if scenario.communities:
+        summary["joining"] = compare_joining(prepared, runs[0], runs[1])
     if out is not None:
         write_results(out, summary, runs)
     return summary
@@ -59,6 +71,13 @@ def write_results(out: Path, summary: dict[str, Any], runs: list[dict[str, Any]]
             for row in run["metrics"]:
                 fh.write(json.dumps(row, sort_keys=True) + "\n")
     s = summary["scenario"]
+    if "joining" in summary:
+        title = (
+            f"{s['dataset']} · {s['nodes']} nodes · {len(s['communities'])} communities · "
+            f"{s['partition']} · {s['model']}"
+        )
+        draw_joining(summary["joining"], runs, out / "report.png", title)
+        return
     title = f"{s['dataset']} · {s['nodes']} nodes · {s['topology']} · {s['partition']}"
     draw_report(runs, out / "report.png", title)
 
@@ -67,17 +86,74 @@ def comparison_table(summary: dict[str, Any]) -> Table:
     """The runs side by side, with bytes relative to the largest sender."""
     runs = summary["runs"]
     most = max((r["bytes_sent"] for r in runs), default=0) or 1
+    own = all("final_own_accuracy" in r for r in runs)
     table = Table(title="p2pfl simulation")
-    for col in ("protocol", "accuracy", "MB sent", "vs max", "messages", "syncs", "wall s"):
+    columns = ["protocol", "accuracy", "MB sent", "vs max", "messages", "syncs", "wall s"]
+    if own:
+        columns[1:2] = ["own-objective acc", "global test acc"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "protocol" else "right")
     for r in runs:
+        accuracy = [f"{r['final_accuracy']:.3f}"]
+        if own:
+            accuracy.insert(0, f"{r['final_own_accuracy']:.3f}")
         table.add_row(
             r["protocol"],
-            f"{r['final_accuracy']:.3f}",
+            *accuracy,
             f"{r['bytes_sent'] / 1e6:,.1f}",
             f"{r['bytes_sent'] / most:.3f}",
             f"{r['messages']:,}",
             f"{r['syncs']:,}",
             f"{r['wall_seconds']:.1f}",
+        )
+    return table
+
+
+def joining_table(summary: dict[str, Any]) -> Table:
+    """Own-objective accuracy alone and with communities, for data-poor and data-rich members."""
+    joining = summary["joining"]
+    poor = joining["data_poor_max"]
+    table = Table(title="the value of joining (own-objective accuracy, communities vs alone)")
+    columns = ("group", "nodes", "alone", "communities", "mean gain", "worst gain", "gaining")
+    for col in columns:
+        table.add_column(col, justify="left" if col == "group" else "right")
+    labels = {
+        "data_poor": f"data-poor (<= {poor} samples)",
+        "data_rich": f"data-rich (> {poor} samples)",
+        "members": "all members",
+    }
+    for key, label in labels.items():
+        g = joining["groups"][key]
+        if not g["nodes"]:
+            table.add_row(label, "0", *["-"] * 5)
+            continue
+        table.add_row(
+            label,
+            str(g["nodes"]),
+            f"{g['mean_accuracy_alone']:.3f}",
+            f"{g['mean_accuracy_communities']:.3f}",
+            f"{g['mean_gain']:+.3f}",
+            f"{g['worst_gain']:+.3f}",
+            f"{g['share_gaining']:.0%}",
+        )
+    return table
+
+
+def communities_table(summary: dict[str, Any]) -> Table:
+    """What each community shared and what its syncing cost."""
+    table = Table(title="communities")
+    for col in ("community", "members", "shared", "params", "protocol", "MB sent", "syncs"):
+        table.add_column(
+            col, justify="right" if col in ("members", "params", "MB sent", "syncs") else "left"
+        )
+    for c in summary["joining"]["communities"]:
+        table.add_row(
+            c["name"],
+            str(c["members"]),
+            ", ".join(c["shared"]),
+            f"{c['shared_params']:,}",
+            c["protocol"],
+            f"{c['bytes_sent'] / 1e6:,.1f}",
+            f"{c['syncs']:,}",
         )
     return table

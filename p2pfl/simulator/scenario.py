@@ -1,4 +1,11 @@
-"""Scenario files (TOML) and their validation; command-line flags override file values."""
+"""Scenario files (TOML) and their validation; command-line flags override file values.
+
+A scenario either runs ``protocols`` side by side over the whole model and one graph, or
+declares ``[[communities]]``: each has a ``name``, ``members`` (node indices, or ranges such as
+``"0-11"``), the parameters it ``shared`` (name globs, e.g. ``["fc1.*"]``), a ``protocol``
+(default ``dynamic``) and a ``topology`` among its members (default ``complete`` up to 8
+members, else ``small-world:k=4,p=0.2``). Such a scenario runs "alone" against "communities".
+"""
 
 from __future__ import annotations
 
@@ -30,6 +37,23 @@ class NetworkConfig:
     rejoin: float = 0.05
 
 
+COMMUNITY_KEYS = ("name", "members", "shared", "protocol", "topology")
+SMALL_COMMUNITY = 8
+PER_COMMUNITY = "(per community)"
+COMMUNITY_RUNS = ("alone", "communities")
+
+
+@dataclass(frozen=True)
+class CommunityConfig:
+    """One community of a scenario: its members sync the ``shared`` part of their models."""
+
+    name: str
+    members: tuple[int, ...]
+    shared: tuple[str, ...]
+    protocol: str = "dynamic"
+    topology: str = "complete"
+
+
 @dataclass(frozen=True)
 class Scenario:
     """One experiment: data, model, graph and the protocols to compare on them."""
@@ -48,7 +72,10 @@ class Scenario:
     eval_every: int = 50
     learner: str = "batched"
     allow_disconnected: bool = False
+    data_poor_max: int = 50
+    """Nodes with at most this many train samples count as data-poor in community summaries."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    communities: tuple[CommunityConfig, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,6 +97,7 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> Scenario:
             raise ScenarioError(f"scenario file {path} is not valid TOML: {exc}") from None
     raw.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     net = raw.pop("network", {})
+    tables = raw.pop("communities", [])
     unknown = sorted(set(raw) - set(_FIELDS)) + [
         f"network.{k}" for k in set(net) - set(_NET_FIELDS)
     ]
@@ -80,9 +108,101 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> Scenario:
         )
     values = {k: _coerce(k, _FIELDS[k].type, v) for k, v in raw.items()}
     network = NetworkConfig(**{k: _coerce(f"network.{k}", "float", v) for k, v in net.items()})
-    scenario = Scenario(**values, network=network)
+    communities = _communities(tables)
+    if communities:
+        for key in ("protocols", "topology"):
+            if key in values:
+                raise ScenarioError(
+                    f"scenario key {key!r} does not apply with [[communities]]: give each "
+                    f"community its own {key.removesuffix('s')!r} key instead"
+                )
+        values |= {"protocols": COMMUNITY_RUNS, "topology": PER_COMMUNITY}
+    scenario = Scenario(**values, network=network, communities=communities)
     _validate(scenario)
     return scenario
+
+
+def _communities(tables: Any) -> tuple[CommunityConfig, ...]:
+    """Parse the ``[[communities]]`` tables (node ranges are checked in ``_validate``)."""
+    if not isinstance(tables, list | tuple) or not all(isinstance(t, dict) for t in tables):
+        raise ScenarioError(
+            "scenario key 'communities' must be a list of tables: write [[communities]] "
+            "with name, members, shared (and optionally protocol, topology)"
+        )
+    parsed: list[CommunityConfig] = []
+    for i, table in enumerate(tables):
+        where = f"communities[{i}]" + (f" ({table['name']!r})" if "name" in table else "")
+        unknown = sorted(set(table) - set(COMMUNITY_KEYS))
+        if unknown:
+            raise ScenarioError(
+                f"{where}: unknown key(s) {unknown}; known: {', '.join(COMMUNITY_KEYS)}"
+            )
+        for key in ("name", "members", "shared"):
+            if key not in table:
+                raise ScenarioError(f"{where}: missing key {key!r}; {_COMMUNITY_HINTS[key]}")
+        name = table["name"]
+        if not isinstance(name, str) or not name.strip():
+            raise ScenarioError(f"{where}: 'name' must be a non-empty string")
+        if any(c.name == name for c in parsed):
+            raise ScenarioError(f"{where}: community name {name!r} is used twice; rename one")
+        members = _members(where, table["members"])
+        shared = table["shared"]
+        shared = [shared] if isinstance(shared, str) else shared
+        if (
+            not isinstance(shared, list)
+            or not shared
+            or not all(isinstance(g, str) and g for g in shared)
+        ):
+            raise ScenarioError(f"{where}: 'shared' {_COMMUNITY_HINTS['shared']}")
+        protocol = table.get("protocol", "dynamic")
+        topology = table.get("topology")
+        if topology is None:
+            topology = "complete" if len(members) <= SMALL_COMMUNITY else "small-world:k=4,p=0.2"
+        if not isinstance(protocol, str) or not isinstance(topology, str):
+            raise ScenarioError(f"{where}: 'protocol' and 'topology' are spec strings")
+        try:
+            config = parse_protocol(protocol)
+        except SpecError as exc:
+            raise ScenarioError(f"{where}: protocol {exc}") from None
+        if config.kind == "none":
+            raise ScenarioError(
+                f"{where}: protocol 'none' shares nothing; pick a syncing protocol such as "
+                "'dynamic' or 'periodic:b=10', or drop the community"
+            )
+        parsed.append(CommunityConfig(name, members, tuple(shared), protocol, topology))
+    return tuple(parsed)
+
+
+_COMMUNITY_HINTS = {
+    "name": 'e.g. name = "vision"',
+    "members": 'node indices, e.g. members = [0, 3, 5] or members = "0-11" or "0-5,12-17"',
+    "shared": 'must list parameter name globs, e.g. shared = ["fc1.*"] (the model\'s layers '
+    "are fc1, fc2, ..., head)",
+}
+
+
+def _members(where: str, raw: Any) -> tuple[int, ...]:
+    """Node indices from a list of ints or a string of ranges such as ``"0-5,12,14-17"``."""
+    hint = _COMMUNITY_HINTS["members"]
+    nodes: list[int] = []
+    if isinstance(raw, str):
+        for item in raw.split(","):
+            first, dash, last = item.strip().partition("-")
+            if not (first.strip().isdigit() and (not dash or last.strip().isdigit())):
+                raise ScenarioError(f"{where}: 'members' {raw!r} is not understood; {hint}")
+            low, high = int(first), int(last) if dash else int(first)
+            if high < low:
+                raise ScenarioError(f"{where}: 'members' range {item.strip()!r} runs backwards")
+            nodes.extend(range(low, high + 1))
+    elif isinstance(raw, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in raw):
+        nodes = list(raw)
+    else:
+        raise ScenarioError(f"{where}: 'members' {raw!r} is not understood; {hint}")
+    if len(set(nodes)) != len(nodes):
+        raise ScenarioError(f"{where}: 'members' lists a node twice; list each node once")
+    if len(nodes) < 2:
+        raise ScenarioError(f"{where}: a community needs at least 2 members, got {len(nodes)}")
+    return tuple(sorted(nodes))
 
 
 def _coerce(key: str, kind: object, value: Any) -> Any:
@@ -116,6 +236,7 @@ def _validate(s: Scenario) -> None:
         (s.eval_every >= 1, "eval_every must be >= 1"),
         (s.learner in ("batched", "per-node"), "learner must be 'batched' or 'per-node'"),
         (len(s.protocols) >= 1, "give at least one protocol"),
+        (s.data_poor_max >= 0, "data_poor_max must be >= 0"),
         (s.network.step_time > 0, "network.step_time must be > 0"),
         (s.network.bandwidth > 0, "network.bandwidth must be > 0"),
         (0 <= s.network.loss < 1, "network.loss must be in [0, 1)"),
@@ -126,6 +247,15 @@ def _validate(s: Scenario) -> None:
     for ok, message in checks:
         if not ok:
             raise ScenarioError(message)
+    for i, community in enumerate(s.communities):
+        outside = [n for n in community.members if not 0 <= n < s.nodes]
+        if outside:
+            raise ScenarioError(
+                f"communities[{i}] ({community.name!r}): member {outside[0]} is out of range: "
+                f"nodes are 0..{s.nodes - 1}; list only nodes below nodes={s.nodes} or raise nodes"
+            )
+    if s.communities:
+        return
     for text in s.protocols:
         try:
             parse_protocol(text)

@@ -1,0 +1,89 @@
+"""Sync channels: which part of the model a group of nodes syncs, over which graph, under
+which protocol. The plain simulation is one channel (the whole model, the scenario graph);
+a scenario with communities has one channel per community, each sharing only its globs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+
+from p2pfl.community.sharing import SharedPart, SharingError, check_disjoint, shared_part
+from p2pfl.learning.params import ParamSchema
+from p2pfl.protocol.config import ProtocolConfig, parse_protocol
+from p2pfl.simulator.scenario import CommunityConfig, ScenarioError
+from p2pfl.spec import SpecError
+from p2pfl.topology import build_topology
+
+WHOLE_MODEL = "all"
+COMMUNITY_SEED_STRIDE = 1_000
+
+
+@dataclass(frozen=True)
+class Channel:
+    """The members of ``graph`` (global node indices) sync ``part`` of their models with their
+    neighbours in ``graph`` under ``protocol``."""
+
+    name: str
+    graph: nx.Graph
+    part: SharedPart
+    protocol: ProtocolConfig
+
+    @property
+    def members(self) -> list[int]:
+        return sorted(self.graph.nodes)
+
+
+def whole_model_channel(graph: nx.Graph, schema: ParamSchema, protocol: str) -> Channel:
+    """Every node of ``graph`` syncs its whole model: the plain simulation."""
+    return Channel(WHOLE_MODEL, graph, shared_part(schema, ["*"]), parse_protocol(protocol))
+
+
+def community_channels(
+    communities: Sequence[CommunityConfig],
+    schema: ParamSchema,
+    nodes: int,
+    seed: int,
+    allow_disconnected: bool = False,
+) -> list[Channel]:
+    """One channel per community; a node in several communities must share disjoint parts.
+
+    Raises ``ScenarioError`` naming the community and key to fix."""
+    channels = []
+    for i, community in enumerate(communities):
+        where = f"communities[{i}] ({community.name!r})"
+        try:
+            part = shared_part(schema, community.shared)
+        except SharingError as exc:
+            raise ScenarioError(f"{where}, key 'shared': {exc}") from None
+        try:
+            local = build_topology(
+                community.topology,
+                len(community.members),
+                seed + COMMUNITY_SEED_STRIDE * (i + 1),
+                allow_disconnected,
+            )
+        except SpecError as exc:
+            raise ScenarioError(f"{where}, key 'topology': {exc}") from None
+        graph = nx.relabel_nodes(local, dict(enumerate(community.members)))
+        channels.append(Channel(community.name, graph, part, parse_protocol(community.protocol)))
+    for node in range(nodes):
+        mine = [(repr(c.name), c.part) for c in channels if node in c.graph]
+        try:
+            check_disjoint(mine)
+        except SharingError as exc:
+            raise ScenarioError(
+                f"node {node} is in several communities whose 'shared' globs overlap: {exc}"
+            ) from None
+    return channels
+
+
+def union_graph(channels: Sequence[Channel], nodes: int) -> nx.Graph:
+    """All nodes, and an edge wherever some channel links two of them (the network's links)."""
+    graph = nx.Graph()
+    graph.add_nodes_from(range(nodes))
+    for channel in channels:
+        graph.add_edges_from(channel.graph.edges)
+    return graph
