@@ -22,7 +22,7 @@ from p2pfl.learning.params import ParamSchema, ParamSpec
 from p2pfl.protocol.actions import ReplaceModel, Send, SetCorrection, SetTimer
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import make_core
-from p2pfl.protocol.dynamic import DynamicCore
+from p2pfl.protocol.dynamic import CORRECTION_STEPS, DynamicCore, correction_gain
 from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.scenario import load_scenario
 from p2pfl.wire.codec import decode, encode
@@ -64,6 +64,7 @@ class Network:
         self.events: list = []
         self.seq = 0
         self.sent: list[tuple[str, str, object]] = []  # (src, dst, message) of every Send
+        self.corrections: dict[str, torch.Tensor] = {}  # the last drift correction per node
         self.added = torch.zeros(DIM)  # the sum of every local step's change
         self.alone = {n: m.w.clone() for n, m in self.models.items()}  # the same steps, no sync
 
@@ -81,7 +82,8 @@ class Network:
                 self.seq += 1
                 heapq.heappush(self.events, (action.at, self.seq, "timer", (node, action.key)))
             else:
-                assert isinstance(action, SetCorrection)  # fake models take no gradient
+                assert isinstance(action, SetCorrection)
+                self.corrections[node] = action.vector.clone()
 
     def advance(self, until: float) -> None:
         while self.events and self.events[0][0] <= until:
@@ -162,6 +164,31 @@ def test_default_dynamic_keeps_the_global_mean_on_a_random_graph(seed):
     assert net.spread() < 0.01 * net.spread(alone=True)
 
 
+# -- drift corrections: zero-sum over a group, gain compounding for rare syncs --
+@pytest.mark.parametrize("steps", [2, 8, 16, 40, 200])
+def test_drift_corrections_sum_to_zero_and_compound_for_rare_syncs(steps):
+    base = torch.ones(DIM)  # ||r||² = DIM: the default Δ = rel · DIM
+    net = Network(nx.path_graph(2), [base, base], seed=0, jitter=0.0)
+    lam, eta = net.config.correction, net.cores["0"].step_size
+    one = torch.zeros(DIM)
+    one[0] = 1e-4
+    for _ in range(steps - 1):  # tiny steps: both stay within Δ, nothing is sent
+        net.step("0", one)
+        net.step("1", -one)
+    assert net.sent == []
+    net.step("1", -one)
+    net.step("0", torch.ones(DIM))  # an even step (b=2) far beyond Δ: a session of two
+    net.settle()
+    assert net.stat("syncs") == 2
+    c0, c1 = net.corrections["0"], net.corrections["1"]
+    torch.testing.assert_close(c0 + c1, torch.zeros(DIM), atol=1e-6, rtol=0)
+    gain = lam if steps <= CORRECTION_STEPS else 1 - (1 - lam) ** (steps / CORRECTION_STEPS)
+    assert correction_gain(lam, steps) == pytest.approx(gain)
+    sent0, sent1 = base + torch.ones(DIM) + one * (steps - 1), base - one * steps
+    average = (sent0 + sent1) / 2
+    torch.testing.assert_close(c0, gain * (sent0 - average) / (eta * steps))
+
+
 # -- no traffic within Δ --
 def within(reference: torch.Tensor, target: torch.Tensor, delta: float) -> torch.Tensor:
     """``target`` pulled back into the ball ``||w - r||² <= 0.99 Δ``."""
@@ -224,7 +251,7 @@ def test_a_node_within_delta_never_coordinates_while_its_neighbours_do():
 
 # -- traffic resumes after concept drift --
 def test_default_dynamic_traffic_rises_after_concept_drift():
-    drift_at, window = 600, 100
+    drift_at, window = 800, 100
     scenario = load_scenario(
         None,
         {
