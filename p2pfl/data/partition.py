@@ -143,9 +143,9 @@ def _labels(
     else:
         short = max(supply, key=lambda c: demand[c] - supply[c])
         raise SpecError(
-            f"{spec!r}: {num_nodes} nodes need {demand[short]} samples of class {short}, the "
-            f"data set has {supply[short]} (best of {LABELS_REDRAWS} draws); lower max or the "
-            "number of nodes"
+            f"{spec!r}: {num_nodes} nodes need more samples of some class than the data set "
+            f"has in each of {LABELS_REDRAWS} draws (the last one: {demand[short]} of class "
+            f"{short}, which has {supply[short]}); lower max or the number of nodes"
         )
     pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in supply}
     parts = []

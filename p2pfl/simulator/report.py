@@ -68,7 +68,9 @@ def draw_joining(
             zorder=3,
         )
     ax_gain.axhline(0, color="black", linewidth=0.8)
-    ax_gain.axvline(poor_max, color="grey", linestyle=":", linewidth=1)
+    ax_gain.axvline(
+        poor_max, color="grey", linestyle=":", linewidth=1, label=f"data-poor: <= {poor_max}"
+    )
     poor = joining["groups"]["data_poor"]
     if poor["nodes"]:
         low = min(r["train_samples"] for r in rows)

@@ -90,7 +90,7 @@ def comparison_table(summary: dict[str, Any]) -> Table:
     table = Table(title="p2pfl simulation")
     columns = ["protocol", "accuracy", "MB sent", "vs max", "messages", "syncs", "wall s"]
     if own:
-        columns[1:2] = ["own-objective acc", "global test acc"]
+        columns[1:2] = ["own acc", "test acc"]
     for col in columns:
         table.add_column(col, justify="left" if col == "protocol" else "right")
     for r in runs:
@@ -113,13 +113,13 @@ def joining_table(summary: dict[str, Any]) -> Table:
     """Own-objective accuracy alone and with communities, for data-poor and data-rich members."""
     joining = summary["joining"]
     poor = joining["data_poor_max"]
-    table = Table(title="the value of joining (own-objective accuracy, communities vs alone)")
+    table = Table(title="the value of joining: own-objective accuracy, communities vs alone")
     columns = ("group", "nodes", "alone", "communities", "mean gain", "worst gain", "gaining")
     for col in columns:
         table.add_column(col, justify="left" if col == "group" else "right")
     labels = {
-        "data_poor": f"data-poor (<= {poor} samples)",
-        "data_rich": f"data-rich (> {poor} samples)",
+        "data_poor": f"data-poor (<={poor})",
+        "data_rich": f"data-rich (>{poor})",
         "members": "all members",
     }
     for key, label in labels.items():
@@ -146,11 +146,12 @@ def communities_table(summary: dict[str, Any]) -> Table:
         table.add_column(
             col, justify="right" if col in ("members", "params", "MB sent", "syncs") else "left"
         )
+    globs = {c["name"]: c["shared"] for c in summary["scenario"]["communities"]}
     for c in summary["joining"]["communities"]:
         table.add_row(
             c["name"],
             str(c["members"]),
-            ", ".join(c["shared"]),
+            ", ".join(globs[c["name"]]),
             f"{c['shared_params']:,}",
             c["protocol"],
             f"{c['bytes_sent'] / 1e6:,.1f}",
