@@ -510,6 +510,8 @@ def test_leaving_stops_the_sharing_at_once(tmp_path, wire):
             )
             await trio.sleep(ANNOUNCE_WAIT_S)
             assert wire.sync_frames(b.peer_id, since=left_at) == []
+            greetings = [f for f in wire.frames if f.to == b.peer_id and f.at > left_at + 1]
+            assert greetings == []  # a and c were told and stopped greeting b
             assert [p for p in wire.published if p.sender == b.peer_id and p.at >= left_at] == []
             assert any(
                 p.sender == a.peer_id and p.to == topic and p.at >= left_at for p in wire.published

@@ -147,7 +147,9 @@ def status(
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in reply.items():
-        if isinstance(value, list):
+        if key == "communities" and isinstance(value, list):
+            value = "\n".join(_community_line(entry) for entry in value) or "-"
+        elif isinstance(value, list):
             value = "\n".join(map(str, value)) or "-"
         elif isinstance(value, float):
             value = f"{value:.4f}"
@@ -155,6 +157,15 @@ def status(
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         table.add_row(key, str(value))
     Console().print(table)
+
+
+def _community_line(entry: dict[str, Any]) -> str:
+    """One community of the status reply on one line."""
+    return (
+        f"{entry['name']} ({entry['id'][:12]}): {len(entry['members'])} members, "
+        f"{entry['syncs']} syncs, sent {entry['bytes_sent']:,} B, "
+        f"received {entry['bytes_received']:,} B, rejected {entry['rejected']}"
+    )
 
 
 @app.command()

@@ -81,6 +81,8 @@ MAX_REFUSALS_REMEMBERED = 1024
 KNOWN_MEMBER_TTL_S = 60.0
 """An announced member is dialled while its announcements are at most this old."""
 BYE_TIMEOUT_S = 2.0
+LEFT = "left the community"
+"""The refusal a member sends its peers when it leaves."""
 OUTBOX_SIZE = 64
 
 
@@ -445,7 +447,7 @@ class Communities:
                     log.debug("unsubscribing %s failed: %s", community.label, exc)
                 async with trio.open_nursery() as byes:
                     for peer in community.admitted:
-                        bye = Hello(community.id, refused="left the community", answer=True)
+                        bye = Hello(community.id, refused=LEFT, answer=True)
                         byes.start_soon(self._send_quietly, peer, bye)
         log.info("left community %s: its sync stopped", community.label)
 
@@ -542,12 +544,12 @@ class Communities:
 
     # ------------------------------------------------------------------------ hello
 
-    def _greet(self, community: Community, peer: str, answer: bool = False) -> None:
+    def _greet(self, community: Community, peer: str) -> None:
         """Say hello (present our credential) to a peer once per connection."""
         if peer in community.greeted:
             return
         community.greeted.add(peer)
-        hello = Hello(community.id, community.membership.credential, answer=answer)
+        hello = Hello(community.id, community.membership.credential)
         self._enqueue(peer, _Frame(HELLO_PROTOCOL, community.id, hello.to_bytes()))
 
     async def on_hello(self, peer: str, payload: bytes) -> None:
@@ -561,10 +563,17 @@ class Communities:
         community = self.active.get(hello.community)
         if hello.refused is not None:
             if community is not None:
-                log.warning(
-                    "peer %s refused us in community %s: %s", peer, community.label, hello.refused
-                )
-                self._drop(community, peer)
+                if hello.refused == LEFT:
+                    log.info("member %s left community %s", peer, community.label)
+                else:
+                    log.warning(
+                        "peer %s refused us in community %s: %s",
+                        peer,
+                        community.label,
+                        hello.refused,
+                    )
+                community.announced.pop(peer, None)
+                self._drop(community, peer, greet_again=False)
             return
         if community is None:
             self.node_counters["rejected"] += 1
@@ -587,8 +596,10 @@ class Communities:
             log.info("community %s: admitted member %s", community.label, peer)
             community.admitted[peer] = hello.credential
             self._perform(community, community.core.on_peer_up(trio.current_time(), peer))
-        if not hello.answer:
-            self._greet(community, peer, answer=True)
+        if not hello.answer:  # answers are not answered: no ping-pong
+            community.greeted.add(peer)
+            answer = Hello(community.id, community.membership.credential, answer=True)
+            self._enqueue(peer, _Frame(HELLO_PROTOCOL, community.id, answer.to_bytes()))
 
     def _refuse(self, community_id: str, peer: str, reason: str) -> None:
         """Tell ``peer`` why it was refused (at most once per REFUSAL_EVERY_S and community)."""
@@ -604,9 +615,11 @@ class Communities:
         frame = _Frame(HELLO_PROTOCOL, community_id, notice.to_bytes(), after_leave=True)
         self._enqueue(peer, frame)
 
-    def _drop(self, community: Community, peer: str) -> None:
-        """Forget ``peer``'s admission (refused us, left, or disconnected)."""
-        community.greeted.discard(peer)
+    def _drop(self, community: Community, peer: str, greet_again: bool = True) -> None:
+        """Forget ``peer``'s admission (it refused us, left, or is unreachable); unless
+        ``greet_again`` is False, the maintenance loop may say hello again."""
+        if greet_again:
+            community.greeted.discard(peer)
         if peer in community.admitted:
             del community.admitted[peer]
             self._perform(community, community.core.on_peer_down(trio.current_time(), peer))
@@ -650,7 +663,7 @@ class Communities:
         try:
             check_credential(community.manifest, peer, community.admitted[peer], int(time.time()))
         except CommunityError as exc:
-            self._drop(community, peer)
+            self._drop(community, peer, greet_again=False)
             self._refuse(community.id, peer, str(exc))
             return str(exc)
         return None

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# A community on 127.0.0.1: a founder signs examples/community/manifest.toml, invites two
+# nodes (alice, bob), they join with the token and the founder as bootstrap peer, all three
+# train on their own skewed slice of digits and share only the hidden layer (fc1.*); bob
+# leaves while running. Prints each node's status (accuracies, bytes per community) and stops
+# every process by its PID. Usage: examples/community/run.sh [WORKDIR]
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+P2PFL=${P2PFL:-p2pfl}
+PYTHON=${PYTHON:-python3}
+WORK=${1:-$(mktemp -d -t p2pfl-community-XXXXXX)}
+NAMES=(founder alice bob)
+SYNCS_BEFORE_LEAVE=3
+TRAIN_AFTER_LEAVE_S=10
+export OMP_NUM_THREADS=1  # small models: one thread per daemon is faster
+PIDS=()
+
+cleanup() {  # stop every daemon by its PID (SIGTERM: each writes a final checkpoint)
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+
+wait_for() {  # wait_for SECONDS COMMAND...: retry COMMAND every 0.5 s
+    local deadline=$((SECONDS + $1))
+    shift
+    until "$@" >/dev/null 2>&1; do
+        if ((SECONDS > deadline)); then
+            echo "timed out waiting for: $*" >&2
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
+status() {  # status HOME [EXPR]: the node's status reply (asks its control socket directly),
+    # or the value of a Python expression over it (`s`; `summary(s)` for a readable one);
+    # exits 1 if the value is falsy
+    "$PYTHON" - "$1/control.sock" "${2:-s}" <<'PY'
+import json, socket, sys
+
+def summary(s):
+    lines = [
+        f"step {s['step']}, {s['train_samples']} training samples, accuracy on its own labels "
+        f"{s['local_accuracy']:.3f}, on all digits {s['test_accuracy']:.3f}; bytes sent "
+        f"{s['bytes_sent']:,}, received {s['bytes_received']:,}, frames refused {s['rejected']}"
+    ]
+    for c in s["communities"]:
+        lines.append(
+            f"community {c['name']} ({c['id'][:12]}): {len(c['members'])} other members, "
+            f"{c['syncs']} syncs, sent {c['bytes_sent']:,} B, received {c['bytes_received']:,} B"
+        )
+    return "\n".join(lines if s["communities"] else lines + ["in no community"])
+
+with socket.socket(socket.AF_UNIX) as sock:
+    sock.settimeout(5)
+    sock.connect(sys.argv[1])
+    sock.sendall(b'{"cmd": "status"}\n')
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+s = json.loads(reply)
+value = eval(sys.argv[2])
+print(value)
+sys.exit(0 if value else 1)
+PY
+}
+
+start_node() {  # start_node INDEX: run the node in the background
+    local home="$WORK/${NAMES[$1]}"
+    "$P2PFL" node start --home "$home" --protocol none --model mlp:hidden=64 \
+        --data "digits:part=$1/${#NAMES[@]},alpha=0.5,seed=1" --seed "$1" \
+        >"$home/address" 2>"$home/stderr" &
+    PIDS+=($!)
+}
+
+mkdir -p "$WORK"
+echo "work directory: $WORK"
+for name in "${NAMES[@]}"; do
+    "$P2PFL" node init --home "$WORK/$name" >"$WORK/$name.init" &
+done
+wait
+peer_id() { sed -n 's/^peer id //p' "$WORK/$1.init"; }
+
+echo "--- the founder signs the manifest and starts its node"
+community=$("$P2PFL" community create --home "$WORK/founder" "$HERE/manifest.toml" 2>/dev/null |
+    sed -n 's/^id //p')
+echo "community id: $community"
+start_node 0
+
+echo "--- it invites alice and bob (each invite names the peer it admits)"
+for name in alice bob; do
+    "$P2PFL" community invite --home "$WORK/founder" "$community" \
+        --for "$(peer_id "$name")" --expires 1h >"$WORK/$name.token" &
+done
+wait_for 60 test -s "$WORK/founder/address"
+founder_addr=$(head -n 1 "$WORK/founder/address")
+echo "founder: $founder_addr"
+wait_for 60 test -s "$WORK/alice.token" -a -s "$WORK/bob.token"
+
+echo "--- alice and bob join with their token and the founder as bootstrap peer, and start"
+JOINS=()
+for name in alice bob; do
+    "$P2PFL" community join --home "$WORK/$name" "$(cat "$WORK/$name.token")" \
+        --bootstrap "$founder_addr" 2>/dev/null &
+    JOINS+=($!)
+done
+wait "${JOINS[@]}"
+start_node 1
+start_node 2
+for name in alice bob; do
+    wait_for 60 test -s "$WORK/$name/address"
+    echo "$name: $(head -n 1 "$WORK/$name/address")"
+done
+
+echo "--- training together; alice and bob find each other through announcements"
+for name in "${NAMES[@]}"; do
+    wait_for 90 status "$WORK/$name" \
+        "s['communities'] and s['communities'][0]['syncs'] >= $SYNCS_BEFORE_LEAVE \
+         and len(s['communities'][0]['members']) == 2"
+done
+
+echo "--- bob leaves while running"
+"$P2PFL" community leave --home "$WORK/bob" "$community" 2>&1
+bob_at_leave=$(status "$WORK/bob" 's["bytes_sent"]')
+sleep "$TRAIN_AFTER_LEAVE_S"
+
+for name in "${NAMES[@]}"; do
+    echo "--- $name"
+    status "$WORK/$name" 'summary(s)'
+done
+bob_after=$(status "$WORK/bob" 's["bytes_sent"]')
+echo "bob's bytes sent: $bob_at_leave once it had left, $bob_after ${TRAIN_AFTER_LEAVE_S} s later"
+
+cleanup
+PIDS=()
+echo "all nodes stopped by PID; logs and checkpoints in $WORK/*/"
