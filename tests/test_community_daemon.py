@@ -563,3 +563,30 @@ def test_two_communities_share_disjoint_parts(tmp_path, wire):
     head = {n: rel_dist(a.params("head."), n.params("head.")) for n in (b, c)}
     assert fc1[b] < 0.2 and fc1[c] > 0.5, fc1
     assert head[c] < 0.2 and head[b] > 0.5, head
+
+
+def test_joining_while_running_starts_the_community(tmp_path, wire):
+    """A running node that joins re-reads its memberships and starts syncing; a running node
+    with a whole-model protocol refuses to join (the reply names the fix)."""
+    a, b, c = make_nodes(tmp_path, 3)
+    manifest = found(a, draft("body", ["fc1.*"], "dynamic"))
+    a.start(3)
+    b.start(3)
+    c.start(3, protocol="dynamic")
+
+    async def body() -> None:
+        async with running([a, b, c]):
+            assert b.daemon.status()["communities"] == []
+            admit(a, manifest, b)
+            reply = await trio.to_thread.run_sync(request, b.home, "communities")
+            assert reply == {"ok": True, "communities": [manifest.id]}
+            await wait_until(
+                lambda: b.community(manifest).core.stats.syncs >= 2, 20, "b syncs after joining"
+            )
+            assert b.daemon.status()["communities"][0]["members"] == [a.peer_id]
+            admit(a, manifest, c)
+            reply = await trio.to_thread.run_sync(request, c.home, "communities")
+            assert 'protocol = "none"' in reply["error"]
+            assert c.daemon.status()["communities"] == []
+
+    run(body)
