@@ -129,7 +129,9 @@ def test_shared_entries_agree_private_entries_stay_own():
     assert torch.equal(runs["communities"][6:], runs["alone"][6:])
 
 
-# Recorded with the engine before channels existed (commit a85b0e6), same scenario and seed.
+# Recorded with the engine before channels existed (commit a85b0e6), same scenario and seed
+# (identical under every PYTHONHASHSEED tried). A deliberate change of a protocol or of the
+# learner moves these too: re-record them by running this scenario at the parent commit.
 PINNED = {
     "periodic:b=5": (0.4145543098449707, 1.8958760023117065, 6023460, 310, 134),
     "dynamic": (0.7022980690002442, 1.2989893198013305, 6391679, 686, 217),
