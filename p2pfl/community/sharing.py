@@ -48,10 +48,11 @@ class SharedPart:
         return full[..., span].clone() if span is not None else full.index_select(-1, self.index)
 
     def put(self, full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-        """A copy of ``full`` with the shared entries replaced by ``part``."""
+        """``full`` with the shared entries replaced by ``part``: a new tensor, or ``part``
+        itself when the part is the whole model (so never modify the result in place)."""
         span = self.span
         if span is not None and span.start == 0 and span.stop == full.shape[-1]:
-            return part.clone()  # the whole model
+            return part
         out = full.clone()
         out[..., self.index if span is None else span] = part
         return out
