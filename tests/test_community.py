@@ -7,7 +7,8 @@ import dataclasses
 import json
 import socket
 import threading
-from base64 import urlsafe_b64encode
+import tomllib
+from base64 import b64decode, b64encode, urlsafe_b64decode, urlsafe_b64encode
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,11 @@ from p2pfl.cli import app
 from p2pfl.cli.community import parse_duration
 from p2pfl.community.invite import (
     TOKEN_PREFIX,
+    HeldInvite,
     Invite,
     check_credential,
     issue_invite,
+    make_credential,
     make_token,
     read_token,
 )
@@ -84,6 +87,28 @@ def manifest(founder: KeyPair) -> Manifest:
 
 def peer(key_pair: KeyPair) -> str:
     return peer_id_of(key_pair.public_key)
+
+
+VERIFIER = peer(create_new_key_pair())
+"""The member a credential is shown to, in the membership-rule tests."""
+THIRD = peer(create_new_key_pair())
+
+
+def with_own_key(invite: Invite) -> HeldInvite:
+    """``invite`` with its key replaced by a fresh key pair's, and that pair's private key:
+    what a forger who makes up an invite holds."""
+    invite_keys = create_new_key_pair()
+    mine = dataclasses.replace(invite, key=invite_keys.public_key.to_bytes())
+    return HeldInvite(mine, invite_keys.private_key.to_bytes())
+
+
+def token_body(token: str) -> dict[str, Any]:
+    payload = token.removeprefix(TOKEN_PREFIX)
+    return msgpack.unpackb(urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+def token_of(body: dict[str, Any]) -> str:
+    return TOKEN_PREFIX + urlsafe_b64encode(msgpack.packb(body)).decode().rstrip("=")
 
 
 def signed_by(signer: KeyPair, signed: Any, **changes) -> Any:
@@ -167,24 +192,86 @@ def test_an_edited_file_is_rejected(manifest: Manifest):
 
 
 def test_an_invite_admits_its_peer_until_it_expires(manifest: Manifest, founder, other):
-    invite = issue_invite(manifest, founder, peer(other), NOW + HOUR)
-    assert Invite.from_bytes(invite.to_bytes()) == invite
-    check_credential(manifest, peer(other), invite.to_bytes(), NOW)
-    check_credential(manifest, peer(other), invite.to_bytes(), NOW + HOUR - 1)
+    held = issue_invite(manifest, founder, peer(other), NOW + HOUR)
+    assert Invite.from_bytes(held.invite.to_bytes()) == held.invite
+    credential = held.prove(peer(other), VERIFIER)
+    check_credential(manifest, peer(other), VERIFIER, credential, NOW)
+    check_credential(manifest, peer(other), VERIFIER, credential, NOW + HOUR - 1)
     with pytest.raises(CommunityError, match="expired at 2023-11-14 23:13 UTC"):
-        check_credential(manifest, peer(other), invite.to_bytes(), NOW + HOUR)
+        check_credential(manifest, peer(other), VERIFIER, credential, NOW + HOUR)
 
 
 def test_the_latest_expiry_can_still_be_shown(manifest: Manifest, founder, other):
-    invite = issue_invite(manifest, founder, None, MAX_TIME)
-    assert format_time(Invite.from_bytes(invite.to_bytes()).expires) == "9999-12-31 23:59 UTC"
+    held = issue_invite(manifest, founder, None, MAX_TIME)
+    assert format_time(Invite.from_bytes(held.invite.to_bytes()).expires) == "9999-12-31 23:59 UTC"
     with pytest.raises(CommunityError, match="not a valid time"):
         issue_invite(manifest, founder, None, MAX_TIME + 1)
 
 
-def test_a_token_carries_the_invite_and_the_manifest(manifest: Manifest, founder):
-    invite = issue_invite(manifest, founder, None, None)
-    assert read_token(make_token(invite, manifest)) == (invite, manifest)
+def test_a_token_carries_the_invite_its_private_key_and_the_manifest(manifest: Manifest, founder):
+    held = issue_invite(manifest, founder, None, None)
+    assert read_token(make_token(held, manifest)) == (held, manifest)
+    assert held.private_key.hex() not in repr(held)
+    second = issue_invite(manifest, founder, None, None)
+    assert second.invite.key != held.invite.key and second.private_key != held.private_key
+
+
+def test_a_credential_convinces_only_its_verifier_of_its_prover(manifest, founder, other):
+    """A bearer invite: whoever receives a member's credential (the verifier, or anyone who
+    captures it) cannot replay it to a third node, as itself or as the member."""
+    held = issue_invite(manifest, founder, None, None)
+    member = peer(other)
+    credential = held.prove(member, VERIFIER)
+    check_credential(manifest, member, VERIFIER, credential, NOW)
+    for prover, verifier in ((VERIFIER, THIRD), (member, THIRD), (THIRD, VERIFIER)):
+        with pytest.raises(CommunityError, match="no proof bound to this peer and verifier"):
+            check_credential(manifest, prover, verifier, credential, NOW)
+    answer = held.prove(VERIFIER, member)  # bound the other way round: still only for member
+    with pytest.raises(CommunityError, match="no proof bound"):
+        check_credential(manifest, member, VERIFIER, answer, NOW)
+
+
+def test_the_public_part_without_the_invite_key_does_not_admit(
+    tmp_path: Path, manifest: Manifest, founder, other
+):
+    held = issue_invite(manifest, founder, None, None)
+    guessed = HeldInvite(held.invite, create_new_key_pair().private_key.to_bytes())
+    with pytest.raises(CommunityError, match="no proof bound"):
+        check_credential(manifest, peer(other), VERIFIER, guessed.prove(peer(other), VERIFIER), NOW)
+    with pytest.raises(CommunityError, match="not an invite with a membership proof"):
+        check_credential(manifest, peer(other), VERIFIER, held.invite.to_bytes(), NOW)
+    body = token_body(make_token(held, manifest))
+    without_key = {k: v for k, v in body.items() if k != "key"}
+    with pytest.raises(CommunityError, match="older p2pfl .* bearer invite"):
+        read_token(token_of(without_key))
+    with pytest.raises(CommunityError, match="does not belong to the invite"):
+        read_token(token_of({**body, "key": guessed.private_key}))
+    for token in (token_of(without_key), token_of({**body, "key": guessed.private_key})):
+        with pytest.raises(CommunityError):
+            join(tmp_path, token, peer(other), [], NOW)
+    assert load_memberships(tmp_path) == []
+
+
+def test_a_membership_keeps_its_invite_key_in_a_private_file(
+    tmp_path: Path, manifest: Manifest, founder, other
+):
+    held = issue_invite(manifest, founder, None, None)
+    membership = join(tmp_path, make_token(held, manifest), peer(other), [], NOW)
+    path = tmp_path / "communities" / manifest.id / "membership.toml"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "communities").stat().st_mode & 0o777 == 0o700
+    assert load_memberships(tmp_path) == [membership] and membership.invite == held
+    credential = make_credential(membership, peer(other), VERIFIER)
+    check_credential(manifest, peer(other), VERIFIER, credential, NOW)
+    stored = tomllib.loads(path.read_text())
+    assert b64decode(stored["invite_key"]) == held.private_key
+    foreign_key = issue_invite(manifest, founder, None, None).private_key
+    path.write_text(path.read_text().replace(stored["invite_key"], b64encode(foreign_key).decode()))
+    with pytest.raises(CommunityError, match=f"{path}: the invite private key does not belong"):
+        load_memberships(tmp_path)
+    path.write_text(f'joined = {NOW}\ncredential = "AAAA"\nbootstrap = []\n')
+    with pytest.raises(CommunityError, match="old bearer invite .* remove .* join again"):
+        load_memberships(tmp_path)
 
 
 def test_only_the_founder_issues_invites(manifest: Manifest, other):
@@ -227,7 +314,7 @@ def test_joining_again_renews_the_credential_and_keeps_the_bootstrap(
     join(tmp_path, make_token(old, manifest), peer(other), [address], NOW)
     new = issue_invite(manifest, founder, peer(other), NOW + 48 * HOUR)
     renewed = join(tmp_path, make_token(new, manifest), peer(other), [], NOW + 2 * HOUR)
-    assert renewed.credential == new.to_bytes()
+    assert renewed.invite == new
     assert renewed.bootstrap == (address,)
     assert load_memberships(tmp_path) == [renewed]
 
@@ -263,36 +350,51 @@ def test_a_manifest_in_the_wrong_directory_is_refused(tmp_path: Path, manifest, 
 
 def test_an_invite_signed_by_another_key_is_rejected(manifest: Manifest, founder, other):
     genuine = issue_invite(manifest, founder, peer(other), None)
-    for fake in (signed_by(other, genuine), signed_by(other, genuine, issuer=peer(other))):
+    invite = genuine.invite
+    made_up = with_own_key(invite)  # the forger's own invite key pair, signed by the forger
+    forgeries = (
+        dataclasses.replace(genuine, invite=signed_by(other, invite)),
+        dataclasses.replace(genuine, invite=signed_by(other, invite, issuer=peer(other))),
+        dataclasses.replace(made_up, invite=signed_by(other, made_up.invite)),
+    )
+    for fake in forgeries:
         with pytest.raises(CommunityError, match="forged or was altered"):
-            check_credential(manifest, peer(other), fake.to_bytes(), NOW)
+            check_credential(
+                manifest, peer(other), VERIFIER, fake.prove(peer(other), VERIFIER), NOW
+            )
         with pytest.raises(CommunityError, match="forged or was altered"):
             read_token(make_token(fake, manifest))
 
 
 def test_an_invite_edited_after_signing_is_rejected(manifest: Manifest, founder, other):
     genuine = issue_invite(manifest, founder, peer(founder), NOW + HOUR)
-    for change in ({"for_peer": peer(other)}, {"for_peer": None}, {"expires": None}):
-        edited = dataclasses.replace(genuine, **change)
+    edits = [
+        dataclasses.replace(genuine, invite=dataclasses.replace(genuine.invite, **change))
+        for change in ({"for_peer": peer(other)}, {"for_peer": None}, {"expires": None})
+    ]
+    edits.append(with_own_key(genuine.invite))  # the invite key swapped for the forger's own
+    for edited in edits:
         with pytest.raises(CommunityError, match="forged or was altered"):
-            check_credential(manifest, peer(other), edited.to_bytes(), NOW)
+            check_credential(
+                manifest, peer(other), VERIFIER, edited.prove(peer(other), VERIFIER), NOW
+            )
 
 
 def test_an_invite_for_another_community_is_rejected(manifest: Manifest, founder, other):
     second = create_manifest(DRAFT.replace("digits body", "second"), "d.toml", founder, NOW)
     foreign = issue_invite(second, founder, peer(other), None)
     with pytest.raises(CommunityError, match="for another community"):
-        check_credential(manifest, peer(other), foreign.to_bytes(), NOW)
+        check_credential(manifest, peer(other), VERIFIER, foreign.prove(peer(other), VERIFIER), NOW)
     with pytest.raises(CommunityError, match="another community than the manifest"):
         make_token(foreign, manifest)
 
 
 def test_an_invite_for_another_peer_is_rejected(tmp_path: Path, manifest, founder, other):
-    invite = issue_invite(manifest, founder, peer(founder), None)
+    held = issue_invite(manifest, founder, peer(founder), None)
     with pytest.raises(CommunityError, match=f"issued for peer {peer(founder)}, not for"):
-        check_credential(manifest, peer(other), invite.to_bytes(), NOW)
+        check_credential(manifest, peer(other), VERIFIER, held.prove(peer(other), VERIFIER), NOW)
     with pytest.raises(CommunityError, match="not for"):
-        join(tmp_path, make_token(invite, manifest), peer(other), [], NOW)
+        join(tmp_path, make_token(held, manifest), peer(other), [], NOW)
     assert load_memberships(tmp_path) == []
 
 
@@ -312,9 +414,10 @@ def test_an_invite_community_refuses_a_bare_manifest_except_to_its_founder(
     with pytest.raises(CommunityError, match="no invite to 'digits body', which is invite-only"):
         join(tmp_path / "member", str(path), peer(other), [], NOW)
     with pytest.raises(CommunityError, match="no invite"):
-        check_credential(manifest, peer(other), None, NOW)
-    check_credential(manifest, peer(founder), None, NOW)
-    assert join(tmp_path / "founder", str(path), peer(founder), [], NOW).credential is None
+        check_credential(manifest, peer(other), VERIFIER, None, NOW)
+    check_credential(manifest, peer(founder), VERIFIER, None, NOW)
+    founding = join(tmp_path / "founder", str(path), peer(founder), [], NOW)
+    assert founding.invite is None and make_credential(founding, peer(founder), VERIFIER) is None
 
 
 def test_an_open_community_admits_anyone_with_the_manifest(tmp_path: Path, founder, other):
@@ -324,8 +427,8 @@ def test_an_open_community_admits_anyone_with_the_manifest(tmp_path: Path, found
     path = tmp_path / "open.toml"
     path.write_text(open_manifest.to_toml())
     membership = join(tmp_path / "home", str(path), peer(other), [], NOW)
-    assert membership.manifest == open_manifest and membership.credential is None
-    check_credential(open_manifest, peer(other), None, NOW)
+    assert membership.manifest == open_manifest and membership.invite is None
+    check_credential(open_manifest, peer(other), VERIFIER, None, NOW)
 
 
 def test_join_names_what_it_could_not_read(tmp_path: Path, other):
@@ -456,9 +559,11 @@ BASE64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_="
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2048) | msgpack_values.map(msgpack.packb))
-def test_random_credentials_only_raise_community_error(data: bytes):
+def test_random_invites_and_credentials_only_raise_community_error(manifest: Manifest, data):
     with contextlib.suppress(CommunityError):
         Invite.from_bytes(data)
+    with pytest.raises(CommunityError):
+        check_credential(manifest, THIRD, VERIFIER, data, NOW)
 
 
 @settings(max_examples=300, deadline=None)
@@ -475,13 +580,13 @@ def test_random_tokens_only_raise_community_error(token: str):
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_a_damaged_token_is_refused_or_intact(manifest: Manifest, founder, other, data):
-    invite = issue_invite(manifest, founder, peer(other), NOW + HOUR)
-    token = make_token(invite, manifest)
+    held = issue_invite(manifest, founder, peer(other), NOW + HOUR)
+    token = make_token(held, manifest)
     position = data.draw(st.integers(len(TOKEN_PREFIX), len(token) - 1))
     char = data.draw(st.sampled_from(BASE64URL))
     damaged = token[:position] + char + token[position + 1 :]
     with contextlib.suppress(CommunityError):
-        assert read_token(damaged) == (invite, manifest)  # e.g. a comment, or padding bits
+        assert read_token(damaged) == (held, manifest)  # e.g. a comment, or padding bits
 
 
 def test_an_oversized_token_is_refused_before_decoding():
@@ -530,11 +635,17 @@ def test_cli_create_invite_join_list_leave(tmp_path: Path, founder, other):
     assert invited.exit_code == 0, invited.output
     token = invited.stdout.strip()
     assert token.startswith(TOKEN_PREFIX) and "expires at" in invited.stderr
+    assert "anyone who gets this token" not in invited.stderr
+    bearer = cli("invite", "--home", a, community[:8], "--expires", "never")
+    assert bearer.exit_code == 0, bearer.output
+    assert "whoever holds it; it never expires" in bearer.stderr
+    assert "anyone who gets this token can join" in bearer.stderr and "--for" in bearer.stderr
 
     address = f"/ip4/127.0.0.1/tcp/4001/p2p/{peer(founder)}"
     joined = cli("join", "--home", b, token, "--bootstrap", address)
     assert joined.exit_code == 0, joined.output
     assert find_membership(b, community).bootstrap == (address,)
+    assert (b / "communities" / community / "membership.toml").stat().st_mode & 0o777 == 0o600
 
     listed = cli("list", "--home", b)
     assert listed.exit_code == 0, listed.output

@@ -1,11 +1,13 @@
 """Communities in the node daemon: in-process daemons on 127.0.0.1 under trio.
 
-Non-members are refused at the stream, private parameters never leave a node, leaving stops
-the sharing at once, and two communities share disjoint parts of one model.
+Non-members are refused at the stream, nothing a member sends (hello, announcement) lets
+anyone else join, private parameters never leave a node, leaving stops the sharing at once,
+and two communities share disjoint parts of one model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +24,13 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
 from p2pfl.community import store
-from p2pfl.community.invite import Invite, issue_invite, make_token
+from p2pfl.community.invite import (
+    HeldInvite,
+    Invite,
+    check_credential,
+    issue_invite,
+    make_token,
+)
 from p2pfl.community.manifest import CommunityError, Manifest, create_manifest
 from p2pfl.daemon import communities
 from p2pfl.daemon.communities import (
@@ -35,7 +43,7 @@ from p2pfl.daemon.communities import (
 from p2pfl.daemon.config import ConfigError, load_config
 from p2pfl.daemon.control import request
 from p2pfl.daemon.node import NodeDaemon
-from p2pfl.daemon.transport import Transport, load_or_create_identity
+from p2pfl.daemon.transport import Subscription, Transport, load_or_create_identity
 from p2pfl.learning.params import ParamSchema
 from p2pfl.wire.codec import WireError, decode, encode
 from p2pfl.wire.messages import Push
@@ -122,10 +130,15 @@ def found(founder: Node, text: str) -> Manifest:
     return manifest
 
 
-def admit(founder: Node, manifest: Manifest, node: Node) -> None:
-    """The founder invites ``node``, which joins with the token and the founder as bootstrap."""
-    token = make_token(issue_invite(manifest, founder.key, node.peer_id, None), manifest)
-    store.join(node.home, token, node.peer_id, [founder.addr], int(time.time()))
+def admit(founder: Node, manifest: Manifest, node: Node, bearer: bool = False) -> HeldInvite:
+    """The founder invites ``node`` (by its peer id, or with a bearer invite), which joins
+    with the token and the founder as bootstrap; returns the invite it holds."""
+    for_peer = None if bearer else node.peer_id
+    held = issue_invite(manifest, founder.key, for_peer, None)
+    store.join(
+        node.home, make_token(held, manifest), node.peer_id, [founder.addr], int(time.time())
+    )
+    return held
 
 
 def rel_dist(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -271,10 +284,11 @@ def test_malformed_hello_is_a_wire_error(payload):
     "payload",
     [
         b"\x00" * 3000,
-        msgpack.packb({"peer": "p", "addrs": ["a"] * 9, "credential": None}),
-        msgpack.packb({"peer": "p", "addrs": [1], "credential": None}),
-        msgpack.packb({"peer": "", "addrs": [], "credential": None}),
-        msgpack.packb({"peer": "p", "addrs": []}),
+        msgpack.packb({"peer": "p", "addrs": ["a"] * 9}),
+        msgpack.packb({"peer": "p", "addrs": [1]}),
+        msgpack.packb({"peer": "", "addrs": []}),
+        msgpack.packb({"peer": "p"}),
+        msgpack.packb({"peer": "p", "addrs": [], "credential": b"an old-format announcement"}),
     ],
 )
 def test_malformed_announcement_is_a_wire_error(payload):
@@ -285,7 +299,7 @@ def test_malformed_announcement_is_a_wire_error(payload):
 def test_hello_and_announcement_round_trip():
     hello = Hello("ab" * 16, b"cred", answer=True)
     assert Hello.from_bytes(hello.to_bytes()) == hello
-    ann = Announcement("12D3KooWpeer", ("/ip4/127.0.0.1/tcp/1/p2p/12D3KooWpeer",), None)
+    ann = Announcement("12D3KooWpeer", ("/ip4/127.0.0.1/tcp/1/p2p/12D3KooWpeer",))
     assert Announcement.from_bytes(ann.to_bytes()) == ann
 
 
@@ -299,6 +313,7 @@ def test_non_members_are_refused_at_the_stream(tmp_path, wire):
     manifest = found(a, draft("body", ["fc1.*"], "periodic:b=20"))
     admit(a, manifest, b)
     foreign = create_manifest(draft("elsewhere", ["fc1.*"], "dynamic"), "d", other.key, 0)
+    bearer = issue_invite(manifest, a.key, None, None)
     a.start(2)
     b.start(2)
     now = int(time.time())
@@ -307,15 +322,25 @@ def test_non_members_are_refused_at_the_stream(tmp_path, wire):
 
     def credential_for(kind: str, peer: str) -> bytes | None:
         if kind == "forged":  # claims the founder issued it, signed by someone else
-            unsigned = Invite(manifest.id, manifest.founder, peer, None, b"")
+            invite_keys = create_new_key_pair()
+            key = invite_keys.public_key.to_bytes()
+            unsigned = Invite(manifest.id, manifest.founder, peer, None, key, b"")
             signature = other.key.private_key.sign(unsigned.signed_bytes())
-            return Invite(manifest.id, manifest.founder, peer, None, signature).to_bytes()
+            invite = dataclasses.replace(unsigned, signature=signature)
+            return HeldInvite(invite, invite_keys.private_key.to_bytes()).prove(peer, a.peer_id)
         if kind == "expired":
-            return issue_invite(manifest, a.key, peer, now - 60).to_bytes()
+            return issue_invite(manifest, a.key, peer, now - 60).prove(peer, a.peer_id)
         if kind == "other peer":
-            return issue_invite(manifest, a.key, b.peer_id, None).to_bytes()
+            return issue_invite(manifest, a.key, b.peer_id, None).prove(peer, a.peer_id)
         if kind == "foreign":
-            return issue_invite(foreign, other.key, peer, None).to_bytes()
+            return issue_invite(foreign, other.key, peer, None).prove(peer, a.peer_id)
+        if kind == "stolen proof":  # what a bearer holder showed a, replayed by someone else
+            return bearer.prove(b.peer_id, a.peer_id)
+        if kind == "proof for us":  # what a bearer holder showed us, replayed to a
+            return bearer.prove(b.peer_id, peer)
+        if kind == "public part only":  # the invite without its private key: a guessed key
+            guessed = HeldInvite(bearer.invite, create_new_key_pair().private_key.to_bytes())
+            return guessed.prove(peer, a.peer_id)
         return None
 
     expected = {
@@ -324,6 +349,9 @@ def test_non_members_are_refused_at_the_stream(tmp_path, wire):
         "expired": "expired at",
         "other peer": "was issued for peer",
         "foreign": "another community",
+        "stolen proof": "no proof bound to this peer and verifier",
+        "proof for us": "no proof bound to this peer and verifier",
+        "public part only": "no proof bound to this peer and verifier",
         "silent": "not admitted",
     }
     refusals: dict[str, list[str]] = {kind: [] for kind in expected}
@@ -362,7 +390,8 @@ def test_non_members_are_refused_at_the_stream(tmp_path, wire):
             async with trio.open_nursery() as nursery:
                 for kind in expected:
                     nursery.start_soon(attacker, kind)
-            assert a.daemon.counters["rejected"] >= rejected + 5 + 3 * len(expected)
+            hellos = len(expected) - 1  # every kind but "silent" says hello
+            assert a.daemon.counters["rejected"] >= rejected + hellos + 3 * len(expected)
             syncs = b.community(manifest).core.stats.syncs
             await wait_until(
                 lambda: b.community(manifest).core.stats.syncs > syncs, 10, "b still syncs"
@@ -376,6 +405,103 @@ def test_non_members_are_refused_at_the_stream(tmp_path, wire):
     assert received_sync == []
     members = {a.peer_id, b.peer_id}
     assert {f.to for f in wire.frames if f.protocol == SYNC_PROTOCOL} == members
+
+
+def test_a_listener_on_the_topic_cannot_join_with_what_it_hears(tmp_path, wire):
+    """A non-member subscribes to the community's topic and announces itself, so the members
+    dial it and say hello. Announcements carry no secret; every credential in a hello is
+    bound to its receiver, so the listener cannot use one it received (b's bearer invite)
+    with a nor with b, and it is never admitted."""
+    a, b = make_nodes(tmp_path, 2)
+    manifest = found(a, draft("body", ["fc1.*"], "periodic:b=20"))
+    held = admit(a, manifest, b, bearer=True)
+    a.start(2)
+    b.start(2)
+    topic = topic_of(manifest.id)
+    heard: dict[str, bytes] = {}
+    hellos: list[tuple[str, Hello]] = []
+    refusals: list[tuple[str, str]] = []
+    received_sync: list[str] = []
+
+    async def listener() -> None:
+        transport = Transport(create_new_key_pair(), pubsub=True)
+
+        async def on_hello(peer: str, payload: bytes) -> None:
+            hello = Hello.from_bytes(payload)
+            if hello.refused:
+                refusals.append((peer, hello.refused))
+            else:
+                hellos.append((peer, hello))
+
+        async def on_sync(peer: str, payload: bytes) -> None:
+            received_sync.append(peer)
+
+        async def listen(subscription: Subscription) -> None:
+            async for origin, data in subscription:
+                heard[origin] = data
+
+        def captured() -> list[bytes]:
+            return [h.credential for p, h in hellos if p == b.peer_id and h.credential]
+
+        transport.set_handler(HELLO_PROTOCOL, on_hello)
+        transport.set_handler(SYNC_PROTOCOL, on_sync)
+        # A pubsub transport must exit under cancellation (as in the daemon), or its
+        # services' nursery closes out of order.
+        async with trio.open_nursery() as nursery, transport:
+            try:
+                await transport.connect(a.addr)
+                nursery.start_soon(listen, await transport.subscribe(topic))
+                me = Announcement(transport.peer_id, tuple(transport.listen_addrs))
+                with trio.fail_after(30):
+                    while not (captured() and {a.peer_id, b.peer_id} <= set(heard)):
+                        await transport.publish(topic, me.to_bytes())
+                        await trio.sleep(0.5)
+                for member in (a, b):  # replay each credential b showed us; say hello bare
+                    for credential in [*captured(), None]:
+                        hello = Hello(manifest.id, credential)
+                        await transport.send(member.peer_id, HELLO_PROTOCOL, hello.to_bytes())
+                await wait_until(lambda: len(refusals) >= 2, 10, "refusals from a and b")
+                await trio.sleep(1.0)  # time for a node that wrongly admitted us to sync
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def body() -> None:
+        async with running([a, b]):
+            await wait_until(lambda: b.peer_id in a.community(manifest).admitted, 20, "a, b meet")
+            await listener()
+            assert set(a.community(manifest).admitted) == {b.peer_id}
+            assert set(b.community(manifest).admitted) == {a.peer_id}
+
+    run(body)
+    reasons: dict[str, str] = {}
+    for peer, reason in refusals:
+        reasons.setdefault(peer, reason)
+    assert set(reasons) == {a.peer_id, b.peer_id}
+    for reason in reasons.values():  # the first refusal answers the replayed credential
+        assert "no proof bound to this peer and verifier" in reason, reasons
+    assert received_sync == []
+    invite_public = held.invite.to_bytes()
+    announcements = [p for p in wire.published if p.sender in (a.peer_id, b.peer_id)]
+    assert announcements and set(heard.values()) <= {p.payload for p in announcements}
+    shown = [
+        (f.sender, f.to, Hello.from_bytes(f.payload).credential)
+        for f in wire.frames
+        if f.protocol == HELLO_PROTOCOL and f.sender == b.peer_id
+    ]
+    assert any(credential for _, _, credential in shown)
+    for sent in announcements:
+        assert set(msgpack.unpackb(sent.payload)) == {"peer", "addrs"}
+        assert held.private_key not in sent.payload and invite_public not in sent.payload
+    peers = [a.peer_id, b.peer_id, *{to for _, to, _ in shown}]
+    for sender, to, credential in shown:  # each of b's hellos convinces its receiver only
+        if credential is None:
+            continue
+        assert held.private_key not in credential
+        check_credential(manifest, sender, to, credential, int(time.time()))
+        for verifier in peers:
+            if verifier != to:
+                with pytest.raises(CommunityError, match="no proof bound"):
+                    check_credential(manifest, sender, verifier, credential, int(time.time()))
 
 
 def test_private_parameters_never_leave_the_node(tmp_path, wire, monkeypatch):

@@ -93,7 +93,8 @@ def invite(
     ),
     expires: str = typer.Option("7d", "--expires", help="30m, 12h, 7d, 2w or never."),
 ) -> None:
-    """Print an invite token (founder only); the token alone suffices to join."""
+    """Print an invite token (founder only); the token alone suffices to join, so hand it to
+    the invitee privately (it holds the invite's private key)."""
     from p2pfl.community.invite import issue_invite, make_token
     from p2pfl.community.manifest import CommunityError, format_time
     from p2pfl.community.store import find_membership
@@ -110,6 +111,11 @@ def invite(
     who = f"peer {for_peer}" if for_peer else "whoever holds it"
     until = "never expires" if expiry is None else f"expires at {format_time(expiry)}"
     console.print(f"invite to {escape(manifest.name)!r} for {escape(who)}; it {until}")
+    if for_peer is None:
+        console.print(
+            "anyone who gets this token can join: hand it over privately, or bind the invite "
+            "to one node with --for PEER_ID (peers never see the token, only proofs made with it)"
+        )
     if manifest.admission == "open":
         console.print("(the community is open: the manifest alone also suffices to join)")
 
@@ -134,7 +140,7 @@ def join(
     except (CommunityError, OSError) as exc:
         raise _fail(str(exc)) from None
     print(f"joined {membership.manifest.name!r} ({membership.id}) as {peer_id}")
-    console.print(f"credential: {_expiry_text(membership)}")
+    console.print(f"invite: {_expiry_text(membership)}")
     _notify_node(home)
 
 
@@ -193,11 +199,10 @@ def list_communities(home: Path = HOME) -> None:
 
 def _expiry_text(membership: Membership) -> str:
     from p2pfl.community.manifest import format_time
-    from p2pfl.community.store import credential_expiry
 
-    if membership.credential is None:
+    if membership.invite is None:
         return "none needed" if membership.manifest.admission == "open" else "founder"
-    expiry = credential_expiry(membership)
+    expiry = membership.invite.invite.expires
     if expiry is None:
         return "never expires"
     state = "expired" if expiry <= time.time() else "expires"

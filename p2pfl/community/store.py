@@ -1,9 +1,10 @@
 """A node's memberships on disk: ``DIR/communities/<id>/manifest.toml`` (the signed manifest)
-and ``membership.toml`` (the node's credential, when it joined, its bootstrap addresses).
+and ``membership.toml`` (the node's invite with its private key, when it joined, its bootstrap
+addresses; mode 0600 like every file written here, as the invite private key is a secret).
 
 A community directory appears and disappears with one rename, so a running node re-reading
 the store never sees half a membership. Every manifest is verified on load; nothing is written
-before the membership rule (``check_credential``) admits this node.
+before the membership rule (``check_membership``) admits this node.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.community.invite import (
-    MAX_CREDENTIAL_BYTES,
+    INVITE_KEY_BYTES,
+    MAX_INVITE_BYTES,
     TOKEN_PREFIX,
+    HeldInvite,
     Invite,
-    check_credential,
+    check_membership,
+    held_invite,
     read_token,
 )
 from p2pfl.community.manifest import (
@@ -41,7 +45,7 @@ MANIFEST_FILE = "manifest.toml"
 MEMBERSHIP_FILE = "membership.toml"
 MAX_BOOTSTRAP = 64
 MAX_ADDRESS_CHARS = 1000
-_MEMBERSHIP_KEYS = frozenset({"credential", "joined", "bootstrap"})
+_MEMBERSHIP_KEYS = frozenset({"invite", "invite_key", "joined", "bootstrap"})
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,8 @@ class Membership:
     """This node's membership in one community."""
 
     manifest: Manifest
-    credential: bytes | None
-    """The invite this node presents to peers (``Invite.to_bytes``), or None (founder, open)."""
+    invite: HeldInvite | None
+    """The invite this node proves its membership with, or None (founder, open community)."""
     joined: int
     """Unix seconds."""
     bootstrap: tuple[str, ...]
@@ -141,17 +145,16 @@ def join(
 ) -> Membership:
     """Join with an invite token, a signed manifest file, or signed manifest text, as
     ``peer_id``; everything is verified before anything is written. Joining a community
-    again replaces the credential (e.g. a renewed invite) and, if given, the bootstrap list."""
+    again replaces the invite (e.g. a renewed one) and, if given, the bootstrap list."""
     text = token_or_manifest.strip()
-    credential: bytes | None = None
+    invite: HeldInvite | None = None
     if text.startswith(TOKEN_PREFIX):
         invite, manifest = read_token(text)
-        credential = invite.to_bytes()
     elif "\n" in text:
         manifest = load_manifest(text, "the given manifest text")
     else:
         manifest = load_manifest(_read_manifest_file(Path(text)), text)
-    check_credential(manifest, peer_id, credential, now)
+    check_membership(Membership(manifest, invite, now, ()), peer_id, now)
     addresses = tuple(check_bootstrap(addr) for addr in bootstrap)
     if len(addresses) > MAX_BOOTSTRAP:
         raise CommunityError(f"{len(addresses)} bootstrap addresses; give at most {MAX_BOOTSTRAP}")
@@ -160,7 +163,7 @@ def join(
     previous = next((m for m in memberships if m.id == manifest.id), None)
     if previous is not None and not addresses:
         addresses = previous.bootstrap
-    membership = Membership(manifest, credential, now, addresses)
+    membership = Membership(manifest, invite, now, addresses)
     save_membership(home, membership)
     return membership
 
@@ -197,13 +200,6 @@ def check_bootstrap(address: str) -> str:
     return text
 
 
-def credential_expiry(membership: Membership) -> int | None:
-    """When the membership's invite expires (unix seconds), or None if it never does."""
-    if membership.credential is None:
-        return None
-    return Invite.from_bytes(membership.credential).expires
-
-
 # -- files -------------------------------------------------------------------------------------
 
 
@@ -222,26 +218,32 @@ def _load_one(directory: Path) -> Membership:
         )
     try:
         data = tomllib.loads(_read_text(membership_path))
-        credential, joined, bootstrap = _membership_fields(data)
-    except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
+    except (OSError, tomllib.TOMLDecodeError) as exc:
         raise CommunityError(f"{membership_path}: {exc}; {fix}") from None
-    return Membership(manifest, credential, joined, bootstrap)
+    if "credential" in data:
+        raise CommunityError(
+            f"{membership_path} holds an old bearer invite ('credential') that peers no longer "
+            f"accept; remove {directory}, then join again with a new invite from the founder"
+        )
+    try:
+        invite, joined, bootstrap = _membership_fields(data)
+    except ValueError as exc:
+        raise CommunityError(f"{membership_path}: {exc}; {fix}") from None
+    return Membership(manifest, invite, joined, bootstrap)
 
 
-def _membership_fields(data: dict[str, Any]) -> tuple[bytes | None, int, tuple[str, ...]]:
+def _membership_fields(data: dict[str, Any]) -> tuple[HeldInvite | None, int, tuple[str, ...]]:
     unknown = sorted(set(data) - _MEMBERSHIP_KEYS)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown}")
-    credential = None
-    if "credential" in data:
-        raw = data["credential"]
-        if not isinstance(raw, str) or len(raw) > 2 * MAX_CREDENTIAL_BYTES:
-            raise ValueError("credential must be a base64 string")
+    invite = None
+    if "invite" in data or "invite_key" in data:
+        public = _base64_field(data, "invite", MAX_INVITE_BYTES)
+        private = _base64_field(data, "invite_key", INVITE_KEY_BYTES)
         try:
-            credential = base64.b64decode(raw, validate=True)
-        except binascii.Error:
-            raise ValueError("credential is not valid base64") from None
-        Invite.from_bytes(credential)
+            invite = held_invite(Invite.from_bytes(public), private)
+        except CommunityError as exc:
+            raise ValueError(str(exc)) from None
     joined = data.get("joined")
     if isinstance(joined, bool) or not isinstance(joined, int) or not 0 <= joined <= MAX_TIME:
         raise ValueError("joined must be unix seconds")
@@ -252,7 +254,17 @@ def _membership_fields(data: dict[str, Any]) -> tuple[bytes | None, int, tuple[s
         or not all(isinstance(a, str) and len(a) <= MAX_ADDRESS_CHARS for a in bootstrap)
     ):
         raise ValueError(f"bootstrap must be a list of at most {MAX_BOOTSTRAP} addresses")
-    return credential, joined, tuple(bootstrap)
+    return invite, joined, tuple(bootstrap)
+
+
+def _base64_field(data: dict[str, Any], key: str, max_bytes: int) -> bytes:
+    raw = data.get(key)
+    if not isinstance(raw, str) or len(raw) > 2 * max_bytes:
+        raise ValueError(f"{key} must be a base64 string (invite and invite_key go together)")
+    try:
+        return base64.b64decode(raw, validate=True)
+    except binascii.Error:
+        raise ValueError(f"{key} is not valid base64") from None
 
 
 def _membership_toml(membership: Membership) -> str:
@@ -261,9 +273,13 @@ def _membership_toml(membership: Membership) -> str:
         "# written by `p2pfl community join/create`; remove it with `p2pfl community leave`",
         f"joined = {membership.joined}  # {format_time(membership.joined)}",
     ]
-    if membership.credential is not None:
-        encoded = base64.b64encode(membership.credential).decode("ascii")
-        lines.append(f'credential = "{encoded}"  # the invite this node shows its peers')
+    if membership.invite is not None:
+        public = base64.b64encode(membership.invite.invite.to_bytes()).decode("ascii")
+        private = base64.b64encode(membership.invite.private_key).decode("ascii")
+        lines += [
+            f'invite = "{public}"  # signed by the founder; peers see it with a proof',
+            f'invite_key = "{private}"  # secret: proves the invite, never leaves this node',
+        ]
     addresses = ", ".join(toml_string(a) for a in membership.bootstrap)
     lines.append(f"bootstrap = [{addresses}]")
     return "\n".join(lines) + "\n"

@@ -5,17 +5,20 @@ A community's core sees its shared part through ``PartView`` and its messages tr
 with the community's shared sub-schema, so private parameters never leave the node. Three
 small protocols carry a community's traffic:
 
-* hello (``HELLO_PROTOCOL``): ``{community, credential, answer, refused}``. The receiver runs
-  ``check_credential`` against the Noise-authenticated peer id, admits the peer and answers
-  with its own hello; a refused hello is answered with the reason, so both sides log it.
-  Admission lasts as long as the connection (and the credential: it is checked again on every
-  frame, so an expiring invite stops the sync).
+* hello (``HELLO_PROTOCOL``): ``{community, credential, answer, refused}``. A credential
+  (``make_credential``) proves membership to the receiver only: its proof is bound to the
+  sender's and the receiver's peer ids, which both know from the Noise handshake, so a hello
+  is safe to send first and useless to replay. The receiver runs ``check_credential`` with the
+  stream's authenticated peer id as prover and itself as verifier, admits the peer and answers
+  with its own hello (bound to the sender); a refused hello is answered with the reason, so
+  both sides log it. Admission lasts as long as the connection (and the invite: the
+  credential is checked again on every frame, so an expiring invite stops the sync).
 * sync (``SYNC_PROTOCOL``): the 16-byte community id, then a wire message encoded with the
   community's shared schema. Frames from peers not admitted to that community are refused.
-* announcements on the gossipsub topic ``p2pfl/community/<id>``: ``{peer, addrs, credential}``
-  every ``ANNOUNCE_EVERY_S``, signed by the publisher; a member that hears an unknown member
-  checks its credential, dials it and says hello. Bootstrap addresses of the membership (and
-  peers that say hello) are the other way in.
+* announcements on the gossipsub topic ``p2pfl/community/<id>``: ``{peer, addrs}`` every
+  ``ANNOUNCE_EVERY_S``, signed by the publisher. Any subscriber can read them, so they carry
+  nothing that admits: a member that hears an unknown peer dials it and the hello decides.
+  Bootstrap addresses of the membership (and peers that say hello) are the other way in.
 
 Leaving (``reload`` after ``p2pfl community leave``) stops a community at once: its core is
 dropped, frames queued or in flight are cancelled, the topic is left, its drift correction
@@ -37,7 +40,7 @@ import trio
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
-from p2pfl.community.invite import check_credential
+from p2pfl.community.invite import check_credential, check_membership, make_credential
 from p2pfl.community.manifest import CommunityError, Manifest
 from p2pfl.community.sharing import (
     Corrections,
@@ -79,7 +82,9 @@ REFUSAL_EVERY_S = 10.0
 """At most one refusal notice per peer and community every 10 s."""
 MAX_REFUSALS_REMEMBERED = 1024
 KNOWN_MEMBER_TTL_S = 60.0
-"""An announced member is dialled while its announcements are at most this old."""
+"""An announced peer is dialled while its announcements are at most this old."""
+MAX_ANNOUNCED_PEERS = 256
+"""Announced peers remembered per community (announcements prove no membership)."""
 BYE_TIMEOUT_S = 2.0
 LEFT = "left the community"
 """The refusal a member sends its peers when it leaves."""
@@ -191,27 +196,24 @@ class Hello:
 
 @dataclass(frozen=True)
 class Announcement:
-    """``peer`` is a member of the topic's community and listens on ``addrs``."""
+    """``peer`` says it is a member of the topic's community and listens on ``addrs``; only
+    a hello proves it."""
 
     peer: str
     addrs: tuple[str, ...]
-    credential: bytes | None
 
     def to_bytes(self) -> bytes:
-        return msgpack.packb(
-            {"peer": self.peer, "addrs": list(self.addrs), "credential": self.credential},
-            use_bin_type=True,
-        )
+        return msgpack.packb({"peer": self.peer, "addrs": list(self.addrs)}, use_bin_type=True)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Announcement:
         """Parse an announcement; anything malformed raises WireError."""
         if len(data) > ANNOUNCEMENT_MAX_BYTES:
             raise WireError(f"announcement of {len(data)} bytes (at most {ANNOUNCEMENT_MAX_BYTES})")
-        body = _unpack(data, "announcement", max_map_len=3)
-        if not isinstance(body, dict) or set(body) != {"peer", "addrs", "credential"}:
-            raise WireError("announcement must be a map of peer, addrs, credential")
-        peer, addrs, credential = body["peer"], body["addrs"], body["credential"]
+        body = _unpack(data, "announcement", max_map_len=2)
+        if not isinstance(body, dict) or set(body) != {"peer", "addrs"}:
+            raise WireError("announcement must be a map of peer, addrs")
+        peer, addrs = body["peer"], body["addrs"]
         if not isinstance(peer, str) or not 0 < len(peer) <= 128:
             raise WireError("announcement: peer must be a peer id")
         if (
@@ -220,9 +222,7 @@ class Announcement:
             or not all(isinstance(a, str) and len(a) <= MAX_ADDR_CHARS for a in addrs)
         ):
             raise WireError(f"announcement: addrs must be at most {MAX_ANNOUNCED_ADDRS} addresses")
-        if credential is not None and not isinstance(credential, bytes):
-            raise WireError("announcement: credential must be bytes or nil")
-        return cls(peer, tuple(addrs), credential)
+        return cls(peer, tuple(addrs))
 
 
 def _unpack(data: bytes, what: str, max_map_len: int) -> Any:
@@ -266,7 +266,8 @@ class Community:
     greeted: set[str] = field(default_factory=set)
     """Peers we said hello to on their current connection."""
     announced: dict[str, tuple[tuple[str, ...], float]] = field(default_factory=dict)
-    """Members heard on the topic: their addresses and when (trio clock)."""
+    """Peers heard on the topic (members, as they say): their addresses and when (trio
+    clock)."""
     last_dial: dict[str, float] = field(default_factory=dict)
     sending: set[trio.CancelScope] = field(default_factory=set)
     """Scopes of this community's frames in flight (cancelled when it is left)."""
@@ -399,9 +400,7 @@ class Communities:
             part = check_model(self.learner.schema, membership, self.config.model)
             parts.append((f"community {membership.manifest.name!r}", part))
             try:
-                check_credential(
-                    membership.manifest, self.peer_id, membership.credential, int(time.time())
-                )
+                check_membership(membership, self.peer_id, int(time.time()))
             except CommunityError as exc:
                 log.warning("members will refuse this node: %s", exc)
         try:
@@ -480,9 +479,7 @@ class Communities:
         while True:
             await trio.sleep(ANNOUNCE_EVERY_S if community.admitted else MAINTAIN_EVERY_S)
             announcement = Announcement(
-                self.peer_id,
-                tuple(self._transport.listen_addrs[:MAX_ANNOUNCED_ADDRS]),
-                community.membership.credential,
+                self.peer_id, tuple(self._transport.listen_addrs[:MAX_ANNOUNCED_ADDRS])
             )
             try:
                 await self._transport.publish(topic_of(community.id), announcement.to_bytes())
@@ -524,18 +521,24 @@ class Communities:
             self._greet(community, peer)
 
     def _on_announcement(self, community: Community, origin: str, data: bytes) -> None:
-        """A member announced itself: remember it (the maintenance loop dials it)."""
+        """A peer announced itself: remember it (the maintenance loop dials it and the hello
+        decides whether it is a member)."""
         try:
             announcement = Announcement.from_bytes(data)
             if announcement.peer != origin:
                 raise WireError(f"it names peer {announcement.peer}, not its signer")
-            check_credential(community.manifest, origin, announcement.credential, int(time.time()))
-        except (WireError, CommunityError) as exc:
+        except WireError as exc:
             log.info("ignored announcement from %s on %s: %s", origin, community.label, exc)
             return
         addrs = tuple(a for a in announcement.addrs if _is_address_of(a, origin))
-        if origin not in community.announced and origin not in community.admitted:
-            log.info("community %s: heard of member %s", community.label, origin)
+        if origin not in community.announced:
+            if len(community.announced) >= MAX_ANNOUNCED_PEERS:
+                log.debug(
+                    "community %s: too many announced peers, ignored %s", community.label, origin
+                )
+                return
+            if origin not in community.admitted:
+                log.info("community %s: heard of peer %s", community.label, origin)
         community.announced[origin] = (addrs, trio.current_time())
 
     def _nursery_start(self, fn: Any, *args: Any) -> None:
@@ -545,11 +548,11 @@ class Communities:
     # ------------------------------------------------------------------------ hello
 
     def _greet(self, community: Community, peer: str) -> None:
-        """Say hello (present our credential) to a peer once per connection."""
+        """Say hello (a credential made for this peer only) once per connection."""
         if peer in community.greeted:
             return
         community.greeted.add(peer)
-        hello = Hello(community.id, community.membership.credential)
+        hello = Hello(community.id, make_credential(community.membership, self.peer_id, peer))
         self._enqueue(peer, _Frame(HELLO_PROTOCOL, community.id, hello.to_bytes()))
 
     async def on_hello(self, peer: str, payload: bytes) -> None:
@@ -585,7 +588,9 @@ class Communities:
             self._refuse(hello.community, peer, "this node is not a member of that community")
             return
         try:
-            check_credential(community.manifest, peer, hello.credential, int(time.time()))
+            check_credential(
+                community.manifest, peer, self.peer_id, hello.credential, int(time.time())
+            )
         except CommunityError as exc:
             community.counters["rejected"] += 1
             self.node_counters["rejected"] += 1
@@ -598,7 +603,8 @@ class Communities:
             self._perform(community, community.core.on_peer_up(trio.current_time(), peer))
         if not hello.answer:  # answers are not answered: no ping-pong
             community.greeted.add(peer)
-            answer = Hello(community.id, community.membership.credential, answer=True)
+            credential = make_credential(community.membership, self.peer_id, peer)
+            answer = Hello(community.id, credential, answer=True)
             self._enqueue(peer, _Frame(HELLO_PROTOCOL, community.id, answer.to_bytes()))
 
     def _refuse(self, community_id: str, peer: str, reason: str) -> None:
@@ -661,7 +667,9 @@ class Communities:
             self._refuse(community.id, peer, "not admitted: say hello with a valid invite first")
             return "not admitted (no valid hello on this connection)"
         try:
-            check_credential(community.manifest, peer, community.admitted[peer], int(time.time()))
+            check_credential(
+                community.manifest, peer, self.peer_id, community.admitted[peer], int(time.time())
+            )
         except CommunityError as exc:
             self._drop(community, peer, greet_again=False)
             self._refuse(community.id, peer, str(exc))
