@@ -110,10 +110,11 @@ echo "--- alice and bob join with their token and the founder as bootstrap peer,
 JOINS=()
 for name in alice bob; do
     "$P2PFL" community join --home "$WORK/$name" "$(cat "$WORK/$name.token")" \
-        --bootstrap "$founder_addr" 2>/dev/null &
+        --bootstrap "$founder_addr" >"$WORK/$name.joined" 2>/dev/null &
     JOINS+=($!)
 done
 wait "${JOINS[@]}"
+cat "$WORK/alice.joined" "$WORK/bob.joined"
 start_node 1
 start_node 2
 for name in alice bob; do
