@@ -442,3 +442,34 @@ def test_transfer_to_a_receiver_in_another_process() -> None:
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("how", ["normal exit", "cancelled inside", "nursery cancelled"])
+def test_pubsub_transport_closes_cleanly(how: str) -> None:
+    """The GossipSub services opened on entry close at the same nesting level on exit, whether
+    the block ends, is cancelled, or its nursery is: trio's cancel-scope stack stays intact."""
+    listen = ["/ip4/127.0.0.1/tcp/0"]
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            if how == "normal exit":
+                async with Transport(create_new_key_pair(), listen=listen, pubsub=True):
+                    await trio.sleep(0.05)
+            elif how == "cancelled inside":
+                with trio.move_on_after(0.2) as scope:
+                    async with Transport(create_new_key_pair(), listen=listen, pubsub=True):
+                        await trio.sleep(10)
+                assert scope.cancelled_caught
+            else:
+
+                async def serve() -> None:
+                    async with Transport(create_new_key_pair(), listen=listen, pubsub=True):
+                        await trio.sleep_forever()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(serve)
+                    await trio.sleep(0.2)
+                    nursery.cancel_scope.cancel()
+            await trio.sleep(0.05)  # a corrupted scope stack would fail here or at exit
+
+    trio.run(main)

@@ -227,6 +227,7 @@ class Transport:
         self._up: set[str] = set()
         self._run: AbstractAsyncContextManager[None] | None = None
         self._services = AsyncExitStack()
+        self._cleanup_scope: trio.CancelScope | None = None
         self._gossipsub: GossipSub | None = None
         self._pubsub: Pubsub | None = None
         if pubsub:
@@ -255,6 +256,7 @@ class Transport:
             await network.auto_connector.stop()
         if self._pubsub is not None and self._gossipsub is not None:
             try:
+                self._cleanup_scope = self._services.enter_context(trio.CancelScope())
                 await self._services.enter_async_context(background_trio_service(self._pubsub))
                 await self._services.enter_async_context(background_trio_service(self._gossipsub))
                 await self._pubsub.wait_until_ready()
@@ -269,8 +271,13 @@ class Transport:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        with trio.move_on_after(_CLEANUP_TIMEOUT_S, shield=True):
-            await self._services.aclose()
+        # The services' nurseries were opened in __aenter__, inside ``_cleanup_scope``: close
+        # them at that same nesting level (under a new cancel scope, trio would find its scope
+        # stack corrupted), shielded from outer cancellation and bounded in time.
+        if self._cleanup_scope is not None:
+            self._cleanup_scope.shield = True
+            self._cleanup_scope.deadline = trio.current_time() + _CLEANUP_TIMEOUT_S
+        await self._services.aclose()
         # Leaving host.run() alone leaks listeners and connections: close inside it.
         with trio.move_on_after(_CLEANUP_TIMEOUT_S, shield=True) as scope:
             await self._host.close()
