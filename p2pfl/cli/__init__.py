@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 
-import torch
 import typer
 
 from p2pfl.cli import community, node, simulate, topology
@@ -25,9 +23,8 @@ app.add_typer(community.app, name="community", help="Create, join, leave and lis
 def main() -> None:
     """Console-script entry point.
 
-    Torch runs single-threaded unless ``P2PFL_THREADS`` says otherwise: our models are small,
-    so intra-op threads only add spinning (measured 6-10x slower with 2 threads on a loaded
-    2-core machine, see the README)."""
-    torch.set_num_threads(int(os.environ.get("P2PFL_THREADS", "1")))
+    Commands import their heavy modules (torch, matplotlib, libp2p) when they run, so ``--help``
+    and the control commands start fast; the commands that train set torch's thread count
+    (``P2PFL_THREADS``, default 1) through ``p2pfl.cli.torch_threads.use_torch``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from p2pfl.cli.torch_threads import use_torch
 from p2pfl.daemon.config import KEY_FILE, ConfigError, load_config, write_template
 from p2pfl.daemon.control import ControlError, request, socket_path
 
@@ -81,6 +82,7 @@ def start(
         config = load_config(home, flags)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+    use_torch()
     import trio
 
     from p2pfl.daemon.checkpoint import CheckpointError

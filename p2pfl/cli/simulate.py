@@ -8,13 +8,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from p2pfl.data import DataError
-from p2pfl.simulator.results import (
-    communities_table,
-    comparison_table,
-    joining_table,
-    run_scenario,
-)
+from p2pfl.cli.torch_threads import use_torch
 from p2pfl.simulator.scenario import ScenarioError, load_scenario
 from p2pfl.spec import SpecError
 
@@ -68,6 +62,15 @@ def demo(
 
 
 def _run(path: Path | None, overrides: dict[str, object], out: Path, quiet: bool) -> None:
+    use_torch()
+    from p2pfl.data import DataError
+    from p2pfl.simulator.results import (
+        communities_table,
+        comparison_table,
+        joining_table,
+        run_scenario,
+    )
+
     console = Console()
     try:
         scenario = load_scenario(path, overrides)

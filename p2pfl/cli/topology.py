@@ -10,7 +10,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from p2pfl.spec import SpecError
-from p2pfl.topology import build_topology, describe_topology, draw_topology
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -37,6 +36,8 @@ def show(
     ),
 ) -> None:
     """Print nodes, edges, degrees and diameter of a topology; optionally draw it."""
+    from p2pfl.topology import build_topology, describe_topology, draw_topology
+
     out, err = Console(), Console(stderr=True)
     is_file = spec.strip().lower().endswith(".toml")
     count = nodes if nodes is not None or is_file else DEFAULT_NODES
