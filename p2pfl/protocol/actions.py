@@ -12,7 +12,8 @@ from p2pfl.wire.messages import Message
 
 @dataclass
 class Send:
-    """Deliver ``message`` to peer ``to`` (best effort: it may be lost or late)."""
+    """Deliver ``message`` to peer ``to`` (best effort: it may be lost or late). A core never
+    modifies a tensor after sending it (drivers may hand it to the receiver as it is)."""
 
     to: str
     message: Message

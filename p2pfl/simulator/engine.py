@@ -92,10 +92,13 @@ def final_eval_steps(steps: int, count: int = 5) -> list[int]:
 
 
 def _snapshot(message: Message) -> Message:
-    """The message as the receiver will see it: parameters copied at send time (cores may
-    hand out live views of their model)."""
+    """The message as the receiver will see it. Cores never modify a tensor they sent, but
+    they may send a live view of their model (``ModelAccess.read``): views are copied at send
+    time, other tensors are handed over as they are."""
     params = getattr(message, "params", None)
-    return message if params is None else replace(message, params=params.detach().clone())
+    if params is None or params._base is None:
+        return message
+    return replace(message, params=params.detach().clone())
 
 
 class Simulation:
