@@ -1,4 +1,5 @@
-"""Parsing of the short spec strings used everywhere on the command line.
+"""Parsing of the short spec strings used everywhere on the command line, and the value
+converters shared by every validator (they raise ValueError with the reason).
 
 A spec is ``name`` or ``name:key=value,key=value``; e.g. ``small-world:k=4,p=0.2``,
 ``dirichlet:alpha=0.5``, ``mlp:hidden=64x32``, ``digits:part=3/8,alpha=0.5``.
@@ -81,6 +82,14 @@ def positive_int(raw: str) -> int:
     return value
 
 
+def non_negative_int(raw: str) -> int:
+    """Convert to an int >= 0 (a step number or a seed)."""
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
 def non_negative_float(raw: str) -> float:
     """Convert to a float >= 0 (``inf`` allowed)."""
     value = float(raw)
@@ -95,3 +104,18 @@ def probability(raw: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError("must be between 0 and 1")
     return value
+
+
+def whole_number(low: int, high: int | None = None) -> Callable[[Any], int]:
+    """A converter of an already typed value (TOML, JSON) that must be an int in
+    ``[low, high]`` (no upper bound without ``high``); bools and floats are refused."""
+
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be a whole number, got {value!r}")
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise ValueError(f"must be {bound}, got {value}")
+        return value
+
+    return convert

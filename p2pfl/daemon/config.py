@@ -16,7 +16,7 @@ from typing import Any
 from multiaddr import Multiaddr
 
 from p2pfl.protocol.config import ProtocolConfig, parse_protocol
-from p2pfl.spec import SpecError
+from p2pfl.spec import SpecError, whole_number
 
 CONFIG_FILE = "config.toml"
 KEY_FILE = "identity.key"
@@ -97,18 +97,6 @@ def _str(value: Any) -> str:
     return value.strip()
 
 
-def _int(low: int, high: int | None = None) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be a whole number, got {value!r}")
-        if value < low or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f">= {low}"
-            raise ValueError(f"must be {bound}, got {value}")
-        return value
-
-    return convert
-
-
 def _positive_float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"must be a number, got {value!r}")
@@ -163,13 +151,13 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "data": _str,
     "model": _str,
     "protocol": _protocol,
-    "steps": _int(0),
+    "steps": whole_number(0),
     "lr": _positive_float,
-    "batch_size": _int(1),
-    "seed": _int(0, 2**63 - 1),
+    "batch_size": whole_number(1),
+    "seed": whole_number(0, 2**63 - 1),
     "step_interval": _positive_float,
-    "target_degree": _int(1),
-    "metrics_port": _int(0, 65535),
+    "target_degree": whole_number(1),
+    "metrics_port": whole_number(0, 65535),
 }
 """Every key a config file or flag may set, with its converter (raises ValueError)."""
 

@@ -32,14 +32,14 @@ from p2pfl.daemon.metrics import serve_metrics
 from p2pfl.daemon.state import node_state, restore_node_state
 from p2pfl.daemon.transport import Limits, Transport, TransportError
 from p2pfl.data import DataError
-from p2pfl.data.datasets import Dataset, load_dataset, non_negative_int
-from p2pfl.data.partition import NodeData, node_slice
+from p2pfl.data.datasets import Dataset
+from p2pfl.data.partition import NodeData, load_node_slice
 from p2pfl.learning.learner import PerNodeLearner, SGDConfig
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.models import build_model
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
 from p2pfl.protocol.core import NodeCore, make_core
-from p2pfl.spec import SpecError, parse_spec
+from p2pfl.spec import SpecError
 from p2pfl.wire.codec import WireError, decode, encode, max_message_bytes
 
 log = logging.getLogger("p2pfl.daemon")
@@ -82,24 +82,10 @@ def node_seed(seed: int, peer_id: str) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def _dataset_of(spec: str) -> Dataset:
-    """The whole dataset a ``node_slice`` spec slices (for its shape, classes, test split)."""
-    source, sep, rest = spec.strip().partition(":")
-    is_file = source.lower().endswith(".npz")
-    parsed = parse_spec(f"npz{sep}{rest}" if is_file else spec)
-    seed = parsed.take("seed", non_negative_int, default=0)
-    args = {k: v for k, v in parsed.args.items() if k not in ("part", "alpha", "seed")}
-    if is_file:
-        return load_dataset(source, seed)
-    text = ",".join(f"{k}={v}" for k, v in args.items())
-    return load_dataset(f"{parsed.kind}:{text}" if text else parsed.kind, seed)
-
-
 def build_learning(config: NodeConfig, peer_id: str) -> Learning:
     """Load the node's data and build its model and learner; bad specs raise ConfigError."""
     try:
-        data = node_slice(config.data)
-        dataset = _dataset_of(config.data)
+        dataset, data = load_node_slice(config.data)
     except (SpecError, DataError) as exc:
         raise ConfigError(f"bad value for 'data': {exc}") from None
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from p2pfl.spec import Spec, SpecError, parse_spec, positive_int
+from p2pfl.spec import Spec, SpecError, non_negative_int, parse_spec, positive_int
 
 DATASET_KINDS = ("digits", "synthetic")
 DRIFT_KINDS = ("permute", "rotate")
@@ -257,14 +257,6 @@ def _permutation_drift(at_step: int, num_classes: int, seed: int) -> Drift:
     while (perm == np.arange(num_classes)).any():
         perm = rng.permutation(num_classes)
     return Drift(at_step=at_step, kind="permute", permutation=torch.as_tensor(perm))
-
-
-def non_negative_int(raw: str) -> int:
-    """Convert to an int >= 0 (a step number or a seed)."""
-    value = int(raw)
-    if value < 0:
-        raise ValueError("must be >= 0")
-    return value
 
 
 def _drift_kind(raw: str) -> str:

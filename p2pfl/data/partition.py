@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from p2pfl.data.datasets import Dataset, load_dataset, non_negative_int
-from p2pfl.spec import SpecError, non_negative_float, parse_spec, positive_int
+from p2pfl.data.datasets import Dataset, load_dataset
+from p2pfl.spec import SpecError, non_negative_float, non_negative_int, parse_spec, positive_int
 
 PARTITION_KINDS = ("iid", "dirichlet", "shards", "labels")
 DIRICHLET_REDRAWS = 50
@@ -203,6 +203,12 @@ def node_slice(spec: str) -> NodeData:
     ``seed`` (default 0) seeds loading and partitioning; other arguments go to the dataset.
     The slice equals ``split_nodes(load_dataset(..., seed), N, ..., seed)[I]``.
     """
+    return load_node_slice(spec)[1]
+
+
+def load_node_slice(spec: str) -> tuple[Dataset, NodeData]:
+    """The whole dataset a ``node_slice`` spec names (for its shape, classes and global test
+    split) and the node's slice of it, loading the dataset once."""
     source, sep, rest = spec.strip().partition(":")
     is_file = source.lower().endswith(".npz")
     parsed = parse_spec(f"npz{sep}{rest}" if is_file else spec)
@@ -224,7 +230,7 @@ def node_slice(spec: str) -> NodeData:
         raise SpecError(f"{spec!r}: part={index}/{num_nodes} needs 0 <= I < N (nodes count from 0)")
     partition_spec = "iid" if alpha is None else f"dirichlet:alpha={alpha}"
     dataset = load_dataset(data_spec, seed)
-    return split_nodes(dataset, num_nodes, partition_spec, seed)[index]
+    return dataset, split_nodes(dataset, num_nodes, partition_spec, seed)[index]
 
 
 def _part(raw: str) -> tuple[int, int]:
