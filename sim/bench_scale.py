@@ -36,10 +36,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from bench_setup import add_threads_option, prepared_scenario, set_threads
 
 from p2pfl.simulator import engine
-from p2pfl.simulator.engine import Prepared, Simulation, prepare
-from p2pfl.simulator.scenario import load_scenario
+from p2pfl.simulator.engine import Prepared, Simulation
 from p2pfl.spec import SpecError
 from p2pfl.topology import build_topology
 
@@ -69,13 +69,7 @@ def parse_args() -> argparse.Namespace:
         help="after the end-to-end run, repeat it with per-call timers and print where the "
         "time goes (the timers add about a microsecond per call)",
     )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: small models on a shared machine; "
-        "0 keeps torch's default)",
-    )
+    add_threads_option(p)
     p.add_argument("--quick", action="store_true", help="16, 64, 256 nodes x 50 steps; 200x100")
     p.add_argument("--child", choices=("scale", "e2e", "breakdown"), help=argparse.SUPPRESS)
     p.add_argument("--nodes", type=int, help=argparse.SUPPRESS)
@@ -91,21 +85,11 @@ def parse_args() -> argparse.Namespace:
 
 def prepared_for(nodes: int, steps: int, args: argparse.Namespace, learner: str) -> Prepared:
     """The scenario of one run; sizes beyond the data set cycle a 1,024-way split."""
-    overrides = {
-        "nodes": nodes,
-        "steps": steps,
-        "dataset": "digits",
-        "model": "mlp",
-        "partition": "iid",
-        "protocols": (args.protocol,),
-        "batch_size": args.batch_size,
-        "eval_every": steps,  # plus the engine's few final evaluations
-        "learner": learner,
-    }
+    data = {"dataset": "digits", "model": "mlp", "partition": "iid", "batch_size": args.batch_size}
     try:
-        return prepare(load_scenario(None, overrides))
+        return prepared_scenario(nodes, steps, args.protocol, learner, **data)
     except SpecError:
-        base = prepare(load_scenario(None, {**overrides, "nodes": CYCLE_PARTS}))
+        base = prepared_scenario(CYCLE_PARTS, steps, args.protocol, learner, **data)
         s = dataclasses.replace(base.scenario, nodes=nodes)
         graph = build_topology(s.topology, nodes, s.seed, s.allow_disconnected)
         parts = [base.nodes[i % CYCLE_PARTS] for i in range(nodes)]
@@ -307,8 +291,7 @@ def breakdown_table(r: dict[str, Any]) -> None:
 def main() -> None:
     """Parent: print the tables; child: measure one configuration."""
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.child:
         print(json.dumps(child(args)))
         return

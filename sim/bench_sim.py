@@ -23,10 +23,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from bench_setup import add_threads_option, prepared_scenario, set_threads
 from torch import nn
 
-from p2pfl.simulator.engine import Prepared, Simulation, prepare
-from p2pfl.simulator.scenario import load_scenario
+from p2pfl.simulator.engine import Prepared, Simulation
 
 TARGET_RATIO = 1.3
 
@@ -40,13 +40,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="mlp")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: small models on a shared machine; "
-        "0 keeps torch's default)",
-    )
+    add_threads_option(p)
     p.add_argument("--quick", action="store_true", help="8 nodes x 200 steps, 2 repeats")
     args = p.parse_args()
     if args.quick:
@@ -92,19 +86,16 @@ def simulated(prepared: Prepared, learner: str) -> Callable[[], float]:
 def main() -> None:
     """Measure and print the table."""
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    overrides = {
-        "nodes": args.nodes,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "model": args.model,
-        "dataset": args.dataset,
-        "protocols": ("none",),
-        "eval_every": args.steps,  # plus the engine's few final evaluations
-        "learner": "batched",
-    }
-    prepared = prepare(load_scenario(None, overrides))
+    set_threads(args.threads)
+    prepared = prepared_scenario(
+        args.nodes,
+        args.steps,
+        "none",
+        "batched",
+        batch_size=args.batch_size,
+        model=args.model,
+        dataset=args.dataset,
+    )
     s = prepared.scenario
     runs: dict[str, Callable[[], float]] = {
         "plain torch loop": lambda: plain_loop(prepared, s.steps, s.batch_size, s.lr, s.seed),
