@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -263,3 +267,30 @@ def test_scenario_files(tmp_path):
     assert (scenario.network.latency, scenario.network.churn) == (0.01, 0.1)
     assert scenario.network.bandwidth == 125e6  # defaults fill the rest
     assert load_scenario(None, {"protocols": "gossip"}).protocols == ("gossip",)
+
+
+def test_runs_do_not_depend_on_the_python_hash_seed() -> None:
+    """Same seed, same result in every process: no protocol decision may follow the iteration
+    order of a set of peer ids (which changes with PYTHONHASHSEED). Loss, churn, jitter and
+    uneven speeds make sessions collide, time out and give way."""
+    script = textwrap.dedent(
+        """
+        import dataclasses, torch
+        torch.set_num_threads(1)
+        from p2pfl.simulator.engine import Simulation, prepare
+        from p2pfl.simulator.scenario import load_scenario
+        s = load_scenario(None, {"nodes": 12, "steps": 150, "partition": "dirichlet:alpha=0.5"})
+        net = dataclasses.replace(s.network, loss=0.1, churn=0.02, speed_spread=0.5, jitter=0.003)
+        r = Simulation(prepare(dataclasses.replace(s, network=net)), "dynamic").run()
+        print(r["bytes_sent"], r["messages"], r["final_accuracy"], r["gave_way"], r["timeouts"])
+        """
+    )
+    outputs = set()
+    for hash_seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.add(done.stdout.strip())
+    assert len(outputs) == 1, outputs

@@ -196,7 +196,7 @@ class DynamicCore(NodeCore):
         group_steps = max(1, round(sum(steps) / len(steps)))
         actions: list[Action] = [Send(p, Average(s.id, average, group_steps)) for p in s.replies]
         # Peers that never answered (timed out) are released instead of waiting for us.
-        actions += [Send(p, Busy(s.id)) for p in s.asked - set(s.replies) - s.refused]
+        actions += [Send(p, Busy(s.id)) for p in sorted(s.asked - set(s.replies) - s.refused)]
         self.session = None
         return actions + self._adopt(average, s.sent, group_steps)
 
@@ -237,7 +237,7 @@ class DynamicCore(NodeCore):
         assert s is not None
         self.session = None
         self.stats.gave_way += 1
-        return [Send(p, Busy(s.id)) for p in s.asked - s.refused]
+        return [Send(p, Busy(s.id)) for p in sorted(s.asked - s.refused)]
 
     def _on_average(self, sender: str, msg: Average) -> list[Action]:
         m = self.membership
