@@ -23,6 +23,10 @@ small protocols carry a community's traffic:
 Leaving (``reload`` after ``p2pfl community leave``) stops a community at once: its core is
 dropped, frames queued or in flight are cancelled, the topic is left, its drift correction
 cleared, and its members are told (a refusal "left the community").
+
+Each community's core state (step, reference, drift correction, stats) and counters go into
+the node checkpoint by community id, so a restarted node resumes every community it is still
+in where it stopped.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import torch
 import trio
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
@@ -324,9 +329,10 @@ class _Frame:
 class Communities:
     """Every community of one node daemon: their cores, members, traffic and discovery.
 
-    Build it after the learner is restored (cores take the current model as reference), call
-    ``start`` once the transport runs, feed it local steps and peer events, and ``reload``
-    when the memberships on disk change.
+    Build it after the learner is restored (cores take the current model as reference), resume
+    the cores from the checkpoint with ``load_state_dict``, call ``start`` once the transport
+    runs, feed it local steps and peer events, and ``reload`` when the memberships on disk
+    change. ``state_dict`` is the communities' part of the node checkpoint.
     """
 
     def __init__(
@@ -411,6 +417,14 @@ class Communities:
 
     def _add(self, membership: Membership) -> Community:
         part = check_model(self.learner.schema, membership, self.config.model)
+        core = self._new_core(membership, part)
+        community = Community(membership, part, core, max_message_bytes(part.schema))
+        self.active[community.id] = community
+        return community
+
+    def _new_core(self, membership: Membership, part: SharedPart) -> NodeCore:
+        """A fresh core for the community: its policy on ``part``, the current model as
+        reference."""
         try:
             protocol = parse_protocol(membership.manifest.protocol)
         except SpecError as exc:
@@ -419,7 +433,7 @@ class Communities:
                 "fix the manifest"
             ) from None
         digest = hashlib.sha256(f"{self.seed}:{membership.id}".encode()).digest()
-        core = make_core(
+        return make_core(
             self.peer_id,
             protocol,
             PartView(lambda: self.learner.get(0), part, self.samples),
@@ -427,9 +441,77 @@ class Communities:
             seed=int.from_bytes(digest[:8], "big") & (2**63 - 1),
             step_size=self.config.lr,
         )
-        community = Community(membership, part, core, max_message_bytes(part.schema))
-        self.active[community.id] = community
-        return community
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """What a restart needs of each community, by community id: its core's state and its
+        counters, with the digest of the shared schema they belong to."""
+        return {
+            cid: {
+                "name": community.manifest.name,
+                "schema": community.part.schema.digest(),
+                "core": community.core.state_dict(),
+                "counters": dict(community.counters),
+            }
+            for cid, community in self.active.items()
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Resume the communities this node is still in from ``saved`` (``state_dict`` of the
+        previous run), then give the learner the combined drift correction of their cores.
+
+        State of a community the node left is ignored; state that does not fit the community
+        (another shared schema, a malformed entry) is logged and that community starts afresh.
+        """
+        for cid, state in saved.items():
+            community = self.active.get(cid)
+            if community is None:
+                name = state.get("name") if isinstance(state, dict) else None
+                log.info(
+                    "ignored the saved state of community %r (%s): this node is no longer a member",
+                    name,
+                    str(cid)[:12],
+                )
+                continue
+            try:
+                community.core, community.counters = self._restored(community, state)
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                log.warning(
+                    "community %s starts afresh at step 0: its saved state does not fit (%s)",
+                    community.label,
+                    exc,
+                )
+                continue
+            correction = getattr(community.core, "correction", None)
+            if isinstance(correction, torch.Tensor):
+                self.corrections.set(community.part, correction)
+            log.info("community %s resumed at step %d", community.label, community.core.step)
+        if self.active:
+            self.learner.set_correction(0, self.corrections.correction)
+
+    def _restored(
+        self, community: Community, state: dict[str, Any]
+    ) -> tuple[NodeCore, dict[str, int]]:
+        """A new core and counters for ``community`` loaded from ``state``; raise ValueError
+        (or KeyError, TypeError) if it does not fit."""
+        if not isinstance(state, dict):
+            raise TypeError(f"expected a table, found {type(state).__name__}")
+        if bytes(state["schema"]) != community.part.schema.digest():
+            raise ValueError("it was saved for another shared schema")
+        core = self._new_core(community.membership, community.part)
+        core.load_state_dict(state["core"])
+        like = core.model.read()
+        for name, value in core.state_dict().items():
+            if isinstance(value, torch.Tensor) and (
+                value.shape != like.shape or value.dtype != like.dtype
+            ):
+                raise ValueError(
+                    f"its {name} is {value.dtype} {list(value.shape)}, the shared part is "
+                    f"{like.dtype} {list(like.shape)}"
+                )
+        counters = {name: int(state["counters"][name]) for name in community.counters}
+        return core, counters
 
     async def _stop(self, community: Community) -> None:
         """Leave: no frame of this community is sent or accepted once this returns."""

@@ -29,7 +29,7 @@ from p2pfl.daemon.communities import Communities
 from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.daemon.control import bind_socket, serve, socket_path
 from p2pfl.daemon.metrics import serve_metrics
-from p2pfl.daemon.state import node_state, restore_node_state
+from p2pfl.daemon.state import community_states, node_state, restore_node_state
 from p2pfl.daemon.transport import Limits, Transport, TransportError
 from p2pfl.data import DataError
 from p2pfl.data.datasets import Dataset
@@ -118,7 +118,7 @@ class NodeDaemon:
             step_size=config.lr,
         )
         self.counters = {"bytes_sent": 0, "bytes_received": 0, "rejected": 0, "send_failures": 0}
-        self._restore()
+        saved_communities = self._restore()
         self._base = dict(self.counters)
         self.communities = Communities(
             config,
@@ -128,6 +128,7 @@ class NodeDaemon:
             node_seed(config.seed, self.peer_id),
             self.counters,
         )
+        self.communities.load_state_dict(saved_communities)
         self.checkpoint_step = self.core.step
         self.transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
@@ -139,16 +140,18 @@ class NodeDaemon:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _restore(self) -> None:
+    def _restore(self) -> dict[str, Any]:
+        """Restore learner, core and counters; return the communities' saved state."""
         state = load_newest(self.config.home)
         if state is None:
             log.info("no checkpoint in %s: starting at step 0", self.config.home)
-            return
+            return {}
         try:
             self.counters.update(restore_node_state(self.learner, self.core, self.peer_id, state))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ConfigError(f"checkpoint in {self.config.home} cannot be used: {exc}") from None
         log.info("resumed from checkpoint at step %d", self.core.step)
+        return community_states(state)
 
     def stop(self) -> None:
         """Ask the daemon to stop (it writes a final checkpoint first)."""
@@ -235,8 +238,9 @@ class NodeDaemon:
         """Write a checkpoint of the current state (atomically, in a worker thread)."""
         async with self._ckpt_lock:
             step = self.core.step
+            communities = self.communities.state_dict()
             data = encode_checkpoint(
-                node_state(self.learner, self.core, self.peer_id, self._counters())
+                node_state(self.learner, self.core, self.peer_id, self._counters(), communities)
             )
             await trio.to_thread.run_sync(write_atomically, self.config.home, data)
             self.checkpoint_step = step
@@ -369,6 +373,7 @@ class NodeDaemon:
             **self._counters(),
             "peers": len(transport.peers()) if transport is not None else 0,
             "loss": self.loss,
+            "communities": self.communities.status(),
         }
 
     def status(self) -> dict[str, Any]:

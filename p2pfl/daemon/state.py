@@ -1,10 +1,14 @@
-"""What a node checkpoints: learner (model, optimizer, sampler RNG), core state, counters.
+"""What a node checkpoints: learner (model, optimizer, sampler RNG), core state, counters,
+and the state of each community it is in.
 
-The core's part comes from its own ``state_dict`` / ``load_state_dict``.
+The core's part comes from its own ``state_dict`` / ``load_state_dict``, the communities'
+part from ``Communities.state_dict`` / ``load_state_dict``. Checkpoints written before
+communities were checkpointed have no ``communities`` section; they load with none.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -12,13 +16,20 @@ import torch
 from p2pfl.learning.learner import PerNodeLearner
 from p2pfl.protocol.core import NodeCore
 
+log = logging.getLogger("p2pfl.daemon")
+
 STATE_VERSION = 1
 
 
 def node_state(
-    learner: PerNodeLearner, core: NodeCore, peer_id: str, counters: dict[str, int]
+    learner: PerNodeLearner,
+    core: NodeCore,
+    peer_id: str,
+    counters: dict[str, int],
+    communities: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything a restart needs, ready for ``encode_checkpoint``."""
+    """Everything a restart needs, ready for ``encode_checkpoint``; ``communities`` is
+    ``Communities.state_dict()``."""
     return {
         "version": STATE_VERSION,
         "peer_id": peer_id,
@@ -28,6 +39,7 @@ def node_state(
         "sampler_rng": learner.data.generator.get_state(),
         "core": core.state_dict(),
         "counters": dict(counters),
+        "communities": dict(communities or {}),
     }
 
 
@@ -55,3 +67,18 @@ def restore_node_state(
     if isinstance(correction, torch.Tensor):
         learner.set_correction(0, correction)
     return {k: int(v) for k, v in state["counters"].items()}
+
+
+def community_states(state: dict[str, Any]) -> dict[str, Any]:
+    """The communities' section of a checkpoint, by community id (empty in a checkpoint of an
+    earlier version, or with a warning if the section is malformed: communities start afresh,
+    the rest of the checkpoint is still used)."""
+    section = state.get("communities", {})
+    if not isinstance(section, dict):
+        log.warning(
+            "the checkpoint's communities section is a %s, not a table: every community "
+            "starts afresh at step 0",
+            type(section).__name__,
+        )
+        return {}
+    return section
