@@ -159,6 +159,44 @@ def test_encoded_size_is_exactly_the_encoded_length(schema: ParamSchema) -> None
         assert encoded_size(message, schema) == len(encode(message, schema))
 
 
+INT64 = st.integers(-(2**63), 2**63 - 1)
+EDGES = st.sampled_from(
+    [0, 127, 128, -32, -33, -128, -129, 255, 256, 2**16 - 1, 2**16, -(2**15), -(2**15) - 1]
+    + [2**32 - 1, 2**32, -(2**31), -(2**31) - 1, 2**63 - 1, -(2**63)]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ints=st.lists(st.one_of(INT64, EDGES), min_size=3, max_size=3),
+    neighbors=st.lists(st.text(min_size=1, max_size=MAX_PEER_ID_CHARS), max_size=40),
+)
+def test_encoded_size_matches_encode_for_any_field_values(
+    ints: list[int], neighbors: list[str]
+) -> None:
+    """The size is computed from msgpack's rules for ints, strings and arrays: it must equal
+    the real encoding for every value range (fixints, 8/16/32/64-bit, negative forms) and
+    for neighbour ids of any length and script."""
+    params = vector()
+    a, b, c = ints
+    for message in (
+        Pull(a),
+        Busy(b),
+        ModelReply(a, params, b, neighbors, c),
+        Average(a, params, c),
+        Push(c, params, a),
+    ):
+        assert encoded_size(message, SCHEMA) == len(encode(message, SCHEMA))
+
+
+def test_encoded_size_refuses_what_encode_refuses() -> None:
+    for encoder in (encode, encoded_size):
+        with pytest.raises(OverflowError):
+            encoder(Pull(2**64), SCHEMA)
+        with pytest.raises(ValueError, match="neighbors exceed"):
+            encoder(ModelReply(1, vector(), 1, ["p"] * (MAX_NEIGHBORS + 1)), SCHEMA)
+
+
 def test_encoded_size_checks_params_like_encode() -> None:
     with pytest.raises(ValueError, match="flat vector"):
         encoded_size(Average(1, torch.zeros(SCHEMA.numel + 1)), SCHEMA)

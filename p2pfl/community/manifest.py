@@ -32,7 +32,7 @@ from libp2p.peer.id import ID
 
 from p2pfl.learning.params import ParamSchema, ParamSpec
 from p2pfl.protocol.config import PROTOCOLS, parse_protocol
-from p2pfl.spec import SpecError, parse_spec
+from p2pfl.spec import SpecError, parse_spec, whole_number
 
 MANIFEST_FORMAT = "p2pfl-manifest-v1"
 MANIFEST_DOMAIN = MANIFEST_FORMAT.encode()
@@ -197,7 +197,7 @@ def create_manifest(draft_text: str, source: str, key_pair: KeyPair, now: int) -
     admission = field(draft, "", "admission", _admission) if "admission" in draft else "invite"
     factory = field(model_table, "model", "factory", _spec_text)
     inputs = field(model_table, "model", "inputs", _shape)
-    classes = field(model_table, "model", "classes", _int_in(1, MAX_CLASSES))
+    classes = field(model_table, "model", "classes", whole_number(1, MAX_CLASSES))
     shared = field(model_table, "model", "shared", _globs)
     protocol = _draft_protocol(policy, source)
     try:
@@ -255,14 +255,14 @@ def load_manifest(text: str, source: str) -> Manifest:
         description=field("description", _description),
         model=field("model", _spec_text),
         input_shape=field("input_shape", _shape),
-        classes=field("classes", _int_in(1, MAX_CLASSES)),
+        classes=field("classes", whole_number(1, MAX_CLASSES)),
         shared=field("shared", _globs),
         schema=field("schema", _schema),
         protocol=field("protocol", _spec_text),
         admission=field("admission", _admission),
         founder=field("founder", _peer_id_text),
         founder_key=field("founder_key", _base64_key),
-        created=field("created", _int_in(0, MAX_TIME)),
+        created=field("created", whole_number(0, MAX_TIME)),
         signature=field("signature", _base64_signature),
     )
     verify_manifest(manifest, source)
@@ -392,7 +392,7 @@ def _draft_protocol(policy: Mapping[str, Any], source: str) -> str:
     args = dict(spec.args)
     extra = {
         "delta": lambda v: repr(float(_number(v))),
-        "b": lambda v: str(_int_in(1, 2**31)(v)),
+        "b": lambda v: str(whole_number(1, 2**31)(v)),
         "merge": _text(20),
     }
     for key, convert in extra.items():
@@ -474,17 +474,6 @@ def _admission(value: Any) -> str:
     return value
 
 
-def _int_in(low: int, high: int) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be a whole number, got {value!r}")
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}, got {value}")
-        return value
-
-    return check
-
-
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"must be a number, got {value!r}")
@@ -496,7 +485,7 @@ def _number(value: Any) -> float:
 def _shape(value: Any) -> tuple[int, ...]:
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_NDIM:
         raise ValueError(f"must be a list of 1 to {MAX_NDIM} positive whole numbers, e.g. [64]")
-    return tuple(_int_in(1, MAX_PARAMS)(d) for d in value)
+    return tuple(whole_number(1, MAX_PARAMS)(d) for d in value)
 
 
 def _globs(value: Any) -> tuple[str, ...]:
@@ -521,7 +510,7 @@ def _schema(value: Any) -> ParamSchema:
         shape = entry["shape"]
         if not isinstance(shape, list) or len(shape) > MAX_NDIM:
             raise ValueError(f"shape of {name!r} must be a list of at most {MAX_NDIM} sizes")
-        dims = tuple(_int_in(1, MAX_PARAMS)(d) for d in shape)
+        dims = tuple(whole_number(1, MAX_PARAMS)(d) for d in shape)
         if entry["dtype"] not in DTYPES:
             raise ValueError(f"dtype of {name!r} must be one of {', '.join(DTYPES)}")
         specs.append(ParamSpec(name, dims, entry["dtype"]))

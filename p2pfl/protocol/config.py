@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from p2pfl.spec import SpecError, non_negative_float, parse_spec, positive_int
+from p2pfl.spec import SpecError, non_negative_float, non_negative_int, parse_spec, positive_int
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 MERGES = ("uniform", "samples")
@@ -69,8 +69,8 @@ def parse_protocol(text: str) -> ProtocolConfig:
         b=spec.take("b", positive_int, d["b"]),
         delta=delta,
         rel=0.0 if delta is not None else rel,
-        group=spec.take("group", _non_negative_int, d["group"]),
-        cap=spec.take("cap", _non_negative_int, d["cap"]),
+        group=spec.take("group", non_negative_int, d["group"]),
+        cap=spec.take("cap", non_negative_int, d["cap"]),
         correction=correction,
         **base,
     )
@@ -80,11 +80,4 @@ def _positive_float(raw: str) -> float:
     value = float(raw)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError("must be a positive number")
-    return value
-
-
-def _non_negative_int(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError("must be >= 0")
     return value

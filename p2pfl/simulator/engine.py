@@ -254,7 +254,9 @@ class Simulation:
                 node_steps += len(active)
                 for node in active.tolist():
                     for c, core in self.node_cores[node]:
-                        self._perform(c, node, core.on_local_step(now), now)
+                        actions = core.on_local_step(now)
+                        if actions:
+                            self._perform(c, node, actions, now)
             if t % s.eval_every == 0 or t in finals or t == s.steps:
                 metrics.append(self._measure(t, now))
             if on_tick is not None:

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import math
 import sys
-from collections.abc import Callable
 
 import msgpack
 import torch
@@ -120,23 +119,64 @@ def max_message_bytes(schema: ParamSchema) -> int:
 
 def encode(message: Message, schema: ParamSchema) -> bytes:
     """Serialize ``message``; its ``params`` must be a flat vector of ``schema.numel`` entries."""
-    return msgpack.packb(_frame(message, schema, _pack_params))
+    return msgpack.packb(_frame(message, schema))
 
 
 def encoded_size(message: Message, schema: ParamSchema) -> int:
-    """Exactly ``len(encode(message, schema))``, without copying the parameters: the frame is
-    packed with empty buffers and the buffers' lengths are added (what a simulated link
-    carries)."""
-    frame = _frame(message, schema, _empty_params)
-    buffers = _layout(schema).buffer_bytes.values() if "params" in frame else ()
-    return len(msgpack.packb(frame)) + sum(n + _bin_header(n) - _bin_header(0) for n in buffers)
+    """Exactly ``len(encode(message, schema))``, without packing anything: the size of the
+    message type's frame with zero-valued fields (packed once per type and schema) plus what
+    each integer and the neighbour list add in msgpack (what a simulated link carries)."""
+    size = _zero_frame_size(type(message), schema)
+    for name in _FIELD_NAMES[type(message)]:
+        value = getattr(message, name)
+        if name == "params":
+            _check_params_to_send(value, schema)
+        elif name == "neighbors":
+            _check_neighbors_to_send(value)
+            size += _array_header(len(value)) - 1 + sum(_str_size(peer) for peer in value)
+        else:
+            size += _int_size(value) - 1
+    return size
 
 
-def _frame(
-    message: Message,
-    schema: ParamSchema,
-    pack: Callable[[torch.Tensor, ParamSchema], dict[str, object]],
-) -> dict[str, object]:
+@functools.lru_cache(maxsize=256)
+def _zero_frame_size(cls: type, schema: ParamSchema) -> int:
+    """Encoded size of a ``cls`` message whose ints are 0 and whose neighbour list is empty."""
+    zeros: dict[str, object] = {name: 0 for name in _FIELD_NAMES[cls]}
+    if "params" in zeros:
+        zeros["params"] = torch.zeros(schema.numel)
+    if "neighbors" in zeros:
+        zeros["neighbors"] = []
+    return len(encode(cls(**zeros), schema))
+
+
+def _int_size(value: int) -> int:
+    """Bytes of a msgpack int (positive/negative fixint, then 8/16/32/64-bit forms)."""
+    if -32 <= value < 128:
+        return 1
+    if value > 0:
+        for limit, size in ((2**8, 2), (2**16, 3), (2**32, 5), (2**64, 9)):
+            if value < limit:
+                return size
+    else:
+        for limit, size in ((-(2**7), 2), (-(2**15), 3), (-(2**31), 5), (-(2**63), 9)):
+            if value >= limit:
+                return size
+    raise OverflowError(f"integer {value} does not fit in 64 bits")
+
+
+def _str_size(text: str) -> int:
+    """Bytes of a msgpack str (fixstr, str 8/16/32)."""
+    n = len(text.encode())
+    return n + (1 if n < 32 else 2 if n < 2**8 else 3 if n < 2**16 else 5)
+
+
+def _array_header(n: int) -> int:
+    """Bytes msgpack puts before an array of ``n`` items (fixarray, array 16/32)."""
+    return 1 if n < 16 else 3 if n < 2**16 else 5
+
+
+def _frame(message: Message, schema: ParamSchema) -> dict[str, object]:
     tag = _TAGS.get(type(message))
     if tag is None:
         raise TypeError(f"cannot encode {type(message).__name__}: not a wire message")
@@ -144,16 +184,11 @@ def _frame(
     for name in _FIELD_NAMES[type(message)]:
         value = getattr(message, name)
         if name == "params":
-            value = pack(value, schema)
+            value = _pack_params(value, schema)
         elif name == "neighbors":
             _check_neighbors_to_send(value)
         frame[name] = value
     return frame
-
-
-def _bin_header(n: int) -> int:
-    """Bytes msgpack puts before a bin of ``n`` bytes (bin 8 / bin 16 / bin 32)."""
-    return 2 if n < 2**8 else 3 if n < 2**16 else 5
 
 
 def decode(data: bytes, schema: ParamSchema, max_bytes: int | None = None) -> Message:
@@ -233,22 +268,6 @@ def _check_params_to_send(params: torch.Tensor, schema: ParamSchema) -> None:
         )
 
 
-def _params_header(layout: _Layout, buffers: dict[str, object]) -> dict[str, object]:
-    return {
-        "digest": layout.digest,
-        "names": layout.names,
-        "shapes": layout.shapes,
-        "dtypes": layout.dtypes,
-        "buffers": buffers,
-    }
-
-
-def _empty_params(params: torch.Tensor, schema: ParamSchema) -> dict[str, object]:
-    _check_params_to_send(params, schema)
-    layout = _layout(schema)
-    return _params_header(layout, {dtype: b"" for dtype in layout.buffer_bytes})
-
-
 def _pack_params(params: torch.Tensor, schema: ParamSchema) -> dict[str, object]:
     _check_params_to_send(params, schema)
     layout = _layout(schema)
@@ -259,7 +278,13 @@ def _pack_params(params: torch.Tensor, schema: ParamSchema) -> dict[str, object]
         chunk = parts[0] if len(parts) == 1 else torch.cat(parts)
         raw = chunk.to(_WIRE_DTYPES[dtype]).view(torch.uint8).numpy()
         buffers[dtype] = memoryview(raw)  # msgpack copies it once into the frame
-    return _params_header(layout, buffers)
+    return {
+        "digest": layout.digest,
+        "names": layout.names,
+        "shapes": layout.shapes,
+        "dtypes": layout.dtypes,
+        "buffers": buffers,
+    }
 
 
 def _unpack_params(header: object, layout: _Layout) -> torch.Tensor:
