@@ -121,11 +121,13 @@ class Corrections:
         self.correction = torch.zeros(numel)
 
     def set(self, part: SharedPart, vector: torch.Tensor) -> torch.Tensor:
-        """Record a community's correction; returns the node's full correction vector."""
+        """Record a community's correction; returns the node's full correction vector (the
+        live buffer: hand it to ``Learner.set_correction``, which copies it)."""
         self.correction[part.index if part.span is None else part.span] = vector
-        return self.correction.clone()
+        return self.correction
 
     def clear(self, part: SharedPart) -> torch.Tensor:
-        """Drop a community's correction (it was left); returns the full correction vector."""
+        """Drop a community's correction (it was left); returns the full correction vector
+        (the live buffer, as ``set``)."""
         self.correction[part.index] = 0.0
-        return self.correction.clone()
+        return self.correction

@@ -154,14 +154,10 @@ def _int_size(value: int) -> int:
     """Bytes of a msgpack int (positive/negative fixint, then 8/16/32/64-bit forms)."""
     if -32 <= value < 128:
         return 1
-    if value > 0:
-        for limit, size in ((2**8, 2), (2**16, 3), (2**32, 5), (2**64, 9)):
-            if value < limit:
-                return size
-    else:
-        for limit, size in ((-(2**7), 2), (-(2**15), 3), (-(2**31), 5), (-(2**63), 9)):
-            if value >= limit:
-                return size
+    bits = value.bit_length() if value > 0 else (-value - 1).bit_length() + 1
+    for width, size in ((8, 2), (16, 3), (32, 5), (64, 9)):
+        if bits <= width:
+            return size
     raise OverflowError(f"integer {value} does not fit in 64 bits")
 
 
