@@ -7,30 +7,7 @@ set -euo pipefail
 NODES=4
 P2PFL=${P2PFL:-p2pfl}
 WORK=${1:-$(mktemp -d -t p2pfl-local-XXXXXX)}
-export OMP_NUM_THREADS=1  # small models: one thread per daemon is faster
-PIDS=()
-
-cleanup() {
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
-
-wait_for() {  # wait_for SECONDS COMMAND...: retry COMMAND every 0.5 s
-    local deadline=$((SECONDS + $1))
-    shift
-    until "$@" >/dev/null 2>&1; do
-        if ((SECONDS > deadline)); then
-            echo "timed out waiting for: $*" >&2
-            return 1
-        fi
-        sleep 0.5
-    done
-}
+source "$(dirname "$0")/daemons.sh"
 
 synced() {  # synced HOME: the node has completed a sync (asks its control socket directly)
     python3 - "$1/control.sock" <<'PY'

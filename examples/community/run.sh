@@ -13,30 +13,7 @@ WORK=${1:-$(mktemp -d -t p2pfl-community-XXXXXX)}
 NAMES=(founder alice bob)
 SYNCS_BEFORE_LEAVE=3
 TRAIN_AFTER_LEAVE_S=10
-export OMP_NUM_THREADS=1  # small models: one thread per daemon is faster
-PIDS=()
-
-cleanup() {  # stop every daemon by its PID (SIGTERM: each writes a final checkpoint)
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
-
-wait_for() {  # wait_for SECONDS COMMAND...: retry COMMAND every 0.5 s
-    local deadline=$((SECONDS + $1))
-    shift
-    until "$@" >/dev/null 2>&1; do
-        if ((SECONDS > deadline)); then
-            echo "timed out waiting for: $*" >&2
-            return 1
-        fi
-        sleep 0.5
-    done
-}
+source "$HERE/../daemons.sh"
 
 status() {  # status HOME [EXPR]: the node's status reply (asks its control socket directly),
     # or the value of a Python expression over it (`s`; `summary(s)` for a readable one);
