@@ -294,3 +294,34 @@ def test_runs_do_not_depend_on_the_python_hash_seed() -> None:
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.add(done.stdout.strip())
     assert len(outputs) == 1, outputs
+
+
+@pytest.mark.parametrize(
+    "protocol", ["none", "continuous", "periodic:b=5", "gossip:b=3", "dynamic", "dynamic:b=1"]
+)
+def test_batched_and_per_node_learners_end_with_the_same_models(protocol: str) -> None:
+    """Same scenario, seeds and protocol: the batched learner (all nodes in one tensor) and
+    the per-node reference learner end with the same parameters, and so take the same
+    protocol decisions (syncs, bytes)."""
+    from p2pfl.simulator.engine import Simulation
+
+    finals = {}
+    for learner in ("batched", "per-node"):
+        scenario = load_scenario(
+            None,
+            {
+                "nodes": 8,
+                "steps": 80,
+                "partition": "dirichlet:alpha=0.5",
+                "learner": learner,
+                "momentum": 0.5,
+                "seed": 3,
+            },
+        )
+        sim = Simulation(prepare(scenario), protocol)
+        summary = sim.run()
+        finals[learner] = (sim.learner.stacked(), summary["syncs"], summary["bytes_sent"])
+    (batched, b_syncs, b_bytes), (per_node, p_syncs, p_bytes) = finals.values()
+    assert (b_syncs, b_bytes) == (p_syncs, p_bytes)
+    assert (b_syncs > 0) == (protocol != "none")
+    torch.testing.assert_close(batched, per_node, rtol=1e-4, atol=1e-5)
