@@ -101,3 +101,9 @@ def test_node_start_sets_up_torch(tmp_path):
     )
     assert done.returncode == 2, done.stderr
     assert "P2PFL_THREADS='none'" in " ".join(done.stderr.split())
+
+
+def test_reading_memberships_does_not_import_torch():
+    """`p2pfl community list` and friends read signed manifests: schemas need no torch (the
+    signature checks need libp2p's crypto, which is lighter)."""
+    assert "torch" not in heavy_modules_after("import p2pfl.community.store")

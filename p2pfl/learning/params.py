@@ -7,9 +7,13 @@ import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+# torch is imported where tensors are touched: schemas alone (community manifests, the CLI)
+# must not pay its ~1 s import.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,15 @@ class ParamSchema:
 
     def flatten(self, module: nn.Module) -> torch.Tensor:
         """Copy the module's parameters named in this schema into one float32 vector."""
+        import torch
+
         named = dict(module.named_parameters())
         return torch.cat([named[p.name].detach().reshape(-1).float() for p in self.params])
 
     def load(self, module: nn.Module, vector: torch.Tensor) -> None:
         """Write a flat vector into the module's parameters (in place, no autograd)."""
+        import torch
+
         named = dict(module.named_parameters())
         with torch.no_grad():
             for spec, chunk in zip(self.params, self.split(vector), strict=True):
