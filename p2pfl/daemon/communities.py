@@ -57,6 +57,7 @@ from p2pfl.community.sharing import (
 )
 from p2pfl.community.store import Membership, load_memberships
 from p2pfl.daemon.config import ConfigError, NodeConfig
+from p2pfl.daemon.outbox import Outboxes
 from p2pfl.daemon.transport import Transport, TransportError
 from p2pfl.learning.learner import PerNodeLearner
 from p2pfl.learning.params import ParamSchema
@@ -322,6 +323,9 @@ class _Frame:
     after_leave: bool = False
     """Send even if the community is no longer active (refusal notices)."""
 
+    def __len__(self) -> int:
+        return len(self.data)
+
 
 # ------------------------------------------------------------------------------- all of them
 
@@ -356,7 +360,9 @@ class Communities:
         self.max_sync_frame = ID_BYTES + max_message_bytes(learner.schema)
         self._transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
-        self._outboxes: dict[str, trio.MemorySendChannel[_Frame]] = {}
+        self._outboxes = Outboxes[_Frame](
+            OUTBOX_SIZE, self._send, self._send_failed, counters, log, "community outbox"
+        )
         self._last_refusal: dict[tuple[str, str], float] = {}
         self._reload_lock = trio.Lock()
         for membership in self._checked(load_memberships(config.home)):
@@ -376,6 +382,7 @@ class Communities:
     def start(self, nursery: trio.Nursery, transport: Transport) -> None:
         """Run the communities loaded at construction on ``transport``."""
         self._nursery, self._transport = nursery, transport
+        self._outboxes.start(nursery)
         for community in self.active.values():
             nursery.start_soon(self._run, community)
 
@@ -635,7 +642,7 @@ class Communities:
             return
         community.greeted.add(peer)
         hello = Hello(community.id, make_credential(community.membership, self.peer_id, peer))
-        self._enqueue(peer, _Frame(HELLO_PROTOCOL, community.id, hello.to_bytes()))
+        self._outboxes.put(peer, _Frame(HELLO_PROTOCOL, community.id, hello.to_bytes()))
 
     async def on_hello(self, peer: str, payload: bytes) -> None:
         """Hello handler: admit the peer if its credential holds, else tell it why not."""
@@ -687,7 +694,7 @@ class Communities:
             community.greeted.add(peer)
             credential = make_credential(community.membership, self.peer_id, peer)
             answer = Hello(community.id, credential, answer=True)
-            self._enqueue(peer, _Frame(HELLO_PROTOCOL, community.id, answer.to_bytes()))
+            self._outboxes.put(peer, _Frame(HELLO_PROTOCOL, community.id, answer.to_bytes()))
 
     def _refuse(self, community_id: str, peer: str, reason: str) -> None:
         """Tell ``peer`` why it was refused (at most once per REFUSAL_EVERY_S and community)."""
@@ -701,7 +708,7 @@ class Communities:
         self._last_refusal[(peer, community_id)] = now
         notice = Hello(community_id, answer=True, refused=reason[:MAX_REASON_CHARS])
         frame = _Frame(HELLO_PROTOCOL, community_id, notice.to_bytes(), after_leave=True)
-        self._enqueue(peer, frame)
+        self._outboxes.put(peer, frame)
 
     def _drop(self, community: Community, peer: str, greet_again: bool = True) -> None:
         """Forget ``peer``'s admission (it refused us, left, or is unreachable); unless
@@ -773,7 +780,7 @@ class Communities:
             if isinstance(action, Send):
                 if action.to in community.admitted:
                     data = community.prefix + encode(action.message, community.part.schema)
-                    self._enqueue(action.to, _Frame(SYNC_PROTOCOL, community.id, data))
+                    self._outboxes.put(action.to, _Frame(SYNC_PROTOCOL, community.id, data))
                 else:
                     log.debug("community %s: %s is not admitted", community.label, action.to)
                     down.append(action.to)
@@ -794,44 +801,29 @@ class Communities:
         if self.active.get(community.id) is community:
             self._perform(community, community.core.on_timer(trio.current_time(), key))
 
-    def _enqueue(self, peer: str, frame: _Frame) -> None:
-        """Queue a frame on the peer's outbox (one sender task per peer keeps the order)."""
-        outbox = self._outboxes.get(peer)
-        if outbox is None:
-            outbox, inbox = trio.open_memory_channel[_Frame](OUTBOX_SIZE)
-            self._outboxes[peer] = outbox
-            self._nursery_start(self._sender, peer, inbox)
-        try:
-            outbox.send_nowait(frame)
-        except trio.WouldBlock:
-            self.node_counters["send_failures"] += 1
-            log.warning("community outbox to peer %s is full: dropped a frame", peer)
-
-    async def _sender(self, peer: str, inbox: trio.MemoryReceiveChannel[_Frame]) -> None:
+    async def _send(self, peer: str, frame: _Frame) -> None:
+        """Send one queued frame unless its community was left meanwhile; leaving cancels it
+        in flight."""
         assert self._transport is not None
-        async with inbox:
-            async for frame in inbox:
-                community = self.active.get(frame.community)
-                if community is None and not frame.after_leave:
-                    continue  # left while the frame waited
-                with trio.CancelScope() as scope:
-                    if community is not None:
-                        community.sending.add(scope)
-                    try:
-                        await self._transport.send(peer, frame.protocol, frame.data)
-                    except TransportError as exc:
-                        self.node_counters["send_failures"] += 1
-                        log.warning(
-                            "%s; dropping peer %s from community %s", exc, peer, frame.community
-                        )
-                        if community is not None and self.active.get(community.id) is community:
-                            self._drop(community, peer)
-                    else:
-                        if community is not None and frame.protocol == SYNC_PROTOCOL:
-                            community.counters["bytes_sent"] += 4 + len(frame.data)
-                    finally:
-                        if community is not None:
-                            community.sending.discard(scope)
+        community = self.active.get(frame.community)
+        if community is None and not frame.after_leave:
+            return  # left while the frame waited
+        with trio.CancelScope() as scope:
+            if community is not None:
+                community.sending.add(scope)
+            try:
+                await self._transport.send(peer, frame.protocol, frame.data)
+            finally:
+                if community is not None:
+                    community.sending.discard(scope)
+            if community is not None and frame.protocol == SYNC_PROTOCOL:
+                community.counters["bytes_sent"] += 4 + len(frame.data)
+
+    def _send_failed(self, peer: str, frame: _Frame, exc: TransportError) -> None:
+        log.warning("%s; dropping peer %s from community %s", exc, peer, frame.community)
+        community = self.active.get(frame.community)
+        if community is not None:
+            self._drop(community, peer)
 
     # ---------------------------------------------------------------------- peer events
 
@@ -845,9 +837,7 @@ class Communities:
 
     def peer_down(self, peer: str) -> None:
         """The last connection closed: admissions end with it."""
-        outbox = self._outboxes.pop(peer, None)
-        if outbox is not None:
-            outbox.close()
+        self._outboxes.close(peer)
         for community in list(self.active.values()):
             self._drop(community, peer)
 

@@ -29,6 +29,7 @@ from p2pfl.daemon.communities import Communities
 from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.daemon.control import bind_socket, serve, socket_path
 from p2pfl.daemon.metrics import serve_metrics
+from p2pfl.daemon.outbox import Outboxes
 from p2pfl.daemon.state import community_states, node_state, restore_node_state
 from p2pfl.daemon.transport import Limits, Transport, TransportError
 from p2pfl.data import DataError
@@ -132,7 +133,9 @@ class NodeDaemon:
         self.checkpoint_step = self.core.step
         self.transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
-        self._outboxes: dict[str, trio.MemorySendChannel[bytes]] = {}
+        self._outboxes = Outboxes[bytes](
+            OUTBOX_SIZE, self._send, self._send_failed, self.counters, log
+        )
         self._stop = trio.Event()
         self._ckpt_lock = trio.Lock()
         self.loss = math.nan
@@ -183,6 +186,7 @@ class NodeDaemon:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._outboxes.start(nursery)
                 async with transport:
                     transport.set_handler(SYNC_PROTOCOL, self._on_frame)
                     self.communities.register(transport)
@@ -260,7 +264,7 @@ class NodeDaemon:
     def _perform(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Send):
-                self._enqueue(action.to, encode(action.message, self.schema))
+                self._outboxes.put(action.to, encode(action.message, self.schema))
             elif isinstance(action, ReplaceModel):
                 self.learner.set(0, action.params)
             elif isinstance(action, SetCorrection):
@@ -273,31 +277,14 @@ class NodeDaemon:
         await trio.sleep_until(at)
         self._perform(self.core.on_timer(trio.current_time(), key))
 
-    def _enqueue(self, peer: str, data: bytes) -> None:
-        """Queue a frame on the peer's outbox (one sender task per peer keeps the order)."""
-        outbox = self._outboxes.get(peer)
-        if outbox is None:
-            assert self._nursery is not None
-            outbox, inbox = trio.open_memory_channel[bytes](OUTBOX_SIZE)
-            self._outboxes[peer] = outbox
-            self._nursery.start_soon(self._sender, peer, inbox)
-        try:
-            outbox.send_nowait(data)
-        except trio.WouldBlock:
-            self.counters["send_failures"] += 1
-            log.warning("outbox to peer %s is full: dropped a %d-byte message", peer, len(data))
-
-    async def _sender(self, peer: str, inbox: trio.MemoryReceiveChannel[bytes]) -> None:
+    async def _send(self, peer: str, data: bytes) -> None:
         assert self.transport is not None
-        async with inbox:
-            async for data in inbox:
-                try:
-                    await self.transport.send(peer, SYNC_PROTOCOL, data)
-                except TransportError as exc:
-                    self.counters["send_failures"] += 1
-                    log.warning("%s; treating peer %s as down", exc, peer)
-                    if peer not in self.core.down:
-                        self._perform(self.core.on_peer_down(trio.current_time(), peer))
+        await self.transport.send(peer, SYNC_PROTOCOL, data)
+
+    def _send_failed(self, peer: str, data: bytes, exc: TransportError) -> None:
+        log.warning("%s; treating peer %s as down", exc, peer)
+        if peer not in self.core.down:
+            self._perform(self.core.on_peer_down(trio.current_time(), peer))
 
     # -------------------------------------------------------------------- inbound
 
@@ -321,9 +308,7 @@ class NodeDaemon:
 
     def _peer_down(self, peer: str) -> None:
         log.info("peer %s disconnected", peer)
-        outbox = self._outboxes.pop(peer, None)
-        if outbox is not None:
-            outbox.close()
+        self._outboxes.close(peer)
         self._perform(self.core.on_peer_down(trio.current_time(), peer))
         self.communities.peer_down(peer)
 
