@@ -33,7 +33,7 @@ from p2pfl.community.invite import (
 )
 from p2pfl.community.manifest import CommunityError, Manifest, create_manifest
 from p2pfl.daemon import communities
-from p2pfl.daemon.communities import (
+from p2pfl.daemon.community_wire import (
     HELLO_PROTOCOL,
     SYNC_PROTOCOL,
     Announcement,

@@ -2,23 +2,19 @@
 community's shared parameters, only with its admitted members.
 
 A community's core sees its shared part through ``PartView`` and its messages travel encoded
-with the community's shared sub-schema, so private parameters never leave the node. Three
-small protocols carry a community's traffic:
+with the community's shared sub-schema, so private parameters never leave the node. The
+messages (hello, sync frame, announcement) are defined in ``community_wire.py``; this module
+runs them:
 
-* hello (``HELLO_PROTOCOL``): ``{community, credential, answer, refused}``. A credential
-  (``make_credential``) proves membership to the receiver only: its proof is bound to the
-  sender's and the receiver's peer ids, which both know from the Noise handshake, so a hello
-  is safe to send first and useless to replay. The receiver runs ``check_credential`` with the
-  stream's authenticated peer id as prover and itself as verifier, admits the peer and answers
-  with its own hello (bound to the sender); a refused hello is answered with the reason, so
-  both sides log it. Admission lasts as long as the connection (and the invite: the
-  credential is checked again on every frame, so an expiring invite stops the sync).
-* sync (``SYNC_PROTOCOL``): the 16-byte community id, then a wire message encoded with the
-  community's shared schema. Frames from peers not admitted to that community are refused.
-* announcements on the gossipsub topic ``p2pfl/community/<id>``: ``{peer, addrs}`` every
-  ``ANNOUNCE_EVERY_S``, signed by the publisher. Any subscriber can read them, so they carry
-  nothing that admits: a member that hears an unknown peer dials it and the hello decides.
-  Bootstrap addresses of the membership (and peers that say hello) are the other way in.
+* admission: a peer whose hello holds a credential that ``check_credential`` accepts (the
+  stream's authenticated peer id as prover, this node as verifier) is admitted and answered
+  with this node's own hello; a refused one is answered with the reason. Admission lasts as
+  long as the connection (and the invite: the credential is checked again on every frame, so
+  an expiring invite stops the sync). Sync frames from peers not admitted are refused.
+* discovery: each community announces this node on its topic every ``ANNOUNCE_EVERY_S``; a
+  member that hears an unknown peer dials it and the hello decides. Bootstrap addresses of
+  the membership (and peers that say hello) are the other way in.
+* traffic: frames go out through per-peer ``Outboxes`` (``outbox.py``).
 
 Leaving (``reload`` after ``p2pfl community leave``) stops a community at once: its core is
 dropped, frames queued or in flight are cancelled, the topic is left, its drift correction
@@ -39,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import torch
 import trio
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -56,6 +51,20 @@ from p2pfl.community.sharing import (
     shared_part,
 )
 from p2pfl.community.store import Membership, load_memberships
+from p2pfl.daemon.community_wire import (
+    HELLO_MAX_BYTES,
+    HELLO_PROTOCOL,
+    ID_BYTES,
+    LEFT,
+    MAX_ANNOUNCED_ADDRS,
+    MAX_REASON_CHARS,
+    SYNC_PROTOCOL,
+    Announcement,
+    Hello,
+    split_sync_frame,
+    sync_frame,
+    topic_of,
+)
 from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.daemon.outbox import Outboxes
 from p2pfl.daemon.transport import Transport, TransportError
@@ -69,16 +78,6 @@ from p2pfl.wire.codec import WireError, decode, encode, max_message_bytes
 
 log = logging.getLogger("p2pfl.communities")
 
-HELLO_PROTOCOL = "/p2pfl/community/hello/1.0.0"
-SYNC_PROTOCOL = "/p2pfl/community/sync/1.0.0"
-TOPIC_PREFIX = "p2pfl/community/"
-ID_BYTES = 16
-"""Sync frames start with the community id as 16 raw bytes (its 32 hex chars)."""
-HELLO_MAX_BYTES = 4096
-ANNOUNCEMENT_MAX_BYTES = 2048
-MAX_ANNOUNCED_ADDRS = 8
-MAX_ADDR_CHARS = 256
-MAX_REASON_CHARS = 1000
 ANNOUNCE_EVERY_S = 5.0
 """Announcements per community and node: one every 5 s, a few hundred bytes each."""
 MAINTAIN_EVERY_S = 1.0
@@ -92,14 +91,7 @@ KNOWN_MEMBER_TTL_S = 60.0
 MAX_ANNOUNCED_PEERS = 256
 """Announced peers remembered per community (announcements prove no membership)."""
 BYE_TIMEOUT_S = 2.0
-LEFT = "left the community"
-"""The refusal a member sends its peers when it leaves."""
 OUTBOX_SIZE = 64
-
-
-def topic_of(community: str) -> str:
-    """The gossipsub topic of a community's announcements."""
-    return TOPIC_PREFIX + community
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -148,114 +140,6 @@ def _describe(schema: ParamSchema) -> str:
     return ", ".join(f"{p.name} {list(p.shape)} {p.dtype}" for p in schema.params) or "nothing"
 
 
-# ------------------------------------------------------------------------------------ wire
-
-
-@dataclass(frozen=True)
-class Hello:
-    """A membership claim (``credential``) for ``community``, or a refusal with its reason."""
-
-    community: str
-    credential: bytes | None = None
-    answer: bool = False
-    """True for the reply to a hello (a reply is not answered again)."""
-    refused: str | None = None
-    """Why the sender refuses the receiver (then ``credential`` is None)."""
-
-    def to_bytes(self) -> bytes:
-        return msgpack.packb(
-            {
-                "community": self.community,
-                "credential": self.credential,
-                "answer": self.answer,
-                "refused": self.refused,
-            },
-            use_bin_type=True,
-        )
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Hello:
-        """Parse a peer's hello; anything malformed raises WireError."""
-        body = _unpack(data, "hello", max_map_len=4)
-        if not isinstance(body, dict) or set(body) != {
-            "community",
-            "credential",
-            "answer",
-            "refused",
-        }:
-            raise WireError("hello must be a map of community, credential, answer, refused")
-        community, credential = body["community"], body["credential"]
-        answer, refused = body["answer"], body["refused"]
-        _check_community_id(community, "hello")
-        if credential is not None and not isinstance(credential, bytes):
-            raise WireError("hello: credential must be bytes or nil")
-        if not isinstance(answer, bool):
-            raise WireError("hello: answer must be a boolean")
-        if refused is not None and (
-            not isinstance(refused, str) or len(refused) > MAX_REASON_CHARS
-        ):
-            raise WireError(
-                f"hello: refused must be a reason text (at most {MAX_REASON_CHARS} chars) or nil"
-            )
-        return cls(community, credential, answer, refused)
-
-
-@dataclass(frozen=True)
-class Announcement:
-    """``peer`` says it is a member of the topic's community and listens on ``addrs``; only
-    a hello proves it."""
-
-    peer: str
-    addrs: tuple[str, ...]
-
-    def to_bytes(self) -> bytes:
-        return msgpack.packb({"peer": self.peer, "addrs": list(self.addrs)}, use_bin_type=True)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Announcement:
-        """Parse an announcement; anything malformed raises WireError."""
-        if len(data) > ANNOUNCEMENT_MAX_BYTES:
-            raise WireError(f"announcement of {len(data)} bytes (at most {ANNOUNCEMENT_MAX_BYTES})")
-        body = _unpack(data, "announcement", max_map_len=2)
-        if not isinstance(body, dict) or set(body) != {"peer", "addrs"}:
-            raise WireError("announcement must be a map of peer, addrs")
-        peer, addrs = body["peer"], body["addrs"]
-        if not isinstance(peer, str) or not 0 < len(peer) <= 128:
-            raise WireError("announcement: peer must be a peer id")
-        if (
-            not isinstance(addrs, list)
-            or len(addrs) > MAX_ANNOUNCED_ADDRS
-            or not all(isinstance(a, str) and len(a) <= MAX_ADDR_CHARS for a in addrs)
-        ):
-            raise WireError(f"announcement: addrs must be at most {MAX_ANNOUNCED_ADDRS} addresses")
-        return cls(peer, tuple(addrs))
-
-
-def _unpack(data: bytes, what: str, max_map_len: int) -> Any:
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=HELLO_MAX_BYTES,
-            max_str_len=HELLO_MAX_BYTES,
-            max_array_len=MAX_ANNOUNCED_ADDRS,
-            max_map_len=max_map_len,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises ValueError subclasses, TypeError, ...
-        raise WireError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
-
-
-def _check_community_id(value: object, where: str) -> None:
-    if (
-        not isinstance(value, str)
-        or len(value) != 2 * ID_BYTES
-        or any(c not in "0123456789abcdef" for c in value)
-    ):
-        raise WireError(f"{where}: community must be a 32-hex-digit community id")
-
-
 # ---------------------------------------------------------------------------- one community
 
 
@@ -289,10 +173,6 @@ class Community:
     @property
     def manifest(self) -> Manifest:
         return self.membership.manifest
-
-    @property
-    def prefix(self) -> bytes:
-        return bytes.fromhex(self.id)
 
     @property
     def label(self) -> str:
@@ -723,10 +603,10 @@ class Communities:
 
     async def on_sync(self, peer: str, payload: bytes) -> None:
         """Sync handler: decode with the community's schema if the peer is admitted to it."""
-        community = self.active.get(payload[:ID_BYTES].hex()) if len(payload) > ID_BYTES else None
+        cid, message_bytes = split_sync_frame(payload)
+        community = self.active.get(cid) if message_bytes else None
         if community is None:
             self.node_counters["rejected"] += 1
-            cid = payload[:ID_BYTES].hex()
             log.warning(
                 "refused sync frame from peer %s: this node is not a member of community %s",
                 peer,
@@ -738,7 +618,7 @@ class Communities:
         reason = self._admission_problem(community, peer)
         if reason is None:
             try:
-                message = decode(payload[ID_BYTES:], community.part.schema, community.max_frame)
+                message = decode(message_bytes, community.part.schema, community.max_frame)
             except WireError as exc:
                 reason = str(exc)
         if reason is not None:
@@ -779,7 +659,7 @@ class Communities:
                 return
             if isinstance(action, Send):
                 if action.to in community.admitted:
-                    data = community.prefix + encode(action.message, community.part.schema)
+                    data = sync_frame(community.id, encode(action.message, community.part.schema))
                     self._outboxes.put(action.to, _Frame(SYNC_PROTOCOL, community.id, data))
                 else:
                     log.debug("community %s: %s is not admitted", community.label, action.to)
