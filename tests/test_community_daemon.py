@@ -45,7 +45,7 @@ from p2pfl.daemon.control import request
 from p2pfl.daemon.node import NodeDaemon
 from p2pfl.daemon.transport import Subscription, Transport, load_or_create_identity
 from p2pfl.learning.params import ParamSchema
-from p2pfl.wire.codec import WireError, decode, encode
+from p2pfl.wire.codec import decode, encode
 from p2pfl.wire.messages import Push
 
 MODEL = "mlp:hidden=16"
@@ -256,51 +256,6 @@ def test_model_that_does_not_fit_the_manifest_is_refused(tmp_path):
     assert "--model 'mlp:hidden=16'" in text
     with pytest.raises(CommunityError, match="matches no parameter"):
         a.start(1, model="logistic")
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        b"",
-        b"\xc1",
-        msgpack.packb([1, 2]),
-        msgpack.packb(
-            {"community": "x" * 32, "credential": None, "answer": False, "refused": None}
-        ),
-        msgpack.packb({"community": "ab" * 16, "credential": 5, "answer": False, "refused": None}),
-        msgpack.packb({"community": "ab" * 16, "credential": None, "answer": 1, "refused": None}),
-        msgpack.packb(
-            {"community": "ab" * 16, "credential": None, "answer": True, "refused": "r" * 5000}
-        ),
-        msgpack.packb({"community": "ab" * 16, "credential": None, "answer": True, "extra": 1}),
-    ],
-)
-def test_malformed_hello_is_a_wire_error(payload):
-    with pytest.raises(WireError):
-        Hello.from_bytes(payload)
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        b"\x00" * 3000,
-        msgpack.packb({"peer": "p", "addrs": ["a"] * 9}),
-        msgpack.packb({"peer": "p", "addrs": [1]}),
-        msgpack.packb({"peer": "", "addrs": []}),
-        msgpack.packb({"peer": "p"}),
-        msgpack.packb({"peer": "p", "addrs": [], "credential": b"an old-format announcement"}),
-    ],
-)
-def test_malformed_announcement_is_a_wire_error(payload):
-    with pytest.raises(WireError):
-        Announcement.from_bytes(payload)
-
-
-def test_hello_and_announcement_round_trip():
-    hello = Hello("ab" * 16, b"cred", answer=True)
-    assert Hello.from_bytes(hello.to_bytes()) == hello
-    ann = Announcement("12D3KooWpeer", ("/ip4/127.0.0.1/tcp/1/p2p/12D3KooWpeer",))
-    assert Announcement.from_bytes(ann.to_bytes()) == ann
 
 
 # ------------------------------------------------------------------------------- network

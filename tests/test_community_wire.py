@@ -1,0 +1,341 @@
+"""Community wire formats and what a node does with anything a peer sends.
+
+Parsing hellos and announcements raises WireError and nothing else; the hello and sync
+handlers of a node's communities never raise on random bytes, random msgpack or valid
+messages with random contents: each frame is either counted as refused or taken (run offline,
+without a network: a transport that records frames and cannot dial).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_community_daemon import admit, draft, found, make_nodes
+
+from p2pfl.community.invite import make_credential
+from p2pfl.community.manifest import Manifest
+from p2pfl.community.store import load_memberships
+from p2pfl.daemon.communities import Communities
+from p2pfl.daemon.community_wire import (
+    LEFT,
+    Announcement,
+    Hello,
+    split_sync_frame,
+    sync_frame,
+)
+from p2pfl.daemon.node import NodeDaemon
+from p2pfl.daemon.transport import TransportError
+from p2pfl.wire.codec import WireError, encode
+from p2pfl.wire.messages import Average, Busy, ModelReply, Pull, Push
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+MSGPACK_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=40)
+    | st.binary(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=10)
+        | st.dictionaries(st.text(max_size=12) | st.integers(0, 9), inner, max_size=6)
+    ),
+    max_leaves=20,
+)
+RANDOM_PAYLOADS = st.binary(max_size=300) | MSGPACK_VALUES.map(msgpack.packb)
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+# -------------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\xc1",
+        msgpack.packb([1, 2]),
+        msgpack.packb(
+            {"community": "x" * 32, "credential": None, "answer": False, "refused": None}
+        ),
+        msgpack.packb({"community": "ab" * 16, "credential": 5, "answer": False, "refused": None}),
+        msgpack.packb({"community": "ab" * 16, "credential": None, "answer": 1, "refused": None}),
+        msgpack.packb(
+            {"community": "ab" * 16, "credential": None, "answer": True, "refused": "r" * 5000}
+        ),
+        msgpack.packb({"community": "ab" * 16, "credential": None, "answer": True, "extra": 1}),
+    ],
+)
+def test_malformed_hello_is_a_wire_error(payload):
+    with pytest.raises(WireError):
+        Hello.from_bytes(payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x00" * 3000,
+        msgpack.packb({"peer": "p", "addrs": ["a"] * 9}),
+        msgpack.packb({"peer": "p", "addrs": [1]}),
+        msgpack.packb({"peer": "", "addrs": []}),
+        msgpack.packb({"peer": "p"}),
+        msgpack.packb({"peer": "p", "addrs": [], "credential": b"an old-format announcement"}),
+    ],
+)
+def test_malformed_announcement_is_a_wire_error(payload):
+    with pytest.raises(WireError):
+        Announcement.from_bytes(payload)
+
+
+def test_hello_announcement_and_sync_frame_round_trip():
+    hello = Hello("ab" * 16, b"cred", answer=True)
+    assert Hello.from_bytes(hello.to_bytes()) == hello
+    ann = Announcement("12D3KooWpeer", ("/ip4/127.0.0.1/tcp/1/p2p/12D3KooWpeer",))
+    assert Announcement.from_bytes(ann.to_bytes()) == ann
+    assert split_sync_frame(sync_frame("ab" * 16, b"message")) == ("ab" * 16, b"message")
+
+
+def hello_shaped(
+    community: st.SearchStrategy[Any], credential: st.SearchStrategy[Any]
+) -> st.SearchStrategy[bytes]:
+    """Maps with the hello's keys (sometimes one more or one less), values valid or not."""
+    fields = st.fixed_dictionaries(
+        {
+            "community": community | MSGPACK_VALUES,
+            "credential": credential | MSGPACK_VALUES,
+            "answer": st.booleans() | MSGPACK_VALUES,
+            "refused": st.none() | st.sampled_from([LEFT, "r" * 1001]) | MSGPACK_VALUES,
+        }
+    )
+    extra = st.dictionaries(st.sampled_from(["peer", "addrs", "x"]), MSGPACK_VALUES, max_size=1)
+    return st.tuples(fields, extra, st.booleans()).map(
+        lambda t: msgpack.packb(
+            {k: v for k, v in {**t[0], **t[1]}.items() if not (t[2] and k == "answer")}
+        )
+    )
+
+
+HEX_IDS = st.text("0123456789abcdef", min_size=31, max_size=33)
+
+
+def parse_or_wire_error(parse: Callable[[bytes], Any], payload: bytes) -> Any:
+    """``parse(payload)``, or None if it raised WireError (anything else fails the test)."""
+    try:
+        return parse(payload)
+    except WireError:
+        return None
+
+
+@FUZZ
+@given(payload=RANDOM_PAYLOADS | hello_shaped(HEX_IDS, st.none() | st.binary(max_size=200)))
+def test_parsing_a_hello_raises_only_wire_errors(payload):
+    hello = parse_or_wire_error(Hello.from_bytes, payload)
+    if hello is not None:
+        assert Hello.from_bytes(hello.to_bytes()) == hello
+
+
+@FUZZ
+@given(
+    payload=RANDOM_PAYLOADS
+    | st.fixed_dictionaries(
+        {
+            "peer": st.text(max_size=130) | MSGPACK_VALUES,
+            "addrs": st.lists(st.text(max_size=260), max_size=9) | MSGPACK_VALUES,
+        }
+    ).map(msgpack.packb)
+)
+def test_parsing_an_announcement_raises_only_wire_errors(payload):
+    announcement = parse_or_wire_error(Announcement.from_bytes, payload)
+    if announcement is not None:
+        assert Announcement.from_bytes(announcement.to_bytes()) == announcement
+
+
+# ------------------------------------------------------------------------------- handlers
+
+
+class _Silence:
+    """A subscription on which nothing is ever published."""
+
+    def __aiter__(self) -> _Silence:
+        return self
+
+    async def __anext__(self) -> tuple[str, bytes]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+class OfflineTransport:
+    """What ``Communities`` uses of a transport, without a network: frames are recorded,
+    dials fail, subscriptions stay silent."""
+
+    listen_addrs: list[str] = []
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, bytes]] = []
+
+    def peers(self) -> list[str]:
+        return []
+
+    async def send(self, peer_id: str, protocol: str, payload: bytes) -> None:
+        self.sent.append((peer_id, protocol, payload))
+
+    async def connect(self, multiaddr: str) -> str:
+        raise TransportError(f"offline: cannot reach {multiaddr}")
+
+    async def subscribe(self, topic: str) -> _Silence:
+        return _Silence()
+
+    async def unsubscribe(self, topic: str) -> None:
+        pass
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        pass
+
+
+@dataclass
+class Setup:
+    """Node A founded two communities (body: dynamic, head: gossip) and invited B to both."""
+
+    a: NodeDaemon
+    b_peer: str
+    outsider: str
+    manifests: list[Manifest]
+    credentials: dict[str, bytes | None]
+    """B's credential for A, by community id."""
+
+    def communities(self) -> Communities:
+        """A fresh runtime for A's communities (a trio run each)."""
+        a = self.a
+        return Communities(a.config, a.peer_id, a.learner, 100, 1, dict(a.counters))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    a, b, outsider = make_nodes(Path(tmp_path_factory.mktemp("fuzz")), 3)
+    manifests = [
+        found(a, draft("body", ["fc1.*"], "dynamic:b=1")),
+        found(a, draft("head", ["head.*"], "gossip:b=1")),
+    ]
+    for manifest in manifests:
+        admit(a, manifest, b)
+    credentials = {m.id: make_credential(m, b.peer_id, a.peer_id) for m in load_memberships(b.home)}
+    return Setup(a.start(2), b.peer_id, outsider.peer_id, manifests, credentials)
+
+
+def run_offline(setup: Setup, body: Callable[[Communities], Awaitable[None]]) -> Communities:
+    """Run ``body`` on fresh communities of A until every task waits; any error fails."""
+
+    async def main() -> Communities:
+        communities = setup.communities()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                communities.start(nursery, OfflineTransport())  # type: ignore[arg-type]
+                await body(communities)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+        return communities
+
+    return trio.run(main)
+
+
+def refused(communities: Communities) -> int:
+    return communities.node_counters["rejected"]
+
+
+@FUZZ
+@given(data=st.data())
+def test_the_hello_handler_takes_anything(setup, data):
+    ids = [m.id for m in setup.manifests]
+    credentials = [c for c in setup.credentials.values() if c is not None]
+    community = st.sampled_from(ids) | HEX_IDS
+    credential = st.none() | st.sampled_from(credentials) | st.binary(max_size=200)
+    mangled = st.sampled_from(credentials).flatmap(
+        lambda c: st.tuples(st.integers(0, len(c) - 1), st.integers(1, 255)).map(
+            lambda t: c[: t[0]] + bytes([c[t[0]] ^ t[1]]) + c[t[0] + 1 :]
+        )
+    )
+    hellos = st.lists(
+        st.tuples(
+            st.sampled_from([setup.b_peer, setup.outsider]),
+            RANDOM_PAYLOADS | hello_shaped(community, credential | mangled),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+    sequence = data.draw(hellos)
+
+    async def body(communities: Communities) -> None:
+        for peer, payload in sequence:
+            before = refused(communities)
+            await communities.on_hello(peer, payload)
+            if parse_or_wire_error(Hello.from_bytes, payload) is None:
+                assert refused(communities) == before + 1
+
+    run_offline(setup, body)
+
+
+def messages(numel: int, peers: list[str]) -> st.SearchStrategy[Any]:
+    """Valid sync messages for a part of ``numel`` parameters, with random contents."""
+    sessions = st.integers(0, 3) | INT64
+    counts = st.integers(0, 2**63 - 1)
+    params = st.sampled_from([0.0, 1.0, -3.5, 1e30]).map(lambda v: torch.full((numel,), v))
+    neighbors = st.lists(st.sampled_from(peers), max_size=4)
+    return st.one_of(
+        st.builds(Pull, session=sessions),
+        st.builds(ModelReply, sessions, params, counts, neighbors, counts),
+        st.builds(Busy, session=sessions),
+        st.builds(Average, sessions, params, counts),
+        st.builds(Push, INT64, params, counts),
+    )
+
+
+@FUZZ
+@given(data=st.data())
+def test_the_sync_handler_takes_anything(setup, data):
+    """B is admitted first; then every frame, from B or an outsider, valid or not, is either
+    refused (counted) or taken (its bytes counted in the community)."""
+    parts = {m.id: setup.a.communities.active[m.id].part for m in setup.manifests}
+    peers = [setup.a.peer_id, setup.b_peer, setup.outsider, "12D3KooWnotapeer"]
+    valid = st.sampled_from(list(parts)).flatmap(
+        lambda cid: messages(parts[cid].schema.numel, peers).map(
+            lambda m: sync_frame(cid, encode(m, parts[cid].schema))
+        )
+    )
+    to_community = st.tuples(st.sampled_from(list(parts)), RANDOM_PAYLOADS).map(
+        lambda t: sync_frame(*t)
+    )
+    frames = st.lists(
+        st.tuples(
+            st.sampled_from([setup.b_peer] * 3 + [setup.outsider]),
+            valid | to_community | RANDOM_PAYLOADS,
+        ),
+        min_size=1,
+        max_size=6,
+    )
+    sequence = data.draw(frames)
+
+    async def body(communities: Communities) -> None:
+        for cid, credential in setup.credentials.items():
+            await communities.on_hello(setup.b_peer, Hello(cid, credential).to_bytes())
+            assert setup.b_peer in communities.active[cid].admitted
+        for peer, payload in sequence:
+            before = refused(communities)
+            taken = {cid: c.counters["bytes_received"] for cid, c in communities.active.items()}
+            await communities.on_sync(peer, payload)
+            now_taken = {cid: c.counters["bytes_received"] for cid, c in communities.active.items()}
+            assert (refused(communities) == before + 1) != (now_taken != taken)
+
+    run_offline(setup, body)
