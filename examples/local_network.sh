@@ -9,21 +9,9 @@ P2PFL=${P2PFL:-p2pfl}
 WORK=${1:-$(mktemp -d -t p2pfl-local-XXXXXX)}
 source "$(dirname "$0")/daemons.sh"
 
-synced() {  # synced HOME: the node has completed a sync (asks its control socket directly)
-    python3 - "$1/control.sock" <<'PY'
-import json, socket, sys
-with socket.socket(socket.AF_UNIX) as s:
-    s.settimeout(5)
-    s.connect(sys.argv[1])
-    s.sendall(b'{"cmd": "status"}\n')
-    reply = b""
-    while not reply.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        reply += chunk
-sys.exit(0 if json.loads(reply)["syncs"] > 0 else 1)
-PY
+synced() {  # synced HOME: the node has completed a sync
+    "$P2PFL" node status --home "$1" --json |
+        python3 -c 'import json, sys; sys.exit(0 if json.load(sys.stdin)["syncs"] > 0 else 1)'
 }
 
 echo "work directory: $WORK"

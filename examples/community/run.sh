@@ -15,11 +15,12 @@ SYNCS_BEFORE_LEAVE=3
 TRAIN_AFTER_LEAVE_S=10
 source "$HERE/../daemons.sh"
 
-status() {  # status HOME [EXPR]: the node's status reply (asks its control socket directly),
-    # or the value of a Python expression over it (`s`; `summary(s)` for a readable one);
-    # exits 1 if the value is falsy
-    "$PYTHON" - "$1/control.sock" "${2:-s}" <<'PY'
-import json, socket, sys
+status() {  # status HOME [EXPR]: the value of a Python expression over the node's status
+    # (`s`; `summary(s)` for a readable one); exits 1 if it is falsy or the node is not up
+    local reply
+    reply=$("$P2PFL" node status --home "$1" --json) || return 1
+    "$PYTHON" - "${2:-s}" "$reply" <<'PY'
+import json, sys
 
 def summary(s):
     lines = [
@@ -34,18 +35,8 @@ def summary(s):
         )
     return "\n".join(lines if s["communities"] else lines + ["in no community"])
 
-with socket.socket(socket.AF_UNIX) as sock:
-    sock.settimeout(5)
-    sock.connect(sys.argv[1])
-    sock.sendall(b'{"cmd": "status"}\n')
-    reply = b""
-    while not reply.endswith(b"\n"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        reply += chunk
-s = json.loads(reply)
-value = eval(sys.argv[2])
+s = json.loads(sys.argv[2])
+value = eval(sys.argv[1])
 print(value)
 sys.exit(0 if value else 1)
 PY
