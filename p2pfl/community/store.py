@@ -39,6 +39,7 @@ from p2pfl.community.manifest import (
     load_manifest,
     toml_string,
 )
+from p2pfl.files import write_private_atomically
 
 COMMUNITIES_DIR = "communities"
 MANIFEST_FILE = "manifest.toml"
@@ -117,12 +118,12 @@ def save_membership(home: Path, membership: Membership) -> None:
     target = root / membership.id
     if target.is_dir():
         for name, text in files.items():
-            _write_atomic(target / name, text)
+            write_private_atomically(target / name, text.encode())
         return
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{membership.id}.new-"))
     try:
         for name, text in files.items():
-            _write_atomic(staging / name, text)
+            write_private_atomically(staging / name, text.encode())
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -305,17 +306,3 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise OSError(f"{path} is not UTF-8 text") from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)  # mkstemp creates the file with mode 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -17,10 +17,8 @@ parameters: py-libp2p drops pubsub messages over 1 MiB silently and queues 32 pe
 from __future__ import annotations
 
 import logging
-import os
 import stat
 import struct
-import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
@@ -52,6 +50,8 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp.tcp import TCP
 from multiaddr import Multiaddr
+
+from p2pfl.files import write_private_atomically
 
 log = logging.getLogger("p2pfl.transport")
 
@@ -631,15 +631,5 @@ def load_or_create_identity(path: Path) -> KeyPair:
             ) from exc
     key_pair = create_ed25519_key_pair()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)  # mkstemp creates the file with mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(key_pair.private_key.serialize())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_private_atomically(path, key_pair.private_key.serialize())
     return key_pair
