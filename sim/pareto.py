@@ -1,12 +1,16 @@
-"""The accuracy-vs-bytes frontier: periodic averaging at every period b against dynamic
-averaging over a range of Δ (and b), on identical data, initial model and seed.
+"""The accuracy-vs-bytes frontier, made fair: dynamic averaging against the *best fair
+baseline*, the cheapest periodic schedule among every b with and without the drift
+correction and with and without the outer optimizer (the mechanisms that do not depend on
+*when* a node talks), on identical data, initial model and seed.
 
     .venv/bin/python sim/pareto.py sim/pareto-dirichlet05.toml --out runs/pareto-dirichlet05
 
 Writes ``pareto.json`` and ``pareto.png`` (frontier, and traffic over time) into ``--out``
-and prints, for target accuracies (95 % and 99 % of ``continuous``), the fewest bytes each
-family needed and the ratio best-periodic / dynamic. Accuracy is measured fairly: the mean
-of evaluations at prime-numbered steps in the last tenth of the run (no period divides them).
+and prints, for target accuracies (95 % and 99 % of ``continuous`` without correction), the
+fewest bytes default ``dynamic`` needed, the fewest of the best fair baseline (and of plain
+periodic averaging) and their ratios, and the 2×2 ablation trigger (periodic / dynamic) ×
+drift correction (off / on), outer optimizer off. Accuracy is measured fairly: the mean of
+evaluations at prime-numbered steps in the last tenth of the run (no period divides them).
 
 With concept drift in the scenario it also runs the periodic schedule whose traffic matches
 the default ``dynamic`` and writes ``drift.png`` (accuracy, cumulative bytes and bytes per
@@ -27,78 +31,138 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from p2pfl.protocol.config import DYNAMIC_DEFAULTS  # noqa: E402
+from p2pfl.protocol.config import DYNAMIC_DEFAULTS, parse_protocol  # noqa: E402
 from p2pfl.simulator.engine import Simulation, prepare  # noqa: E402
 from p2pfl.simulator.scenario import load_scenario  # noqa: E402
 
-PERIODS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-SHORT_PERIODS = 200  # the issue's schedules end here; longer ones are compared apart
+PERIODS = (2, 5, 10, 20, 50, 100, 200, 500, 1000)
 RELS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 DYNAMIC_BS = (DYNAMIC_DEFAULTS["b"],)
+OUTER = "outer_lr=0.7,outer_momentum=0.9"  # DiLoCo's values
+# The baseline schedules: periodic averaging with each combination of the shared mechanisms.
+BASELINES = {
+    "plain": "correction=0",
+    "correction": "",
+    "outer": f"correction=0,{OUTER}",
+    "correction+outer": OUTER,
+}
+REFERENCE = "continuous:correction=0"  # averaging every step, the classical reference
 RECOVERY_SHARE = 0.95
 TRAFFIC_LINES = ("continuous", "periodic:b=10", "dynamic")
 
 
+def with_keys(spec: str, keys: str) -> str:
+    """``spec`` with more ``key=value`` arguments (none if ``keys`` is empty)."""
+    if not keys:
+        return spec
+    return f"{spec}{',' if ':' in spec else ':'}{keys}"
+
+
+def mechanisms(protocol: str) -> tuple[str, bool, bool]:
+    """(trigger, correction on, outer optimizer on) of a run's protocol spec; the trigger is
+    ``periodic`` (continuous included), ``dynamic``, ``gossip`` or ``none``."""
+    config = parse_protocol(protocol)
+    return config.kind, config.correction > 0, config.outer is not None
+
+
 def family(protocol: str) -> str:
-    """``dynamic``, ``periodic`` (continuous included) or ``none``."""
-    return protocol.split(":", 1)[0]
+    """The trigger of a spec (see ``mechanisms``)."""
+    return mechanisms(protocol)[0]
 
 
-def period(protocol: str) -> int:
-    """The b of a ``periodic:b=B`` spec."""
-    return int(protocol.rsplit("=", 1)[1])
-
-
-def sweep_protocols(periods: list[int], rels: list[float], bs: list[int]) -> list[str]:
-    """Every periodic period, the default ``dynamic``, dynamic at each (rel, b) that differs
-    from the default, and ``none``."""
-    protocols = [f"periodic:b={b}" for b in periods] + ["dynamic"]
+def sweep_protocols(
+    periods: list[int], rels: list[float], bs: list[int], baselines: list[str]
+) -> list[str]:
+    """Both continuous (with and without correction); every baseline variant at every
+    period; the default ``dynamic``, dynamic at each (rel, b) that differs from the default;
+    the same dynamic runs without correction (the ablation); and ``none``."""
+    protocols = [REFERENCE, "continuous"]
+    protocols += [with_keys(f"periodic:b={b}", BASELINES[v]) for v in baselines for b in periods]
+    dynamic = ["dynamic"]
     for b in bs:
         for rel in rels:
             if (rel, b) == (DYNAMIC_DEFAULTS["rel"], DYNAMIC_DEFAULTS["b"]):
                 continue
-            protocols.append(
-                f"dynamic:rel={rel}" + (f",b={b}" if b != DYNAMIC_DEFAULTS["b"] else "")
-            )
-    return protocols + ["none"]
+            dynamic.append(f"dynamic:rel={rel}" + (f",b={b}" if b != DYNAMIC_DEFAULTS["b"] else ""))
+    return protocols + dynamic + [with_keys(d, "correction=0") for d in dynamic] + ["none"]
 
 
 def cheapest(
-    runs: list[dict[str, Any]], fam: str, target: float, longest: int | None = None
+    runs: list[dict[str, Any]],
+    target: float,
+    trigger: str,
+    correction: bool | None = None,
+    outer: bool | None = None,
 ) -> dict[str, Any] | None:
-    """The run of ``fam`` that reaches ``target`` accuracy with the fewest bytes (periodic:
-    only periods up to ``longest``, if given)."""
-    ok = [
-        r
-        for r in runs
-        if family(r["protocol"]) == fam
-        and r["final_accuracy"] >= target
-        and (longest is None or period(r["protocol"]) <= longest)
-    ]
+    """The run with ``trigger`` (and the given mechanisms; None: either) that reaches
+    ``target`` accuracy with the fewest bytes."""
+    ok = []
+    for r in runs:
+        kind, corr, out = mechanisms(r["protocol"])
+        if (
+            kind == trigger
+            and r["final_accuracy"] >= target
+            and correction in (None, corr)
+            and outer in (None, out)
+        ):
+            ok.append(r)
     return min(ok, key=lambda r: r["bytes_sent"], default=None)
 
 
+def _entry(run: dict[str, Any] | None) -> tuple[str, int, int] | None:
+    return run and (run["protocol"], run["bytes_sent"], run["bytes_last_20pct"])
+
+
+def _ratio(base: dict[str, Any] | None, dyn: dict[str, Any] | None, key: str) -> float | None:
+    return base[key] / max(dyn[key], 1) if base and dyn else None
+
+
 def frontier_table(runs: list[dict[str, Any]], reference: float) -> list[dict[str, Any]]:
-    """For 95 % and 99 % of the reference accuracy: the cheapest dynamic run, the cheapest
-    periodic run with b <= SHORT_PERIODS and with any b swept, and the ratios of their
-    bytes (whole run and last 20 %)."""
+    """For 95 % and 99 % of the reference accuracy: the cheapest default-mechanism dynamic
+    run (correction on, outer off), the best fair baseline (cheapest periodic run of any
+    variant), plain periodic averaging (no correction, no outer) and, if swept, gossip, with
+    the ratios of their bytes (whole run and last 20 %); and the 2×2 ablation (outer off)."""
     rows = []
     for share in (0.95, 0.99):
         target = share * reference
-        dyn = cheapest(runs, "dynamic", target)
-        row: dict[str, Any] = {
-            "target": f"{share:.0%} of continuous ({target:.3f})",
-            "dynamic": dyn and (dyn["protocol"], dyn["bytes_sent"]),
-        }
-        for key, longest in (("periodic", SHORT_PERIODS), ("periodic_any_b", None)):
-            per = cheapest(runs, "periodic", target, longest)
-            row[key] = per and (per["protocol"], per["bytes_sent"])
-            row[f"ratio_{key}"] = per["bytes_sent"] / dyn["bytes_sent"] if per and dyn else None
-            row[f"tail_ratio_{key}"] = (
-                per["bytes_last_20pct"] / max(dyn["bytes_last_20pct"], 1) if per and dyn else None
+        dyn = cheapest(runs, target, "dynamic", correction=True, outer=False)
+        row: dict[str, Any] = {"target": f"{share:.0%} of continuous ({target:.3f})"}
+        row["dynamic"] = _entry(dyn)
+        for key, base in (
+            ("best_fair", cheapest(runs, target, "periodic")),
+            ("plain_periodic", cheapest(runs, target, "periodic", False, False)),
+            ("gossip", cheapest(runs, target, "gossip")),
+        ):
+            row[key] = _entry(base)
+            row[f"ratio_{key}"] = _ratio(base, dyn, "bytes_sent")
+            row[f"tail_ratio_{key}"] = _ratio(base, dyn, "bytes_last_20pct")
+        row["ablation"] = {
+            f"{trigger}/correction {'on' if corr else 'off'}": _entry(
+                cheapest(runs, target, trigger, corr, False)
             )
+            for trigger in ("periodic", "dynamic")
+            for corr in (False, True)
+        }
         rows.append(row)
     return rows
+
+
+def print_table(table: list[dict[str, Any]], reference: float) -> None:
+    def mb(entry: tuple[str, int, int] | None) -> str:
+        return f"{entry[0]} {entry[1] / 1e6:.1f} MB" if entry else "not reached"
+
+    print(f"\ncontinuous without correction ({REFERENCE}): {reference:.3f}")
+    for row in table:
+        print(f"{row['target']}: dynamic {mb(row['dynamic'])}")
+        for key in ("best_fair", "plain_periodic", "gossip"):
+            ratio, tail = row[f"ratio_{key}"], row[f"tail_ratio_{key}"]
+            print(
+                f"  {key}: {mb(row[key])}, bytes ratio {ratio and round(ratio, 1)}, "
+                f"last-20% ratio {tail and round(tail, 1)}"
+            )
+        print("  ablation (cheapest run reaching the target, outer optimizer off):")
+        for cell, entry in row["ablation"].items():
+            print(f"    {cell:28s} {mb(entry)}")
 
 
 # -- concept drift -----------------------------------------------------------------------------
@@ -126,7 +190,7 @@ def recovery(
 def matched_period(runs: list[dict[str, Any]], target_bytes: int) -> int:
     """The period b whose periodic schedule sends about ``target_bytes`` (a periodic round
     costs the same every time, so its bytes scale as 1/b)."""
-    every_step = next(r["bytes_sent"] for r in runs if r["protocol"] == "periodic:b=1")
+    every_step = next(r["bytes_sent"] for r in runs if r["protocol"] == REFERENCE)
     return max(1, round(every_step / max(target_bytes, 1)))
 
 
@@ -191,15 +255,21 @@ def draw(
     ``TRAFFIC_LINES`` (MB per step, averaged over each ``window`` steps; a silent window
     drops to the bottom of the axis)."""
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for fam, style in (("periodic", "o-"), ("dynamic", "s-")):
-        pts = sorted(
-            (r["bytes_sent"] / 1e6, r["final_accuracy"], r["protocol"])
-            for r in runs
-            if family(r["protocol"]) == fam and r["bytes_sent"] > 0
-        )
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=fam)
-        for x, y, name in pts:
-            ax.annotate(name.split(":", 1)[-1], (x, y), fontsize=6, alpha=0.7)
+    curves: dict[str, list[tuple[float, float, str]]] = {}
+    for r in runs:
+        trigger, corr, outer = mechanisms(r["protocol"])
+        if r["bytes_sent"] > 0:
+            name = trigger + (" + correction" if corr else "") + (" + outer" if outer else "")
+            curves.setdefault(name, []).append(
+                (r["bytes_sent"] / 1e6, r["final_accuracy"], r["protocol"])
+            )
+    for name, pts in sorted(curves.items()):
+        pts.sort()
+        style = "s-" if name.startswith("dynamic") else "o--"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=4, label=name)
+        if name.startswith("dynamic"):
+            for x, y, protocol in pts:
+                ax.annotate(protocol.split(":", 1)[-1], (x, y), fontsize=5, alpha=0.6)
     for r in runs:
         if r["bytes_sent"] == 0:
             ax.axhline(r["final_accuracy"], ls=":", c="gray", label=f"{r['protocol']} (0 bytes)")
@@ -233,55 +303,72 @@ def main() -> None:
     parser.add_argument("--periods", default=",".join(map(str, PERIODS)))
     parser.add_argument("--rels", default=",".join(map(str, RELS)))
     parser.add_argument("--bs", default=",".join(map(str, DYNAMIC_BS)), help="dynamic b values")
+    parser.add_argument(
+        "--baselines",
+        default=",".join(BASELINES),
+        help=f"periodic variants: {', '.join(BASELINES)}",
+    )
+    parser.add_argument("--gossip", default="", help="also gossip:b=B for these B (comma list)")
+    parser.add_argument("--extra", action="append", default=[], help="more protocols to run")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the runs already in OUT/runs.jsonl"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    protocols = sweep_protocols(
-        [int(b) for b in args.periods.split(",")],
-        [float(r) for r in args.rels.split(",")],
-        [int(b) for b in args.bs.split(",")],
+    protocols = (
+        sweep_protocols(
+            [int(b) for b in args.periods.split(",")],
+            [float(r) for r in args.rels.split(",")],
+            [int(b) for b in args.bs.split(",")],
+            args.baselines.split(","),
+        )
+        + args.extra
     )
     scenario = load_scenario(
         args.scenario, {"protocols": tuple(protocols), "steps": args.steps, "seed": args.seed}
     )
     prepared = prepare(scenario)
     drift = prepared.dataset.drift
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / "runs.jsonl"
+    done: dict[str, dict[str, Any]] = {}
+    if args.resume and log_path.exists():
+        for line in log_path.read_text().splitlines():
+            done[json.loads(line)["protocol"]] = json.loads(line)
+    elif log_path.exists():
+        log_path.unlink()
     runs: list[dict[str, Any]] = []
     metrics: dict[str, list[dict[str, Any]]] = {}
 
     def run(protocol: str) -> dict[str, Any]:
-        result = Simulation(prepared, protocol).run()
-        name = "continuous" if protocol == "periodic:b=1" else protocol
-        metrics[name] = result.pop("metrics")
+        if protocol in done:
+            result = dict(done[protocol])
+        else:
+            result = Simulation(prepared, protocol).run()
+            with log_path.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+        metrics[protocol] = result.pop("metrics")
         runs.append(result)
         print(
-            f"{protocol:28s} acc {result['final_accuracy']:.3f}  "
+            f"{protocol:52s} acc {result['final_accuracy']:.3f}  "
             f"{result['bytes_sent'] / 1e6:9.1f} MB  last 20%: "
             f"{result['bytes_last_20pct'] / 1e6:8.1f} MB",
             flush=True,
         )
         return result
 
-    for protocol in scenario.protocols:
+    for protocol in dict.fromkeys(scenario.protocols):
         run(protocol)
-    reference = next(r["final_accuracy"] for r in runs if r["protocol"] == "periodic:b=1")
+    reference = next(r["final_accuracy"] for r in runs if r["protocol"] == REFERENCE)
     table = frontier_table(runs, reference)
-    print(f"\ncontinuous (periodic:b=1) accuracy: {reference:.3f}")
-    for row in table:
-        dyn = row["dynamic"]
-        print(f"{row['target']}: dynamic {dyn and f'{dyn[0]} {dyn[1] / 1e6:.1f} MB'}")
-        for key in ("periodic", "periodic_any_b"):
-            per, ratio, tail = row[key], row[f"ratio_{key}"], row[f"tail_ratio_{key}"]
-            print(
-                f"  {key}: {per and f'{per[0]} {per[1] / 1e6:.1f} MB'}, "
-                f"bytes ratio {ratio and round(ratio, 1)}, last-20% ratio {tail and round(tail, 1)}"
-            )
-    args.out.mkdir(parents=True, exist_ok=True)
+    print_table(table, reference)
     title = f"{scenario.dataset} · {scenario.partition}"
     every = scenario.eval_every
     window = max(every, scenario.steps // 30 // every * every)  # traffic-over-time windows
     summary: dict[str, Any] = {"scenario": scenario.to_dict(), "runs": runs, "frontier": table}
+    metrics["continuous"] = metrics[REFERENCE]
     if drift is not None:
         dynamic = next(r for r in runs if r["protocol"] == "dynamic")
         matched = f"periodic:b={matched_period(runs, dynamic['bytes_sent'])}"
@@ -295,7 +382,7 @@ def main() -> None:
             for name, rows in metrics.items()
         }
         for r in runs:
-            r.update(recoveries["continuous" if r["protocol"] == "periodic:b=1" else r["protocol"]])
+            r.update(recoveries[r["protocol"]])
         shown = ("continuous", matched, "dynamic")
         print(
             f"\ndrift at step {drift.at_step}; steps to {RECOVERY_SHARE:.0%} of own pre-drift "

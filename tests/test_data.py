@@ -241,3 +241,16 @@ def test_npz_slice_rejects_dataset_args(tmp_path):
     path = _npz(tmp_path, x=np.zeros((10, 2)), y=np.arange(10) % 2)
     with pytest.raises(SpecError, match="a .npz slice accepts"):
         node_slice(f"{path}:drift_at=3")
+
+
+def test_label_groups_name_the_same_inputs_differently():
+    digits = load_dataset("digits", seed=0)
+    plain = split_nodes(digits, 6, "labels:k=10,min=10,max=30", seed=3)
+    conflict = split_nodes(digits, 6, "labels:k=10,min=10,max=30,groups=2", seed=3)
+    for node, (a, b) in enumerate(zip(plain, conflict, strict=True)):
+        shift = node * 2 // 6  # nodes 0-2: group 0, nodes 3-5: group 1
+        assert torch.equal(a.x_train, b.x_train) and torch.equal(a.x_test, b.x_test)
+        assert torch.equal((a.y_train + shift) % 10, b.y_train)
+        assert torch.equal((a.y_test + shift) % 10, b.y_test)
+    with pytest.raises(SpecError, match="groups=11 needs at least as many nodes and classes"):
+        split_nodes(digits, 12, "labels:k=10,min=10,max=30,groups=11", seed=3)

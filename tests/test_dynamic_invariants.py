@@ -22,7 +22,8 @@ from p2pfl.learning.params import ParamSchema, ParamSpec
 from p2pfl.protocol.actions import ReplaceModel, Send, SetCorrection, SetTimer
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import make_core
-from p2pfl.protocol.dynamic import CORRECTION_STEPS, DynamicCore, correction_gain
+from p2pfl.protocol.correction import CORRECTION_STEPS, correction_gain
+from p2pfl.protocol.dynamic import DynamicCore
 from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.scenario import load_scenario
 from p2pfl.wire.codec import decode, encode
@@ -271,3 +272,30 @@ def test_default_dynamic_traffic_rises_after_concept_drift():
     before = sent[drift_at] - sent[drift_at - window]
     after = sent[drift_at + window] - sent[drift_at]
     assert after > 3 * before, (before, after)
+
+
+# -- the coherent condition: SGD noise alone is not a violation, a moving optimum is --
+@pytest.mark.parametrize(
+    ("condition", "noise_violations"), [("distance", True), ("coherent", False)]
+)
+def test_coherent_condition_ignores_noise_but_not_drift(condition, noise_violations):
+    """A model jittering around its optimum (SGD at a constant rate: pulled back by 10 % per
+    step, noise 0.1 per entry; ``E||w − r||² ≈ 1.6 > Δ``) and one whose optimum moves."""
+    gen = torch.Generator().manual_seed(4)
+    start = torch.randn(DIM, generator=gen)
+    spec = f"dynamic:delta=0.5,b=2,condition={condition}"
+
+    def violations(speed: float) -> int:
+        model = FakeModel(start)
+        core = make_core("0", parse_protocol(spec), model, ["1"], seed=0)
+        optimum, direction = start.clone(), torch.randn(DIM, generator=gen)
+        for _ in range(1000):
+            optimum += speed * direction
+            noise = 0.1 * torch.randn(DIM, generator=gen)
+            model.w = model.w - 0.1 * (model.w - optimum) + noise
+            if core.on_local_step(0.0):  # a violation starts a session: let it go
+                core.session = None
+        return core.stats.violations
+
+    assert (violations(0.0) > 0) == noise_violations
+    assert violations(0.01) > 0

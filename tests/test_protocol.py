@@ -270,7 +270,16 @@ def test_make_core_builds_the_right_policy(spec, cls):
     [
         ("foo", ["'foo'", "unknown kind", "none, continuous, periodic, gossip, dynamic"]),
         ("dynamic:x=1", ["unknown argument(s) ['x']", "dynamic accepts:", "delta", "rel"]),
-        ("periodic:c=2", ["unknown argument(s) ['c']", "periodic accepts: b, merge, timeout"]),
+        (
+            "periodic:c=2",
+            [
+                "unknown argument(s) ['c']",
+                "periodic accepts: b, correction, merge, outer_lr, outer_momentum, timeout",
+            ],
+        ),
+        ("gossip:outer_momentum=1", ["'outer_momentum'", "must be in [0, 1)"]),
+        ("continuous:outer_lr=0", ["'outer_lr'", "positive"]),
+        ("periodic:correction=-0.1", ["correction is a damping factor between 0 and 1"]),
         ("none:b=2", ["unknown argument(s) ['b']", "none accepts: none"]),
         ("periodic:b=0", ["'periodic:b=0'", "'b'", "must be >= 1"]),
         ("dynamic:b=0", ["'b'", "must be >= 1"]),
@@ -968,15 +977,16 @@ def test_periodic_ring_with_an_offline_node_completes_on_timers():
 def test_gossip_pushes_to_one_live_neighbour_every_b_steps():
     model = FakeModel(vec(1.0), samples=3)
     core = make_core("0", parse_protocol("gossip:b=2"), model, ["1", "2"], seed=0)
-    targets = []
+    targets, exchanges = [], set()
     for step in range(1, 41):
         sends = sends_of(core.on_local_step(0.0))
         assert len(sends) == (step % 2 == 0)
         for s in sends:
-            assert s.message.round == -1 and s.message.samples == 3
+            assert s.message.round < 0 and s.message.samples == 3  # -exchange id
+            exchanges.add(s.message.round)
             torch.testing.assert_close(s.message.params, vec(1.0))
             targets.append(s.to)
-    assert set(targets) == {"1", "2"}
+    assert set(targets) == {"1", "2"} and len(exchanges) == 20
     core.on_peer_down(0.0, "1")
     for _ in range(10):
         assert {s.to for s in sends_of(core.on_local_step(0.0))} <= {"2"}
@@ -984,15 +994,36 @@ def test_gossip_pushes_to_one_live_neighbour_every_b_steps():
     assert all(core.on_local_step(0.0) == [] for _ in range(4))
 
 
-@pytest.mark.parametrize(("spec", "expected"), [("gossip", 3.0), ("gossip:merge=samples", 3.5)])
-def test_gossip_receiver_merges(spec, expected):
+@pytest.mark.parametrize(
+    ("spec", "expected"), [("gossip:correction=0", 3.0), ("gossip:merge=samples,correction=0", 3.5)]
+)
+def test_gossip_receiver_merges_and_answers_with_the_model_it_merged_with(spec, expected):
     model = FakeModel(vec(2.0), samples=1)
     core = make_core("1", parse_protocol(spec), model, ["0"])
-    got = replaced(core.on_message(0.0, "0", Push(-1, vec(4.0), 3)))
-    torch.testing.assert_close(got, vec(expected))
+    actions = core.on_message(0.0, "0", Push(-7, vec(4.0), 3))
+    torch.testing.assert_close(replaced(actions), vec(expected))
+    (reply,) = sends_of(actions, ModelReply)
+    assert reply.to == "0" and reply.message.session == 7 and reply.message.samples == 1
+    torch.testing.assert_close(reply.message.params, vec(2.0))
     assert core.stats.syncs == 1
     assert core.on_message(0.0, "0", Push(3, vec(4.0), 3)) == []  # a periodic round
-    assert core.stats.ignored == 1
+    assert core.on_message(0.0, "5", Push(-1, vec(4.0), 3)) == []  # not a neighbour
+    assert core.on_message(0.0, "0", ModelReply(7, vec(4.0), 3)) == []  # no such exchange
+    assert core.stats.ignored == 3
+
+
+def test_gossip_initiator_merges_the_reply_and_drops_late_ones():
+    model = FakeModel(vec(2.0), samples=1)
+    core = make_core("0", parse_protocol("gossip:correction=0"), model, ["1"])
+    first = sends_of(core.on_local_step(0.0))[0].message
+    second = sends_of(core.on_local_step(0.0))[0].message
+    model.w = vec(3.0)  # a local step after offering
+    got = replaced(core.on_message(0.1, "1", ModelReply(-second.round, vec(6.0), 1)))
+    torch.testing.assert_close(got, vec(5.0))  # (2 + 6) / 2 plus the step taken since
+    assert core.on_message(0.1, "1", ModelReply(-second.round, vec(6.0), 1)) == []  # done
+    assert core.on_timer(0.6, ("exchange", -first.round)) == []
+    assert core.on_message(0.7, "1", ModelReply(-first.round, vec(6.0), 1)) == []  # too late
+    assert (core.stats.syncs, core.stats.timeouts, core.stats.ignored) == (1, 1, 2)
 
 
 def test_gossip_over_a_network_keeps_models_between_min_and_max():
@@ -1003,7 +1034,7 @@ def test_gossip_over_a_network_keeps_models_between_min_and_max():
         for node in driver.cores:
             driver.step(node, torch.zeros(DIM))
     driver.settle()
-    assert driver.stat("syncs") == 5 * 30
+    assert driver.stat("syncs") == 2 * 5 * 30  # both ends of every exchange merge
     w = driver.stacked()
     assert (w >= low - 1e-6).all() and (w <= high + 1e-6).all()
     assert w.var(0).sum() < 0.05 * (high - low).square().sum()  # they mixed

@@ -6,7 +6,9 @@ every sample. ``labels:k=K,min=A,max=B`` gives each node an objective of its own
 classes, and a train size drawn log-uniformly in [A, B] (spread evenly over its classes,
 disjoint from every other node's, not necessarily covering the data set); its local test
 split is the global test set restricted to its classes, so even a node with ten samples is
-measured on its whole objective.
+measured on its whole objective. With ``groups=G`` the objectives *conflict*: the nodes form
+G contiguous groups of equal size and group g names every class y ``(y + g) mod C`` (train
+and test), so the same inputs are labelled differently in each group.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def partition(y: torch.Tensor, num_nodes: int, spec: str, seed: int) -> list[tor
             )
         parts = _dirichlet(labels, num_nodes, alpha, min_size, rng)
     elif parsed.kind == "labels":
-        parsed.check_keys(["k", "min", "max"])
+        parsed.check_keys(["k", "min", "max", "groups"])
         k = parsed.take("k", positive_int, default=2)
         low = parsed.take("min", positive_int, default=10)
         high = parsed.take("max", positive_int, default=400)
@@ -170,8 +172,17 @@ def split_nodes(
     if not 0.0 <= local_test_fraction < 1.0:
         raise ValueError(f"local_test_fraction must be in [0, 1), got {local_test_fraction}")
     parts = partition(dataset.y_train, num_nodes, partition_spec, seed)
-    if parse_spec(partition_spec).kind == "labels":
-        return [_own_objective(dataset, index) for index in parts]
+    parsed = parse_spec(partition_spec)
+    if parsed.kind == "labels":
+        groups = parsed.take("groups", positive_int, default=1)
+        if groups > min(num_nodes, dataset.num_classes):
+            raise SpecError(
+                f"{partition_spec!r}: groups={groups} needs at least as many nodes and classes"
+            )
+        return [
+            _relabel(_own_objective(dataset, index), node * groups // num_nodes, dataset)
+            for node, index in enumerate(parts)
+        ]
     nodes: list[NodeData] = []
     for node, index in enumerate(parts):
         rng = np.random.default_rng([seed, node])
@@ -194,6 +205,16 @@ def _own_objective(dataset: Dataset, index: torch.Tensor) -> NodeData:
     y_train = dataset.y_train[index]
     mine = torch.isin(dataset.y_test, y_train.unique())
     return NodeData(dataset.x_train[index], y_train, dataset.x_test[mine], dataset.y_test[mine])
+
+
+def _relabel(node: NodeData, group: int, dataset: Dataset) -> NodeData:
+    """The node's data as group ``group`` names the classes: ``y -> (y + group) mod C``."""
+    if not group:
+        return node
+    c = dataset.num_classes
+    return NodeData(
+        node.x_train, (node.y_train + group) % c, node.x_test, (node.y_test + group) % c
+    )
 
 
 def node_slice(spec: str) -> NodeData:

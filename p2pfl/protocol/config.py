@@ -1,15 +1,30 @@
 """Protocol specs (``none``, ``continuous``, ``periodic:b=B``, ``gossip:b=B``,
-``dynamic:delta=D,b=B``) parsed into one validated configuration."""
+``dynamic:delta=D,b=B``) parsed into one validated configuration.
+
+Every protocol that merges also takes the keys of the mechanisms shared by all of them:
+``correction=λ`` (drift correction, ``p2pfl.protocol.correction``; default
+``CORRECTION_DEFAULT``, 0 turns it off) and ``outer_lr=L,outer_momentum=M`` (an outer
+Nesterov step on every merge, ``p2pfl.protocol.outer``; off unless one of them is given;
+DiLoCo's values are ``outer_lr=0.7,outer_momentum=0.9``)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
-from p2pfl.spec import SpecError, non_negative_float, non_negative_int, parse_spec, positive_int
+from p2pfl.spec import (
+    Spec,
+    SpecError,
+    non_negative_float,
+    non_negative_int,
+    parse_spec,
+    positive_int,
+)
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 MERGES = ("uniform", "samples")
+CONDITIONS = ("distance", "coherent")
 
 
 @dataclass(frozen=True)
@@ -18,7 +33,8 @@ class ProtocolConfig:
 
     ``delta`` is absolute when given; otherwise the dynamic protocol uses
     ``rel * ||reference||²`` (see ``DynamicCore``), which makes the default independent of
-    the model's size and scale.
+    the model's size and scale. ``outer`` is ``(lr, momentum)`` of the outer optimizer, or
+    None for plain merging.
     """
 
     kind: str
@@ -28,6 +44,8 @@ class ProtocolConfig:
     group: int = 0
     cap: int = 0
     correction: float = 0.0
+    outer: tuple[float, float] | None = None
+    condition: str = "distance"
     merge: str = "uniform"
     timeout: float = 0.5
     text: str = ""
@@ -37,33 +55,47 @@ class ProtocolConfig:
         return self.text or self.kind
 
 
-DYNAMIC_DEFAULTS = {"b": 2, "rel": 0.002, "correction": 0.1, "cap": 0, "group": 0}
+CORRECTION_DEFAULT = 0.1
+DYNAMIC_DEFAULTS: dict[str, Any] = {
+    "b": 2,
+    "rel": 0.002,
+    "correction": CORRECTION_DEFAULT,
+    "cap": 0,
+    "group": 0,
+    "condition": "distance",
+}
+MECHANISM_KEYS = {"correction", "outer_lr", "outer_momentum"}
 
 
 def parse_protocol(text: str) -> ProtocolConfig:
     """Parse and validate a protocol spec; bad specs raise SpecError naming the fix."""
     spec = parse_spec(text, PROTOCOLS)
-    common = {"merge", "timeout"}
+    if spec.kind == "none":
+        spec.check_keys(set())
+        return ProtocolConfig(kind="none", text=spec.text)
+    common = {"merge", "timeout"} | MECHANISM_KEYS
     merge = spec.take("merge", str, "uniform")
     if merge not in MERGES:
         raise SpecError(f"{text!r}: merge must be one of {', '.join(MERGES)}")
-    timeout = spec.take("timeout", _positive_float, 0.5)
-    base = {"merge": merge, "timeout": timeout, "text": spec.text}
-    if spec.kind in ("none", "continuous"):
-        spec.check_keys(common if spec.kind == "continuous" else set())
-        return ProtocolConfig(kind="periodic" if spec.kind == "continuous" else "none", b=1, **base)
+    base = {
+        "merge": merge,
+        "timeout": spec.take("timeout", _positive_float, 0.5),
+        "correction": spec.take("correction", _damping, CORRECTION_DEFAULT),
+        "outer": _outer(spec),
+        "text": spec.text,
+    }
+    if spec.kind == "continuous":
+        spec.check_keys(common)
+        return ProtocolConfig(kind="periodic", b=1, **base)
     if spec.kind in ("periodic", "gossip"):
         spec.check_keys(common | {"b"})
         return ProtocolConfig(kind=spec.kind, b=spec.take("b", positive_int, 1), **base)
-    spec.check_keys(common | {"b", "delta", "rel", "group", "cap", "correction"})
+    spec.check_keys(common | {"b", "delta", "rel", "group", "cap", "condition"})
     d = DYNAMIC_DEFAULTS
     delta = spec.take("delta", non_negative_float, None)
     rel = spec.take("rel", non_negative_float, d["rel"])
     if delta is not None and "rel" in spec.args:
         raise SpecError(f"{text!r}: give either delta (absolute) or rel (relative), not both")
-    correction = spec.take("correction", non_negative_float, d["correction"])
-    if correction > 1.0:
-        raise SpecError(f"{text!r}: correction is a damping factor between 0 and 1")
     return ProtocolConfig(
         kind="dynamic",
         b=spec.take("b", positive_int, d["b"]),
@@ -71,9 +103,39 @@ def parse_protocol(text: str) -> ProtocolConfig:
         rel=0.0 if delta is not None else rel,
         group=spec.take("group", non_negative_int, d["group"]),
         cap=spec.take("cap", non_negative_int, d["cap"]),
-        correction=correction,
+        condition=spec.take("condition", _condition, d["condition"]),
         **base,
     )
+
+
+def _outer(spec: Spec) -> tuple[float, float] | None:
+    """``(outer_lr, outer_momentum)`` if either is given (defaults 1 and 0), else None."""
+    if not {"outer_lr", "outer_momentum"} & set(spec.args):
+        return None
+    return (
+        spec.take("outer_lr", _positive_float, 1.0),
+        spec.take("outer_momentum", _momentum, 0.0),
+    )
+
+
+def _condition(raw: str) -> str:
+    if raw not in CONDITIONS:
+        raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}")
+    return raw
+
+
+def _damping(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("correction is a damping factor between 0 and 1 (0 turns it off)")
+    return value
+
+
+def _momentum(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 <= value < 1.0:
+        raise ValueError("momentum must be in [0, 1)")
+    return value
 
 
 def _positive_float(raw: str) -> float:

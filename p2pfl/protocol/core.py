@@ -1,5 +1,7 @@
-"""The node core shared by every protocol: identity, neighbours, step counter, counters and
-the event entry points a driver calls. Policies subclass it (see ``make_core``)."""
+"""The node core shared by every protocol: identity, neighbours, step counter, counters, the
+event entry points a driver calls, and the mechanisms every merge goes through (``_adopt``:
+drift correction, outer optimizer, keeping local progress). Policies subclass it (see
+``make_core``) and decide only when to talk and with whom."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch
 from p2pfl.learning.merge import merge
 from p2pfl.protocol.actions import Action, ReplaceModel
 from p2pfl.protocol.config import ProtocolConfig
+from p2pfl.protocol.correction import DriftCorrection
+from p2pfl.protocol.outer import OuterOptimizer
 from p2pfl.wire.messages import Message
 
 log = logging.getLogger("p2pfl.protocol")
@@ -69,6 +73,13 @@ class NodeCore:
         self.step_size = step_size
         self.step = 0
         self.stats = CoreStats()
+        self.drift_correction = DriftCorrection(config.correction, step_size)
+        self.outer = None if config.outer is None else OuterOptimizer(*config.outer, model.read())
+
+    @property
+    def correction(self) -> torch.Tensor | None:
+        """The node's current gradient correction (None until its first update)."""
+        return self.drift_correction.vector
 
     @property
     def live_neighbors(self) -> list[str]:
@@ -105,12 +116,17 @@ class NodeCore:
     def state_dict(self) -> dict[str, Any]:
         """What matters across a restart, as plain values (sessions in flight are not kept:
         peers time them out)."""
-        return {"step": self.step, "stats": self.stats.as_dict()}
+        state = {"step": self.step, "stats": self.stats.as_dict()}
+        state |= self.drift_correction.state_dict()
+        return state | ({} if self.outer is None else self.outer.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
         self.step = int(state["step"])
         self.stats = CoreStats(**{k: int(v) for k, v in state["stats"].items()})
+        self.drift_correction.load_state_dict(state)
+        if self.outer is not None:
+            self.outer.load_state_dict(state)
 
     def _after_step(self, now: float) -> list[Action]:
         return []
@@ -118,14 +134,26 @@ class NodeCore:
     def _merge(self, vectors: list[torch.Tensor], samples: list[int]) -> torch.Tensor:
         return merge(vectors, samples, self.config.merge)
 
-    def _replace_keeping_progress(
-        self, merged: torch.Tensor, sent: torch.Tensor, current: torch.Tensor | None = None
-    ) -> ReplaceModel:
-        """Adopt ``merged`` but keep the local steps taken since ``sent`` was handed out:
-        ``w = merged + (w_now - sent)``. No local work is lost while a sync is in flight.
-        ``current`` stands for ``w_now`` when an earlier replacement is not applied yet."""
+    def _adopt(
+        self,
+        merged: torch.Tensor,
+        sent: torch.Tensor,
+        steps: int,
+        current: torch.Tensor | None = None,
+    ) -> list[Action]:
+        """Take the result of a merge: learn the drift correction from ``sent`` (the model
+        this node contributed) and ``merged`` over ``steps`` shared local steps, apply the
+        outer optimizer, and replace the model keeping the local steps taken since ``sent``
+        was handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge
+        is in flight (``current`` stands for ``w_now`` when an earlier replacement is not
+        applied yet). The ``ReplaceModel`` comes first; returns the actions."""
+        actions: list[Action] = []
+        new = merged if self.outer is None else self.outer.step(merged)
         now = self.model.read() if current is None else current
-        return ReplaceModel(merged + (now - sent))
+        actions.append(ReplaceModel(new + (now - sent)))
+        actions += self.drift_correction.update(sent, merged, steps)
+        self.stats.syncs += 1
+        return actions
 
 
 def make_core(

@@ -20,24 +20,16 @@ Decisions that matter on a real network:
 * Δ: absolute ``delta``, or ``rel * ||r||²`` (default), i.e. a violation when the model has
   moved by more than √rel of its own norm. This scale-free rule works unchanged across the
   built-in models and data sets.
-* Drift correction (``correction`` λ, default 0.1): under non-IID data every local model
-  drifts steadily toward its own data, which both hurts accuracy and triggers violations that
-  carry no new knowledge. After each sync a member updates a gradient correction in the
-  spirit of SCAFFOLD, from quantities it already has: ``c += g (w_sent - average) / (η K)``
-  (``K`` the group's mean number of local steps since the previous sync, sent with the
-  average, ``η`` the step size). This is an integral controller: it learns the constant
-  offset between the node's gradient and its group's. With one shared ``K`` the gain ``g``
-  is the same for every member, so the updates sum to zero over the group and the mean
-  gradient stays unbiased. The gain is λ for syncs up to ``CORRECTION_STEPS`` steps apart
-  and ``1 - (1 - λ)^(K / CORRECTION_STEPS)`` for rarer ones, i.e. what K/16 syncs of gain λ
-  would have learned: the offset is learned at the same pace in steps whether Δ makes syncs
-  frequent or rare (a fixed gain per sync learned it too slowly at large Δ). Measured on
-  digits (16 nodes, 3,000 steps, seeds 1-2, ``sim/pareto.py``'s scenarios): the frontier
-  improved at every Δ, e.g. Dirichlet 0.5 at rel=0.1 0.936/0.958 vs 0.914/0.949 accuracy at
-  similar bytes, IID at rel=0.02 0.964 vs 0.957-0.959. λ from 0.06 to 0.4 all end within 1
-  point of continuous averaging; λ=0 loses about 6 points under label skew. Three daemons
-  with extreme skew (Dirichlet 0.1) did worse at λ=0.2 (0.62 together) than at 0.05-0.1
-  (0.77-0.82), hence 0.1.
+* ``condition=coherent`` tests only the *coherent* part of the motion. At a constant learning
+  rate SGD noise moves a model forever: with the moves ``v_1..v_n`` between checks since the
+  last sync, ``||w − r||² = Σ ||v_j||² + Σ_{j≠k} v_j·v_k``; for independent noise the cross
+  terms have mean zero (negative near an optimum, which pulls the model back), while a real
+  gradient makes them grow with the square of the steps. The coherent condition is a CUSUM
+  of the cross terms, ``C ← max(0, C + 2 v·(w_prev − r))`` (each check adds what the move
+  ``v`` added to ``||w − r||²`` beyond its own ``||v||²``), violated when ``C > Δ``: a
+  network that only jitters around its optimum goes quiet, a drifting one still talks, and
+  the clamp at zero keeps a long quiet phase from delaying the reaction to a later drift.
+  ``condition=distance`` is the paper's ``||w − r||² > Δ``.
 """
 
 from __future__ import annotations
@@ -48,7 +40,7 @@ from typing import Any
 
 import torch
 
-from p2pfl.protocol.actions import Action, Send, SetCorrection, SetTimer
+from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetTimer
 from p2pfl.protocol.core import NodeCore, log
 from p2pfl.wire.messages import Average, Busy, Message, ModelReply, Pull
 
@@ -79,14 +71,6 @@ class Membership:
 
 
 MAX_WIDENING_ROUNDS = 6
-CORRECTION_STEPS = 16
-
-
-def correction_gain(lam: float, group_steps: int) -> float:
-    """The drift-correction gain of a sync after ``group_steps`` local steps: ``lam`` for
-    syncs up to ``CORRECTION_STEPS`` steps apart, and for rarer ones the gain that
-    ``group_steps / CORRECTION_STEPS`` syncs of gain ``lam`` would have compounded to."""
-    return 1.0 - (1.0 - lam) ** max(1.0, group_steps / CORRECTION_STEPS)
 
 
 class DynamicCore(NodeCore):
@@ -95,18 +79,19 @@ class DynamicCore(NodeCore):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.reference = self.model.read().clone()
-        self.correction: torch.Tensor | None = None
         self.steps_since_sync = 0
         self.session: Session | None = None
         self.membership: Membership | None = None
         self.quiet_until = 0
         self._delta = self._compute_delta()
+        self._coherent = self.config.condition == "coherent"
+        self._checked = self.reference.clone() if self._coherent else None
+        self._coherence = 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        """Base state plus reference, drift correction and steps since the last sync."""
+        """Base state plus reference and steps since the last sync."""
         return super().state_dict() | {
             "reference": self.reference.clone(),
-            "correction": None if self.correction is None else self.correction.clone(),
             "steps_since_sync": self.steps_since_sync,
         }
 
@@ -114,7 +99,6 @@ class DynamicCore(NodeCore):
         super().load_state_dict(state)
         if "reference" in state:
             self.reference = state["reference"].clone()
-            self.correction = state["correction"]
             self.steps_since_sync = int(state["steps_since_sync"])
             self._delta = self._compute_delta()
 
@@ -134,6 +118,20 @@ class DynamicCore(NodeCore):
         difference = self.model.read() - self.reference
         return float(difference.dot(difference))
 
+    def _condition(self) -> float:
+        """What is compared with Δ at a check: ``||w − r||²``, or with the coherent condition
+        the CUSUM of the cross terms of the moves between checks (see the module)."""
+        if not self._coherent:
+            return self.drift()
+        assert self._checked is not None
+        now = self.model.read()
+        move = now - self._checked
+        self._coherence = max(
+            0.0, self._coherence + 2 * float(move.dot(self._checked - self.reference))
+        )
+        self._checked = now.clone()
+        return self._coherence
+
     @property
     def busy(self) -> bool:
         return self.session is not None or self.membership is not None
@@ -142,7 +140,7 @@ class DynamicCore(NodeCore):
         self.steps_since_sync += 1
         if self.step % self.config.b or self.busy or self.step < self.quiet_until:
             return []
-        if self.drift() <= self._delta:
+        if self._condition() <= self._delta:
             return []
         self.stats.violations += 1
         return self._start_session(now)
@@ -248,20 +246,22 @@ class DynamicCore(NodeCore):
         self.membership = None
         return self._adopt(msg.params, m.sent, msg.steps)
 
-    def _adopt(self, average: torch.Tensor, sent: torch.Tensor, group_steps: int) -> list[Action]:
-        """Take the session's average as model and reference; update the drift correction,
-        scaled by the group's shared step count so the members' updates sum to zero."""
-        actions: list[Action] = [self._replace_keeping_progress(average, sent)]
-        lam = self.config.correction
-        if lam and group_steps > 0:
-            gain = correction_gain(lam, group_steps)
-            change = (sent - average) * (gain / (self.step_size * group_steps))
-            self.correction = change if self.correction is None else self.correction + change
-            actions.append(SetCorrection(self.correction.clone()))
-        self.reference = average.clone()
+    def _adopt(
+        self,
+        merged: torch.Tensor,
+        sent: torch.Tensor,
+        steps: int,
+        current: torch.Tensor | None = None,
+    ) -> list[Action]:
+        """The shared merge (correction, outer step, kept progress); the result becomes the
+        reference."""
+        actions = super()._adopt(merged, sent, steps, current)
+        self.reference = (merged if self.outer is None else self.outer.anchor).clone()
+        if self._coherent:
+            self._checked = next(a.params for a in actions if isinstance(a, ReplaceModel)).clone()
+            self._coherence = 0.0
         self._delta = self._compute_delta()
         self.steps_since_sync = 0
-        self.stats.syncs += 1
         return actions
 
     # -- events --------------------------------------------------------------------------------

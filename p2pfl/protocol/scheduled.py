@@ -1,5 +1,6 @@
 """Protocols that talk on a fixed schedule: periodic neighbourhood averaging (``continuous``
-is ``periodic`` with b=1) and gossip learning."""
+is ``periodic`` with b=1) and pairwise gossip averaging. Both merge through
+``NodeCore._adopt`` (drift correction with ``K = b``, outer optimizer, kept progress)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetTimer
 from p2pfl.protocol.core import NodeCore, log
-from p2pfl.wire.messages import Message, Push
+from p2pfl.wire.messages import Message, ModelReply, Push
 
 
 class PeriodicCore(NodeCore):
@@ -29,7 +30,8 @@ class PeriodicCore(NodeCore):
             return []
         # A round still open is closed first; what we send next is the model it produced.
         actions = self._finish_round() if self.open_round is not None else []
-        current = actions[-1].params if actions else self.model.read()
+        replaced = [a.params for a in actions if isinstance(a, ReplaceModel)]
+        current = replaced[0] if replaced else self.model.read()
         rnd = self.step // self.config.b
         self.open_round, self.sent = rnd, current.clone()
         for peer in self.live_neighbors:
@@ -62,7 +64,7 @@ class PeriodicCore(NodeCore):
             return self._finish_round(current)
         return []
 
-    def _finish_round(self, current: torch.Tensor | None = None) -> list[ReplaceModel]:
+    def _finish_round(self, current: torch.Tensor | None = None) -> list[Action]:
         """Merge the open round; ``current`` is the model if a replacement is still pending."""
         assert self.open_round is not None and self.sent is not None
         got = self.inbox.pop(self.open_round, {})
@@ -73,25 +75,52 @@ class PeriodicCore(NodeCore):
             return []
         vectors = [sent] + [p for p, _ in got.values()]
         samples = [self.model.samples] + [n for _, n in got.values()]
-        self.stats.syncs += 1
-        return [self._replace_keeping_progress(self._merge(vectors, samples), sent, current)]
+        return self._adopt(self._merge(vectors, samples), sent, self.config.b, current)
 
 
 class GossipCore(NodeCore):
-    """Gossip learning: every ``b`` steps push the model to one random live neighbour; a
-    receiver merges it into its own model at once."""
+    """Pairwise gossip averaging: every ``b`` steps a node offers its model to one random live
+    neighbour (``Push`` with a negative round, ``-exchange id``); the receiver merges it into
+    its own model at once and answers with the model it merged with (``ModelReply`` of that
+    exchange id), which the initiator merges too. Both ends merge the same two vectors, so an
+    exchange moves ``(w_j - w_i) / 2`` from one to the other: the global mean is kept and the
+    two drift-correction updates (``K = b``) cancel, however exchanges interleave. A reply
+    after ``timeout`` is ignored (the receiver's half of that exchange stays done)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.exchanges: dict[int, tuple[str, torch.Tensor]] = {}
+        self.next_exchange = 1
 
     def _after_step(self, now: float) -> list[Action]:
         peers = self.live_neighbors
         if self.step % self.config.b or not peers:
             return []
         peer = self.rng.choice(peers)
-        return [Send(peer, Push(-1, self.model.read().clone(), self.model.samples))]
+        exchange, self.next_exchange = self.next_exchange, self.next_exchange + 1
+        sent = self.model.read().clone()
+        self.exchanges[exchange] = (peer, sent)
+        return [
+            Send(peer, Push(-exchange, sent, self.model.samples)),
+            SetTimer(now + self.config.timeout, ("exchange", exchange)),
+        ]
 
     def on_message(self, now: float, sender: str, message: Message) -> list[Action]:
-        if not isinstance(message, Push) or message.round != -1:
-            return super().on_message(now, sender, message)
-        own = self.model.read().clone()
-        merged = self._merge([own, message.params], [self.model.samples, message.samples])
-        self.stats.syncs += 1
-        return [self._replace_keeping_progress(merged, own)]
+        if isinstance(message, Push) and message.round < 0 and sender in self.neighbors:
+            own = self.model.read().clone()
+            merged = self._merge([own, message.params], [self.model.samples, message.samples])
+            reply = ModelReply(-message.round, own, self.model.samples)
+            return [Send(sender, reply)] + self._adopt(merged, own, self.config.b)
+        if (
+            isinstance(message, ModelReply)
+            and self.exchanges.get(message.session, ("",))[0] == sender
+        ):
+            _, sent = self.exchanges.pop(message.session)
+            merged = self._merge([sent, message.params], [self.model.samples, message.samples])
+            return self._adopt(merged, sent, self.config.b)
+        return super().on_message(now, sender, message)
+
+    def on_timer(self, now: float, key: Hashable) -> list[Action]:
+        if isinstance(key, tuple) and key[0] == "exchange" and self.exchanges.pop(key[1], None):
+            self.stats.timeouts += 1
+        return []

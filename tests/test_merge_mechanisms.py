@@ -1,0 +1,142 @@
+"""The mechanisms every merging protocol shares (``NodeCore._adopt``): drift correction and
+the outer optimizer. Corrections sum to zero over a uniform group for every protocol (and,
+as the correction module states, not for periodic averaging over a non-regular graph); the
+outer optimizer is DiLoCo's Nesterov step and with lr 1 / momentum 0 it is plain averaging,
+bit for bit; both survive a state round trip.
+
+The cores run in ``test_protocol``'s in-test driver (fake models, real wire codec)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_protocol import DIM, TICK, Driver, FakeModel, complete, line, ring, star
+
+from p2pfl.protocol.config import parse_protocol
+from p2pfl.protocol.core import make_core
+from p2pfl.protocol.outer import OuterOptimizer
+
+SPECS = ("continuous", "periodic:b=3", "gossip:b=2", "dynamic:b=1,rel=0.0005")
+
+
+def extend(spec: str, keys: str) -> str:
+    """``spec`` with more ``key=value`` arguments."""
+    return f"{spec}{',' if ':' in spec else ':'}{keys}"
+
+
+def run(spec: str, graph: dict, steps: int = 40, seed: int = 3, drift: float = 0.0) -> Driver:
+    """Every node takes ``steps`` noisy local steps (plus a node-specific ``drift``), one
+    tick apart; then the network settles."""
+    driver = Driver(spec, graph, seed=seed, jitter=0.004, step_scale=0.05)
+    pull = {n: drift * torch.randn(DIM, generator=driver.gen) for n in driver.cores}
+    for _ in range(steps):
+        for node in driver.cores:
+            driver.step(node, torch.randn(DIM, generator=driver.gen) * 0.05 + pull[node])
+        driver.advance(driver.now + TICK)
+    driver.settle()
+    return driver
+
+
+def total_correction(driver: Driver) -> torch.Tensor:
+    return torch.stack(list(driver.corrections.values())).sum(0)
+
+
+# -- drift correction --
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("graph", [complete(5), ring(6)], ids=["complete", "ring"])
+def test_corrections_sum_to_zero_over_a_uniform_group(spec, graph):
+    driver = run(extend(spec, "correction=0.3"), graph, drift=0.05)
+    assert driver.stat("syncs") > 0 and len(driver.corrections) == len(graph)
+    scale = max(float(c.abs().max()) for c in driver.corrections.values())
+    assert scale > 0.1
+    torch.testing.assert_close(
+        total_correction(driver), torch.zeros(DIM), atol=1e-4 * scale, rtol=0
+    )
+    torch.testing.assert_close(driver.mean(), driver.added / len(graph) + run_start_mean(driver))
+
+
+def run_start_mean(driver: Driver) -> torch.Tensor:
+    """The mean of the starting models (the driver draws them first from its generator)."""
+    gen = torch.Generator().manual_seed(driver.gen.initial_seed())
+    return torch.stack([torch.randn(DIM, generator=gen) for _ in driver.cores]).mean(0)
+
+
+@pytest.mark.parametrize("spec", ["gossip:b=1", "dynamic:b=1,rel=0.0005"])
+def test_pairwise_and_session_corrections_sum_to_zero_on_a_non_regular_graph(spec):
+    driver = run(extend(spec, "correction=0.3"), star(6), drift=0.05)
+    scale = max(float(c.abs().max()) for c in driver.corrections.values())
+    torch.testing.assert_close(
+        total_correction(driver), torch.zeros(DIM), atol=1e-4 * scale, rtol=0
+    )
+
+
+def test_periodic_corrections_do_not_sum_to_zero_on_a_non_regular_graph():
+    """What the correction module states: neighbourhoods of different sizes break it."""
+    driver = run("periodic:b=2,correction=0.3", line(5), drift=0.05)
+    scale = max(float(c.abs().max()) for c in driver.corrections.values())
+    assert float(total_correction(driver).abs().max()) > 0.01 * scale
+
+
+@pytest.mark.parametrize("spec", ["continuous", "periodic:b=4", "gossip", "dynamic"])
+def test_correction_is_on_by_default_and_off_with_zero(spec):
+    assert parse_protocol(spec).correction == 0.1
+    assert run(extend(spec, "correction=0"), complete(4), steps=20, drift=0.05).corrections == {}
+
+
+def test_correction_gain_per_merge():
+    """One periodic round of two nodes: c += λ (w_sent − merged) / (η K), K = b."""
+    models = {"0": torch.zeros(DIM), "1": torch.zeros(DIM)}
+    driver = Driver("periodic:b=2,correction=0.5", line(2), models, wire=False)
+    for _ in range(2):
+        driver.step("0", torch.full((DIM,), 0.1))
+        driver.step("1", torch.zeros(DIM))
+    driver.settle()
+    eta = driver.cores["0"].step_size
+    torch.testing.assert_close(driver.corrections["0"], torch.full((DIM,), 0.5 * 0.1 / (eta * 2)))
+    torch.testing.assert_close(driver.corrections["1"], -driver.corrections["0"])
+
+
+# -- outer optimizer --
+@pytest.mark.parametrize("spec", SPECS)
+def test_outer_lr_one_momentum_zero_is_plain_averaging_bit_for_bit(spec):
+    plain = run(spec, ring(6), drift=0.05)
+    outer = run(extend(spec, "outer_lr=1,outer_momentum=0"), ring(6), drift=0.05)
+    assert all(core.outer is not None for core in outer.cores.values())
+    assert plain.stat("syncs") == outer.stat("syncs") > 0
+    assert torch.equal(plain.stacked(), outer.stacked())
+    for node, vector in plain.corrections.items():
+        assert torch.equal(vector, outer.corrections[node])
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_outer_momentum_changes_what_a_merge_yields(spec):
+    plain = run(spec, ring(6), drift=0.05)
+    outer = run(extend(spec, "outer_lr=0.7,outer_momentum=0.9"), ring(6), drift=0.05)
+    assert not torch.allclose(plain.stacked(), outer.stacked(), atol=1e-3)
+
+
+def test_outer_step_is_nesterov_sgd_on_the_pseudo_gradient():
+    """Against torch's SGD(nesterov=True) fed the pseudo-gradient anchor − merged."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(DIM, generator=gen)
+    ours = OuterOptimizer(0.7, 0.9, start)
+    theta = torch.nn.Parameter(start.clone())
+    sgd = torch.optim.SGD([theta], lr=0.7, momentum=0.9, nesterov=True)
+    for _ in range(5):
+        merged = theta.detach() + 0.1 * torch.randn(DIM, generator=gen)
+        theta.grad = theta.detach() - merged
+        sgd.step()
+        torch.testing.assert_close(ours.step(merged), theta.detach())
+        torch.testing.assert_close(ours.anchor, theta.detach())
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_correction_and_outer_state_survive_a_restart(spec):
+    full = extend(spec, "correction=0.3,outer_lr=0.7,outer_momentum=0.9")
+    driver = run(full, complete(3), drift=0.05)
+    core = driver.cores["0"]
+    again = make_core("0", parse_protocol(full), FakeModel(torch.zeros(DIM)), ["1", "2"])
+    again.load_state_dict(core.state_dict())
+    assert torch.equal(again.correction, core.correction)
+    assert torch.equal(again.outer.anchor, core.outer.anchor)
+    assert torch.equal(again.outer.velocity, core.outer.velocity)
