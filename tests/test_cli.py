@@ -201,7 +201,9 @@ def test_a_failed_operation_exits_1_and_a_bad_input_2(tmp_path, monkeypatch):
     monkeypatch.setattr(simulate, "load_scenario", no_node)
     result, text = invoke("sim", "--out", tmp_path)
     assert result.exit_code == 1 and text == "error: the node went away; start it again"
-    monkeypatch.setattr(simulate, "load_scenario", lambda *a: open(tmp_path / "no" / "file"))
+    monkeypatch.setattr(
+        simulate, "load_scenario", lambda *a: (tmp_path / "no" / "file").read_text()
+    )
     result, text = invoke("sim", "--out", tmp_path)
     assert result.exit_code == 1 and text.startswith("error: [Errno 2] No such file")
     assert "Traceback" not in result.output
