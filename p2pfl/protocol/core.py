@@ -73,7 +73,7 @@ class NodeCore:
         self.step_size = step_size
         self.step = 0
         self.stats = CoreStats()
-        self.drift_correction = DriftCorrection(config.correction, step_size)
+        self.drift_correction = DriftCorrection(config.correction)
         self.outer = None if config.outer is None else OuterOptimizer(*config.outer, model.read())
 
     @property
@@ -151,7 +151,7 @@ class NodeCore:
         new = merged if self.outer is None else self.outer.step(merged)
         now = self.model.read() if current is None else current
         actions.append(ReplaceModel(new + (now - sent)))
-        actions += self.drift_correction.update(sent, merged, steps)
+        actions += self.drift_correction.update(sent, merged, steps, self.step_size)
         self.stats.syncs += 1
         return actions
 

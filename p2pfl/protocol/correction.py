@@ -6,9 +6,10 @@ and, for dynamic averaging, triggers syncs that carry no news. After each merge 
     g(K) · (w_sent − merged) / (η · K)
 
 to a per-node vector the learner adds to every gradient (SCAFFOLD in spirit, from quantities
-the node already has, no extra bytes): ``w_sent`` is the model it contributed, ``merged`` the
-plain merge of the group (before any outer step), ``η`` the step size and ``K`` the local
-steps the merged models took since their previous merge. It is an integral controller: it
+the node already has, no extra bytes): ``w_sent`` is the model it contributed, ``merged``
+the plain merge of the group (before any outer step), ``η`` the core's current step size
+(``NodeCore.step_size``, which a driver updates under a learning-rate schedule) and ``K``
+the local steps the merged models took since their previous merge. It is an integral controller: it
 learns the constant offset between the node's gradient and its group's. The gain ``g(K)``
 is ``λ`` for merges up to ``CORRECTION_STEPS`` steps apart, and for rarer ones what
 ``K / CORRECTION_STEPS`` merges of gain ``λ`` would have compounded to, so the offset is
@@ -51,18 +52,20 @@ class DriftCorrection:
     """One node's gradient correction (``None`` until its first update); see the module
     docstring. ``lam = 0`` turns it off."""
 
-    def __init__(self, lam: float, step_size: float) -> None:
+    def __init__(self, lam: float) -> None:
         self.lam = lam
-        self.step_size = step_size
         self.vector: torch.Tensor | None = None
 
-    def update(self, sent: torch.Tensor, merged: torch.Tensor, steps: int) -> list[SetCorrection]:
-        """Learn from one merge; returns the action that hands the new vector to the
-        learner (nothing when off or after zero steps)."""
+    def update(
+        self, sent: torch.Tensor, merged: torch.Tensor, steps: int, step_size: float
+    ) -> list[SetCorrection]:
+        """Learn from one merge after ``steps`` local steps of (current) size ``step_size``;
+        returns the action that hands the new vector to the learner (nothing when off or
+        after zero steps)."""
         if not self.lam or steps <= 0:
             return []
         gain = correction_gain(self.lam, steps)
-        change = (sent - merged) * (gain / (self.step_size * steps))
+        change = (sent - merged) * (gain / (step_size * steps))
         self.vector = change if self.vector is None else self.vector + change
         return [SetCorrection(self.vector.clone())]
 
