@@ -168,11 +168,15 @@ def test_dynamic_core_state_roundtrip():
     core = make_core("a", config, model, ["b"])
     assert isinstance(core, DynamicCore)
     core.step, core.steps_since_sync, core.stats.syncs = 42, 5, 3
-    core.reference, core.correction = torch.ones(4), torch.full((4,), 0.5)
+    core.reference, core.drift_correction.vector = torch.ones(4), torch.full((4,), 0.5)
+    assert core.outer is not None
+    core.outer.velocity = torch.full((4,), 0.25)
     fresh = make_core("a", config, model, ["b"])
     fresh.load_state_dict(core.state_dict())
     assert (fresh.step, fresh.steps_since_sync, fresh.stats.syncs) == (42, 5, 3)
     assert torch.equal(fresh.reference, core.reference)
+    assert torch.equal(fresh.correction, core.correction)
+    assert torch.equal(fresh.outer.velocity, core.outer.velocity)
     assert torch.equal(fresh.correction, core.correction)
     assert fresh.delta == pytest.approx(config.rel * 4)
 

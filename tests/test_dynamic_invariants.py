@@ -48,12 +48,23 @@ class FakeModel:
         return 10
 
 
-class Network:
-    """Default-``dynamic`` cores on ``graph`` over fake models; messages go through the wire
-    codec and arrive after ``latency`` plus uniform ``jitter``; timers fire on time."""
+PLAIN = "dynamic:outer_lr=1,outer_momentum=0"  # the default without its outer step
+CLASSIC = PLAIN + ",condition=distance"  # and with the paper's condition ||w − r||² > Δ
 
-    def __init__(self, graph: nx.Graph, models: list[torch.Tensor], seed: int, jitter: float):
-        self.config = parse_protocol("dynamic")
+
+class Network:
+    """``dynamic`` cores (default spec) on ``graph`` over fake models; messages go through the
+    wire codec and arrive after ``latency`` plus uniform ``jitter``; timers fire on time."""
+
+    def __init__(
+        self,
+        graph: nx.Graph,
+        models: list[torch.Tensor],
+        seed: int,
+        jitter: float,
+        spec: str = "dynamic",
+    ):
+        self.config = parse_protocol(spec)
         self.models = {str(i): FakeModel(w) for i, w in enumerate(models)}
         self.cores = {
             str(i): make_core(str(i), self.config, self.models[str(i)], map(str, graph[i]), seed=i)
@@ -140,10 +151,11 @@ def start_models(n: int, gen: torch.Generator) -> list[torch.Tensor]:
 
 # -- uniform merges keep the global mean --
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_default_dynamic_keeps_the_global_mean_on_a_random_graph(seed):
+def test_dynamic_without_outer_step_keeps_the_global_mean_on_a_random_graph(seed):
+    """(The outer step moves each member beyond the average, by design.)"""
     n, ticks = 12, 400
     gen = torch.Generator().manual_seed(seed)
-    net = Network(random_graph(n, seed), start_models(n, gen), seed, jitter=0.03)
+    net = Network(random_graph(n, seed), start_models(n, gen), seed, jitter=0.03, spec=CLASSIC)
     before = net.mean()
     rng = random.Random(seed)
     for _ in range(ticks):
@@ -169,7 +181,7 @@ def test_default_dynamic_keeps_the_global_mean_on_a_random_graph(seed):
 @pytest.mark.parametrize("steps", [2, 8, 16, 40, 200])
 def test_drift_corrections_sum_to_zero_and_compound_for_rare_syncs(steps):
     base = torch.ones(DIM)  # ||r||² = DIM: the default Δ = rel · DIM
-    net = Network(nx.path_graph(2), [base, base], seed=0, jitter=0.0)
+    net = Network(nx.path_graph(2), [base, base], seed=0, jitter=0.0, spec=CLASSIC)
     lam, eta = net.config.correction, net.cores["0"].step_size
     one = torch.zeros(DIM)
     one[0] = 1e-4
@@ -221,7 +233,7 @@ def test_a_node_within_delta_never_coordinates_while_its_neighbours_do():
     n = 8
     gen = torch.Generator().manual_seed(7)
     graph = nx.complete_graph(n)
-    net = Network(graph, start_models(n, gen), seed=7, jitter=0.01)
+    net = Network(graph, start_models(n, gen), seed=7, jitter=0.01, spec=CLASSIC)
     quiet = net.cores["0"]
     assert isinstance(quiet, DynamicCore)
     for _ in range(200):

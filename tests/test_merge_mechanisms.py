@@ -24,10 +24,20 @@ def extend(spec: str, keys: str) -> str:
     return f"{spec}{',' if ':' in spec else ':'}{keys}"
 
 
-def run(spec: str, graph: dict, steps: int = 40, seed: int = 3, drift: float = 0.0) -> Driver:
+def run(
+    spec: str,
+    graph: dict,
+    steps: int = 40,
+    seed: int = 3,
+    drift: float = 0.0,
+    no_outer: bool = False,
+) -> Driver:
     """Every node takes ``steps`` noisy local steps (plus a node-specific ``drift``), one
-    tick apart; then the network settles."""
+    tick apart; then the network settles. ``no_outer``: the cores have no outer optimizer
+    at all (merges are adopted as they are)."""
     driver = Driver(spec, graph, seed=seed, jitter=0.004, step_scale=0.05)
+    for core in driver.cores.values():
+        core.outer = None if no_outer else core.outer
     pull = {n: drift * torch.randn(DIM, generator=driver.gen) for n in driver.cores}
     for _ in range(steps):
         for node in driver.cores:
@@ -80,6 +90,7 @@ def test_periodic_corrections_do_not_sum_to_zero_on_a_non_regular_graph():
 @pytest.mark.parametrize("spec", ["continuous", "periodic:b=4", "gossip", "dynamic"])
 def test_correction_is_on_by_default_and_off_with_zero(spec):
     assert parse_protocol(spec).correction == 0.1
+    assert (parse_protocol(spec).outer is not None) == (spec == "dynamic")
     assert run(extend(spec, "correction=0"), complete(4), steps=20, drift=0.05).corrections == {}
 
 
@@ -99,7 +110,7 @@ def test_correction_gain_per_merge():
 # -- outer optimizer --
 @pytest.mark.parametrize("spec", SPECS)
 def test_outer_lr_one_momentum_zero_is_plain_averaging_bit_for_bit(spec):
-    plain = run(spec, ring(6), drift=0.05)
+    plain = run(spec, ring(6), drift=0.05, no_outer=True)
     outer = run(extend(spec, "outer_lr=1,outer_momentum=0"), ring(6), drift=0.05)
     assert all(core.outer is not None for core in outer.cores.values())
     assert plain.stat("syncs") == outer.stat("syncs") > 0
@@ -110,7 +121,7 @@ def test_outer_lr_one_momentum_zero_is_plain_averaging_bit_for_bit(spec):
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_outer_momentum_changes_what_a_merge_yields(spec):
-    plain = run(spec, ring(6), drift=0.05)
+    plain = run(spec, ring(6), drift=0.05, no_outer=True)
     outer = run(extend(spec, "outer_lr=0.7,outer_momentum=0.9"), ring(6), drift=0.05)
     assert not torch.allclose(plain.stacked(), outer.stacked(), atol=1e-3)
 

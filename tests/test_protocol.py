@@ -68,6 +68,17 @@ def star(n):
     return graph
 
 
+def classic(spec):
+    """``spec`` with the paper's condition ``||w − r||² > Δ`` and plain averaging unless it
+    says otherwise: the session mechanics below are tested on those (dynamic's defaults, the
+    coherent condition and an outer step, have their own tests)."""
+    if not spec.startswith("dynamic"):
+        return spec
+    keys = ("condition=distance", "outer_lr=1", "outer_momentum=0")
+    extra = [k for k in keys if k.split("=")[0] not in spec]
+    return spec + ("," if ":" in spec else ":") + ",".join(extra)
+
+
 class Driver:
     """Cores over fake models, a fake clock and one event list of messages and timers.
 
@@ -89,7 +100,7 @@ class Driver:
         wire=True,
         step_scale=0.1,
     ):
-        self.config = parse_protocol(spec)
+        self.config = parse_protocol(classic(spec))
         self.gen = torch.Generator().manual_seed(seed)
         self.rng = random.Random(seed)
         nodes = sorted(graph, key=lambda n: (len(n), n))
@@ -224,6 +235,10 @@ def test_defaults_of_each_kind():
     assert (gossip.kind, gossip.b, gossip.merge) == ("gossip", 1, "uniform")
     dyn = parse_protocol("dynamic")
     assert (dyn.kind, dyn.b, dyn.delta, dyn.rel) == ("dynamic", 2, None, 0.002)
+    assert (dyn.condition, dyn.outer) == ("coherent", (0.7, 0.9))
+    assert parse_protocol("dynamic:outer_momentum=0").outer == (0.7, 0.0)
+    assert parse_protocol("periodic:outer_lr=0.5").outer == (0.5, 0.0)
+    assert parse_protocol("periodic").outer is None
     assert (dyn.group, dyn.cap, dyn.correction, dyn.merge, dyn.timeout) == (
         0,
         0,
@@ -490,7 +505,7 @@ def test_condition_is_checked_every_b_steps_only():
 
 def test_relative_delta_scales_with_the_reference():
     model = FakeModel(torch.full((DIM,), 2.0))
-    core = make_core("0", parse_protocol("dynamic:rel=0.015625,b=1"), model, ["1"])
+    core = make_core("0", parse_protocol(classic("dynamic:rel=0.015625,b=1")), model, ["1"])
     assert core.delta == 0.5  # rel * ||r||² = 1/64 * 4 * 8
     model.w = model.w + 0.25  # ||w - r||² = 0.0625 * 8 == Δ: not above it
     assert core.on_local_step(0.0) == []
@@ -709,7 +724,7 @@ def test_many_simultaneous_violations_never_deadlock(seed):
 
 def test_stale_average_is_ignored():
     model = FakeModel(vec(1.0))
-    core = make_core("1", parse_protocol("dynamic:delta=0.01,b=1"), model, ["0", "2"])
+    core = make_core("1", parse_protocol(classic("dynamic:delta=0.01,b=1")), model, ["0", "2"])
     assert core.on_message(0.0, "0", Average(7, vec(9.0))) == []  # no session at all
     assert core.stats.ignored == 1
     core.on_message(0.0, "0", Pull(42))
@@ -724,7 +739,9 @@ def test_stale_average_is_ignored():
 
 
 def test_busy_for_another_session_does_not_release_a_member():
-    core = make_core("1", parse_protocol("dynamic:delta=0.01,b=1"), FakeModel(vec(1.0)), ["0", "2"])
+    core = make_core(
+        "1", parse_protocol(classic("dynamic:delta=0.01,b=1")), FakeModel(vec(1.0)), ["0", "2"]
+    )
     core.on_message(0.0, "0", Pull(42))
     core.on_message(0.0, "2", Busy(42))  # wrong sender
     core.on_message(0.0, "0", Busy(43))  # wrong session
@@ -734,7 +751,7 @@ def test_busy_for_another_session_does_not_release_a_member():
 
 
 def test_local_steps_during_a_session_are_kept():
-    cfg = parse_protocol("dynamic:delta=0.01,b=1")
+    cfg = parse_protocol(classic("dynamic:delta=0.01,b=1"))
     ma, mb = FakeModel(vec(0.0)), FakeModel(vec(4.0, 1.0))
     a = make_core("A", cfg, ma, ["B"], seed=1)
     b = make_core("B", cfg, mb, ["A"], seed=2)
@@ -763,7 +780,7 @@ def test_local_steps_during_a_session_are_kept():
 
 
 def test_pull_from_lower_session_makes_a_coordinator_give_way():
-    cfg = parse_protocol("dynamic:delta=0.01,b=1")
+    cfg = parse_protocol(classic("dynamic:delta=0.01,b=1"))
     model = FakeModel(vec(0.0))
     core = make_core("1", cfg, model, ["0", "2"], seed=0)
     model.w = vec(1.0)

@@ -4,8 +4,9 @@
 Every protocol that merges also takes the keys of the mechanisms shared by all of them:
 ``correction=λ`` (drift correction, ``p2pfl.protocol.correction``; default
 ``CORRECTION_DEFAULT``, 0 turns it off) and ``outer_lr=L,outer_momentum=M`` (an outer
-Nesterov step on every merge, ``p2pfl.protocol.outer``; off unless one of them is given;
-DiLoCo's values are ``outer_lr=0.7,outer_momentum=0.9``)."""
+Nesterov step on every merge, ``p2pfl.protocol.outer``; DiLoCo's ``outer_lr=0.7,
+outer_momentum=0.9`` by default for ``dynamic``, off for the fixed schedules, where it
+measured worse with the correction; ``outer_lr=1,outer_momentum=0`` is plain averaging)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from p2pfl.spec import (
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 MERGES = ("uniform", "samples")
-CONDITIONS = ("distance", "coherent")
+CONDITIONS = ("distance", "coherent", "smoothed")
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "correction": CORRECTION_DEFAULT,
     "cap": 0,
     "group": 0,
-    "condition": "distance",
+    "condition": "coherent",
+    "outer": (0.7, 0.9),
 }
 MECHANISM_KEYS = {"correction", "outer_lr", "outer_momentum"}
 
@@ -81,7 +83,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
         "merge": merge,
         "timeout": spec.take("timeout", _positive_float, 0.5),
         "correction": spec.take("correction", _damping, CORRECTION_DEFAULT),
-        "outer": _outer(spec),
+        "outer": _outer(spec, DYNAMIC_DEFAULTS["outer"] if spec.kind == "dynamic" else None),
         "text": spec.text,
     }
     if spec.kind == "continuous":
@@ -108,13 +110,15 @@ def parse_protocol(text: str) -> ProtocolConfig:
     )
 
 
-def _outer(spec: Spec) -> tuple[float, float] | None:
-    """``(outer_lr, outer_momentum)`` if either is given (defaults 1 and 0), else None."""
+def _outer(spec: Spec, default: tuple[float, float] | None) -> tuple[float, float] | None:
+    """``(outer_lr, outer_momentum)``: ``default`` if neither key is given, else the given
+    keys over ``default`` (or over 1 and 0, plain averaging, when the default is off)."""
     if not {"outer_lr", "outer_momentum"} & set(spec.args):
-        return None
+        return default
+    lr, momentum = default or (1.0, 0.0)
     return (
-        spec.take("outer_lr", _positive_float, 1.0),
-        spec.take("outer_momentum", _momentum, 0.0),
+        spec.take("outer_lr", _positive_float, lr),
+        spec.take("outer_momentum", _momentum, momentum),
     )
 
 

@@ -81,6 +81,10 @@ class NodeCore:
         """The node's current gradient correction (None until its first update)."""
         return self.drift_correction.vector
 
+    @correction.setter
+    def correction(self, vector: torch.Tensor | None) -> None:
+        self.drift_correction.vector = vector
+
     @property
     def live_neighbors(self) -> list[str]:
         """Neighbours not known to be down, in a stable order."""

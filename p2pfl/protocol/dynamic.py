@@ -29,7 +29,10 @@ Decisions that matter on a real network:
   ``v`` added to ``||w − r||²`` beyond its own ``||v||²``), violated when ``C > Δ``: a
   network that only jitters around its optimum goes quiet, a drifting one still talks, and
   the clamp at zero keeps a long quiet phase from delaying the reaction to a later drift.
-  ``condition=distance`` is the paper's ``||w − r||² > Δ``.
+  ``condition=smoothed`` tests ``||ŵ − r||² > Δ`` on an exponential moving average ``ŵ`` of
+  the model (time constant ``SMOOTHING_STEPS``): noise averages out of ``ŵ``, while both a
+  drift and a model that settled away from ``r`` (e.g. on a stale drift correction after
+  the task changed) still violate. ``condition=distance`` is the paper's ``||w − r||² > Δ``.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class Membership:
 
 
 MAX_WIDENING_ROUNDS = 6
+SMOOTHING_STEPS = 16  # time constant of the smoothed condition's moving average, in steps
 
 
 class DynamicCore(NodeCore):
@@ -84,7 +88,7 @@ class DynamicCore(NodeCore):
         self.membership: Membership | None = None
         self.quiet_until = 0
         self._delta = self._compute_delta()
-        self._coherent = self.config.condition == "coherent"
+        self._coherent = self.config.condition != "distance"
         self._checked = self.reference.clone() if self._coherent else None
         self._coherence = 0.0
 
@@ -125,6 +129,10 @@ class DynamicCore(NodeCore):
             return self.drift()
         assert self._checked is not None
         now = self.model.read()
+        if self.config.condition == "smoothed":
+            self._checked += (now - self._checked) * min(1.0, self.config.b / SMOOTHING_STEPS)
+            difference = self._checked - self.reference
+            return float(difference.dot(difference))
         move = now - self._checked
         self._coherence = max(
             0.0, self._coherence + 2 * float(move.dot(self._checked - self.reference))
