@@ -22,6 +22,9 @@ from typer.testing import CliRunner, Result
 
 from p2pfl.cli import app
 from p2pfl.cli.community import parse_duration
+from p2pfl.community import CommunityError
+from p2pfl.community.draft import create_manifest
+from p2pfl.community.fields import MAX_TIME, format_time
 from p2pfl.community.invite import (
     TOKEN_PREFIX,
     HeldInvite,
@@ -32,15 +35,8 @@ from p2pfl.community.invite import (
     make_token,
     read_token,
 )
-from p2pfl.community.manifest import (
-    MAX_TIME,
-    CommunityError,
-    Manifest,
-    create_manifest,
-    format_time,
-    load_manifest,
-    peer_id_of,
-)
+from p2pfl.community.keys import peer_id_of
+from p2pfl.community.manifest import Manifest, load_manifest
 from p2pfl.community.store import (
     find_membership,
     join,

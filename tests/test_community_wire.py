@@ -26,16 +26,16 @@ from p2pfl.community.invite import make_credential
 from p2pfl.community.manifest import Manifest
 from p2pfl.community.store import load_memberships
 from p2pfl.daemon.communities import Communities
-from p2pfl.daemon.community_wire import (
+from p2pfl.daemon.node import NodeDaemon
+from p2pfl.daemon.transport import TransportError
+from p2pfl.wire.codec import WireError, encode
+from p2pfl.wire.community import (
     LEFT,
     Announcement,
     Hello,
     split_sync_frame,
     sync_frame,
 )
-from p2pfl.daemon.node import NodeDaemon
-from p2pfl.daemon.transport import TransportError
-from p2pfl.wire.codec import WireError, encode
 from p2pfl.wire.messages import Average, Busy, ModelReply, Pull, Push
 
 INT64 = st.integers(-(2**63), 2**63 - 1)

@@ -23,7 +23,7 @@ import trio
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
-from p2pfl.community.manifest import CommunityError
+from p2pfl.community import CommunityError
 from p2pfl.daemon.checkpoint import encode_checkpoint, load_newest, write_atomically
 from p2pfl.daemon.communities import Communities
 from p2pfl.daemon.config import ConfigError, NodeConfig

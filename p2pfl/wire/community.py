@@ -1,6 +1,7 @@
 """What community peers say to each other: the hello, sync and announcement formats.
 
-Three small protocols carry a community's traffic (``communities.py`` runs them):
+Three small protocols carry a community's traffic (``p2pfl.protocol.admission`` decides on
+hellos; ``p2pfl.daemon.communities`` carries them over libp2p, the simulator over its links):
 
 * hello (``HELLO_PROTOCOL``): ``Hello`` = ``{community, credential, answer, refused}``. A
   credential (``make_credential``) proves membership to the receiver only: its proof is bound
