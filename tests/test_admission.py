@@ -1,32 +1,27 @@
 """The admission core without sockets: hellos, answers, refusals, leaving, the per-frame check
-and its credential cache, and a sync core behind it (``GatedCore``)."""
+and its credential cache, and the ``Gate`` that carries out its actions."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
-import torch
 from libp2p.crypto.ed25519 import create_new_key_pair
 
 from p2pfl.community.draft import create_manifest
 from p2pfl.community.invite import HeldInvite, Invite, issue_invite
 from p2pfl.community.keys import peer_id_of
 from p2pfl.protocol import admission as admission_module
-from p2pfl.protocol.actions import Send
 from p2pfl.protocol.admission import (
     REFUSAL_EVERY_S,
     Admission,
     Admitted,
     Dropped,
-    GatedCore,
+    Gate,
     Refused,
     SendHello,
 )
-from p2pfl.protocol.config import parse_protocol
-from p2pfl.protocol.core import make_core
 from p2pfl.wire.community import LEFT, Hello
-from p2pfl.wire.messages import Pull
 
 NOW = 1_800_000_000.0
 DRAFT = (
@@ -157,30 +152,39 @@ def test_leaving_and_disconnecting_end_admission(world):
     assert f.on_disconnected(NOW, member.id) == [Dropped(member.id)]
 
 
-def test_a_gated_core_hears_only_of_admitted_peers_and_sends_only_to_them(world):
+class Recorder:
+    """A gate's core events and driver calls, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def peer_up(self, now, peer):
+        self.calls.append(("up", peer))
+
+    def peer_down(self, now, peer):
+        self.calls.append(("down", peer))
+
+    def send_hello(self, now, to, hello):
+        self.calls.append(("hello", to, hello))
+
+    def refused(self, now, peer, reason):
+        self.calls.append(("refused", peer, reason))
+
+
+def test_the_gate_tells_the_core_about_admitted_peers_only(world):
     founder, member, stranger, manifest = world
     invite = issue_invite(manifest, founder.key, member.id, None)
-    model = torch.zeros(manifest.schema.numel)
-
-    class View:
-        samples = 10
-
-        def read(self):
-            return model
-
-    core = make_core(founder.id, parse_protocol("periodic:b=2"), View(), [])
-    gate = GatedCore(admission_of(founder, manifest, None), core)
+    record = Recorder()
+    names = {member.id: "1", stranger.id: "2"}
+    gate = Gate(admission_of(founder, manifest, None), record, record, names.get)
     m = admission_of(member, manifest, invite)
-    actions = gate.on_hello(NOW, member.id, m.greet(NOW, founder.id)[0].hello)
-    assert [type(a) for a in actions] == [SendHello]
-    assert core.live_neighbors == [member.id]
-    core.neighbors.add(stranger.id)  # e.g. named by a member for widening
-    sent = gate.on_local_step(NOW) + gate.on_local_step(NOW)
-    pulls = [a for a in sent if isinstance(a, Send)]
-    assert pulls and {a.to for a in pulls} == {member.id}
-    assert stranger.id in core.down
-    refusal = gate.check_frame(NOW, stranger.id)
-    assert isinstance(refusal[0], Refused)
-    assert gate.on_message(NOW, member.id, Pull(session=1)) is not None
-    gate.on_disconnected(NOW, member.id)
-    assert member.id in core.down and gate.admission.admitted == {}
+    gate.hello(NOW, member.id, m.greet(NOW, founder.id)[0].hello)
+    assert [c[0] for c in record.calls] == ["up", "hello"] and record.calls[0] == ("up", "1")
+    assert gate.admits(member.id) and not gate.admits(stranger.id)
+    assert gate.frame(NOW, member.id)
+    record.calls.clear()
+    assert not gate.frame(NOW, stranger.id)
+    assert [c[0] for c in record.calls] == ["refused", "hello"]  # counted, told why
+    record.calls.clear()
+    gate.disconnected(NOW, member.id)
+    assert record.calls == [("down", "1")] and not gate.admits(member.id)

@@ -1,8 +1,9 @@
 """The communities of a running node: one protocol core per joined community, syncing only the
 community's shared parameters, only with its admitted members.
 
-This is the libp2p driver of each community's ``GatedCore`` (``p2pfl.protocol.admission``:
-the membership protocol in front of the community's sync core). It carries the hello and sync
+This is the libp2p driver of each community's admission (``p2pfl.protocol.admission``: the
+membership protocol in front of the community's sync core, carried out by its ``Gate``) and
+of its sync core. It carries the hello and sync
 frames (formats in ``p2pfl.wire.community``) through per-peer ``Outboxes``, runs the timers,
 applies model actions to the learner through the community's ``SharedPart``, and starts each
 community's ``Discovery`` (announcements, dials). Start-up checks are in
@@ -40,16 +41,8 @@ from p2pfl.daemon.discovery import Discovery
 from p2pfl.daemon.outbox import Outboxes
 from p2pfl.daemon.transport import Transport, TransportError
 from p2pfl.learning.learner import PerNodeLearner
-from p2pfl.protocol.actions import ReplaceModel, Send, SetCorrection, SetTimer
-from p2pfl.protocol.admission import (
-    NOT_A_MEMBER,
-    Admission,
-    GatedAction,
-    GatedCore,
-    RefusalNotices,
-    Refused,
-    SendHello,
-)
+from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
+from p2pfl.protocol.admission import NOT_A_MEMBER, Admission, Gate, RefusalNotices, SendHello
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import NodeCore, make_core
 from p2pfl.spec import SpecError
@@ -76,8 +69,9 @@ class Community:
 
     membership: Membership
     part: SharedPart
-    gate: GatedCore
+    core: NodeCore
     max_frame: int
+    gate: Gate = field(init=False)
     discovery: Discovery | None = None
     sending: set[trio.CancelScope] = field(default_factory=set)
     """Scopes of this community's frames in flight (cancelled when it is left)."""
@@ -93,10 +87,6 @@ class Community:
     @property
     def manifest(self) -> Manifest:
         return self.membership.manifest
-
-    @property
-    def core(self) -> NodeCore:
-        return self.gate.core
 
     @property
     def admitted(self) -> dict[str, bytes | None]:
@@ -226,9 +216,10 @@ class Communities:
 
     def _add(self, membership: Membership) -> Community:
         part = check_model(self.learner.schema, membership, self.config.model)
+        core = self.new_core(membership, part)
+        community = Community(membership, part, core, max_message_bytes(part.schema))
         admission = Admission(membership.manifest, self.peer_id, membership.invite, self.notices)
-        gate = GatedCore(admission, self.new_core(membership, part))
-        community = Community(membership, part, gate, max_message_bytes(part.schema))
+        community.gate = Gate(admission, _CoreEvents(self, community), _GateDriver(self, community))
         self.active[community.id] = community
         return community
 
@@ -271,15 +262,16 @@ class Communities:
         for scope in community.sending:
             scope.cancel()
         self.learner.set_correction(0, self.corrections.clear(community.part))
-        byes = community.gate.leave(_now())
+        byes: list[SendHello] = []
+        community.gate.driver = _Byes(byes)
+        community.gate.leave(_now())
         if self._transport is not None:
             with trio.move_on_after(BYE_TIMEOUT_S, shield=True):
                 if community.discovery is not None:
                     await community.discovery.unsubscribe()
                 async with trio.open_nursery() as nursery:
                     for bye in byes:
-                        if isinstance(bye, SendHello):
-                            nursery.start_soon(self._send_quietly, bye.to, bye.hello)
+                        nursery.start_soon(self._send_quietly, bye.to, bye.hello)
         log.info("left community %s: its sync stopped", community.label)
 
     async def _send_quietly(self, peer: str, hello: Hello) -> None:
@@ -305,7 +297,7 @@ class Communities:
 
     def _greet(self, community: Community, peer: str) -> None:
         if self.active.get(community.id) is community:
-            self._perform(community, community.gate.greet(_now(), peer))
+            community.gate.greet(_now(), peer)
 
     # ------------------------------------------------------------------------ frames
 
@@ -331,7 +323,7 @@ class Communities:
             return
         if hello.refused is not None and community.discovery is not None:
             community.discovery.forget(peer)
-        self._perform(community, community.gate.on_hello(_now(), peer, hello))
+        community.gate.hello(_now(), peer, hello)
 
     async def on_sync(self, peer: str, payload: bytes) -> None:
         """Sync handler: decode with the community's schema if the peer is admitted to it."""
@@ -347,9 +339,7 @@ class Communities:
             if len(cid) == 2 * ID_BYTES:
                 self._notify(self.notices.notice(_now(), peer, cid, NOT_A_MEMBER))
             return
-        refusal = community.gate.check_frame(_now(), peer)
-        if refusal:
-            self._perform(community, refusal)
+        if not community.gate.frame(_now(), peer):
             return
         try:
             message = decode(message_bytes, community.part.schema, community.max_frame)
@@ -357,10 +347,10 @@ class Communities:
             log.warning(
                 "refused sync frame from peer %s in community %s: %s", peer, community.label, exc
             )
-            self._perform(community, [Refused(peer, str(exc))])
+            self._count_refusal(community)
             return
         community.counters["bytes_received"] += 4 + len(payload)
-        self._perform(community, community.gate.on_message(_now(), peer, message))
+        self._perform(community, community.core.on_message(_now(), peer, message))
 
     def _notify(self, notices: list[SendHello]) -> None:
         for notice in notices:
@@ -372,24 +362,28 @@ class Communities:
     def on_local_step(self, now: float) -> None:
         """The learner took a step: every community core takes it too."""
         for community in list(self.active.values()):
-            self._perform(community, community.gate.on_local_step(_now()))
+            self._perform(community, community.core.on_local_step(_now()))
 
-    def _perform(self, community: Community, actions: list[GatedAction]) -> None:
+    def _count_refusal(self, community: Community) -> None:
+        community.counters["rejected"] += 1
+        self.node_counters["rejected"] += 1
+
+    def _put_hello(self, community: Community, to: str, hello: Hello) -> None:
+        notice = hello.refused is not None  # sent even if we leave meanwhile
+        self._outboxes.put(to, _Frame(HELLO_PROTOCOL, community.id, hello.to_bytes(), notice))
+
+    def _perform(self, community: Community, actions: list[Action]) -> None:
+        not_admitted: list[str] = []
         for action in actions:
             if self.active.get(community.id) is not community:
                 return
             if isinstance(action, Send):
+                if not community.gate.admits(action.to):  # e.g. named by a member for widening
+                    log.debug("community %s: %s is not admitted", community.label, action.to)
+                    not_admitted.append(action.to)
+                    continue
                 data = sync_frame(community.id, encode(action.message, community.part.schema))
                 self._outboxes.put(action.to, _Frame(SYNC_PROTOCOL, community.id, data))
-            elif isinstance(action, SendHello):
-                data = action.hello.to_bytes()
-                after_leave = action.hello.refused is not None
-                self._outboxes.put(
-                    action.to, _Frame(HELLO_PROTOCOL, community.id, data, after_leave)
-                )
-            elif isinstance(action, Refused):
-                community.counters["rejected"] += 1
-                self.node_counters["rejected"] += 1
             elif isinstance(action, ReplaceModel):
                 self.learner.set(0, community.part.put(self.learner.get(0), action.params))
             elif isinstance(action, SetCorrection):
@@ -398,11 +392,14 @@ class Communities:
             elif isinstance(action, SetTimer):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._timer, community, action.at, action.key)
+        for peer in not_admitted:
+            if peer not in community.core.down:
+                self._perform(community, community.core.on_peer_down(_now(), peer))
 
     async def _timer(self, community: Community, at: float, key: Hashable) -> None:
         await trio.sleep_until(at - _now() + trio.current_time())
         if self.active.get(community.id) is community:
-            self._perform(community, community.gate.on_timer(_now(), key))
+            self._perform(community, community.core.on_timer(_now(), key))
 
     async def _send(self, peer: str, frame: _Frame) -> None:
         """Send one queued frame unless its community was left meanwhile; leaving cancels it
@@ -426,7 +423,7 @@ class Communities:
         log.warning("%s; dropping peer %s from community %s", exc, peer, frame.community)
         community = self.active.get(frame.community)
         if community is not None:
-            self._perform(community, community.gate.on_disconnected(_now(), peer))
+            community.gate.disconnected(_now(), peer)
 
     # ---------------------------------------------------------------------- peer events
 
@@ -442,11 +439,50 @@ class Communities:
         """The last connection closed: admissions end with it."""
         self._outboxes.close(peer)
         for community in list(self.active.values()):
-            self._perform(community, community.gate.on_disconnected(_now(), peer))
+            community.gate.disconnected(_now(), peer)
 
     def status(self) -> list[dict[str, Any]]:
         """One entry per community, for ``p2pfl node status``."""
         return [c.status() for c in sorted(self.active.values(), key=lambda c: c.manifest.name)]
+
+
+class _CoreEvents:
+    """Tells a community's core who its gate admitted or dropped."""
+
+    def __init__(self, communities: Communities, community: Community) -> None:
+        self.communities, self.community = communities, community
+
+    def peer_up(self, now: float, peer: str) -> None:
+        self.communities._perform(self.community, self.community.core.on_peer_up(now, peer))
+
+    def peer_down(self, now: float, peer: str) -> None:
+        self.communities._perform(self.community, self.community.core.on_peer_down(now, peer))
+
+
+class _GateDriver:
+    """Sends a community's hellos through the outboxes and counts its refusals."""
+
+    def __init__(self, communities: Communities, community: Community) -> None:
+        self.communities, self.community = communities, community
+
+    def send_hello(self, now: float, to: str, hello: Hello) -> None:
+        self.communities._put_hello(self.community, to, hello)
+
+    def refused(self, now: float, peer: str, reason: str) -> None:
+        self.communities._count_refusal(self.community)
+
+
+@dataclass
+class _Byes:
+    """Collects the hellos of a community being left (sent at once, not queued)."""
+
+    hellos: list[SendHello]
+
+    def send_hello(self, now: float, to: str, hello: Hello) -> None:
+        self.hellos.append(SendHello(to, hello))
+
+    def refused(self, now: float, peer: str, reason: str) -> None:
+        pass
 
 
 def _now() -> float:

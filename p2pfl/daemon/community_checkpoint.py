@@ -52,7 +52,7 @@ def restore(communities: Communities, saved: dict[str, Any]) -> None:
                 exc,
             )
             continue
-        community.gate.core, community.counters = core, counters
+        community.core, community.counters = core, counters
         correction = getattr(core, "correction", None)
         if isinstance(correction, torch.Tensor):
             communities.corrections.set(community.part, correction)

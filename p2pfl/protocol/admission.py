@@ -8,11 +8,10 @@ hello, answer or refusal), ``on_frame`` (a sync frame arrived: may it pass?),
 ``SendHello`` (a hello, answer or refusal notice to send), ``Admitted`` and ``Dropped`` and
 ``Refused`` (a hello or frame refused: count it; the reason is logged here).
 
-``GatedCore`` puts a community's sync core behind its admission: the core hears only of
-admitted peers (``Admitted``/``Dropped`` become its ``on_peer_up``/``on_peer_down``) and only
-their messages, and none of its ``Send``s reaches a peer that is not admitted (the core is
-told that peer is down), so the community's part never goes to a non-member. Drivers carry out
-its actions: the core's, plus ``SendHello`` (send) and ``Refused`` (count).
+``Gate`` carries out those actions for a driver: the community's core hears only of admitted
+peers (``Admitted``/``Dropped`` become its ``peer_up``/``peer_down``), a sync frame passes
+only if ``frame`` says so, and the driver sends the community's part only to peers ``admits``
+names (a send to anyone else fails), so the part never goes to a non-member.
 
 The rule is ``check_credential``: a hello's credential must prove membership with a proof
 bound to the sender (the connection's authenticated peer id) and to this node. Its result is
@@ -32,16 +31,15 @@ clock from a fixed epoch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from p2pfl.community import CommunityError
 from p2pfl.community.fields import format_time
 from p2pfl.community.invite import HeldInvite, check_credential
 from p2pfl.community.manifest import Manifest
-from p2pfl.protocol.actions import Action, Send
-from p2pfl.protocol.core import NodeCore
 from p2pfl.wire.community import LEFT, MAX_REASON_CHARS, Hello
-from p2pfl.wire.messages import Message
 
 log = logging.getLogger("p2pfl.admission")
 
@@ -233,57 +231,69 @@ class Admission:
         return refused + list(self.notices.notice(now, peer, self.community, reason))
 
 
-GatedAction = Action | SendHello | Refused
-"""What a ``GatedCore`` asks its driver to do."""
+class Members(Protocol):
+    """Whom a ``Gate`` tells about admitted and dropped peers: the channel's core (runtime)."""
+
+    def peer_up(self, now: float, peer: str) -> None: ...
+
+    def peer_down(self, now: float, peer: str) -> None: ...
 
 
-class GatedCore:
-    """A community's sync ``core`` behind its ``admission`` (see the module docstring)."""
+class GateDriver(Protocol):
+    """What a ``Gate`` needs of its driver: send hellos, count refusals."""
 
-    def __init__(self, admission: Admission, core: NodeCore) -> None:
-        self.admission, self.core = admission, core
+    def send_hello(self, now: float, to: str, hello: Hello) -> None: ...
 
-    def greet(self, now: float, peer: str) -> list[GatedAction]:
-        return self._gate(now, self.admission.greet(now, peer))
+    def refused(self, now: float, peer: str, reason: str) -> None: ...
 
-    def on_hello(self, now: float, peer: str, hello: Hello) -> list[GatedAction]:
-        return self._gate(now, self.admission.on_hello(now, peer, hello))
 
-    def check_frame(self, now: float, peer: str) -> list[GatedAction]:
-        """Call before decoding a sync frame from ``peer``: no action if it may pass."""
-        return self._gate(now, self.admission.on_frame(now, peer))
+class Gate:
+    """Carries out the actions of one node's ``admission`` in one community: the one place
+    that interprets them, for the daemon and the simulator. ``members`` hears who is admitted
+    and dropped (under ``core_name(peer)``, the peer's name in the channel's core: its peer id
+    in the daemon, its node index in the simulator); ``driver`` sends hellos and counts
+    refusals. Before passing a sync frame on, ask ``frame``; before sending the channel's
+    part, ask ``admits``."""
 
-    def on_message(self, now: float, peer: str, message: Message) -> list[GatedAction]:
-        """A message from ``peer`` that passed ``check_frame``."""
-        return self._gate(now, self.core.on_message(now, peer, message))
+    def __init__(
+        self,
+        admission: Admission,
+        members: Members,
+        driver: GateDriver,
+        core_name: Callable[[str], str] = str,
+    ) -> None:
+        self.admission, self.members, self.driver = admission, members, driver
+        self.core_name = core_name
 
-    def on_local_step(self, now: float) -> list[GatedAction]:
-        return self._gate(now, self.core.on_local_step(now))
+    def admits(self, peer: str) -> bool:
+        """Whether the channel's part may go to ``peer``."""
+        return self.admission.is_admitted(peer)
 
-    def on_timer(self, now: float, key: object) -> list[GatedAction]:
-        return self._gate(now, self.core.on_timer(now, key))
+    def greet(self, now: float, peer: str) -> None:
+        self._run(now, self.admission.greet(now, peer))
 
-    def on_disconnected(self, now: float, peer: str) -> list[GatedAction]:
-        return self._gate(now, self.admission.on_disconnected(now, peer))
+    def hello(self, now: float, peer: str, hello: Hello) -> None:
+        self._run(now, self.admission.on_hello(now, peer, hello))
 
-    def leave(self, now: float) -> list[GatedAction]:
-        """Tell every admitted member that this node leaves (the core is dropped with it)."""
-        return self._gate(now, self.admission.leave(now))
+    def frame(self, now: float, peer: str) -> bool:
+        """A sync frame from ``peer`` arrived: True if it may pass (else it is refused)."""
+        actions = self.admission.on_frame(now, peer)
+        self._run(now, actions)
+        return not actions
 
-    def _gate(self, now: float, actions: list) -> list[GatedAction]:
-        """Feed admissions to the core; keep its sends to admitted peers only."""
-        out: list[GatedAction] = []
-        pending = list(actions)
-        while pending:
-            action = pending.pop(0)
-            if isinstance(action, Admitted):
-                pending += self.core.on_peer_up(now, action.peer)
+    def disconnected(self, now: float, peer: str) -> None:
+        self._run(now, self.admission.on_disconnected(now, peer))
+
+    def leave(self, now: float) -> None:
+        self._run(now, self.admission.leave(now))
+
+    def _run(self, now: float, actions: list[AdmissionAction]) -> None:
+        for action in actions:
+            if isinstance(action, SendHello):
+                self.driver.send_hello(now, action.to, action.hello)
+            elif isinstance(action, Admitted):
+                self.members.peer_up(now, self.core_name(action.peer))
             elif isinstance(action, Dropped):
-                pending += self.core.on_peer_down(now, action.peer)
-            elif isinstance(action, Send) and not self.admission.is_admitted(action.to):
-                log.debug("community %s: %s is not admitted", self.admission.label, action.to)
-                if action.to not in self.core.down:  # e.g. named by a member for widening
-                    pending += self.core.on_peer_down(now, action.to)
-            else:
-                out.append(action)
-        return out
+                self.members.peer_down(now, self.core_name(action.peer))
+            elif isinstance(action, Refused):
+                self.driver.refused(now, action.peer, action.reason)
