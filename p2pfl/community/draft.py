@@ -5,7 +5,6 @@ shared part, and signs the result with the founder's node key."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,8 +25,7 @@ from p2pfl.community.fields import (
     spec_text,
     text_check,
 )
-from p2pfl.community.keys import peer_id_of
-from p2pfl.community.manifest import Manifest, load_manifest
+from p2pfl.community.manifest import Manifest, sign_manifest
 from p2pfl.learning.params import ParamSchema
 from p2pfl.protocol.config import PROTOCOLS, parse_protocol
 from p2pfl.spec import SpecError, parse_spec, whole_number
@@ -76,7 +74,9 @@ def create_manifest(draft_text: str, source: str, key_pair: KeyPair, now: int) -
         part = shared_part(ParamSchema.from_module(module), shared)
     except SharingError as exc:
         raise CommunityError(f"{source}: model.shared: {exc}; fix the glob") from None
-    unsigned = Manifest(
+    return sign_manifest(
+        key_pair,
+        source,
         name=name,
         description=description,
         model=factory,
@@ -86,14 +86,8 @@ def create_manifest(draft_text: str, source: str, key_pair: KeyPair, now: int) -
         schema=part.schema,
         protocol=protocol,
         admission=admission,
-        founder=peer_id_of(key_pair.public_key),
-        founder_key=key_pair.public_key.serialize(),
         created=now,
-        signature=b"",
     )
-    signature = key_pair.private_key.sign(unsigned.signed_bytes())
-    signed = dataclasses.replace(unsigned, signature=signature)
-    return load_manifest(signed.to_toml(), source)  # what we write is exactly what nodes accept
 
 
 def _check_keys(table: Mapping[str, Any], section: str, source: str) -> None:

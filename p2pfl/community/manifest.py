@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
-from libp2p.crypto.keys import PublicKey
+from libp2p.crypto.keys import KeyPair, PublicKey
 
 from p2pfl.community import CommunityError
 from p2pfl.community.fields import (
@@ -150,6 +150,21 @@ class Manifest:
                 f"dtype = {toml_string(p.dtype)}",
             ]
         return "\n".join(lines) + "\n"
+
+
+def sign_manifest(key_pair: KeyPair, source: str, **fields: Any) -> Manifest:
+    """The manifest of ``fields`` (every field but founder, founder_key and signature), founded
+    and signed by ``key_pair``, checked as nodes check it (``CommunityError`` naming
+    ``source`` if it is not valid)."""
+    unsigned = Manifest(
+        **fields,
+        founder=peer_id_of(key_pair.public_key),
+        founder_key=key_pair.public_key.serialize(),
+        signature=b"",
+    )
+    signature = key_pair.private_key.sign(unsigned.signed_bytes())
+    signed = dataclasses.replace(unsigned, signature=signature)
+    return load_manifest(signed.to_toml(), source)  # what we write is exactly what nodes accept
 
 
 def load_manifest(text: str, source: str) -> Manifest:

@@ -41,12 +41,20 @@ from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.models import build_model
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
 from p2pfl.protocol.core import CoreStats, NodeCore, make_core
-from p2pfl.simulator.channels import Channel, community_channels, union_graph, whole_model_channel
+from p2pfl.simulator.admission import SimGates
+from p2pfl.simulator.channels import (
+    Channel,
+    ModelInfo,
+    community_channels,
+    union_graph,
+    whole_model_channel,
+)
 from p2pfl.simulator.network import SimNetwork
 from p2pfl.simulator.objectives import OwnObjectives
 from p2pfl.simulator.scenario import Scenario
 from p2pfl.topology import build_topology
 from p2pfl.wire.codec import all_finite, encoded_size
+from p2pfl.wire.community import Hello
 from p2pfl.wire.messages import Message
 
 log = logging.getLogger("p2pfl.simulator")
@@ -76,7 +84,10 @@ def prepare(scenario: Scenario) -> Prepared:
         graph = build_topology(s.topology, s.nodes, s.seed, s.allow_disconnected)
         return Prepared(s, dataset, nodes, graph, model)
     schema = ParamSchema.from_module(model)
-    channels = community_channels(s.communities, schema, s.nodes, s.seed, s.allow_disconnected)
+    info = ModelInfo(s.model, tuple(dataset.input_shape), dataset.num_classes)
+    channels = community_channels(
+        s.communities, schema, s.nodes, s.seed, s.allow_disconnected, model=info
+    )
     return Prepared(s, dataset, nodes, union_graph(channels, s.nodes), model, channels)
 
 
@@ -150,13 +161,19 @@ class Simulation:
                     str(i),
                     channel.protocol,
                     view,
-                    (str(j) for j in channel.graph.neighbors(i)),
+                    # with admission, a core hears of its neighbours once they are admitted
+                    () if channel.admission else (str(j) for j in channel.graph.neighbors(i)),
                     seed=s.seed * 100_003 + i + c * 1_000_003,
                     step_size=step_size,
                 )
                 self.node_cores[i].append((c, members[i]))
                 self.cores.append(members[i])
             self.channel_cores.append(members)
+        self.gates = SimGates(
+            [channel.admission for channel in self.channels],
+            [channel.graph for channel in self.channels],
+            self,
+        )
         self.channel_bytes = [0] * len(self.channels)
         self.channel_messages = [0] * len(self.channels)
         self.corrections: dict[int, Corrections] = {}
@@ -180,9 +197,13 @@ class Simulation:
     def _perform(self, channel: int, node: int, actions: list[Action], now: float) -> None:
         """Carry out the actions of ``node``'s core in ``channel``."""
         part = self.channels[channel].part
+        not_admitted: list[str] = []
         for action in actions:
             if isinstance(action, Send):
                 dst = int(action.to)
+                if not self.gates.admits(channel, node, dst):
+                    not_admitted.append(action.to)
+                    continue
                 size = encoded_size(action.message, part.schema)
                 self.channel_bytes[channel] += size
                 self.channel_messages[channel] += 1
@@ -198,6 +219,24 @@ class Simulation:
                 self.learner.set_correction(node, corrections.set(part, action.vector))
             elif isinstance(action, SetTimer):
                 self._push(action.at, "timer", (channel, node, action.key))
+        core = self.channel_cores[channel][node]
+        for peer in not_admitted:
+            if peer not in core.down:
+                self._perform(channel, node, core.on_peer_down(now, peer), now)
+
+    # -- admission (``SimGates`` calls these) ----------------------------------------------
+    def core_peer_up(self, now: float, channel: int, node: int, peer: int) -> None:
+        core = self.channel_cores[channel][node]
+        self._perform(channel, node, core.on_peer_up(now, str(peer)), now)
+
+    def core_peer_down(self, now: float, channel: int, node: int, peer: int) -> None:
+        core = self.channel_cores[channel][node]
+        self._perform(channel, node, core.on_peer_down(now, str(peer)), now)
+
+    def send_hello(self, now: float, channel: int, src: int, dst: int, hello: Hello) -> None:
+        arrival = self.net.transmit(now, src, dst, len(hello.to_bytes()))
+        if arrival is not None:
+            self._push(arrival, "hello", (channel, src, dst, hello))
 
     def _deliver_due(self, now: float) -> None:
         while self.events and self.events[0][0] <= now:
@@ -211,6 +250,11 @@ class Simulation:
             if not self.net.online[dst]:
                 self.net.lost += 1
                 continue
+            if kind == "hello":
+                self.gates.hello(at, channel, src, dst, message)
+                continue
+            if not self.gates.frame(at, channel, src, dst):
+                continue
             params = getattr(message, "params", None)
             if params is not None and not all_finite(params):
                 self.rejected += 1
@@ -222,6 +266,10 @@ class Simulation:
     def _notify(self, nodes: list[int], event: str, now: float) -> None:
         for node in nodes:
             for c, _ in self.node_cores[node]:
+                if self.gates.gated(c):  # connections end or start: admission follows
+                    went = self.gates.went_down if event == "on_peer_down" else self.gates.came_up
+                    went(now, c, node)
+                    continue
                 for peer in self.channels[c].graph.neighbors(node):
                     core = self.channel_cores[c][peer]
                     handler: Callable[[float, str], list[Action]] = getattr(core, event)
@@ -241,6 +289,8 @@ class Simulation:
             now = t * s.network.step_time
             if drift is not None and t == drift.at_step + 1:
                 self._apply_drift()
+            if t == 1:
+                self.gates.start(now)
             gone, back = self.net.churn()
             self._notify(gone, "on_peer_down", now)
             self._notify(back, "on_peer_up", now)
@@ -342,6 +392,7 @@ class Simulation:
                     "bytes_sent": self.channel_bytes[c],
                     "messages": self.channel_messages[c],
                     "syncs": sum(core.stats.syncs for core in self.channel_cores[c].values()),
+                    "refused": self.gates.refused[c],
                 }
                 for c, channel in enumerate(self.channels)
             ]
