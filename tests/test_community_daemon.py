@@ -8,7 +8,6 @@ and two communities share disjoint parts of one model.
 from __future__ import annotations
 
 import dataclasses
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +18,7 @@ import msgpack
 import pytest
 import torch
 import trio
+from kit import free_ports
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
@@ -110,12 +110,7 @@ class Node:
 
 
 def make_nodes(tmp_path: Path, n: int) -> list[Node]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
+    ports = free_ports(n)
     nodes = []
     for i in range(n):
         home = tmp_path / f"n{i}"

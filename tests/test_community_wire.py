@@ -20,6 +20,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit import HEX_IDS, INT64, MSGPACK_VALUES, random_payloads
 from test_community_daemon import admit, draft, found, make_nodes
 
 from p2pfl.community.invite import make_credential
@@ -38,21 +39,7 @@ from p2pfl.daemon.transport import TransportError
 from p2pfl.wire.codec import WireError, encode
 from p2pfl.wire.messages import Average, Busy, ModelReply, Pull, Push
 
-INT64 = st.integers(-(2**63), 2**63 - 1)
-MSGPACK_VALUES = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.floats()
-    | st.text(max_size=40)
-    | st.binary(max_size=40),
-    lambda inner: (
-        st.lists(inner, max_size=10)
-        | st.dictionaries(st.text(max_size=12) | st.integers(0, 9), inner, max_size=6)
-    ),
-    max_leaves=20,
-)
-RANDOM_PAYLOADS = st.binary(max_size=300) | MSGPACK_VALUES.map(msgpack.packb)
+RANDOM_PAYLOADS = random_payloads()
 FUZZ = settings(
     max_examples=150,
     deadline=None,
@@ -126,9 +113,6 @@ def hello_shaped(
             {k: v for k, v in {**t[0], **t[1]}.items() if not (t[2] and k == "answer")}
         )
     )
-
-
-HEX_IDS = st.text("0123456789abcdef", min_size=31, max_size=33)
 
 
 def parse_or_wire_error(parse: Callable[[bytes], Any], payload: bytes) -> Any:

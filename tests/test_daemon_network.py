@@ -4,7 +4,6 @@ peer and resume from checkpoints, and refuse bad peers while they keep serving."
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import trio
+from kit import free_ports
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
@@ -99,16 +99,6 @@ class Daemon:
     def log(self) -> str:
         path = self.home / "node.log"
         return path.read_text() if path.exists() else ""
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def make_network(tmp_path: Path, n: int, steps: int, protocol: str = "dynamic") -> list[Daemon]:
