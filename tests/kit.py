@@ -8,7 +8,7 @@ from __future__ import annotations
 import heapq
 import random
 import socket
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import torch
 from hypothesis import strategies as st
@@ -19,6 +19,7 @@ from p2pfl.learning.params import ParamSchema, ParamSpec
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import NodeCore
 from p2pfl.runtime import CoreRuntime, NodeModel, open_core
+from p2pfl.runtime.model import Models
 from p2pfl.wire.codec import decode, encode
 from p2pfl.wire.messages import Message
 
@@ -70,6 +71,54 @@ class FakeLearner:
             self.corrections.pop(node, None)
         else:
             self.corrections[node] = vector.clone()
+
+
+# -- one runtime, recorded -------------------------------------------------------------------
+class Recorder:
+    """A ``Driver`` that records what a runtime asks of it; sends to ``fail`` peers fail at
+    once (reported to ``runtime``)."""
+
+    def __init__(self, fail: Iterable[str] = ()) -> None:
+        self.sent: list[tuple[float, str, Message]] = []
+        self.timers: list[tuple[float, Hashable]] = []
+        self.fail = set(fail)
+        self.runtime: CoreRuntime | None = None
+
+    def send(self, now: float, to: str, message: Message) -> None:
+        self.sent.append((now, to, message))
+        if to in self.fail:
+            assert self.runtime is not None
+            self.runtime.send_failed(now, to)
+
+    def set_timer(self, at: float, key: Hashable) -> None:
+        self.timers.append((at, key))
+
+
+def recorded_runtime(
+    learner: Models,
+    spec: str,
+    globs: Sequence[str] = ("*",),
+    *,
+    node: str = "a",
+    neighbors: Iterable[str] = (),
+    model: NodeModel | None = None,
+    fail: Iterable[str] = (),
+    seed: int = 0,
+) -> CoreRuntime:
+    """A runtime of ``node`` running ``spec`` on ``globs`` of node 0 of ``learner`` (through
+    ``model``: the channels of one node share it), driven by a ``Recorder``."""
+    driver = Recorder(fail)
+    driver.runtime = open_core(
+        model if model is not None else NodeModel(learner, 0, 8),
+        node,
+        parse_protocol(spec),
+        shared_part(learner.schema, list(globs)),
+        driver,
+        seed=seed,
+        channel=str(list(globs)),
+        neighbors=neighbors,
+    )
+    return driver.runtime
 
 
 # -- graphs as adjacency dicts ---------------------------------------------------------------

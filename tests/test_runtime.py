@@ -4,40 +4,18 @@ event), restore through actions, and the step-size and seed rules."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-
 import pytest
 import torch
-from kit import FakeLearner, FakeModel, VirtualNet, line
+from kit import FakeLearner, FakeModel, Recorder, VirtualNet, line, recorded_runtime
 from torch import nn
 
 from p2pfl.community.sharing import shared_part
 from p2pfl.learning.learner import BatchedLearner, PerNodeLearner, SGDConfig
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.protocol.actions import ReplaceModel, Send, SetCorrection, SetTimer
-from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.dynamic import DynamicCore
-from p2pfl.runtime import CoreRuntime, NodeModel, core_seed, derive_seed, open_core, step_size
-from p2pfl.wire.messages import Message, Pull, Push
-
-
-class Recorder:
-    """A driver that records what it is asked; ``fail`` peers fail at once."""
-
-    def __init__(self, fail: set[str] = frozenset()) -> None:
-        self.sent: list[tuple[float, str, Message]] = []
-        self.timers: list[tuple[float, Hashable]] = []
-        self.fail = set(fail)
-        self.runtime: CoreRuntime | None = None
-
-    def send(self, now: float, to: str, message: Message) -> None:
-        self.sent.append((now, to, message))
-        if to in self.fail:
-            assert self.runtime is not None
-            self.runtime.send_failed(now, to)
-
-    def set_timer(self, at: float, key: Hashable) -> None:
-        self.timers.append((at, key))
+from p2pfl.runtime import CoreRuntime, NodeModel, core_seed, derive_seed, step_size
+from p2pfl.wire.messages import Pull, Push
 
 
 def two_layer_learner(nodes: int = 1, batched: bool = False) -> PerNodeLearner | BatchedLearner:
@@ -50,27 +28,9 @@ def two_layer_learner(nodes: int = 1, batched: bool = False) -> PerNodeLearner |
     return cls(model, bank, SGDConfig(lr=0.1, momentum=0.5))
 
 
-def runtime_on(learner, spec, globs=("*",), driver=None, neighbors=(), model=None):
-    """A runtime of node "a" running ``spec`` on ``globs`` of node 0 of ``learner`` (through
-    ``model``, which the channels of one node share)."""
-    part = shared_part(learner.schema, list(globs))
-    model = model if model is not None else NodeModel(learner, 0, 8)
-    driver = driver if driver is not None else Recorder()
-    return open_core(
-        model,
-        "a",
-        parse_protocol(spec),
-        part,
-        driver,
-        seed=0,
-        channel=str(globs),
-        neighbors=neighbors,
-    )
-
-
 def scripted(actions_by_event: list[list]) -> CoreRuntime:
     """A runtime whose core returns the given action lists, one per local step."""
-    runtime = runtime_on(FakeLearner([FakeModel(torch.zeros(4))]), "none")
+    runtime = recorded_runtime(FakeLearner([FakeModel(torch.zeros(4))]), "none")
     script = iter(actions_by_event)
     runtime.core.on_local_step = lambda now: next(script)  # type: ignore[method-assign]
     return runtime
@@ -82,7 +42,7 @@ def test_model_actions_touch_only_their_part(batched):
     learner = two_layer_learner(batched=batched)
     before = learner.get(0).clone()
     model = NodeModel(learner, 0, 8)
-    runtimes = [runtime_on(learner, "none", [globs], model=model) for globs in ("0.*", "2.*")]
+    runtimes = [recorded_runtime(learner, "none", [globs], model=model) for globs in ("0.*", "2.*")]
     first, second = runtimes[0].part, runtimes[1].part
     script = [
         [ReplaceModel(torch.full((first.schema.numel,), 7.0))],
@@ -147,9 +107,9 @@ def test_a_message_from_a_peer_that_is_down_brings_it_back():
 
 def test_failed_sends_are_handled_after_the_actions_that_caused_them():
     learner = FakeLearner([FakeModel(torch.zeros(4))])
-    driver = Recorder(fail={"b", "c"})
-    runtime = runtime_on(learner, "dynamic:delta=0,b=1", driver=driver, neighbors=["b", "c"])
-    driver.runtime = runtime
+    runtime = recorded_runtime(learner, "dynamic:delta=0,b=1", neighbors=["b", "c"], fail="bc")
+    driver = runtime.driver
+    assert isinstance(driver, Recorder)
     learner.models[0].w += 1.0
     runtime.local_step(0.0)
     core = runtime.core
@@ -173,11 +133,11 @@ def test_a_failed_send_to_a_peer_outside_the_neighbourhood_marks_only_it_down():
 def test_restore_re_applies_the_drift_correction_to_the_part():
     learner = two_layer_learner()
     part = shared_part(learner.schema, ["2.*"])
-    first = runtime_on(learner, "dynamic", ["2.*"])
+    first = recorded_runtime(learner, "dynamic", ["2.*"])
     state = first.core.state_dict()
     state["correction"] = torch.arange(part.schema.numel, dtype=torch.float32)
     fresh = two_layer_learner()
-    second = runtime_on(fresh, "dynamic", ["2.*"])
+    second = recorded_runtime(fresh, "dynamic", ["2.*"])
     second.restore(state)
     correction = fresh.correction(0)
     assert torch.equal(part.take(correction), state["correction"])
@@ -197,7 +157,7 @@ def test_the_step_size_is_the_effective_step_of_sgd_with_momentum():
     with pytest.raises(ValueError, match="momentum"):
         step_size(SGDConfig(lr=0.1, momentum=1.0))
     learner = two_layer_learner()  # momentum 0.5
-    runtime = runtime_on(learner, "dynamic")
+    runtime = recorded_runtime(learner, "dynamic")
     assert runtime.core.step_size == pytest.approx(0.2)
 
 

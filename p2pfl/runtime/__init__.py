@@ -3,9 +3,10 @@ learner (``NodeModel``), built by ``open_core`` under one set of rules (``rules.
 
 from p2pfl.runtime.core_runtime import CoreRuntime, Driver, open_core
 from p2pfl.runtime.model import NodeModel
-from p2pfl.runtime.rules import core_seed, derive_seed, step_size
+from p2pfl.runtime.rules import WHOLE_MODEL_CHANNEL, core_seed, derive_seed, step_size
 
 __all__ = [
+    "WHOLE_MODEL_CHANNEL",
     "CoreRuntime",
     "Driver",
     "NodeModel",

@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import Any, Protocol
 
+import torch
+
 from p2pfl.community.sharing import SharedPart
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
 from p2pfl.protocol.config import ProtocolConfig
@@ -88,8 +90,19 @@ class CoreRuntime:
     def restore(self, state: dict[str, Any], now: float = 0.0) -> None:
         """Load the core's saved ``state`` and re-apply what it keeps in the learner.
 
-        Raises what ``load_state_dict`` raises for state that does not fit."""
-        self._run(self.core.restore(state), now)
+        Raises ValueError if a tensor of the state does not have the part's shape and dtype
+        (nothing is applied then), or what ``load_state_dict`` raises for malformed state."""
+        actions = self.core.restore(state)
+        like = self.core.model.read()
+        for name, value in self.core.state_dict().items():
+            if isinstance(value, torch.Tensor) and (
+                value.shape != like.shape or value.dtype != like.dtype
+            ):
+                raise ValueError(
+                    f"its {name} is {value.dtype} {list(value.shape)}, the model part is "
+                    f"{like.dtype} {list(like.shape)}"
+                )
+        self._run(actions, now)
 
     def close(self) -> None:
         """Stop the channel: its drift correction is cleared and later events, timers and

@@ -9,6 +9,9 @@ import hashlib
 
 from p2pfl.learning.learner import SGDConfig
 
+WHOLE_MODEL_CHANNEL = "all"
+"""The name of the whole-model channel in ``core_seed`` (simulator and daemon alike)."""
+
 
 def step_size(sgd: SGDConfig) -> float:
     """The step size a core uses to turn a parameter change into a gradient (the drift
