@@ -28,6 +28,7 @@ import msgpack
 from libp2p.crypto.keys import KeyPair, PublicKey
 from libp2p.crypto.serialization import deserialize_public_key
 
+from p2pfl.errors import P2pflError
 from p2pfl.learning.params import ParamSchema, ParamSpec
 from p2pfl.peers import peer_id_of
 from p2pfl.protocol.config import PROTOCOLS, parse_protocol
@@ -79,7 +80,7 @@ _DRAFT_KEYS = {
 }
 
 
-class CommunityError(ValueError):
+class CommunityError(P2pflError, ValueError):
     """A problem with a manifest, invite, token or membership; the message names the problem
     and the fix."""
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from p2pfl.errors import P2pflError
 from p2pfl.files import write_private_atomically
 
 log = logging.getLogger("p2pfl.daemon")
@@ -29,7 +30,7 @@ CURRENT = "ckpt"
 PREVIOUS = "ckpt.prev"
 
 
-class CheckpointError(Exception):
+class CheckpointError(P2pflError):
     """No usable checkpoint although some exist; the message lists each file's problem."""
 
 

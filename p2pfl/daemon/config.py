@@ -14,6 +14,7 @@ from typing import Any
 
 from multiaddr import Multiaddr
 
+from p2pfl.errors import P2pflError
 from p2pfl.peers import parse_peer_address
 from p2pfl.protocol.config import ProtocolConfig, parse_protocol
 from p2pfl.spec import SpecError, finite_number, whole_number
@@ -63,7 +64,7 @@ CONFIG_TEMPLATE = """\
 """
 
 
-class ConfigError(ValueError):
+class ConfigError(P2pflError, ValueError):
     """A setting cannot be used; the message names the key, its source and the fix."""
 
 
