@@ -18,7 +18,6 @@ from p2pfl.community.fields import (
     description_text,
     glob_list,
     key_name,
-    nonneg_number,
     parse_toml,
     read_field,
     shape_dims,
@@ -28,7 +27,7 @@ from p2pfl.community.fields import (
 from p2pfl.community.manifest import Manifest, sign_manifest
 from p2pfl.learning.params import ParamSchema
 from p2pfl.protocol.config import PROTOCOLS, parse_protocol
-from p2pfl.spec import SpecError, parse_spec, whole_number
+from p2pfl.spec import SpecError, finite_number, parse_spec, whole_number
 
 _DRAFT_KEYS = {
     "": ("name", "description", "admission", "model", "policy"),
@@ -129,7 +128,7 @@ def _draft_protocol(policy: Mapping[str, Any], source: str) -> str:
         )
     args = dict(spec.args)
     extra = {
-        "delta": lambda v: repr(float(nonneg_number(v))),
+        "delta": lambda v: repr(finite_number()(v)),
         "b": lambda v: str(whole_number(1, 2**31)(v)),
         "merge": text_check(20),
     }

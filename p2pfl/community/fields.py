@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 import tomllib
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -117,14 +116,6 @@ def admission_mode(value: Any) -> str:
     if value not in ADMISSIONS:
         raise ValueError(f"must be one of {', '.join(map(repr, ADMISSIONS))}, got {value!r}")
     return value
-
-
-def nonneg_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"must be a number, got {value!r}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"must be a finite number >= 0, got {value}")
-    return float(value)
 
 
 def shape_dims(value: Any) -> tuple[int, ...]:

@@ -12,7 +12,8 @@ over a domain-separated binding of (community id, prover peer id, verifier peer 
 credential therefore only convinces the one verifier it was made for, and only of the one
 prover it names, which the verifier compares with the Noise-authenticated peer id of the
 stream: whoever captures it (the verifier itself included) cannot replay it to a third node.
-``check_credential`` is the one membership rule, at join time and at every stream. The
+``check_credential`` is the one membership rule, at join time and at every hello (admission,
+``p2pfl.protocol.admission``, caches its result until the invite expires). The
 founder needs no credential (its peer id proves it); an open community admits anyone.
 """
 
@@ -32,8 +33,9 @@ from libp2p.crypto.keys import KeyPair
 
 from p2pfl.community import CommunityError
 from p2pfl.community.fields import MAX_MANIFEST_CHARS, MAX_PEER_ID_CHARS, MAX_TIME, format_time
-from p2pfl.community.keys import peer_id_of, verify_signature
+from p2pfl.community.keys import verify_signature
 from p2pfl.community.manifest import Manifest, founder_public_key, load_manifest
+from p2pfl.peers import peer_id_of
 
 if TYPE_CHECKING:
     from p2pfl.community.store import Membership

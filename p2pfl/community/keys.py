@@ -1,5 +1,5 @@
-"""Keys and signatures of communities: the peer id of a public key, Ed25519 keys parsed once
-per key, and signature checks that never raise."""
+"""Keys and signatures of communities: Ed25519 keys parsed once per key, and signature checks
+that never raise (peer ids are in ``p2pfl.peers``)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,10 @@ import functools
 
 from libp2p.crypto.keys import PublicKey
 from libp2p.crypto.serialization import deserialize_public_key
-from libp2p.peer.id import ID
 
 ED25519_KEY_PREFIX = b"\x08\x01\x12\x20"
 """Protobuf header of a serialized libp2p Ed25519 public key (type 1, 32 bytes)."""
 SIGNATURE_BYTES = 64
-
-
-def peer_id_of(public_key: PublicKey) -> str:
-    """The libp2p peer id string of a public key."""
-    return str(ID.from_pubkey(public_key))
 
 
 @functools.lru_cache(maxsize=256)

@@ -45,8 +45,9 @@ from p2pfl.community.fields import (
     toml_ints,
     toml_string,
 )
-from p2pfl.community.keys import ed25519_public_key, peer_id_of, verify_signature
+from p2pfl.community.keys import ed25519_public_key, verify_signature
 from p2pfl.learning.params import ParamSchema
+from p2pfl.peers import peer_id_of
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.spec import SpecError, whole_number
 

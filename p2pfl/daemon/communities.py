@@ -1,28 +1,27 @@
 """The communities of a running node: one protocol core per joined community, syncing only the
 community's shared parameters, only with its admitted members.
 
-This is the libp2p driver of each community's admission (``p2pfl.protocol.admission``: the
-membership protocol in front of the community's sync core, carried out by its ``Gate``) and
-of its sync core. It carries the hello and sync
-frames (formats in ``p2pfl.wire.community``) through per-peer ``Outboxes``, runs the timers,
-applies model actions to the learner through the community's ``SharedPart``, and starts each
-community's ``Discovery`` (announcements, dials). Start-up checks are in
+Each community is a channel of the node's ``SyncChannels`` (``sync.py``: the same handler,
+outbox path and counters as the whole-model sync) whose peers are decided by its admission:
+``p2pfl.protocol.admission`` (the membership protocol, sans-I/O) carried out by a ``Gate``,
+which tells the channel's runtime who is admitted or dropped, decides which sync frames pass
+and whom the community's part may go to. This module is the libp2p driver of that gate: it
+carries hellos (``p2pfl.wire.community``) through the same outboxes, counts refusals, and runs
+each community's ``Discovery`` (announcements, dials). Start-up checks are in
 ``community_checks.py``, the checkpoint part in ``community_checkpoint.py``.
 
-A community's core sees its shared part through ``PartView`` and its messages travel encoded
-with the community's shared sub-schema, so private parameters never leave the node.
+A community's core sees its shared part only and its messages are encoded with the
+community's shared sub-schema, so private parameters never leave the node.
 
-Leaving (``reload`` after ``p2pfl community leave``) stops a community at once: its core is
-dropped, frames queued or in flight are cancelled, the topic is left, its drift correction
-cleared, and its members are told (a refusal "left the community").
+Leaving (``reload`` after ``p2pfl community leave``) stops a community at once: its channel is
+closed (frames queued or in flight cancelled, drift correction cleared), the topic is left,
+and its members are told (a refusal "left the community").
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,35 +31,25 @@ import trio
 from p2pfl.community import CommunityError
 from p2pfl.community.invite import check_membership
 from p2pfl.community.manifest import Manifest
-from p2pfl.community.sharing import Corrections, PartView, SharedPart, SharingError, check_disjoint
+from p2pfl.community.sharing import SharedPart, SharingError, check_disjoint
 from p2pfl.community.store import Membership, load_memberships
 from p2pfl.daemon import community_checkpoint
 from p2pfl.daemon.community_checks import check_model, check_whole_model_protocol
 from p2pfl.daemon.config import NodeConfig
 from p2pfl.daemon.discovery import Discovery
-from p2pfl.daemon.outbox import Outboxes
+from p2pfl.daemon.sync import Channel, Frame, SyncChannels
 from p2pfl.daemon.transport import Transport, TransportError
-from p2pfl.learning.learner import PerNodeLearner
-from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
-from p2pfl.protocol.admission import NOT_A_MEMBER, Admission, Gate, RefusalNotices, SendHello
+from p2pfl.protocol.admission import NOT_A_MEMBER, Admission, Gate, RefusalNotices
 from p2pfl.protocol.config import parse_protocol
-from p2pfl.protocol.core import NodeCore, make_core
+from p2pfl.protocol.core import NodeCore
+from p2pfl.runtime import CoreRuntime, NodeModel, open_core
 from p2pfl.spec import SpecError
-from p2pfl.wire.codec import WireError, decode, encode, max_message_bytes
-from p2pfl.wire.community import (
-    HELLO_MAX_BYTES,
-    HELLO_PROTOCOL,
-    ID_BYTES,
-    SYNC_PROTOCOL,
-    Hello,
-    split_sync_frame,
-    sync_frame,
-)
+from p2pfl.wire.codec import WireError
+from p2pfl.wire.community import HELLO_MAX_BYTES, HELLO_PROTOCOL, Hello
 
 log = logging.getLogger("p2pfl.communities")
 
 BYE_TIMEOUT_S = 2.0
-OUTBOX_SIZE = 64
 
 
 @dataclass
@@ -69,16 +58,13 @@ class Community:
 
     membership: Membership
     part: SharedPart
-    core: NodeCore
-    max_frame: int
+    runtime: CoreRuntime
+    """Its core on the shared part (replaced when it resumes from a checkpoint)."""
     gate: Gate = field(init=False)
     discovery: Discovery | None = None
-    sending: set[trio.CancelScope] = field(default_factory=set)
-    """Scopes of this community's frames in flight (cancelled when it is left)."""
     tasks: trio.CancelScope = field(default_factory=trio.CancelScope)
-    counters: dict[str, int] = field(
-        default_factory=lambda: {"bytes_sent": 0, "bytes_received": 0, "rejected": 0}
-    )
+    counters: dict[str, int] = field(default_factory=dict)
+    """Its sync channel's counters (``sync.Channel.counters``)."""
 
     @property
     def id(self) -> str:
@@ -87,6 +73,10 @@ class Community:
     @property
     def manifest(self) -> Manifest:
         return self.membership.manifest
+
+    @property
+    def core(self) -> NodeCore:
+        return self.runtime.core
 
     @property
     def admitted(self) -> dict[str, bytes | None]:
@@ -110,52 +100,35 @@ class Community:
         }
 
 
-@dataclass(frozen=True)
-class _Frame:
-    protocol: str
-    community: str
-    data: bytes
-    after_leave: bool = False
-    """Send even if the community is no longer active (refusal notices)."""
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-
 class Communities:
     """Every community of one node daemon: their cores, members, traffic and discovery.
 
     Build it after the learner is restored (cores take the current model as reference), resume
     the cores from the checkpoint with ``load_state_dict``, call ``start`` once the transport
-    runs, feed it local steps and peer events, and ``reload`` when the memberships on disk
-    change. ``state_dict`` is the communities' part of the node checkpoint.
+    runs, feed it peer events, and ``reload`` when the memberships on disk change.
+    ``state_dict`` is the communities' part of the node checkpoint.
     """
 
     def __init__(
         self,
         config: NodeConfig,
         peer_id: str,
-        learner: PerNodeLearner,
-        samples: int,
-        seed: int,
+        model: NodeModel,
+        sync: SyncChannels,
         counters: dict[str, int],
     ) -> None:
         self.config = config
         self.peer_id = peer_id
-        self.learner = learner
-        self.samples = samples
-        self.seed = seed
+        self.model = model
+        self.schema = model.learner.schema
+        self.sync = sync
+        sync.on_unknown = self._on_unknown_channel
         self.node_counters = counters
-        """The node's counters; refused frames count in its ``rejected`` too."""
-        self.corrections = Corrections(learner.schema.numel)
+        """The node's counters; refused hellos count in its ``rejected`` too."""
         self.active: dict[str, Community] = {}
-        self.max_sync_frame = ID_BYTES + max_message_bytes(learner.schema)
         self.notices = RefusalNotices()
         self._transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
-        self._outboxes = Outboxes[_Frame](
-            OUTBOX_SIZE, self._send, self._send_failed, counters, log, "community outbox"
-        )
         self._reload_lock = trio.Lock()
         for membership in self._checked(load_memberships(config.home)):
             self._add(membership)
@@ -167,14 +140,13 @@ class Communities:
     # -------------------------------------------------------------------- lifecycle
 
     def register(self, transport: Transport) -> None:
-        """Install the hello and sync handlers on ``transport`` (before it runs peers)."""
+        """Install the hello handler on ``transport`` (before it runs peers)."""
         transport.set_handler(HELLO_PROTOCOL, self.on_hello, max_frame_bytes=HELLO_MAX_BYTES)
-        transport.set_handler(SYNC_PROTOCOL, self.on_sync, max_frame_bytes=self.max_sync_frame)
 
     def start(self, nursery: trio.Nursery, transport: Transport) -> None:
-        """Run the communities loaded at construction on ``transport``."""
+        """Run the communities loaded at construction on ``transport`` (after
+        ``SyncChannels.start``)."""
         self._nursery, self._transport = nursery, transport
-        self._outboxes.start(nursery)
         for community in self.active.values():
             nursery.start_soon(self._run, community)
 
@@ -202,7 +174,7 @@ class Communities:
         check_whole_model_protocol(self.config, memberships)
         parts = []
         for membership in memberships:
-            part = check_model(self.learner.schema, membership, self.config.model)
+            part = check_model(self.schema, membership, self.config.model)
             parts.append((f"community {membership.manifest.name!r}", part))
             try:
                 check_membership(membership, self.peer_id, int(time.time()))
@@ -215,15 +187,25 @@ class Communities:
         return memberships
 
     def _add(self, membership: Membership) -> Community:
-        part = check_model(self.learner.schema, membership, self.config.model)
-        core = self.new_core(membership, part)
-        community = Community(membership, part, core, max_message_bytes(part.schema))
+        part = check_model(self.schema, membership, self.config.model)
+        community = Community(membership, part, self.new_runtime(membership, part))
         admission = Admission(membership.manifest, self.peer_id, membership.invite, self.notices)
-        community.gate = Gate(admission, _CoreEvents(self, community), _GateDriver(self, community))
+        community.gate = Gate(admission, _Members(community), _Hellos(self, community))
+        channel = self.sync.open(
+            Channel(
+                community.id,
+                f"community {community.label}",
+                community.runtime,
+                reaches=community.gate.admits,
+                check=lambda peer: community.gate.frame(time.time(), peer),
+                on_send_failed=lambda peer: community.gate.disconnected(time.time(), peer),
+            )
+        )
+        community.counters = channel.counters
         self.active[community.id] = community
         return community
 
-    def new_core(self, membership: Membership, part: SharedPart) -> NodeCore:
+    def new_runtime(self, membership: Membership, part: SharedPart) -> CoreRuntime:
         """A fresh core for the community: its policy on ``part``, the current model as
         reference."""
         try:
@@ -233,45 +215,42 @@ class Communities:
                 f"community {membership.manifest.name!r}: protocol {exc}; ask the founder to "
                 "fix the manifest"
             ) from None
-        digest = hashlib.sha256(f"{self.seed}:{membership.id}".encode()).digest()
-        return make_core(
+        return open_core(
+            self.model,
             self.peer_id,
             protocol,
-            PartView(lambda: self.learner.get(0), part, self.samples),
-            [],
-            seed=int.from_bytes(digest[:8], "big") & (2**63 - 1),
-            step_size=self.config.lr,
+            part,
+            self.sync.port(membership.id),
+            seed=self.config.seed,
+            channel=membership.id,
         )
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
-        """What a restart needs of each community, by community id (see
-        ``community_checkpoint``)."""
+        """What a restart needs of each community, by community id (``community_checkpoint``)."""
         return {cid: community_checkpoint.state_of(c) for cid, c in self.active.items()}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Resume the communities this node is still in from ``saved`` (``state_dict`` of the
-        previous run), then give the learner the combined drift correction of their cores."""
+        previous run); each restored core re-applies its drift correction to its part."""
         community_checkpoint.restore(self, saved)
 
     async def _stop(self, community: Community) -> None:
         """Leave: no frame of this community is sent or accepted once this returns."""
         del self.active[community.id]
         community.tasks.cancel()
-        for scope in community.sending:
-            scope.cancel()
-        self.learner.set_correction(0, self.corrections.clear(community.part))
-        byes: list[SendHello] = []
-        community.gate.driver = _Byes(byes)
-        community.gate.leave(_now())
+        self.sync.close(community.id)
+        byes = _Byes()
+        community.gate.driver = byes
+        community.gate.leave(time.time())
         if self._transport is not None:
             with trio.move_on_after(BYE_TIMEOUT_S, shield=True):
                 if community.discovery is not None:
                     await community.discovery.unsubscribe()
                 async with trio.open_nursery() as nursery:
-                    for bye in byes:
-                        nursery.start_soon(self._send_quietly, bye.to, bye.hello)
+                    for peer, hello in byes.hellos:
+                        nursery.start_soon(self._send_quietly, peer, hello)
         log.info("left community %s: its sync stopped", community.label)
 
     async def _send_quietly(self, peer: str, hello: Hello) -> None:
@@ -297,9 +276,9 @@ class Communities:
 
     def _greet(self, community: Community, peer: str) -> None:
         if self.active.get(community.id) is community:
-            community.gate.greet(_now(), peer)
+            community.gate.greet(time.time(), peer)
 
-    # ------------------------------------------------------------------------ frames
+    # ------------------------------------------------------------------------ hellos
 
     async def on_hello(self, peer: str, payload: bytes) -> None:
         """Hello handler: the community's admission decides."""
@@ -319,111 +298,21 @@ class Communities:
                     hello.community,
                     NOT_A_MEMBER,
                 )
-                self._notify(self.notices.notice(_now(), peer, hello.community, NOT_A_MEMBER))
+                self._on_unknown_channel(hello.community, peer)
             return
         if hello.refused is not None and community.discovery is not None:
             community.discovery.forget(peer)
-        community.gate.hello(_now(), peer, hello)
+        community.gate.hello(time.time(), peer, hello)
 
-    async def on_sync(self, peer: str, payload: bytes) -> None:
-        """Sync handler: decode with the community's schema if the peer is admitted to it."""
-        cid, message_bytes = split_sync_frame(payload)
-        community = self.active.get(cid) if message_bytes else None
-        if community is None:
-            self.node_counters["rejected"] += 1
-            log.warning(
-                "refused sync frame from peer %s: this node is not a member of community %s",
-                peer,
-                cid or "(none)",
-            )
-            if len(cid) == 2 * ID_BYTES:
-                self._notify(self.notices.notice(_now(), peer, cid, NOT_A_MEMBER))
-            return
-        if not community.gate.frame(_now(), peer):
-            return
-        try:
-            message = decode(message_bytes, community.part.schema, community.max_frame)
-        except WireError as exc:
-            log.warning(
-                "refused sync frame from peer %s in community %s: %s", peer, community.label, exc
-            )
-            self._count_refusal(community)
-            return
-        community.counters["bytes_received"] += 4 + len(payload)
-        self._perform(community, community.core.on_message(_now(), peer, message))
+    def _on_unknown_channel(self, community: str, peer: str) -> None:
+        """A hello or sync frame for a community this node is not in: tell the sender."""
+        for notice in self.notices.notice(time.time(), peer, community, NOT_A_MEMBER):
+            self.post_hello(community, notice.to, notice.hello)
 
-    def _notify(self, notices: list[SendHello]) -> None:
-        for notice in notices:
-            frame = _Frame(HELLO_PROTOCOL, notice.hello.community, notice.hello.to_bytes(), True)
-            self._outboxes.put(notice.to, frame)
-
-    # ------------------------------------------------------------------------ actions
-
-    def on_local_step(self, now: float) -> None:
-        """The learner took a step: every community core takes it too."""
-        for community in list(self.active.values()):
-            self._perform(community, community.core.on_local_step(_now()))
-
-    def _count_refusal(self, community: Community) -> None:
-        community.counters["rejected"] += 1
-        self.node_counters["rejected"] += 1
-
-    def _put_hello(self, community: Community, to: str, hello: Hello) -> None:
-        notice = hello.refused is not None  # sent even if we leave meanwhile
-        self._outboxes.put(to, _Frame(HELLO_PROTOCOL, community.id, hello.to_bytes(), notice))
-
-    def _perform(self, community: Community, actions: list[Action]) -> None:
-        not_admitted: list[str] = []
-        for action in actions:
-            if self.active.get(community.id) is not community:
-                return
-            if isinstance(action, Send):
-                if not community.gate.admits(action.to):  # e.g. named by a member for widening
-                    log.debug("community %s: %s is not admitted", community.label, action.to)
-                    not_admitted.append(action.to)
-                    continue
-                data = sync_frame(community.id, encode(action.message, community.part.schema))
-                self._outboxes.put(action.to, _Frame(SYNC_PROTOCOL, community.id, data))
-            elif isinstance(action, ReplaceModel):
-                self.learner.set(0, community.part.put(self.learner.get(0), action.params))
-            elif isinstance(action, SetCorrection):
-                full = self.corrections.set(community.part, action.vector)
-                self.learner.set_correction(0, full)
-            elif isinstance(action, SetTimer):
-                assert self._nursery is not None
-                self._nursery.start_soon(self._timer, community, action.at, action.key)
-        for peer in not_admitted:
-            if peer not in community.core.down:
-                self._perform(community, community.core.on_peer_down(_now(), peer))
-
-    async def _timer(self, community: Community, at: float, key: Hashable) -> None:
-        await trio.sleep_until(at - _now() + trio.current_time())
-        if self.active.get(community.id) is community:
-            self._perform(community, community.core.on_timer(_now(), key))
-
-    async def _send(self, peer: str, frame: _Frame) -> None:
-        """Send one queued frame unless its community was left meanwhile; leaving cancels it
-        in flight."""
-        assert self._transport is not None
-        community = self.active.get(frame.community)
-        if community is None and not frame.after_leave:
-            return  # left while the frame waited
-        with trio.CancelScope() as scope:
-            if community is not None:
-                community.sending.add(scope)
-            try:
-                await self._transport.send(peer, frame.protocol, frame.data)
-            finally:
-                if community is not None:
-                    community.sending.discard(scope)
-            if community is not None and frame.protocol == SYNC_PROTOCOL:
-                community.counters["bytes_sent"] += 4 + len(frame.data)
-
-    def _send_failed(self, peer: str, frame: _Frame, exc: TransportError) -> None:
-        log.warning("%s; dropping peer %s from community %s", exc, peer, frame.community)
-        community = self.active.get(frame.community)
-        if community is not None:
-            community.gate.disconnected(_now(), peer)
+    def post_hello(self, community: str, to: str, hello: Hello) -> None:
+        """Queue ``hello`` on ``to``'s outbox (a refusal goes out even if we leave meanwhile)."""
+        notice = hello.refused is not None
+        self.sync.post(to, Frame(HELLO_PROTOCOL, community, hello.to_bytes(), notice))
 
     # ---------------------------------------------------------------------- peer events
 
@@ -437,54 +326,50 @@ class Communities:
 
     def peer_down(self, peer: str) -> None:
         """The last connection closed: admissions end with it."""
-        self._outboxes.close(peer)
         for community in list(self.active.values()):
-            community.gate.disconnected(_now(), peer)
+            community.gate.disconnected(time.time(), peer)
 
     def status(self) -> list[dict[str, Any]]:
         """One entry per community, for ``p2pfl node status``."""
         return [c.status() for c in sorted(self.active.values(), key=lambda c: c.manifest.name)]
 
 
-class _CoreEvents:
-    """Tells a community's core who its gate admitted or dropped."""
+class _Members:
+    """Tells a community's runtime whom its gate admitted or dropped (on the runtime's clock,
+    trio's; admission runs on unix time)."""
 
-    def __init__(self, communities: Communities, community: Community) -> None:
-        self.communities, self.community = communities, community
+    def __init__(self, community: Community) -> None:
+        self.community = community
 
     def peer_up(self, now: float, peer: str) -> None:
-        self.communities._perform(self.community, self.community.core.on_peer_up(now, peer))
+        self.community.runtime.peer_up(trio.current_time(), peer)
 
     def peer_down(self, now: float, peer: str) -> None:
-        self.communities._perform(self.community, self.community.core.on_peer_down(now, peer))
+        self.community.runtime.peer_down(trio.current_time(), peer)
 
 
-class _GateDriver:
-    """Sends a community's hellos through the outboxes and counts its refusals."""
+class _Hellos:
+    """A community gate's driver: hellos through the node's outboxes, refusals counted."""
 
     def __init__(self, communities: Communities, community: Community) -> None:
         self.communities, self.community = communities, community
 
     def send_hello(self, now: float, to: str, hello: Hello) -> None:
-        self.communities._put_hello(self.community, to, hello)
+        self.communities.post_hello(self.community.id, to, hello)
 
     def refused(self, now: float, peer: str, reason: str) -> None:
-        self.communities._count_refusal(self.community)
+        self.community.counters["rejected"] += 1
+        self.communities.node_counters["rejected"] += 1
 
 
-@dataclass
 class _Byes:
-    """Collects the hellos of a community being left (sent at once, not queued)."""
+    """The driver of a community being left: its goodbyes are sent at once, not queued."""
 
-    hellos: list[SendHello]
+    def __init__(self) -> None:
+        self.hellos: list[tuple[str, Hello]] = []
 
     def send_hello(self, now: float, to: str, hello: Hello) -> None:
-        self.hellos.append(SendHello(to, hello))
+        self.hellos.append((to, hello))
 
     def refused(self, now: float, peer: str, reason: str) -> None:
         pass
-
-
-def _now() -> float:
-    """The admission clock: unix seconds (invites expire on it)."""
-    return time.time()

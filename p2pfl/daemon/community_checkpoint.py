@@ -1,8 +1,9 @@
 """The communities' part of the node checkpoint: each community's core state (step,
 reference, drift correction, stats) and counters, by community id, with the digest of the
 shared schema they belong to. A restarted node resumes every community it is still in where
-it stopped; state of a community it left is ignored, state that does not fit starts that
-community afresh (with a warning naming it).
+it stopped (each restored core re-applies its drift correction to its part); state of a
+community it left is ignored, state that does not fit starts that community afresh (with a
+warning naming it).
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from p2pfl.protocol.core import NodeCore
+from p2pfl.runtime import CoreRuntime
 
 if TYPE_CHECKING:
     from p2pfl.daemon.communities import Communities, Community
@@ -31,8 +30,7 @@ def state_of(community: Community) -> dict[str, Any]:
 
 
 def restore(communities: Communities, saved: dict[str, Any]) -> None:
-    """Resume the active communities from ``saved`` (by community id), then give the learner
-    the combined drift correction of their cores."""
+    """Resume the active communities from ``saved`` (by community id)."""
     for cid, state in saved.items():
         community = communities.active.get(cid)
         if community is None:
@@ -44,7 +42,7 @@ def restore(communities: Communities, saved: dict[str, Any]) -> None:
             )
             continue
         try:
-            core, counters = _restored(communities, community, state)
+            runtime, counters = _restored(communities, community, state)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             log.warning(
                 "community %s starts afresh at step 0: its saved state does not fit (%s)",
@@ -52,34 +50,21 @@ def restore(communities: Communities, saved: dict[str, Any]) -> None:
                 exc,
             )
             continue
-        community.core, community.counters = core, counters
-        correction = getattr(core, "correction", None)
-        if isinstance(correction, torch.Tensor):
-            communities.corrections.set(community.part, correction)
-        log.info("community %s resumed at step %d", community.label, core.step)
-    if communities.active:
-        communities.learner.set_correction(0, communities.corrections.correction)
+        community.runtime = communities.sync.active[community.id].runtime = runtime
+        community.counters.update(counters)
+        log.info("community %s resumed at step %d", community.label, community.core.step)
 
 
 def _restored(
     communities: Communities, community: Community, state: dict[str, Any]
-) -> tuple[NodeCore, dict[str, int]]:
-    """A new core and counters for ``community`` loaded from ``state``; raise ValueError
-    (or KeyError, TypeError) if it does not fit."""
+) -> tuple[CoreRuntime, dict[str, int]]:
+    """A new core's runtime and the counters for ``community`` restored from ``state``; raise
+    ValueError (or KeyError, TypeError) if it does not fit."""
     if not isinstance(state, dict):
         raise TypeError(f"expected a table, found {type(state).__name__}")
     if bytes(state["schema"]) != community.part.schema.digest():
         raise ValueError("it was saved for another shared schema")
-    core = communities.new_core(community.membership, community.part)
-    core.load_state_dict(state["core"])
-    like = core.model.read()
-    for name, value in core.state_dict().items():
-        if isinstance(value, torch.Tensor) and (
-            value.shape != like.shape or value.dtype != like.dtype
-        ):
-            raise ValueError(
-                f"its {name} is {value.dtype} {list(value.shape)}, the shared part is "
-                f"{like.dtype} {list(like.shape)}"
-            )
-    counters = {name: int(state["counters"][name]) for name in community.counters}
-    return core, counters
+    counters = {name: int(v) for name, v in state["counters"].items() if name in community.counters}
+    runtime = communities.new_runtime(community.membership, community.part)
+    runtime.restore(state["core"])
+    return runtime, counters

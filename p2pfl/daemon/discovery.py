@@ -12,11 +12,10 @@ import logging
 from collections.abc import Callable, Collection
 
 import trio
-from libp2p.peer.peerinfo import info_from_p2p_addr
-from multiaddr import Multiaddr
 
 from p2pfl.community.store import Membership
 from p2pfl.daemon.transport import Transport, TransportError
+from p2pfl.peers import peer_of_address
 from p2pfl.wire.codec import WireError
 from p2pfl.wire.community import MAX_ANNOUNCED_ADDRS, Announcement, topic_of
 
@@ -58,7 +57,8 @@ class Discovery:
 
     def bootstrap_peers(self) -> dict[str, str]:
         """Peer id -> address of the membership's bootstrap list."""
-        return {addr.rsplit("/", 1)[-1]: addr for addr in self.membership.bootstrap}
+        peers = {peer_of_address(addr): addr for addr in self.membership.bootstrap}
+        return {peer: addr for peer, addr in peers.items() if peer is not None}
 
     def knows(self, peer: str) -> bool:
         """Whether ``peer`` is a bootstrap member or announced itself."""
@@ -97,7 +97,7 @@ class Discovery:
         except WireError as exc:
             log.info("ignored announcement from %s on %s: %s", origin, self.label, exc)
             return
-        addrs = tuple(a for a in announcement.addrs if _is_address_of(a, origin))
+        addrs = tuple(a for a in announcement.addrs if peer_of_address(a) == origin)
         if origin not in self.announced:
             if len(self.announced) >= MAX_ANNOUNCED_PEERS:
                 log.debug("community %s: too many announced peers, ignored %s", self.label, origin)
@@ -144,10 +144,3 @@ class Discovery:
             log.info("community %s: could not reach %s (will retry): %s", self.label, peer, exc)
             return
         self._greet(peer)
-
-
-def _is_address_of(addr: str, peer: str) -> bool:
-    try:
-        return str(info_from_p2p_addr(Multiaddr(addr)).peer_id) == peer
-    except Exception:  # multiaddr parsing raises many unrelated types
-        return False

@@ -6,7 +6,8 @@ node. The same object runs in the daemon (over libp2p) and in the simulator (ove
 hello, answer or refusal), ``on_frame`` (a sync frame arrived: may it pass?),
 ``on_disconnected`` (the connection closed or a send failed) and ``leave``. Actions out:
 ``SendHello`` (a hello, answer or refusal notice to send), ``Admitted`` and ``Dropped`` and
-``Refused`` (a hello or frame refused: count it; the reason is logged here).
+``Refused`` (a hello or frame refused: count it; hellos are logged here, frames by the
+driver, which also refuses frames it cannot decode).
 
 ``Gate`` carries out those actions for a driver: the community's core hears only of admitted
 peers (``Admitted``/``Dropped`` become its ``peer_up``/``peer_down``), a sync frame passes
@@ -167,7 +168,7 @@ class Admission:
             try:
                 until = check_credential(self.manifest, peer, self.me, hello.credential, int(now))
             except CommunityError as exc:
-                return self._drop(peer) + self._refuse(now, peer, str(exc), "peer")
+                return self._drop(peer) + self._refuse(now, peer, str(exc))
             member = _Member(hello.credential, until)
         actions: list[AdmissionAction] = []
         if peer not in self._members:
@@ -181,23 +182,23 @@ class Admission:
         return actions
 
     def on_frame(self, now: float, peer: str) -> list[AdmissionAction]:
-        """A sync frame from ``peer`` arrived: no action if it may pass, else ``Refused``
-        (and the notice, and ``Dropped`` if its invite just expired)."""
+        """A sync frame from ``peer`` arrived: no action if it may pass, else ``Refused`` (the
+        driver logs and counts it: it also refuses frames it cannot decode), the notice, and
+        ``Dropped`` if the peer's invite just expired."""
         member = self._members.get(peer)
         if member is None:
-            return self._refuse(
-                now,
-                peer,
-                "not admitted: say hello with a valid invite first",
-                "sync frame from peer",
-                logged="not admitted (no valid hello on this connection)",
+            return [Refused(peer, "not admitted (no valid hello on this connection)")] + list(
+                self.notices.notice(
+                    now, peer, self.community, "not admitted: say hello with a valid invite first"
+                )
             )
         if now >= member.until:
             reason = (
                 f"the invite of peer {peer} to {self.manifest.name!r} expired at "
                 f"{format_time(int(member.until))}; ask the founder for a new one"
             )
-            return self._drop(peer) + self._refuse(now, peer, reason, "sync frame from peer")
+            notice = self.notices.notice(now, peer, self.community, reason)
+            return self._drop(peer) + [Refused(peer, reason)] + list(notice)
         return []
 
     def on_disconnected(self, now: float, peer: str) -> list[AdmissionAction]:
@@ -223,11 +224,10 @@ class Admission:
             return []
         return [Dropped(peer)]
 
-    def _refuse(
-        self, now: float, peer: str, reason: str, what: str, logged: str | None = None
-    ) -> list[AdmissionAction]:
-        log.warning("refused %s %s in community %s: %s", what, peer, self.label, logged or reason)
-        refused: list[AdmissionAction] = [Refused(peer, logged or reason)]
+    def _refuse(self, now: float, peer: str, reason: str) -> list[AdmissionAction]:
+        """Refuse ``peer``'s hello: logged, counted (``Refused``) and told (rate-limited)."""
+        log.warning("refused peer %s in community %s: %s", peer, self.label, reason)
+        refused: list[AdmissionAction] = [Refused(peer, reason)]
         return refused + list(self.notices.notice(now, peer, self.community, reason))
 
 
@@ -252,8 +252,8 @@ class Gate:
     that interprets them, for the daemon and the simulator. ``members`` hears who is admitted
     and dropped (under ``core_name(peer)``, the peer's name in the channel's core: its peer id
     in the daemon, its node index in the simulator); ``driver`` sends hellos and counts
-    refusals. Before passing a sync frame on, ask ``frame``; before sending the channel's
-    part, ask ``admits``."""
+    refusals of hellos. Before passing a sync frame on, ask ``frame``; before sending the
+    channel's part, ask ``admits``."""
 
     def __init__(
         self,
@@ -275,11 +275,13 @@ class Gate:
     def hello(self, now: float, peer: str, hello: Hello) -> None:
         self._run(now, self.admission.on_hello(now, peer, hello))
 
-    def frame(self, now: float, peer: str) -> bool:
-        """A sync frame from ``peer`` arrived: True if it may pass (else it is refused)."""
+    def frame(self, now: float, peer: str) -> str | None:
+        """A sync frame from ``peer`` arrived: None if it may pass, else why it is refused (the
+        caller logs and counts the refusal; the notice and any drop are carried out here)."""
         actions = self.admission.on_frame(now, peer)
-        self._run(now, actions)
-        return not actions
+        refusals = [a for a in actions if isinstance(a, Refused)]
+        self._run(now, [a for a in actions if not isinstance(a, Refused)])
+        return refusals[0].reason if refusals else None
 
     def disconnected(self, now: float, peer: str) -> None:
         self._run(now, self.admission.on_disconnected(now, peer))

@@ -25,9 +25,9 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 
 from p2pfl.community.invite import HeldInvite, Invite, issue_invite
-from p2pfl.community.keys import peer_id_of
 from p2pfl.community.manifest import Manifest, sign_manifest
 from p2pfl.community.sharing import SharedPart
+from p2pfl.peers import peer_id_of
 from p2pfl.protocol.admission import Admission, Gate, RefusalNotices
 from p2pfl.wire.community import Hello
 
@@ -127,7 +127,7 @@ class SimGates:
     ) -> None:
         self.admissions, self.graphs, self.host = admissions, graphs, host
         self.refused = [0] * len(admissions)
-        """Refused hellos and frames, per channel."""
+        """Refused hellos and frames, per channel (frames counted by the caller of ``frame``)."""
         self.gates: list[dict[int, Gate]] = []
         self.node_of: list[dict[str, int]] = []
         """Per channel: peer id -> node."""
@@ -162,10 +162,11 @@ class SimGates:
     def hello(self, now: float, channel: int, src: int, dst: int, hello: Hello) -> None:
         self.gates[channel][dst].hello(SIM_EPOCH + now, self._peer(channel, src), hello)
 
-    def frame(self, now: float, channel: int, src: int, dst: int) -> bool:
-        """May ``dst`` take a sync frame from ``src`` (always, without admission)?"""
+    def frame(self, now: float, channel: int, src: int, dst: int) -> str | None:
+        """Why ``dst`` refuses a sync frame from ``src`` (None: it may pass; always, without
+        admission). The caller counts the refusal in ``refused``."""
         gate = self.gates[channel].get(dst)
-        return gate is None or gate.frame(SIM_EPOCH + now, self._peer(channel, src))
+        return None if gate is None else gate.frame(SIM_EPOCH + now, self._peer(channel, src))
 
     def admits(self, channel: int, src: int, dst: int) -> bool:
         """May ``src`` send its part to ``dst`` (always, without admission)?"""
