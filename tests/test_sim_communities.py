@@ -372,7 +372,7 @@ def test_refused_peers_exchange_no_model_bytes():
     admits = sim.gates.admits
     sim.gates.admits = lambda c, src, dst: src in uninvited or admits(c, src, dst)
     for node in uninvited:
-        core = sim.channel_cores[0][node]
+        core = sim.runtimes[0][node].core
         core.on_peer_down = lambda now, peer: []
         for member in invited:
             core.on_peer_up(0.0, str(member))
@@ -385,8 +385,9 @@ def test_refused_peers_exchange_no_model_bytes():
         return push(at, kind, payload)
 
     sim._push = record_push
-    for c, cores in enumerate(sim.channel_cores):
-        for node, core in cores.items():
+    for c, runtimes in enumerate(sim.runtimes):
+        for node, runtime in runtimes.items():
+            core = runtime.core
 
             def on_message(now, sender, message, c=c, node=node, real=core.on_message):
                 taken.append((c, int(sender), node))
@@ -402,7 +403,7 @@ def test_refused_peers_exchange_no_model_bytes():
     assert {(t[1], t[2]) for t in taken if t[0] == 0} == {
         (a, b) for a in invited for b in invited if a != b
     }
-    cores = sim.channel_cores[0]
+    cores = {node: runtime.core for node, runtime in sim.runtimes[0].items()}
     for node in invited:
         assert cores[node].live_neighbors == [str(n) for n in sorted(invited - {node})]
         assert cores[node].stats.syncs > 0
