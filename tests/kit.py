@@ -72,6 +72,9 @@ class FakeLearner:
         else:
             self.corrections[node] = vector.clone()
 
+    def lr(self, node: int) -> float:
+        return self.sgd.lr
+
 
 # -- one runtime, recorded -------------------------------------------------------------------
 class Recorder:

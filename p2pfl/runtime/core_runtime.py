@@ -15,7 +15,8 @@ driver (``Driver``), which only moves bytes and keeps time. The rules every driv
   to it (the simulator has one to every online node; the daemon to peers whose address it
   knows and that are admitted to the channel), and is reported as failed otherwise;
 * a restored core re-applies its learner-side state through the actions ``restore`` returns;
-* cores are built by ``open_core`` with ``step_size`` and ``core_seed`` (``rules.py``).
+* cores are built by ``open_core`` with ``core_seed`` (``rules.py``) and told the step size
+  of the node's optimizer (``rules.step_size``) before every local step.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, Se
 from p2pfl.protocol.config import ProtocolConfig
 from p2pfl.protocol.core import NodeCore, make_core
 from p2pfl.runtime.model import NodeModel
-from p2pfl.runtime.rules import core_seed, step_size
+from p2pfl.runtime.rules import core_seed
 from p2pfl.wire.messages import Message
 
 
@@ -59,7 +60,9 @@ class CoreRuntime:
 
     # -- events ------------------------------------------------------------------------------
     def local_step(self, now: float) -> None:
-        """The learner took one local step on this node."""
+        """The learner took one local step on this node (the core is told the step size of
+        that step first: it follows the learning-rate schedule)."""
+        self.core.step_size = self.model.step_size()
         self._run(self.core.on_local_step(now), now)
 
     def message(self, now: float, sender: str, message: Message) -> None:
@@ -155,6 +158,6 @@ def open_core(
         model.view(part),
         neighbors,
         seed=core_seed(seed, node_id, channel),
-        step_size=step_size(model.learner.sgd),
+        step_size=model.step_size(),
     )
     return CoreRuntime(core, part, model, driver)

@@ -16,6 +16,7 @@ import torch
 from p2pfl.community.sharing import Corrections, PartView, SharedPart
 from p2pfl.learning.learner import SGDConfig
 from p2pfl.learning.params import ParamSchema
+from p2pfl.runtime.rules import step_size
 
 
 class Models(Protocol):
@@ -30,6 +31,8 @@ class Models(Protocol):
 
     def set_correction(self, node: int, vector: torch.Tensor | None) -> None: ...
 
+    def lr(self, node: int) -> float: ...
+
 
 class NodeModel:
     """Node ``node`` of ``learner``, trained on ``samples`` local samples."""
@@ -37,6 +40,12 @@ class NodeModel:
     def __init__(self, learner: Models, node: int, samples: int) -> None:
         self.learner, self.node, self.samples = learner, node, samples
         self._corrections: Corrections | None = None
+
+    def step_size(self) -> float:
+        """The step size of this node's latest step (``rules.step_size``), which its cores
+        use; it follows the learning-rate schedule."""
+        sgd = self.learner.sgd
+        return step_size(sgd, None if sgd.schedule.constant else self.learner.lr(self.node))
 
     def read(self) -> torch.Tensor:
         """The full flat parameters (may be a live view: clone what you keep)."""

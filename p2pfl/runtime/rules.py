@@ -13,9 +13,10 @@ WHOLE_MODEL_CHANNEL = "all"
 """The name of the whole-model channel in ``core_seed`` (simulator and daemon alike)."""
 
 
-def step_size(sgd: SGDConfig) -> float:
+def step_size(sgd: SGDConfig, lr: float | None = None) -> float:
     """The step size a core uses to turn a parameter change into a gradient (the drift
-    correction ``c += g (w_sent - average) / (η K)``): ``lr / (1 - momentum)``.
+    correction ``c += g (w_sent - average) / (η K)``): ``lr / (1 - momentum)``, with the
+    current ``lr`` under a learning-rate schedule (default: the base ``sgd.lr``).
 
     Why not ``lr``: a constant gradient offset ``δ`` (what the correction learns) moves SGD
     with momentum ``β`` by ``lr δ (1 + β + β² + ...) = lr δ / (1 - β)`` per step once the
@@ -25,7 +26,7 @@ def step_size(sgd: SGDConfig) -> float:
     are ``lr``."""
     if not 0.0 <= sgd.momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {sgd.momentum}")
-    return sgd.lr / (1.0 - sgd.momentum)
+    return (sgd.lr if lr is None else lr) / (1.0 - sgd.momentum)
 
 
 def derive_seed(seed: int, *names: object) -> int:

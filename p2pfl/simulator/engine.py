@@ -309,11 +309,8 @@ class Simulation:
                 self.prequential.add(result)
                 self.prequential_window.add(result)
                 node_steps += len(active)
-                scheduled = not self.learner.sgd.schedule.constant
                 for node in active.tolist():
                     for _, runtime in self.node_runtimes[node]:
-                        if scheduled:  # the cores' drift correction divides by the step size
-                            runtime.core.step_size = self.learner.lr(node) / (1 - s.momentum)
                         runtime.local_step(now)
             if t % s.eval_every == 0 or t in finals or t == s.steps:
                 metrics.append(self._measure(t, now))
