@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from p2pfl.learning.merge import merge
-from p2pfl.protocol.actions import Action, ReplaceModel
+from p2pfl.protocol.actions import Action, ReplaceModel, SetCorrection
 from p2pfl.protocol.config import ProtocolConfig
 from p2pfl.protocol.correction import DriftCorrection
 from p2pfl.protocol.outer import OuterOptimizer
@@ -117,6 +117,16 @@ class NodeCore:
             self.neighbors.add(peer)
         return []
 
+    def on_heard(self, now: float, peer: str) -> list[Action]:
+        """A message from ``peer`` arrived (before ``on_message``): proof that it is alive, so
+        a peer known to be down is up again."""
+        return self.on_peer_up(now, peer) if peer in self.down else []
+
+    def on_send_failed(self, now: float, peer: str) -> list[Action]:
+        """A message to ``peer`` could not be delivered (no route, connection lost, not
+        admitted): treat it as down until it is heard from or reconnects."""
+        return [] if peer in self.down else self.on_peer_down(now, peer)
+
     def state_dict(self) -> dict[str, Any]:
         """What matters across a restart, as plain values (sessions in flight are not kept:
         peers time them out)."""
@@ -131,6 +141,17 @@ class NodeCore:
         self.drift_correction.load_state_dict(state)
         if self.outer is not None:
             self.outer.load_state_dict(state)
+
+    def restore(self, state: dict[str, Any]) -> list[Action]:
+        """Load ``state`` (``load_state_dict``) and return the actions that re-apply what the
+        core keeps in the learner (e.g. ``SetCorrection``): drivers never read core fields."""
+        self.load_state_dict(state)
+        return self._learner_state()
+
+    def _learner_state(self) -> list[Action]:
+        """Actions that put the core's learner-side state (the drift correction) back."""
+        vector = self.drift_correction.vector
+        return [] if vector is None else [SetCorrection(vector.clone())]
 
     def _after_step(self, now: float) -> list[Action]:
         return []
