@@ -32,6 +32,11 @@ def sim(
     allow_disconnected: bool = typer.Option(
         False, "--allow-disconnected", help="Accept a topology that is not connected."
     ),
+    byzantine: str | None = typer.Option(
+        None,
+        "--byzantine",
+        help="K:ATTACK, K nodes lie: signflip, scale, noise, replay, flood, fake-average.",
+    ),
     out: Path = typer.Option(Path("runs/sim"), "--out", help="Directory for the results."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -49,6 +54,7 @@ def sim(
         "lr": lr,
         "seed": seed,
         "allow_disconnected": allow_disconnected or None,
+        "byzantine": byzantine,
     }
     _run(scenario, overrides, out, quiet)
 

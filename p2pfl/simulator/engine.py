@@ -40,6 +40,7 @@ from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.models import build_model
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
+from p2pfl.protocol.byzantine import Attackers, parse_byzantine
 from p2pfl.protocol.core import CoreStats, NodeCore, make_core
 from p2pfl.simulator.channels import Channel, community_channels, union_graph, whole_model_channel
 from p2pfl.simulator.network import SimNetwork
@@ -140,19 +141,23 @@ class Simulation:
         self.channel_cores: list[dict[int, NodeCore]] = []
         self.node_cores: list[list[tuple[int, NodeCore]]] = [[] for _ in range(s.nodes)]
         self.cores: list[NodeCore] = []
+        self.attackers = Attackers(parse_byzantine(s.byzantine), s.nodes, s.seed)
         for c, channel in enumerate(self.channels):
             members: dict[int, NodeCore] = {}
             for i in channel.members:
                 view = PartView(
                     lambda i=i: self.learner.get(i), channel.part, len(prepared.nodes[i].y_train)
                 )
-                members[i] = make_core(
-                    str(i),
-                    channel.protocol,
-                    view,
-                    (str(j) for j in channel.graph.neighbors(i)),
-                    seed=s.seed * 100_003 + i + c * 1_000_003,
-                    step_size=step_size,
+                members[i] = self.attackers.wrap(
+                    i,
+                    make_core(
+                        str(i),
+                        channel.protocol,
+                        view,
+                        (str(j) for j in channel.graph.neighbors(i)),
+                        seed=s.seed * 100_003 + i + c * 1_000_003,
+                        step_size=step_size,
+                    ),
                 )
                 self.node_cores[i].append((c, members[i]))
                 self.cores.append(members[i])
@@ -291,6 +296,7 @@ class Simulation:
             "time": round(now, 6),
             "accuracy": float(acc.mean()),
             "accuracy_min": float(acc.min()),
+            "honest_accuracy": float(acc[self.attackers.honest(len(acc))].mean()),
             "loss": float(loss.mean()),
             "divergence": divergence,
             "bytes": self.net.bytes_sent,
@@ -315,6 +321,8 @@ class Simulation:
             "protocol": self.protocol,
             "final_accuracy": sum(m["accuracy"] for m in final) / len(final),
             "final_loss": sum(m["loss"] for m in final) / len(final),
+            "honest_accuracy": sum(m["honest_accuracy"] for m in final) / len(final),
+            "byzantine_nodes": sorted(self.attackers.nodes),
             "bytes_sent": self.net.bytes_sent,
             "messages": self.net.messages,
             "syncs": stats.pop("syncs"),

@@ -91,12 +91,17 @@ def comparison_table(summary: dict[str, Any]) -> Table:
     columns = ["protocol", "accuracy", "MB sent", "vs max", "messages", "syncs", "wall s"]
     if own:
         columns[1:2] = ["own acc", "test acc"]
+    liars = any(r.get("byzantine_nodes") for r in runs)
+    if liars:
+        columns.insert(columns.index("MB sent"), "honest acc")
     for col in columns:
         table.add_column(col, justify="left" if col == "protocol" else "right")
     for r in runs:
         accuracy = [f"{r['final_accuracy']:.3f}"]
         if own:
             accuracy.insert(0, f"{r['final_own_accuracy']:.3f}")
+        if liars:
+            accuracy.append(f"{r['honest_accuracy']:.3f}")
         table.add_row(
             r["protocol"],
             *accuracy,

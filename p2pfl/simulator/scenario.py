@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pfl.protocol.byzantine import parse_byzantine
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.spec import SpecError
 
@@ -76,6 +77,8 @@ class Scenario:
     """Nodes with at most this many train samples count as data-poor in community summaries."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
     communities: tuple[CommunityConfig, ...] = ()
+    byzantine: str = ""
+    """``K:ATTACK``: K nodes (chosen by the seed) lie (see ``p2pfl.protocol.byzantine``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -247,6 +250,10 @@ def _validate(s: Scenario) -> None:
     for ok, message in checks:
         if not ok:
             raise ScenarioError(message)
+    try:
+        parse_byzantine(s.byzantine, s.nodes)
+    except SpecError as exc:
+        raise ScenarioError(str(exc)) from None
     for i, community in enumerate(s.communities):
         outside = [n for n in community.members if not 0 <= n < s.nodes]
         if outside:
