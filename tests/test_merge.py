@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pfl.learning.merge import RULES, MergeRule, clip_around, merge
+from p2pfl.learning.merge import clip_around, merge
+from p2pfl.learning.rules import RULES, MergeRule
 from p2pfl.protocol.actions import ReplaceModel, Send
 from p2pfl.protocol.byzantine import ATTACKS, Attackers, ByzantineCore, parse_byzantine
 from p2pfl.protocol.config import parse_protocol

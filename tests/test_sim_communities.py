@@ -135,7 +135,9 @@ def test_shared_entries_agree_private_entries_stay_own():
 PINNED = {
     "periodic:b=5": (0.4145543098449707, 1.8958760023117065, 6023460, 310, 134),
     "dynamic": (0.7022980690002442, 1.2989893198013305, 6391679, 686, 217),
-    "gossip": (0.5913648962974548, 1.3922496080398559, 15311243, 788, 783),
+    # re-recorded when clipping became the default (issue 11): 20 of 783 gossip merges are
+    # clipped on this ring (was 0.5913648962974548, 1.3922496080398559)
+    "gossip": (0.5889275908470154, 1.3968649625778198, 15311243, 788, 783),
 }
 
 

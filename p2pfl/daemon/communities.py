@@ -73,6 +73,7 @@ from p2pfl.learning.params import ParamSchema
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import NodeCore, make_core
+from p2pfl.ratelog import RateLimitedLog
 from p2pfl.spec import SpecError
 from p2pfl.wire.codec import WireError, decode, encode, max_message_bytes
 
@@ -244,6 +245,7 @@ class Communities:
             OUTBOX_SIZE, self._send, self._send_failed, counters, log, "community outbox"
         )
         self._last_refusal: dict[tuple[str, str], float] = {}
+        self._refusals = RateLimitedLog(log)
         self._reload_lock = trio.Lock()
         for membership in self._checked(load_memberships(config.home)):
             self._add(membership)
@@ -327,6 +329,7 @@ class Communities:
             [],
             seed=int.from_bytes(digest[:8], "big") & (2**63 - 1),
             step_size=self.config.lr,
+            max_neighbors=self.config.target_degree,
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -530,7 +533,7 @@ class Communities:
             hello = Hello.from_bytes(payload)
         except WireError as exc:
             self.node_counters["rejected"] += 1
-            log.warning("refused hello from peer %s: %s", peer, exc)
+            self._refusals.warning(("hello", peer), "refused hello from peer %s: %s", peer, exc)
             return
         community = self.active.get(hello.community)
         if hello.refused is not None:
@@ -549,7 +552,8 @@ class Communities:
             return
         if community is None:
             self.node_counters["rejected"] += 1
-            log.warning(
+            self._refusals.warning(
+                ("hello", peer),
                 "refused hello from peer %s: this node is not a member of community %s",
                 peer,
                 hello.community,
@@ -563,7 +567,13 @@ class Communities:
         except CommunityError as exc:
             community.counters["rejected"] += 1
             self.node_counters["rejected"] += 1
-            log.warning("refused peer %s in community %s: %s", peer, community.label, exc)
+            self._refusals.warning(
+                ("credential", peer),
+                "refused peer %s in community %s: %s",
+                peer,
+                community.label,
+                exc,
+            )
             self._refuse(community.id, peer, str(exc))
             return
         if peer not in community.admitted:
@@ -607,7 +617,8 @@ class Communities:
         community = self.active.get(cid) if message_bytes else None
         if community is None:
             self.node_counters["rejected"] += 1
-            log.warning(
+            self._refusals.warning(
+                ("sync", peer),
                 "refused sync frame from peer %s: this node is not a member of community %s",
                 peer,
                 cid or "(none)",
@@ -624,8 +635,12 @@ class Communities:
         if reason is not None:
             community.counters["rejected"] += 1
             self.node_counters["rejected"] += 1
-            log.warning(
-                "refused sync frame from peer %s in community %s: %s", peer, community.label, reason
+            self._refusals.warning(
+                ("sync", peer, community.id),
+                "refused sync frame from peer %s in community %s: %s",
+                peer,
+                community.label,
+                reason,
             )
             return
         community.counters["bytes_received"] += 4 + len(payload)

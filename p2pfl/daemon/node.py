@@ -24,14 +24,14 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
 from p2pfl.community.manifest import CommunityError
-from p2pfl.daemon.checkpoint import encode_checkpoint, load_newest, write_atomically
+from p2pfl.daemon.checkpoint import encode_checkpoint, restore_newest, write_atomically
 from p2pfl.daemon.communities import Communities
 from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.daemon.control import bind_socket, serve, socket_path
 from p2pfl.daemon.metrics import serve_metrics
 from p2pfl.daemon.outbox import Outboxes
 from p2pfl.daemon.state import community_states, node_state, restore_node_state
-from p2pfl.daemon.transport import Limits, Transport, TransportError
+from p2pfl.daemon.transport import Limits, Transport, TransportError, check_can_listen
 from p2pfl.data import DataError
 from p2pfl.data.datasets import Dataset
 from p2pfl.data.partition import NodeData, load_node_slice
@@ -40,6 +40,7 @@ from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.models import build_model
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
 from p2pfl.protocol.core import NodeCore, make_core
+from p2pfl.ratelog import RateLimitedLog
 from p2pfl.spec import SpecError
 from p2pfl.wire.codec import WireError, decode, encode, max_message_bytes
 
@@ -114,9 +115,10 @@ class NodeDaemon:
             self.peer_id,
             config.protocol_config,
             _LocalModel(self.learner, len(self.learning.data.y_train)),
-            [],
+            [addr.rsplit("/", 1)[-1] for addr in config.bootstrap],
             seed=node_seed(config.seed, self.peer_id),
             step_size=config.lr,
+            max_neighbors=config.target_degree,
         )
         self.counters = {"bytes_sent": 0, "bytes_received": 0, "rejected": 0, "send_failures": 0}
         saved_communities = self._restore()
@@ -137,6 +139,7 @@ class NodeDaemon:
             OUTBOX_SIZE, self._send, self._send_failed, self.counters, log
         )
         self._stop = trio.Event()
+        self._refusals = RateLimitedLog(log)
         self._ckpt_lock = trio.Lock()
         self.loss = math.nan
         self.started = 0.0
@@ -145,15 +148,15 @@ class NodeDaemon:
 
     def _restore(self) -> dict[str, Any]:
         """Restore learner, core and counters; return the communities' saved state."""
-        state = load_newest(self.config.home)
-        if state is None:
+        restored = restore_newest(self.config.home, self._apply_checkpoint)
+        if restored is None:
             log.info("no checkpoint in %s: starting at step 0", self.config.home)
             return {}
-        try:
-            self.counters.update(restore_node_state(self.learner, self.core, self.peer_id, state))
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"checkpoint in {self.config.home} cannot be used: {exc}") from None
         log.info("resumed from checkpoint at step %d", self.core.step)
+        return restored
+
+    def _apply_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
+        self.counters.update(restore_node_state(self.learner, self.core, self.peer_id, state))
         return community_states(state)
 
     def stop(self) -> None:
@@ -172,6 +175,14 @@ class NodeDaemon:
             pubsub=True,
         )
         self.transport = transport
+        try:
+            check_can_listen(self.config.listen)
+        except OSError as exc:
+            raise ConfigError(
+                f"bad value for 'listen': cannot listen on {self.config.listen} ({exc.strerror}); "
+                "another program (or node) uses that port: stop it, pick a free port, or use "
+                "port 0 for any free port"
+            ) from None
         control = await bind_socket(self.config.home)
         if self.config.metrics_port:
             try:
@@ -239,14 +250,32 @@ class NodeDaemon:
     # ---------------------------------------------------------------- checkpoints
 
     async def save_checkpoint(self) -> None:
-        """Write a checkpoint of the current state (atomically, in a worker thread)."""
+        """Write a checkpoint of the current state (atomically, in a worker thread). A write
+        that fails (disk full, read-only home) is logged; the node keeps training, the last
+        good checkpoint stays, and the next periodic checkpoint tries again."""
         async with self._ckpt_lock:
             step = self.core.step
             communities = self.communities.state_dict()
             data = encode_checkpoint(
                 node_state(self.learner, self.core, self.peer_id, self._counters(), communities)
             )
-            await trio.to_thread.run_sync(write_atomically, self.config.home, data)
+            try:
+                await trio.to_thread.run_sync(write_atomically, self.config.home, data)
+            except OSError as exc:
+                self.counters["checkpoint_failures"] = (
+                    self.counters.get("checkpoint_failures", 0) + 1
+                )
+                self._refusals.warning(
+                    "checkpoint",
+                    "checkpoint at step %d not written (%s); the checkpoint of step %d stays, "
+                    "retrying within %.0f s: free space or fix the permissions of %s",
+                    step,
+                    exc,
+                    self.checkpoint_step,
+                    CHECKPOINT_EVERY_S,
+                    self.config.home,
+                )
+                return
             self.checkpoint_step = step
             log.debug("checkpoint written at step %d", step)
 
@@ -294,7 +323,7 @@ class NodeDaemon:
             message = decode(payload, self.schema, self.max_frame)
         except WireError as exc:
             self.counters["rejected"] += 1
-            log.warning("refused message from peer %s: %s", peer, exc)
+            self._refusals.warning(("frame", peer), "refused message from peer %s: %s", peer, exc)
             return
         now = trio.current_time()
         if peer in self.core.down:

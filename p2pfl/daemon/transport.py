@@ -17,6 +17,7 @@ parameters: py-libp2p drops pubsub messages over 1 MiB silently and queues 32 pe
 from __future__ import annotations
 
 import logging
+import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Sequence
@@ -53,6 +54,7 @@ from multiaddr import Multiaddr
 
 from p2pfl.errors import OperationError, P2pflError
 from p2pfl.files import write_private_atomically
+from p2pfl.ratelog import RateLimitedLog
 
 log = logging.getLogger("p2pfl.transport")
 
@@ -230,6 +232,7 @@ class Transport:
         self._inbound: dict[str, int] = {}
         self._buckets: dict[str, _TokenBucket] = {}
         self._up: set[str] = set()
+        self._refusals = RateLimitedLog(log)
         self._run: AbstractAsyncContextManager[None] | None = None
         self._services = AsyncExitStack()
         self._cleanup_scope: trio.CancelScope | None = None
@@ -443,7 +446,13 @@ class Transport:
         peer = str(stream.muxed_conn.peer_id)
         refusal = self._admit(peer)
         if refusal is not None:
-            log.warning("refused message from peer %s on %s: %s", peer, route.protocol, refusal)
+            self._refusals.warning(
+                ("admit", peer, route.protocol),
+                "refused message from peer %s on %s: %s",
+                peer,
+                route.protocol,
+                refusal,
+            )
             await _cleanup(stream.reset)
             return
         self._inbound[peer] = self._inbound.get(peer, 0) + 1
@@ -496,11 +505,18 @@ class Transport:
                 await stream.write(_ACK)
                 await stream.close()
         except _FrameRefused as exc:
-            log.warning("refused message from peer %s on %s: %s", peer, route.protocol, exc)
+            self._refusals.warning(
+                ("frame", peer, route.protocol),
+                "refused message from peer %s on %s: %s",
+                peer,
+                route.protocol,
+                exc,
+            )
             await _cleanup(stream.reset)
             return
         except trio.TooSlowError:
-            log.warning(
+            self._refusals.warning(
+                ("slow", peer, route.protocol),
                 "dropped message from peer %s on %s: not received within %.0f s",
                 peer,
                 route.protocol,
@@ -509,7 +525,13 @@ class Transport:
             await _cleanup(stream.reset)
             return
         except Exception as exc:
-            log.warning("dropped message from peer %s on %s: %s", peer, route.protocol, _why(exc))
+            self._refusals.warning(
+                ("dropped", peer, route.protocol),
+                "dropped message from peer %s on %s: %s",
+                peer,
+                route.protocol,
+                _why(exc),
+            )
             await _cleanup(stream.reset)
             return
         self.bytes_received += _HEADER.size + len(payload)
@@ -604,6 +626,21 @@ def _parse_peer_id(peer_id: str) -> ID:
         return ID.from_base58(peer_id)
     except Exception as exc:
         raise TransportError(f"{peer_id!r} is not a valid peer id") from exc
+
+
+def check_can_listen(addr: str) -> None:
+    """Raise OSError if TCP address ``addr`` (``/ip4|ip6/<host>/tcp/<port>``) cannot be
+    listened on now, e.g. its port is in use. libp2p itself only logs a failed listener and
+    runs on with no address at all."""
+    maddr = _tcp_listen_addr(addr)
+    port = int(maddr.value_for_protocol("tcp"))
+    if port == 0:
+        return
+    ip6 = "ip6" in {p.name for p in maddr.protocols()}
+    host = maddr.value_for_protocol("ip6" if ip6 else "ip4")
+    with socket.socket(socket.AF_INET6 if ip6 else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
 
 
 def _tcp_listen_addr(addr: str) -> Multiaddr:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from p2pfl.learning.merge import MERGE_KEYS, MergeRule, parse_merge
+from p2pfl.learning.rules import MERGE_KEYS, MergeRule, parse_merge
 from p2pfl.spec import SpecError, non_negative_float, non_negative_int, parse_spec, positive_int
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")

@@ -272,10 +272,10 @@ class DynamicCore(NodeCore):
             log.debug("%s: stale average from %s", self.node_id, sender)
             return []
         self.membership = None
-        # Never adopt a model unchecked: one coordinator dictates the whole average, so it is
-        # clipped around what we sent by what we and the protocol vouch for (our own
-        # displacement, √Δ), not by what peers have been sending.
-        (average,) = self._clip(m.sent, {sender: msg.params}, peers=False)
+        # Never adopt a model unchecked: the average is clipped around what we sent, like a
+        # peer's model in our own merge (one history entry per peer: a coordinator that
+        # floods us counts once; our other peers' distances keep the bound honest).
+        (average,) = self._clip(m.sent, {sender: msg.params})
         return self._adopt(average, m.sent, msg.steps)
 
     def _adopt(self, average: torch.Tensor, sent: torch.Tensor, group_steps: int) -> list[Action]:

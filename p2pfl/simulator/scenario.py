@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.errors import P2pflError
-from p2pfl.protocol.byzantine import parse_byzantine
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.spec import SpecError
 
@@ -251,6 +250,8 @@ def _validate(s: Scenario) -> None:
     for ok, message in checks:
         if not ok:
             raise ScenarioError(message)
+    from p2pfl.protocol.byzantine import parse_byzantine  # imports torch: not at CLI start
+
     try:
         parse_byzantine(s.byzantine, s.nodes)
     except SpecError as exc:
