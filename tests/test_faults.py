@@ -36,13 +36,14 @@ from p2pfl.spec import SpecError
 def test_a_failed_write_keeps_both_checkpoints_and_leaves_no_temp_file(tmp_path, monkeypatch, code):
     write_atomically(tmp_path, encode_checkpoint({"step": 1}))
     write_atomically(tmp_path, encode_checkpoint({"step": 2}))
-    real_write = os.write
+    real_fsync = os.fsync
 
-    def full(fd, data):
-        real_write(fd, bytes(data[: len(data) // 2]))  # half of it fits, then the disk is full
-        raise OSError(code, os.strerror(code))
+    def full(fd):  # the data is written, but the disk is full when it is flushed
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).endswith(".tmp"):
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
 
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError):
         write_atomically(tmp_path, encode_checkpoint({"step": 3}))
     monkeypatch.undo()

@@ -2,12 +2,12 @@
 
 A checkpoint file is ``MAGIC + sha256(payload) + payload`` where the payload is a
 ``torch.save`` of plain tensors, numbers, strings, lists and dicts (loaded back with
-``weights_only=True``). Saving writes ``ckpt.tmp``, fsyncs it, moves the current ``ckpt`` to
-``ckpt.prev`` and the new file into place, then fsyncs the directory; a write that fails (disk
-full, read-only home) leaves both files as they were and no temporary file. Restoring takes
-the newest file that verifies and can be applied; one that does not is logged, renamed
-``*.corrupt`` or ``*.unusable`` (so it is never rotated over the good previous copy) and the
-previous one is tried.
+``weights_only=True``). Saving writes a temporary file, fsyncs it, moves the current ``ckpt``
+to ``ckpt.prev`` and the new file into place, then fsyncs the directory
+(``files.write_private_atomically``); a write that fails (disk full, read-only home) leaves
+both files as they were and no temporary file. Restoring takes the newest file that verifies
+and can be applied; one that does not is logged, renamed ``*.corrupt`` or ``*.unusable`` (so
+it is never rotated over the good previous copy) and the previous one is tried.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from typing import Any, TypeVar
 import torch
 
 from p2pfl.errors import P2pflError
+from p2pfl.files import write_private_atomically
 
 log = logging.getLogger("p2pfl.daemon")
 
 MAGIC = b"P2PFLCK1"
 CURRENT = "ckpt"
 PREVIOUS = "ckpt.prev"
-_TEMP = "ckpt.tmp"
 T = TypeVar("T")
 
 
@@ -63,31 +63,10 @@ def decode_checkpoint(data: bytes) -> dict[str, Any]:
 
 
 def write_atomically(home: Path, data: bytes) -> None:
-    """Replace ``home/ckpt`` by ``data``, keeping the current one as ``ckpt.prev``.
-
-    On failure (disk full, read-only home: ``OSError``) nothing changes: the temporary file is
-    removed and ``ckpt`` / ``ckpt.prev`` stay as they were."""
-    temp, current = home / _TEMP, home / CURRENT
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    if current.exists():
-        os.replace(current, home / PREVIOUS)
-    os.replace(temp, current)
-    dir_fd = os.open(home, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace ``home/ckpt`` by ``data``, keeping the current one as ``ckpt.prev``. On failure
+    (disk full, read-only home: ``OSError``) both stay as they were and no temporary file is
+    left."""
+    write_private_atomically(home / CURRENT, data, previous=home / PREVIOUS)
 
 
 def restore_newest(home: Path, apply: Callable[[dict[str, Any]], T]) -> T | None:

@@ -74,6 +74,8 @@ class ByzantineCore:
     """An honest ``core`` whose outgoing models lie (see the module docstring). Everything
     else (stats, step, neighbours) is the wrapped core's."""
 
+    _OWN = frozenset({"core", "attack", "_noise", "_first"})
+
     def __init__(self, core: NodeCore, attack: str, seed: int = 0) -> None:
         if attack not in ATTACKS:
             raise ValueError(f"unknown attack {attack!r}")
@@ -85,7 +87,17 @@ class ByzantineCore:
             core.drift = lambda: math.inf  # type: ignore[method-assign]
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.core, name)
+        """Everything is the honest core's, but every event handler's sends lie."""
+        value = getattr(self.core, name)
+        if name.startswith("on_") and callable(value):
+            return lambda *args: self._lie(value(*args))
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.core, name, value)  # e.g. the driver telling the step size
 
     def on_local_step(self, now: float) -> list[Action]:
         actions = self.core.on_local_step(now)
@@ -97,18 +109,6 @@ class ByzantineCore:
                     message = Push(-1, model.read().clone(), model.samples)
                     actions.append(Send(peer, message))
         return self._lie(actions)
-
-    def on_message(self, now: float, sender: str, message: Any) -> list[Action]:
-        return self._lie(self.core.on_message(now, sender, message))
-
-    def on_timer(self, now: float, key: Any) -> list[Action]:
-        return self._lie(self.core.on_timer(now, key))
-
-    def on_peer_up(self, now: float, peer: str) -> list[Action]:
-        return self._lie(self.core.on_peer_up(now, peer))
-
-    def on_peer_down(self, now: float, peer: str) -> list[Action]:
-        return self._lie(self.core.on_peer_down(now, peer))
 
     def _lie(self, actions: list[Action]) -> list[Action]:
         return [self._lie_in(a) if isinstance(a, Send) else a for a in actions]

@@ -3,11 +3,17 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from p2pfl.learning.rules import MERGE_KEYS, MergeRule, parse_merge
-from p2pfl.spec import SpecError, non_negative_float, non_negative_int, parse_spec, positive_int
+from p2pfl.spec import (
+    SpecError,
+    non_negative_float,
+    non_negative_int,
+    parse_spec,
+    positive_float,
+    positive_int,
+)
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 
@@ -45,7 +51,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
     spec = parse_spec(text, PROTOCOLS)
     common = {"timeout"} | MERGE_KEYS
     merge = parse_merge(spec)
-    timeout = spec.take("timeout", _positive_float, 0.5)
+    timeout = spec.take("timeout", positive_float, 0.5)
     base = {"merge": merge, "timeout": timeout, "text": spec.text}
     if spec.kind in ("none", "continuous"):
         spec.check_keys(common if spec.kind == "continuous" else set())
@@ -72,10 +78,3 @@ def parse_protocol(text: str) -> ProtocolConfig:
         correction=correction,
         **base,
     )
-
-
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError("must be a positive number")
-    return value

@@ -1,21 +1,23 @@
 """The simulation engine: drives protocol cores and one learner for all nodes over a
-``SimNetwork`` on a virtual clock. It makes no protocol decision: it only delivers events to
-the cores and carries out the actions they return.
+``SimNetwork`` on a virtual clock. It makes no protocol decision and applies no action itself:
+each core runs in a ``CoreRuntime`` (``p2pfl.runtime``), which feeds it events and applies its
+model actions; the engine moves the messages it sends and fires the timers it sets.
 
 Cores live in channels (see ``channels.py``): a channel is a graph over its members, the part
 of the model they share and one core per member. The plain simulation is one channel over the
-whole model; with communities a node has one core per community it is in. A core reads only
-its channel's part (``PartView``), its messages are sized with the part's sub-schema (so their
-bytes are the part's bytes), its ``ReplaceModel`` writes only the part's entries and its
-``SetCorrection`` fills only the part's slice of the node's correction (``Corrections``):
-private parameters are never sent nor overwritten.
+whole model; with communities a node has one core per community it is in. A core reads and
+writes only its channel's part, and its messages are sized with the part's sub-schema (so their
+bytes are the part's bytes). A send to a node that is offline (or outside the channel) fails at
+once and the sender's core is told, as a daemon's send to a peer it cannot reach.
 
-One tick of the clock (``network.step_time`` seconds) is: apply concept drift and churn if
-due, deliver every message and timer that is due, train every online node whose compute
-speed gives it a step in this tick (one batched step), hand each of them ``on_local_step``,
-then evaluate if due. Links carry each message's exact encoded size (``encoded_size``, equal
-to ``len(encode(...))``); the receiver gets a snapshot of the sent message (what decoding those
-bytes yields, checked for NaN/inf like the decoder does) without paying for encode and decode.
+One tick of the clock (``network.step_time`` seconds) is: bring the task to this step
+(concept drift, ``stream.py``) and apply churn if due, deliver every message and timer that
+is due, train every online node whose compute speed gives it a step in this tick (one
+batched step, each batch scored before it is trained on), hand each of them
+``on_local_step``, then evaluate if due. Links carry each message's exact encoded size
+(``encoded_size``, equal to ``len(encode(...))``); the receiver gets a snapshot of the sent
+message (what decoding those bytes yields, checked for NaN/inf like the decoder does) without
+paying for encode and decode.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,19 +35,20 @@ import networkx as nx
 import torch
 from torch import nn
 
-from p2pfl.community.sharing import Corrections, PartView
 from p2pfl.data import Dataset, NodeData, load_dataset, split_nodes
 from p2pfl.learning.learner import BatchedLearner, Learner, PerNodeLearner, SGDConfig
 from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
+from p2pfl.learning.schedule import parse_lr_schedule
 from p2pfl.models import build_model
-from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
 from p2pfl.protocol.byzantine import Attackers, parse_byzantine
-from p2pfl.protocol.core import CoreStats, NodeCore, make_core
+from p2pfl.protocol.core import CoreStats, NodeCore
+from p2pfl.runtime import CoreRuntime, NodeModel, open_core
 from p2pfl.simulator.channels import Channel, community_channels, union_graph, whole_model_channel
 from p2pfl.simulator.network import SimNetwork
 from p2pfl.simulator.objectives import OwnObjectives
 from p2pfl.simulator.scenario import Scenario
+from p2pfl.simulator.stream import ChangingTask, Prequential
 from p2pfl.topology import build_topology
 from p2pfl.wire.codec import all_finite, encoded_size
 from p2pfl.wire.messages import Message
@@ -102,6 +105,21 @@ def _snapshot(message: Message) -> Message:
     return replace(message, params=params.detach().clone())
 
 
+class _Port:
+    """The driver of one node's core in one channel: sends and timers go to the simulation."""
+
+    __slots__ = ("sim", "channel", "node")
+
+    def __init__(self, sim: Simulation, channel: int, node: int) -> None:
+        self.sim, self.channel, self.node = sim, channel, node
+
+    def send(self, now: float, to: str, message: Message) -> None:
+        self.sim._send(now, self.channel, self.node, int(to), message)
+
+    def set_timer(self, at: float, key: Hashable) -> None:
+        self.sim._push(at, "timer", (self.channel, self.node, key))
+
+
 class Simulation:
     """One run on one prepared scenario: every node trains on its own data and syncs over the
     channels it is a member of."""
@@ -121,7 +139,8 @@ class Simulation:
             s.batch_size,
             s.seed,
         )
-        sgd = SGDConfig(lr=s.lr, momentum=s.momentum)
+        schedule = parse_lr_schedule(s.lr_schedule).with_horizon(s.steps)
+        sgd = SGDConfig(lr=s.lr, momentum=s.momentum, schedule=schedule)
         self.learner: Learner
         if s.learner == "batched":
             try:
@@ -136,35 +155,30 @@ class Simulation:
             channels = [whole_model_channel(prepared.graph, self.schema, protocol)]
         self.channels = list(channels)
         self.net = SimNetwork(prepared.graph, s.network, s.seed)
-        step_size = s.lr / (1 - s.momentum)
-        # Per channel: member -> core; per node: its (channel, core) pairs; and all cores.
-        self.channel_cores: list[dict[int, NodeCore]] = []
-        self.node_cores: list[list[tuple[int, NodeCore]]] = [[] for _ in range(s.nodes)]
-        self.cores: list[NodeCore] = []
+        models = [NodeModel(self.learner, i, len(d.y_train)) for i, d in enumerate(prepared.nodes)]
+        # Per channel: member -> runtime of its core; per node: its (channel, runtime) pairs.
+        self.runtimes: list[dict[int, CoreRuntime]] = []
+        self.node_runtimes: list[list[tuple[int, CoreRuntime]]] = [[] for _ in range(s.nodes)]
         self.attackers = Attackers(parse_byzantine(s.byzantine), s.nodes, s.seed)
         for c, channel in enumerate(self.channels):
-            members: dict[int, NodeCore] = {}
+            members: dict[int, CoreRuntime] = {}
             for i in channel.members:
-                view = PartView(
-                    lambda i=i: self.learner.get(i), channel.part, len(prepared.nodes[i].y_train)
+                members[i] = open_core(
+                    models[i],
+                    str(i),
+                    channel.protocol,
+                    channel.part,
+                    _Port(self, c, i),
+                    seed=s.seed,
+                    channel=channel.name,
+                    neighbors=(str(j) for j in channel.graph.neighbors(i)),
                 )
-                members[i] = self.attackers.wrap(
-                    i,
-                    make_core(
-                        str(i),
-                        channel.protocol,
-                        view,
-                        (str(j) for j in channel.graph.neighbors(i)),
-                        seed=s.seed * 100_003 + i + c * 1_000_003,
-                        step_size=step_size,
-                    ),
-                )
-                self.node_cores[i].append((c, members[i]))
-                self.cores.append(members[i])
-            self.channel_cores.append(members)
+                members[i].core = self.attackers.wrap(i, members[i].core)
+                self.node_runtimes[i].append((c, members[i]))
+            self.runtimes.append(members)
+        self.cores: list[NodeCore] = [r.core for members in self.runtimes for r in members.values()]
         self.channel_bytes = [0] * len(self.channels)
         self.channel_messages = [0] * len(self.channels)
-        self.corrections: dict[int, Corrections] = {}
         self.objectives = (
             OwnObjectives(prepared.nodes, prepared.dataset.num_classes) if s.communities else None
         )
@@ -174,43 +188,37 @@ class Simulation:
         )
         self.events: list[tuple[float, int, str, Any]] = []
         self._seq = 0
-        self.x_test, self.y_test = prepared.dataset.x_test, prepared.dataset.y_test
+        self.x_test = prepared.dataset.x_test
+        self.task = ChangingTask(prepared.dataset, prepared.nodes, bank, self.objectives)
         self.rejected = 0
+        # Each batch scored before it is trained on: over the run, and since the last eval.
+        self.prequential, self.prequential_window = Prequential(), Prequential()
 
     # -- actions -----------------------------------------------------------------------------
     def _push(self, at: float, kind: str, payload: Any) -> None:
         self._seq += 1
         heapq.heappush(self.events, (at, self._seq, kind, payload))
 
-    def _perform(self, channel: int, node: int, actions: list[Action], now: float) -> None:
-        """Carry out the actions of ``node``'s core in ``channel``."""
-        part = self.channels[channel].part
-        for action in actions:
-            if isinstance(action, Send):
-                dst = int(action.to)
-                size = encoded_size(action.message, part.schema)
-                self.channel_bytes[channel] += size
-                self.channel_messages[channel] += 1
-                arrival = self.net.transmit(now, node, dst, size)
-                if arrival is not None:
-                    self._push(arrival, "msg", (channel, node, dst, _snapshot(action.message)))
-            elif isinstance(action, ReplaceModel):
-                self.learner.set(node, part.put(self.learner.get(node), action.params))
-            elif isinstance(action, SetCorrection):
-                corrections = self.corrections.get(node)
-                if corrections is None:
-                    corrections = self.corrections[node] = Corrections(self.schema.numel)
-                self.learner.set_correction(node, corrections.set(part, action.vector))
-            elif isinstance(action, SetTimer):
-                self._push(action.at, "timer", (channel, node, action.key))
+    def _send(self, now: float, channel: int, src: int, dst: int, message: Message) -> None:
+        """Move a message of ``src``'s core in ``channel`` to ``dst``. A send to a node that is
+        offline, or not in the channel, fails at once (as a daemon's send to a peer it cannot
+        reach): nothing goes out and the sender's core is told."""
+        if not self.net.online[dst] or dst not in self.runtimes[channel]:
+            self.runtimes[channel][src].send_failed(now, str(dst))
+            return
+        size = encoded_size(message, self.channels[channel].part.schema)
+        self.channel_bytes[channel] += size
+        self.channel_messages[channel] += 1
+        arrival = self.net.transmit(now, src, dst, size)
+        if arrival is not None:
+            self._push(arrival, "msg", (channel, src, dst, _snapshot(message)))
 
     def _deliver_due(self, now: float) -> None:
         while self.events and self.events[0][0] <= now:
             at, _, kind, payload = heapq.heappop(self.events)
             if kind == "timer":
                 channel, node, key = payload
-                core = self.channel_cores[channel][node]
-                self._perform(channel, node, core.on_timer(at, key), at)
+                self.runtimes[channel][node].timer(at, key)
                 continue
             channel, src, dst, message = payload
             if not self.net.online[dst]:
@@ -221,22 +229,23 @@ class Simulation:
                 self.rejected += 1
                 log.warning("node %d rejected a message from %d: params contain NaN/inf", dst, src)
                 continue
-            core = self.channel_cores[channel][dst]
-            self._perform(channel, dst, core.on_message(at, str(src), message), at)
+            self.runtimes[channel][dst].message(at, str(src), message)
 
-    def _notify(self, nodes: list[int], event: str, now: float) -> None:
+    def _notify(self, nodes: list[int], went_down: bool, now: float) -> None:
+        """Tell the neighbours of ``nodes`` in each channel that they went down or came up."""
         for node in nodes:
-            for c, _ in self.node_cores[node]:
+            for c, _ in self.node_runtimes[node]:
                 for peer in self.channels[c].graph.neighbors(node):
-                    core = self.channel_cores[c][peer]
-                    handler: Callable[[float, str], list[Action]] = getattr(core, event)
-                    self._perform(c, peer, handler(now, str(node)), now)
+                    runtime = self.runtimes[c][peer]
+                    if went_down:
+                        runtime.peer_down(now, str(node))
+                    else:
+                        runtime.peer_up(now, str(node))
 
     # -- run ---------------------------------------------------------------------------------
     def run(self, on_tick: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Run all steps; return the run's summary with its metrics time series."""
         s = self.prepared.scenario
-        drift = self.prepared.dataset.drift
         finals = set(final_eval_steps(s.steps))
         metrics: list[dict[str, Any]] = []
         progress = torch.zeros(s.nodes)
@@ -244,24 +253,23 @@ class Simulation:
         started = time.perf_counter()
         for t in range(1, s.steps + 1):
             now = t * s.network.step_time
-            if drift is not None and t == drift.at_step + 1:
-                self._apply_drift()
+            self.task.advance(t)
             gone, back = self.net.churn()
-            self._notify(gone, "on_peer_down", now)
-            self._notify(back, "on_peer_up", now)
+            self._notify(gone, True, now)
+            self._notify(back, False, now)
             self._deliver_due(now)
             before = progress.floor()
             progress += self.speeds
             due = (progress.floor() > before) & torch.tensor(self.net.online)
             active = due.nonzero().flatten()
             if len(active):
-                self.learner.step(active)
+                result = self.learner.step(active)
+                self.prequential.add(result)
+                self.prequential_window.add(result)
                 node_steps += len(active)
                 for node in active.tolist():
-                    for c, core in self.node_cores[node]:
-                        actions = core.on_local_step(now)
-                        if actions:
-                            self._perform(c, node, actions, now)
+                    for _, runtime in self.node_runtimes[node]:
+                        runtime.local_step(now)
             if t % s.eval_every == 0 or t in finals or t == s.steps:
                 metrics.append(self._measure(t, now))
             if on_tick is not None:
@@ -269,21 +277,15 @@ class Simulation:
         wall = time.perf_counter() - started
         return self._summary(metrics, finals, node_steps, wall)
 
-    def _apply_drift(self) -> None:
-        drift = self.prepared.dataset.drift
-        assert drift is not None
-        ys = [drift.relabel(d.x_train, d.y_train) for d in self.prepared.nodes]
-        self.learner.data.replace_all([d.x_train for d in self.prepared.nodes], ys)
-        self.y_test = drift.relabel(self.x_test, self.y_test)
-        if self.objectives is not None:
-            drifted = [
-                NodeData(d.x_train, y, d.x_test, drift.relabel(d.x_test, d.y_test))
-                for d, y in zip(self.prepared.nodes, ys, strict=True)
-            ]
-            self.objectives.relabel(drifted, self.prepared.dataset.num_classes)
-
     def _measure(self, t: int, now: float) -> dict[str, Any]:
-        acc, loss = self.learner.evaluate(self.x_test, self.y_test)
+        acc = loss = torch.zeros(self.learner.num_nodes)
+        avg_acc = avg_loss = 0.0
+        for share, y_test in self.task.test_labels:  # one set, or two mixed in a transition
+            acc_c, loss_c = self.learner.evaluate(self.x_test, y_test)
+            acc, loss = acc + share * acc_c, loss + share * loss_c
+            avg_acc_c, avg_loss_c = self.learner.evaluate_average(self.x_test, y_test)
+            avg_acc, avg_loss = avg_acc + share * avg_acc_c, avg_loss + share * avg_loss_c
+        window, self.prequential_window = self.prequential_window, Prequential()
         w = self.learner.stacked()
         divergence = float((w - w.mean(0)).square().sum(1).mean())
         own = {}
@@ -298,6 +300,11 @@ class Simulation:
             "accuracy_min": float(acc.min()),
             "honest_accuracy": float(acc[self.attackers.honest(len(acc))].mean()),
             "loss": float(loss.mean()),
+            "average_model_accuracy": avg_acc,
+            "average_model_loss": avg_loss,
+            "prequential_accuracy": window.accuracy,
+            "prequential_loss": window.mean_loss,
+            "concept": self.task.state.concept,
             "divergence": divergence,
             "bytes": self.net.bytes_sent,
             "messages": self.net.messages,
@@ -323,6 +330,9 @@ class Simulation:
             "final_loss": sum(m["loss"] for m in final) / len(final),
             "honest_accuracy": sum(m["honest_accuracy"] for m in final) / len(final),
             "byzantine_nodes": sorted(self.attackers.nodes),
+            "average_model_accuracy": sum(m["average_model_accuracy"] for m in final) / len(final),
+            "prequential_accuracy": self.prequential.accuracy,
+            "prequential_loss": self.prequential.mean_loss,
             "bytes_sent": self.net.bytes_sent,
             "messages": self.net.messages,
             "syncs": stats.pop("syncs"),
@@ -349,7 +359,7 @@ class Simulation:
                     "members": channel.members,
                     "bytes_sent": self.channel_bytes[c],
                     "messages": self.channel_messages[c],
-                    "syncs": sum(core.stats.syncs for core in self.channel_cores[c].values()),
+                    "syncs": sum(r.core.stats.syncs for r in self.runtimes[c].values()),
                 }
                 for c, channel in enumerate(self.channels)
             ]
