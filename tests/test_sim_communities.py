@@ -138,7 +138,9 @@ def test_shared_entries_agree_private_entries_stay_own():
 PINNED = {
     "periodic:b=5": (0.4145543098449707, 1.8958760023117065, 6023460, 310, 134),
     "dynamic": (0.7075905323028564, 1.303795337677002, 6331869, 637, 210),
-    "gossip": (0.6005571126937866, 1.3883410453796388, 15311243, 788, 783),
+    # re-recorded when clipping became the default (issue 11): 16 of 783 gossip merges are
+    # clipped on this ring (was 0.6005571126937866, 1.3883410453796388)
+    "gossip": (0.5980501413345337, 1.3900604009628297, 15311243, 788, 783),
 }
 
 

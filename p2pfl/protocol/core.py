@@ -22,6 +22,9 @@ log = logging.getLogger("p2pfl.protocol")
 
 DISTANCE_HISTORY = 32
 """Peers whose latest distance is remembered for the clip bound (the most recent ones)."""
+MAJORITY_PEERS = 3
+"""Peers the distance history needs before its median counts: with fewer, one liar could be
+the median (a node with one or two peers trusts only its own displacement and the protocol)."""
 PEER_SPEED_ALLOWANCE = 2.0
 """How much faster than this node a peer's machine may be before its sessions are refused."""
 
@@ -167,7 +170,8 @@ class NodeCore:
         node's own displacement since its last merge (``||own - anchor||``, about
         b·η·|gradient| on a fixed schedule); ``floor`` what the protocol lets an honest peer
         move anyway (``_clip_floor``, √Δ for dynamic); with ``peers``, ``m`` the median over
-        the last ``DISTANCE_HISTORY`` peers of how far each one's latest model was from ours
+        the last ``DISTANCE_HISTORY`` peers (once there are ``MAJORITY_PEERS``) of how far
+        each one's latest model was from ours
         (one entry per peer, so a peer that sends often counts once: with an honest
         majority among them, an honest distance, e.g. gossip's slow mixing or a node that
         joined late). Infinite when clipping is off."""
@@ -175,7 +179,7 @@ class NodeCore:
             return math.inf
         s = float(torch.linalg.vector_norm(own - self.anchor))
         seen = sorted(self._peer_distances.values()) if peers else []
-        m = seen[(len(seen) - 1) // 2] if seen else 0.0
+        m = seen[(len(seen) - 1) // 2] if len(seen) >= MAJORITY_PEERS else 0.0
         return self.config.merge.clip * max(s, self._clip_floor(), m)
 
     def _clip_floor(self) -> float:
