@@ -22,9 +22,10 @@ log = logging.getLogger("p2pfl.protocol")
 
 DISTANCE_HISTORY = 32
 """Peers whose latest distance is remembered for the clip bound (the most recent ones)."""
-MAJORITY_PEERS = 3
-"""Peers the distance history needs before its median counts: with fewer, one liar could be
-the median (a node with one or two peers trusts only its own displacement and the protocol)."""
+MAJORITY_PEERS = 2
+"""Peers the distance history needs before its (lower) median counts: with one, that peer
+alone would set it (a node with one peer trusts only its own displacement and the protocol);
+with two, one liar cannot raise the lower of the two."""
 PEER_SPEED_ALLOWANCE = 2.0
 """How much faster than this node a peer's machine may be before its sessions are refused."""
 

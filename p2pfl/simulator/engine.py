@@ -184,6 +184,7 @@ class Simulation:
                     channel=channel.name,
                     # with admission, a core hears of its neighbours once they are admitted
                     neighbors=() if channel.admission else map(str, channel.graph.neighbors(i)),
+                    max_neighbors=channel.graph.degree(i) if channel.admission else 0,
                 )
                 members[i].core = self.attackers.wrap(i, members[i].core)
                 self.node_runtimes[i].append((c, members[i]))
