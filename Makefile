@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch, pinned: a looser spec would pull gigabytes of CUDA packages.
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean browser
 
 venv: $(STAMP)
 
@@ -21,7 +21,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/p2pfl demo --out runs/demo
 
-test: $(STAMP)
+# The dashboard's browser test drives Debian's chromium (never a downloaded browser build):
+# installed here when missing and running as root with apt (as CI does).
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium (apt) for the dashboard's browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -7,15 +7,19 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from p2pfl.cli.jsonout import JSON, print_json
 from p2pfl.cli.torch_threads import use_torch
 from p2pfl.daemon.config import KEY_FILE, ConfigError, load_config, write_template
 from p2pfl.daemon.control import ControlError, request, socket_path
+
+if TYPE_CHECKING:
+    from p2pfl.daemon.node import NodeDaemon
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(stderr=True)
@@ -30,7 +34,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 @app.command()
-def init(home: Path = HOME) -> None:
+def init(home: Path = HOME, as_json: bool = JSON) -> None:
     """Create DIR with a private identity key and a commented config.toml."""
     from libp2p.peer.id import ID
 
@@ -41,7 +45,11 @@ def init(home: Path = HOME) -> None:
         key_pair = load_or_create_identity(home / KEY_FILE)
     except (OSError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    print(f"peer id {ID.from_pubkey(key_pair.public_key)}")
+    peer_id = str(ID.from_pubkey(key_pair.public_key))
+    if as_json:
+        print_json({"peer_id": peer_id, "home": str(home), "config": str(config)})
+        return
+    print(f"peer id {peer_id}")
     print(f"edit {config}, then run: p2pfl node start --home {home}")
 
 
@@ -60,8 +68,16 @@ def start(
     step_interval: float | None = typer.Option(None, "--step-interval", help="Seconds."),
     target_degree: int | None = typer.Option(None, "--target-degree"),
     metrics_port: int | None = typer.Option(None, "--metrics-port", help="0 = off."),
+    dashboard_port: str | None = typer.Option(
+        None, "--dashboard-port", help="Dashboard on 127.0.0.1: auto (default), a port, 0 = off."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Once listening, print one JSON line (peer id, addresses, URL)."
+    ),
 ) -> None:
-    """Run the node in the foreground until SIGINT/SIGTERM or `p2pfl node stop`."""
+    """Run the node in the foreground until SIGINT/SIGTERM or `p2pfl node stop`.
+
+    Prints its full addresses (one per line) once it listens; the dashboard's URL is logged."""
     flags: dict[str, Any] = {
         "listen": listen,
         "bootstrap": bootstrap,
@@ -75,6 +91,7 @@ def start(
         "step_interval": step_interval,
         "target_degree": target_degree,
         "metrics_port": metrics_port,
+        "dashboard_port": dashboard_port,
     }
     if not home.is_dir():
         raise _fail(f"{home} does not exist; create it with `p2pfl node init --home {home}`")
@@ -93,7 +110,7 @@ def start(
     try:
         key_pair = load_or_create_identity(config.key_file)
         daemon = NodeDaemon(config, key_pair)
-        trio.run(daemon.run, _print_addresses)
+        trio.run(daemon.run, lambda addrs: _print_listening(daemon, addrs, as_json))
     except (ConfigError, ControlError, CheckpointError, ValueError) as exc:
         logging.getLogger("p2pfl.daemon").error("%s", exc)
         raise typer.Exit(2) from None
@@ -101,7 +118,11 @@ def start(
         _remove_logging(handlers)
 
 
-def _print_addresses(addrs: list[str]) -> None:
+def _print_listening(daemon: NodeDaemon, addrs: list[str], as_json: bool) -> None:
+    if as_json:
+        fields = {"peer_id": daemon.peer_id, "listen_addrs": addrs, "home": str(daemon.config.home)}
+        print(json.dumps({**fields, "dashboard_url": daemon.dashboard_url}), flush=True)
+        return
     for addr in addrs:
         print(addr, flush=True)
 
@@ -143,7 +164,7 @@ def status(
     except ControlError as exc:
         raise _fail(str(exc), code=1) from None
     if as_json:
-        print(json.dumps(reply, indent=2))
+        print_json(reply)
         return
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from p2pfl.cli.jsonout import print_json
 from p2pfl.cli.torch_threads import use_torch
 from p2pfl.simulator.scenario import ScenarioError, load_scenario
 from p2pfl.spec import SpecError
@@ -34,9 +35,12 @@ def sim(
     ),
     out: Path = typer.Option(Path("runs/sim"), "--out", help="Directory for the results."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the run's summary (as summary.json) on stdout instead."
+    ),
 ) -> None:
     """Simulate nodes on a graph and compare protocols on identical data and seed; with
-    [[communities]] in the scenario, compare joining them against training alone."""
+    \\[\\[communities]] in the scenario, compare joining them against training alone."""
     overrides = {
         "nodes": nodes,
         "topology": topology,
@@ -50,18 +54,23 @@ def sim(
         "seed": seed,
         "allow_disconnected": allow_disconnected or None,
     }
-    _run(scenario, overrides, out, quiet)
+    _run(scenario, overrides, out, quiet, as_json)
 
 
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for the results."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the run's summary (as summary.json) on stdout instead."
+    ),
 ) -> None:
     """Run the built-in demo (sim/demo.toml): digits on 16 nodes, non-IID, four protocols."""
-    _run(DEMO_SCENARIO, {}, out, quiet)
+    _run(DEMO_SCENARIO, {}, out, quiet, as_json)
 
 
-def _run(path: Path | None, overrides: dict[str, object], out: Path, quiet: bool) -> None:
+def _run(
+    path: Path | None, overrides: dict[str, object], out: Path, quiet: bool, as_json: bool
+) -> None:
     use_torch()
     from p2pfl.data import DataError
     from p2pfl.simulator.results import (
@@ -78,6 +87,9 @@ def _run(path: Path | None, overrides: dict[str, object], out: Path, quiet: bool
     except (ScenarioError, SpecError, DataError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
+    if as_json:
+        print_json(summary)
+        return
     console.print(comparison_table(summary))
     if "joining" in summary:
         console.print(joining_table(summary))

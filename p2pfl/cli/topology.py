@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from p2pfl.cli.jsonout import JSON, print_json
 from p2pfl.spec import SpecError
 
 app = typer.Typer(no_args_is_help=True)
@@ -34,6 +35,7 @@ def show(
     allow_disconnected: bool = typer.Option(
         False, "--allow-disconnected", help="Accept a graph that falls apart into pieces"
     ),
+    as_json: bool = JSON,
 ) -> None:
     """Print nodes, edges, degrees and diameter of a topology; optionally draw it."""
     from p2pfl.topology import build_topology, describe_topology, draw_topology
@@ -47,6 +49,15 @@ def show(
         err.print(f"[red]error: {escape(str(exc))}[/red]", highlight=False)
         raise typer.Exit(code=2) from None
     info = describe_topology(graph)
+    if png is not None:
+        try:
+            draw_topology(graph, png)
+        except OSError as exc:
+            err.print(f"[red]error: cannot write {escape(str(png))}: {escape(str(exc))}[/red]")
+            raise typer.Exit(code=1) from None
+    if as_json:
+        print_json({"spec": spec, **info, "png": None if png is None else str(png)})
+        return
     table = Table(title=f"topology {escape(spec)}", show_header=False)
     table.add_row("nodes", str(info["nodes"]))
     table.add_row("edges", str(info["edges"]))
@@ -58,9 +69,4 @@ def show(
     table.add_row("diameter", "-" if info["diameter"] is None else str(info["diameter"]))
     out.print(table)
     if png is not None:
-        try:
-            draw_topology(graph, png)
-        except OSError as exc:
-            err.print(f"[red]error: cannot write {escape(str(png))}: {escape(str(exc))}[/red]")
-            raise typer.Exit(code=1) from None
         out.print(f"drawn to {escape(str(png))}")

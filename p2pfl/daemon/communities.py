@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ from p2pfl.daemon.community_wire import (
 )
 from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.daemon.outbox import Outboxes
+from p2pfl.daemon.peers import PeerLedger
 from p2pfl.daemon.transport import Transport, TransportError
 from p2pfl.learning.learner import PerNodeLearner
 from p2pfl.learning.params import ParamSchema
@@ -86,6 +88,8 @@ REDIAL_EVERY_S = 3.0
 REFUSAL_EVERY_S = 10.0
 """At most one refusal notice per peer and community every 10 s."""
 MAX_REFUSALS_REMEMBERED = 1024
+RECENT_REFUSALS = 20
+"""Refusals a community keeps for the dashboard."""
 KNOWN_MEMBER_TTL_S = 60.0
 """An announced peer is dialled while its announcements are at most this old."""
 MAX_ANNOUNCED_PEERS = 256
@@ -165,6 +169,8 @@ class Community:
     counters: dict[str, int] = field(
         default_factory=lambda: {"bytes_sent": 0, "bytes_received": 0, "rejected": 0}
     )
+    refusals: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_REFUSALS))
+    """The last refusals in this community: peer, reason, unix time."""
 
     @property
     def id(self) -> str:
@@ -190,8 +196,10 @@ class Community:
             "protocol": self.manifest.protocol,
             "members": sorted(self.admitted),
             "step": self.core.step,
+            "admission": self.manifest.admission,
             "syncs": self.core.stats.syncs,
             **self.counters,
+            "recent_refusals": list(self.refusals),
         }
 
 
@@ -227,6 +235,7 @@ class Communities:
         samples: int,
         seed: int,
         counters: dict[str, int],
+        ledger: PeerLedger | None = None,
     ) -> None:
         self.config = config
         self.peer_id = peer_id
@@ -235,6 +244,8 @@ class Communities:
         self.seed = seed
         self.node_counters = counters
         """The node's counters; refused frames count in its ``rejected`` too."""
+        self.ledger = ledger if ledger is not None else PeerLedger()
+        """Per-peer records of the node: refusals are noted there with their reason."""
         self.corrections = Corrections(learner.schema.numel)
         self.active: dict[str, Community] = {}
         self.max_sync_frame = ID_BYTES + max_message_bytes(learner.schema)
@@ -529,7 +540,7 @@ class Communities:
         try:
             hello = Hello.from_bytes(payload)
         except WireError as exc:
-            self.node_counters["rejected"] += 1
+            self._count_refusal(peer, f"unreadable hello: {exc}")
             log.warning("refused hello from peer %s: %s", peer, exc)
             return
         community = self.active.get(hello.community)
@@ -548,7 +559,7 @@ class Communities:
                 self._drop(community, peer, greet_again=False)
             return
         if community is None:
-            self.node_counters["rejected"] += 1
+            self._count_refusal(peer, f"hello for community {hello.community}: not a member")
             log.warning(
                 "refused hello from peer %s: this node is not a member of community %s",
                 peer,
@@ -561,8 +572,7 @@ class Communities:
                 community.manifest, peer, self.peer_id, hello.credential, int(time.time())
             )
         except CommunityError as exc:
-            community.counters["rejected"] += 1
-            self.node_counters["rejected"] += 1
+            self._count_refusal(peer, str(exc), community)
             log.warning("refused peer %s in community %s: %s", peer, community.label, exc)
             self._refuse(community.id, peer, str(exc))
             return
@@ -575,6 +585,16 @@ class Communities:
             credential = make_credential(community.membership, self.peer_id, peer)
             answer = Hello(community.id, credential, answer=True)
             self._outboxes.put(peer, _Frame(HELLO_PROTOCOL, community.id, answer.to_bytes()))
+
+    def _count_refusal(self, peer: str, reason: str, community: Community | None = None) -> None:
+        """Count a refused hello or frame in the node's (and the community's) counters and
+        note the reason in the peer ledger."""
+        self.node_counters["rejected"] += 1
+        if community is not None:
+            community.counters["rejected"] += 1
+            community.refusals.append({"peer": peer, "reason": reason, "at": time.time()})
+            reason = f"community {community.label}: {reason}"
+        self.ledger.refused(peer, reason)
 
     def _refuse(self, community_id: str, peer: str, reason: str) -> None:
         """Tell ``peer`` why it was refused (at most once per REFUSAL_EVERY_S and community)."""
@@ -606,7 +626,7 @@ class Communities:
         cid, message_bytes = split_sync_frame(payload)
         community = self.active.get(cid) if message_bytes else None
         if community is None:
-            self.node_counters["rejected"] += 1
+            self._count_refusal(peer, f"sync frame for community {cid or '(none)'}: not a member")
             log.warning(
                 "refused sync frame from peer %s: this node is not a member of community %s",
                 peer,
@@ -622,8 +642,7 @@ class Communities:
             except WireError as exc:
                 reason = str(exc)
         if reason is not None:
-            community.counters["rejected"] += 1
-            self.node_counters["rejected"] += 1
+            self._count_refusal(peer, reason, community)
             log.warning(
                 "refused sync frame from peer %s in community %s: %s", peer, community.label, reason
             )

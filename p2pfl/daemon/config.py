@@ -60,6 +60,11 @@ CONFIG_TEMPLATE = """\
 
 # Port of a Prometheus metrics endpoint on 127.0.0.1 (0 = off).
 # metrics_port = 0
+
+# Port of the dashboard, a web page on 127.0.0.1 showing the node's progress, peers and
+# communities: "auto" (any free port), a number, or 0 = off. Its URL, with the access token
+# kept in DIR/dashboard.token, is printed at start and by `p2pfl node status`.
+# dashboard_port = "auto"
 """
 
 
@@ -84,6 +89,8 @@ class NodeConfig:
     step_interval: float = 0.01
     target_degree: int = 8
     metrics_port: int = 0
+    dashboard_port: int | str = "auto"
+    """A port on 127.0.0.1, "auto" for any free one, or 0 for no dashboard."""
     protocol_config: ProtocolConfig = field(default=parse_protocol("dynamic"), compare=False)
 
     @property
@@ -139,6 +146,19 @@ def _bootstrap(value: Any) -> tuple[str, ...]:
     return tuple(_peer_addr(v) for v in value)
 
 
+def _dashboard_port(value: Any) -> int | str:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text == "off":
+            return 0
+        if not text.isdigit():
+            raise ValueError(f"must be 'auto', 'off' or a port number, got {value!r}")
+        value = int(text)
+    return whole_number(0, 65535)(value)
+
+
 def _protocol(value: Any) -> str:
     text = _str(value)
     parse_protocol(text)
@@ -158,6 +178,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "step_interval": _positive_float,
     "target_degree": whole_number(1),
     "metrics_port": whole_number(0, 65535),
+    "dashboard_port": _dashboard_port,
 }
 """Every key a config file or flag may set, with its converter (raises ValueError)."""
 

@@ -24,12 +24,19 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
 from p2pfl.community.manifest import CommunityError
-from p2pfl.daemon.checkpoint import encode_checkpoint, load_newest, write_atomically
+from p2pfl.daemon.checkpoint import (
+    checkpoint_files,
+    encode_checkpoint,
+    load_newest,
+    write_atomically,
+)
 from p2pfl.daemon.communities import Communities
 from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.daemon.control import bind_socket, serve, socket_path
+from p2pfl.daemon.dashboard import open_dashboard
 from p2pfl.daemon.metrics import serve_metrics
 from p2pfl.daemon.outbox import Outboxes
+from p2pfl.daemon.peers import PeerLedger
 from p2pfl.daemon.state import community_states, node_state, restore_node_state
 from p2pfl.daemon.transport import Limits, Transport, TransportError
 from p2pfl.data import DataError
@@ -118,6 +125,7 @@ class NodeDaemon:
             seed=node_seed(config.seed, self.peer_id),
             step_size=config.lr,
         )
+        self.ledger = PeerLedger()
         self.counters = {"bytes_sent": 0, "bytes_received": 0, "rejected": 0, "send_failures": 0}
         saved_communities = self._restore()
         self._base = dict(self.counters)
@@ -128,6 +136,7 @@ class NodeDaemon:
             len(self.learning.data.y_train),
             node_seed(config.seed, self.peer_id),
             self.counters,
+            self.ledger,
         )
         self.communities.load_state_dict(saved_communities)
         self.checkpoint_step = self.core.step
@@ -140,6 +149,7 @@ class NodeDaemon:
         self._ckpt_lock = trio.Lock()
         self.loss = math.nan
         self.started = 0.0
+        self.dashboard_url: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -170,23 +180,23 @@ class NodeDaemon:
             on_peer_connected=self._peer_up,
             on_peer_disconnected=self._peer_down,
             pubsub=True,
+            ledger=self.ledger,
         )
         self.transport = transport
         control = await bind_socket(self.config.home)
-        if self.config.metrics_port:
-            try:
-                serve_metrics(self.config.metrics_port, self.metrics)
-            except OSError as exc:
-                control.close()
-                socket_path(self.config.home).unlink(missing_ok=True)
-                raise ConfigError(
-                    f"bad value for 'metrics_port': cannot listen on 127.0.0.1:"
-                    f"{self.config.metrics_port} ({exc}); pick a free port or 0 to turn it off"
-                ) from None
+        try:
+            self._serve_metrics()
+            dashboard = open_dashboard(self)
+        except ConfigError:
+            control.close()
+            socket_path(self.config.home).unlink(missing_ok=True)
+            raise
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._outboxes.start(nursery)
+                if dashboard is not None:
+                    self.dashboard_url = await nursery.start(dashboard.run)
                 async with transport:
                     transport.set_handler(SYNC_PROTOCOL, self._on_frame)
                     self.communities.register(transport)
@@ -209,6 +219,17 @@ class NodeDaemon:
             control.close()
             socket_path(self.config.home).unlink(missing_ok=True)
         log.info("stopped")
+
+    def _serve_metrics(self) -> None:
+        if not self.config.metrics_port:
+            return
+        try:
+            serve_metrics(self.config.metrics_port, self.metrics)
+        except OSError as exc:
+            raise ConfigError(
+                f"bad value for 'metrics_port': cannot listen on 127.0.0.1:"
+                f"{self.config.metrics_port} ({exc}); pick a free port or 0 to turn it off"
+            ) from None
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -294,6 +315,7 @@ class NodeDaemon:
             message = decode(payload, self.schema, self.max_frame)
         except WireError as exc:
             self.counters["rejected"] += 1
+            self.ledger.refused(peer, f"unreadable sync message: {exc}")
             log.warning("refused message from peer %s: %s", peer, exc)
             return
         now = trio.current_time()
@@ -384,7 +406,35 @@ class NodeDaemon:
             "checkpoint_step": self.checkpoint_step,
             "communities": self.communities.status(),
             "uptime_s": round(trio.current_time() - self.started, 3),
+            "dashboard_url": self.dashboard_url,
         }
+
+    def details(self) -> dict[str, Any]:
+        """What the dashboard shows beside the status: every peer this node dealt with or
+        holds as a neighbour (traffic, connected/down, refusals and why) and the checkpoint
+        files."""
+        records = self.ledger.snapshot()
+        neighbours = self.core.neighbors
+        peers = []
+        for peer in sorted(set(records) | neighbours):
+            record = records.get(peer, {})
+            if record.get("connected"):
+                state = "connected"
+            elif peer in self.core.down:
+                state = "down"
+            else:
+                state = "not connected"
+            communities = [c["name"] for c in self.communities.status() if peer in c["members"]]
+            peers.append(
+                {
+                    "peer": peer,
+                    "state": state,
+                    "neighbour": peer in neighbours,
+                    "communities": communities,
+                    **record,
+                }
+            )
+        return {"peer_table": peers, "checkpoints": checkpoint_files(self.config.home)}
 
     def _accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
         if not len(y):

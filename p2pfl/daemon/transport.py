@@ -51,6 +51,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp.tcp import TCP
 from multiaddr import Multiaddr
 
+from p2pfl.daemon.peers import PeerLedger
 from p2pfl.files import write_private_atomically
 
 log = logging.getLogger("p2pfl.transport")
@@ -203,8 +204,11 @@ class Transport:
         on_peer_connected: PeerCallback | None = None,
         on_peer_disconnected: PeerCallback | None = None,
         pubsub: bool = False,
+        ledger: PeerLedger | None = None,
     ) -> None:
         self.limits = limits or Limits()
+        self.ledger = ledger if ledger is not None else PeerLedger()
+        """Per-peer bytes, connection state and refusals."""
         self.on_peer_connected = on_peer_connected
         self.on_peer_disconnected = on_peer_disconnected
         self.bytes_sent = 0
@@ -356,6 +360,7 @@ class Transport:
         except Exception as exc:
             raise TransportError(f"send to {peer_id} on {protocol} failed: {_why(exc)}") from exc
         self.bytes_sent += _HEADER.size + len(payload)
+        self.ledger.sent(peer_id, _HEADER.size + len(payload))
 
     async def disconnect(self, peer_id: str) -> None:
         """Close every connection to `peer_id`; its address stays in the address book."""
@@ -439,6 +444,7 @@ class Transport:
         refusal = self._admit(peer)
         if refusal is not None:
             log.warning("refused message from peer %s on %s: %s", peer, route.protocol, refusal)
+            self.ledger.refused(peer, refusal)
             await _cleanup(stream.reset)
             return
         self._inbound[peer] = self._inbound.get(peer, 0) + 1
@@ -492,6 +498,7 @@ class Transport:
                 await stream.close()
         except _FrameRefused as exc:
             log.warning("refused message from peer %s on %s: %s", peer, route.protocol, exc)
+            self.ledger.refused(peer, str(exc))
             await _cleanup(stream.reset)
             return
         except trio.TooSlowError:
@@ -508,6 +515,7 @@ class Transport:
             await _cleanup(stream.reset)
             return
         self.bytes_received += _HEADER.size + len(payload)
+        self.ledger.received(peer, _HEADER.size + len(payload))
         try:
             await route.handler(peer, payload)
         except Exception:
@@ -523,11 +531,13 @@ class Transport:
     def _peer_up(self, peer: str) -> None:
         if peer not in self._up:
             self._up.add(peer)
+            self.ledger.connection(peer, True)
             self._notify(self.on_peer_connected, peer)
 
     def _peer_down(self, peer: str) -> None:
         if peer in self._up:
             self._up.discard(peer)
+            self.ledger.connection(peer, False)
             self._notify(self.on_peer_disconnected, peer)
 
     def _notify(self, callback: PeerCallback | None, peer: str) -> None:
