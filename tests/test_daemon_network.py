@@ -3,6 +3,7 @@ peer and resume from checkpoints, and refuse bad peers while they keep serving."
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -250,3 +251,33 @@ def test_bad_peers_are_refused_and_the_node_keeps_serving(tmp_path):
     finally:
         node.stop()
     assert node.proc is not None and node.proc.returncode == 0
+
+
+@pytest.mark.slow
+def test_peer_exchange_repairs_the_network_when_the_bootstrap_node_is_gone(tmp_path):
+    """B and C only know A. Peer exchange connects B and C; A is killed; they keep syncing.
+    B restarts with A (dead) as its only bootstrap peer and finds C again from its saved book."""
+    a, b, c = make_network(tmp_path, 3, 0, protocol="periodic:b=20")
+    for d in (a, b, c):
+        lines = (d.home / CONFIG_FILE).read_text().splitlines()
+        only_a = [] if d is a else [a.addr]
+        lines = [f"bootstrap = {json.dumps(only_a)}" if x.startswith("bootstrap") else x
+                 for x in lines]  # fmt: skip
+        (d.home / CONFIG_FILE).write_text("\n".join(lines) + "\n")
+    try:
+        for d in (a, b, c):
+            d.start()
+        b.wait_status(lambda s: c.peer_id in s["peers"], timeout=240)
+        a.kill()
+        syncs = b.wait_status(lambda s: a.peer_id not in s["peers"], timeout=60)["syncs"]
+        b.wait_status(lambda s, n=syncs: s["syncs"] > n + 2 and s["peers"] == [c.peer_id])
+        b.stop()
+        book = json.loads((b.home / "peers.json").read_text())
+        assert {a.peer_id, c.peer_id} <= set(book)
+        b.start()
+        again = b.wait_status(lambda s: s["peers"] == [c.peer_id], timeout=240)
+        b.wait_status(lambda s, n=again["syncs"]: s["syncs"] > n, timeout=60)
+        assert "heard of peer" in b.log() or "connected to " + c.peer_id in b.log()
+    finally:
+        for d in (a, b, c):
+            d.stop()

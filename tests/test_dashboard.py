@@ -176,3 +176,30 @@ def test_peer_ledger_counts_and_forgets_idle_peers_first():
     ledger.sent("c", 1)  # full: b (not connected) goes, a (connected) stays
     assert set(ledger.snapshot()) == {"a", "c"}
     assert ledger.snapshot()["a"]["bytes_sent"] == 10
+
+
+def test_library_warnings_are_condensed_to_one_line(tmp_path: Path):
+    import io
+    import logging
+
+    from p2pfl.daemon.logformat import MAX_CHARS, condense_library_logs
+
+    stream = io.StringIO()
+    added = condense_library_logs([logging.StreamHandler(stream)], "%(levelname)s %(message)s")
+    library = logging.getLogger("libp2p.network.swarm")
+    try:
+        try:
+            raise ConnectionError("dial failed:\n  attempt 1: refused\n  attempt 2: refused")
+        except ConnectionError:
+            library.exception("Failed to\nupgrade connection")
+        library.info("not shown: below WARNING")
+        library.warning("x" * 2000)
+    finally:
+        for handler in added:
+            logging.getLogger("libp2p").removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == (
+        "ERROR Failed to | upgrade connection (ConnectionError: dial failed: | attempt 1: "
+        "refused | attempt 2: refused)"
+    )
+    assert len(lines) == 2 and len(lines[1]) == MAX_CHARS and lines[1].endswith("…")

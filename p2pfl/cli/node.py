@@ -128,7 +128,10 @@ def _print_listening(daemon: NodeDaemon, addrs: list[str], as_json: bool) -> Non
 
 
 def _setup_logging(home: Path) -> list[logging.Handler]:
-    """Send INFO and above of p2pfl to stderr and DIR/node.log; return the new handlers."""
+    """Send INFO and above of p2pfl to stderr and DIR/node.log, and py-libp2p's warnings
+    there too, one line each; return the new handlers."""
+    from p2pfl.daemon.logformat import condense_library_logs
+
     root = logging.getLogger("p2pfl")
     root.setLevel(logging.INFO)
     root.propagate = False
@@ -140,7 +143,7 @@ def _setup_logging(home: Path) -> list[logging.Handler]:
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
-    return handlers
+    return handlers + condense_library_logs(handlers, LOG_FORMAT)
 
 
 def _remove_logging(handlers: list[logging.Handler]) -> None:
@@ -148,6 +151,7 @@ def _remove_logging(handlers: list[logging.Handler]) -> None:
     root = logging.getLogger("p2pfl")
     for handler in handlers:
         root.removeHandler(handler)
+        logging.getLogger("libp2p").removeHandler(handler)
         handler.close()
     root.propagate = True
     root.setLevel(logging.NOTSET)

@@ -36,6 +36,7 @@ from p2pfl.daemon.control import bind_socket, serve, socket_path
 from p2pfl.daemon.dashboard import open_dashboard
 from p2pfl.daemon.metrics import serve_metrics
 from p2pfl.daemon.outbox import Outboxes
+from p2pfl.daemon.peer_exchange import PeerBook, PeerExchange
 from p2pfl.daemon.peers import PeerLedger
 from p2pfl.daemon.state import community_states, node_state, restore_node_state
 from p2pfl.daemon.transport import Limits, Transport, TransportError
@@ -55,7 +56,6 @@ log = logging.getLogger("p2pfl.daemon")
 SYNC_PROTOCOL = "/p2pfl/sync/1.0.0"
 CHECKPOINT_EVERY_STEPS = 100
 CHECKPOINT_EVERY_S = 30.0
-REDIAL_EVERY_S = 3.0
 OUTBOX_SIZE = 32
 LIMITS = {"messages_per_s": 50.0, "burst": 100, "max_inbound_streams_per_peer": 8}
 """Per-peer inbound limits: a sync protocol sends a few messages per step at most."""
@@ -150,6 +150,7 @@ class NodeDaemon:
         self.loss = math.nan
         self.started = 0.0
         self.dashboard_url: str | None = None
+        self.peer_exchange: PeerExchange | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,6 +184,13 @@ class NodeDaemon:
             ledger=self.ledger,
         )
         self.transport = transport
+        self.peer_exchange = PeerExchange(
+            PeerBook(self.peer_id, self.config.home),
+            transport,
+            self.ledger,
+            self.config.bootstrap,
+            self.config.target_degree,
+        )
         control = await bind_socket(self.config.home)
         try:
             self._serve_metrics()
@@ -205,7 +213,7 @@ class NodeDaemon:
                     nursery.start_soon(serve, control, self._respond)
                     nursery.start_soon(self._watch_signals)
                     nursery.start_soon(self._train)
-                    nursery.start_soon(self._keep_neighbours)
+                    self.peer_exchange.start(nursery)
                     nursery.start_soon(self._checkpoint_periodically)
                     log.info("node %s listening on %s", self.peer_id, transport.listen_addrs)
                     if on_listening is not None:
@@ -214,6 +222,7 @@ class NodeDaemon:
                     log.info("stopping at step %d", self.core.step)
                     with trio.CancelScope(shield=True):
                         await self.save_checkpoint()
+                        self.peer_exchange.book.save()
                     nursery.cancel_scope.cancel()
         finally:
             control.close()
@@ -327,38 +336,14 @@ class NodeDaemon:
         log.info("peer %s connected", peer)
         self._perform(self.core.on_peer_up(trio.current_time(), peer))
         self.communities.peer_up(peer)
+        if self.peer_exchange is not None:
+            self.peer_exchange.peer_up(peer)
 
     def _peer_down(self, peer: str) -> None:
         log.info("peer %s disconnected", peer)
         self._outboxes.close(peer)
         self._perform(self.core.on_peer_down(trio.current_time(), peer))
         self.communities.peer_down(peer)
-
-    async def _keep_neighbours(self) -> None:
-        """Dial bootstrap peers that are not connected while below the target degree."""
-        assert self.transport is not None
-        while True:
-            connected = set(self.transport.peers())
-            missing = [
-                addr
-                for addr in self.config.bootstrap
-                if not addr.endswith(self.peer_id) and addr.rsplit("/", 1)[-1] not in connected
-            ]
-            room = self.config.target_degree - len(connected)
-            if missing and room > 0:
-                async with trio.open_nursery() as dials:
-                    for addr in missing[:room]:
-                        dials.start_soon(self._dial, addr)
-            await trio.sleep(REDIAL_EVERY_S)
-
-    async def _dial(self, addr: str) -> None:
-        assert self.transport is not None
-        try:
-            peer = await self.transport.connect(addr)
-        except TransportError as exc:
-            log.info("could not reach %s (will retry): %s", addr, exc)
-            return
-        log.info("connected to %s", peer)
 
     # -------------------------------------------------------------------- status
 
@@ -410,20 +395,22 @@ class NodeDaemon:
         }
 
     def details(self) -> dict[str, Any]:
-        """What the dashboard shows beside the status: every peer this node dealt with or
-        holds as a neighbour (traffic, connected/down, refusals and why) and the checkpoint
-        files."""
+        """What the dashboard shows beside the status: every peer this node dealt with,
+        holds as a neighbour or heard of (traffic, connected/down, refusals and why, how it
+        was found) and the checkpoint files."""
         records = self.ledger.snapshot()
         neighbours = self.core.neighbors
+        book = self.peer_exchange.book.known if self.peer_exchange is not None else {}
         peers = []
-        for peer in sorted(set(records) | neighbours):
+        for peer in sorted(set(records) | neighbours | set(book)):
             record = records.get(peer, {})
             if record.get("connected"):
                 state = "connected"
             elif peer in self.core.down:
                 state = "down"
             else:
-                state = "not connected"
+                state = "not connected" if peer in records else "known"
+            known = book.get(peer)
             communities = [c["name"] for c in self.communities.status() if peer in c["members"]]
             peers.append(
                 {
@@ -431,6 +418,8 @@ class NodeDaemon:
                     "state": state,
                     "neighbour": peer in neighbours,
                     "communities": communities,
+                    "found_via": known.source if known is not None else None,
+                    "addrs": list(known.addrs) if known is not None else [],
                     **record,
                 }
             )

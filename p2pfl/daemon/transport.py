@@ -49,7 +49,9 @@ from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, Yamux, YamuxStream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp.tcp import TCP
+from libp2p.utils.address_validation import expand_wildcard_address
 from multiaddr import Multiaddr
+from multiaddr.protocols import P_P2P
 
 from p2pfl.daemon.peers import PeerLedger
 from p2pfl.files import write_private_atomically
@@ -302,9 +304,31 @@ class Transport:
         """Full dialable addresses, each ending in /p2p/<peer id>."""
         return [str(a) for a in self._host.get_addrs()]
 
+    @property
+    def advertised_addrs(self) -> list[str]:
+        """Addresses other peers can dial, without the /p2p part: a wildcard listen address
+        (0.0.0.0, ::) becomes one address per local interface."""
+        out: list[str] = []
+        for addr in self._host.get_addrs():
+            bare = addr.decapsulate_code(P_P2P) if _has_p2p(addr) else addr
+            expanded = expand_wildcard_address(bare) if _is_wildcard(bare) else [bare]
+            out.extend(str(a) for a in expanded if str(a) not in out)
+        return out
+
     def peers(self) -> list[str]:
         """Peer ids with at least one open connection."""
         return [str(p) for p in self._host.get_connected_peers()]
+
+    def add_addresses(self, peer_id: str, addrs: Sequence[str]) -> None:
+        """Remember dialable addresses of a peer (``/ip4/…/tcp/…``) without dialing: a later
+        ``send`` to it dials them if no connection is open."""
+        if peer_id == self.peer_id:
+            return
+        known = self._address_book.setdefault(peer_id, [])
+        for text in addrs:
+            addr = Multiaddr(text)
+            if addr not in known:
+                known.append(addr)
 
     # ------------------------------------------------------------------ outbound
 
@@ -602,6 +626,15 @@ async def _cleanup(close: Callable[[], Awaitable[None]]) -> None:
 def _why(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _has_p2p(addr: Multiaddr) -> bool:
+    return any(p.code == P_P2P for p in addr.protocols())
+
+
+def _is_wildcard(addr: Multiaddr) -> bool:
+    host = str(addr).split("/")[2]
+    return host in ("0.0.0.0", "::")
 
 
 def _parse_peer_id(peer_id: str) -> ID:

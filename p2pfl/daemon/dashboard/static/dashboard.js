@@ -131,6 +131,7 @@ function drawPeers(peers) {
     const state = p.refused && p.state !== "connected" ? "refused" : p.state;
     cell(row, state, "state-" + state.replace(" ", "-"));
     cell(row, p.neighbour ? "yes" : "");
+    cell(row, p.found_via || "", "", (p.addrs || []).join("\n"));
     cell(row, (p.communities || []).join(", "));
     cell(row, bytes(p.bytes_sent || 0), "num");
     cell(row, bytes(p.bytes_received || 0), "num");
