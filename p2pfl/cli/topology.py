@@ -9,10 +9,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from p2pfl.cli.exits import command_group
 from p2pfl.cli.jsonout import JSON, print_json
-from p2pfl.spec import SpecError
 
-app = typer.Typer(no_args_is_help=True)
+app = command_group(no_args_is_help=True)
 
 DEFAULT_NODES = 16
 
@@ -40,21 +40,13 @@ def show(
     """Print nodes, edges, degrees and diameter of a topology; optionally draw it."""
     from p2pfl.topology import build_topology, describe_topology, draw_topology
 
-    out, err = Console(), Console(stderr=True)
+    out = Console()
     is_file = spec.strip().lower().endswith(".toml")
     count = nodes if nodes is not None or is_file else DEFAULT_NODES
-    try:
-        graph = build_topology(spec, count, seed, allow_disconnected=allow_disconnected)
-    except SpecError as exc:
-        err.print(f"[red]error: {escape(str(exc))}[/red]", highlight=False)
-        raise typer.Exit(code=2) from None
+    graph = build_topology(spec, count, seed, allow_disconnected=allow_disconnected)
     info = describe_topology(graph)
     if png is not None:
-        try:
-            draw_topology(graph, png)
-        except OSError as exc:
-            err.print(f"[red]error: cannot write {escape(str(png))}: {escape(str(exc))}[/red]")
-            raise typer.Exit(code=1) from None
+        draw_topology(graph, png)  # an OSError exits 1 with its message (``p2pfl.cli.exits``)
     if as_json:
         print_json({"spec": spec, **info, "png": None if png is None else str(png)})
         return

@@ -54,6 +54,7 @@ from multiaddr import Multiaddr
 from multiaddr.protocols import P_P2P
 
 from p2pfl.daemon.peers import PeerLedger
+from p2pfl.errors import OperationError, P2pflError
 from p2pfl.files import write_private_atomically
 
 log = logging.getLogger("p2pfl.transport")
@@ -77,8 +78,12 @@ _GOSSIP_HEARTBEAT_S = 1
 suits long-lived networks, not peers that join a community and want to be found now)."""
 
 
-class TransportError(Exception):
+class TransportError(OperationError):
     """A connect or send failed; the message names the peer and the reason."""
+
+
+class IdentityError(P2pflError, ValueError):
+    """The node's identity key file cannot be read; the message says how to recover."""
 
 
 @dataclass(frozen=True)
@@ -668,7 +673,7 @@ def load_or_create_identity(path: Path) -> KeyPair:
         try:
             return load_identity(path)
         except ValueError as exc:
-            raise ValueError(
+            raise IdentityError(
                 f"{exc}. Restore {path} from a backup, or delete it to create a new identity "
                 "(this node then gets a new peer id)."
             ) from exc
