@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import msgpack
@@ -20,6 +21,7 @@ from libp2p.peer.id import ID
 from p2pfl.daemon.peer_exchange import (
     BOOK_FILE,
     BOOK_REDIAL_EVERY_S,
+    FORGET_AFTER_S,
     MAX_ADDRS,
     MAX_ENTRIES,
     PeerBook,
@@ -33,6 +35,7 @@ from p2pfl.daemon.transport import Transport
 
 PEERS = [str(ID.from_pubkey(create_new_key_pair().public_key)) for _ in range(6)]
 ADDR = "/ip4/10.0.0.{}/tcp/4001"
+NOW = time.time()
 
 
 def test_frames_round_trip_and_are_bounded():
@@ -87,9 +90,9 @@ def test_book_is_bounded_saved_and_reloaded(tmp_path: Path):
     book = PeerBook(PEERS[0], tmp_path, max_known=3)
     assert not book.add(PEERS[0], [ADDR.format(0)], "itself")  # never ourselves
     for i, peer in enumerate(PEERS[1:5], start=1):
-        assert book.add(peer, [ADDR.format(i)], "peer x", now=1000.0 + i)
+        assert book.add(peer, [ADDR.format(i)], "peer x", now=NOW + i)
     assert set(book.known) == set(PEERS[2:5])  # the one heard of longest ago went
-    assert not book.add(PEERS[4], [ADDR.format(9)], "peer y", now=2000.0)
+    assert not book.add(PEERS[4], [ADDR.format(9)], "peer y", now=NOW + 100)
     assert book.known[PEERS[4]].addrs == (ADDR.format(9), ADDR.format(4))
     assert [p for p, _ in book.candidates({PEERS[3]})] == [PEERS[4], PEERS[2]]
     book.save()
@@ -101,6 +104,8 @@ def test_book_is_bounded_saved_and_reloaded(tmp_path: Path):
         p: k.addrs for p, k in book.known.items()
     }
     assert {k.source for k in again.known.values()} == {"saved"}
+    again.forget_stale(now=NOW + 3 + FORGET_AFTER_S + 1)  # nobody mentioned PEERS[3] since
+    assert set(again.known) == {PEERS[4]}
 
 
 def test_a_damaged_book_is_ignored_with_a_warning(tmp_path: Path, caplog):
@@ -128,8 +133,9 @@ def test_dialing_fills_the_room_bootstrap_first_and_is_paced():
         f"{ADDR.format(4)}/p2p/{PEERS[4]}",
         f"{ADDR.format(3)}/p2p/{PEERS[3]}",
     ]
-    # 3 s later: only the bootstrap peer is due again; the book's peers wait 30 s
-    assert pex.to_dial(set(), now=103.5) == [bootstrap[0]]
+    # 3.5 s later: the bootstrap peer is due again, and the book's peer left out for lack
+    # of room; the two dialed book peers wait 30 s
+    assert pex.to_dial(set(), now=103.5) == [bootstrap[0], f"{ADDR.format(2)}/p2p/{PEERS[2]}"]
     assert pex.to_dial({PEERS[1], PEERS[4]}, now=100 + BOOK_REDIAL_EVERY_S + 1) == [
         f"{ADDR.format(3)}/p2p/{PEERS[3]}"
     ]
