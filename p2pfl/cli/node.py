@@ -64,6 +64,9 @@ def start(
     dashboard_port: str | None = typer.Option(
         None, "--dashboard-port", help="Dashboard on 127.0.0.1: auto (default), a port, 0 = off."
     ),
+    mdns: bool | None = typer.Option(
+        None, "--mdns/--no-mdns", help="Find peers on the LAN (non-loopback --listen only)."
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Once listening, print one JSON line (peer id, addresses, URL)."
     ),
@@ -85,6 +88,7 @@ def start(
         "target_degree": target_degree,
         "metrics_port": metrics_port,
         "dashboard_port": dashboard_port,
+        "mdns": mdns,
     }
     if not home.is_dir():
         raise ConfigError(f"{home} does not exist; create it with `p2pfl node init --home {home}`")

@@ -66,6 +66,10 @@ CONFIG_TEMPLATE = """\
 # communities: "auto" (any free port), a number, or 0 = off. Its URL, with the access token
 # kept in DIR/dashboard.token, is printed at start and by `p2pfl node status`.
 # dashboard_port = "auto"
+
+# Find peers on the local network with mDNS (only when listening on a non-loopback
+# address, e.g. /ip4/0.0.0.0/tcp/4001); false turns it off.
+# mdns = true
 """
 
 
@@ -92,6 +96,8 @@ class NodeConfig:
     metrics_port: int = 0
     dashboard_port: int | str = "auto"
     """A port on 127.0.0.1, "auto" for any free one, or 0 for no dashboard."""
+    mdns: bool = True
+    """Announce and find peers with mDNS when listening on a non-loopback address."""
     protocol_config: ProtocolConfig = field(default=parse_protocol("dynamic"), compare=False)
 
     @property
@@ -160,6 +166,12 @@ def _dashboard_port(value: Any) -> int | str:
     return whole_number(0, 65535)(value)
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
 def _protocol(value: Any) -> str:
     text = _str(value)
     parse_protocol(text)
@@ -180,6 +192,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "target_degree": whole_number(1),
     "metrics_port": whole_number(0, 65535),
     "dashboard_port": _dashboard_port,
+    "mdns": _bool,
 }
 """Every key a config file or flag may set, with its converter (raises ValueError)."""
 

@@ -34,6 +34,7 @@ from p2pfl.daemon.communities import Communities
 from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.daemon.control import bind_socket, serve, socket_path
 from p2pfl.daemon.dashboard import open_dashboard
+from p2pfl.daemon.lan import LanDiscovery, is_lan_listen_addr
 from p2pfl.daemon.metrics import serve_metrics
 from p2pfl.daemon.outbox import Outboxes
 from p2pfl.daemon.peer_exchange import PeerBook, PeerExchange
@@ -214,6 +215,9 @@ class NodeDaemon:
                     nursery.start_soon(self._watch_signals)
                     nursery.start_soon(self._train)
                     self.peer_exchange.start(nursery)
+                    if self.config.mdns and is_lan_listen_addr(self.config.listen):
+                        lan = LanDiscovery(transport, self._found_on_lan)
+                        await nursery.start(lan.run)
                     nursery.start_soon(self._checkpoint_periodically)
                     log.info("node %s listening on %s", self.peer_id, transport.listen_addrs)
                     if on_listening is not None:
@@ -338,6 +342,10 @@ class NodeDaemon:
         self.communities.peer_up(peer)
         if self.peer_exchange is not None:
             self.peer_exchange.peer_up(peer)
+
+    def _found_on_lan(self, peer: str, addrs: tuple[str, ...]) -> None:
+        assert self.peer_exchange is not None
+        self.peer_exchange.heard(peer, addrs, "mdns")
 
     def _peer_down(self, peer: str) -> None:
         log.info("peer %s disconnected", peer)

@@ -254,10 +254,21 @@ class PeerExchange:
             log.warning("refused peer exchange from peer %s: %s", peer, exc)
             return
         for who, addrs in entries:
-            source = "itself" if who == peer else f"peer {peer}"
-            if self.book.add(who, addrs, source):
-                log.info("heard of peer %s at %s from %s", who, ", ".join(addrs), peer)
-            self.transport.add_addresses(who, addrs)
+            self.heard(who, addrs, "itself" if who == peer else f"peer {peer}")
+
+    def heard(self, peer: str, addrs: Iterable[str], source: str) -> None:
+        """Remember the TCP addresses among ``addrs`` of ``peer`` (told by ``source``), for
+        the transport and the dialing."""
+        usable = []
+        for addr in addrs:
+            try:
+                usable.append(check_tcp_addr(addr))
+            except PeerExchangeError:
+                continue
+        if self.book.add(peer, usable, source):
+            log.info("heard of peer %s at %s from %s", peer, ", ".join(usable), source)
+        if usable:
+            self.transport.add_addresses(peer, usable)
 
     # --------------------------------------------------------------------- dialing
 

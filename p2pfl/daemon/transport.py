@@ -320,6 +320,11 @@ class Transport:
             out.extend(str(a) for a in expanded if str(a) not in out)
         return out
 
+    @property
+    def network(self) -> INetwork:
+        """The libp2p swarm (for py-libp2p services such as mDNS discovery)."""
+        return self._host.get_network()
+
     def peers(self) -> list[str]:
         """Peer ids with at least one open connection."""
         return [str(p) for p in self._host.get_connected_peers()]
