@@ -67,6 +67,12 @@ def start(
     mdns: bool | None = typer.Option(
         None, "--mdns/--no-mdns", help="Find peers on the LAN (non-loopback --listen only)."
     ),
+    relay_service: bool | None = typer.Option(
+        None, "--relay-service/--no-relay-service", help="Relay for nodes behind NAT."
+    ),
+    relay: list[str] = typer.Option(
+        [], "--relay", help="A relay's address: be reachable through it behind NAT; repeatable."
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Once listening, print one JSON line (peer id, addresses, URL)."
     ),
@@ -89,6 +95,8 @@ def start(
         "metrics_port": metrics_port,
         "dashboard_port": dashboard_port,
         "mdns": mdns,
+        "relay_service": relay_service,
+        "relay": relay,
     }
     if not home.is_dir():
         raise ConfigError(f"{home} does not exist; create it with `p2pfl node init --home {home}`")

@@ -70,6 +70,13 @@ CONFIG_TEMPLATE = """\
 # Find peers on the local network with mDNS (only when listening on a non-loopback
 # address, e.g. /ip4/0.0.0.0/tcp/4001); false turns it off.
 # mdns = true
+
+# Serve as a circuit relay: nodes behind NAT reserve a slot here and are reached through it.
+# relay_service = false
+
+# Relays this node reserves a slot on (full addresses of nodes running relay_service), so
+# that peers can reach it behind a NAT at <relay address>/p2p-circuit.
+# relay = ["/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."]
 """
 
 
@@ -98,6 +105,10 @@ class NodeConfig:
     """A port on 127.0.0.1, "auto" for any free one, or 0 for no dashboard."""
     mdns: bool = True
     """Announce and find peers with mDNS when listening on a non-loopback address."""
+    relay_service: bool = False
+    """Relay for nodes behind NAT (circuit relay v2 hop)."""
+    relay: tuple[str, ...] = ()
+    """Relays to hold a reservation on (full peer addresses)."""
     protocol_config: ProtocolConfig = field(default=parse_protocol("dynamic"), compare=False)
 
     @property
@@ -193,6 +204,8 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "metrics_port": whole_number(0, 65535),
     "dashboard_port": _dashboard_port,
     "mdns": _bool,
+    "relay_service": _bool,
+    "relay": _bootstrap,
 }
 """Every key a config file or flag may set, with its converter (raises ValueError)."""
 

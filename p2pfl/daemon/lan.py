@@ -48,7 +48,7 @@ class LanDiscovery:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Announce and listen until cancelled, then say goodbye."""
         self._token = trio.lowlevel.current_trio_token()
-        addrs = self.transport.advertised_addrs
+        addrs = [a for a in self.transport.advertised_addrs if "/p2p-circuit" not in a]
         port = int(Multiaddr(addrs[0]).value_for_protocol(Multiaddr(addrs[0]).protocols()[1].code))
         network = self.transport.network
         peerDiscovery.register_peer_discovered_handler(self._discovered)

@@ -39,6 +39,7 @@ from p2pfl.daemon.metrics import serve_metrics
 from p2pfl.daemon.outbox import Outboxes
 from p2pfl.daemon.peer_exchange import PeerBook, PeerExchange
 from p2pfl.daemon.peers import PeerLedger
+from p2pfl.daemon.relay import Relaying
 from p2pfl.daemon.state import community_states, node_state, restore_node_state
 from p2pfl.daemon.transport import Limits, Transport, TransportError
 from p2pfl.data import DataError
@@ -215,6 +216,8 @@ class NodeDaemon:
                     nursery.start_soon(self._watch_signals)
                     nursery.start_soon(self._train)
                     self.peer_exchange.start(nursery)
+                    relaying = Relaying(transport, self.config.relay_service, self.config.relay)
+                    await nursery.start(relaying.run)
                     if self.config.mdns and is_lan_listen_addr(self.config.listen):
                         lan = LanDiscovery(transport, self._found_on_lan)
                         await nursery.start(lan.run)

@@ -96,14 +96,21 @@ def _entry(item: object) -> Entry:
 
 
 def check_tcp_addr(addr: object) -> str:
-    """``addr`` if it is ``/ip4|ip6|dns*/<host>/tcp/<port>``, else PeerExchangeError."""
+    """``addr`` if it is ``/ip4|ip6|dns*/<host>/tcp/<port>``, or that followed by
+    ``/p2p/<relay id>/p2p-circuit`` (reachable through that relay), else PeerExchangeError."""
     if not isinstance(addr, str) or len(addr) > MAX_ADDR_CHARS:
         raise PeerExchangeError("an address is not a string of at most 200 characters")
     try:
         names = [p.name for p in Multiaddr(addr).protocols()]
     except Exception:
         raise PeerExchangeError(f"{addr!r} is not a multiaddr") from None
-    if len(names) != 2 or names[0] not in _TRANSPORTS or names[1] != "tcp":
+    relayed = names[2:] == ["p2p", "p2p-circuit"]
+    if (
+        len(names) not in (2, 4)
+        or names[0] not in _TRANSPORTS
+        or names[1] != "tcp"
+        or (len(names) == 4 and not relayed)
+    ):
         raise PeerExchangeError(f"{addr!r} is not /ip4|ip6|dns/<host>/tcp/<port>")
     return addr
 

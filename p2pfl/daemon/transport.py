@@ -16,6 +16,7 @@ parameters: py-libp2p drops pubsub messages over 1 MiB silently and queues 32 pe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import stat
 import struct
@@ -28,7 +29,7 @@ from types import TracebackType
 
 import trio
 from libp2p import new_host
-from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair as create_ed25519_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
@@ -43,6 +44,7 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_PROTOCOL_ID_V11
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.subscription import TrioSubscriptionAPI
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, Yamux, YamuxStream
@@ -232,6 +234,10 @@ class Transport:
         )
         self._host.get_network().register_notifee(_PeerEvents(self))
         self._address_book: dict[str, list[Multiaddr]] = {}
+        self.relay_dialer: CircuitV2Transport | None = None
+        """Dials ``/p2p-circuit`` addresses once ``relay.Relaying`` runs."""
+        self.circuit_addrs: list[str] = []
+        """``<relay address>/p2p-circuit`` of each relay holding a reservation for us."""
         self._dial_locks: dict[str, trio.Lock] = {}
         self._inbound: dict[str, int] = {}
         self._buckets: dict[str, _TokenBucket] = {}
@@ -318,11 +324,16 @@ class Transport:
             bare = addr.decapsulate_code(P_P2P) if _has_p2p(addr) else addr
             expanded = expand_wildcard_address(bare) if _is_wildcard(bare) else [bare]
             out.extend(str(a) for a in expanded if str(a) not in out)
-        return out
+        return out + self.circuit_addrs
+
+    @property
+    def host(self) -> IHost:
+        """The libp2p host (for py-libp2p services: mDNS discovery, circuit relay)."""
+        return self._host
 
     @property
     def network(self) -> INetwork:
-        """The libp2p swarm (for py-libp2p services such as mDNS discovery)."""
+        """The libp2p swarm."""
         return self._host.get_network()
 
     def peers(self) -> list[str]:
@@ -411,9 +422,21 @@ class Transport:
         async with lock:
             if self._host.get_network().get_connections(peer):
                 return
+            direct = [a for a in addrs if not _is_circuit(a)]
+            relayed = [a for a in addrs if _is_circuit(a)] if self.relay_dialer else []
             try:
                 with trio.fail_after(self.limits.dial_timeout_s):
-                    await self._host.connect(PeerInfo(peer, addrs))
+                    if not relayed:
+                        await self._host.connect(PeerInfo(peer, direct))
+                        return
+                    # direct addresses first, for half the time: behind a NAT they may
+                    # never answer; then through the relays
+                    with trio.move_on_after(self.limits.dial_timeout_s / 2):
+                        with contextlib.suppress(Exception):
+                            if direct:
+                                await self._host.connect(PeerInfo(peer, direct))
+                                return
+                    await self._dial_relayed(peer, relayed)
             except trio.TooSlowError as exc:
                 raise TransportError(
                     f"dial of peer {key} at {[str(a) for a in addrs]} timed out after "
@@ -423,6 +446,19 @@ class Transport:
                 raise TransportError(
                     f"dial of peer {key} at {[str(a) for a in addrs]} failed: {_why(exc)}"
                 ) from exc
+
+    async def _dial_relayed(self, peer: ID, circuits: list[Multiaddr]) -> None:
+        """Open a connection to ``peer`` through the first relay that splices it."""
+        assert self.relay_dialer is not None
+        problem: Exception | None = None
+        for circuit in circuits:
+            try:
+                await self.relay_dialer.dial(circuit.encapsulate(Multiaddr(f"/p2p/{peer}")))
+                return
+            except Exception as exc:  # py-libp2p raises many types
+                problem = exc
+        assert problem is not None
+        raise problem
 
     # -------------------------------------------------------------------- pubsub
 
@@ -640,6 +676,10 @@ def _why(exc: BaseException) -> str:
 
 def _has_p2p(addr: Multiaddr) -> bool:
     return any(p.code == P_P2P for p in addr.protocols())
+
+
+def _is_circuit(addr: Multiaddr) -> bool:
+    return any(p.name == "p2p-circuit" for p in addr.protocols())
 
 
 def _is_wildcard(addr: Multiaddr) -> bool:
