@@ -425,17 +425,18 @@ class Transport:
             direct = [a for a in addrs if not _is_circuit(a)]
             relayed = [a for a in addrs if _is_circuit(a)] if self.relay_dialer else []
             try:
-                with trio.fail_after(self.limits.dial_timeout_s):
-                    if not relayed:
+                if not relayed:
+                    with trio.fail_after(self.limits.dial_timeout_s):
                         await self._host.connect(PeerInfo(peer, direct))
-                        return
-                    # direct addresses first, for half the time: behind a NAT they may
-                    # never answer; then through the relays
-                    with trio.move_on_after(self.limits.dial_timeout_s / 2):
+                    return
+                # direct addresses first (behind a NAT they may never answer), then each
+                # relay; each phase has the whole dial timeout
+                if direct:
+                    with trio.move_on_after(self.limits.dial_timeout_s):
                         with contextlib.suppress(Exception):
-                            if direct:
-                                await self._host.connect(PeerInfo(peer, direct))
-                                return
+                            await self._host.connect(PeerInfo(peer, direct))
+                            return
+                with trio.fail_after(self.limits.dial_timeout_s):
                     await self._dial_relayed(peer, relayed)
             except trio.TooSlowError as exc:
                 raise TransportError(
