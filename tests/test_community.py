@@ -16,12 +16,16 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kit import MSGPACK_VALUES
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from typer.testing import CliRunner, Result
 
 from p2pfl.cli import app
 from p2pfl.cli.community import parse_duration
+from p2pfl.community import CommunityError
+from p2pfl.community.draft import create_manifest
+from p2pfl.community.fields import MAX_TIME, format_time
 from p2pfl.community.invite import (
     TOKEN_PREFIX,
     HeldInvite,
@@ -32,15 +36,7 @@ from p2pfl.community.invite import (
     make_token,
     read_token,
 )
-from p2pfl.community.manifest import (
-    MAX_TIME,
-    CommunityError,
-    Manifest,
-    create_manifest,
-    format_time,
-    load_manifest,
-    peer_id_of,
-)
+from p2pfl.community.manifest import Manifest, load_manifest
 from p2pfl.community.store import (
     find_membership,
     join,
@@ -48,6 +44,7 @@ from p2pfl.community.store import (
     remove_membership,
 )
 from p2pfl.learning.params import ParamSchema, ParamSpec
+from p2pfl.peers import peer_id_of
 
 NOW = 1_700_000_000
 HOUR = 3600
@@ -544,21 +541,11 @@ def test_a_hostile_manifest_is_bounded():
 
 # -- hostile bytes -------------------------------------------------------------------------
 
-msgpack_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.floats()
-    | st.text()
-    | st.binary(),
-    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=12,
-)
 BASE64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_="
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=2048) | msgpack_values.map(msgpack.packb))
+@given(st.binary(max_size=2048) | MSGPACK_VALUES.map(msgpack.packb))
 def test_random_invites_and_credentials_only_raise_community_error(manifest: Manifest, data):
     with contextlib.suppress(CommunityError):
         Invite.from_bytes(data)
@@ -570,7 +557,7 @@ def test_random_invites_and_credentials_only_raise_community_error(manifest: Man
 @given(
     st.text(max_size=300)
     | st.text(BASE64URL, max_size=300).map(lambda t: TOKEN_PREFIX + t)
-    | msgpack_values.map(lambda v: TOKEN_PREFIX + urlsafe_b64encode(msgpack.packb(v)).decode())
+    | MSGPACK_VALUES.map(lambda v: TOKEN_PREFIX + urlsafe_b64encode(msgpack.packb(v)).decode())
 )
 def test_random_tokens_only_raise_community_error(token: str):
     with pytest.raises(CommunityError):

@@ -8,6 +8,8 @@ without a network: a transport that records frames and cannot dial).
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,39 +22,22 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit import HEX_IDS, INT64, MSGPACK_VALUES, random_payloads
 from test_community_daemon import admit, draft, found, make_nodes
 
-from p2pfl.community.invite import make_credential
+from p2pfl.community.invite import HeldInvite, make_credential
 from p2pfl.community.manifest import Manifest
 from p2pfl.community.store import load_memberships
 from p2pfl.daemon.communities import Communities
-from p2pfl.daemon.community_wire import (
-    LEFT,
-    Announcement,
-    Hello,
-    split_sync_frame,
-    sync_frame,
-)
 from p2pfl.daemon.node import NodeDaemon
+from p2pfl.daemon.sync import SYNC_PROTOCOL, SyncChannels, split_sync_frame, sync_frame
 from p2pfl.daemon.transport import TransportError
+from p2pfl.runtime import NodeModel
 from p2pfl.wire.codec import WireError, encode
+from p2pfl.wire.community import HELLO_PROTOCOL, LEFT, Announcement, Hello
 from p2pfl.wire.messages import Average, Busy, ModelReply, Pull, Push
 
-INT64 = st.integers(-(2**63), 2**63 - 1)
-MSGPACK_VALUES = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.floats()
-    | st.text(max_size=40)
-    | st.binary(max_size=40),
-    lambda inner: (
-        st.lists(inner, max_size=10)
-        | st.dictionaries(st.text(max_size=12) | st.integers(0, 9), inner, max_size=6)
-    ),
-    max_leaves=20,
-)
-RANDOM_PAYLOADS = st.binary(max_size=300) | MSGPACK_VALUES.map(msgpack.packb)
+RANDOM_PAYLOADS = random_payloads()
 FUZZ = settings(
     max_examples=150,
     deadline=None,
@@ -126,9 +111,6 @@ def hello_shaped(
             {k: v for k, v in {**t[0], **t[1]}.items() if not (t[2] and k == "answer")}
         )
     )
-
-
-HEX_IDS = st.text("0123456789abcdef", min_size=31, max_size=33)
 
 
 def parse_or_wire_error(parse: Callable[[bytes], Any], payload: bytes) -> Any:
@@ -219,7 +201,9 @@ class Setup:
     def communities(self) -> Communities:
         """A fresh runtime for A's communities (a trio run each)."""
         a = self.a
-        return Communities(a.config, a.peer_id, a.learner, 100, 1, dict(a.counters))
+        counters = dict(a.counters)
+        sync = SyncChannels(a.schema, counters)
+        return Communities(a.config, a.peer_id, NodeModel(a.learner, 0, 100), sync, counters)
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +226,7 @@ def run_offline(setup: Setup, body: Callable[[Communities], Awaitable[None]]) ->
         communities = setup.communities()
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
+                communities.sync.start(nursery, OfflineTransport())  # type: ignore[arg-type]
                 communities.start(nursery, OfflineTransport())  # type: ignore[arg-type]
                 await body(communities)
                 await trio.testing.wait_all_tasks_blocked()
@@ -334,8 +319,111 @@ def test_the_sync_handler_takes_anything(setup, data):
         for peer, payload in sequence:
             before = refused(communities)
             taken = {cid: c.counters["bytes_received"] for cid, c in communities.active.items()}
-            await communities.on_sync(peer, payload)
+            await communities.sync.on_frame(peer, payload)
             now_taken = {cid: c.counters["bytes_received"] for cid, c in communities.active.items()}
             assert (refused(communities) == before + 1) != (now_taken != taken)
 
     run_offline(setup, body)
+
+
+# ----------------------------------------------------- two nodes over an in-memory link
+
+
+class Link:
+    """An in-memory connection between two nodes' communities: a send runs the other node's
+    handler for the protocol at once (no libp2p), so the daemon's community path (hello,
+    admission, sync channels, outboxes, timers) runs whole and deterministically."""
+
+    listen_addrs: list[str] = []
+
+    def __init__(self, me: str) -> None:
+        self.me = me
+        self.other: Link | None = None
+        self.handlers: dict[str, Callable[[str, bytes], Awaitable[None]]] = {}
+        self.frames: list[tuple[str, str, int]] = []
+        """(peer, protocol, bytes) of every frame this node sent; frames to a peer that is not
+        linked (an outsider that sent us something) go nowhere."""
+
+    def set_handler(self, protocol: str, handler: Any, max_frame_bytes: int = 0) -> None:
+        self.handlers[protocol] = handler
+
+    def peers(self) -> list[str]:
+        return [self.other.me] if self.other else []
+
+    async def send(self, peer_id: str, protocol: str, payload: bytes) -> None:
+        self.frames.append((peer_id, protocol, len(payload)))
+        if self.other is not None and peer_id == self.other.me:
+            await self.other.handlers[protocol](self.me, payload)
+
+    async def connect(self, multiaddr: str) -> str:
+        raise TransportError("in-memory link: no dialing")
+
+    async def subscribe(self, topic: str) -> _Silence:
+        return _Silence()
+
+    async def unsubscribe(self, topic: str) -> None:
+        pass
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        pass
+
+
+def test_two_daemons_admit_each_other_and_sync_over_an_in_memory_link(tmp_path):
+    """A founds a gossip community and invites B; C holds a forged invite. Over in-memory
+    links the daemon path admits A and B to each other at the first hello, every local step
+    pushes B's shared part to A (and back), and A refuses C's hello and frames: C gets no
+    sync frame, and A's core never hears of it."""
+    a, b, c = make_nodes(tmp_path, 3)
+    manifest = found(a, draft("heads", ["head.*"], "gossip:b=1"))
+    admit(a, manifest, b)
+    held = admit(a, manifest, c)
+    (c.home / "communities" / manifest.id / "membership.toml").unlink()  # C: forged invite
+    daemons = {n.peer_id: n.start(3) for n in (a, b)}
+
+    def communities_of(daemon: NodeDaemon) -> Communities:
+        counters = dict(daemon.counters)
+        sync = SyncChannels(daemon.schema, counters)
+        model = NodeModel(daemon.learner, 0, 100)
+        return Communities(daemon.config, daemon.peer_id, model, sync, counters)
+
+    nodes = {peer: communities_of(d) for peer, d in daemons.items()}
+    links = {peer: Link(peer) for peer in nodes}
+    links[a.peer_id].other, links[b.peer_id].other = links[b.peer_id], links[a.peer_id]
+    resigned = c.key.private_key.sign(held.invite.signed_bytes())  # C signs, not the founder
+    forged = HeldInvite(dataclasses.replace(held.invite, signature=resigned), held.private_key)
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for peer, communities in nodes.items():
+                    communities.sync.register(links[peer])  # type: ignore[arg-type]
+                    communities.register(links[peer])  # type: ignore[arg-type]
+                    communities.sync.start(nursery, links[peer])  # type: ignore[arg-type]
+                    communities.start(nursery, links[peer])  # type: ignore[arg-type]
+                a_side, b_side = nodes[a.peer_id], nodes[b.peer_id]
+                b_side.active[manifest.id].gate.greet(time.time(), a.peer_id)
+                await trio.testing.wait_all_tasks_blocked()
+                assert set(a_side.active[manifest.id].admitted) == {b.peer_id}
+                assert set(b_side.active[manifest.id].admitted) == {a.peer_id}
+                for _ in range(5):
+                    for communities in nodes.values():
+                        communities.sync.local_step(trio.current_time())
+                    await trio.testing.wait_all_tasks_blocked()
+                c_hello = Hello(manifest.id, forged.prove(c.peer_id, a.peer_id))
+                await a_side.on_hello(c.peer_id, c_hello.to_bytes())
+                schema = a_side.active[manifest.id].part.schema
+                push = Push(1, torch.zeros(schema.numel), 10)
+                await a_side.sync.on_frame(c.peer_id, sync_frame(manifest.id, encode(push, schema)))
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    community_a = nodes[a.peer_id].active[manifest.id]
+    community_b = nodes[b.peer_id].active[manifest.id]
+    assert community_a.core.live_neighbors == [b.peer_id]
+    assert community_a.counters["bytes_received"] > 0 and community_b.counters["bytes_sent"] > 0
+    assert community_a.core.stats.syncs >= 4 and community_b.core.stats.syncs >= 4
+    assert community_a.counters["rejected"] == 2  # C's hello and C's frame
+    sent_by_a = links[a.peer_id].frames
+    assert len([f for f in sent_by_a if f[:2] == (b.peer_id, SYNC_PROTOCOL)]) >= 5
+    assert [f[1] for f in sent_by_a if f[0] == c.peer_id] == [HELLO_PROTOCOL]  # why: refused

@@ -32,13 +32,13 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 @app.command()
 def init(home: Path = HOME, as_json: bool = JSON) -> None:
     """Create DIR with a private identity key and a commented config.toml."""
-    from libp2p.peer.id import ID
 
     from p2pfl.daemon.transport import load_or_create_identity
+    from p2pfl.peers import peer_id_of
 
     config = write_template(home)
     key_pair = load_or_create_identity(home / KEY_FILE)
-    peer_id = str(ID.from_pubkey(key_pair.public_key))
+    peer_id = peer_id_of(key_pair.public_key)
     if as_json:
         print_json({"peer_id": peer_id, "home": str(home), "config": str(config)})
         return

@@ -1,150 +1,57 @@
 """The communities of a running node: one protocol core per joined community, syncing only the
 community's shared parameters, only with its admitted members.
 
-A community's core sees its shared part through ``PartView`` and its messages travel encoded
-with the community's shared sub-schema, so private parameters never leave the node. The
-messages (hello, sync frame, announcement) are defined in ``community_wire.py``; this module
-runs them:
+Each community is a channel of the node's ``SyncChannels`` (``sync.py``: the same handler,
+outbox path and counters as the whole-model sync) whose peers are decided by its admission:
+``p2pfl.protocol.admission`` (the membership protocol, sans-I/O) carried out by a ``Gate``,
+which tells the channel's runtime who is admitted or dropped, decides which sync frames pass
+and whom the community's part may go to. This module is the libp2p driver of that gate: it
+carries hellos (``p2pfl.wire.community``) through the same outboxes, counts refusals, and runs
+each community's ``Discovery`` (announcements, dials). Start-up checks are in
+``community_checks.py``, the checkpoint part in ``community_checkpoint.py``.
 
-* admission: a peer whose hello holds a credential that ``check_credential`` accepts (the
-  stream's authenticated peer id as prover, this node as verifier) is admitted and answered
-  with this node's own hello; a refused one is answered with the reason. Admission lasts as
-  long as the connection (and the invite: the credential is checked again on every frame, so
-  an expiring invite stops the sync). Sync frames from peers not admitted are refused.
-* discovery: each community announces this node on its topic every ``ANNOUNCE_EVERY_S``; a
-  member that hears an unknown peer dials it and the hello decides. Bootstrap addresses of
-  the membership (and peers that say hello) are the other way in.
-* traffic: frames go out through per-peer ``Outboxes`` (``outbox.py``).
+A community's core sees its shared part only and its messages are encoded with the
+community's shared sub-schema, so private parameters never leave the node.
 
-Leaving (``reload`` after ``p2pfl community leave``) stops a community at once: its core is
-dropped, frames queued or in flight are cancelled, the topic is left, its drift correction
-cleared, and its members are told (a refusal "left the community").
-
-Each community's core state (step, reference, drift correction, stats) and counters go into
-the node checkpoint by community id, so a restarted node resumes every community it is still
-in where it stopped.
+Leaving (``reload`` after ``p2pfl community leave``) stops a community at once: its channel is
+closed (frames queued or in flight cancelled, drift correction cleared), the topic is left,
+and its members are told (a refusal "left the community").
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import trio
-from libp2p.peer.peerinfo import info_from_p2p_addr
-from multiaddr import Multiaddr
 
-from p2pfl.community.invite import check_credential, check_membership, make_credential
-from p2pfl.community.manifest import CommunityError, Manifest
-from p2pfl.community.sharing import (
-    Corrections,
-    PartView,
-    SharedPart,
-    SharingError,
-    check_disjoint,
-    shared_part,
-)
+from p2pfl.community import CommunityError
+from p2pfl.community.invite import check_membership
+from p2pfl.community.manifest import Manifest
+from p2pfl.community.sharing import SharedPart, SharingError, check_disjoint
 from p2pfl.community.store import Membership, load_memberships
-from p2pfl.daemon.community_wire import (
-    HELLO_MAX_BYTES,
-    HELLO_PROTOCOL,
-    ID_BYTES,
-    LEFT,
-    MAX_ANNOUNCED_ADDRS,
-    MAX_REASON_CHARS,
-    SYNC_PROTOCOL,
-    Announcement,
-    Hello,
-    split_sync_frame,
-    sync_frame,
-    topic_of,
-)
-from p2pfl.daemon.config import ConfigError, NodeConfig
-from p2pfl.daemon.outbox import Outboxes
+from p2pfl.daemon import community_checkpoint
+from p2pfl.daemon.community_checks import check_model, check_whole_model_protocol
+from p2pfl.daemon.config import NodeConfig
+from p2pfl.daemon.discovery import Discovery
 from p2pfl.daemon.peers import PeerLedger
+from p2pfl.daemon.sync import RECENT_REFUSALS, Channel, Frame, SyncChannels
 from p2pfl.daemon.transport import Transport, TransportError
-from p2pfl.learning.learner import PerNodeLearner
-from p2pfl.learning.params import ParamSchema
-from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
+from p2pfl.protocol.admission import NOT_A_MEMBER, Admission, Gate, RefusalNotices
 from p2pfl.protocol.config import parse_protocol
-from p2pfl.protocol.core import NodeCore, make_core
+from p2pfl.protocol.core import NodeCore
+from p2pfl.runtime import CoreRuntime, NodeModel, open_core
 from p2pfl.spec import SpecError
-from p2pfl.wire.codec import WireError, decode, encode, max_message_bytes
+from p2pfl.wire.codec import WireError
+from p2pfl.wire.community import HELLO_MAX_BYTES, HELLO_PROTOCOL, Hello
 
 log = logging.getLogger("p2pfl.communities")
 
-ANNOUNCE_EVERY_S = 5.0
-"""Announcements per community and node: one every 5 s, a few hundred bytes each."""
-MAINTAIN_EVERY_S = 1.0
-REDIAL_EVERY_S = 3.0
-"""At most one dial per peer and community every 3 s."""
-REFUSAL_EVERY_S = 10.0
-"""At most one refusal notice per peer and community every 10 s."""
-MAX_REFUSALS_REMEMBERED = 1024
-RECENT_REFUSALS = 20
-"""Refusals a community keeps for the dashboard."""
-KNOWN_MEMBER_TTL_S = 60.0
-"""An announced peer is dialled while its announcements are at most this old."""
-MAX_ANNOUNCED_PEERS = 256
-"""Announced peers remembered per community (announcements prove no membership)."""
 BYE_TIMEOUT_S = 2.0
-OUTBOX_SIZE = 64
-
-
-# ---------------------------------------------------------------------------------- checks
-
-
-def check_model(schema: ParamSchema, membership: Membership, model_spec: str) -> SharedPart:
-    """The node's shared part for ``membership``; raise CommunityError if the node's model does
-    not have exactly the parameters the community's manifest describes."""
-    manifest = membership.manifest
-    label = f"community {manifest.name!r} ({manifest.id[:12]})"
-    fix = (
-        f"run the node with the community's model: --model {manifest.model!r} on data with "
-        f"inputs {list(manifest.input_shape)} and {manifest.classes} classes, or leave it with "
-        f"`p2pfl community leave {manifest.id[:12]}`"
-    )
-    try:
-        part = shared_part(schema, manifest.shared)
-    except SharingError as exc:
-        raise CommunityError(
-            f"{label} shares {list(manifest.shared)}, but this node's model "
-            f"({model_spec!r}) does not fit: {exc}; {fix}"
-        ) from None
-    if part.schema != manifest.schema:
-        raise CommunityError(
-            f"{label} shares {_describe(manifest.schema)}, but this node's model "
-            f"({model_spec!r}) has {_describe(part.schema)} under {list(manifest.shared)}; {fix}"
-        )
-    return part
-
-
-def check_whole_model_protocol(config: NodeConfig, memberships: Sequence[Membership]) -> None:
-    """Refuse a whole-model protocol on a node in communities: it would send every parameter,
-    private ones included, to every connected peer."""
-    if memberships and config.protocol_config.kind != "none":
-        names = ", ".join(repr(m.manifest.name) for m in memberships)
-        raise ConfigError(
-            f"this node is a member of {names} but its whole-model protocol is "
-            f"{config.protocol!r}, which would send every parameter (private ones included) to "
-            f'every connected peer; set protocol = "none" in {config.home / "config.toml"} '
-            "(or start with --protocol none), or leave the communities with "
-            "`p2pfl community leave`"
-        )
-
-
-def _describe(schema: ParamSchema) -> str:
-    return ", ".join(f"{p.name} {list(p.shape)} {p.dtype}" for p in schema.params) or "nothing"
-
-
-# ---------------------------------------------------------------------------- one community
 
 
 @dataclass
@@ -153,24 +60,16 @@ class Community:
 
     membership: Membership
     part: SharedPart
-    core: NodeCore
-    max_frame: int
-    admitted: dict[str, bytes | None] = field(default_factory=dict)
-    """Members admitted on their current connection, with the credential they presented."""
-    greeted: set[str] = field(default_factory=set)
-    """Peers we said hello to on their current connection."""
-    announced: dict[str, tuple[tuple[str, ...], float]] = field(default_factory=dict)
-    """Peers heard on the topic (members, as they say): their addresses and when (trio
-    clock)."""
-    last_dial: dict[str, float] = field(default_factory=dict)
-    sending: set[trio.CancelScope] = field(default_factory=set)
-    """Scopes of this community's frames in flight (cancelled when it is left)."""
+    runtime: CoreRuntime
+    """Its core on the shared part (replaced when it resumes from a checkpoint)."""
+    gate: Gate = field(init=False)
+    discovery: Discovery | None = None
     tasks: trio.CancelScope = field(default_factory=trio.CancelScope)
-    counters: dict[str, int] = field(
-        default_factory=lambda: {"bytes_sent": 0, "bytes_received": 0, "rejected": 0}
-    )
+    counters: dict[str, int] = field(default_factory=dict)
+    """Its sync channel's counters (``sync.Channel.counters``)."""
     refusals: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_REFUSALS))
-    """The last refusals in this community: peer, reason, unix time."""
+    """The last hellos refused in this community: peer, reason, unix time (for the dashboard;
+    refused sync frames are in its channel's ``refusals``)."""
 
     @property
     def id(self) -> str:
@@ -181,12 +80,17 @@ class Community:
         return self.membership.manifest
 
     @property
+    def core(self) -> NodeCore:
+        return self.runtime.core
+
+    @property
+    def admitted(self) -> dict[str, bytes | None]:
+        """Members admitted on their current connection, with the credential they showed."""
+        return self.gate.admission.admitted
+
+    @property
     def label(self) -> str:
         return f"{self.manifest.name!r} ({self.id[:12]})"
-
-    def bootstrap_peers(self) -> dict[str, str]:
-        """Peer id -> address of the membership's bootstrap list."""
-        return {addr.rsplit("/", 1)[-1]: addr for addr in self.membership.bootstrap}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -194,28 +98,12 @@ class Community:
             "name": self.manifest.name,
             "shared": list(self.manifest.shared),
             "protocol": self.manifest.protocol,
+            "admission": self.manifest.admission,
             "members": sorted(self.admitted),
             "step": self.core.step,
-            "admission": self.manifest.admission,
             "syncs": self.core.stats.syncs,
             **self.counters,
-            "recent_refusals": list(self.refusals),
         }
-
-
-@dataclass(frozen=True)
-class _Frame:
-    protocol: str
-    community: str
-    data: bytes
-    after_leave: bool = False
-    """Send even if the community is no longer active (refusal notices)."""
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-
-# ------------------------------------------------------------------------------- all of them
 
 
 class Communities:
@@ -223,38 +111,33 @@ class Communities:
 
     Build it after the learner is restored (cores take the current model as reference), resume
     the cores from the checkpoint with ``load_state_dict``, call ``start`` once the transport
-    runs, feed it local steps and peer events, and ``reload`` when the memberships on disk
-    change. ``state_dict`` is the communities' part of the node checkpoint.
+    runs, feed it peer events, and ``reload`` when the memberships on disk change.
+    ``state_dict`` is the communities' part of the node checkpoint.
     """
 
     def __init__(
         self,
         config: NodeConfig,
         peer_id: str,
-        learner: PerNodeLearner,
-        samples: int,
-        seed: int,
+        model: NodeModel,
+        sync: SyncChannels,
         counters: dict[str, int],
         ledger: PeerLedger | None = None,
     ) -> None:
         self.config = config
         self.peer_id = peer_id
-        self.learner = learner
-        self.samples = samples
-        self.seed = seed
+        self.model = model
+        self.schema = model.learner.schema
+        self.sync = sync
+        sync.on_unknown = self._on_unknown_channel
         self.node_counters = counters
-        """The node's counters; refused frames count in its ``rejected`` too."""
+        """The node's counters; refused hellos count in its ``rejected`` too."""
         self.ledger = ledger if ledger is not None else PeerLedger()
-        """Per-peer records of the node: refusals are noted there with their reason."""
-        self.corrections = Corrections(learner.schema.numel)
+        """Per-peer records of the node: refused hellos are noted there with their reason."""
         self.active: dict[str, Community] = {}
-        self.max_sync_frame = ID_BYTES + max_message_bytes(learner.schema)
+        self.notices = RefusalNotices()
         self._transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
-        self._outboxes = Outboxes[_Frame](
-            OUTBOX_SIZE, self._send, self._send_failed, counters, log, "community outbox"
-        )
-        self._last_refusal: dict[tuple[str, str], float] = {}
         self._reload_lock = trio.Lock()
         for membership in self._checked(load_memberships(config.home)):
             self._add(membership)
@@ -266,14 +149,13 @@ class Communities:
     # -------------------------------------------------------------------- lifecycle
 
     def register(self, transport: Transport) -> None:
-        """Install the hello and sync handlers on ``transport`` (before it runs peers)."""
+        """Install the hello handler on ``transport`` (before it runs peers)."""
         transport.set_handler(HELLO_PROTOCOL, self.on_hello, max_frame_bytes=HELLO_MAX_BYTES)
-        transport.set_handler(SYNC_PROTOCOL, self.on_sync, max_frame_bytes=self.max_sync_frame)
 
     def start(self, nursery: trio.Nursery, transport: Transport) -> None:
-        """Run the communities loaded at construction on ``transport``."""
+        """Run the communities loaded at construction on ``transport`` (after
+        ``SyncChannels.start``)."""
         self._nursery, self._transport = nursery, transport
-        self._outboxes.start(nursery)
         for community in self.active.values():
             nursery.start_soon(self._run, community)
 
@@ -301,7 +183,7 @@ class Communities:
         check_whole_model_protocol(self.config, memberships)
         parts = []
         for membership in memberships:
-            part = check_model(self.learner.schema, membership, self.config.model)
+            part = check_model(self.schema, membership, self.config.model)
             parts.append((f"community {membership.manifest.name!r}", part))
             try:
                 check_membership(membership, self.peer_id, int(time.time()))
@@ -314,13 +196,25 @@ class Communities:
         return memberships
 
     def _add(self, membership: Membership) -> Community:
-        part = check_model(self.learner.schema, membership, self.config.model)
-        core = self._new_core(membership, part)
-        community = Community(membership, part, core, max_message_bytes(part.schema))
+        part = check_model(self.schema, membership, self.config.model)
+        community = Community(membership, part, self.new_runtime(membership, part))
+        admission = Admission(membership.manifest, self.peer_id, membership.invite, self.notices)
+        community.gate = Gate(admission, _Members(community), _Hellos(self, community))
+        channel = self.sync.open(
+            Channel(
+                community.id,
+                f"community {community.label}",
+                community.runtime,
+                reaches=community.gate.admits,
+                check=lambda peer: community.gate.frame(time.time(), peer),
+                on_send_failed=lambda peer: community.gate.disconnected(time.time(), peer),
+            )
+        )
+        community.counters = channel.counters
         self.active[community.id] = community
         return community
 
-    def _new_core(self, membership: Membership, part: SharedPart) -> NodeCore:
+    def new_runtime(self, membership: Membership, part: SharedPart) -> CoreRuntime:
         """A fresh core for the community: its policy on ``part``, the current model as
         reference."""
         try:
@@ -330,104 +224,42 @@ class Communities:
                 f"community {membership.manifest.name!r}: protocol {exc}; ask the founder to "
                 "fix the manifest"
             ) from None
-        digest = hashlib.sha256(f"{self.seed}:{membership.id}".encode()).digest()
-        return make_core(
+        return open_core(
+            self.model,
             self.peer_id,
             protocol,
-            PartView(lambda: self.learner.get(0), part, self.samples),
-            [],
-            seed=int.from_bytes(digest[:8], "big") & (2**63 - 1),
-            step_size=self.config.lr,
+            part,
+            self.sync.port(membership.id),
+            seed=self.config.seed,
+            channel=membership.id,
         )
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
-        """What a restart needs of each community, by community id: its core's state and its
-        counters, with the digest of the shared schema they belong to."""
-        return {
-            cid: {
-                "name": community.manifest.name,
-                "schema": community.part.schema.digest(),
-                "core": community.core.state_dict(),
-                "counters": dict(community.counters),
-            }
-            for cid, community in self.active.items()
-        }
+        """What a restart needs of each community, by community id (``community_checkpoint``)."""
+        return {cid: community_checkpoint.state_of(c) for cid, c in self.active.items()}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Resume the communities this node is still in from ``saved`` (``state_dict`` of the
-        previous run), then give the learner the combined drift correction of their cores.
-
-        State of a community the node left is ignored; state that does not fit the community
-        (another shared schema, a malformed entry) is logged and that community starts afresh.
-        """
-        for cid, state in saved.items():
-            community = self.active.get(cid)
-            if community is None:
-                name = state.get("name") if isinstance(state, dict) else None
-                log.info(
-                    "ignored the saved state of community %r (%s): this node is no longer a member",
-                    name,
-                    str(cid)[:12],
-                )
-                continue
-            try:
-                community.core, community.counters = self._restored(community, state)
-            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-                log.warning(
-                    "community %s starts afresh at step 0: its saved state does not fit (%s)",
-                    community.label,
-                    exc,
-                )
-                continue
-            correction = getattr(community.core, "correction", None)
-            if isinstance(correction, torch.Tensor):
-                self.corrections.set(community.part, correction)
-            log.info("community %s resumed at step %d", community.label, community.core.step)
-        if self.active:
-            self.learner.set_correction(0, self.corrections.correction)
-
-    def _restored(
-        self, community: Community, state: dict[str, Any]
-    ) -> tuple[NodeCore, dict[str, int]]:
-        """A new core and counters for ``community`` loaded from ``state``; raise ValueError
-        (or KeyError, TypeError) if it does not fit."""
-        if not isinstance(state, dict):
-            raise TypeError(f"expected a table, found {type(state).__name__}")
-        if bytes(state["schema"]) != community.part.schema.digest():
-            raise ValueError("it was saved for another shared schema")
-        core = self._new_core(community.membership, community.part)
-        core.load_state_dict(state["core"])
-        like = core.model.read()
-        for name, value in core.state_dict().items():
-            if isinstance(value, torch.Tensor) and (
-                value.shape != like.shape or value.dtype != like.dtype
-            ):
-                raise ValueError(
-                    f"its {name} is {value.dtype} {list(value.shape)}, the shared part is "
-                    f"{like.dtype} {list(like.shape)}"
-                )
-        counters = {name: int(state["counters"][name]) for name in community.counters}
-        return core, counters
+        previous run); each restored core re-applies its drift correction to its part."""
+        community_checkpoint.restore(self, saved)
 
     async def _stop(self, community: Community) -> None:
         """Leave: no frame of this community is sent or accepted once this returns."""
         del self.active[community.id]
         community.tasks.cancel()
-        for scope in community.sending:
-            scope.cancel()
-        self.learner.set_correction(0, self.corrections.clear(community.part))
+        self.sync.close(community.id)
+        byes = _Byes()
+        community.gate.driver = byes
+        community.gate.leave(time.time())
         if self._transport is not None:
             with trio.move_on_after(BYE_TIMEOUT_S, shield=True):
-                try:
-                    await self._transport.unsubscribe(topic_of(community.id))
-                except Exception as exc:
-                    log.debug("unsubscribing %s failed: %s", community.label, exc)
-                async with trio.open_nursery() as byes:
-                    for peer in community.admitted:
-                        bye = Hello(community.id, refused=LEFT, answer=True)
-                        byes.start_soon(self._send_quietly, peer, bye)
+                if community.discovery is not None:
+                    await community.discovery.unsubscribe()
+                async with trio.open_nursery() as nursery:
+                    for peer, hello in byes.hellos:
+                        nursery.start_soon(self._send_quietly, peer, hello)
         log.info("left community %s: its sync stopped", community.label)
 
     async def _send_quietly(self, peer: str, hello: Hello) -> None:
@@ -437,316 +269,127 @@ class Communities:
         except TransportError as exc:
             log.debug("could not tell peer %s: %s", peer, exc)
 
-    # ------------------------------------------------------------- community tasks
-
     async def _run(self, community: Community) -> None:
-        """Announce, listen for announcements and reach bootstrap peers until left."""
+        """Discover members until the community is left."""
+        assert self._transport is not None
+        community.discovery = Discovery(
+            community.membership,
+            self.peer_id,
+            self._transport,
+            self.config.target_degree,
+            lambda peer: self._greet(community, peer),
+            lambda: community.admitted,
+        )
         with community.tasks:
-            assert self._transport is not None
-            try:
-                subscription = await self._transport.subscribe(topic_of(community.id))
-            except Exception as exc:
-                log.warning("cannot subscribe to %s: %s", topic_of(community.id), exc)
-                return
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._announce, community)
-                nursery.start_soon(self._maintain, community)
-                async for origin, data in subscription:
-                    self._on_announcement(community, origin, data)
-
-    async def _announce(self, community: Community) -> None:
-        assert self._transport is not None
-        while True:
-            await trio.sleep(ANNOUNCE_EVERY_S if community.admitted else MAINTAIN_EVERY_S)
-            announcement = Announcement(
-                self.peer_id, tuple(self._transport.listen_addrs[:MAX_ANNOUNCED_ADDRS])
-            )
-            try:
-                await self._transport.publish(topic_of(community.id), announcement.to_bytes())
-            except TransportError as exc:
-                log.debug("announcement for %s not published: %s", community.label, exc)
-
-    async def _maintain(self, community: Community) -> None:
-        """Dial bootstrap and announced members; greet connected ones not greeted yet."""
-        assert self._transport is not None
-        while True:
-            now = trio.current_time()
-            connected = set(self._transport.peers())
-            candidates = dict(community.bootstrap_peers())
-            for peer, (addrs, heard) in list(community.announced.items()):
-                if now - heard > KNOWN_MEMBER_TTL_S:
-                    del community.announced[peer]
-                elif addrs and len(community.admitted) < self.config.target_degree:
-                    candidates.setdefault(peer, addrs[0])
-            for peer, addr in candidates.items():
-                if peer == self.peer_id or peer in community.admitted:
-                    continue
-                if peer in connected:
-                    self._greet(community, peer)
-                elif now - community.last_dial.get(peer, -REDIAL_EVERY_S) >= REDIAL_EVERY_S:
-                    community.last_dial[peer] = now
-                    self._nursery_start(self._dial, community, peer, addr)
-            await trio.sleep(MAINTAIN_EVERY_S)
-
-    async def _dial(self, community: Community, peer: str, addr: str) -> None:
-        assert self._transport is not None
-        try:
-            await self._transport.connect(addr)
-        except TransportError as exc:
-            log.info(
-                "community %s: could not reach %s (will retry): %s", community.label, peer, exc
-            )
-            return
-        if self.active.get(community.id) is community:
-            self._greet(community, peer)
-
-    def _on_announcement(self, community: Community, origin: str, data: bytes) -> None:
-        """A peer announced itself: remember it (the maintenance loop dials it and the hello
-        decides whether it is a member)."""
-        try:
-            announcement = Announcement.from_bytes(data)
-            if announcement.peer != origin:
-                raise WireError(f"it names peer {announcement.peer}, not its signer")
-        except WireError as exc:
-            log.info("ignored announcement from %s on %s: %s", origin, community.label, exc)
-            return
-        addrs = tuple(a for a in announcement.addrs if _is_address_of(a, origin))
-        if origin not in community.announced:
-            if len(community.announced) >= MAX_ANNOUNCED_PEERS:
-                log.debug(
-                    "community %s: too many announced peers, ignored %s", community.label, origin
-                )
-                return
-            if origin not in community.admitted:
-                log.info("community %s: heard of peer %s", community.label, origin)
-        community.announced[origin] = (addrs, trio.current_time())
-
-    def _nursery_start(self, fn: Any, *args: Any) -> None:
-        assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
-
-    # ------------------------------------------------------------------------ hello
+            await community.discovery.run()
 
     def _greet(self, community: Community, peer: str) -> None:
-        """Say hello (a credential made for this peer only) once per connection."""
-        if peer in community.greeted:
-            return
-        community.greeted.add(peer)
-        hello = Hello(community.id, make_credential(community.membership, self.peer_id, peer))
-        self._outboxes.put(peer, _Frame(HELLO_PROTOCOL, community.id, hello.to_bytes()))
+        if self.active.get(community.id) is community:
+            community.gate.greet(time.time(), peer)
+
+    # ------------------------------------------------------------------------ hellos
 
     async def on_hello(self, peer: str, payload: bytes) -> None:
-        """Hello handler: admit the peer if its credential holds, else tell it why not."""
+        """Hello handler: the community's admission decides."""
         try:
             hello = Hello.from_bytes(payload)
         except WireError as exc:
-            self._count_refusal(peer, f"unreadable hello: {exc}")
+            self.node_counters["rejected"] += 1
+            self.ledger.refused(peer, f"unreadable hello: {exc}")
             log.warning("refused hello from peer %s: %s", peer, exc)
             return
         community = self.active.get(hello.community)
-        if hello.refused is not None:
-            if community is not None:
-                if hello.refused == LEFT:
-                    log.info("member %s left community %s", peer, community.label)
-                else:
-                    log.warning(
-                        "peer %s refused us in community %s: %s",
-                        peer,
-                        community.label,
-                        hello.refused,
-                    )
-                community.announced.pop(peer, None)
-                self._drop(community, peer, greet_again=False)
-            return
         if community is None:
-            self._count_refusal(peer, f"hello for community {hello.community}: not a member")
-            log.warning(
-                "refused hello from peer %s: this node is not a member of community %s",
-                peer,
-                hello.community,
-            )
-            self._refuse(hello.community, peer, "this node is not a member of that community")
+            if hello.refused is None:
+                self.node_counters["rejected"] += 1
+                self.ledger.refused(peer, f"hello for community {hello.community}: {NOT_A_MEMBER}")
+                log.warning(
+                    "refused hello from peer %s for community %s: %s",
+                    peer,
+                    hello.community,
+                    NOT_A_MEMBER,
+                )
+                self._on_unknown_channel(hello.community, peer)
             return
-        try:
-            check_credential(
-                community.manifest, peer, self.peer_id, hello.credential, int(time.time())
-            )
-        except CommunityError as exc:
-            self._count_refusal(peer, str(exc), community)
-            log.warning("refused peer %s in community %s: %s", peer, community.label, exc)
-            self._refuse(community.id, peer, str(exc))
-            return
-        if peer not in community.admitted:
-            log.info("community %s: admitted member %s", community.label, peer)
-            community.admitted[peer] = hello.credential
-            self._perform(community, community.core.on_peer_up(trio.current_time(), peer))
-        if not hello.answer:  # answers are not answered: no ping-pong
-            community.greeted.add(peer)
-            credential = make_credential(community.membership, self.peer_id, peer)
-            answer = Hello(community.id, credential, answer=True)
-            self._outboxes.put(peer, _Frame(HELLO_PROTOCOL, community.id, answer.to_bytes()))
+        if hello.refused is not None and community.discovery is not None:
+            community.discovery.forget(peer)
+        community.gate.hello(time.time(), peer, hello)
 
-    def _count_refusal(self, peer: str, reason: str, community: Community | None = None) -> None:
-        """Count a refused hello or frame in the node's (and the community's) counters and
-        note the reason in the peer ledger."""
-        self.node_counters["rejected"] += 1
-        if community is not None:
-            community.counters["rejected"] += 1
-            community.refusals.append({"peer": peer, "reason": reason, "at": time.time()})
-            reason = f"community {community.label}: {reason}"
-        self.ledger.refused(peer, reason)
+    def _on_unknown_channel(self, community: str, peer: str) -> None:
+        """A hello or sync frame for a community this node is not in: tell the sender."""
+        for notice in self.notices.notice(time.time(), peer, community, NOT_A_MEMBER):
+            self.post_hello(community, notice.to, notice.hello)
 
-    def _refuse(self, community_id: str, peer: str, reason: str) -> None:
-        """Tell ``peer`` why it was refused (at most once per REFUSAL_EVERY_S and community)."""
-        now = trio.current_time()
-        if len(self._last_refusal) > MAX_REFUSALS_REMEMBERED:
-            self._last_refusal = {
-                k: t for k, t in self._last_refusal.items() if now - t < REFUSAL_EVERY_S
-            }
-        if now - self._last_refusal.get((peer, community_id), -REFUSAL_EVERY_S) < REFUSAL_EVERY_S:
-            return
-        self._last_refusal[(peer, community_id)] = now
-        notice = Hello(community_id, answer=True, refused=reason[:MAX_REASON_CHARS])
-        frame = _Frame(HELLO_PROTOCOL, community_id, notice.to_bytes(), after_leave=True)
-        self._outboxes.put(peer, frame)
-
-    def _drop(self, community: Community, peer: str, greet_again: bool = True) -> None:
-        """Forget ``peer``'s admission (it refused us, left, or is unreachable); unless
-        ``greet_again`` is False, the maintenance loop may say hello again."""
-        if greet_again:
-            community.greeted.discard(peer)
-        if peer in community.admitted:
-            del community.admitted[peer]
-            self._perform(community, community.core.on_peer_down(trio.current_time(), peer))
-
-    # -------------------------------------------------------------------- sync frames
-
-    async def on_sync(self, peer: str, payload: bytes) -> None:
-        """Sync handler: decode with the community's schema if the peer is admitted to it."""
-        cid, message_bytes = split_sync_frame(payload)
-        community = self.active.get(cid) if message_bytes else None
-        if community is None:
-            self._count_refusal(peer, f"sync frame for community {cid or '(none)'}: not a member")
-            log.warning(
-                "refused sync frame from peer %s: this node is not a member of community %s",
-                peer,
-                cid or "(none)",
-            )
-            if len(cid) == 2 * ID_BYTES:
-                self._refuse(cid, peer, "this node is not a member of that community")
-            return
-        reason = self._admission_problem(community, peer)
-        if reason is None:
-            try:
-                message = decode(message_bytes, community.part.schema, community.max_frame)
-            except WireError as exc:
-                reason = str(exc)
-        if reason is not None:
-            self._count_refusal(peer, reason, community)
-            log.warning(
-                "refused sync frame from peer %s in community %s: %s", peer, community.label, reason
-            )
-            return
-        community.counters["bytes_received"] += 4 + len(payload)
-        self._perform(community, community.core.on_message(trio.current_time(), peer, message))
-
-    def _admission_problem(self, community: Community, peer: str) -> str | None:
-        if peer not in community.admitted:
-            self._refuse(community.id, peer, "not admitted: say hello with a valid invite first")
-            return "not admitted (no valid hello on this connection)"
-        try:
-            check_credential(
-                community.manifest, peer, self.peer_id, community.admitted[peer], int(time.time())
-            )
-        except CommunityError as exc:
-            self._drop(community, peer, greet_again=False)
-            self._refuse(community.id, peer, str(exc))
-            return str(exc)
-        return None
-
-    # ------------------------------------------------------------------------ actions
-
-    def on_local_step(self, now: float) -> None:
-        """The learner took a step: every community core takes it too."""
-        for community in list(self.active.values()):
-            self._perform(community, community.core.on_local_step(now))
-
-    def _perform(self, community: Community, actions: list[Action]) -> None:
-        down: list[str] = []
-        for action in actions:
-            if self.active.get(community.id) is not community:
-                return
-            if isinstance(action, Send):
-                if action.to in community.admitted:
-                    data = sync_frame(community.id, encode(action.message, community.part.schema))
-                    self._outboxes.put(action.to, _Frame(SYNC_PROTOCOL, community.id, data))
-                else:
-                    log.debug("community %s: %s is not admitted", community.label, action.to)
-                    down.append(action.to)
-            elif isinstance(action, ReplaceModel):
-                self.learner.set(0, community.part.put(self.learner.get(0), action.params))
-            elif isinstance(action, SetCorrection):
-                full = self.corrections.set(community.part, action.vector)
-                self.learner.set_correction(0, full)
-            elif isinstance(action, SetTimer):
-                self._nursery_start(self._timer, community, action.at, action.key)
-        now = trio.current_time()
-        for peer in down:  # e.g. a peer a member named for widening, not admitted here
-            if peer not in community.core.down:
-                self._perform(community, community.core.on_peer_down(now, peer))
-
-    async def _timer(self, community: Community, at: float, key: Hashable) -> None:
-        await trio.sleep_until(at)
-        if self.active.get(community.id) is community:
-            self._perform(community, community.core.on_timer(trio.current_time(), key))
-
-    async def _send(self, peer: str, frame: _Frame) -> None:
-        """Send one queued frame unless its community was left meanwhile; leaving cancels it
-        in flight."""
-        assert self._transport is not None
-        community = self.active.get(frame.community)
-        if community is None and not frame.after_leave:
-            return  # left while the frame waited
-        with trio.CancelScope() as scope:
-            if community is not None:
-                community.sending.add(scope)
-            try:
-                await self._transport.send(peer, frame.protocol, frame.data)
-            finally:
-                if community is not None:
-                    community.sending.discard(scope)
-            if community is not None and frame.protocol == SYNC_PROTOCOL:
-                community.counters["bytes_sent"] += 4 + len(frame.data)
-
-    def _send_failed(self, peer: str, frame: _Frame, exc: TransportError) -> None:
-        log.warning("%s; dropping peer %s from community %s", exc, peer, frame.community)
-        community = self.active.get(frame.community)
-        if community is not None:
-            self._drop(community, peer)
+    def post_hello(self, community: str, to: str, hello: Hello) -> None:
+        """Queue ``hello`` on ``to``'s outbox (a refusal goes out even if we leave meanwhile)."""
+        notice = hello.refused is not None
+        self.sync.post(to, Frame(HELLO_PROTOCOL, community, hello.to_bytes(), notice))
 
     # ---------------------------------------------------------------------- peer events
 
     def peer_up(self, peer: str) -> None:
         """A connection opened: greet it in the communities where it is a known member."""
         if self._nursery is None:
-            return  # not started yet: the maintenance loops greet it
+            return  # not started yet: the discovery loops greet it
         for community in list(self.active.values()):
-            if peer in community.bootstrap_peers() or peer in community.announced:
+            if community.discovery is not None and community.discovery.knows(peer):
                 self._greet(community, peer)
 
     def peer_down(self, peer: str) -> None:
         """The last connection closed: admissions end with it."""
-        self._outboxes.close(peer)
         for community in list(self.active.values()):
-            self._drop(community, peer)
+            community.gate.disconnected(time.time(), peer)
 
     def status(self) -> list[dict[str, Any]]:
-        """One entry per community, for ``p2pfl node status``."""
-        return [c.status() for c in sorted(self.active.values(), key=lambda c: c.manifest.name)]
+        """One entry per community, for ``p2pfl node status``; ``recent_refusals`` holds its
+        last refused hellos and sync frames."""
+        entries = []
+        for community in sorted(self.active.values(), key=lambda c: c.manifest.name):
+            channel = self.sync.active.get(community.id)
+            refusals = [*community.refusals, *(channel.refusals if channel else ())]
+            refusals.sort(key=lambda r: r["at"])
+            entries.append({**community.status(), "recent_refusals": refusals[-RECENT_REFUSALS:]})
+        return entries
 
 
-def _is_address_of(addr: str, peer: str) -> bool:
-    try:
-        return str(info_from_p2p_addr(Multiaddr(addr)).peer_id) == peer
-    except Exception:  # multiaddr parsing raises many unrelated types
-        return False
+class _Members:
+    """Tells a community's runtime whom its gate admitted or dropped (on the runtime's clock,
+    trio's; admission runs on unix time)."""
+
+    def __init__(self, community: Community) -> None:
+        self.community = community
+
+    def peer_up(self, now: float, peer: str) -> None:
+        self.community.runtime.peer_up(trio.current_time(), peer)
+
+    def peer_down(self, now: float, peer: str) -> None:
+        self.community.runtime.peer_down(trio.current_time(), peer)
+
+
+class _Hellos:
+    """A community gate's driver: hellos through the node's outboxes, refusals counted."""
+
+    def __init__(self, communities: Communities, community: Community) -> None:
+        self.communities, self.community = communities, community
+
+    def send_hello(self, now: float, to: str, hello: Hello) -> None:
+        self.communities.post_hello(self.community.id, to, hello)
+
+    def refused(self, now: float, peer: str, reason: str) -> None:
+        self.community.counters["rejected"] += 1
+        self.communities.node_counters["rejected"] += 1
+        self.community.refusals.append({"peer": peer, "reason": reason, "at": time.time()})
+        self.communities.ledger.refused(peer, f"community {self.community.label}: {reason}")
+
+
+class _Byes:
+    """The driver of a community being left: its goodbyes are sent at once, not queued."""
+
+    def __init__(self) -> None:
+        self.hellos: list[tuple[str, Hello]] = []
+
+    def send_hello(self, now: float, to: str, hello: Hello) -> None:
+        self.hellos.append((to, hello))
+
+    def refused(self, now: float, peer: str, reason: str) -> None:
+        pass
