@@ -32,7 +32,7 @@ def test_nodes_on_a_lan_find_each_other_with_mdns(tmp_path):
             (d.home / CONFIG_FILE).write_text(
                 f'listen = "/ip4/{address}/tcp/{PORT}"\ndata = "digits:part={i}/3"\n'
                 f'protocol = "dynamic"\nmdns = {"false" if i == 2 else "true"}\n'
-                "dashboard_port = 0\n"
+                "dashboard_port = 0\nstep_interval = 0.1\n"
             )
             d.prefix = run_in(namespace)
             daemons.append(d)

@@ -27,7 +27,7 @@ def test_circuit_addresses_travel_in_peer_exchange():
 def config(address: str, extra: str = "") -> str:
     return (
         f'listen = "/ip4/{address}/tcp/{PORT}"\nprotocol = "dynamic"\nmdns = false\n'
-        f"dashboard_port = 0\n{extra}"
+        f"dashboard_port = 0\nstep_interval = 0.1\n{extra}"
     )
 
 
