@@ -33,7 +33,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def init(home: Path = HOME, as_json: bool = JSON) -> None:
     """Create DIR with a private identity key and a commented config.toml."""
 
-    from p2pfl.daemon.transport import load_or_create_identity
+    from p2pfl.daemon.identity import load_or_create_identity
     from p2pfl.peers import peer_id_of
 
     config = write_template(home)
@@ -104,8 +104,8 @@ def start(
     use_torch()
     import trio
 
+    from p2pfl.daemon.identity import load_or_create_identity
     from p2pfl.daemon.node import NodeDaemon
-    from p2pfl.daemon.transport import load_or_create_identity
 
     handlers = _setup_logging(home)
     try:

@@ -33,13 +33,14 @@ from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.daemon.control import bind_socket, serve, socket_path
 from p2pfl.daemon.dashboard import open_dashboard
 from p2pfl.daemon.lan import LanDiscovery, is_lan_listen_addr
+from p2pfl.daemon.limits import Limits
 from p2pfl.daemon.metrics import serve_metrics
 from p2pfl.daemon.peer_exchange import PeerBook, PeerExchange
 from p2pfl.daemon.peers import PeerLedger
 from p2pfl.daemon.relay import Relaying
 from p2pfl.daemon.state import community_states, node_state, restore_node_state
 from p2pfl.daemon.sync import WHOLE_MODEL, Channel, SyncChannels
-from p2pfl.daemon.transport import Limits, Transport
+from p2pfl.daemon.transport import Transport
 from p2pfl.data import DataError
 from p2pfl.data.datasets import Dataset
 from p2pfl.data.partition import NodeData, load_node_slice
