@@ -48,7 +48,7 @@ from p2pfl.simulator.channels import Channel, community_channels, union_graph, w
 from p2pfl.simulator.network import SimNetwork
 from p2pfl.simulator.objectives import OwnObjectives
 from p2pfl.simulator.scenario import Scenario
-from p2pfl.simulator.stream import ChangingTask, Prequential
+from p2pfl.simulator.stream import ChangingTask, Prequential, drift_recovery
 from p2pfl.topology import build_topology
 from p2pfl.wire.codec import all_finite, encoded_size
 from p2pfl.wire.messages import Message
@@ -338,6 +338,7 @@ class Simulation:
             "messages_lost": self.net.lost,
             "messages_rejected": self.rejected,
             "final_eval_steps": sorted(finals),
+            "drifts": drift_recovery(metrics, self.task.events(s.steps)),
             **stats,
             "metrics": metrics,
         }
