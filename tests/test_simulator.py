@@ -407,7 +407,7 @@ def test_runs_do_not_depend_on_the_python_hash_seed() -> None:
 def test_batched_and_per_node_learners_end_with_the_same_models(protocol: str) -> None:
     """Same scenario, seeds and protocol: the batched learner (all nodes in one tensor) and
     the per-node reference learner end with the same parameters, and so take the same
-    protocol decisions (syncs, bytes)."""
+    protocol decisions (syncs, bytes), with momentum and a learning-rate schedule."""
     finals = {}
     for learner in ("batched", "per-node"):
         scenario = load_scenario(
@@ -418,6 +418,7 @@ def test_batched_and_per_node_learners_end_with_the_same_models(protocol: str) -
                 "partition": "dirichlet:alpha=0.5",
                 "learner": learner,
                 "momentum": 0.5,
+                "lr_schedule": "cosine:min=0.2",
                 "seed": 3,
             },
         )

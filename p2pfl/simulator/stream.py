@@ -144,6 +144,8 @@ def drift_recovery(
     network), and the steps from the drift's start until an evaluation window that lies
     wholly after the transition is back at ``RECOVERY_SHARE`` of that accuracy (None: not
     before the next drift or the end of the run)."""
+    if not events:
+        return []
     out = []
     previous = [0, *(e.step for e in events[:-1])]
     ends = [e.step for e in events[1:]] + [rows[-1]["step"] if rows else 0]
