@@ -129,6 +129,20 @@ def test_a_failed_send_to_a_peer_outside_the_neighbourhood_marks_only_it_down():
     assert core.down == {"2"} and core.live_neighbors == ["1"]
 
 
+def test_widening_again_to_a_peer_already_down_does_not_wait_for_it():
+    """A coordinator keeps widening to a peer it cannot reach (named by its neighbour, e.g.
+    not admitted to the community): each failed send counts as that peer's refusal, also
+    once the peer is marked down, so no session waits for it until the timeout."""
+    net = VirtualNet("dynamic:delta=0,b=1", line(3), seed=0)
+    net.unreachable.add("2")
+    for _ in range(4):
+        net.step("0")
+        net.settle()
+    core = net.cores["0"]
+    assert core.stats.syncs == 4 and core.stats.timeouts == 0
+    assert sum(1 for _, src, dst, _ in net.log if (src, dst) == ("0", "2")) >= 2
+
+
 # -- restore ------------------------------------------------------------------------------------
 def test_restore_re_applies_the_drift_correction_to_the_part():
     learner = two_layer_learner()
