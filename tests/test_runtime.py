@@ -10,7 +10,8 @@ from kit import FakeLearner, FakeModel, Recorder, VirtualNet, line, recorded_run
 from torch import nn
 
 from p2pfl.community.sharing import shared_part
-from p2pfl.learning.learner import BatchedLearner, PerNodeLearner, SGDConfig
+from p2pfl.learning.batched import BatchedLearner
+from p2pfl.learning.learner import PerNodeLearner, SGDConfig
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.protocol.actions import ReplaceModel, Send, SetCorrection, SetTimer
 from p2pfl.protocol.dynamic import DynamicCore

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from p2pfl.data import Dataset, NodeData, load_dataset, split_nodes
-from p2pfl.learning.learner import BatchedLearner, Learner, PerNodeLearner, SGDConfig
+from p2pfl.learning.batched import BatchedLearner
+from p2pfl.learning.learner import Learner, PerNodeLearner, SGDConfig
 from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.learning.schedule import parse_lr_schedule
