@@ -55,7 +55,7 @@ from p2pfl.simulator.channels import (
 from p2pfl.simulator.network import SimNetwork
 from p2pfl.simulator.objectives import OwnObjectives
 from p2pfl.simulator.scenario import Scenario
-from p2pfl.simulator.stream import ChangingTask, Prequential
+from p2pfl.simulator.stream import ChangingTask, Prequential, drift_recovery
 from p2pfl.topology import build_topology
 from p2pfl.wire.codec import all_finite, encoded_size
 from p2pfl.wire.community import Hello
@@ -383,6 +383,7 @@ class Simulation:
             "messages_lost": self.net.lost,
             "messages_rejected": self.rejected,
             "final_eval_steps": sorted(finals),
+            "drifts": drift_recovery(metrics, self.task.events(s.steps)),
             **stats,
             "metrics": metrics,
         }
