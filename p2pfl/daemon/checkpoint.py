@@ -31,6 +31,7 @@ MAGIC = b"P2PFLCK1"
 CURRENT = "ckpt"
 PREVIOUS = "ckpt.prev"
 T = TypeVar("T")
+SET_ASIDE = ("corrupt", "unusable")
 
 
 class CheckpointError(P2pflError):
@@ -119,3 +120,18 @@ def _set_aside(path: Path, new_name: str, problem: object) -> str:
 def load_newest(home: Path) -> dict[str, Any] | None:
     """The newest checkpoint that verifies (see ``restore_newest``), None if there is none."""
     return restore_newest(home, lambda state: state)
+
+
+def checkpoint_files(home: Path) -> list[dict[str, Any]]:
+    """The checkpoint files in ``home`` (current, previous, set-aside corrupt ones): name,
+    size in bytes and unix time of the last write."""
+    files = []
+    for name in (CURRENT, PREVIOUS) + tuple(
+        f"{n}.{k}" for k in SET_ASIDE for n in (CURRENT, PREVIOUS)
+    ):
+        try:
+            info = (home / name).stat()
+        except OSError:
+            continue
+        files.append({"name": name, "bytes": info.st_size, "written": info.st_mtime})
+    return files
