@@ -164,3 +164,23 @@ def test_repeated_refusals_are_logged_once_with_a_count(caplog):
         "refused message from peer-b",
         "refused message from peer-a (1999 more like this in the last 30 s)",
     ]
+
+
+@pytest.mark.slow
+def test_node_start_on_a_port_in_use_exits_2_with_the_fix(tmp_path):
+    import subprocess
+
+    home = tmp_path / "node"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = [sys.executable, "-m", "p2pfl", "node"]
+    subprocess.run([*run, "init", "--home", str(home)], check=True, env=env, timeout=120)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        listen = f"/ip4/127.0.0.1/tcp/{port}"
+        args = [*run, "start", "--home", str(home), "--listen", listen, "--steps", "1"]
+        result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cannot listen on" in result.stderr and "port 0" in result.stderr
+    assert "Traceback" not in result.stderr
