@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from p2pfl.learning.rules import MERGE_KEYS, MergeRule, parse_merge
 from p2pfl.spec import (
     Spec,
     SpecError,
@@ -25,7 +26,6 @@ from p2pfl.spec import (
 )
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
-MERGES = ("uniform", "samples")
 CONDITIONS = ("distance", "coherent", "smoothed")
 
 
@@ -48,7 +48,7 @@ class ProtocolConfig:
     correction: float = 0.0
     outer: tuple[float, float] | None = None
     condition: str = "distance"
-    merge: str = "uniform"
+    merge: MergeRule = MergeRule()
     timeout: float = 0.5
     text: str = ""
 
@@ -76,12 +76,9 @@ def parse_protocol(text: str) -> ProtocolConfig:
     if spec.kind == "none":
         spec.check_keys(set())
         return ProtocolConfig(kind="none", text=spec.text)
-    common = {"merge", "timeout"} | MECHANISM_KEYS
-    merge = spec.take("merge", str, "uniform")
-    if merge not in MERGES:
-        raise SpecError(f"{text!r}: merge must be one of {', '.join(MERGES)}")
+    common = {"timeout"} | MERGE_KEYS | MECHANISM_KEYS
     base = {
-        "merge": merge,
+        "merge": parse_merge(spec),
         "timeout": spec.take("timeout", positive_float, 0.5),
         "correction": spec.take("correction", _damping, CORRECTION_DEFAULT),
         "outer": _outer(spec, DYNAMIC_DEFAULTS["outer"] if spec.kind == "dynamic" else None),

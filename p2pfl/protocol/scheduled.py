@@ -73,18 +73,18 @@ class PeriodicCore(NodeCore):
         sent, self.open_round, self.sent = self.sent, None, None
         if not got:
             return []
-        vectors = [sent] + [p for p, _ in got.values()]
-        samples = [self.model.samples] + [n for _, n in got.values()]
-        return self._adopt(self._merge(vectors, samples), sent, self.config.b, current)
+        merged = self._merge(sent, self.model.samples, got)
+        return self._adopt(merged, sent, self.config.b, current)
 
 
 class GossipCore(NodeCore):
     """Pairwise gossip averaging: every ``b`` steps a node offers its model to one random live
     neighbour (``Push`` with a negative round, ``-exchange id``); the receiver merges it into
-    its own model at once and answers with the model it merged with (``ModelReply`` of that
-    exchange id), which the initiator merges too. Both ends merge the same two vectors, so an
-    exchange moves ``(w_j - w_i) / 2`` from one to the other: the global mean is kept and the
-    two drift-correction updates (``K = b``) cancel, however exchanges interleave. A reply
+    its own model at once (at most one offer per neighbour every ``b`` steps) and answers
+    with the model it merged with (``ModelReply`` of that exchange id), which the initiator
+    merges too. Both ends merge the same two vectors, so an exchange moves ``(w_j - w_i) / 2``
+    from one to the other: the global mean is kept and the two drift-correction updates
+    (``K = b``) cancel, however exchanges interleave (uniform merge, nothing clipped). A reply
     after ``timeout`` is ignored (the receiver's half of that exchange stays done)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -107,8 +107,11 @@ class GossipCore(NodeCore):
 
     def on_message(self, now: float, sender: str, message: Message) -> list[Action]:
         if isinstance(message, Push) and message.round < 0 and sender in self.neighbors:
+            if not self._admit_session(sender, now):
+                return []
             own = self.model.read().clone()
-            merged = self._merge([own, message.params], [self.model.samples, message.samples])
+            offer = {sender: (message.params, message.samples)}
+            merged = self._merge(own, self.model.samples, offer)
             reply = ModelReply(-message.round, own, self.model.samples)
             return [Send(sender, reply)] + self._adopt(merged, own, self.config.b)
         if (
@@ -116,8 +119,8 @@ class GossipCore(NodeCore):
             and self.exchanges.get(message.session, ("",))[0] == sender
         ):
             _, sent = self.exchanges.pop(message.session)
-            merged = self._merge([sent, message.params], [self.model.samples, message.samples])
-            return self._adopt(merged, sent, self.config.b)
+            answer = {sender: (message.params, message.samples)}
+            return self._adopt(self._merge(sent, self.model.samples, answer), sent, self.config.b)
         return super().on_message(now, sender, message)
 
     def on_timer(self, now: float, key: Hashable) -> list[Action]:
