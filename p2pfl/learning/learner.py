@@ -54,8 +54,9 @@ class Learner(ABC):
         return self.data.num_nodes
 
     @abstractmethod
-    def step(self, nodes: torch.Tensor) -> torch.Tensor:
-        """One SGD step on a fresh mini-batch for each listed node; returns their losses."""
+    def step(self, nodes: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor:
+        """One SGD step on a fresh mini-batch for each listed node; returns their losses
+        (``window``: see ``NodeDataBank.draw``)."""
 
     @abstractmethod
     def get(self, node: int) -> torch.Tensor:
@@ -108,8 +109,8 @@ class PerNodeLearner(Learner):
         ]
         self._corrections: dict[int, torch.Tensor] = {}
 
-    def step(self, nodes: torch.Tensor) -> torch.Tensor:
-        xb, yb = self.data.draw(nodes)
+    def step(self, nodes: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor:
+        xb, yb = self.data.draw(nodes, window=window)
         losses = torch.empty(len(nodes))
         for k, node in enumerate(nodes.tolist()):
             model, opt = self.models[node], self.optimizers[node]
@@ -193,7 +194,7 @@ class BatchedLearner(Learner):
         tensors = dict(zip(self.schema.names, self.schema.split(flat), strict=True))
         return functional_call(self.template, tensors, (x,))
 
-    def step(self, nodes: torch.Tensor) -> torch.Tensor:
+    def step(self, nodes: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor:
         nodes = nodes.long()
         k, scratch = len(nodes), self._scratch
         if k == 0:
@@ -205,9 +206,10 @@ class BatchedLearner(Learner):
                     scratch.get("x", (k, self.data.batch_size, self.data.x.shape[-1])),
                     scratch.get("y", (k, self.data.batch_size), torch.long),
                 ),
+                window=window,
             )
         else:
-            xb, yb = self.data.draw(nodes)
+            xb, yb = self.data.draw(nodes, window=window)
         every = k == self.num_nodes and torch.equal(nodes, self._everyone)
         # Active rows: the stored tensors themselves, or gathered copies written back below.
         w, m, c = self.params, self.momentum, self.corrections

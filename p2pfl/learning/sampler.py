@@ -12,7 +12,9 @@ class NodeDataBank:
     """Every node's training set, padded into one ``[nodes, max_n, features]`` tensor.
 
     Batches are drawn with replacement (uniform over the node's own samples), one row of
-    indices per node, from one seeded generator.
+    indices per node, from one seeded generator. A bank may hold a range of a larger
+    simulation's nodes (a shard): it then draws the rows of every node stepping in the whole
+    simulation and uses its own (``window``), so its batches equal the whole simulation's.
     """
 
     def __init__(
@@ -43,11 +45,21 @@ class NodeDataBank:
         return len(self.counts)
 
     def draw(
-        self, nodes: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        nodes: torch.Tensor,
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+        window: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch for each listed node: ``x [k, batch, features]``, ``y [k, batch]``
-        (written into ``out`` if given, e.g. to reuse memory from step to step)."""
-        u = torch.rand(len(nodes), self.batch_size, generator=self.generator)
+        (written into ``out`` if given, e.g. to reuse memory from step to step). With
+        ``window = (before, total)`` the listed nodes are rows ``before..before + k`` of
+        ``total`` nodes stepping in the whole simulation."""
+        if window is None:
+            u = torch.rand(len(nodes), self.batch_size, generator=self.generator)
+        else:
+            before, total = window
+            u = torch.rand(total, self.batch_size, generator=self.generator)
+            u = u[before : before + len(nodes)]
         idx = (u * self.counts[nodes, None]).long()
         # Row of sample idx[k, j] of node nodes[k] in the flattened [nodes * max_n] bank.
         flat = idx.add_(nodes[:, None] * self.x.shape[1]).view(-1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -48,8 +48,25 @@ class CoreStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+RowReader = Callable[[torch.Tensor], torch.Tensor]
+"""``read(rows)``: the current parameters ``[k, params]`` of the stacked cores at ``rows``."""
+
+
 class NodeCore:
-    """Base core: ``none`` protocol (trains alone, ignores every message)."""
+    """Base core: ``none`` protocol (trains alone, ignores every message).
+
+    A simulator with many cores of one class can take their local steps vectorised: it keeps
+    ``step_counters`` and ``step_fields`` of all of them stacked, asks ``which_act`` which
+    cores would do more on their next local step than count it, adds one to the counters of
+    the others and calls ``on_local_step`` only on those that act (see
+    ``p2pfl.simulator.batched_protocol``)."""
+
+    step_counters: ClassVar[tuple[str, ...]] = ("step",)
+    """Integer attributes ``on_local_step`` adds one to on every step, whether or not the
+    node then acts."""
+    step_fields: ClassVar[tuple[str, ...]] = ()
+    """Further attributes ``which_act`` reads (numbers, flags, or tensors stored as plain
+    attributes that the core replaces but never modifies in place)."""
 
     def __init__(
         self,
@@ -79,6 +96,20 @@ class NodeCore:
         """The learner finished one local step."""
         self.step += 1
         return self._after_step(now)
+
+    @classmethod
+    def which_act(
+        cls,
+        config: ProtocolConfig,
+        state: Mapping[str, torch.Tensor],
+        rows: torch.Tensor,
+        read: RowReader,
+    ) -> torch.Tensor:
+        """The vectorised form of this class's ``on_local_step``: of the cores at ``rows`` of
+        the stacked ``state`` (every counter and field, one row per core, as before the
+        step), which would do more on this local step than add one to their counters. A
+        ``[len(rows)]`` bool mask, equal to calling each core (tests check it)."""
+        return torch.zeros(len(rows), dtype=torch.bool)
 
     def on_message(self, now: float, sender: str, message: Message) -> list[Action]:
         """A validated message arrived from ``sender``."""

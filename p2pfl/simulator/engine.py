@@ -41,6 +41,7 @@ from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.models import build_model
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
 from p2pfl.protocol.core import CoreStats, NodeCore, make_core
+from p2pfl.simulator.batched_protocol import StackedCores
 from p2pfl.simulator.channels import Channel, community_channels, union_graph, whole_model_channel
 from p2pfl.simulator.network import SimNetwork
 from p2pfl.simulator.objectives import OwnObjectives
@@ -101,12 +102,29 @@ def _snapshot(message: Message) -> Message:
     return replace(message, params=params.detach().clone())
 
 
+Event = tuple[float, int, int, str, Any]
+"""``(time, origin, count, kind, payload)``: ordered by time, then by the node whose action
+made it and that node's own count, so the order never depends on how nodes interleave (the
+same in one process and in shards)."""
+
+
 class Simulation:
     """One run on one prepared scenario: every node trains on its own data and syncs over the
-    channels it is a member of."""
+    channels it is a member of.
+
+    ``nodes`` restricts the run to a range of nodes (a shard, see ``sharding.py``): it trains
+    and runs the cores of those nodes only, and messages to other nodes go to ``outbox``.
+    ``vectorised`` takes the protocol's local steps for all cores of a channel at once
+    (``batched_protocol.py``); False calls every core on every step (the reference path)."""
 
     def __init__(
-        self, prepared: Prepared, protocol: str, channels: Sequence[Channel] | None = None
+        self,
+        prepared: Prepared,
+        protocol: str,
+        channels: Sequence[Channel] | None = None,
+        *,
+        vectorised: bool = True,
+        nodes: range | None = None,
     ) -> None:
         """Without ``channels``, every node runs ``protocol`` over its whole model and the
         scenario graph (one channel). With ``channels`` (a scenario's communities, or none at
@@ -114,11 +132,11 @@ class Simulation:
         s = prepared.scenario
         self.prepared = prepared
         self.protocol = protocol
+        self.nodes = range(s.nodes) if nodes is None else nodes
+        first = self.first = self.nodes.start
+        local = [prepared.nodes[i] for i in self.nodes]
         bank = NodeDataBank(
-            [d.x_train for d in prepared.nodes],
-            [d.y_train for d in prepared.nodes],
-            s.batch_size,
-            s.seed,
+            [d.x_train for d in local], [d.y_train for d in local], s.batch_size, s.seed
         )
         sgd = SGDConfig(lr=s.lr, momentum=s.momentum)
         self.learner: Learner
@@ -136,15 +154,23 @@ class Simulation:
         self.channels = list(channels)
         self.net = SimNetwork(prepared.graph, s.network, s.seed)
         step_size = s.lr / (1 - s.momentum)
-        # Per channel: member -> core; per node: its (channel, core) pairs; and all cores.
+        # Per channel: member -> core (this run's nodes only), member rows, stacked step state.
         self.channel_cores: list[dict[int, NodeCore]] = []
-        self.node_cores: list[list[tuple[int, NodeCore]]] = [[] for _ in range(s.nodes)]
+        self.node_channels: list[list[int]] = [[] for _ in self.nodes]
         self.cores: list[NodeCore] = []
+        self.stacked: list[StackedCores | None] = []
+        self._row_of: list[torch.Tensor] = []  # local node -> row in the channel, or -1
+        self._member_rows: list[torch.Tensor] = []  # row -> local learner row
+        self._members: list[list[int]] = []
         for c, channel in enumerate(self.channels):
             members: dict[int, NodeCore] = {}
             for i in channel.members:
+                if i not in self.nodes:
+                    continue
                 view = PartView(
-                    lambda i=i: self.learner.get(i), channel.part, len(prepared.nodes[i].y_train)
+                    lambda i=i: self.learner.get(i - first),
+                    channel.part,
+                    len(prepared.nodes[i].y_train),
                 )
                 members[i] = make_core(
                     str(i),
@@ -154,28 +180,57 @@ class Simulation:
                     seed=s.seed * 100_003 + i + c * 1_000_003,
                     step_size=step_size,
                 )
-                self.node_cores[i].append((c, members[i]))
+                self.node_channels[i - first].append(c)
                 self.cores.append(members[i])
             self.channel_cores.append(members)
+            self._members.append(list(members))
+            rows = torch.full((len(self.nodes),), -1, dtype=torch.long)
+            member_rows = torch.tensor(list(members), dtype=torch.long) - first
+            rows[member_rows] = torch.arange(len(members))
+            self._row_of.append(rows)
+            self._member_rows.append(member_rows)
+            use_stack = vectorised and members
+            self.stacked.append(
+                StackedCores(list(members.values()), lambda r, c=c: self._read_rows(c, r))
+                if use_stack
+                else None
+            )
         self.channel_bytes = [0] * len(self.channels)
         self.channel_messages = [0] * len(self.channels)
         self.corrections: dict[int, Corrections] = {}
         self.objectives = (
-            OwnObjectives(prepared.nodes, prepared.dataset.num_classes) if s.communities else None
+            OwnObjectives(local, prepared.dataset.num_classes) if s.communities else None
         )
         rng = random.Random(s.seed)
         self.speeds = torch.tensor(
             [1.0 - s.network.speed_spread * rng.random() for _ in range(s.nodes)]
         )
-        self.events: list[tuple[float, int, str, Any]] = []
-        self._seq = 0
+        self.progress = torch.zeros(s.nodes)
+        self.events: list[Event] = []
+        self.outbox: list[Event] = []
+        self._pushed = [0] * s.nodes
         self.x_test, self.y_test = prepared.dataset.x_test, prepared.dataset.y_test
         self.rejected = 0
+        self.node_steps = 0
 
     # -- actions -----------------------------------------------------------------------------
-    def _push(self, at: float, kind: str, payload: Any) -> None:
-        self._seq += 1
-        heapq.heappush(self.events, (at, self._seq, kind, payload))
+    def _read_rows(self, channel: int, rows: torch.Tensor) -> torch.Tensor:
+        """The shared parameters ``[k, p]`` of the channel's members at ``rows``."""
+        local = self._member_rows[channel][rows]
+        if isinstance(self.learner, BatchedLearner):
+            params = self.learner.params
+            w = params if len(local) == len(params) else params[local]
+        else:
+            w = torch.stack([self.learner.get(i) for i in local.tolist()])
+        part = self.channels[channel].part
+        span = part.span
+        whole = span is not None and span.start == 0 and span.stop == w.shape[-1]
+        return w if whole else part.take(w)
+
+    def _push(self, at: float, origin: int, kind: str, payload: Any) -> Event:
+        count = self._pushed[origin]
+        self._pushed[origin] = count + 1
+        return (at, origin, count, kind, payload)
 
     def _perform(self, channel: int, node: int, actions: list[Action], now: float) -> None:
         """Carry out the actions of ``node``'s core in ``channel``."""
@@ -188,27 +243,69 @@ class Simulation:
                 self.channel_messages[channel] += 1
                 arrival = self.net.transmit(now, node, dst, size)
                 if arrival is not None:
-                    self._push(arrival, "msg", (channel, node, dst, _snapshot(action.message)))
+                    payload = (channel, node, dst, _snapshot(action.message))
+                    event = self._push(arrival, node, "msg", payload)
+                    if dst in self.nodes:
+                        heapq.heappush(self.events, event)
+                    else:
+                        self.outbox.append(event)
             elif isinstance(action, ReplaceModel):
-                self.learner.set(node, part.put(self.learner.get(node), action.params))
+                row = node - self.first
+                self.learner.set(row, part.put(self.learner.get(row), action.params))
             elif isinstance(action, SetCorrection):
                 corrections = self.corrections.get(node)
                 if corrections is None:
                     corrections = self.corrections[node] = Corrections(self.schema.numel)
-                self.learner.set_correction(node, corrections.set(part, action.vector))
+                self.learner.set_correction(node - self.first, corrections.set(part, action.vector))
             elif isinstance(action, SetTimer):
-                self._push(action.at, "timer", (channel, node, action.key))
+                heapq.heappush(
+                    self.events, self._push(action.at, node, "timer", (channel, node, action.key))
+                )
 
-    def _deliver_due(self, now: float) -> None:
-        while self.events and self.events[0][0] <= now:
-            at, _, kind, payload = heapq.heappop(self.events)
+    def _call(self, channel: int, node: int, now: float, event: str, *args: Any) -> None:
+        """Hand ``node``'s core in ``channel`` an event and carry out its actions."""
+        stacked = self.stacked[channel]
+        if stacked is None:
+            actions = getattr(self.channel_cores[channel][node], event)(now, *args)
+        else:
+            row = int(self._row_of[channel][node - self.first])
+            actions = getattr(stacked.enter(row), event)(now, *args)
+            stacked.leave(row)
+        if actions:
+            self._perform(channel, node, actions, now)
+
+    # -- one tick, in phases (a shard runs them one at a time, see sharding.py) ---------------
+    def accept(self, events: Sequence[Event]) -> None:
+        """Messages from other shards, due at their times."""
+        for event in events:
+            heapq.heappush(self.events, event)
+
+    @property
+    def next_event(self) -> float:
+        """Time of the earliest pending event (inf if none)."""
+        return self.events[0][0] if self.events else math.inf
+
+    def begin_tick(self, t: int, now: float) -> None:
+        """Concept drift if due, then churn (neighbours of nodes that went or came back are
+        told)."""
+        drift = self.prepared.dataset.drift
+        if drift is not None and t == drift.at_step + 1:
+            self._apply_drift()
+        gone, back = self.net.churn()
+        self._notify(gone, "on_peer_down", now)
+        self._notify(back, "on_peer_up", now)
+
+    def deliver(self, now: float, horizon: float = math.inf) -> None:
+        """Deliver every message and timer due by ``now`` and earlier than ``horizon``."""
+        events, online = self.events, self.net.online
+        while events and events[0][0] <= now and events[0][0] < horizon:
+            at, _, _, kind, payload = heapq.heappop(events)
             if kind == "timer":
                 channel, node, key = payload
-                core = self.channel_cores[channel][node]
-                self._perform(channel, node, core.on_timer(at, key), at)
+                self._call(channel, node, at, "on_timer", key)
                 continue
             channel, src, dst, message = payload
-            if not self.net.online[dst]:
+            if not online[dst]:
                 self.net.lost += 1
                 continue
             params = getattr(message, "params", None)
@@ -216,133 +313,223 @@ class Simulation:
                 self.rejected += 1
                 log.warning("node %d rejected a message from %d: params contain NaN/inf", dst, src)
                 continue
-            core = self.channel_cores[channel][dst]
-            self._perform(channel, dst, core.on_message(at, str(src), message), at)
+            self._call(channel, dst, at, "on_message", str(src), message)
 
     def _notify(self, nodes: list[int], event: str, now: float) -> None:
         for node in nodes:
-            for c, _ in self.node_cores[node]:
-                for peer in self.channels[c].graph.neighbors(node):
-                    core = self.channel_cores[c][peer]
-                    handler: Callable[[float, str], list[Action]] = getattr(core, event)
-                    self._perform(c, peer, handler(now, str(node)), now)
+            for c, channel in enumerate(self.channels):
+                if node not in channel.graph:
+                    continue
+                cores = self.channel_cores[c]
+                for peer in channel.graph.neighbors(node):
+                    if peer in cores:
+                        self._call(c, peer, now, event, str(node))
+
+    def train(self, now: float) -> None:
+        """Every online node whose speed gives it a step in this tick takes one (one batched
+        step for all), then its cores count it; those that act are called."""
+        before = self.progress.floor()
+        self.progress += self.speeds
+        due = (self.progress.floor() > before) & self.net.online_mask
+        active = due.nonzero().flatten()
+        first, stop = self.first, self.nodes.stop
+        if first or stop < len(due):
+            mine = active[(active >= first) & (active < stop)]
+            window: tuple[int, int] | None = (int((active < first).sum()), len(active))
+        else:
+            mine, window = active, None
+        if not len(mine):
+            return
+        rows = mine - first
+        self.learner.step(rows, window)
+        self.node_steps += len(mine)
+        for c, stacked in enumerate(self.stacked):
+            if stacked is None:
+                continue
+            channel_rows = self._row_of[c][rows]
+            members = self._members[c]
+            for row in stacked.local_step(channel_rows[channel_rows >= 0]):
+                actions = stacked.enter(row).on_local_step(now)
+                stacked.leave(row)
+                if actions:
+                    self._perform(c, members[row], actions, now)
+        if any(stacked is None for stacked in self.stacked):
+            for node in mine.tolist():
+                for c in self.node_channels[node - first]:
+                    if self.stacked[c] is None:
+                        actions = self.channel_cores[c][node].on_local_step(now)
+                        if actions:
+                            self._perform(c, node, actions, now)
 
     # -- run ---------------------------------------------------------------------------------
     def run(self, on_tick: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Run all steps; return the run's summary with its metrics time series."""
         s = self.prepared.scenario
-        drift = self.prepared.dataset.drift
         finals = set(final_eval_steps(s.steps))
         metrics: list[dict[str, Any]] = []
-        progress = torch.zeros(s.nodes)
-        node_steps = 0
         started = time.perf_counter()
         for t in range(1, s.steps + 1):
             now = t * s.network.step_time
-            if drift is not None and t == drift.at_step + 1:
-                self._apply_drift()
-            gone, back = self.net.churn()
-            self._notify(gone, "on_peer_down", now)
-            self._notify(back, "on_peer_up", now)
-            self._deliver_due(now)
-            before = progress.floor()
-            progress += self.speeds
-            due = (progress.floor() > before) & torch.tensor(self.net.online)
-            active = due.nonzero().flatten()
-            if len(active):
-                self.learner.step(active)
-                node_steps += len(active)
-                for node in active.tolist():
-                    for c, core in self.node_cores[node]:
-                        actions = core.on_local_step(now)
-                        if actions:
-                            self._perform(c, node, actions, now)
-            if t % s.eval_every == 0 or t in finals or t == s.steps:
-                metrics.append(self._measure(t, now))
+            self.begin_tick(t, now)
+            self.deliver(now)
+            self.train(now)
+            if measured_at(s, t, finals):
+                metrics.append(combine_metrics([self.local_metrics()], self.protocol, t, now))
             if on_tick is not None:
                 on_tick(t)
         wall = time.perf_counter() - started
-        return self._summary(metrics, finals, node_steps, wall)
+        return summarize(self, metrics, [self.totals()], wall)
 
     def _apply_drift(self) -> None:
         drift = self.prepared.dataset.drift
         assert drift is not None
-        ys = [drift.relabel(d.x_train, d.y_train) for d in self.prepared.nodes]
-        self.learner.data.replace_all([d.x_train for d in self.prepared.nodes], ys)
+        local = [self.prepared.nodes[i] for i in self.nodes]
+        ys = [drift.relabel(d.x_train, d.y_train) for d in local]
+        self.learner.data.replace_all([d.x_train for d in local], ys)
         self.y_test = drift.relabel(self.x_test, self.y_test)
         if self.objectives is not None:
             drifted = [
                 NodeData(d.x_train, y, d.x_test, drift.relabel(d.x_test, d.y_test))
-                for d, y in zip(self.prepared.nodes, ys, strict=True)
+                for d, y in zip(local, ys, strict=True)
             ]
             self.objectives.relabel(drifted, self.prepared.dataset.num_classes)
 
-    def _measure(self, t: int, now: float) -> dict[str, Any]:
+    def local_metrics(self) -> dict[str, Any]:
+        """This run's (shard's) part of a metrics row: per-node accuracy and loss, parameter
+        sums for the divergence, counters; ``combine_metrics`` adds the parts up."""
         acc, loss = self.learner.evaluate(self.x_test, self.y_test)
+        square, column = 0.0, torch.zeros(self.schema.numel, dtype=torch.float64)
         w = self.learner.stacked()
-        divergence = float((w - w.mean(0)).square().sum(1).mean())
-        own = {}
-        if self.objectives is not None:
-            per_node = self.objectives.accuracy(self.learner)
-            own = {"own_accuracy": float(per_node.mean()), "own_accuracy_nodes": per_node.tolist()}
-        return {
-            "protocol": self.protocol,
-            "step": t,
-            "time": round(now, 6),
-            "accuracy": float(acc.mean()),
-            "accuracy_min": float(acc.min()),
-            "loss": float(loss.mean()),
-            "divergence": divergence,
+        for start in range(0, len(w), EVAL_BLOCK):
+            block = w[start : start + EVAL_BLOCK].double()
+            square += float(block.square().sum())
+            column += block.sum(0)
+        part = {
+            "accuracy": acc.tolist(),
+            "loss": loss.tolist(),
+            "square": square,
+            "column": column,
             "bytes": self.net.bytes_sent,
             "messages": self.net.messages,
             "syncs": sum(c.stats.syncs for c in self.cores),
             "online": sum(self.net.online),
-            **own,
         }
+        if self.objectives is not None:
+            part["own"] = self.objectives.accuracy(self.learner).tolist()
+        return part
 
-    def _summary(
-        self, metrics: list[dict[str, Any]], finals: set[int], node_steps: int, wall: float
-    ) -> dict[str, Any]:
-        s = self.prepared.scenario
-        final = [m for m in metrics if m["step"] in finals] or metrics[-1:]
-        tail_start = s.steps - s.steps // 5
-        tail = [m for m in metrics if m["step"] >= tail_start]
+    def totals(self) -> dict[str, Any]:
+        """This run's (shard's) counters for the summary; ``summarize`` adds shards up."""
+        for stacked in self.stacked:
+            if stacked is not None:
+                stacked.flush()
         stats = CoreStats().as_dict()
         for core in self.cores:
             for k, v in core.stats.as_dict().items():
                 stats[k] += v
-        summary = {
-            "protocol": self.protocol,
-            "final_accuracy": sum(m["accuracy"] for m in final) / len(final),
-            "final_loss": sum(m["loss"] for m in final) / len(final),
+        return {
             "bytes_sent": self.net.bytes_sent,
             "messages": self.net.messages,
-            "syncs": stats.pop("syncs"),
-            "steps": s.steps,
-            "node_steps": node_steps,
-            "wall_seconds": round(wall, 3),
-            "bytes_last_20pct": tail[-1]["bytes"] - tail[0]["bytes"] if len(tail) > 1 else 0,
             "messages_lost": self.net.lost,
             "messages_rejected": self.rejected,
-            "final_eval_steps": sorted(finals),
-            **stats,
-            "metrics": metrics,
+            "node_steps": self.node_steps,
+            "stats": stats,
+            "channel_bytes": self.channel_bytes,
+            "channel_messages": self.channel_messages,
+            "channel_syncs": [
+                sum(core.stats.syncs for core in cores.values()) for cores in self.channel_cores
+            ],
         }
-        if self.objectives is not None:
-            per_node = torch.tensor([m["own_accuracy_nodes"] for m in final]).mean(0)
-            summary["final_own_accuracy"] = float(per_node.mean())
-            summary["own_accuracy_nodes"] = per_node.tolist()
-            summary["channels"] = [
-                {
-                    "name": channel.name,
-                    "protocol": channel.protocol.label,
-                    "shared": channel.part.schema.names,
-                    "shared_params": channel.part.schema.numel,
-                    "members": channel.members,
-                    "bytes_sent": self.channel_bytes[c],
-                    "messages": self.channel_messages[c],
-                    "syncs": sum(core.stats.syncs for core in self.channel_cores[c].values()),
-                }
-                for c, channel in enumerate(self.channels)
-            ]
-        return summary
+
+
+EVAL_BLOCK = 256
+
+
+def measured_at(s: Scenario, t: int, finals: set[int]) -> bool:
+    """Whether step ``t`` is evaluated."""
+    return t % s.eval_every == 0 or t in finals or t == s.steps
+
+
+def combine_metrics(parts: Sequence[dict[str, Any]], protocol: str, t: int, now: float) -> dict:
+    """One metrics row from the parts of every shard (in node order). Means over nodes are
+    exactly rounded sums (``math.fsum``), so they do not depend on how nodes were split."""
+    acc = [a for p in parts for a in p["accuracy"]]
+    loss = [v for p in parts for v in p["loss"]]
+    n = len(acc)
+    mean = sum((p["column"] for p in parts[1:]), parts[0]["column"].clone()) / n
+    divergence = sum(p["square"] for p in parts) / n - float(mean.square().sum())
+    own = {}
+    if "own" in parts[0]:
+        nodes = [v for p in parts for v in p["own"]]
+        own = {"own_accuracy": math.fsum(nodes) / n, "own_accuracy_nodes": nodes}
+    return {
+        "protocol": protocol,
+        "step": t,
+        "time": round(now, 6),
+        "accuracy": math.fsum(acc) / n,
+        "accuracy_min": min(acc),
+        "loss": math.fsum(loss) / n,
+        "divergence": max(0.0, divergence),
+        "bytes": sum(p["bytes"] for p in parts),
+        "messages": sum(p["messages"] for p in parts),
+        "syncs": sum(p["syncs"] for p in parts),
+        "online": parts[0]["online"],
+        **own,
+    }
+
+
+def summarize(
+    sim: Simulation, metrics: list[dict[str, Any]], parts: Sequence[dict[str, Any]], wall: float
+) -> dict[str, Any]:
+    """The run's summary from its metrics rows and every shard's ``totals`` (in node order);
+    ``sim`` is any of the shards (for the scenario and the channels)."""
+    s = sim.prepared.scenario
+    finals = set(final_eval_steps(s.steps))
+    final = [m for m in metrics if m["step"] in finals] or metrics[-1:]
+    tail_start = s.steps - s.steps // 5
+    tail = [m for m in metrics if m["step"] >= tail_start]
+    total: dict[str, Any] = {}
+    for part in parts:
+        for k, v in part.items():
+            if isinstance(v, dict):
+                total[k] = {kk: total.get(k, {}).get(kk, 0) + vv for kk, vv in v.items()}
+            elif isinstance(v, list):
+                total[k] = [a + b for a, b in zip(total.get(k, [0] * len(v)), v, strict=True)]
+            else:
+                total[k] = total.get(k, 0) + v
+    stats = dict(total["stats"])
+    summary = {
+        "protocol": sim.protocol,
+        "final_accuracy": sum(m["accuracy"] for m in final) / len(final),
+        "final_loss": sum(m["loss"] for m in final) / len(final),
+        "bytes_sent": total["bytes_sent"],
+        "messages": total["messages"],
+        "syncs": stats.pop("syncs"),
+        "steps": s.steps,
+        "node_steps": total["node_steps"],
+        "wall_seconds": round(wall, 3),
+        "bytes_last_20pct": tail[-1]["bytes"] - tail[0]["bytes"] if len(tail) > 1 else 0,
+        "messages_lost": total["messages_lost"],
+        "messages_rejected": total["messages_rejected"],
+        "final_eval_steps": sorted(finals),
+        **stats,
+        "metrics": metrics,
+    }
+    if s.communities:
+        per_node = torch.tensor([m["own_accuracy_nodes"] for m in final]).mean(0)
+        summary["final_own_accuracy"] = float(per_node.mean())
+        summary["own_accuracy_nodes"] = per_node.tolist()
+        summary["channels"] = [
+            {
+                "name": channel.name,
+                "protocol": channel.protocol.label,
+                "shared": channel.part.schema.names,
+                "shared_params": channel.part.schema.numel,
+                "members": channel.members,
+                "bytes_sent": total["channel_bytes"][c],
+                "messages": total["channel_messages"][c],
+                "syncs": total["channel_syncs"][c],
+            }
+            for c, channel in enumerate(sim.channels)
+        ]
+    return summary
