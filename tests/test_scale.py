@@ -16,7 +16,8 @@ from p2pfl.protocol.core import make_core
 from p2pfl.protocol.dynamic import DynamicCore, squared_distances
 from p2pfl.simulator.batched_protocol import StackedCores
 from p2pfl.simulator.engine import Simulation, prepare
-from p2pfl.simulator.scenario import load_scenario
+from p2pfl.simulator.scenario import ScenarioError, load_scenario
+from p2pfl.simulator.sharding import ShardedRun
 
 PROTOCOLS = ("none", "continuous", "periodic:b=3", "gossip:b=2", "dynamic:rel=0.0005,b=2")
 
@@ -176,3 +177,53 @@ def test_vectorised_path_equals_per_node_path_with_communities():
     b = Simulation(prepared, "communities", prepared.communities, vectorised=False).run()
     assert comparable(a) == comparable(b)
     assert all(c["syncs"] > 0 for c in a["channels"])
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    """Equal summaries: every count and accuracy exactly; the divergence (float64 sums added
+    in another order across shards) to 1e-9."""
+    assert comparable(a) | {"metrics": None} == comparable(b) | {"metrics": None}
+    assert len(a["metrics"]) == len(b["metrics"])
+    for x, y in zip(a["metrics"], b["metrics"], strict=True):
+        assert x | {"divergence": 0} == y | {"divergence": 0}
+        assert x["divergence"] == pytest.approx(y["divergence"], rel=1e-9)
+
+
+@pytest.mark.parametrize("protocol", ["dynamic:rel=0.0005,b=2", "gossip:b=2", "continuous"])
+def test_sharded_run_equals_one_process(protocol):
+    s = scenario(protocols=(protocol,))
+    one = Simulation(prepare(s), protocol).run()
+    sharded = ShardedRun(s, protocol, 3, backend="local")
+    assert_same_run(sharded.run(), one)
+    assert sharded.windows > s.steps  # messages did cross shards within ticks
+
+
+def test_sharded_communities_equal_one_process():
+    communities = [
+        {"name": "body", "members": "0-9", "shared": ["fc1.*"], "protocol": "dynamic:rel=0.0005"},
+        {"name": "heads", "members": "4-13", "shared": ["head.*"], "protocol": "gossip:b=3"},
+    ]
+    s = scenario(communities=communities, partition="labels:k=4,min=6,max=60", steps=100)
+    prepared = prepare(s)
+    one = Simulation(prepared, "communities", prepared.communities).run()
+    assert_same_run(ShardedRun(s, "communities", 2, backend="local").run(), one)
+
+
+def test_sharding_refuses_zero_latency():
+    s = scenario(network={"latency": 0.0})
+    with pytest.raises(ScenarioError, match="network.latency > 0"):
+        ShardedRun(s, "dynamic", 2, backend="local")
+
+
+@pytest.mark.slow
+def test_ray_sharded_run_equals_one_process():
+    """Two Ray workers on a local cluster this test starts (and shuts down)."""
+    ray = pytest.importorskip("ray")
+    protocol = "dynamic:rel=0.0005,b=2"
+    s = scenario(protocols=(protocol,), steps=100)
+    one = Simulation(prepare(s), protocol).run()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert_same_run(ShardedRun(s, protocol, 2, backend="ray").run(), one)
+    finally:
+        ray.shutdown()

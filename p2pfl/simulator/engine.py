@@ -378,7 +378,7 @@ class Simulation:
             if on_tick is not None:
                 on_tick(t)
         wall = time.perf_counter() - started
-        return summarize(self, metrics, [self.totals()], wall)
+        return summarize(s, self.protocol, self.channels, metrics, [self.totals()], wall)
 
     def _apply_drift(self) -> None:
         drift = self.prepared.dataset.drift
@@ -479,11 +479,14 @@ def combine_metrics(parts: Sequence[dict[str, Any]], protocol: str, t: int, now:
 
 
 def summarize(
-    sim: Simulation, metrics: list[dict[str, Any]], parts: Sequence[dict[str, Any]], wall: float
+    s: Scenario,
+    protocol: str,
+    channels: Sequence[Channel],
+    metrics: list[dict[str, Any]],
+    parts: Sequence[dict[str, Any]],
+    wall: float,
 ) -> dict[str, Any]:
-    """The run's summary from its metrics rows and every shard's ``totals`` (in node order);
-    ``sim`` is any of the shards (for the scenario and the channels)."""
-    s = sim.prepared.scenario
+    """The run's summary from its metrics rows and every shard's ``totals`` (in node order)."""
     finals = set(final_eval_steps(s.steps))
     final = [m for m in metrics if m["step"] in finals] or metrics[-1:]
     tail_start = s.steps - s.steps // 5
@@ -499,7 +502,7 @@ def summarize(
                 total[k] = total.get(k, 0) + v
     stats = dict(total["stats"])
     summary = {
-        "protocol": sim.protocol,
+        "protocol": protocol,
         "final_accuracy": sum(m["accuracy"] for m in final) / len(final),
         "final_loss": sum(m["loss"] for m in final) / len(final),
         "bytes_sent": total["bytes_sent"],
@@ -530,6 +533,6 @@ def summarize(
                 "messages": total["channel_messages"][c],
                 "syncs": total["channel_syncs"][c],
             }
-            for c, channel in enumerate(sim.channels)
+            for c, channel in enumerate(channels)
         ]
     return summary
