@@ -193,7 +193,7 @@ def assert_same_run(a: dict, b: dict) -> None:
 def test_sharded_run_equals_one_process(protocol):
     s = scenario(protocols=(protocol,))
     one = Simulation(prepare(s), protocol).run()
-    sharded = ShardedRun(s, protocol, 3, backend="local")
+    sharded = ShardedRun(prepare(s), protocol, 3, backend="local")
     assert_same_run(sharded.run(), one)
     assert sharded.windows > s.steps  # messages did cross shards within ticks
 
@@ -206,13 +206,13 @@ def test_sharded_communities_equal_one_process():
     s = scenario(communities=communities, partition="labels:k=4,min=6,max=60", steps=100)
     prepared = prepare(s)
     one = Simulation(prepared, "communities", prepared.communities).run()
-    assert_same_run(ShardedRun(s, "communities", 2, backend="local").run(), one)
+    assert_same_run(ShardedRun(prepared, "communities", 2, backend="local").run(), one)
 
 
 def test_sharding_refuses_zero_latency():
     s = scenario(network={"latency": 0.0})
     with pytest.raises(ScenarioError, match="network.latency > 0"):
-        ShardedRun(s, "dynamic", 2, backend="local")
+        ShardedRun(prepare(s), "dynamic", 2, backend="local")
 
 
 @pytest.mark.slow
@@ -224,6 +224,6 @@ def test_ray_sharded_run_equals_one_process():
     one = Simulation(prepare(s), protocol).run()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        assert_same_run(ShardedRun(s, protocol, 2, backend="ray").run(), one)
+        assert_same_run(ShardedRun(prepare(s), protocol, 2, backend="ray").run(), one)
     finally:
         ray.shutdown()

@@ -34,6 +34,15 @@ def sim(
     ),
     out: Path = typer.Option(Path("runs/sim"), "--out", help="Directory for the results."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    shards: int = typer.Option(
+        1, "--shards", help="Split the nodes over this many Ray workers (needs p2pfl[ray])."
+    ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="Ray cluster to shard on (e.g. ray://head:10001 or auto); "
+        "default: a local cluster started for the run.",
+    ),
 ) -> None:
     """Simulate nodes on a graph and compare protocols on identical data and seed; with
     [[communities]] in the scenario, compare joining them against training alone."""
@@ -50,7 +59,7 @@ def sim(
         "seed": seed,
         "allow_disconnected": allow_disconnected or None,
     }
-    _run(scenario, overrides, out, quiet)
+    _run(scenario, overrides, out, quiet, shards, ray_address)
 
 
 def demo(
@@ -61,7 +70,14 @@ def demo(
     _run(DEMO_SCENARIO, {}, out, quiet)
 
 
-def _run(path: Path | None, overrides: dict[str, object], out: Path, quiet: bool) -> None:
+def _run(
+    path: Path | None,
+    overrides: dict[str, object],
+    out: Path,
+    quiet: bool,
+    shards: int = 1,
+    ray_address: str | None = None,
+) -> None:
     use_torch()
     from p2pfl.data import DataError
     from p2pfl.simulator.results import (
@@ -74,7 +90,9 @@ def _run(path: Path | None, overrides: dict[str, object], out: Path, quiet: bool
     console = Console()
     try:
         scenario = load_scenario(path, overrides)
-        summary = run_scenario(scenario, out, progress=not quiet)
+        summary = run_scenario(
+            scenario, out, progress=not quiet, shards=shards, ray_address=ray_address
+        )
     except (ScenarioError, SpecError, DataError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None

@@ -9,9 +9,10 @@ counters advanced in one tensor operation, and only the acting cores are called.
 decision stays in the core's code: ``which_act`` is the same condition written over rows, and
 the acting cores run their ordinary ``on_local_step``.
 
-The stacked rows are the authority for the counters between calls: ``enter`` writes a core's
-counters into it before a driver calls the core (for any event), ``leave`` reads its state
-back afterwards. Numbers and flags live in numpy arrays (a row is read or written in ~0.1 µs,
+The stacked rows are the authority for the counters between calls: ``core(row)`` writes a
+core's counters into it before a driver calls the core (for any event, once per step however
+many events it gets), and the state of the cores called is read back before the next
+vectorised step. Numbers and flags live in numpy arrays (a row is read or written in ~0.1 µs,
 ten times faster than a tensor element) that the tensors ``which_act`` sees share. Tensor
 fields (references) are stored once: the core's attribute is pointed at its row of the
 stacked tensor.
@@ -63,44 +64,55 @@ class StackedCores:
                 self.numbers[name] = np.array(values, dtype=_dtype(values[0]))
         self.state |= {name: torch.from_numpy(column) for name, column in self.numbers.items()}
         self._counter_view = {name: self.state[name] for name in self.counters}
+        self._synced: set[int] = set()  # rows whose core holds the current counters
+        self._touched: set[int] = set()  # rows called since the last local step
         self.acted = 0
 
     def local_step(self, rows: torch.Tensor) -> list[int]:
         """The members at ``rows`` took one local step: advance the counters of those that do
-        not act; return the rows that do (call ``enter``, ``on_local_step``, ``leave`` on
-        each)."""
+        not act; return the rows that do (call ``core(row).on_local_step`` on each)."""
+        self._read_back()
         if not len(rows):
             return []
         act = self.cls.which_act(self.config, self.state, rows, self.read)
         counting = rows[~act]
         for counter in self._counter_view.values():
             counter.index_add_(0, counting, torch.ones_like(counting))
+        self._synced.clear()
         acting = rows[act].tolist()
         self.acted += len(acting)
         return acting
 
-    def enter(self, row: int) -> NodeCore:
-        """The core at ``row`` with its counters brought up to date, before a call into it."""
+    def core(self, row: int) -> NodeCore:
+        """The core at ``row``, its counters brought up to date, for a call into it (its state
+        is read back before the next ``local_step``)."""
         core = self.cores[row]
-        for name, counter in self.counters.items():
-            setattr(core, name, int(counter[row]))
+        if row not in self._synced:
+            for name, counter in self.counters.items():
+                setattr(core, name, int(counter[row]))
+            self._synced.add(row)
+        self._touched.add(row)
         return core
 
-    def leave(self, row: int) -> None:
-        """Read back the state of the core at ``row`` after a call into it."""
-        core = self.cores[row]
-        for name, column in self.numbers.items():
-            column[row] = getattr(core, name)
-        for name, stored in self._rows.items():
-            value = getattr(core, name)
-            if value is not stored[row]:  # replaced by the core: copy it in, share the row
-                stored[row].copy_(value)
-                setattr(core, name, stored[row])
+    def _read_back(self) -> None:
+        """Read back the state of every core called since the last local step."""
+        for row in self._touched:
+            core = self.cores[row]
+            for name, column in self.numbers.items():
+                column[row] = getattr(core, name)
+            for name, stored in self._rows.items():
+                value = getattr(core, name)
+                if value is not stored[row]:  # replaced by the core: copy it in, share the row
+                    stored[row].copy_(value)
+                    setattr(core, name, stored[row])
+        self._touched.clear()
 
     def flush(self) -> None:
-        """Bring every core's counters up to date (e.g. before reading or saving cores)."""
+        """Bring every core up to date (e.g. before reading or saving cores)."""
+        self._read_back()
         for row in range(len(self.cores)):
-            self.enter(row)
+            self.core(row)
+        self._touched.clear()
 
 
 def _dtype(value: object) -> type:

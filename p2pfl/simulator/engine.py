@@ -161,7 +161,8 @@ class Simulation:
         self.stacked: list[StackedCores | None] = []
         self._row_of: list[torch.Tensor] = []  # local node -> row in the channel, or -1
         self._member_rows: list[torch.Tensor] = []  # row -> local learner row
-        self._members: list[list[int]] = []
+        self._members: list[list[int]] = []  # row -> node
+        self._row_index: list[dict[int, int]] = []  # node -> row
         for c, channel in enumerate(self.channels):
             members: dict[int, NodeCore] = {}
             for i in channel.members:
@@ -184,6 +185,7 @@ class Simulation:
                 self.cores.append(members[i])
             self.channel_cores.append(members)
             self._members.append(list(members))
+            self._row_index.append({node: row for row, node in enumerate(members)})
             rows = torch.full((len(self.nodes),), -1, dtype=torch.long)
             member_rows = torch.tensor(list(members), dtype=torch.long) - first
             rows[member_rows] = torch.arange(len(members))
@@ -266,11 +268,10 @@ class Simulation:
         """Hand ``node``'s core in ``channel`` an event and carry out its actions."""
         stacked = self.stacked[channel]
         if stacked is None:
-            actions = getattr(self.channel_cores[channel][node], event)(now, *args)
+            core = self.channel_cores[channel][node]
         else:
-            row = int(self._row_of[channel][node - self.first])
-            actions = getattr(stacked.enter(row), event)(now, *args)
-            stacked.leave(row)
+            core = stacked.core(self._row_index[channel][node])
+        actions = getattr(core, event)(now, *args)
         if actions:
             self._perform(channel, node, actions, now)
 
@@ -349,8 +350,7 @@ class Simulation:
             channel_rows = self._row_of[c][rows]
             members = self._members[c]
             for row in stacked.local_step(channel_rows[channel_rows >= 0]):
-                actions = stacked.enter(row).on_local_step(now)
-                stacked.leave(row)
+                actions = stacked.core(row).on_local_step(now)
                 if actions:
                     self._perform(c, members[row], actions, now)
         if any(stacked is None for stacked in self.stacked):

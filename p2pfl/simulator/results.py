@@ -20,14 +20,21 @@ from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.joining import compare_joining
 from p2pfl.simulator.report import draw_joining, draw_report
 from p2pfl.simulator.scenario import Scenario
+from p2pfl.simulator.sharding import ShardedRun
 
 
 def run_scenario(
-    scenario: Scenario, out: Path | None, console: Console | None = None, progress: bool = True
+    scenario: Scenario,
+    out: Path | None,
+    console: Console | None = None,
+    progress: bool = True,
+    shards: int = 1,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run every protocol of ``scenario`` (or, with communities, "alone" and "communities") on
     identical data, graph, initial model and seed; write the results into ``out`` (if given)
-    and return the summary."""
+    and return the summary. With ``shards`` > 1 each run is split over that many Ray workers
+    (``sharding.py``; the same summary)."""
     console = console or Console(stderr=True)
     prepared = prepare(scenario)
     plan: list[tuple[str, list[Channel] | None]] = [(p, None) for p in scenario.protocols]
@@ -44,7 +51,11 @@ def run_scenario(
     ) as bar:
         for name, channels in plan:
             task = bar.add_task(name, total=scenario.steps)
-            sim = Simulation(prepared, name, channels)
+            sim = (
+                Simulation(prepared, name, channels)
+                if shards == 1
+                else ShardedRun(prepared, name, shards, address=ray_address)
+            )
             runs.append(sim.run(lambda t, task=task: bar.update(task, completed=t)))
     summary = {
         "scenario": scenario.to_dict(),

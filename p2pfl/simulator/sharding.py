@@ -22,6 +22,7 @@ same results, for tests and debugging).
 from __future__ import annotations
 
 import math
+import resource
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,14 +32,14 @@ import torch
 from p2pfl.simulator.channels import Channel
 from p2pfl.simulator.engine import (
     Event,
+    Prepared,
     Simulation,
     combine_metrics,
     final_eval_steps,
     measured_at,
-    prepare,
     summarize,
 )
-from p2pfl.simulator.scenario import Scenario, ScenarioError
+from p2pfl.simulator.scenario import ScenarioError
 
 BACKENDS = ("ray", "local")
 
@@ -56,7 +57,7 @@ class Shard:
 
     def __init__(
         self,
-        scenario: Scenario,
+        prepared: Prepared,
         run: str,
         nodes: range,
         vectorised: bool = True,
@@ -66,12 +67,10 @@ class Shard:
         communities. ``threads``: torch threads in this shard (0 keeps the default)."""
         if threads:
             torch.set_num_threads(threads)
-        prepared = prepare(scenario)
-        channels = None
-        if scenario.communities:
-            channels = prepared.communities if run == "communities" else []
-        self.sim = Simulation(prepared, run, channels, vectorised=vectorised, nodes=nodes)
-        self.finals = set(final_eval_steps(scenario.steps))
+        self.sim = Simulation(
+            prepared, run, run_channels(prepared, run), vectorised=vectorised, nodes=nodes
+        )
+        self.finals = set(final_eval_steps(prepared.scenario.steps))
 
     def advance(
         self, t: int, inbound: list[Event], horizon: float, begin: bool
@@ -95,7 +94,24 @@ class Shard:
         return outbox, sim.next_event, part
 
     def totals(self) -> dict[str, Any]:
+        """The shard's counters for the summary."""
         return self.sim.totals()
+
+    def peak_mb(self) -> float:
+        """Peak resident memory of the process this shard runs in (MB)."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the process this shard runs in."""
+        return time.process_time()
+
+
+def run_channels(prepared: Prepared, run: str) -> list[Channel] | None:
+    """The channels of a run: None (the scenario graph, one protocol) without communities;
+    else the communities for "communities" and none at all for "alone"."""
+    if not prepared.scenario.communities:
+        return None
+    return prepared.communities if run == "communities" else []
 
 
 class ShardedRun:
@@ -103,7 +119,7 @@ class ShardedRun:
 
     def __init__(
         self,
-        scenario: Scenario,
+        prepared: Prepared,
         run: str,
         shards: int,
         backend: str = "ray",
@@ -113,22 +129,24 @@ class ShardedRun:
     ) -> None:
         if backend not in BACKENDS:
             raise ScenarioError(f"backend must be one of {', '.join(BACKENDS)}")
+        scenario = prepared.scenario
         if scenario.network.latency <= 0:
             raise ScenarioError(
                 "a sharded run needs network.latency > 0 (shards advance in windows of the "
                 "minimum latency); set e.g. network.latency = 0.002 or run in one process"
             )
         self.scenario, self.run_name = scenario, run
+        self.channels = run_channels(prepared, run) or []
         self.ranges = shard_ranges(scenario.nodes, shards)
         self.shard_of = [i for i, r in enumerate(self.ranges) for _ in r]
-        args = [(scenario, run, r, vectorised, threads) for r in self.ranges]
         self._local: list[Shard] = []
         if backend == "local":
-            self._local = [Shard(*a) for a in args]
+            self._local = [Shard(prepared, run, r, vectorised, threads) for r in self.ranges]
             return
         ray = _ray(address)
         remote = ray.remote(num_cpus=1)(Shard)
-        self._actors = [remote.remote(*a) for a in args]
+        shared = ray.put(prepared)
+        self._actors = [remote.remote(shared, run, r, vectorised, threads) for r in self.ranges]
         self._ray = ray
 
     def _call(self, method: str, per_shard: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -173,14 +191,11 @@ class ShardedRun:
                 on_tick(t)
         wall = time.perf_counter() - started
         totals = self._call("totals", [()] * count)
-        channels = self._local[0].sim.channels if self._local else self._channels()
-        return summarize(s, self.run_name, channels, metrics, totals, wall)
+        return summarize(s, self.run_name, self.channels, metrics, totals, wall)
 
-    def _channels(self) -> list[Channel]:
-        """The run's channels, for the summary (empty but for a communities run)."""
-        if self.run_name != "communities" or not self.scenario.communities:
-            return []
-        return prepare(self.scenario).communities
+    def shard_stats(self, method: str) -> list[Any]:
+        """``Shard.peak_mb`` or ``cpu_seconds`` of every shard."""
+        return self._call(method, [()] * len(self.ranges))
 
 
 def _ray(address: str | None) -> Any:
