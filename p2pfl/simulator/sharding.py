@@ -207,5 +207,11 @@ def _ray(address: str | None) -> Any:
             "sharding over Ray needs the ray package: pip install 'p2pfl[ray]'"
         ) from None
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ScenarioError(
+                f"cannot connect to the Ray cluster at {address!r}: {exc}; give --ray-address "
+                "as the cluster's address (e.g. auto on a cluster node, or ray://head:10001)"
+            ) from None
     return ray

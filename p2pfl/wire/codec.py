@@ -17,6 +17,7 @@ import sys
 import msgpack
 import torch
 
+from p2pfl.errors import P2pflError
 from p2pfl.learning.params import ParamSchema
 from p2pfl.wire.messages import Average, Busy, Message, ModelReply, Pull, Push
 
@@ -51,7 +52,7 @@ _FIELD_NAMES = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _
 _HEADER_KEYS = frozenset({"digest", "names", "shapes", "dtypes", "buffers"})
 
 
-class WireError(ValueError):
+class WireError(P2pflError, ValueError):
     """Bytes from a peer that are not a valid message for our schema; the text says why."""
 
 
