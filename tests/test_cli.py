@@ -100,6 +100,7 @@ def only_x_npz(tmp_path):
         (["--model", "transformer"], ["unknown model 'transformer'"]),
         (["--dataset", "{tmp}/missing.npz"], ["file not found"]),
         (["--dataset", "{only_x}"], ["missing array 'y'", "numpy.savez"]),
+        (["--shards", "0"], ["shards must be between 1 and the number of nodes"]),
     ],
 )
 def test_user_errors_exit_2_with_a_message(tmp_path, flags, fragments):
