@@ -72,6 +72,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--e2e", default="1000x1000", help="NODESxSTEPS of the end-to-end runs")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end runs")
+    p.add_argument("--no-scale", action="store_true", help="skip part 1 (the sizes)")
+    p.add_argument(
+        "--no-per-node-path",
+        action="store_true",
+        help="skip the per-node protocol path in part 2 (the slowest run)",
+    )
     p.add_argument(
         "--shards", type=int, default=2, help="Ray workers of the sharded runs (0: none)"
     )
@@ -358,19 +364,23 @@ def e2e_table(args: argparse.Namespace) -> None:
     nodes, steps = (int(v) for v in args.e2e.lower().split("x"))
     print(f"\n== end to end: {nodes} nodes x {steps} steps of {args.protocol}, batched learner")
     fast = spawn(args, "e2e", nodes, steps)
-    slow = spawn(args, "e2e", nodes, steps, per_node_protocol=True)
-    for name, r in (("vectorised protocol path", fast), ("per-node protocol path", slow)):
+    slow = (
+        None if args.no_per_node_path else spawn(args, "e2e", nodes, steps, per_node_protocol=True)
+    )
+    paths = [("vectorised protocol path", fast), ("per-node protocol path", slow)]
+    for name, r in [(name, r) for name, r in paths if r is not None]:
         print(
             f"{name}: {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU (training {r['train']:.1f} s), "
             f"start-up {r['startup_wall']:.1f} s, load {r['load']:.1f}; {r['node_steps']:,} "
             f"node-steps, {r['messages']:,} messages, {r['syncs']:,} syncs, accuracy "
             f"{r['accuracy']:.3f}, peak {r['peak_mb']:.0f} MB"
         )
-    print(
-        f"vectorised / per-node protocol path: {fast['wall'] / slow['wall']:.2f} wall, "
-        f"{fast['cpu'] / slow['cpu']:.2f} CPU (same messages and syncs: "
-        f"{fast['messages'] == slow['messages'] and fast['syncs'] == slow['syncs']})"
-    )
+    if slow is not None:
+        print(
+            f"vectorised / per-node protocol path: {fast['wall'] / slow['wall']:.2f} wall, "
+            f"{fast['cpu'] / slow['cpu']:.2f} CPU (same messages and syncs: "
+            f"{fast['messages'] == slow['messages'] and fast['syncs'] == slow['syncs']})"
+        )
     if args.shards:
         sharded_line(args, nodes, steps, E2E_TARGET_S, fast)
     if args.large and args.shards:
@@ -429,7 +439,8 @@ def main() -> None:
         f"bench_scale: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"load average {os.getloadavg()[0]:.1f} at the start"
     )
-    scale_table(args)
+    if not args.no_scale:
+        scale_table(args)
     if not args.no_e2e:
         e2e_table(args)
 
