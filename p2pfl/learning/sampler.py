@@ -12,9 +12,11 @@ class NodeDataBank:
     """Every node's training set, padded into one ``[nodes, max_n, features]`` tensor.
 
     Batches are drawn with replacement (uniform over the node's own samples), one row of
-    indices per node, from one seeded generator. A bank may hold a range of a larger
-    simulation's nodes (a shard): it then draws the rows of every node stepping in the whole
-    simulation and uses its own (``window``), so its batches equal the whole simulation's.
+    indices per node, from one seeded generator. During a gradual concept drift each drawn
+    sample carries its label under the next concept with probability ``share`` (see
+    :meth:`set_labels`). A bank may hold a range of a larger simulation's nodes (a shard): it
+    then draws the numbers of every node stepping in the whole simulation and uses its own
+    (``window``), so its batches equal the whole simulation's.
     """
 
     def __init__(
@@ -39,6 +41,25 @@ class NodeDataBank:
             self.x[i, : len(y)] = x
             self.y[i, : len(y)] = y
         self.counts = torch.tensor(counts)
+        self.y_next: torch.Tensor | None = None
+        self.share = 0.0
+
+    def padded_labels(self, ys: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-node labels of the bank's samples (e.g. under another concept), padded like
+        the bank: ``[nodes, max_n]``."""
+        y = torch.zeros_like(self.y)
+        for i, labels in enumerate(ys):
+            if len(labels) != self.counts[i]:
+                raise ValueError(f"node {i}: {len(labels)} labels for {self.counts[i]} samples")
+            y[i, : len(labels)] = labels
+        return y
+
+    def set_labels(
+        self, y: torch.Tensor, y_next: torch.Tensor | None = None, share: float = 0.0
+    ) -> None:
+        """Label samples with ``y`` (from :meth:`padded_labels`); with ``y_next``, each drawn
+        sample takes its ``y_next`` label with probability ``share`` instead."""
+        self.y, self.y_next, self.share = y, y_next, share
 
     @property
     def num_nodes(self) -> int:
@@ -54,12 +75,9 @@ class NodeDataBank:
         (written into ``out`` if given, e.g. to reuse memory from step to step). With
         ``window = (before, total)`` the listed nodes are rows ``before..before + k`` of
         ``total`` nodes stepping in the whole simulation."""
-        if window is None:
-            u = torch.rand(len(nodes), self.batch_size, generator=self.generator)
-        else:
-            before, total = window
-            u = torch.rand(total, self.batch_size, generator=self.generator)
-            u = u[before : before + len(nodes)]
+        before, total = (0, len(nodes)) if window is None else window
+        rows = slice(before, before + len(nodes))
+        u = torch.rand(total, self.batch_size, generator=self.generator)[rows]
         idx = (u * self.counts[nodes, None]).long()
         # Row of sample idx[k, j] of node nodes[k] in the flattened [nodes * max_n] bank.
         flat = idx.add_(nodes[:, None] * self.x.shape[1]).view(-1)
@@ -69,4 +87,8 @@ class NodeDataBank:
             x_out, y_out = out[0].view(-1, features), out[1].view(-1)
         x = torch.index_select(self.x.view(-1, features), 0, flat, out=x_out)
         y = torch.index_select(self.y.view(-1), 0, flat, out=y_out)
+        if self.y_next is not None:
+            mix = torch.rand(total, self.batch_size, generator=self.generator)[rows]
+            take = mix.reshape(-1) < self.share
+            y[take] = self.y_next.view(-1)[flat[take]]
         return x.view(len(nodes), self.batch_size, features), y.view(len(nodes), self.batch_size)

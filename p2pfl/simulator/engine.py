@@ -10,16 +10,19 @@ bytes are the part's bytes), its ``ReplaceModel`` writes only the part's entries
 ``SetCorrection`` fills only the part's slice of the node's correction (``Corrections``):
 private parameters are never sent nor overwritten.
 
-One tick of the clock (``network.step_time`` seconds) is: apply concept drift and churn if
-due, deliver every message and timer that is due, train every online node whose compute
-speed gives it a step in this tick (one batched step), hand each of them ``on_local_step``,
-then evaluate if due. Links carry each message's exact encoded size (``encoded_size``, equal
-to ``len(encode(...))``); the receiver gets a snapshot of the sent message (what decoding those
-bytes yields, checked for NaN/inf like the decoder does) without paying for encode and decode.
+One tick of the clock (``network.step_time`` seconds) is: bring the task to this step
+(concept drift, ``stream.py``) and apply churn if due, deliver every message and timer that
+is due, train every online node whose compute speed gives it a step in this tick (one
+batched step, each batch scored before it is trained on), hand each of them
+``on_local_step``, then evaluate if due. Links carry each message's exact encoded size
+(``encoded_size``, equal to ``len(encode(...))``); the receiver gets a snapshot of the sent
+message (what decoding those bytes yields, checked for NaN/inf like the decoder does) without
+paying for encode and decode.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import math
@@ -38,6 +41,7 @@ from p2pfl.data import Dataset, NodeData, load_dataset, split_nodes
 from p2pfl.learning.learner import BatchedLearner, Learner, PerNodeLearner, SGDConfig
 from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
+from p2pfl.learning.schedule import parse_lr_schedule
 from p2pfl.models import build_model
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
 from p2pfl.protocol.core import CoreStats, NodeCore, make_core
@@ -46,6 +50,7 @@ from p2pfl.simulator.channels import Channel, community_channels, union_graph, w
 from p2pfl.simulator.network import SimNetwork
 from p2pfl.simulator.objectives import OwnObjectives
 from p2pfl.simulator.scenario import Scenario
+from p2pfl.simulator.stream import ChangingTask, Prequential
 from p2pfl.topology import build_topology
 from p2pfl.wire.codec import all_finite, encoded_size
 from p2pfl.wire.messages import Message
@@ -138,7 +143,8 @@ class Simulation:
         bank = NodeDataBank(
             [d.x_train for d in local], [d.y_train for d in local], s.batch_size, s.seed
         )
-        sgd = SGDConfig(lr=s.lr, momentum=s.momentum)
+        schedule = parse_lr_schedule(s.lr_schedule).with_horizon(s.steps)
+        sgd = SGDConfig(lr=s.lr, momentum=s.momentum, schedule=schedule)
         self.learner: Learner
         if s.learner == "batched":
             try:
@@ -211,9 +217,12 @@ class Simulation:
         self.events: list[Event] = []
         self.outbox: list[Event] = []
         self._pushed = [0] * s.nodes
-        self.x_test, self.y_test = prepared.dataset.x_test, prepared.dataset.y_test
+        self.x_test = prepared.dataset.x_test
+        self.task = ChangingTask(prepared.dataset, local, bank, self.objectives)
         self.rejected = 0
         self.node_steps = 0
+        # Each batch scored before it is trained on: over the run, and since the last eval.
+        self.prequential, self.prequential_window = Prequential(), Prequential()
 
     # -- actions -----------------------------------------------------------------------------
     def _read_rows(self, channel: int, rows: torch.Tensor) -> torch.Tensor:
@@ -289,9 +298,7 @@ class Simulation:
     def begin_tick(self, t: int, now: float) -> None:
         """Concept drift if due, then churn (neighbours of nodes that went or came back are
         told)."""
-        drift = self.prepared.dataset.drift
-        if drift is not None and t == drift.at_step + 1:
-            self._apply_drift()
+        self.task.advance(t)
         gone, back = self.net.churn()
         self._notify(gone, "on_peer_down", now)
         self._notify(back, "on_peer_up", now)
@@ -342,8 +349,17 @@ class Simulation:
         if not len(mine):
             return
         rows = mine - first
-        self.learner.step(rows, window)
+        result = self.learner.step(rows, window)
+        self.prequential.add(result)
+        self.prequential_window.add(result)
         self.node_steps += len(mine)
+        if not self.learner.sgd.schedule.constant:
+            # The cores' drift correction divides by the step size of the node's latest step.
+            momentum = self.prepared.scenario.momentum
+            for row in rows.tolist():
+                step_size = self.learner.lr(row) / (1 - momentum)
+                for c in self.node_channels[row]:
+                    self.channel_cores[c][row + first].step_size = step_size
         for c, stacked in enumerate(self.stacked):
             if stacked is None:
                 continue
@@ -374,41 +390,34 @@ class Simulation:
             self.deliver(now)
             self.train(now)
             if measured_at(s, t, finals):
-                metrics.append(combine_metrics([self.local_metrics()], self.protocol, t, now))
+                metrics.append(self.measure([self.local_metrics()], t, now))
             if on_tick is not None:
                 on_tick(t)
         wall = time.perf_counter() - started
         return summarize(s, self.protocol, self.channels, metrics, [self.totals()], wall)
 
-    def _apply_drift(self) -> None:
-        drift = self.prepared.dataset.drift
-        assert drift is not None
-        local = [self.prepared.nodes[i] for i in self.nodes]
-        ys = [drift.relabel(d.x_train, d.y_train) for d in local]
-        self.learner.data.replace_all([d.x_train for d in local], ys)
-        self.y_test = drift.relabel(self.x_test, self.y_test)
-        if self.objectives is not None:
-            drifted = [
-                NodeData(d.x_train, y, d.x_test, drift.relabel(d.x_test, d.y_test))
-                for d, y in zip(local, ys, strict=True)
-            ]
-            self.objectives.relabel(drifted, self.prepared.dataset.num_classes)
-
     def local_metrics(self) -> dict[str, Any]:
-        """This run's (shard's) part of a metrics row: per-node accuracy and loss, parameter
-        sums for the divergence, counters; ``combine_metrics`` adds the parts up."""
-        acc, loss = self.learner.evaluate(self.x_test, self.y_test)
+        """This run's (shard's) part of a metrics row: per-node accuracy and loss (mixed over
+        the task's test labels during a transition), parameter sums for the divergence and the
+        average model, prequential sums and counters; ``combine_metrics`` adds the parts up."""
+        acc = loss = torch.zeros(self.learner.num_nodes)
+        for share, y_test in self.task.test_labels:  # one set, or two mixed in a transition
+            acc_c, loss_c = self.learner.evaluate(self.x_test, y_test)
+            acc, loss = acc + share * acc_c, loss + share * loss_c
         square, column = 0.0, torch.zeros(self.schema.numel, dtype=torch.float64)
         w = self.learner.stacked()
         for start in range(0, len(w), EVAL_BLOCK):
             block = w[start : start + EVAL_BLOCK].double()
             square += float(block.square().sum())
             column += block.sum(0)
+        window, self.prequential_window = self.prequential_window, Prequential()
         part = {
             "accuracy": acc.tolist(),
             "loss": loss.tolist(),
             "square": square,
             "column": column,
+            "prequential": dataclasses.astuple(window),
+            "concept": self.task.state.concept,
             "bytes": self.net.bytes_sent,
             "messages": self.net.messages,
             "syncs": sum(c.stats.syncs for c in self.cores),
@@ -417,6 +426,23 @@ class Simulation:
         if self.objectives is not None:
             part["own"] = self.objectives.accuracy(self.learner).tolist()
         return part
+
+    def score_average(self, column: torch.Tensor, nodes: int) -> tuple[float, float]:
+        """Accuracy and loss of the network's average model (``column``: the parameters
+        summed over all ``nodes``, in float64), mixed over the task's test labels."""
+        vector = (column / nodes).float()
+        acc = loss = 0.0
+        for share, y_test in self.task.test_labels:
+            acc_c, loss_c = self.learner.evaluate_vector(vector, self.x_test, y_test)
+            acc, loss = acc + share * acc_c, loss + share * loss_c
+        return acc, loss
+
+    def measure(self, parts: Sequence[dict[str, Any]], t: int, now: float) -> dict[str, Any]:
+        """The metrics row of step ``t`` from every shard's ``local_metrics`` (in node order);
+        this simulation (any shard) scores the average model."""
+        n = sum(len(p["accuracy"]) for p in parts)
+        column = sum((p["column"] for p in parts[1:]), parts[0]["column"].clone())
+        return combine_metrics(parts, self.protocol, t, now, self.score_average(column, n))
 
     def totals(self) -> dict[str, Any]:
         """This run's (shard's) counters for the summary; ``summarize`` adds shards up."""
@@ -433,6 +459,7 @@ class Simulation:
             "messages_lost": self.net.lost,
             "messages_rejected": self.rejected,
             "node_steps": self.node_steps,
+            "prequential": list(dataclasses.astuple(self.prequential)),
             "stats": stats,
             "channel_bytes": self.channel_bytes,
             "channel_messages": self.channel_messages,
@@ -450,14 +477,22 @@ def measured_at(s: Scenario, t: int, finals: set[int]) -> bool:
     return t % s.eval_every == 0 or t in finals or t == s.steps
 
 
-def combine_metrics(parts: Sequence[dict[str, Any]], protocol: str, t: int, now: float) -> dict:
-    """One metrics row from the parts of every shard (in node order). Means over nodes are
-    exactly rounded sums (``math.fsum``), so they do not depend on how nodes were split."""
+def combine_metrics(
+    parts: Sequence[dict[str, Any]],
+    protocol: str,
+    t: int,
+    now: float,
+    average: tuple[float, float],
+) -> dict[str, Any]:
+    """One metrics row from the parts of every shard (in node order) and the average model's
+    accuracy and loss. Means over nodes are exactly rounded sums (``math.fsum``), so they do
+    not depend on how nodes were split."""
     acc = [a for p in parts for a in p["accuracy"]]
     loss = [v for p in parts for v in p["loss"]]
     n = len(acc)
     mean = sum((p["column"] for p in parts[1:]), parts[0]["column"].clone()) / n
     divergence = sum(p["square"] for p in parts) / n - float(mean.square().sum())
+    prequential = _prequential([p["prequential"] for p in parts])
     own = {}
     if "own" in parts[0]:
         nodes = [v for p in parts for v in p["own"]]
@@ -469,6 +504,11 @@ def combine_metrics(parts: Sequence[dict[str, Any]], protocol: str, t: int, now:
         "accuracy": math.fsum(acc) / n,
         "accuracy_min": min(acc),
         "loss": math.fsum(loss) / n,
+        "average_model_accuracy": average[0],
+        "average_model_loss": average[1],
+        "prequential_accuracy": prequential.accuracy,
+        "prequential_loss": prequential.mean_loss,
+        "concept": parts[0]["concept"],
         "divergence": max(0.0, divergence),
         "bytes": sum(p["bytes"] for p in parts),
         "messages": sum(p["messages"] for p in parts),
@@ -476,6 +516,11 @@ def combine_metrics(parts: Sequence[dict[str, Any]], protocol: str, t: int, now:
         "online": parts[0]["online"],
         **own,
     }
+
+
+def _prequential(parts: Sequence[Sequence[float]]) -> Prequential:
+    """The shards' prequential sums added up."""
+    return Prequential(*(sum(values) for values in zip(*parts, strict=True)))
 
 
 def summarize(
@@ -494,6 +539,8 @@ def summarize(
     total: dict[str, Any] = {}
     for part in parts:
         for k, v in part.items():
+            if k == "prequential":
+                continue
             if isinstance(v, dict):
                 total[k] = {kk: total.get(k, {}).get(kk, 0) + vv for kk, vv in v.items()}
             elif isinstance(v, list):
@@ -501,10 +548,14 @@ def summarize(
             else:
                 total[k] = total.get(k, 0) + v
     stats = dict(total["stats"])
+    prequential = _prequential([p["prequential"] for p in parts])
     summary = {
         "protocol": protocol,
         "final_accuracy": sum(m["accuracy"] for m in final) / len(final),
         "final_loss": sum(m["loss"] for m in final) / len(final),
+        "average_model_accuracy": sum(m["average_model_accuracy"] for m in final) / len(final),
+        "prequential_accuracy": prequential.accuracy,
+        "prequential_loss": prequential.mean_loss,
         "bytes_sent": total["bytes_sent"],
         "messages": total["messages"],
         "syncs": stats.pop("syncs"),

@@ -34,7 +34,6 @@ from p2pfl.simulator.engine import (
     Event,
     Prepared,
     Simulation,
-    combine_metrics,
     final_eval_steps,
     measured_at,
     summarize,
@@ -92,6 +91,10 @@ class Shard:
                 part = sim.local_metrics()
         outbox, sim.outbox = sim.outbox, []
         return outbox, sim.next_event, part
+
+    def measure(self, parts: list[dict[str, Any]], t: int, now: float) -> dict[str, Any]:
+        """The metrics row from every shard's part (``Simulation.measure``)."""
+        return self.sim.measure(parts, t, now)
 
     def totals(self) -> dict[str, Any]:
         """The shard's counters for the summary."""
@@ -158,6 +161,11 @@ class ShardedRun:
         ]
         return self._ray.get(futures)
 
+    def _call_first(self, method: str, args: tuple[Any, ...]) -> Any:
+        if self._local:
+            return getattr(self._local[0], method)(*args)
+        return self._ray.get(getattr(self._actors[0], method).remote(*args))
+
     def run(self, on_tick: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Run all steps; the same summary as ``Simulation.run`` in one process."""
         s = self.scenario
@@ -185,8 +193,8 @@ class ShardedRun:
                 if horizon > now:
                     break
             parts = [part for _, _, part in results]
-            if parts[0] is not None:
-                metrics.append(combine_metrics(parts, self.run_name, t, now))
+            if parts[0] is not None:  # shard 0 scores the average model
+                metrics.append(self._call_first("measure", (parts, t, now)))
             if on_tick is not None:
                 on_tick(t)
         wall = time.perf_counter() - started
