@@ -54,12 +54,15 @@ def run_scenario(
     ) as bar:
         for name, channels in plan:
             task = bar.add_task(name, total=scenario.steps)
-            sim = (
-                Simulation(prepared, name, channels)
-                if shards == 1
-                else ShardedRun(prepared, name, shards, address=ray_address)
-            )
-            runs.append(sim.run(lambda t, task=task: bar.update(task, completed=t)))
+            on_tick = lambda t, task=task: bar.update(task, completed=t)  # noqa: E731
+            if shards == 1:
+                runs.append(Simulation(prepared, name, channels).run(on_tick))
+                continue
+            sharded = ShardedRun(prepared, name, shards, address=ray_address)
+            try:
+                runs.append(sharded.run(on_tick))
+            finally:
+                sharded.close()
     summary = {
         "scenario": scenario.to_dict(),
         "graph": {

@@ -201,6 +201,15 @@ class ShardedRun:
         totals = self._call("totals", [()] * count)
         return summarize(s, self.run_name, self.channels, metrics, totals, wall)
 
+    def close(self) -> None:
+        """Stop the shards' actors (a local Ray cluster started for the run stops when this
+        process ends)."""
+        if self._local:
+            return
+        for actor in self._actors:
+            self._ray.kill(actor)
+        self._actors = []
+
     def shard_stats(self, method: str) -> list[Any]:
         """``Shard.peak_mb`` or ``cpu_seconds`` of every shard."""
         return self._call(method, [()] * len(self.ranges))
