@@ -65,6 +65,13 @@ class NodeDataBank:
     def num_nodes(self) -> int:
         return len(self.counts)
 
+    def skip(self, total: int) -> None:
+        """Use up the numbers of ``total`` nodes of the whole simulation stepping while none
+        of this bank's nodes do (``draw``'s window), so later draws stay in step."""
+        torch.rand(total, self.batch_size, generator=self.generator)
+        if self.y_next is not None:
+            torch.rand(total, self.batch_size, generator=self.generator)
+
     def draw(
         self,
         nodes: torch.Tensor,

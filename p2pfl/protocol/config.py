@@ -3,10 +3,16 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from p2pfl.spec import SpecError, non_negative_float, non_negative_int, parse_spec, positive_int
+from p2pfl.spec import (
+    SpecError,
+    non_negative_float,
+    non_negative_int,
+    parse_spec,
+    positive_float,
+    positive_int,
+)
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 MERGES = ("uniform", "samples")
@@ -47,7 +53,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
     merge = spec.take("merge", str, "uniform")
     if merge not in MERGES:
         raise SpecError(f"{text!r}: merge must be one of {', '.join(MERGES)}")
-    timeout = spec.take("timeout", _positive_float, 0.5)
+    timeout = spec.take("timeout", positive_float, 0.5)
     base = {"merge": merge, "timeout": timeout, "text": spec.text}
     if spec.kind in ("none", "continuous"):
         spec.check_keys(common if spec.kind == "continuous" else set())
@@ -74,10 +80,3 @@ def parse_protocol(text: str) -> ProtocolConfig:
         correction=correction,
         **base,
     )
-
-
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError("must be a positive number")
-    return value

@@ -13,11 +13,11 @@ import networkx as nx
 from p2pfl.community.sharing import SharedPart, SharingError, check_disjoint, shared_part
 from p2pfl.learning.params import ParamSchema
 from p2pfl.protocol.config import ProtocolConfig, parse_protocol
+from p2pfl.runtime import WHOLE_MODEL_CHANNEL
 from p2pfl.simulator.scenario import CommunityConfig, ScenarioError
 from p2pfl.spec import SpecError
 from p2pfl.topology import build_topology
 
-WHOLE_MODEL = "all"
 COMMUNITY_SEED_STRIDE = 1_000
 
 
@@ -38,7 +38,7 @@ class Channel:
 
 def whole_model_channel(graph: nx.Graph, schema: ParamSchema, protocol: str) -> Channel:
     """Every node of ``graph`` syncs its whole model: the plain simulation."""
-    return Channel(WHOLE_MODEL, graph, shared_part(schema, ["*"]), parse_protocol(protocol))
+    return Channel(WHOLE_MODEL_CHANNEL, graph, shared_part(schema, ["*"]), parse_protocol(protocol))
 
 
 def community_channels(

@@ -1,14 +1,19 @@
 """The simulation engine: drives protocol cores and one learner for all nodes over a
-``SimNetwork`` on a virtual clock. It makes no protocol decision: it only delivers events to
-the cores and carries out the actions they return.
+``SimNetwork`` on a virtual clock. It makes no protocol decision and applies no action itself:
+each core runs in a ``CoreRuntime`` (``p2pfl.runtime``), which feeds it events and applies its
+model actions; the engine moves the messages it sends and fires the timers it sets.
 
 Cores live in channels (see ``channels.py``): a channel is a graph over its members, the part
 of the model they share and one core per member. The plain simulation is one channel over the
-whole model; with communities a node has one core per community it is in. A core reads only
-its channel's part (``PartView``), its messages are sized with the part's sub-schema (so their
-bytes are the part's bytes), its ``ReplaceModel`` writes only the part's entries and its
-``SetCorrection`` fills only the part's slice of the node's correction (``Corrections``):
-private parameters are never sent nor overwritten.
+whole model; with communities a node has one core per community it is in. A core reads and
+writes only its channel's part, and its messages are sized with the part's sub-schema (so their
+bytes are the part's bytes). A send to a node that is offline (or outside the channel) fails at
+once and the sender's core is told, as a daemon's send to a peer it cannot reach.
+
+A simulation may run a range of the nodes only (a shard, ``sharding.py``): messages to other
+nodes go to its outbox. Events are ordered by time, then by the node whose action made them
+and that node's own count, so the order never depends on how nodes interleave. With
+``vectorised`` the cores' local steps run through ``batched_protocol.py``.
 
 One tick of the clock (``network.step_time`` seconds) is: bring the task to this step
 (concept drift, ``stream.py``) and apply churn if due, deliver every message and timer that
@@ -28,7 +33,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -36,15 +41,14 @@ import networkx as nx
 import torch
 from torch import nn
 
-from p2pfl.community.sharing import Corrections, PartView
 from p2pfl.data import Dataset, NodeData, load_dataset, split_nodes
 from p2pfl.learning.learner import BatchedLearner, Learner, PerNodeLearner, SGDConfig
 from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.learning.schedule import parse_lr_schedule
 from p2pfl.models import build_model
-from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
-from p2pfl.protocol.core import CoreStats, NodeCore, make_core
+from p2pfl.protocol.core import CoreStats, NodeCore
+from p2pfl.runtime import CoreRuntime, NodeModel, open_core
 from p2pfl.simulator.batched_protocol import StackedCores
 from p2pfl.simulator.channels import Channel, community_channels, union_graph, whole_model_channel
 from p2pfl.simulator.network import SimNetwork
@@ -113,6 +117,22 @@ made it and that node's own count, so the order never depends on how nodes inter
 same in one process and in shards)."""
 
 
+class _Port:
+    """The driver of one node's core in one channel: sends and timers go to the simulation."""
+
+    __slots__ = ("sim", "channel", "node")
+
+    def __init__(self, sim: Simulation, channel: int, node: int) -> None:
+        self.sim, self.channel, self.node = sim, channel, node
+
+    def send(self, now: float, to: str, message: Message) -> None:
+        self.sim._send(now, self.channel, self.node, int(to), message)
+
+    def set_timer(self, at: float, key: Hashable) -> None:
+        event = self.sim._event(at, self.node, "timer", (self.channel, self.node, key))
+        heapq.heappush(self.sim.events, event)
+
+
 class Simulation:
     """One run on one prepared scenario: every node trains on its own data and syncs over the
     channels it is a member of.
@@ -159,53 +179,54 @@ class Simulation:
             channels = [whole_model_channel(prepared.graph, self.schema, protocol)]
         self.channels = list(channels)
         self.net = SimNetwork(prepared.graph, s.network, s.seed)
-        step_size = s.lr / (1 - s.momentum)
-        # Per channel: member -> core (this run's nodes only), member rows, stacked step state.
-        self.channel_cores: list[dict[int, NodeCore]] = []
+        models = {
+            i: NodeModel(self.learner, i - first, len(prepared.nodes[i].y_train))
+            for i in self.nodes
+        }
+        # Per channel: member -> runtime of its core (this run's nodes only), the members'
+        # rows, their stacked step state; per local node: its channels.
+        self.runtimes: list[dict[int, CoreRuntime]] = []
+        self.members: list[frozenset[int]] = [frozenset(c.members) for c in self.channels]
         self.node_channels: list[list[int]] = [[] for _ in self.nodes]
-        self.cores: list[NodeCore] = []
         self.stacked: list[StackedCores | None] = []
         self._row_of: list[torch.Tensor] = []  # local node -> row in the channel, or -1
         self._member_rows: list[torch.Tensor] = []  # row -> local learner row
         self._members: list[list[int]] = []  # row -> node
         self._row_index: list[dict[int, int]] = []  # node -> row
         for c, channel in enumerate(self.channels):
-            members: dict[int, NodeCore] = {}
+            runtimes: dict[int, CoreRuntime] = {}
             for i in channel.members:
                 if i not in self.nodes:
                     continue
-                view = PartView(
-                    lambda i=i: self.learner.get(i - first),
-                    channel.part,
-                    len(prepared.nodes[i].y_train),
-                )
-                members[i] = make_core(
+                runtimes[i] = open_core(
+                    models[i],
                     str(i),
                     channel.protocol,
-                    view,
-                    (str(j) for j in channel.graph.neighbors(i)),
-                    seed=s.seed * 100_003 + i + c * 1_000_003,
-                    step_size=step_size,
+                    channel.part,
+                    _Port(self, c, i),
+                    seed=s.seed,
+                    channel=channel.name,
+                    neighbors=(str(j) for j in channel.graph.neighbors(i)),
                 )
                 self.node_channels[i - first].append(c)
-                self.cores.append(members[i])
-            self.channel_cores.append(members)
-            self._members.append(list(members))
-            self._row_index.append({node: row for row, node in enumerate(members)})
+            self.runtimes.append(runtimes)
+            self._members.append(list(runtimes))
+            self._row_index.append({node: row for row, node in enumerate(runtimes)})
             rows = torch.full((len(self.nodes),), -1, dtype=torch.long)
-            member_rows = torch.tensor(list(members), dtype=torch.long) - first
-            rows[member_rows] = torch.arange(len(members))
+            member_rows = torch.tensor(list(runtimes), dtype=torch.long) - first
+            rows[member_rows] = torch.arange(len(runtimes))
             self._row_of.append(rows)
             self._member_rows.append(member_rows)
-            use_stack = vectorised and members
+            cores = [r.core for r in runtimes.values()]
             self.stacked.append(
-                StackedCores(list(members.values()), lambda r, c=c: self._read_rows(c, r))
-                if use_stack
+                StackedCores(cores, lambda r, c=c: self._read_rows(c, r))
+                if vectorised and cores
                 else None
             )
+        self.cores: list[NodeCore] = [r.core for rs in self.runtimes for r in rs.values()]
+        self._scheduled = not self.learner.sgd.schedule.constant
         self.channel_bytes = [0] * len(self.channels)
         self.channel_messages = [0] * len(self.channels)
-        self.corrections: dict[int, Corrections] = {}
         self.objectives = (
             OwnObjectives(local, prepared.dataset.num_classes) if s.communities else None
         )
@@ -238,51 +259,39 @@ class Simulation:
         whole = span is not None and span.start == 0 and span.stop == w.shape[-1]
         return w if whole else part.take(w)
 
-    def _push(self, at: float, origin: int, kind: str, payload: Any) -> Event:
+    def _event(self, at: float, origin: int, kind: str, payload: Any) -> Event:
         count = self._pushed[origin]
         self._pushed[origin] = count + 1
         return (at, origin, count, kind, payload)
 
-    def _perform(self, channel: int, node: int, actions: list[Action], now: float) -> None:
-        """Carry out the actions of ``node``'s core in ``channel``."""
-        part = self.channels[channel].part
-        for action in actions:
-            if isinstance(action, Send):
-                dst = int(action.to)
-                size = encoded_size(action.message, part.schema)
-                self.channel_bytes[channel] += size
-                self.channel_messages[channel] += 1
-                arrival = self.net.transmit(now, node, dst, size)
-                if arrival is not None:
-                    payload = (channel, node, dst, _snapshot(action.message))
-                    event = self._push(arrival, node, "msg", payload)
-                    if dst in self.nodes:
-                        heapq.heappush(self.events, event)
-                    else:
-                        self.outbox.append(event)
-            elif isinstance(action, ReplaceModel):
-                row = node - self.first
-                self.learner.set(row, part.put(self.learner.get(row), action.params))
-            elif isinstance(action, SetCorrection):
-                corrections = self.corrections.get(node)
-                if corrections is None:
-                    corrections = self.corrections[node] = Corrections(self.schema.numel)
-                self.learner.set_correction(node - self.first, corrections.set(part, action.vector))
-            elif isinstance(action, SetTimer):
-                heapq.heappush(
-                    self.events, self._push(action.at, node, "timer", (channel, node, action.key))
-                )
+    def _send(self, now: float, channel: int, src: int, dst: int, message: Message) -> None:
+        """Move a message of ``src``'s core in ``channel`` to ``dst``. A send to a node that is
+        offline, or not in the channel, fails at once (as a daemon's send to a peer it cannot
+        reach): nothing goes out and the sender's core is told."""
+        if not self.net.online[dst] or dst not in self.members[channel]:
+            self.runtimes[channel][src].send_failed(now, str(dst))
+            return
+        size = encoded_size(message, self.channels[channel].part.schema)
+        self.channel_bytes[channel] += size
+        self.channel_messages[channel] += 1
+        arrival = self.net.transmit(now, src, dst, size)
+        if arrival is not None:
+            event = self._event(arrival, src, "msg", (channel, src, dst, _snapshot(message)))
+            if dst in self.nodes:
+                heapq.heappush(self.events, event)
+            else:
+                self.outbox.append(event)
 
-    def _call(self, channel: int, node: int, now: float, event: str, *args: Any) -> None:
-        """Hand ``node``'s core in ``channel`` an event and carry out its actions."""
+    def _runtime(self, channel: int, node: int) -> CoreRuntime:
+        """The runtime of ``node``'s core in ``channel``, its core up to date for a call (on
+        the vectorised path: its counters, and the step size of its latest step)."""
+        runtime = self.runtimes[channel][node]
         stacked = self.stacked[channel]
-        if stacked is None:
-            core = self.channel_cores[channel][node]
-        else:
-            core = stacked.core(self._row_index[channel][node])
-        actions = getattr(core, event)(now, *args)
-        if actions:
-            self._perform(channel, node, actions, now)
+        if stacked is not None:
+            stacked.core(self._row_index[channel][node])
+            if self._scheduled:
+                runtime.core.step_size = runtime.model.step_size()
+        return runtime
 
     # -- one tick, in phases (a shard runs them one at a time, see sharding.py) ---------------
     def accept(self, events: Sequence[Event]) -> None:
@@ -300,8 +309,8 @@ class Simulation:
         told)."""
         self.task.advance(t)
         gone, back = self.net.churn()
-        self._notify(gone, "on_peer_down", now)
-        self._notify(back, "on_peer_up", now)
+        self._notify(gone, True, now)
+        self._notify(back, False, now)
 
     def deliver(self, now: float, horizon: float = math.inf) -> None:
         """Deliver every message and timer due by ``now`` and earlier than ``horizon``."""
@@ -310,7 +319,7 @@ class Simulation:
             at, _, _, kind, payload = heapq.heappop(events)
             if kind == "timer":
                 channel, node, key = payload
-                self._call(channel, node, at, "on_timer", key)
+                self._runtime(channel, node).timer(at, key)
                 continue
             channel, src, dst, message = payload
             if not online[dst]:
@@ -321,17 +330,23 @@ class Simulation:
                 self.rejected += 1
                 log.warning("node %d rejected a message from %d: params contain NaN/inf", dst, src)
                 continue
-            self._call(channel, dst, at, "on_message", str(src), message)
+            self._runtime(channel, dst).message(at, str(src), message)
 
-    def _notify(self, nodes: list[int], event: str, now: float) -> None:
+    def _notify(self, nodes: list[int], went_down: bool, now: float) -> None:
+        """Tell the neighbours (of this run) of ``nodes`` in each channel that they went down
+        or came up."""
         for node in nodes:
             for c, channel in enumerate(self.channels):
-                if node not in channel.graph:
+                if node not in self.members[c]:
                     continue
-                cores = self.channel_cores[c]
+                runtimes = self.runtimes[c]
                 for peer in channel.graph.neighbors(node):
-                    if peer in cores:
-                        self._call(c, peer, now, event, str(node))
+                    if peer in runtimes:
+                        runtime = self._runtime(c, peer)
+                        if went_down:
+                            runtime.peer_down(now, str(node))
+                        else:
+                            runtime.peer_up(now, str(node))
 
     def train(self, now: float) -> None:
         """Every online node whose speed gives it a step in this tick takes one (one batched
@@ -347,35 +362,27 @@ class Simulation:
         else:
             mine, window = active, None
         if not len(mine):
+            if window is not None and len(active):
+                self.learner.data.skip(len(active))
             return
         rows = mine - first
         result = self.learner.step(rows, window)
         self.prequential.add(result)
         self.prequential_window.add(result)
         self.node_steps += len(mine)
-        if not self.learner.sgd.schedule.constant:
-            # The cores' drift correction divides by the step size of the node's latest step.
-            momentum = self.prepared.scenario.momentum
-            for row in rows.tolist():
-                step_size = self.learner.lr(row) / (1 - momentum)
-                for c in self.node_channels[row]:
-                    self.channel_cores[c][row + first].step_size = step_size
         for c, stacked in enumerate(self.stacked):
             if stacked is None:
                 continue
             channel_rows = self._row_of[c][rows]
-            members = self._members[c]
+            members, runtimes = self._members[c], self.runtimes[c]
             for row in stacked.local_step(channel_rows[channel_rows >= 0]):
-                actions = stacked.core(row).on_local_step(now)
-                if actions:
-                    self._perform(c, members[row], actions, now)
+                stacked.core(row)
+                runtimes[members[row]].local_step(now)
         if any(stacked is None for stacked in self.stacked):
             for node in mine.tolist():
                 for c in self.node_channels[node - first]:
                     if self.stacked[c] is None:
-                        actions = self.channel_cores[c][node].on_local_step(now)
-                        if actions:
-                            self._perform(c, node, actions, now)
+                        self.runtimes[c][node].local_step(now)
 
     # -- run ---------------------------------------------------------------------------------
     def run(self, on_tick: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -464,7 +471,7 @@ class Simulation:
             "channel_bytes": self.channel_bytes,
             "channel_messages": self.channel_messages,
             "channel_syncs": [
-                sum(core.stats.syncs for core in cores.values()) for cores in self.channel_cores
+                sum(r.core.stats.syncs for r in runtimes.values()) for runtimes in self.runtimes
             ],
         }
 
