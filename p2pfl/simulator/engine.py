@@ -434,6 +434,17 @@ class Simulation:
             part["own"] = self.objectives.accuracy(self.learner).tolist()
         return part
 
+    def _cores_up_to_date(self) -> None:
+        """On the vectorised path, bring every core's counters and step size up to date (e.g.
+        before reading cores at the end of a run)."""
+        for c, stacked in enumerate(self.stacked):
+            if stacked is None:
+                continue
+            stacked.flush()
+            if self._scheduled:
+                for runtime in self.runtimes[c].values():
+                    runtime.core.step_size = runtime.model.step_size()
+
     def score_average(self, column: torch.Tensor, nodes: int) -> tuple[float, float]:
         """Accuracy and loss of the network's average model (``column``: the parameters
         summed over all ``nodes``, in float64), mixed over the task's test labels."""
@@ -453,9 +464,7 @@ class Simulation:
 
     def totals(self) -> dict[str, Any]:
         """This run's (shard's) counters for the summary; ``summarize`` adds shards up."""
-        for stacked in self.stacked:
-            if stacked is not None:
-                stacked.flush()
+        self._cores_up_to_date()
         stats = CoreStats().as_dict()
         for core in self.cores:
             for k, v in core.stats.as_dict().items():
