@@ -129,8 +129,7 @@ class _Port:
         self.sim._send(now, self.channel, self.node, int(to), message)
 
     def set_timer(self, at: float, key: Hashable) -> None:
-        event = self.sim._event(at, self.node, "timer", (self.channel, self.node, key))
-        heapq.heappush(self.sim.events, event)
+        self.sim._push(at, self.node, "timer", (self.channel, self.node, key))
 
 
 class Simulation:
@@ -259,10 +258,16 @@ class Simulation:
         whole = span is not None and span.start == 0 and span.stop == w.shape[-1]
         return w if whole else part.take(w)
 
-    def _event(self, at: float, origin: int, kind: str, payload: Any) -> Event:
+    def _push(self, at: float, origin: int, kind: str, payload: Any) -> None:
+        """Queue an event ``origin``'s core caused; a message to a node of another shard goes
+        to the outbox."""
         count = self._pushed[origin]
         self._pushed[origin] = count + 1
-        return (at, origin, count, kind, payload)
+        event = (at, origin, count, kind, payload)
+        if kind == "msg" and payload[2] not in self.nodes:
+            self.outbox.append(event)
+        else:
+            heapq.heappush(self.events, event)
 
     def _send(self, now: float, channel: int, src: int, dst: int, message: Message) -> None:
         """Move a message of ``src``'s core in ``channel`` to ``dst``. A send to a node that is
@@ -276,11 +281,7 @@ class Simulation:
         self.channel_messages[channel] += 1
         arrival = self.net.transmit(now, src, dst, size)
         if arrival is not None:
-            event = self._event(arrival, src, "msg", (channel, src, dst, _snapshot(message)))
-            if dst in self.nodes:
-                heapq.heappush(self.events, event)
-            else:
-                self.outbox.append(event)
+            self._push(arrival, src, "msg", (channel, src, dst, _snapshot(message)))
 
     def _runtime(self, channel: int, node: int) -> CoreRuntime:
         """The runtime of ``node``'s core in ``channel``, its core up to date for a call (on
