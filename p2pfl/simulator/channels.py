@@ -1,12 +1,14 @@
 """Sync channels: which part of the model a group of nodes syncs, over which graph, under
 which protocol. The plain simulation is one channel (the whole model, the scenario graph);
-a scenario with communities has one channel per community, each sharing only its globs.
+a scenario with communities has one channel per community, each sharing only its globs, and
+with its admission (``admission.py``) if the community declares one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import networkx as nx
 
@@ -14,6 +16,7 @@ from p2pfl.community.sharing import SharedPart, SharingError, check_disjoint, sh
 from p2pfl.learning.params import ParamSchema
 from p2pfl.protocol.config import ProtocolConfig, parse_protocol
 from p2pfl.runtime import WHOLE_MODEL_CHANNEL
+from p2pfl.simulator.admission import ChannelAdmission, channel_admission
 from p2pfl.simulator.scenario import CommunityConfig, ScenarioError
 from p2pfl.spec import SpecError
 from p2pfl.topology import build_topology
@@ -30,6 +33,8 @@ class Channel:
     graph: nx.Graph
     part: SharedPart
     protocol: ProtocolConfig
+    admission: ChannelAdmission | None = None
+    """The community's manifest and invites if its members run the membership protocol."""
 
     @property
     def members(self) -> list[int]:
@@ -41,14 +46,24 @@ def whole_model_channel(graph: nx.Graph, schema: ParamSchema, protocol: str) -> 
     return Channel(WHOLE_MODEL_CHANNEL, graph, shared_part(schema, ["*"]), parse_protocol(protocol))
 
 
+class ModelInfo(NamedTuple):
+    """What a community's manifest says of the model: its spec, inputs and classes."""
+
+    spec: str
+    input_shape: tuple[int, ...]
+    classes: int
+
+
 def community_channels(
     communities: Sequence[CommunityConfig],
     schema: ParamSchema,
     nodes: int,
     seed: int,
     allow_disconnected: bool = False,
+    model: ModelInfo | None = None,
 ) -> list[Channel]:
     """One channel per community; a node in several communities must share disjoint parts.
+    Communities with ``admission`` get a manifest signed for ``model``.
 
     Raises ``ScenarioError`` naming the community and key to fix."""
     channels = []
@@ -68,7 +83,13 @@ def community_channels(
         except SpecError as exc:
             raise ScenarioError(f"{where}, key 'topology': {exc}") from None
         graph = nx.relabel_nodes(local, dict(enumerate(community.members)))
-        channels.append(Channel(community.name, graph, part, parse_protocol(community.protocol)))
+        admission = None
+        if community.admission is not None:
+            if model is None:
+                raise ValueError("a community with admission needs the model's ModelInfo")
+            admission = channel_admission(community, part, *model, seed)
+        protocol = parse_protocol(community.protocol)
+        channels.append(Channel(community.name, graph, part, protocol, admission))
     for node in range(nodes):
         mine = [(repr(c.name), c.part) for c in channels if node in c.graph]
         try:

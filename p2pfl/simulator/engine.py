@@ -49,14 +49,22 @@ from p2pfl.learning.schedule import parse_lr_schedule
 from p2pfl.models import build_model
 from p2pfl.protocol.core import CoreStats, NodeCore
 from p2pfl.runtime import CoreRuntime, NodeModel, open_core
+from p2pfl.simulator.admission import SimGates
 from p2pfl.simulator.batched_protocol import StackedCores
-from p2pfl.simulator.channels import Channel, community_channels, union_graph, whole_model_channel
+from p2pfl.simulator.channels import (
+    Channel,
+    ModelInfo,
+    community_channels,
+    union_graph,
+    whole_model_channel,
+)
 from p2pfl.simulator.network import SimNetwork
 from p2pfl.simulator.objectives import OwnObjectives
-from p2pfl.simulator.scenario import Scenario
+from p2pfl.simulator.scenario import Scenario, ScenarioError
 from p2pfl.simulator.stream import ChangingTask, Prequential
 from p2pfl.topology import build_topology
 from p2pfl.wire.codec import all_finite, encoded_size
+from p2pfl.wire.community import Hello
 from p2pfl.wire.messages import Message
 
 log = logging.getLogger("p2pfl.simulator")
@@ -86,7 +94,10 @@ def prepare(scenario: Scenario) -> Prepared:
         graph = build_topology(s.topology, s.nodes, s.seed, s.allow_disconnected)
         return Prepared(s, dataset, nodes, graph, model)
     schema = ParamSchema.from_module(model)
-    channels = community_channels(s.communities, schema, s.nodes, s.seed, s.allow_disconnected)
+    info = ModelInfo(s.model, tuple(dataset.input_shape), dataset.num_classes)
+    channels = community_channels(
+        s.communities, schema, s.nodes, s.seed, s.allow_disconnected, model=info
+    )
     return Prepared(s, dataset, nodes, union_graph(channels, s.nodes), model, channels)
 
 
@@ -205,7 +216,8 @@ class Simulation:
                     _Port(self, c, i),
                     seed=s.seed,
                     channel=channel.name,
-                    neighbors=(str(j) for j in channel.graph.neighbors(i)),
+                    # with admission, a core hears of its neighbours once they are admitted
+                    neighbors=() if channel.admission else map(str, channel.graph.neighbors(i)),
                 )
                 self.node_channels[i - first].append(c)
             self.runtimes.append(runtimes)
@@ -223,6 +235,16 @@ class Simulation:
                 else None
             )
         self.cores: list[NodeCore] = [r.core for rs in self.runtimes for r in rs.values()]
+        if nodes is not None and any(channel.admission for channel in self.channels):
+            raise ScenarioError(
+                "a sharded run cannot simulate community admission yet; run this scenario in "
+                "one process (without --shards)"
+            )
+        self.gates = SimGates(
+            [channel.admission for channel in self.channels],
+            [channel.graph for channel in self.channels],
+            self,
+        )
         self._scheduled = not self.learner.sgd.schedule.constant
         self.channel_bytes = [0] * len(self.channels)
         self.channel_messages = [0] * len(self.channels)
@@ -264,7 +286,7 @@ class Simulation:
         count = self._pushed[origin]
         self._pushed[origin] = count + 1
         event = (at, origin, count, kind, payload)
-        if kind == "msg" and payload[2] not in self.nodes:
+        if kind != "timer" and payload[2] not in self.nodes:
             self.outbox.append(event)
         else:
             heapq.heappush(self.events, event)
@@ -273,7 +295,11 @@ class Simulation:
         """Move a message of ``src``'s core in ``channel`` to ``dst``. A send to a node that is
         offline, or not in the channel, fails at once (as a daemon's send to a peer it cannot
         reach): nothing goes out and the sender's core is told."""
-        if not self.net.online[dst] or dst not in self.members[channel]:
+        if (
+            not self.net.online[dst]
+            or dst not in self.members[channel]
+            or not self.gates.admits(channel, src, dst)
+        ):
             self.runtimes[channel][src].send_failed(now, str(dst))
             return
         size = encoded_size(message, self.channels[channel].part.schema)
@@ -309,6 +335,8 @@ class Simulation:
         """Concept drift if due, then churn (neighbours of nodes that went or came back are
         told)."""
         self.task.advance(t)
+        if t == 1:
+            self.gates.start(now)
         gone, back = self.net.churn()
         self._notify(gone, True, now)
         self._notify(back, False, now)
@@ -326,6 +354,12 @@ class Simulation:
             if not online[dst]:
                 self.net.lost += 1
                 continue
+            if kind == "hello":
+                self.gates.hello(at, channel, src, dst, message)
+                continue
+            if self.gates.frame(at, channel, src, dst) is not None:
+                self.gates.refused[channel] += 1
+                continue
             params = getattr(message, "params", None)
             if params is not None and not all_finite(params):
                 self.rejected += 1
@@ -340,6 +374,9 @@ class Simulation:
             for c, channel in enumerate(self.channels):
                 if node not in self.members[c]:
                     continue
+                if self.gates.gated(c):
+                    (self.gates.went_down if went_down else self.gates.came_up)(now, c, node)
+                    continue
                 runtimes = self.runtimes[c]
                 for peer in channel.graph.neighbors(node):
                     if peer in runtimes:
@@ -348,6 +385,18 @@ class Simulation:
                             runtime.peer_down(now, str(node))
                         else:
                             runtime.peer_up(now, str(node))
+
+    # -- admission (``SimGates`` calls these) ------------------------------------------------
+    def core_peer_up(self, now: float, channel: int, node: int, peer: int) -> None:
+        self._runtime(channel, node).peer_up(now, str(peer))
+
+    def core_peer_down(self, now: float, channel: int, node: int, peer: int) -> None:
+        self._runtime(channel, node).peer_down(now, str(peer))
+
+    def send_hello(self, now: float, channel: int, src: int, dst: int, hello: Hello) -> None:
+        arrival = self.net.transmit(now, src, dst, len(hello.to_bytes()))
+        if arrival is not None:
+            self._push(arrival, src, "hello", (channel, src, dst, hello))
 
     def train(self, now: float) -> None:
         """Every online node whose speed gives it a step in this tick takes one (one batched
@@ -480,6 +529,7 @@ class Simulation:
             "stats": stats,
             "channel_bytes": self.channel_bytes,
             "channel_messages": self.channel_messages,
+            "channel_refused": list(self.gates.refused),
             "channel_syncs": [
                 sum(r.core.stats.syncs for r in runtimes.values()) for runtimes in self.runtimes
             ],
@@ -600,6 +650,7 @@ def summarize(
                 "bytes_sent": total["channel_bytes"][c],
                 "messages": total["channel_messages"][c],
                 "syncs": total["channel_syncs"][c],
+                "refused": total["channel_refused"][c],
             }
             for c, channel in enumerate(channels)
         ]
