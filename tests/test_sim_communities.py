@@ -380,10 +380,10 @@ def test_refused_peers_exchange_no_model_bytes():
     sent, taken = [], []
     push = sim._push
 
-    def record_push(at, kind, payload):
+    def record_push(at, origin, kind, payload):
         if kind == "msg":
             sent.append(payload[:3])
-        return push(at, kind, payload)
+        return push(at, origin, kind, payload)
 
     sim._push = record_push
     for c, runtimes in enumerate(sim.runtimes):
