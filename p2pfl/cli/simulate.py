@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from p2pfl.cli.jsonout import print_json
 from p2pfl.cli.torch_threads import use_torch
 from p2pfl.simulator.scenario import load_scenario
 
@@ -42,6 +43,9 @@ def sim(
     ),
     out: Path = typer.Option(Path("runs/sim"), "--out", help="Directory for the results."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the run's summary (as summary.json) on stdout instead."
+    ),
     shards: int = typer.Option(
         1, "--shards", help="Split the nodes over this many Ray workers (needs p2pfl[ray])."
     ),
@@ -53,7 +57,7 @@ def sim(
     ),
 ) -> None:
     """Simulate nodes on a graph and compare protocols on identical data and seed; with
-    [[communities]] in the scenario, compare joining them against training alone."""
+    \\[\\[communities]] in the scenario, compare joining them against training alone."""
     overrides = {
         "nodes": nodes,
         "topology": topology,
@@ -68,7 +72,7 @@ def sim(
         "seed": seed,
         "allow_disconnected": allow_disconnected or None,
     }
-    _run(scenario, overrides, out, quiet, shards, ray_address)
+    _run(scenario, overrides, out, quiet, as_json, shards, ray_address)
 
 
 def demo(
@@ -77,10 +81,22 @@ def demo(
         None, "--steps", help="Steps per node [default: 2,000]; fewer for a quick look."
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the run's summary (as summary.json) on stdout instead."
+    ),
+    shards: int = typer.Option(
+        1, "--shards", help="Split the nodes over this many Ray workers (needs p2pfl[ray])."
+    ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="Ray cluster to shard on (e.g. ray://head:10001 or auto); "
+        "default: a local cluster started for the run.",
+    ),
 ) -> None:
     """Run the built-in demo (p2pfl/scenarios/demo.toml): digits on 16 nodes, non-IID, four
     protocols."""
-    _run(DEMO_SCENARIO, {"steps": steps}, out, quiet)
+    _run(DEMO_SCENARIO, {"steps": steps}, out, quiet, as_json)
 
 
 def _run(
@@ -88,6 +104,7 @@ def _run(
     overrides: dict[str, object],
     out: Path,
     quiet: bool,
+    as_json: bool,
     shards: int = 1,
     ray_address: str | None = None,
 ) -> None:
@@ -104,6 +121,9 @@ def _run(
     summary = run_scenario(
         scenario, out, progress=not quiet, shards=shards, ray_address=ray_address
     )
+    if as_json:
+        print_json(summary)
+        return
     console.print(comparison_table(summary))
     if "joining" in summary:
         console.print(joining_table(summary))

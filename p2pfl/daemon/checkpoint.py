@@ -90,3 +90,16 @@ def load_newest(home: Path) -> dict[str, Any] | None:
             "renamed *.corrupt; start again to begin from step 0"
         )
     return None
+
+
+def checkpoint_files(home: Path) -> list[dict[str, Any]]:
+    """The checkpoint files in ``home`` (current, previous, set-aside corrupt ones): name,
+    size in bytes and unix time of the last write."""
+    files = []
+    for name in (CURRENT, PREVIOUS, f"{CURRENT}.corrupt", f"{PREVIOUS}.corrupt"):
+        try:
+            info = (home / name).stat()
+        except OSError:
+            continue
+        files.append({"name": name, "bytes": info.st_size, "written": info.st_mtime})
+    return files

@@ -22,21 +22,32 @@ from libp2p.crypto.keys import KeyPair
 
 from p2pfl.community import CommunityError
 from p2pfl.community.sharing import shared_part
-from p2pfl.daemon.checkpoint import encode_checkpoint, load_newest, write_atomically
+from p2pfl.daemon.checkpoint import (
+    checkpoint_files,
+    encode_checkpoint,
+    load_newest,
+    write_atomically,
+)
 from p2pfl.daemon.communities import Communities
 from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.daemon.control import bind_socket, serve, socket_path
+from p2pfl.daemon.dashboard import open_dashboard
+from p2pfl.daemon.lan import LanDiscovery, is_lan_listen_addr
+from p2pfl.daemon.limits import Limits
 from p2pfl.daemon.metrics import serve_metrics
+from p2pfl.daemon.peer_exchange import PeerBook, PeerExchange
+from p2pfl.daemon.peers import PeerLedger
+from p2pfl.daemon.relay import Relaying
 from p2pfl.daemon.state import community_states, node_state, restore_node_state
 from p2pfl.daemon.sync import WHOLE_MODEL, Channel, SyncChannels
-from p2pfl.daemon.transport import Limits, Transport, TransportError
+from p2pfl.daemon.transport import Transport
 from p2pfl.data import DataError
 from p2pfl.data.datasets import Dataset
 from p2pfl.data.partition import NodeData, load_node_slice
 from p2pfl.learning.learner import PerNodeLearner, SGDConfig
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.models import build_model
-from p2pfl.peers import peer_id_of, peer_of_address
+from p2pfl.peers import peer_id_of
 from p2pfl.protocol.core import NodeCore
 from p2pfl.runtime import WHOLE_MODEL_CHANNEL, NodeModel, derive_seed, open_core
 from p2pfl.spec import SpecError
@@ -45,7 +56,6 @@ log = logging.getLogger("p2pfl.daemon")
 
 CHECKPOINT_EVERY_STEPS = 100
 CHECKPOINT_EVERY_S = 30.0
-REDIAL_EVERY_S = 3.0
 LIMITS = {"messages_per_s": 50.0, "burst": 100, "max_inbound_streams_per_peer": 8}
 """Per-peer inbound limits: a sync protocol sends a few messages per step at most."""
 
@@ -87,7 +97,8 @@ class NodeDaemon:
         self.schema = self.learner.schema
         self.model = NodeModel(self.learner, 0, len(self.learning.data.y_train))
         self.counters = {"bytes_sent": 0, "bytes_received": 0, "rejected": 0, "send_failures": 0}
-        self.sync = SyncChannels(self.schema, self.counters)
+        self.ledger = PeerLedger()
+        self.sync = SyncChannels(self.schema, self.counters, self.ledger)
         self.whole = open_core(
             self.model,
             self.peer_id,
@@ -100,7 +111,9 @@ class NodeDaemon:
         self.sync.open(Channel(WHOLE_MODEL, "the whole model", self.whole))
         saved_communities = self._restore()
         self._base = dict(self.counters)
-        self.communities = Communities(config, self.peer_id, self.model, self.sync, self.counters)
+        self.communities = Communities(
+            config, self.peer_id, self.model, self.sync, self.counters, self.ledger
+        )
         self.communities.load_state_dict(saved_communities)
         self.checkpoint_step = self.core.step
         self.transport: Transport | None = None
@@ -109,6 +122,8 @@ class NodeDaemon:
         self._ckpt_lock = trio.Lock()
         self.loss = math.nan
         self.started = 0.0
+        self.dashboard_url: str | None = None
+        self.peer_exchange: PeerExchange | None = None
 
     @property
     def core(self) -> NodeCore:
@@ -144,22 +159,29 @@ class NodeDaemon:
             on_peer_connected=self._peer_up,
             on_peer_disconnected=self._peer_down,
             pubsub=True,
+            ledger=self.ledger,
         )
         self.transport = transport
+        self.peer_exchange = PeerExchange(
+            PeerBook(self.peer_id, self.config.home),
+            transport,
+            self.ledger,
+            self.config.bootstrap,
+            self.config.target_degree,
+        )
         control = await bind_socket(self.config.home)
-        if self.config.metrics_port:
-            try:
-                serve_metrics(self.config.metrics_port, self.metrics)
-            except OSError as exc:
-                control.close()
-                socket_path(self.config.home).unlink(missing_ok=True)
-                raise ConfigError(
-                    f"bad value for 'metrics_port': cannot listen on 127.0.0.1:"
-                    f"{self.config.metrics_port} ({exc}); pick a free port or 0 to turn it off"
-                ) from None
+        try:
+            self._serve_metrics()
+            dashboard = open_dashboard(self)
+        except ConfigError:
+            control.close()
+            socket_path(self.config.home).unlink(missing_ok=True)
+            raise
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if dashboard is not None:
+                    self.dashboard_url = await nursery.start(dashboard.run)
                 async with transport:
                     self.sync.register(transport)
                     self.communities.register(transport)
@@ -169,7 +191,12 @@ class NodeDaemon:
                     nursery.start_soon(serve, control, self._respond)
                     nursery.start_soon(self._watch_signals)
                     nursery.start_soon(self._train)
-                    nursery.start_soon(self._keep_neighbours)
+                    self.peer_exchange.start(nursery)
+                    relaying = Relaying(transport, self.config.relay_service, self.config.relay)
+                    await nursery.start(relaying.run)
+                    if self.config.mdns and is_lan_listen_addr(self.config.listen):
+                        lan = LanDiscovery(transport, self._found_on_lan)
+                        await nursery.start(lan.run)
                     nursery.start_soon(self._checkpoint_periodically)
                     log.info("node %s listening on %s", self.peer_id, transport.listen_addrs)
                     if on_listening is not None:
@@ -178,11 +205,23 @@ class NodeDaemon:
                     log.info("stopping at step %d", self.core.step)
                     with trio.CancelScope(shield=True):
                         await self.save_checkpoint()
+                        self.peer_exchange.book.save()
                     nursery.cancel_scope.cancel()
         finally:
             control.close()
             socket_path(self.config.home).unlink(missing_ok=True)
         log.info("stopped")
+
+    def _serve_metrics(self) -> None:
+        if not self.config.metrics_port:
+            return
+        try:
+            serve_metrics(self.config.metrics_port, self.metrics)
+        except OSError as exc:
+            raise ConfigError(
+                f"bad value for 'metrics_port': cannot listen on 127.0.0.1:"
+                f"{self.config.metrics_port} ({exc}); pick a free port or 0 to turn it off"
+            ) from None
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -237,38 +276,18 @@ class NodeDaemon:
         log.info("peer %s connected", peer)
         self.whole.peer_up(trio.current_time(), peer)
         self.communities.peer_up(peer)
+        if self.peer_exchange is not None:
+            self.peer_exchange.peer_up(peer)
+
+    def _found_on_lan(self, peer: str, addrs: tuple[str, ...]) -> None:
+        assert self.peer_exchange is not None
+        self.peer_exchange.heard(peer, addrs, "mdns")
 
     def _peer_down(self, peer: str) -> None:
         log.info("peer %s disconnected", peer)
         self.sync.peer_gone(peer)
         self.whole.peer_down(trio.current_time(), peer)
         self.communities.peer_down(peer)
-
-    async def _keep_neighbours(self) -> None:
-        """Dial bootstrap peers that are not connected while below the target degree."""
-        assert self.transport is not None
-        while True:
-            connected = set(self.transport.peers())
-            missing = [
-                addr
-                for addr in self.config.bootstrap
-                if peer_of_address(addr) not in (self.peer_id, *connected)
-            ]
-            room = self.config.target_degree - len(connected)
-            if missing and room > 0:
-                async with trio.open_nursery() as dials:
-                    for addr in missing[:room]:
-                        dials.start_soon(self._dial, addr)
-            await trio.sleep(REDIAL_EVERY_S)
-
-    async def _dial(self, addr: str) -> None:
-        assert self.transport is not None
-        try:
-            peer = await self.transport.connect(addr)
-        except TransportError as exc:
-            log.info("could not reach %s (will retry): %s", addr, exc)
-            return
-        log.info("connected to %s", peer)
 
     # -------------------------------------------------------------------- status
 
@@ -316,7 +335,39 @@ class NodeDaemon:
             "checkpoint_step": self.checkpoint_step,
             "communities": self.communities.status(),
             "uptime_s": round(trio.current_time() - self.started, 3),
+            "dashboard_url": self.dashboard_url,
         }
+
+    def details(self) -> dict[str, Any]:
+        """What the dashboard shows beside the status: every peer this node dealt with,
+        holds as a neighbour or heard of (traffic, connected/down, refusals and why, how it
+        was found) and the checkpoint files."""
+        records = self.ledger.snapshot()
+        neighbours = self.core.neighbors
+        book = self.peer_exchange.book.known if self.peer_exchange is not None else {}
+        peers = []
+        for peer in sorted(set(records) | neighbours | set(book)):
+            record = records.get(peer, {})
+            if record.get("connected"):
+                state = "connected"
+            elif peer in self.core.down:
+                state = "down"
+            else:
+                state = "not connected" if peer in records else "known"
+            known = book.get(peer)
+            communities = [c["name"] for c in self.communities.status() if peer in c["members"]]
+            peers.append(
+                {
+                    "peer": peer,
+                    "state": state,
+                    "neighbour": peer in neighbours,
+                    "communities": communities,
+                    "found_via": known.source if known is not None else None,
+                    "addrs": list(known.addrs) if known is not None else [],
+                    **record,
+                }
+            )
+        return {"peer_table": peers, "checkpoints": checkpoint_files(self.config.home)}
 
     def _accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
         if not len(y):

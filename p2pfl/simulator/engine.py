@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from p2pfl.data import Dataset, NodeData, load_dataset, split_nodes
-from p2pfl.learning.learner import BatchedLearner, Learner, PerNodeLearner, SGDConfig
+from p2pfl.learning.batched import BatchedLearner
+from p2pfl.learning.learner import Learner, PerNodeLearner, SGDConfig
 from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.learning.schedule import parse_lr_schedule
@@ -61,7 +62,7 @@ from p2pfl.simulator.channels import (
 from p2pfl.simulator.network import SimNetwork
 from p2pfl.simulator.objectives import OwnObjectives
 from p2pfl.simulator.scenario import Scenario, ScenarioError
-from p2pfl.simulator.stream import ChangingTask, Prequential
+from p2pfl.simulator.stream import ChangingTask, Prequential, drift_recovery
 from p2pfl.topology import build_topology
 from p2pfl.wire.codec import all_finite, encoded_size
 from p2pfl.wire.community import Hello
@@ -451,7 +452,8 @@ class Simulation:
             if on_tick is not None:
                 on_tick(t)
         wall = time.perf_counter() - started
-        return summarize(s, self.protocol, self.channels, metrics, [self.totals()], wall)
+        drifts = self.task.events(s.steps)
+        return summarize(s, self.protocol, self.channels, metrics, [self.totals()], wall, drifts)
 
     def local_metrics(self) -> dict[str, Any]:
         """This run's (shard's) part of a metrics row: per-node accuracy and loss (mixed over
@@ -597,8 +599,10 @@ def summarize(
     metrics: list[dict[str, Any]],
     parts: Sequence[dict[str, Any]],
     wall: float,
+    drift_events: Any,
 ) -> dict[str, Any]:
-    """The run's summary from its metrics rows and every shard's ``totals`` (in node order)."""
+    """The run's summary from its metrics rows, every shard's ``totals`` (in node order) and
+    the task's drift events (``ChangingTask.events``)."""
     finals = set(final_eval_steps(s.steps))
     final = [m for m in metrics if m["step"] in finals] or metrics[-1:]
     tail_start = s.steps - s.steps // 5
@@ -633,6 +637,7 @@ def summarize(
         "messages_lost": total["messages_lost"],
         "messages_rejected": total["messages_rejected"],
         "final_eval_steps": sorted(finals),
+        "drifts": drift_recovery(metrics, drift_events),
         **stats,
         "metrics": metrics,
     }

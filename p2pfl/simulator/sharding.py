@@ -96,6 +96,10 @@ class Shard:
         """The metrics row from every shard's part (``Simulation.measure``)."""
         return self.sim.measure(parts, t, now)
 
+    def drift_events(self) -> Any:
+        """The task's drift events over the run (``ChangingTask.events``)."""
+        return self.sim.task.events(self.sim.prepared.scenario.steps)
+
     def totals(self) -> dict[str, Any]:
         """The shard's counters for the summary."""
         return self.sim.totals()
@@ -199,7 +203,8 @@ class ShardedRun:
                 on_tick(t)
         wall = time.perf_counter() - started
         totals = self._call("totals", [()] * count)
-        return summarize(s, self.run_name, self.channels, metrics, totals, wall)
+        drifts = self._call_first("drift_events", ())
+        return summarize(s, self.run_name, self.channels, metrics, totals, wall, drifts)
 
     def close(self) -> None:
         """Stop the shards' actors (a local Ray cluster started for the run stops when this
