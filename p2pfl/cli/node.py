@@ -19,6 +19,7 @@ from p2pfl.cli.torch_threads import use_torch
 from p2pfl.daemon.config import KEY_FILE, ConfigError, load_config, write_template
 from p2pfl.daemon.control import ControlError, request, socket_path
 from p2pfl.errors import P2pflError
+from p2pfl.files import writable_problem
 
 if TYPE_CHECKING:
     from p2pfl.daemon.node import NodeDaemon
@@ -101,6 +102,13 @@ def start(
     if not home.is_dir():
         raise ConfigError(f"{home} does not exist; create it with `p2pfl node init --home {home}`")
     config = load_config(home, flags)
+    problem = writable_problem(home)
+    if problem is not None:
+        raise ConfigError(
+            f"cannot write in {home} ({problem}); the node keeps its log, control socket and "
+            "checkpoints there: make it writable (e.g. chmod u+w, or remount read-write) or "
+            "use another --home"
+        )
     use_torch()
     import trio
 

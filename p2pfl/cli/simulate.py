@@ -41,6 +41,11 @@ def sim(
     allow_disconnected: bool = typer.Option(
         False, "--allow-disconnected", help="Accept a topology that is not connected."
     ),
+    byzantine: str | None = typer.Option(
+        None,
+        "--byzantine",
+        help="K:ATTACK, K nodes lie: signflip, scale, noise, replay, flood, fake-average.",
+    ),
     out: Path = typer.Option(Path("runs/sim"), "--out", help="Directory for the results."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     as_json: bool = typer.Option(
@@ -71,6 +76,7 @@ def sim(
         "lr_schedule": lr_schedule,
         "seed": seed,
         "allow_disconnected": allow_disconnected or None,
+        "byzantine": byzantine,
     }
     _run(scenario, overrides, out, quiet, as_json, shards, ray_address)
 

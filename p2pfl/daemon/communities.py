@@ -44,6 +44,7 @@ from p2pfl.daemon.transport import Transport, TransportError
 from p2pfl.protocol.admission import NOT_A_MEMBER, Admission, Gate, RefusalNotices
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import NodeCore
+from p2pfl.ratelog import RateLimitedLog
 from p2pfl.runtime import CoreRuntime, NodeModel, open_core
 from p2pfl.spec import SpecError
 from p2pfl.wire.codec import WireError
@@ -138,6 +139,7 @@ class Communities:
         self.notices = RefusalNotices()
         self._transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
+        self._refusals = RateLimitedLog(log)
         self._reload_lock = trio.Lock()
         for membership in self._checked(load_memberships(config.home)):
             self._add(membership)
@@ -232,6 +234,7 @@ class Communities:
             self.sync.port(membership.id),
             seed=self.config.seed,
             channel=membership.id,
+            max_neighbors=self.config.target_degree,
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -296,14 +299,15 @@ class Communities:
         except WireError as exc:
             self.node_counters["rejected"] += 1
             self.ledger.refused(peer, f"unreadable hello: {exc}")
-            log.warning("refused hello from peer %s: %s", peer, exc)
+            self._refusals.warning(("hello", peer), "refused hello from peer %s: %s", peer, exc)
             return
         community = self.active.get(hello.community)
         if community is None:
             if hello.refused is None:
                 self.node_counters["rejected"] += 1
                 self.ledger.refused(peer, f"hello for community {hello.community}: {NOT_A_MEMBER}")
-                log.warning(
+                self._refusals.warning(
+                    ("hello", peer),
                     "refused hello from peer %s for community %s: %s",
                     peer,
                     hello.community,

@@ -25,7 +25,7 @@ from p2pfl.community.sharing import shared_part
 from p2pfl.daemon.checkpoint import (
     checkpoint_files,
     encode_checkpoint,
-    load_newest,
+    restore_newest,
     write_atomically,
 )
 from p2pfl.daemon.communities import Communities
@@ -40,15 +40,16 @@ from p2pfl.daemon.peers import PeerLedger
 from p2pfl.daemon.relay import Relaying
 from p2pfl.daemon.state import community_states, node_state, restore_node_state
 from p2pfl.daemon.sync import WHOLE_MODEL, Channel, SyncChannels
-from p2pfl.daemon.transport import Transport
+from p2pfl.daemon.transport import Transport, check_can_listen
 from p2pfl.data import DataError
 from p2pfl.data.datasets import Dataset
 from p2pfl.data.partition import NodeData, load_node_slice
 from p2pfl.learning.learner import PerNodeLearner, SGDConfig
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.models import build_model
-from p2pfl.peers import peer_id_of
+from p2pfl.peers import peer_id_of, peer_of_address
 from p2pfl.protocol.core import NodeCore
+from p2pfl.ratelog import RateLimitedLog
 from p2pfl.runtime import WHOLE_MODEL_CHANNEL, NodeModel, derive_seed, open_core
 from p2pfl.spec import SpecError
 
@@ -107,6 +108,8 @@ class NodeDaemon:
             self.sync.port(WHOLE_MODEL),
             seed=config.seed,
             channel=WHOLE_MODEL_CHANNEL,
+            neighbors=[p for p in map(peer_of_address, config.bootstrap) if p is not None],
+            max_neighbors=config.target_degree,
         )
         self.sync.open(Channel(WHOLE_MODEL, "the whole model", self.whole))
         saved_communities = self._restore()
@@ -119,6 +122,7 @@ class NodeDaemon:
         self.transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
+        self._refusals = RateLimitedLog(log)
         self._ckpt_lock = trio.Lock()
         self.loss = math.nan
         self.started = 0.0
@@ -134,15 +138,15 @@ class NodeDaemon:
 
     def _restore(self) -> dict[str, Any]:
         """Restore learner, core and counters; return the communities' saved state."""
-        state = load_newest(self.config.home)
-        if state is None:
+        restored = restore_newest(self.config.home, self._apply_checkpoint)
+        if restored is None:
             log.info("no checkpoint in %s: starting at step 0", self.config.home)
             return {}
-        try:
-            self.counters.update(restore_node_state(self.learner, self.whole, self.peer_id, state))
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"checkpoint in {self.config.home} cannot be used: {exc}") from None
         log.info("resumed from checkpoint at step %d", self.core.step)
+        return restored
+
+    def _apply_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
+        self.counters.update(restore_node_state(self.learner, self.whole, self.peer_id, state))
         return community_states(state)
 
     def stop(self) -> None:
@@ -162,6 +166,14 @@ class NodeDaemon:
             ledger=self.ledger,
         )
         self.transport = transport
+        try:
+            check_can_listen(self.config.listen)
+        except OSError as exc:
+            raise ConfigError(
+                f"bad value for 'listen': cannot listen on {self.config.listen} ({exc.strerror}); "
+                "another program (or node) uses that port: stop it, pick a free port, or use "
+                "port 0 for any free port"
+            ) from None
         self.peer_exchange = PeerExchange(
             PeerBook(self.peer_id, self.config.home),
             transport,
@@ -250,14 +262,32 @@ class NodeDaemon:
     # ---------------------------------------------------------------- checkpoints
 
     async def save_checkpoint(self) -> None:
-        """Write a checkpoint of the current state (atomically, in a worker thread)."""
+        """Write a checkpoint of the current state (atomically, in a worker thread). A write
+        that fails (disk full, read-only home) is logged; the node keeps training, the last
+        good checkpoint stays, and the next periodic checkpoint tries again."""
         async with self._ckpt_lock:
             step = self.core.step
             communities = self.communities.state_dict()
             data = encode_checkpoint(
                 node_state(self.learner, self.core, self.peer_id, self._counters(), communities)
             )
-            await trio.to_thread.run_sync(write_atomically, self.config.home, data)
+            try:
+                await trio.to_thread.run_sync(write_atomically, self.config.home, data)
+            except OSError as exc:
+                self.counters["checkpoint_failures"] = (
+                    self.counters.get("checkpoint_failures", 0) + 1
+                )
+                self._refusals.warning(
+                    "checkpoint",
+                    "checkpoint at step %d not written (%s); the checkpoint of step %d stays, "
+                    "retrying within %.0f s: free space or fix the permissions of %s",
+                    step,
+                    exc,
+                    self.checkpoint_step,
+                    CHECKPOINT_EVERY_S,
+                    self.config.home,
+                )
+                return
             self.checkpoint_step = step
             log.debug("checkpoint written at step %d", step)
 

@@ -36,6 +36,7 @@ from p2pfl.daemon.outbox import Outboxes
 from p2pfl.daemon.peers import PeerLedger
 from p2pfl.daemon.transport import Transport, TransportError
 from p2pfl.learning.params import ParamSchema
+from p2pfl.ratelog import RateLimitedLog
 from p2pfl.runtime import CoreRuntime, Driver
 from p2pfl.wire.codec import WireError, decode, encode, max_message_bytes
 from p2pfl.wire.community import ID_BYTES
@@ -152,6 +153,7 @@ class SyncChannels:
         self._transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
         self._outboxes = Outboxes[Frame](OUTBOX_SIZE, self._deliver, self._failed, counters, log)
+        self._refusals = RateLimitedLog(log)
 
     # -------------------------------------------------------------------- lifecycle
 
@@ -201,8 +203,11 @@ class SyncChannels:
         if channel is None:
             self.node_counters["rejected"] += 1
             self.ledger.refused(peer, f"sync frame for channel {cid or '(none)'}: not on this node")
-            log.warning(
-                "refused sync frame from peer %s: no channel %s on this node", peer, cid or "(none)"
+            self._refusals.warning(
+                ("no channel", peer),
+                "refused sync frame from peer %s: no channel %s on this node",
+                peer,
+                cid or "(none)",
             )
             if self.on_unknown is not None and len(cid) == 2 * ID_BYTES:
                 self.on_unknown(cid, peer)
@@ -218,7 +223,13 @@ class SyncChannels:
             self.node_counters["rejected"] += 1
             channel.refusals.append({"peer": peer, "reason": reason, "at": time.time()})
             self.ledger.refused(peer, f"{channel.label}: {reason}")
-            log.warning("refused sync frame from peer %s in %s: %s", peer, channel.label, reason)
+            self._refusals.warning(
+                ("refused", peer, cid),
+                "refused sync frame from peer %s in %s: %s",
+                peer,
+                channel.label,
+                reason,
+            )
             return
         channel.counters["bytes_received"] += 4 + len(payload)
         channel.runtime.message(trio.current_time(), peer, message)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
@@ -531,7 +532,8 @@ class Transport:
             await cleanup(stream.reset)
             return
         except trio.TooSlowError:
-            log.warning(
+            self._refusals.warning(
+                ("slow", peer, route.protocol),
                 "dropped message from peer %s on %s: not received within %.0f s",
                 peer,
                 route.protocol,
@@ -602,3 +604,18 @@ def _is_circuit(addr: Multiaddr) -> bool:
 def _is_wildcard(addr: Multiaddr) -> bool:
     host = str(addr).split("/")[2]
     return host in ("0.0.0.0", "::")
+
+
+def check_can_listen(addr: str) -> None:
+    """Raise OSError if TCP address ``addr`` (``/ip4|ip6/<host>/tcp/<port>``) cannot be
+    listened on now, e.g. its port is in use. libp2p itself only logs a failed listener and
+    runs on with no address at all."""
+    maddr = tcp_listen_address(addr)
+    port = int(maddr.value_for_protocol("tcp"))
+    if port == 0:
+        return
+    ip6 = "ip6" in {p.name for p in maddr.protocols()}
+    host = maddr.value_for_protocol("ip6" if ip6 else "ip4")
+    with socket.socket(socket.AF_INET6 if ip6 else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from p2pfl.learning.rules import MERGE_KEYS, MergeRule, parse_merge
 from p2pfl.spec import (
     SpecError,
     non_negative_float,
@@ -15,7 +16,6 @@ from p2pfl.spec import (
 )
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
-MERGES = ("uniform", "samples")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class ProtocolConfig:
     group: int = 0
     cap: int = 0
     correction: float = 0.0
-    merge: str = "uniform"
+    merge: MergeRule = MergeRule()
     timeout: float = 0.5
     text: str = ""
 
@@ -49,10 +49,8 @@ DYNAMIC_DEFAULTS = {"b": 2, "rel": 0.002, "correction": 0.1, "cap": 0, "group": 
 def parse_protocol(text: str) -> ProtocolConfig:
     """Parse and validate a protocol spec; bad specs raise SpecError naming the fix."""
     spec = parse_spec(text, PROTOCOLS)
-    common = {"merge", "timeout"}
-    merge = spec.take("merge", str, "uniform")
-    if merge not in MERGES:
-        raise SpecError(f"{text!r}: merge must be one of {', '.join(MERGES)}")
+    common = {"timeout"} | MERGE_KEYS
+    merge = parse_merge(spec)
     timeout = spec.take("timeout", positive_float, 0.5)
     base = {"merge": merge, "timeout": timeout, "text": spec.text}
     if spec.kind in ("none", "continuous"):

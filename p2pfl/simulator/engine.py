@@ -48,6 +48,7 @@ from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.learning.schedule import parse_lr_schedule
 from p2pfl.models import build_model
+from p2pfl.protocol.byzantine import Attackers, parse_byzantine
 from p2pfl.protocol.core import CoreStats, NodeCore
 from p2pfl.runtime import CoreRuntime, NodeModel, open_core
 from p2pfl.simulator.admission import SimGates
@@ -204,6 +205,7 @@ class Simulation:
         self._member_rows: list[torch.Tensor] = []  # row -> local learner row
         self._members: list[list[int]] = []  # row -> node
         self._row_index: list[dict[int, int]] = []  # node -> row
+        self.attackers = Attackers(parse_byzantine(s.byzantine), s.nodes, s.seed)
         for c, channel in enumerate(self.channels):
             runtimes: dict[int, CoreRuntime] = {}
             for i in channel.members:
@@ -219,7 +221,9 @@ class Simulation:
                     channel=channel.name,
                     # with admission, a core hears of its neighbours once they are admitted
                     neighbors=() if channel.admission else map(str, channel.graph.neighbors(i)),
+                    max_neighbors=channel.graph.degree(i) if channel.admission else 0,
                 )
+                runtimes[i].core = self.attackers.wrap(i, runtimes[i].core)
                 self.node_channels[i - first].append(c)
             self.runtimes.append(runtimes)
             self._members.append(list(runtimes))
@@ -232,7 +236,7 @@ class Simulation:
             cores = [r.core for r in runtimes.values()]
             self.stacked.append(
                 StackedCores(cores, lambda r, c=c: self._read_rows(c, r))
-                if vectorised and cores
+                if vectorised and cores and len({type(core) for core in cores}) == 1
                 else None
             )
         self.cores: list[NodeCore] = [r.core for rs in self.runtimes for r in rs.values()]
@@ -476,6 +480,7 @@ class Simulation:
             "square": square,
             "column": column,
             "prequential": dataclasses.astuple(window),
+            "honest": [i not in self.attackers.nodes for i in self.nodes],
             "concept": self.task.state.concept,
             "bytes": self.net.bytes_sent,
             "messages": self.net.messages,
@@ -522,6 +527,7 @@ class Simulation:
             for k, v in core.stats.as_dict().items():
                 stats[k] += v
         return {
+            "byzantine_nodes": sorted(i for i in self.nodes if i in self.attackers.nodes),
             "bytes_sent": self.net.bytes_sent,
             "messages": self.net.messages,
             "messages_lost": self.net.lost,
@@ -562,6 +568,7 @@ def combine_metrics(
     mean = sum((p["column"] for p in parts[1:]), parts[0]["column"].clone()) / n
     divergence = sum(p["square"] for p in parts) / n - float(mean.square().sum())
     prequential = _prequential([p["prequential"] for p in parts])
+    honest = [h for p in parts for h in p["honest"]]
     own = {}
     if "own" in parts[0]:
         nodes = [v for p in parts for v in p["own"]]
@@ -572,6 +579,8 @@ def combine_metrics(
         "time": round(now, 6),
         "accuracy": math.fsum(acc) / n,
         "accuracy_min": min(acc),
+        "honest_accuracy": math.fsum(a for a, h in zip(acc, honest, strict=True) if h)
+        / max(1, sum(honest)),
         "loss": math.fsum(loss) / n,
         "average_model_accuracy": average[0],
         "average_model_loss": average[1],
@@ -612,6 +621,9 @@ def summarize(
         for k, v in part.items():
             if k == "prequential":
                 continue
+            if k == "byzantine_nodes":
+                total[k] = total.get(k, []) + v
+                continue
             if isinstance(v, dict):
                 total[k] = {kk: total.get(k, {}).get(kk, 0) + vv for kk, vv in v.items()}
             elif isinstance(v, list):
@@ -624,6 +636,8 @@ def summarize(
         "protocol": protocol,
         "final_accuracy": sum(m["accuracy"] for m in final) / len(final),
         "final_loss": sum(m["loss"] for m in final) / len(final),
+        "honest_accuracy": sum(m["honest_accuracy"] for m in final) / len(final),
+        "byzantine_nodes": total["byzantine_nodes"],
         "average_model_accuracy": sum(m["average_model_accuracy"] for m in final) / len(final),
         "prequential_accuracy": prequential.accuracy,
         "prequential_loss": prequential.mean_loss,
