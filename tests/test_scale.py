@@ -60,10 +60,11 @@ def random_cores(spec: str, count: int, seed: int) -> list:
 def acts(core) -> bool:
     """Whether ``on_local_step`` does more than count: actions, or any other state change."""
     probe = copy.deepcopy(core)
-    before = {k: v for k, v in vars(probe).items() if k not in type(probe).step_counters}
+    clocks = type(probe).step_counters + ("_first_step_at", "_last_step_at")
+    before = {k: v for k, v in vars(probe).items() if k not in clocks}
     before_stats = dataclasses.asdict(probe.stats)
     actions = probe.on_local_step(0.0)
-    after = {k: v for k, v in vars(probe).items() if k not in type(probe).step_counters}
+    after = {k: v for k, v in vars(probe).items() if k not in clocks}
     changed = any(
         not (after[k] is before[k] or _same(after[k], before[k])) for k in before if k != "stats"
     )

@@ -64,11 +64,18 @@ class StackedCores:
                 self.numbers[name] = np.array(values, dtype=_dtype(values[0]))
         self.state |= {name: torch.from_numpy(column) for name, column in self.numbers.items()}
         self._counter_view = {name: self.state[name] for name in self.counters}
+        # When each core took its first and its latest local step (None: NaN).
+        self.clocks = {
+            name: np.array(
+                [np.nan if getattr(c, name) is None else getattr(c, name) for c in self.cores]
+            )
+            for name in ("_first_step_at", "_last_step_at")
+        }
         self._synced: set[int] = set()  # rows whose core holds the current counters
         self._touched: set[int] = set()  # rows called since the last local step
         self.acted = 0
 
-    def local_step(self, rows: torch.Tensor) -> list[int]:
+    def local_step(self, rows: torch.Tensor, now: float) -> list[int]:
         """The members at ``rows`` took one local step: advance the counters of those that do
         not act; return the rows that do (call ``core(row).on_local_step`` on each)."""
         self._read_back()
@@ -78,6 +85,10 @@ class StackedCores:
         counting = rows[~act]
         for counter in self._counter_view.values():
             counter.index_add_(0, counting, torch.ones_like(counting))
+        index = counting.numpy()
+        first = self.clocks["_first_step_at"]
+        first[index[np.isnan(first[index])]] = now
+        self.clocks["_last_step_at"][index] = now
         self._synced.clear()
         acting = rows[act].tolist()
         self.acted += len(acting)
@@ -90,6 +101,8 @@ class StackedCores:
         if row not in self._synced:
             for name, counter in self.counters.items():
                 setattr(core, name, int(counter[row]))
+            for name, clock in self.clocks.items():
+                setattr(core, name, None if np.isnan(clock[row]) else float(clock[row]))
             self._synced.add(row)
         self._touched.add(row)
         return core
@@ -100,6 +113,9 @@ class StackedCores:
             core = self.cores[row]
             for name, column in self.numbers.items():
                 column[row] = getattr(core, name)
+            for name, clock in self.clocks.items():
+                value = getattr(core, name)
+                clock[row] = np.nan if value is None else value
             for name, stored in self._rows.items():
                 value = getattr(core, name)
                 if value is not stored[row]:  # replaced by the core: copy it in, share the row

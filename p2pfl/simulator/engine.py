@@ -430,7 +430,7 @@ class Simulation:
                 continue
             channel_rows = self._row_of[c][rows]
             members, runtimes = self._members[c], self.runtimes[c]
-            for row in stacked.local_step(channel_rows[channel_rows >= 0]):
+            for row in stacked.local_step(channel_rows[channel_rows >= 0], now):
                 stacked.core(row)
                 runtimes[members[row]].local_step(now)
         if any(stacked is None for stacked in self.stacked):
