@@ -270,7 +270,13 @@ def test_make_core_builds_the_right_policy(spec, cls):
     [
         ("foo", ["'foo'", "unknown kind", "none, continuous, periodic, gossip, dynamic"]),
         ("dynamic:x=1", ["unknown argument(s) ['x']", "dynamic accepts:", "delta", "rel"]),
-        ("periodic:c=2", ["unknown argument(s) ['c']", "periodic accepts: b, merge, timeout"]),
+        (
+            "periodic:c=2",
+            [
+                "unknown argument(s) ['c']",
+                "periodic accepts: b, block, codec, merge, timeout, topk",
+            ],
+        ),
         ("none:b=2", ["unknown argument(s) ['b']", "none accepts: none"]),
         ("periodic:b=0", ["'periodic:b=0'", "'b'", "must be >= 1"]),
         ("dynamic:b=0", ["'b'", "must be >= 1"]),

@@ -6,10 +6,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from p2pfl.spec import SpecError, non_negative_float, non_negative_int, parse_spec, positive_int
+from p2pfl.learning.compression import CODECS, CodecConfig
+from p2pfl.spec import (
+    Spec,
+    SpecError,
+    non_negative_float,
+    non_negative_int,
+    parse_spec,
+    positive_int,
+)
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 MERGES = ("uniform", "samples")
+CODEC_KEYS = {"codec", "block", "topk"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class ProtocolConfig:
     correction: float = 0.0
     merge: str = "uniform"
     timeout: float = 0.5
+    codec: CodecConfig | None = None
     text: str = ""
 
     @property
@@ -43,12 +53,12 @@ DYNAMIC_DEFAULTS = {"b": 2, "rel": 0.002, "correction": 0.1, "cap": 0, "group": 
 def parse_protocol(text: str) -> ProtocolConfig:
     """Parse and validate a protocol spec; bad specs raise SpecError naming the fix."""
     spec = parse_spec(text, PROTOCOLS)
-    common = {"merge", "timeout"}
+    common = {"merge", "timeout"} | CODEC_KEYS
     merge = spec.take("merge", str, "uniform")
     if merge not in MERGES:
         raise SpecError(f"{text!r}: merge must be one of {', '.join(MERGES)}")
     timeout = spec.take("timeout", _positive_float, 0.5)
-    base = {"merge": merge, "timeout": timeout, "text": spec.text}
+    base = {"merge": merge, "timeout": timeout, "codec": _codec(spec), "text": spec.text}
     if spec.kind in ("none", "continuous"):
         spec.check_keys(common if spec.kind == "continuous" else set())
         return ProtocolConfig(kind="periodic" if spec.kind == "continuous" else "none", b=1, **base)
@@ -74,6 +84,35 @@ def parse_protocol(text: str) -> ProtocolConfig:
         correction=correction,
         **base,
     )
+
+
+def _codec(spec: Spec) -> CodecConfig | None:
+    """``codec=fp16|int8|topk`` with ``block=N`` (int8: entries per scale, 0 for one scale)
+    or ``topk=R`` (the kept fraction), or None (float32 on the wire)."""
+    name = spec.take("codec", str, None)
+    if name is None:
+        for key in ("block", "topk"):
+            if key in spec.args:
+                raise SpecError(
+                    f"{spec.text!r}: {key!r} sets up a codec; add codec=int8 or codec=topk"
+                )
+        return None
+    if name not in CODECS:
+        raise SpecError(f"{spec.text!r}: codec must be one of {', '.join(CODECS)}, got {name!r}")
+    wrong = {"fp16": ("block", "topk"), "int8": ("topk",), "topk": ("block",)}[name]
+    for key in wrong:
+        if key in spec.args:
+            raise SpecError(f"{spec.text!r}: {key!r} does not apply to codec={name}")
+    block = spec.take("block", non_negative_int, CodecConfig.block)
+    fraction = spec.take("topk", _fraction, CodecConfig.fraction)
+    return CodecConfig(name, block=block, fraction=fraction)
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 < value <= 1.0:
+        raise ValueError("the kept fraction must be in (0, 1]")
+    return value
 
 
 def _positive_float(raw: str) -> float:

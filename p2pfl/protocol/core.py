@@ -1,20 +1,30 @@
 """The node core shared by every protocol: identity, neighbours, step counter, counters and
-the event entry points a driver calls. Policies subclass it (see ``make_core``)."""
+the event entry points a driver calls. Policies subclass it (see ``make_core``).
+
+Every entry point, in every policy, passes through the node's codec links
+(``p2pfl.protocol.links``): compressed parameters a peer sent are decoded before the policy
+sees them (a payload that does not fit is refused with a reason; a refused reply or average
+reaches the policy as ``Busy``, the peer's share is simply missing), and with a ``codec``
+the parameters of every ``Send`` the policy returns are compressed for its peer. Policies
+only ever handle dense vectors."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 import torch
 
+from p2pfl.learning.compression import Compressed
 from p2pfl.learning.merge import merge
-from p2pfl.protocol.actions import Action, ReplaceModel
+from p2pfl.protocol.actions import Action, ReplaceModel, Send
 from p2pfl.protocol.config import ProtocolConfig
-from p2pfl.wire.messages import Message
+from p2pfl.protocol.links import CodecLinks, LinkError
+from p2pfl.wire.messages import Average, Busy, Message, ModelReply
 
 log = logging.getLogger("p2pfl.protocol")
 
@@ -43,13 +53,46 @@ class CoreStats:
     gave_way: int = 0
     timeouts: int = 0
     ignored: int = 0
+    refused_codec: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+_ENTRY_POINTS = ("on_local_step", "on_message", "on_timer", "on_peer_down", "on_peer_up")
+
+
+def _through_links(method: Any) -> Any:
+    """Wrap an entry point: decode compressed parameters before it, reset a peer's link when
+    it goes down or comes back, compress the parameters it sends (idempotent, so an
+    override calling ``super()`` is fine)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def entry(self: NodeCore, now: float, *args: Any) -> list[Action]:
+        if name == "on_message":
+            message = self._decoded(args[0], args[1])
+            if message is None:
+                return []
+            args = (args[0], message)
+        elif name in ("on_peer_down", "on_peer_up"):
+            self.links.reset(args[0])
+        actions = method(self, now, *args)
+        if self.config.codec is None or not actions:
+            return actions
+        return [self._compressed(a) if isinstance(a, Send) else a for a in actions]
+
+    return entry
+
+
 class NodeCore:
     """Base core: ``none`` protocol (trains alone, ignores every message)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _ENTRY_POINTS:
+            if name in vars(cls):
+                setattr(cls, name, _through_links(vars(cls)[name]))
 
     def __init__(
         self,
@@ -69,6 +112,7 @@ class NodeCore:
         self.step_size = step_size
         self.step = 0
         self.stats = CoreStats()
+        self.links = CodecLinks(config.codec)
 
     @property
     def live_neighbors(self) -> list[str]:
@@ -115,6 +159,32 @@ class NodeCore:
     def _after_step(self, now: float) -> list[Action]:
         return []
 
+    def _decoded(self, sender: str, message: Message) -> Message | None:
+        """``message`` with its compressed parameters decoded on ``sender``'s link; a payload
+        that does not fit is refused (logged, counted): a reply or an average becomes
+        ``Busy`` (the peer's share is missing), anything else None."""
+        params = getattr(message, "params", None)
+        if not isinstance(params, Compressed):
+            return message
+        try:
+            return replace(message, params=self.links.decode(sender, params))  # type: ignore[type-var]
+        except LinkError as exc:
+            self.stats.refused_codec += 1
+            log.warning(
+                "%s: refused %s from %s: %s", self.node_id, type(message).__name__, sender, exc
+            )
+            if isinstance(message, ModelReply | Average):
+                return Busy(message.session)
+            return None
+
+    def _compressed(self, send: Send) -> Send:
+        """``send`` with its parameters compressed for its peer (averages as echoes)."""
+        params = getattr(send.message, "params", None)
+        if params is None or isinstance(params, Compressed):
+            return send
+        coded = self.links.encode(send.to, params, echo=isinstance(send.message, Average))
+        return Send(send.to, replace(send.message, params=coded))  # type: ignore[type-var]
+
     def _merge(self, vectors: list[torch.Tensor], samples: list[int]) -> torch.Tensor:
         return merge(vectors, samples, self.config.merge)
 
@@ -126,6 +196,10 @@ class NodeCore:
         ``current`` stands for ``w_now`` when an earlier replacement is not applied yet."""
         now = self.model.read() if current is None else current
         return ReplaceModel(merged + (now - sent))
+
+
+for _name in _ENTRY_POINTS:
+    setattr(NodeCore, _name, _through_links(getattr(NodeCore, _name)))
 
 
 def make_core(

@@ -96,8 +96,8 @@ def _snapshot(message: Message) -> Message:
     they may send a live view of their model (``ModelAccess.read``): views are copied at send
     time, other tensors are handed over as they are."""
     params = getattr(message, "params", None)
-    if params is None or params._base is None:
-        return message
+    if not isinstance(params, torch.Tensor) or params._base is None:
+        return message  # compressed payloads are fresh tensors
     return replace(message, params=params.detach().clone())
 
 
@@ -212,7 +212,7 @@ class Simulation:
                 self.net.lost += 1
                 continue
             params = getattr(message, "params", None)
-            if params is not None and not all_finite(params):
+            if isinstance(params, torch.Tensor) and not all_finite(params):
                 self.rejected += 1
                 log.warning("node %d rejected a message from %d: params contain NaN/inf", dst, src)
                 continue
