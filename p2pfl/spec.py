@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2pfl.errors import P2pflError
 
-class SpecError(ValueError):
+
+class SpecError(P2pflError, ValueError):
     """A spec string the user gave cannot be understood; the message says how to fix it."""
 
 

@@ -168,3 +168,42 @@ def test_sim_help_lists_the_flags():
     assert result.exit_code == 0
     for flag in ("--nodes", "--topology", "--protocol", "--partition", "--dataset", "--out"):
         assert flag in text
+
+
+def test_every_error_type_is_a_p2pfl_error_with_its_exit_code():
+    from p2pfl.community.manifest import CommunityError
+    from p2pfl.community.sharing import SharingError
+    from p2pfl.daemon.checkpoint import CheckpointError
+    from p2pfl.daemon.config import ConfigError
+    from p2pfl.daemon.control import ControlError
+    from p2pfl.daemon.transport import IdentityError, TransportError
+    from p2pfl.data import DataError
+    from p2pfl.errors import EXIT_BAD_INPUT, EXIT_FAILED, P2pflError
+    from p2pfl.simulator.scenario import ScenarioError
+    from p2pfl.spec import SpecError
+    from p2pfl.topology import TopologyError
+    from p2pfl.wire.codec import WireError
+
+    bad_input = [SpecError, TopologyError, ScenarioError, DataError, ConfigError, CommunityError]
+    bad_input += [SharingError, CheckpointError, IdentityError, WireError]
+    for error in bad_input:
+        assert issubclass(error, P2pflError) and error.exit_code == EXIT_BAD_INPUT, error
+    for error in (ControlError, TransportError):
+        assert issubclass(error, P2pflError) and error.exit_code == EXIT_FAILED, error
+
+
+def test_a_failed_operation_exits_1_and_a_bad_input_2(tmp_path, monkeypatch):
+    from p2pfl.daemon.control import ControlError
+
+    def no_node(*args, **kwargs):
+        raise ControlError("the node went away; start it again")
+
+    monkeypatch.setattr(simulate, "load_scenario", no_node)
+    result, text = invoke("sim", "--out", tmp_path)
+    assert result.exit_code == 1 and text == "error: the node went away; start it again"
+    monkeypatch.setattr(
+        simulate, "load_scenario", lambda *a: (tmp_path / "no" / "file").read_text()
+    )
+    result, text = invoke("sim", "--out", tmp_path)
+    assert result.exit_code == 1 and text.startswith("error: [Errno 2] No such file")
+    assert "Traceback" not in result.output

@@ -1,17 +1,17 @@
-"""The ``p2pfl`` command line: ``demo``, ``sim``, ``topology``, ``node``, ``community``."""
+"""The ``p2pfl`` command line: ``demo``, ``sim``, ``topology``, ``node``, ``community``.
+
+Errors end a command in one place, ``exits.py``, with the exit codes of ``p2pfl.errors``."""
 
 from __future__ import annotations
 
 import logging
 
-import typer
-
 from p2pfl.cli import community, node, simulate, topology
+from p2pfl.cli.exits import command_group
 
-app = typer.Typer(
+app = command_group(
     help="p2pfl: peer-to-peer decentralized learning with dynamic averaging.",
     no_args_is_help=True,
-    pretty_exceptions_enable=False,
 )
 app.command("sim")(simulate.sim)
 app.command("demo")(simulate.demo)

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from p2pfl.cli.exits import command_group
 from p2pfl.daemon.config import KEY_FILE
 from p2pfl.daemon.control import ControlError, request, socket_path
 
@@ -26,17 +27,12 @@ if TYPE_CHECKING:
 
     from p2pfl.community.store import Membership
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+app = command_group(no_args_is_help=True)
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 HOME = typer.Option(..., "--home", help="The node's directory (identity, config, communities).")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"(\d{1,9})([smhdw])")
-
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {escape(message)}")
-    return typer.Exit(2)
 
 
 def parse_duration(text: str) -> int | None:
@@ -64,16 +60,13 @@ def create(
     from p2pfl.community.store import MANIFEST_FILE, communities_dir, join
 
     try:
-        try:
-            draft = manifest_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CommunityError(f"cannot read the draft manifest {manifest_file}: {exc}") from None
-        key_pair = _identity(home, create=True)
-        founder = _peer_id(key_pair)
-        manifest = create_manifest(draft, str(manifest_file), key_pair, int(time.time()))
-        membership = join(home, manifest.to_toml(), founder, [], int(time.time()))
-    except (CommunityError, OSError) as exc:
-        raise _fail(str(exc)) from None
+        draft = manifest_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommunityError(f"cannot read the draft manifest {manifest_file}: {exc}") from None
+    key_pair = _identity(home, create=True)
+    founder = _peer_id(key_pair)
+    manifest = create_manifest(draft, str(manifest_file), key_pair, int(time.time()))
+    membership = join(home, manifest.to_toml(), founder, [], int(time.time()))
     print(f"id {membership.id}")
     print(f"manifest {communities_dir(home) / membership.id / MANIFEST_FILE}")
     console.print(
@@ -96,17 +89,14 @@ def invite(
     """Print an invite token (founder only); the token alone suffices to join, so hand it to
     the invitee privately (it holds the invite's private key)."""
     from p2pfl.community.invite import issue_invite, make_token
-    from p2pfl.community.manifest import CommunityError, format_time
+    from p2pfl.community.manifest import format_time
     from p2pfl.community.store import find_membership
 
-    try:
-        lifetime = parse_duration(expires)
-        manifest = find_membership(home, community).manifest
-        key_pair = _identity(home, create=False)
-        expiry = None if lifetime is None else int(time.time()) + lifetime
-        token = make_token(issue_invite(manifest, key_pair, for_peer, expiry), manifest)
-    except (CommunityError, OSError) as exc:
-        raise _fail(str(exc)) from None
+    lifetime = parse_duration(expires)
+    manifest = find_membership(home, community).manifest
+    key_pair = _identity(home, create=False)
+    expiry = None if lifetime is None else int(time.time()) + lifetime
+    token = make_token(issue_invite(manifest, key_pair, for_peer, expiry), manifest)
     print(token)
     who = f"peer {for_peer}" if for_peer else "whoever holds it"
     until = "never expires" if expiry is None else f"expires at {format_time(expiry)}"
@@ -131,14 +121,10 @@ def join(
     ),
 ) -> None:
     """Join a community with an invite token, or with its signed manifest if it is open."""
-    from p2pfl.community.manifest import CommunityError
     from p2pfl.community.store import join as join_community
 
-    try:
-        peer_id = _peer_id(_identity(home, create=True))
-        membership = join_community(home, token_or_manifest, peer_id, bootstrap, int(time.time()))
-    except (CommunityError, OSError) as exc:
-        raise _fail(str(exc)) from None
+    peer_id = _peer_id(_identity(home, create=True))
+    membership = join_community(home, token_or_manifest, peer_id, bootstrap, int(time.time()))
     print(f"joined {membership.manifest.name!r} ({membership.id}) as {peer_id}")
     console.print(f"invite: {_expiry_text(membership)}")
     _notify_node(home)
@@ -150,13 +136,9 @@ def leave(
     home: Path = HOME,
 ) -> None:
     """Leave a community: this node stops sharing with it at once."""
-    from p2pfl.community.manifest import CommunityError
     from p2pfl.community.store import remove_membership
 
-    try:
-        manifest = remove_membership(home, community)
-    except (CommunityError, OSError) as exc:
-        raise _fail(str(exc)) from None
+    manifest = remove_membership(home, community)
     print(f"left {manifest.name!r} ({manifest.id})")
     _notify_node(home)
 
@@ -168,12 +150,11 @@ def list_communities(home: Path = HOME) -> None:
     from p2pfl.community.store import load_memberships
 
     if not home.is_dir():
-        raise _fail(f"{home} does not exist; create it with `p2pfl node init --home {home}`")
-    try:
-        memberships = load_memberships(home)
-        me = _peer_id(_identity(home, create=False)) if (home / KEY_FILE).exists() else None
-    except (CommunityError, OSError) as exc:
-        raise _fail(str(exc)) from None
+        raise CommunityError(
+            f"{home} does not exist; create it with `p2pfl node init --home {home}`"
+        )
+    memberships = load_memberships(home)
+    me = _peer_id(_identity(home, create=False)) if (home / KEY_FILE).exists() else None
     if not memberships:
         print("no communities; create one (p2pfl community create) or join one")
         return
@@ -217,10 +198,7 @@ def _identity(home: Path, create: bool) -> KeyPair:
     path = home / KEY_FILE
     if not create and not path.exists():
         raise CommunityError(f"{path} does not exist: this directory has no node identity")
-    try:
-        return load_or_create_identity(path)
-    except ValueError as exc:
-        raise CommunityError(str(exc)) from None
+    return load_or_create_identity(path)
 
 
 def _peer_id(key_pair: KeyPair) -> str:

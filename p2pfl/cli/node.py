@@ -13,20 +13,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from p2pfl.cli.exits import command_group
 from p2pfl.cli.torch_threads import use_torch
 from p2pfl.daemon.config import KEY_FILE, ConfigError, load_config, write_template
 from p2pfl.daemon.control import ControlError, request, socket_path
+from p2pfl.errors import P2pflError
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console(stderr=True)
+app = command_group(no_args_is_help=True)
 
 HOME = typer.Option(..., "--home", help="The node's directory (identity, config, checkpoints).")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 @app.command()
@@ -36,11 +32,8 @@ def init(home: Path = HOME) -> None:
 
     from p2pfl.daemon.transport import load_or_create_identity
 
-    try:
-        config = write_template(home)
-        key_pair = load_or_create_identity(home / KEY_FILE)
-    except (OSError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    config = write_template(home)
+    key_pair = load_or_create_identity(home / KEY_FILE)
     print(f"peer id {ID.from_pubkey(key_pair.public_key)}")
     print(f"edit {config}, then run: p2pfl node start --home {home}")
 
@@ -77,15 +70,11 @@ def start(
         "metrics_port": metrics_port,
     }
     if not home.is_dir():
-        raise _fail(f"{home} does not exist; create it with `p2pfl node init --home {home}`")
-    try:
-        config = load_config(home, flags)
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise ConfigError(f"{home} does not exist; create it with `p2pfl node init --home {home}`")
+    config = load_config(home, flags)
     use_torch()
     import trio
 
-    from p2pfl.daemon.checkpoint import CheckpointError
     from p2pfl.daemon.node import NodeDaemon
     from p2pfl.daemon.transport import load_or_create_identity
 
@@ -94,9 +83,9 @@ def start(
         key_pair = load_or_create_identity(config.key_file)
         daemon = NodeDaemon(config, key_pair)
         trio.run(daemon.run, _print_addresses)
-    except (ConfigError, ControlError, CheckpointError, ValueError) as exc:
-        logging.getLogger("p2pfl.daemon").error("%s", exc)
-        raise typer.Exit(2) from None
+    except P2pflError as exc:  # the CLI prints it and exits; the node's log keeps it too
+        _write_to_log_file(handlers, exc)
+        raise
     finally:
         _remove_logging(handlers)
 
@@ -122,6 +111,14 @@ def _setup_logging(home: Path) -> list[logging.Handler]:
     return handlers
 
 
+def _write_to_log_file(handlers: list[logging.Handler], exc: Exception) -> None:
+    """Record ``exc`` in DIR/node.log only (the CLI prints it on stderr)."""
+    file_handler = next(h for h in handlers if isinstance(h, logging.FileHandler))
+    file_handler.handle(
+        logging.LogRecord("p2pfl.daemon", logging.ERROR, __file__, 0, "%s", (exc,), None)
+    )
+
+
 def _remove_logging(handlers: list[logging.Handler]) -> None:
     """Undo ``_setup_logging`` (matters when the CLI runs in-process, e.g. in tests)."""
     root = logging.getLogger("p2pfl")
@@ -138,10 +135,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show the running node's peers, progress, traffic and accuracy."""
-    try:
-        reply = request(home, "status")
-    except ControlError as exc:
-        raise _fail(str(exc), code=1) from None
+    reply = request(home, "status")
     if as_json:
         print(json.dumps(reply, indent=2))
         return
@@ -176,13 +170,10 @@ def stop(
     timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the exit."),
 ) -> None:
     """Stop the running node gracefully (it writes a final checkpoint)."""
-    try:
-        request(home, "stop")
-    except ControlError as exc:
-        raise _fail(str(exc), code=1) from None
+    request(home, "stop")
     deadline = time.monotonic() + timeout
     while socket_path(home).exists():
         if time.monotonic() > deadline:
-            raise _fail(f"the node in {home} did not stop within {timeout:.0f} s", code=1)
+            raise ControlError(f"the node in {home} did not stop within {timeout:.0f} s")
         time.sleep(0.1)
     print("stopped")

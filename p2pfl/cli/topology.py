@@ -9,9 +9,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from p2pfl.spec import SpecError
+from p2pfl.cli.exits import command_group
 
-app = typer.Typer(no_args_is_help=True)
+app = command_group(no_args_is_help=True)
 
 DEFAULT_NODES = 16
 
@@ -38,14 +38,10 @@ def show(
     """Print nodes, edges, degrees and diameter of a topology; optionally draw it."""
     from p2pfl.topology import build_topology, describe_topology, draw_topology
 
-    out, err = Console(), Console(stderr=True)
+    out = Console()
     is_file = spec.strip().lower().endswith(".toml")
     count = nodes if nodes is not None or is_file else DEFAULT_NODES
-    try:
-        graph = build_topology(spec, count, seed, allow_disconnected=allow_disconnected)
-    except SpecError as exc:
-        err.print(f"[red]error: {escape(str(exc))}[/red]", highlight=False)
-        raise typer.Exit(code=2) from None
+    graph = build_topology(spec, count, seed, allow_disconnected=allow_disconnected)
     info = describe_topology(graph)
     table = Table(title=f"topology {escape(spec)}", show_header=False)
     table.add_row("nodes", str(info["nodes"]))
@@ -58,9 +54,5 @@ def show(
     table.add_row("diameter", "-" if info["diameter"] is None else str(info["diameter"]))
     out.print(table)
     if png is not None:
-        try:
-            draw_topology(graph, png)
-        except OSError as exc:
-            err.print(f"[red]error: cannot write {escape(str(png))}: {escape(str(exc))}[/red]")
-            raise typer.Exit(code=1) from None
+        draw_topology(graph, png)  # an OSError exits 1 with its message (``p2pfl.cli.exits``)
         out.print(f"drawn to {escape(str(png))}")

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 
-import typer
-from rich.console import Console
-from rich.markup import escape
+from p2pfl.errors import P2pflError
 
 THREADS_VARIABLE = "P2PFL_THREADS"
 
@@ -20,15 +18,13 @@ def use_torch() -> None:
 
     Our models are small, so intra-op threads only add spinning (measured 6-10x slower with
     2 threads on a loaded 2-core machine). A value that is not a positive whole number exits
-    with code 2 and says so."""
+    with code 2 (``P2pflError``) and says so."""
     text = os.environ.get(THREADS_VARIABLE, "1")
     if not text.strip().isdecimal() or int(text) < 1:
-        Console(stderr=True).print(
-            f"[red]error:[/red] {THREADS_VARIABLE}={escape(repr(text))}: write a positive "
-            "whole number of torch threads (1 is fastest for our small models)",
-            highlight=False,
+        raise P2pflError(
+            f"{THREADS_VARIABLE}={text!r}: write a positive whole number of torch threads "
+            "(1 is fastest for our small models)"
         )
-        raise typer.Exit(2)
     import torch
 
     torch.set_num_threads(int(text))

@@ -30,6 +30,7 @@ from libp2p.crypto.keys import KeyPair, PublicKey
 from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.peer.id import ID
 
+from p2pfl.errors import P2pflError
 from p2pfl.learning.params import ParamSchema, ParamSpec
 from p2pfl.protocol.config import PROTOCOLS, parse_protocol
 from p2pfl.spec import SpecError, parse_spec, whole_number
@@ -80,7 +81,7 @@ _DRAFT_KEYS = {
 }
 
 
-class CommunityError(ValueError):
+class CommunityError(P2pflError, ValueError):
     """A problem with a manifest, invite, token or membership; the message names the problem
     and the fix."""
 

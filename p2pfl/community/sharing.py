@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from p2pfl.errors import P2pflError
 from p2pfl.learning.params import ParamSchema
 
 
-class SharingError(ValueError):
+class SharingError(P2pflError, ValueError):
     """Share globs that match nothing, or parts that overlap; the message says what to fix."""
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from p2pfl.errors import P2pflError
+
 log = logging.getLogger("p2pfl.daemon")
 
 MAGIC = b"P2PFLCK1"
@@ -27,7 +29,7 @@ PREVIOUS = "ckpt.prev"
 _TEMP = "ckpt.tmp"
 
 
-class CheckpointError(Exception):
+class CheckpointError(P2pflError):
     """No usable checkpoint although some exist; the message lists each file's problem."""
 
 

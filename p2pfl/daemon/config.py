@@ -15,6 +15,7 @@ from typing import Any
 
 from multiaddr import Multiaddr
 
+from p2pfl.errors import P2pflError
 from p2pfl.protocol.config import ProtocolConfig, parse_protocol
 from p2pfl.spec import SpecError, whole_number
 
@@ -63,7 +64,7 @@ CONFIG_TEMPLATE = """\
 """
 
 
-class ConfigError(ValueError):
+class ConfigError(P2pflError, ValueError):
     """A setting cannot be used; the message names the key, its source and the fix."""
 
 

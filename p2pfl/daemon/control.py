@@ -12,6 +12,8 @@ from typing import Any
 
 import trio
 
+from p2pfl.errors import OperationError
+
 SOCKET_NAME = "control.sock"
 _MAX_REQUEST = 64 * 1024
 _TIMEOUT_S = 5.0
@@ -20,7 +22,7 @@ Responder = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 """Answers one request dict (``{"cmd": ...}``) with a reply dict."""
 
 
-class ControlError(Exception):
+class ControlError(OperationError):
     """The control socket cannot be used; the message says why."""
 
 

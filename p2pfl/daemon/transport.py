@@ -51,6 +51,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp.tcp import TCP
 from multiaddr import Multiaddr
 
+from p2pfl.errors import OperationError, P2pflError
 from p2pfl.files import write_private_atomically
 
 log = logging.getLogger("p2pfl.transport")
@@ -74,8 +75,12 @@ _GOSSIP_HEARTBEAT_S = 1
 suits long-lived networks, not peers that join a community and want to be found now)."""
 
 
-class TransportError(Exception):
+class TransportError(OperationError):
     """A connect or send failed; the message names the peer and the reason."""
+
+
+class IdentityError(P2pflError, ValueError):
+    """The node's identity key file cannot be read; the message says how to recover."""
 
 
 @dataclass(frozen=True)
@@ -625,7 +630,7 @@ def load_or_create_identity(path: Path) -> KeyPair:
         try:
             return load_identity(path)
         except ValueError as exc:
-            raise ValueError(
+            raise IdentityError(
                 f"{exc}. Restore {path} from a backup, or delete it to create a new identity "
                 "(this node then gets a new peer id)."
             ) from exc

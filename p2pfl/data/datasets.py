@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from p2pfl.errors import P2pflError
 from p2pfl.spec import Spec, SpecError, non_negative_int, parse_spec, positive_int
 
 DATASET_KINDS = ("digits", "synthetic")
@@ -21,7 +22,7 @@ DRIFT_KINDS = ("permute", "rotate")
 TEST_FRACTION = 0.2
 
 
-class DataError(ValueError):
+class DataError(P2pflError, ValueError):
     """A data file the user gave cannot be used; the message names the file and the fix."""
 
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pfl.errors import P2pflError
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.spec import SpecError
 
 
-class ScenarioError(ValueError):
+class ScenarioError(P2pflError, ValueError):
     """A scenario file or flag is invalid; the message names the key and the fix."""
 
 

@@ -21,6 +21,7 @@ import msgpack
 import numpy
 import torch
 
+from p2pfl.errors import P2pflError
 from p2pfl.learning.compression import (
     CODECS,
     MAX_SCALE,
@@ -70,7 +71,7 @@ _CODEC_KEYS = {
 }
 
 
-class WireError(ValueError):
+class WireError(P2pflError, ValueError):
     """Bytes from a peer that are not a valid message for our schema; the text says why."""
 
 
