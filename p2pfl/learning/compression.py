@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+# torch is imported where tensors are touched: protocol specs (community manifests, the CLI)
+# name codecs without paying for its import.
+if TYPE_CHECKING:
+    import torch
 
 CODECS = ("fp16", "int8", "topk")
 FP16_MAX = 65504.0
@@ -81,6 +85,8 @@ def scale_count(numel: int, block: int) -> int:
 
 def compress(x: torch.Tensor, config: CodecConfig) -> Compressed:
     """Compress the float32 vector ``x``."""
+    import torch
+
     x = x.detach().to(torch.float32).reshape(-1)
     n = x.numel()
     if config.name == "fp16":
@@ -97,6 +103,8 @@ def compress(x: torch.Tensor, config: CodecConfig) -> Compressed:
 
 
 def _int8(x: torch.Tensor, block: int) -> Compressed:
+    import torch
+
     n = x.numel()
     width = block or max(n, 1)
     rows = torch.nn.functional.pad(x, (0, (-n) % width)).view(-1, width)
@@ -107,6 +115,8 @@ def _int8(x: torch.Tensor, block: int) -> Compressed:
 
 def decompress(c: Compressed) -> torch.Tensor:
     """The float32 vector a payload stands for (a new tensor)."""
+    import torch
+
     if c.codec == "fp16":
         return c.values.to(torch.float32)
     if c.codec == "int8":
@@ -120,16 +130,6 @@ def decompress(c: Compressed) -> torch.Tensor:
         out[c.indices] = c.values.to(torch.float32)
         return out
     raise ValueError(f"unknown codec {c.codec!r}")
-
-
-def payload_bytes(c: Compressed) -> int:
-    """Bytes of the payload's arrays (values, scales, indices) as they travel."""
-    size = c.values.numel() * c.values.element_size()
-    if c.scales is not None:
-        size += 4 * c.scales.numel()
-    if c.indices is not None:
-        size += index_itemsize(c.numel) * c.indices.numel()
-    return size
 
 
 def index_itemsize(numel: int) -> int:
