@@ -100,6 +100,8 @@ def only_x_npz(tmp_path):
         (["--model", "transformer"], ["unknown model 'transformer'"]),
         (["--dataset", "{tmp}/missing.npz"], ["file not found"]),
         (["--dataset", "{only_x}"], ["missing array 'y'", "numpy.savez"]),
+        (["--dataset", "digits:drift_every=10,drift_width=12"], ["must be shorter than"]),
+        (["--lr-schedule", "cosine:min=2"], ["'min'", "between 0 and 1"]),
     ],
 )
 def test_user_errors_exit_2_with_a_message(tmp_path, flags, fragments):
@@ -166,7 +168,15 @@ def test_python_dash_m_help():
 def test_sim_help_lists_the_flags():
     result, text = invoke("sim", "--help")
     assert result.exit_code == 0
-    for flag in ("--nodes", "--topology", "--protocol", "--partition", "--dataset", "--out"):
+    for flag in (
+        "--nodes",
+        "--topology",
+        "--protocol",
+        "--partition",
+        "--dataset",
+        "--lr-schedule",
+        "--out",
+    ):
         assert flag in text
 
 

@@ -47,34 +47,75 @@ def test_synthetic_is_standardised_and_balanced():
 def test_permutation_drift_moves_every_label(spec):
     data = load_dataset(spec, seed=3)
     assert data.drift is not None and data.drift.at_step in (100, 5)
-    after = data.drifted()
-    assert after.drift is None
-    assert (after.y_train != data.y_train).all() and (after.y_test != data.y_test).all()
-    assert torch.equal(after.x_train, data.x_train)
+    after = data.drift.relabel(data.x_train, data.y_train, 1)
+    assert (after != data.y_train).all()
+    assert (data.drift.relabel(data.x_test, data.y_test, 1) != data.y_test).all()
+    assert torch.equal(data.drift.relabel(data.x_train, data.y_train, 0), data.y_train)
     # a permutation: the class counts are the same multiset
-    assert sorted(torch.bincount(after.y_train).tolist()) == sorted(
-        torch.bincount(data.y_train).tolist()
-    )
+    assert sorted(torch.bincount(after).tolist()) == sorted(torch.bincount(data.y_train).tolist())
+
+
+def test_recurring_concepts_differ_on_every_label():
+    data = load_dataset("digits:drift_every=10,concepts=4", seed=1)
+    labels = [data.drift.relabel(data.x_train, data.y_train, c) for c in range(4)]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert (labels[a] != labels[b]).all()  # any drift moves every label
 
 
 def test_rotate_drift_changes_labels_and_relabels_node_data():
     data = load_dataset("synthetic:n=1000,drift_at=10,drift=rotate", seed=0)
-    after = data.drifted()
-    changed = (after.y_train != data.y_train).float().mean()
+    after = data.drift.relabel(data.x_train, data.y_train, 1)
+    changed = (after != data.y_train).float().mean()
     assert 0.2 < changed < 1.0
+    # concept 0's rule, folded into the stored features, is the original labelling
+    rule = (data.x_train @ data.drift.weights[0] + data.drift.biases[0]).argmax(1)
+    assert (rule == data.y_train).float().mean() > 0.999
     node = split_nodes(data, 4, "iid", seed=0)[0]
-    relabelled = data.drift.relabel(node.x_train, node.y_train)
+    relabelled = data.drift.relabel(node.x_train, node.y_train, 1)
     assert relabelled.dtype == torch.int64 and relabelled.shape == node.y_train.shape
     # relabelling the node's samples agrees with relabelling the whole set
-    full = {tuple(x.tolist()): int(y) for x, y in zip(data.x_train, after.y_train, strict=True)}
+    full = {tuple(x.tolist()): int(y) for x, y in zip(data.x_train, after, strict=True)}
     assert all(
         full[tuple(x.tolist())] == int(y) for x, y in zip(node.x_train, relabelled, strict=True)
     )
 
 
-def test_drifted_without_drift_and_bad_dataset_specs(digits):
-    with pytest.raises(ValueError, match="drift_at"):
-        digits.drifted()
+def test_drift_every_n_happens_at_the_right_steps():
+    drift = load_dataset("digits:drift_every=100,concepts=3", seed=0).drift
+    assert [(e.step, e.concept, e.width) for e in drift.events(450)] == [
+        (100, 1, 0),
+        (200, 2, 0),
+        (300, 0, 0),
+        (400, 1, 0),
+    ]
+    concept = {t: drift.state(t).concept for t in range(1, 451)}
+    assert all(concept[t] == 0 for t in range(1, 101))  # steps 1..100 train on concept 0
+    assert all(concept[t] == 1 for t in range(101, 201))
+    assert all(concept[t] == 2 for t in range(201, 301))
+    assert concept[301] == 0 and concept[401] == 1  # the concepts recur
+    assert all(drift.state(t).next is None for t in range(1, 451))  # sudden: never mixed
+    once = load_dataset("digits:drift_at=150", seed=0).drift
+    assert [e.step for e in once.events(1000)] == [150]
+    assert once.state(150).concept == 0 and once.state(151).concept == once.state(999).concept == 1
+    late = load_dataset("digits:drift_at=50,drift_every=200", seed=0).drift
+    assert [e.step for e in late.events(700)] == [50, 250, 450, 650]
+
+
+def test_gradual_drift_ramps_the_new_concept_over_its_width():
+    drift = load_dataset("synthetic:drift_every=100,drift_width=20,transition=alternate", 0).drift
+    events = drift.events(500)
+    assert [(e.step, e.width) for e in events] == [(100, 0), (200, 20), (300, 0), (400, 20)]
+    assert drift.state(101).next is None  # the first drift is sudden
+    ramp = [drift.state(t) for t in range(201, 221)]
+    assert all(s.concept == 1 and s.next == 0 for s in ramp[:-1])
+    assert [s.share for s in ramp[:-1]] == pytest.approx([j / 20 for j in range(1, 20)])
+    assert drift.state(220).concept == 0 and drift.state(220).next is None
+    gradual = load_dataset("digits:drift_every=40,transition=gradual", 0).drift
+    assert {e.width for e in gradual.events(400)} == {10}  # default width: N // 4
+
+
+def test_bad_dataset_specs():
     for spec in [
         "mnist",
         "digits:drift=rotate,drift_at=3",
@@ -83,6 +124,13 @@ def test_drifted_without_drift_and_bad_dataset_specs(digits):
         "synthetic:n=-3",
         "digits:size=3",
         "synthetic:drift=rotate",
+        "digits:concepts=3",
+        "digits:drift_every=0",
+        "digits:drift_every=10,drift_width=10",
+        "digits:drift_every=10,concepts=11",
+        "digits:drift_every=10,concepts=1",
+        "digits:drift_at=10,transition=gradual",
+        "digits:drift_every=10,transition=slow",
     ]:
         with pytest.raises(SpecError):
             load_dataset(spec, seed=0)

@@ -1,5 +1,6 @@
 """The batched learner (stacked parameters, vmap) is pinned to the per-node reference learner:
-same model, same data bank seed, same steps -> the same parameters, losses and evaluation."""
+same model, same data bank seed, same steps -> the same parameters, losses, prequential
+accuracy and evaluation, with and without a learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from p2pfl.learning.learner import BatchedLearner, PerNodeLearner, SGDConfig
 from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
+from p2pfl.learning.schedule import parse_lr_schedule
 
 NODES, FEATURES, CLASSES = 5, 10, 4
 ATOL = 1e-5
@@ -90,11 +92,16 @@ SGDS = [
     SGDConfig(lr=0.1),
     SGDConfig(lr=0.05, momentum=0.9),
     SGDConfig(lr=0.1, momentum=0.5, weight_decay=0.01),
+    # nodes take different numbers of steps below, so their rates differ within one step
+    SGDConfig(lr=0.2, momentum=0.5, schedule=parse_lr_schedule("step:every=3,gamma=0.5")),
+    SGDConfig(lr=0.2, schedule=parse_lr_schedule("restarts:period=5,warmup=2,min=0.1")),
 ]
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
-@pytest.mark.parametrize("sgd", SGDS, ids=["plain", "momentum", "momentum+decay"])
+@pytest.mark.parametrize(
+    "sgd", SGDS, ids=["plain", "momentum", "momentum+decay", "step-lr", "restarts-lr"]
+)
 @pytest.mark.parametrize("with_correction", [False, True], ids=["", "correction"])
 def test_batched_equals_per_node(sgd, with_correction, kind):
     per, batched = pair(sgd, seed=1, kind=kind)
@@ -130,33 +137,56 @@ def test_batched_equals_per_node(sgd, with_correction, kind):
     x, y = node_data(seed=9)
     for a, b in zip(per.evaluate(x[0], y[0]), batched.evaluate(x[0], y[0]), strict=True):
         torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
+    assert torch.equal(per.steps_taken, batched.steps_taken)
+    assert [per.lr(n) for n in range(NODES)] == pytest.approx([batched.lr(n) for n in everyone])
+    average = per.evaluate_average(x[0], y[0])
+    assert batched.evaluate_average(x[0], y[0]) == pytest.approx(average, abs=ATOL)
 
 
-def test_correction_changes_only_its_node_and_can_be_cleared():
-    per, batched = pair(SGDConfig(lr=0.1), seed=2)
-    reference, _ = pair(SGDConfig(lr=0.1), seed=2)
-    corr = torch.full((per.schema.numel,), 0.3)
+@pytest.mark.parametrize("kind", ["relu-mlp", "residual"])
+@pytest.mark.parametrize("which", ["per-node", "batched"])
+def test_prequential_scores_a_batch_before_the_step_that_trains_on_it(which, kind):
+    model, (xs, ys) = make_model(4, kind), node_data(4)
+    cls = PerNodeLearner if which == "per-node" else BatchedLearner
+    learner = cls(model, NodeDataBank(xs, ys, batch_size=8, seed=4), SGDConfig(lr=0.3))
+    shadow = NodeDataBank(xs, ys, batch_size=8, seed=4)  # draws the same batches
+    nodes = torch.tensor([0, 2, 3])
+    for _ in range(3):
+        xb, yb = shadow.draw(nodes)
+        before = torch.stack(
+            [learner.logits_each(xb[k].expand(NODES, -1, -1))[n] for k, n in enumerate(nodes)]
+        )
+        expected_acc = (before.argmax(2) == yb).float().mean(1)
+        expected_loss = nn.functional.cross_entropy(before.transpose(1, 2), yb, reduction="none")
+        result = learner.step(nodes)
+        torch.testing.assert_close(result.accuracy, expected_acc)
+        torch.testing.assert_close(result.loss, expected_loss.mean(1), atol=ATOL, rtol=0)
+        after = torch.stack(
+            [learner.logits_each(xb[k].expand(NODES, -1, -1))[n] for k, n in enumerate(nodes)]
+        )
+        # the scores are not those of the trained model: it fits the batch better now
+        trained = nn.functional.cross_entropy(after.transpose(1, 2), yb, reduction="none")
+        assert (trained.mean(1) < result.loss).all()
+
+
+def test_lr_schedule_sets_each_nodes_rate_by_its_own_step_count():
+    sgd = SGDConfig(lr=0.5, schedule=parse_lr_schedule("step:every=2,gamma=0"))
+    per, batched = pair(sgd, seed=5)
     for learner in (per, batched):
-        learner.set_correction(3, corr)
-    everyone = torch.arange(NODES)
-    for learner in (per, batched, reference):
-        learner.step(everyone)
+        assert learner.lr(0) == 0.5  # before any step: the rate of the first one
+        learner.step(torch.arange(NODES))
+        learner.step(torch.tensor([0, 1]))
+        assert [learner.lr(n) for n in range(NODES)] == [0.5, 0.5, 0.5, 0.5, 0.5]
+        frozen = learner.stacked().clone()
+        learner.step(torch.arange(NODES))  # nodes 0, 1: their third step, at rate 0
+        assert torch.equal(learner.stacked()[:2], frozen[:2])
+        assert not torch.equal(learner.stacked()[2:], frozen[2:])
+        assert learner.lr(0) == learner.lr(1) == 0.0 and learner.lr(2) == 0.5
     assert_same(per, batched)
-    moved = per.stacked() - reference.stacked()
-    assert moved[[0, 1, 2, 4]].abs().max() == 0
-    torch.testing.assert_close(moved[3], -0.1 * corr, atol=ATOL, rtol=0)  # w -= lr * c
-    for learner in (per, batched):
-        learner.set_correction(3, None)
-        torch.testing.assert_close(learner.correction(3), torch.zeros(per.schema.numel))
-    reference.set(3, per.get(3))  # from the same point, a cleared node trains uncorrected
-    for learner in (per, batched, reference):
-        learner.step(everyone)
-    assert_same(per, batched)
-    torch.testing.assert_close(per.stacked(), reference.stacked(), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_evaluate_is_per_node_and_agrees(kind):
+def test_evaluate_is_per_node_and_agrees_and_so_does_the_average_model(kind):
     per, batched = pair(SGDConfig(lr=0.2), seed=3, kind=kind)
     for _ in range(15):
         per.step(torch.arange(NODES))
@@ -173,6 +203,16 @@ def test_evaluate_is_per_node_and_agrees(kind):
         out = model(x)
     torch.testing.assert_close(acc_p[0], (out.argmax(1) == y).float().mean())
     torch.testing.assert_close(loss_p[0], nn.functional.cross_entropy(out, y), atol=ATOL, rtol=0)
+    # the average model: the mean of the nodes' parameters (not the mean of their accuracies)
+    model = make_model(3, kind)
+    per.schema.load(model, per.stacked().mean(0))
+    with torch.no_grad():
+        out = model(x)
+    expected = ((out.argmax(1) == y).float().mean().item(), nn.functional.cross_entropy(out, y))
+    for learner in (per, batched):
+        acc, loss = learner.evaluate_average(x, y)
+        assert acc == pytest.approx(expected[0], abs=ATOL)
+        assert loss == pytest.approx(float(expected[1]), abs=ATOL)
 
 
 def test_same_seed_same_batches_and_different_seed_different_ones():
@@ -203,3 +243,25 @@ def test_batchnorm_is_refused_by_the_batched_learner():
     before = per.stacked().clone()
     per.step(torch.arange(NODES))
     assert not torch.equal(per.stacked(), before)
+
+
+def test_gradual_drift_labels_a_share_of_drawn_samples_by_the_next_concept():
+    xs, ys = node_data()
+    bank = NodeDataBank(xs, ys, batch_size=400, seed=1)
+    flipped = bank.padded_labels([(y + 1) % CLASSES for y in ys])
+    nodes = torch.arange(NODES)
+    for share, low, high in ((0.0, 0.0, 0.0), (0.3, 0.25, 0.35), (1.0, 1.0, 1.0)):
+        bank.set_labels(bank.padded_labels(ys), flipped, share)
+        x, y = bank.draw(nodes)
+        # which samples were drawn: recover each one's original label from its features
+        original = torch.stack(
+            [
+                torch.stack([ys[n][(xs[n] == row).all(1).nonzero()[0, 0]] for row in x[k]])
+                for k, n in enumerate(nodes.tolist())
+            ]
+        )
+        new = y == (original + 1) % CLASSES
+        assert ((y == original) | new).all()
+        assert low <= new.float().mean() <= high
+    with pytest.raises(ValueError, match="labels for"):
+        bank.padded_labels(ys[:-1] + [ys[-1][:-1]])

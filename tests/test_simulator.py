@@ -4,6 +4,7 @@ churn and loss, and scenario validation."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from p2pfl.learning.params import ParamSchema
-from p2pfl.simulator.engine import final_eval_steps, prepare
+from p2pfl.simulator.engine import Simulation, final_eval_steps, prepare
 from p2pfl.simulator.results import run_scenario
 from p2pfl.simulator.scenario import ScenarioError, load_scenario
 from p2pfl.wire.codec import encoded_size
@@ -31,8 +32,23 @@ RUN_KEYS = {
     "syncs",
     "steps",
     "wall_seconds",
+    "prequential_accuracy",
+    "prequential_loss",
+    "average_model_accuracy",
 }
-ROW_KEYS = {"protocol", "step", "accuracy", "loss", "bytes", "divergence", "messages", "syncs"}
+ROW_KEYS = {
+    "protocol",
+    "step",
+    "accuracy",
+    "loss",
+    "bytes",
+    "divergence",
+    "messages",
+    "syncs",
+    "prequential_accuracy",
+    "average_model_accuracy",
+    "concept",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,6 +102,14 @@ def test_summary_contract(four):
         assert run["final_eval_steps"] == final_eval_steps(STEPS)
     # every protocol learns something on digits in 150 steps (chance is 0.1)
     assert min(r["final_accuracy"] for r in on_disk["runs"]) > 0.5
+    # prequential scores include the early steps, before the models learned
+    assert all(0.2 < r["prequential_accuracy"] < r["final_accuracy"] for r in on_disk["runs"])
+    assert on_disk["drift_events"] == []
+    runs = {r["protocol"]: r for r in on_disk["runs"]}
+    # averaging every step keeps the models equal: the average model is each model
+    assert runs["continuous"]["average_model_accuracy"] == pytest.approx(
+        runs["continuous"]["final_accuracy"], abs=0.02
+    )
 
 
 def test_metrics_rows(four):
@@ -191,6 +215,84 @@ def test_concept_drift_drops_accuracy_then_recovers(tmp_path):
     assert acc[160] > acc[110] + 0.2  # and it learns the new task
 
 
+def test_drift_every_n_relabels_training_and_test_data_at_the_right_steps():
+    scenario = small(
+        dataset="digits:drift_every=40,concepts=3,transition=alternate,drift_width=10",
+        protocols=("none",),
+        steps=130,
+        eval_every=10,
+    )
+    prepared = prepare(scenario)
+    drift = prepared.dataset.drift
+    sim = Simulation(prepared, "none")
+    bank = sim.learner.data
+    original = bank.y.clone()
+    seen = {}
+
+    def on_tick(t):
+        state = sim.task.state
+        seen[t] = (state.concept, state.next, state.share)
+        want = bank.padded_labels(
+            [drift.relabel(d.x_train, d.y_train, state.concept) for d in prepared.nodes]
+        )
+        assert torch.equal(bank.y, want)
+        if state.next is not None:
+            assert bank.y_next is not None and bank.share == state.share
+        else:
+            assert bank.y_next is None
+
+    summary = sim.run(on_tick)
+    assert [seen[t][0] for t in (1, 40, 41, 80)] == [0, 0, 1, 1]  # sudden after step 40
+    assert seen[81] == (1, 2, 0.1) and seen[89] == (1, 2, pytest.approx(0.9))  # gradual
+    assert seen[90][:2] == (2, None) and seen[121][:2] == (0, None)  # back to the original
+    assert torch.equal(bank.y, original)
+    rows = {r["step"]: r for r in summary["metrics"]}
+    assert [rows[t]["concept"] for t in (40, 50, 80, 90, 120, 130)] == [0, 1, 1, 2, 2, 0]
+    # the test set follows: right after a sudden drift the trained models score low on it
+    assert rows[40]["accuracy"] > rows[50]["accuracy"] + 0.2
+    assert rows[40]["prequential_accuracy"] > rows[50]["prequential_accuracy"] + 0.2
+
+
+def test_prequential_window_scores_each_batch_before_its_step():
+    """A run of one node with the per-node learner: the prequential accuracy of each
+    evaluation window is the mean, over its steps, of the batch accuracy of the model as it
+    was before that step; replayed here step by step with the same data bank."""
+    from p2pfl.learning.sampler import NodeDataBank
+
+    scenario = small(nodes=1, topology="complete", protocols=("none",), steps=30, eval_every=5)
+    prepared = prepare(scenario)
+    rows = Simulation(prepared, "none").run()["metrics"]
+    node = prepared.nodes[0]
+    bank = NodeDataBank([node.x_train], [node.y_train], scenario.batch_size, scenario.seed)
+    model = copy.deepcopy(prepared.model)
+    opt = torch.optim.SGD(model.parameters(), lr=scenario.lr)
+    scores = []
+    for _ in range(30):
+        x, y = bank.draw(torch.tensor([0]))
+        with torch.no_grad():
+            scores.append(float((model(x[0]).argmax(1) == y[0]).float().mean()))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[0]), y[0]).backward()
+        opt.step()
+    last = 0
+    for row in rows:
+        window = scores[last : row["step"]]
+        assert row["prequential_accuracy"] == pytest.approx(sum(window) / len(window), abs=1e-6)
+        last = row["step"]
+
+
+def test_lr_schedule_reaches_learner_and_cores():
+    scenario = small(protocols=("dynamic",), steps=60, lr_schedule="step:every=20,gamma=0.5")
+    sim = Simulation(prepare(scenario), "dynamic")
+    sim.run()
+    assert [sim.learner.lr(n) for n in range(NODES)] == [0.025] * NODES  # steps 40..59
+    assert all(core.step_size == 0.025 for core in sim.cores)
+    cosine = Simulation(prepare(small(steps=60, lr_schedule="cosine")), "none")
+    cosine.run()
+    assert cosine.learner.sgd.schedule.steps == 60  # the horizon is the run's length
+    assert cosine.learner.lr(0) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 59 / 60)))
+
+
 def test_churn(tmp_path):
     network = {"churn": 0.02, "rejoin": 0.2}  # no random loss: only offline nodes lose messages
     scenario = small(protocols=("dynamic", "periodic:b=5"), steps=200, network=network)
@@ -240,6 +342,8 @@ def test_loss():
         ({"learner": "gpu"}, ["learner must be 'batched' or 'per-node'"]),
         ({"momentum": 1.0}, ["momentum must be in [0, 1)"]),
         ({"network": {"loss": 1.0}}, ["network.loss must be in [0, 1)"]),
+        ({"lr_schedule": "linear"}, ["lr_schedule", "unknown kind 'linear'", "cosine"]),
+        ({"lr_schedule": "step"}, ["lr_schedule", "missing argument 'every'"]),
     ],
 )
 def test_scenario_errors(overrides, fragments):
@@ -303,8 +407,6 @@ def test_batched_and_per_node_learners_end_with_the_same_models(protocol: str) -
     """Same scenario, seeds and protocol: the batched learner (all nodes in one tensor) and
     the per-node reference learner end with the same parameters, and so take the same
     protocol decisions (syncs, bytes)."""
-    from p2pfl.simulator.engine import Simulation
-
     finals = {}
     for learner in ("batched", "per-node"):
         scenario = load_scenario(

@@ -19,7 +19,9 @@ def sim(
     scenario: Path | None = typer.Argument(None, help="Scenario TOML file (flags override it)."),
     nodes: int | None = typer.Option(None, "--nodes", help="Number of nodes."),
     topology: str | None = typer.Option(None, "--topology", help="e.g. small-world:k=4,p=0.2"),
-    dataset: str | None = typer.Option(None, "--dataset", help="digits, synthetic:..., x.npz"),
+    dataset: str | None = typer.Option(
+        None, "--dataset", help="digits, digits:drift_every=N, synthetic:..., x.npz"
+    ),
     partition: str | None = typer.Option(
         None, "--partition", help="iid, dirichlet:alpha=0.5, labels:k=4,min=10,max=200"
     ),
@@ -28,6 +30,12 @@ def sim(
     steps: int | None = typer.Option(None, "--steps", help="Steps per node."),
     batch_size: int | None = typer.Option(None, "--batch-size"),
     lr: float | None = typer.Option(None, "--lr", help="SGD learning rate."),
+    lr_schedule: str | None = typer.Option(
+        None,
+        "--lr-schedule",
+        help="constant, cosine[:min=0.01], step:every=N,gamma=0.5, restarts:period=N "
+        "(each with warmup=W)",
+    ),
     seed: int | None = typer.Option(None, "--seed"),
     allow_disconnected: bool = typer.Option(
         False, "--allow-disconnected", help="Accept a topology that is not connected."
@@ -47,6 +55,7 @@ def sim(
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
+        "lr_schedule": lr_schedule,
         "seed": seed,
         "allow_disconnected": allow_disconnected or None,
     }

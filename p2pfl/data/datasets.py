@@ -2,12 +2,24 @@
 
 Every loader returns a :class:`Dataset` with flat float32 features ``[n, prod(input_shape)]``,
 int64 labels ``0..num_classes-1`` and a held-out global test set.
+
+Concept drift (digits and synthetic) changes the task while the samples stay: a *concept* is
+a labelling of the same inputs (concept 0 is the original task). ``drift_at=S`` drifts once,
+after step ``S``; ``drift_every=N`` drifts after every ``N`` steps (first after ``drift_at``
+if given, else after ``N``), cycling through ``concepts=C`` concepts (default 2: the old task
+comes back at every second drift). ``drift=permute`` relabels by a label permutation per
+concept, chosen so that every drift moves every label; ``drift=rotate`` (synthetic only)
+relabels by a rotated linear boundary. ``transition=sudden|gradual|alternate`` and
+``drift_width=W``: a gradual drift ramps the share of samples labelled by the new concept
+linearly over ``W`` steps (default ``N // 4``); ``alternate`` makes every second drift
+gradual, starting with a sudden one.
 """
 
 from __future__ import annotations
 
 import math
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,6 +31,8 @@ from p2pfl.spec import Spec, SpecError, non_negative_int, parse_spec, positive_i
 
 DATASET_KINDS = ("digits", "synthetic")
 DRIFT_KINDS = ("permute", "rotate")
+TRANSITIONS = ("sudden", "gradual", "alternate")
+DRIFT_KEYS = ("drift_at", "drift_every", "concepts", "drift", "transition", "drift_width")
 TEST_FRACTION = 0.2
 
 
@@ -26,26 +40,82 @@ class DataError(P2pflError, ValueError):
     """A data file the user gave cannot be used; the message names the file and the fix."""
 
 
+@dataclass(frozen=True)
+class DriftEvent:
+    """A drift after step ``step`` to concept ``concept``; gradual over ``width`` steps
+    (0: sudden)."""
+
+    step: int
+    concept: int
+    width: int = 0
+
+
+@dataclass(frozen=True)
+class DriftState:
+    """The task at one step: samples are labelled by ``concept``, except that during a
+    gradual transition a share ``share`` of them is labelled by ``next`` instead."""
+
+    concept: int
+    next: int | None = None
+    share: float = 0.0
+
+
 @dataclass(frozen=True, eq=False)
 class Drift:
-    """A change of the task at simulation step ``at_step``.
+    """Recurring concept drift: events after step ``at_step``, then every ``every`` steps
+    (``None``: once), cycling through ``concepts`` labellings of the same samples.
 
-    ``permute`` maps every label ``y`` to ``permutation[y]``; ``rotate`` relabels each sample
-    with the rotated linear boundary ``argmax(x @ weight + bias)``.
+    ``permute`` maps every original label ``y`` to ``permutations[c, y]``; ``rotate``
+    relabels each sample with the rotated linear boundary ``argmax(x @ weights[c] +
+    biases[c])``. Concept 0 is the original labelling.
     """
 
     at_step: int
     kind: str
-    permutation: torch.Tensor | None = None
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
+    concepts: int = 2
+    every: int | None = None
+    width: int = 0
+    transition: str = "sudden"
+    permutations: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    biases: torch.Tensor | None = None
 
-    def relabel(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Labels of samples ``x`` (old labels ``y``) after the drift."""
-        if self.permutation is not None:
-            return self.permutation[y]
-        assert self.weight is not None and self.bias is not None
-        return (x @ self.weight + self.bias).argmax(dim=1)
+    def events(self, steps: int) -> list[DriftEvent]:
+        """The drift events of a run of ``steps`` steps (those that start before its end)."""
+        if self.every is None:
+            starts = [self.at_step] if self.at_step < steps else []
+        else:
+            starts = list(range(self.at_step, steps, self.every))
+        events = []
+        for k, start in enumerate(starts, 1):
+            gradual = self.transition == "gradual" or (
+                self.transition == "alternate" and k % 2 == 0
+            )
+            events.append(DriftEvent(start, k % self.concepts, self.width if gradual else 0))
+        return events
+
+    def state(self, step: int) -> DriftState:
+        """The task at simulation step ``step`` (1-based): steps ``1..at_step`` see concept
+        0; a gradual drift after step ``s`` over ``W`` steps labels step ``s + j`` with the
+        new concept at share ``j / W`` (``j = 1..W``)."""
+        if step <= self.at_step:
+            return DriftState(0)
+        k = 1 if self.every is None else (step - 1 - self.at_step) // self.every + 1
+        start = self.at_step + (k - 1) * (self.every or 0)
+        old, new = (k - 1) % self.concepts, k % self.concepts
+        width = self.events(start + 1)[-1].width
+        if step - start < width:
+            return DriftState(old, new, (step - start) / width)
+        return DriftState(new)
+
+    def relabel(self, x: torch.Tensor, y: torch.Tensor, concept: int) -> torch.Tensor:
+        """Labels of samples ``x`` (original labels ``y``) under ``concept``."""
+        if concept == 0:
+            return y
+        if self.permutations is not None:
+            return self.permutations[concept][y]
+        assert self.weights is not None and self.biases is not None
+        return (x @ self.weights[concept] + self.biases[concept]).argmax(dim=1)
 
 
 @dataclass(eq=False)
@@ -61,21 +131,11 @@ class Dataset:
     name: str
     drift: Drift | None = None
 
-    def drifted(self) -> Dataset:
-        """The same samples relabelled as the task is after its drift (which is then spent)."""
-        if self.drift is None:
-            raise ValueError(f"dataset {self.name!r} has no drift; add drift_at=STEP to its spec")
-        return replace(
-            self,
-            y_train=self.drift.relabel(self.x_train, self.y_train),
-            y_test=self.drift.relabel(self.x_test, self.y_test),
-            drift=None,
-        )
-
 
 def load_dataset(spec: str, seed: int) -> Dataset:
-    """Load ``digits[:drift_at=S]``, ``synthetic:n=,features=,classes=,drift_at=,drift=``
-    or a ``.npz`` file with arrays ``x``, ``y`` (optionally ``x_test``, ``y_test``)."""
+    """Load ``digits[:DRIFT]``, ``synthetic:n=,features=,classes=[,DRIFT]`` (DRIFT: the keys
+    in the module docstring) or a ``.npz`` file with arrays ``x``, ``y`` (optionally
+    ``x_test``, ``y_test``)."""
     if spec.strip().lower().endswith(".npz"):
         return load_npz(Path(spec.strip()), seed)
     parsed = parse_spec(spec, DATASET_KINDS + ("a path ending in .npz",))
@@ -99,37 +159,32 @@ def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
 def _load_digits(spec: Spec, seed: int) -> Dataset:
     from sklearn.datasets import load_digits
 
-    spec.check_keys(["drift_at", "drift"])
-    drift_at = spec.take("drift_at", non_negative_int)
-    kind = spec.take("drift", _drift_kind, default="permute")
-    if kind != "permute":
+    spec.check_keys(DRIFT_KEYS)
+    if spec.args.get("drift", "permute") != "permute":
         raise SpecError(
             f"{spec.text!r}: digits supports only drift=permute (rotate needs synthetic)"
         )
+    drift = _parse_drift(spec, 10, seed)
     bunch = load_digits()
     x = bunch.data.astype(np.float32) / 16.0
     y = bunch.target.astype(np.int64)
     train, test = stratified_holdout(y, TEST_FRACTION, seed)
-    drift = None if drift_at is None else _permutation_drift(drift_at, 10, seed)
     return _dataset(x[train], y[train], x[test], y[test], 10, (1, 8, 8), "digits", drift)
 
 
 def _make_synthetic(spec: Spec, seed: int) -> Dataset:
     """Gaussian clusters labelled by their (linear) nearest-mean boundary."""
-    spec.check_keys(["n", "features", "classes", "drift_at", "drift"])
+    spec.check_keys(["n", "features", "classes", *DRIFT_KEYS])
     n = spec.take("n", positive_int, default=2000)
     features = spec.take("features", positive_int, default=16)
     classes = spec.take("classes", positive_int, default=4)
-    drift_at = spec.take("drift_at", non_negative_int)
-    kind = spec.take("drift", _drift_kind, default="permute")
     if classes < 2:
         raise SpecError(f"{spec.text!r}: classes must be >= 2")
     if n < 5 * classes:
         raise SpecError(
             f"{spec.text!r}: n={n} is too small for {classes} classes; use n>={5 * classes}"
         )
-    if "drift" in spec.args and drift_at is None:
-        raise SpecError(f"{spec.text!r}: drift={kind} needs drift_at=STEP")
+    drift = _parse_drift(spec, classes, seed)
     rng = np.random.default_rng(seed)
     means = rng.normal(size=(classes, features)) * (2.0 / math.sqrt(features))
     means -= means.mean(axis=0)
@@ -140,18 +195,18 @@ def _make_synthetic(spec: Spec, seed: int) -> Dataset:
     mean, std = x[train].mean(axis=0), x[train].std(axis=0) + 1e-8
     x = (x - mean) / std
 
-    drift = None
-    if drift_at is not None and kind == "permute":
-        drift = _permutation_drift(drift_at, classes, seed)
-    elif drift_at is not None:
-        q, r = np.linalg.qr(rng.normal(size=(features, features)))
-        rotated = (means @ (q * np.sign(np.diag(r))).T).T
-        # Fold the standardisation into the rotated rule so it applies to the stored features.
-        drift = Drift(
-            at_step=drift_at,
-            kind="rotate",
-            weight=torch.as_tensor(std[:, None] * rotated, dtype=torch.float32),
-            bias=torch.as_tensor(mean @ rotated + bias, dtype=torch.float32),
+    if drift is not None and drift.kind == "rotate":
+        weights, biases = [std[:, None] * weight], [mean @ weight + bias]  # concept 0
+        for _ in range(1, drift.concepts):
+            q, r = np.linalg.qr(rng.normal(size=(features, features)))
+            rotated = (means @ (q * np.sign(np.diag(r))).T).T
+            # Fold the standardisation into the rotated rule so it applies to stored features.
+            weights.append(std[:, None] * rotated)
+            biases.append(mean @ rotated + bias)
+        drift = replace(
+            drift,
+            weights=torch.as_tensor(np.stack(weights), dtype=torch.float32),
+            biases=torch.as_tensor(np.stack(biases), dtype=torch.float32),
         )
     name = f"synthetic-{features}f{classes}c"
     return _dataset(x[train], y[train], x[test], y[test], classes, (features,), name, drift)
@@ -251,16 +306,65 @@ def _dataset(
     )
 
 
-def _permutation_drift(at_step: int, num_classes: int, seed: int) -> Drift:
-    """A seeded label permutation that moves every class (a derangement)."""
-    rng = np.random.default_rng([seed, 0xD21F7])
-    perm = rng.permutation(num_classes)
-    while (perm == np.arange(num_classes)).any():
-        perm = rng.permutation(num_classes)
-    return Drift(at_step=at_step, kind="permute", permutation=torch.as_tensor(perm))
+def _parse_drift(spec: Spec, num_classes: int, seed: int) -> Drift | None:
+    """The drift keys of a data set spec (None without ``drift_at`` and ``drift_every``);
+    ``rotate`` concepts are filled in by the synthetic loader, which knows the rule."""
+    at = spec.take("drift_at", non_negative_int)
+    every = spec.take("drift_every", positive_int)
+    if at is None and every is None:
+        extra = sorted(set(spec.args) & set(DRIFT_KEYS))
+        if extra:
+            raise SpecError(f"{spec.text!r}: {extra[0]} needs drift_at=STEP or drift_every=N")
+        return None
+    kind = spec.take("drift", _choice(DRIFT_KINDS), default="permute")
+    concepts = spec.take("concepts", positive_int, default=2)
+    width = spec.take("drift_width", non_negative_int)
+    transition = spec.take(
+        "transition", _choice(TRANSITIONS), default="gradual" if width else "sudden"
+    )
+    if concepts < 2:
+        raise SpecError(f"{spec.text!r}: concepts must be >= 2 (the original task and another)")
+    if kind == "permute" and concepts > num_classes:
+        raise SpecError(
+            f"{spec.text!r}: at most {num_classes} label-permutation concepts fit "
+            f"{num_classes} classes; lower concepts"
+        )
+    if transition == "sudden":
+        width = 0
+    elif width is None:
+        if every is None:
+            raise SpecError(f"{spec.text!r}: a one-off gradual drift needs drift_width=W")
+        width = max(1, every // 4)
+    if every is not None and width >= every:
+        raise SpecError(
+            f"{spec.text!r}: drift_width={width} must be shorter than drift_every={every}"
+        )
+    perms = _concept_permutations(concepts, num_classes, seed) if kind == "permute" else None
+    return Drift(
+        at_step=at if at is not None else every,
+        kind=kind,
+        concepts=concepts,
+        every=every,
+        width=width,
+        transition=transition,
+        permutations=perms,
+    )
 
 
-def _drift_kind(raw: str) -> str:
-    if raw not in DRIFT_KINDS:
-        raise ValueError(f"choose one of: {', '.join(DRIFT_KINDS)}")
-    return raw
+def _concept_permutations(concepts: int, num_classes: int, seed: int) -> torch.Tensor:
+    """``[concepts, classes]`` label maps, row 0 the identity, any two rows different on
+    every label (so every drift moves every label): ``c -> s⁻¹((s(y) + c) mod classes)`` for
+    a seeded permutation ``s``."""
+    s = np.random.default_rng([seed, 0xD21F7]).permutation(num_classes)
+    inverse = np.argsort(s)
+    rows = [inverse[(s + c) % num_classes] for c in range(concepts)]
+    return torch.as_tensor(np.stack(rows), dtype=torch.long)
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def convert(raw: str) -> str:
+        if raw not in options:
+            raise ValueError(f"choose one of: {', '.join(options)}")
+        return raw
+
+    return convert

@@ -7,10 +7,13 @@ simulator's fast path: batched matrix products with a hand-written backward for
 ``Linear``/``ReLU`` stacks, ``torch.func`` for any other model). Both read batches from the
 same ``NodeDataBank`` and apply the same update:
 
-    v = momentum * v + (grad + weight_decay * w + correction);  w -= lr * v
+    v = momentum * v + (grad + weight_decay * w + correction);  w -= lr_t * v
 
 ``correction`` is a per-node vector the protocol may set (drift correction); it is zero
-unless a protocol uses it.
+unless a protocol uses it. ``lr_t`` is the base learning rate times the schedule's factor at
+the node's own step count ``t`` (see ``schedule.py``). Every step also scores each node's
+batch *before* training on it (prequential evaluation): the logits of the training step's
+forward pass give its accuracy at no extra cost.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +31,7 @@ from torch.func import functional_call
 
 from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
+from p2pfl.learning.schedule import LRSchedule
 
 # ReLU's backward as autograd computes it (the gradient where the ReLU output is > 0, else 0),
 # written into a given tensor.
@@ -40,6 +45,15 @@ class SGDConfig:
     lr: float = 0.1
     momentum: float = 0.0
     weight_decay: float = 0.0
+    schedule: LRSchedule = field(default_factory=LRSchedule)
+
+
+class StepResult(NamedTuple):
+    """Per listed node, the loss and the accuracy of its model on the batch of a step, both
+    measured before the step trained on that batch (prequential)."""
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
 
 
 class Learner(ABC):
@@ -48,14 +62,33 @@ class Learner(ABC):
     schema: ParamSchema
     data: NodeDataBank
     sgd: SGDConfig
+    steps_taken: torch.Tensor
+    """Local steps each node has taken (the step count its learning-rate schedule reads)."""
 
     @property
     def num_nodes(self) -> int:
         return self.data.num_nodes
 
     @abstractmethod
-    def step(self, nodes: torch.Tensor) -> torch.Tensor:
-        """One SGD step on a fresh mini-batch for each listed node; returns their losses."""
+    def step(self, nodes: torch.Tensor) -> StepResult:
+        """One SGD step on a fresh mini-batch for each listed node; returns each node's loss
+        and accuracy on that batch before the update."""
+
+    def lr(self, node: int) -> float:
+        """The learning rate of the node's latest step (of its first, before it took any)."""
+        return self.sgd.lr * self.sgd.schedule.factor(max(0, int(self.steps_taken[node]) - 1))
+
+    def _next_lrs(self, nodes: torch.Tensor) -> float | torch.Tensor:
+        """The learning rate of each listed node's next step: one float if they share it,
+        else a ``[k, 1]`` column; counts the step as taken."""
+        schedule, base = self.sgd.schedule, self.sgd.lr
+        counts = self.steps_taken[nodes]
+        self.steps_taken[nodes] += 1
+        if schedule.constant:
+            return base
+        distinct, which = counts.unique(return_inverse=True)
+        lrs = torch.tensor([base * schedule.factor(int(t)) for t in distinct])
+        return float(lrs[0]) if len(distinct) == 1 else lrs[which].unsqueeze(1)
 
     @abstractmethod
     def get(self, node: int) -> torch.Tensor:
@@ -91,6 +124,17 @@ class Learner(ABC):
         """Per-node accuracy and mean cross-entropy loss on ``(x, y)``."""
         return _score(self.logits(x).transpose(1, 2), y)
 
+    @torch.no_grad()
+    def evaluate_average(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """Accuracy and mean cross-entropy on ``(x, y)`` of the network's average model (the
+        mean of all nodes' parameters, what a federated server would hold)."""
+        acc, loss = _score(self._logits_of(self.stacked().mean(0), x).unsqueeze(0), y)
+        return float(acc), float(loss)
+
+    @abstractmethod
+    def _logits_of(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Predictions ``[classes, n]`` of the model with flat parameters ``vector``."""
+
 
 class PerNodeLearner(Learner):
     """One ``nn.Module`` and one ``torch.optim.SGD`` per node: the reference path."""
@@ -107,14 +151,19 @@ class PerNodeLearner(Learner):
             for m in self.models
         ]
         self._corrections: dict[int, torch.Tensor] = {}
+        self.steps_taken = torch.zeros(data.num_nodes, dtype=torch.long)
+        self._probe = copy.deepcopy(model)
 
-    def step(self, nodes: torch.Tensor) -> torch.Tensor:
+    def step(self, nodes: torch.Tensor) -> StepResult:
         xb, yb = self.data.draw(nodes)
-        losses = torch.empty(len(nodes))
+        lrs = self._next_lrs(nodes)
+        losses, accuracy = torch.empty(len(nodes)), torch.empty(len(nodes))
         for k, node in enumerate(nodes.tolist()):
             model, opt = self.models[node], self.optimizers[node]
+            opt.param_groups[0]["lr"] = lrs if isinstance(lrs, float) else float(lrs[k])
             opt.zero_grad(set_to_none=False)
-            loss = nn.functional.cross_entropy(model(xb[k]), yb[k])
+            logits = model(xb[k])
+            loss = nn.functional.cross_entropy(logits, yb[k])
             loss.backward()
             corr = self._corrections.get(node)
             if corr is not None:
@@ -122,7 +171,8 @@ class PerNodeLearner(Learner):
                     p.grad.add_(c)
             opt.step()
             losses[k] = loss.detach()
-        return losses
+            accuracy[k] = (logits.detach().argmax(1) == yb[k]).float().mean()
+        return StepResult(losses, accuracy)
 
     def get(self, node: int) -> torch.Tensor:
         return self.schema.flatten(self.models[node])
@@ -151,6 +201,11 @@ class PerNodeLearner(Learner):
     def logits_each(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(xi) for m, xi in zip(self.models, x, strict=True)])
 
+    @torch.no_grad()
+    def _logits_of(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.schema.load(self._probe, vector)
+        return self._probe(x).T
+
 
 class BatchedLearner(Learner):
     """All nodes' parameters in one ``[nodes, params]`` tensor, trained together.
@@ -177,6 +232,7 @@ class BatchedLearner(Learner):
         self.params = self.schema.flatten(model).repeat(data.num_nodes, 1)
         self.momentum = torch.zeros_like(self.params) if sgd.momentum else None
         self.corrections: torch.Tensor | None = None
+        self.steps_taken = torch.zeros(data.num_nodes, dtype=torch.long)
         self._everyone = torch.arange(data.num_nodes)
         self._dense = _dense_plan(model, self.schema)
         self._scratch = _Scratch()
@@ -193,11 +249,12 @@ class BatchedLearner(Learner):
         tensors = dict(zip(self.schema.names, self.schema.split(flat), strict=True))
         return functional_call(self.template, tensors, (x,))
 
-    def step(self, nodes: torch.Tensor) -> torch.Tensor:
+    def step(self, nodes: torch.Tensor) -> StepResult:
         nodes = nodes.long()
         k, scratch = len(nodes), self._scratch
         if k == 0:
-            return torch.empty(0)
+            return StepResult(torch.empty(0), torch.empty(0))
+        lrs = self._next_lrs(nodes)
         if self._dense is not None:
             xb, yb = self.data.draw(
                 nodes,
@@ -229,17 +286,22 @@ class BatchedLearner(Learner):
                     None if c is None else c[s : s + size],
                     xb[s : s + size],
                     yb[s : s + size],
+                    lrs if isinstance(lrs, float) else lrs[s : s + size],
                 )
                 for s in range(0, k, size)
             ]
-            losses = parts[0] if len(parts) == 1 else torch.cat(parts)
+            result = (
+                parts[0]
+                if len(parts) == 1
+                else StepResult(*(torch.cat(column) for column in zip(*parts, strict=True)))
+            )
         else:
-            losses = self._generic_step(w, m, c, xb, yb)
+            result = self._generic_step(w, m, c, xb, yb, lrs)
         if not every:
             self.params.index_copy_(0, nodes, w)
             if self.momentum is not None and m is not None:
                 self.momentum.index_copy_(0, nodes, m)
-        return losses
+        return result
 
     def _update(
         self,
@@ -247,9 +309,11 @@ class BatchedLearner(Learner):
         grad: torch.Tensor,
         m: torch.Tensor | None,
         c: torch.Tensor | None,
+        lr: float | torch.Tensor,
     ) -> None:
         """``v = momentum * v + (grad + correction + weight_decay * w); w -= lr * v``, in place
-        (the order of ``torch.optim.SGD`` after the correction is added to the gradient)."""
+        (the order of ``torch.optim.SGD`` after the correction is added to the gradient);
+        ``lr`` is one float or a ``[k, 1]`` column of per-node rates."""
         sgd = self.sgd
         if c is not None:
             grad.add_(c)
@@ -257,7 +321,10 @@ class BatchedLearner(Learner):
             grad.add_(w, alpha=sgd.weight_decay)
         if m is not None:
             grad = torch.add(grad, m, alpha=sgd.momentum, out=m)  # one pass over m
-        w.sub_(grad, alpha=sgd.lr)
+        if isinstance(lr, float):
+            w.sub_(grad, alpha=lr)
+        else:
+            w.addcmul_(grad, lr, value=-1.0)
 
     @torch.no_grad()
     def _dense_step(
@@ -267,7 +334,8 @@ class BatchedLearner(Learner):
         c: torch.Tensor | None,
         xb: torch.Tensor,
         yb: torch.Tensor,
-    ) -> torch.Tensor:
+        lr: float | torch.Tensor,
+    ) -> StepResult:
         """Forward, cross-entropy and backward of a ``Linear``/``ReLU`` stack, by hand."""
         assert self._dense is not None
         k, batch = yb.shape
@@ -281,6 +349,7 @@ class BatchedLearner(Learner):
         logp = acts[-1].log_softmax(1)  # [k, classes, batch]: fast along dim 1
         target = yb.unsqueeze(1)
         losses = logp.gather(1, target).squeeze(1).mean(1).neg_()
+        accuracy = (logp.argmax(1) == yb).float().mean(1)  # prequential: before the update
         # d(mean cross-entropy)/d(logits) = (softmax - one_hot) / batch
         minus_one = torch.full_like(target, -1.0, dtype=logp.dtype)
         dz = logp.exp_().scatter_add_(1, target, minus_one).mul_(1.0 / batch)
@@ -305,10 +374,11 @@ class BatchedLearner(Learner):
                     grad,
                     m[:, sl] if m is not None else None,
                     c[:, sl] if c is not None else None,
+                    lr,
                 )
             if dh is not None:
                 dz = dh
-        return losses
+        return StepResult(losses, accuracy)
 
     def _generic_step(
         self,
@@ -317,15 +387,17 @@ class BatchedLearner(Learner):
         c: torch.Tensor | None,
         xb: torch.Tensor,
         yb: torch.Tensor,
-    ) -> torch.Tensor:
+        lr: float | torch.Tensor,
+    ) -> StepResult:
         """``vmap`` forward over ``functional_call`` and one ``autograd.grad`` (any model)."""
         leaf = w.detach().requires_grad_(True)
         out = self._forward(leaf, xb)  # [k, batch, classes]
         losses = nn.functional.cross_entropy(out.transpose(1, 2), yb, reduction="none").mean(1)
         (grad,) = torch.autograd.grad(losses.sum(), leaf)
+        accuracy = (out.detach().argmax(2) == yb).float().mean(1)  # prequential
         with torch.no_grad():
-            self._update(w, grad, m, c)
-        return losses.detach()
+            self._update(w, grad, m, c, lr)
+        return StepResult(losses.detach(), accuracy)
 
     def get(self, node: int) -> torch.Tensor:
         return self.params[node]
@@ -375,6 +447,15 @@ class BatchedLearner(Learner):
             return super().evaluate(x, y)
         scores = [_score(z, y) for z in self._dense_logits(x)]
         return torch.cat([a for a, _ in scores]), torch.cat([loss for _, loss in scores])
+
+    @torch.no_grad()
+    def _logits_of(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is None:
+            return self._forward(vector[None], x[None])[0].T
+        h = x.T[None]
+        for layer in self._dense:
+            h = layer.forward(vector[None], h)
+        return h[0]
 
     def _dense_logits(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         """Fast-path logits ``[nodes, classes, n]`` on shared inputs, a block of nodes at a

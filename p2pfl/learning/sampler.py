@@ -12,7 +12,9 @@ class NodeDataBank:
     """Every node's training set, padded into one ``[nodes, max_n, features]`` tensor.
 
     Batches are drawn with replacement (uniform over the node's own samples), one row of
-    indices per node, from one seeded generator.
+    indices per node, from one seeded generator. During a gradual concept drift each drawn
+    sample carries its label under the next concept with probability ``share`` (see
+    :meth:`set_labels`).
     """
 
     def __init__(
@@ -37,6 +39,25 @@ class NodeDataBank:
             self.x[i, : len(y)] = x
             self.y[i, : len(y)] = y
         self.counts = torch.tensor(counts)
+        self.y_next: torch.Tensor | None = None
+        self.share = 0.0
+
+    def padded_labels(self, ys: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-node labels of the bank's samples (e.g. under another concept), padded like
+        the bank: ``[nodes, max_n]``."""
+        y = torch.zeros_like(self.y)
+        for i, labels in enumerate(ys):
+            if len(labels) != self.counts[i]:
+                raise ValueError(f"node {i}: {len(labels)} labels for {self.counts[i]} samples")
+            y[i, : len(labels)] = labels
+        return y
+
+    def set_labels(
+        self, y: torch.Tensor, y_next: torch.Tensor | None = None, share: float = 0.0
+    ) -> None:
+        """Label samples with ``y`` (from :meth:`padded_labels`); with ``y_next``, each drawn
+        sample takes its ``y_next`` label with probability ``share`` instead."""
+        self.y, self.y_next, self.share = y, y_next, share
 
     @property
     def num_nodes(self) -> int:
@@ -57,4 +78,7 @@ class NodeDataBank:
             x_out, y_out = out[0].view(-1, features), out[1].view(-1)
         x = torch.index_select(self.x.view(-1, features), 0, flat, out=x_out)
         y = torch.index_select(self.y.view(-1), 0, flat, out=y_out)
+        if self.y_next is not None:
+            take = torch.rand(len(flat), generator=self.generator) < self.share
+            y[take] = self.y_next.view(-1)[flat[take]]
         return x.view(len(nodes), self.batch_size, features), y.view(len(nodes), self.batch_size)

@@ -10,12 +10,14 @@ bytes are the part's bytes), its ``ReplaceModel`` writes only the part's entries
 ``SetCorrection`` fills only the part's slice of the node's correction (``Corrections``):
 private parameters are never sent nor overwritten.
 
-One tick of the clock (``network.step_time`` seconds) is: apply concept drift and churn if
-due, deliver every message and timer that is due, train every online node whose compute
-speed gives it a step in this tick (one batched step), hand each of them ``on_local_step``,
-then evaluate if due. Links carry each message's exact encoded size (``encoded_size``, equal
-to ``len(encode(...))``); the receiver gets a snapshot of the sent message (what decoding those
-bytes yields, checked for NaN/inf like the decoder does) without paying for encode and decode.
+One tick of the clock (``network.step_time`` seconds) is: bring the task to this step
+(concept drift, ``stream.py``) and apply churn if due, deliver every message and timer that
+is due, train every online node whose compute speed gives it a step in this tick (one
+batched step, each batch scored before it is trained on), hand each of them
+``on_local_step``, then evaluate if due. Links carry each message's exact encoded size
+(``encoded_size``, equal to ``len(encode(...))``); the receiver gets a snapshot of the sent
+message (what decoding those bytes yields, checked for NaN/inf like the decoder does) without
+paying for encode and decode.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from p2pfl.data import Dataset, NodeData, load_dataset, split_nodes
 from p2pfl.learning.learner import BatchedLearner, Learner, PerNodeLearner, SGDConfig
 from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
+from p2pfl.learning.schedule import parse_lr_schedule
 from p2pfl.models import build_model
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
 from p2pfl.protocol.core import CoreStats, NodeCore, make_core
@@ -45,6 +48,7 @@ from p2pfl.simulator.channels import Channel, community_channels, union_graph, w
 from p2pfl.simulator.network import SimNetwork
 from p2pfl.simulator.objectives import OwnObjectives
 from p2pfl.simulator.scenario import Scenario
+from p2pfl.simulator.stream import ChangingTask, Prequential
 from p2pfl.topology import build_topology
 from p2pfl.wire.codec import all_finite, encoded_size
 from p2pfl.wire.messages import Message
@@ -120,7 +124,8 @@ class Simulation:
             s.batch_size,
             s.seed,
         )
-        sgd = SGDConfig(lr=s.lr, momentum=s.momentum)
+        schedule = parse_lr_schedule(s.lr_schedule).with_horizon(s.steps)
+        sgd = SGDConfig(lr=s.lr, momentum=s.momentum, schedule=schedule)
         self.learner: Learner
         if s.learner == "batched":
             try:
@@ -169,8 +174,11 @@ class Simulation:
         )
         self.events: list[tuple[float, int, str, Any]] = []
         self._seq = 0
-        self.x_test, self.y_test = prepared.dataset.x_test, prepared.dataset.y_test
+        self.x_test = prepared.dataset.x_test
+        self.task = ChangingTask(prepared.dataset, prepared.nodes, bank, self.objectives)
         self.rejected = 0
+        # Each batch scored before it is trained on: over the run, and since the last eval.
+        self.prequential, self.prequential_window = Prequential(), Prequential()
 
     # -- actions -----------------------------------------------------------------------------
     def _push(self, at: float, kind: str, payload: Any) -> None:
@@ -231,7 +239,6 @@ class Simulation:
     def run(self, on_tick: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Run all steps; return the run's summary with its metrics time series."""
         s = self.prepared.scenario
-        drift = self.prepared.dataset.drift
         finals = set(final_eval_steps(s.steps))
         metrics: list[dict[str, Any]] = []
         progress = torch.zeros(s.nodes)
@@ -239,8 +246,7 @@ class Simulation:
         started = time.perf_counter()
         for t in range(1, s.steps + 1):
             now = t * s.network.step_time
-            if drift is not None and t == drift.at_step + 1:
-                self._apply_drift()
+            self.task.advance(t)
             gone, back = self.net.churn()
             self._notify(gone, "on_peer_down", now)
             self._notify(back, "on_peer_up", now)
@@ -250,10 +256,15 @@ class Simulation:
             due = (progress.floor() > before) & torch.tensor(self.net.online)
             active = due.nonzero().flatten()
             if len(active):
-                self.learner.step(active)
+                result = self.learner.step(active)
+                self.prequential.add(result)
+                self.prequential_window.add(result)
                 node_steps += len(active)
+                scheduled = not self.learner.sgd.schedule.constant
                 for node in active.tolist():
                     for c, core in self.node_cores[node]:
+                        if scheduled:  # the cores' drift correction divides by the step size
+                            core.step_size = self.learner.lr(node) / (1 - s.momentum)
                         actions = core.on_local_step(now)
                         if actions:
                             self._perform(c, node, actions, now)
@@ -264,21 +275,15 @@ class Simulation:
         wall = time.perf_counter() - started
         return self._summary(metrics, finals, node_steps, wall)
 
-    def _apply_drift(self) -> None:
-        drift = self.prepared.dataset.drift
-        assert drift is not None
-        ys = [drift.relabel(d.x_train, d.y_train) for d in self.prepared.nodes]
-        self.learner.data.replace_all([d.x_train for d in self.prepared.nodes], ys)
-        self.y_test = drift.relabel(self.x_test, self.y_test)
-        if self.objectives is not None:
-            drifted = [
-                NodeData(d.x_train, y, d.x_test, drift.relabel(d.x_test, d.y_test))
-                for d, y in zip(self.prepared.nodes, ys, strict=True)
-            ]
-            self.objectives.relabel(drifted, self.prepared.dataset.num_classes)
-
     def _measure(self, t: int, now: float) -> dict[str, Any]:
-        acc, loss = self.learner.evaluate(self.x_test, self.y_test)
+        acc = loss = torch.zeros(self.learner.num_nodes)
+        avg_acc = avg_loss = 0.0
+        for share, y_test in self.task.test_labels:  # one set, or two mixed in a transition
+            acc_c, loss_c = self.learner.evaluate(self.x_test, y_test)
+            acc, loss = acc + share * acc_c, loss + share * loss_c
+            avg_acc_c, avg_loss_c = self.learner.evaluate_average(self.x_test, y_test)
+            avg_acc, avg_loss = avg_acc + share * avg_acc_c, avg_loss + share * avg_loss_c
+        window, self.prequential_window = self.prequential_window, Prequential()
         w = self.learner.stacked()
         divergence = float((w - w.mean(0)).square().sum(1).mean())
         own = {}
@@ -292,6 +297,11 @@ class Simulation:
             "accuracy": float(acc.mean()),
             "accuracy_min": float(acc.min()),
             "loss": float(loss.mean()),
+            "average_model_accuracy": avg_acc,
+            "average_model_loss": avg_loss,
+            "prequential_accuracy": window.accuracy,
+            "prequential_loss": window.mean_loss,
+            "concept": self.task.state.concept,
             "divergence": divergence,
             "bytes": self.net.bytes_sent,
             "messages": self.net.messages,
@@ -315,6 +325,9 @@ class Simulation:
             "protocol": self.protocol,
             "final_accuracy": sum(m["accuracy"] for m in final) / len(final),
             "final_loss": sum(m["loss"] for m in final) / len(final),
+            "average_model_accuracy": sum(m["average_model_accuracy"] for m in final) / len(final),
+            "prequential_accuracy": self.prequential.accuracy,
+            "prequential_loss": self.prequential.mean_loss,
             "bytes_sent": self.net.bytes_sent,
             "messages": self.net.messages,
             "syncs": stats.pop("syncs"),

@@ -1,9 +1,11 @@
-"""``report.png``: accuracy vs steps, accuracy vs bytes and traffic over time, one line per
-protocol; for a scenario with communities, the value of joining (gain per node against its
-data size, and own-objective accuracy over time)."""
+"""``report.png``: test accuracy (local models and the average model) and prequential
+accuracy over steps, accuracy vs bytes and traffic over time, one line per protocol, with
+concept drifts marked; for a scenario with communities, the value of joining (gain per node
+against its data size, and own-objective accuracy over time)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,34 +15,79 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def draw_report(runs: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Draw the three panels for ``runs`` (each with its ``metrics`` list) into ``path``."""
-    fig, (ax_acc, ax_bytes, ax_rate) = plt.subplots(1, 3, figsize=(16, 4.8))
-    for run in runs:
+def draw_report(
+    runs: list[dict[str, Any]],
+    path: Path,
+    title: str = "",
+    drift_events: Sequence[dict[str, int]] = (),
+) -> None:
+    """Draw four panels for ``runs`` (each with its ``metrics`` list) into ``path``: test
+    accuracy of the local models (solid) and of the network's average model (dotted), the
+    prequential accuracy, accuracy vs bytes, and traffic over time; concept drifts are marked
+    (a line for a sudden drift, a band for a gradual one)."""
+    fig, axes = plt.subplots(2, 2, figsize=(15, 9))
+    (ax_acc, ax_preq), (ax_bytes, ax_rate) = axes
+    for k, run in enumerate(runs):
         m = run["metrics"]
-        label = run["protocol"]
+        style = {"color": f"C{k % 10}", "label": run["protocol"]}
         steps = [r["step"] for r in m]
         acc = [r["accuracy"] for r in m]
-        ax_acc.plot(steps, acc, label=label)
+        ax_acc.plot(steps, acc, **style)
+        if "average_model_accuracy" in m[0]:
+            ax_acc.plot(steps, [r["average_model_accuracy"] for r in m], ":", color=style["color"])
+        preq = [(r["step"], r["prequential_accuracy"]) for r in m if r.get("prequential_accuracy")]
+        if preq:
+            ax_preq.plot(*zip(*preq, strict=True), **style)
         mb = [max(r["bytes"], 1) / 1e6 for r in m]
-        ax_bytes.plot(mb, acc, label=label, marker=".", markersize=3)
-        rate = [0.0] + [
-            (b["bytes"] - a["bytes"]) / 1e6 / max(b["step"] - a["step"], 1)
-            for a, b in zip(m, m[1:], strict=False)
+        ax_bytes.plot(mb, acc, marker=".", markersize=3, **style)
+        # Traffic per step over the regular evaluation windows (the extra final evaluations
+        # are a few steps apart: a sync inside one would look like a spike).
+        grid = [r for r in m if r["step"] % m[0]["step"] == 0]
+        rate = [
+            (b["bytes"] - a["bytes"]) / 1e6 / (b["step"] - a["step"])
+            for a, b in zip([{"step": 0, "bytes": 0}, *grid], grid, strict=False)
         ]
-        ax_rate.plot(steps, rate, label=label)
-    ax_acc.set(xlabel="step", ylabel="mean accuracy (global test set)", title="accuracy")
+        ax_rate.stairs(rate, [0] + [r["step"] for r in grid], **style)
+    ax_acc.set(
+        xlabel="step",
+        ylabel="accuracy (global test set)",
+        title="test accuracy: mean of local models (solid), average model (dotted)",
+    )
+    ax_preq.set(
+        xlabel="step",
+        ylabel="accuracy on the next batch, before training on it",
+        title="prequential accuracy (mean over nodes, per evaluation window)",
+    )
     ax_bytes.set(xlabel="MB sent (log)", ylabel="mean accuracy", title="accuracy vs traffic")
     ax_bytes.set_xscale("log")
     ax_rate.set(xlabel="step", ylabel="MB per step", title="traffic over time")
-    for ax in (ax_acc, ax_bytes, ax_rate):
+    for ax in (ax_acc, ax_preq, ax_rate):
+        mark_drifts(ax, drift_events)
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=8)
+    if drift_events:
+        ax_preq.legend(
+            handles=[
+                plt.Line2D([], [], color="red", ls="--", lw=1, label="sudden drift"),
+                plt.Rectangle((0, 0), 1, 1, color="red", alpha=0.15, label="gradual drift"),
+            ],
+            fontsize=8,
+        )
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def mark_drifts(ax: Any, drift_events: Sequence[dict[str, int]]) -> None:
+    """A dashed line at each sudden drift, a band over each gradual one."""
+    for event in drift_events:
+        if event["width"]:
+            ax.axvspan(event["step"], event["step"] + event["width"], color="red", alpha=0.15)
+        else:
+            ax.axvline(event["step"], color="red", ls="--", lw=1)
 
 
 def draw_joining(

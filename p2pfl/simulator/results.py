@@ -8,13 +8,16 @@ A scenario with communities runs twice, "alone" (every node on its own data) and
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from p2pfl.data import Dataset
 from p2pfl.simulator.channels import Channel
 from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.joining import compare_joining
@@ -53,6 +56,7 @@ def run_scenario(
             "edges": prepared.graph.number_of_edges(),
         },
         "model_params": sum(p.numel() for p in prepared.model.parameters()),
+        "drift_events": drift_events(prepared.dataset, scenario.steps),
         "runs": [{k: v for k, v in r.items() if k != "metrics"} for r in runs],
     }
     if scenario.communities:
@@ -79,29 +83,51 @@ def write_results(out: Path, summary: dict[str, Any], runs: list[dict[str, Any]]
         draw_joining(summary["joining"], runs, out / "report.png", title)
         return
     title = f"{s['dataset']} · {s['nodes']} nodes · {s['topology']} · {s['partition']}"
-    draw_report(runs, out / "report.png", title)
+    draw_report(runs, out / "report.png", title, summary["drift_events"])
+
+
+def drift_events(dataset: Dataset, steps: int) -> list[dict[str, int]]:
+    """The run's concept drifts: after which step, to which concept, over how many steps."""
+    return [] if dataset.drift is None else [asdict(e) for e in dataset.drift.events(steps)]
 
 
 def comparison_table(summary: dict[str, Any]) -> Table:
-    """The runs side by side, with bytes relative to the largest sender."""
+    """The runs side by side: accuracy (mean of the local models on the test set), the
+    average model's accuracy and the prequential accuracy (each batch scored before training
+    on it, over the whole run)."""
     runs = summary["runs"]
-    most = max((r["bytes_sent"] for r in runs), default=0) or 1
     own = all("final_own_accuracy" in r for r in runs)
-    table = Table(title="p2pfl simulation")
-    columns = ["protocol", "accuracy", "MB sent", "vs max", "messages", "syncs", "wall s"]
+    table = Table(title="p2pfl simulation", box=box.SIMPLE_HEAD, pad_edge=False, padding=0)
+    columns = [
+        "protocol",
+        "accuracy",
+        "avg\nmodel",
+        "preq.\nacc",
+        "MB sent",
+        "messages",
+        "syncs",
+        "wall\ns",
+    ]
     if own:
         columns[1:2] = ["own acc", "test acc"]
     for col in columns:
-        table.add_column(col, justify="left" if col == "protocol" else "right")
+        if col == "protocol":
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, justify="right")
     for r in runs:
         accuracy = [f"{r['final_accuracy']:.3f}"]
         if own:
             accuracy.insert(0, f"{r['final_own_accuracy']:.3f}")
+        prequential = r["prequential_accuracy"]
+        accuracy += [
+            f"{r['average_model_accuracy']:.3f}",
+            "-" if prequential is None else f"{prequential:.3f}",
+        ]
         table.add_row(
             r["protocol"],
             *accuracy,
             f"{r['bytes_sent'] / 1e6:,.1f}",
-            f"{r['bytes_sent'] / most:.3f}",
             f"{r['messages']:,}",
             f"{r['syncs']:,}",
             f"{r['wall_seconds']:.1f}",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.errors import P2pflError
+from p2pfl.learning.schedule import parse_lr_schedule
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.spec import SpecError
 
@@ -68,6 +69,8 @@ class Scenario:
     steps: int = 1000
     batch_size: int = 16
     lr: float = 0.1
+    lr_schedule: str = "constant"
+    """Learning-rate schedule (``p2pfl.learning.schedule``); cosine runs over ``steps``."""
     momentum: float = 0.0
     seed: int = 0
     eval_every: int = 50
@@ -248,6 +251,10 @@ def _validate(s: Scenario) -> None:
     for ok, message in checks:
         if not ok:
             raise ScenarioError(message)
+    try:
+        parse_lr_schedule(s.lr_schedule)
+    except SpecError as exc:
+        raise ScenarioError(f"lr_schedule {exc}") from None
     for i, community in enumerate(s.communities):
         outside = [n for n in community.members if not 0 <= n < s.nodes]
         if outside:

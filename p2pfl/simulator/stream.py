@@ -1,0 +1,126 @@
+"""The task of a run as it changes, and how nodes are scored on it as it arrives.
+
+The task changes: the data set's concept drift applied step by step to the
+nodes' training data, the global test set and (with communities) the own objectives.
+
+Samples never change, only their labels (see ``p2pfl.data.datasets``). Each concept's labels
+are computed once, when the run first needs them. During a gradual transition training
+batches mix the two concepts (``NodeDataBank.set_labels``) and accuracy on the global test
+set is the expectation under that mixture: ``(1 - share)·acc(old) + share·acc(new)``. Own
+objectives follow the majority concept.
+
+Prequential evaluation (test-then-train, as in river and the online-learning literature):
+every node scores each new batch before training on it; ``Prequential`` sums those scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from p2pfl.data import Dataset, NodeData
+from p2pfl.data.datasets import DriftState
+from p2pfl.learning.learner import StepResult
+from p2pfl.learning.sampler import NodeDataBank
+from p2pfl.simulator.objectives import OwnObjectives
+
+
+class ChangingTask:
+    """Keeps the bank's labels, the test labels and the objectives at the run's current
+    concept (a fixed task if the data set has no drift)."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        nodes: Sequence[NodeData],
+        bank: NodeDataBank,
+        objectives: OwnObjectives | None,
+    ) -> None:
+        self.drift = dataset.drift
+        self.dataset, self.nodes, self.bank, self.objectives = dataset, nodes, bank, objectives
+        self.state = DriftState(0)
+        self._train: dict[int, torch.Tensor] = {}
+        self._test: dict[int, torch.Tensor] = {}
+        self.test_labels: list[tuple[float, torch.Tensor]] = [(1.0, dataset.y_test)]
+
+    def advance(self, step: int) -> bool:
+        """Bring the task to simulation step ``step``; True if it changed."""
+        if self.drift is None:
+            return False
+        state = self.drift.state(step)
+        if state == self.state:
+            return False
+        if self.objectives is not None and _majority(state) != _majority(self.state):
+            self._relabel_objectives(_majority(state))
+        self.state = state
+        if state.next is None:
+            self.bank.set_labels(self._train_labels(state.concept))
+            self.test_labels = [(1.0, self._test_labels(state.concept))]
+        else:
+            old, new = state.concept, state.next
+            self.bank.set_labels(self._train_labels(old), self._train_labels(new), state.share)
+            self.test_labels = [
+                (1.0 - state.share, self._test_labels(old)),
+                (state.share, self._test_labels(new)),
+            ]
+        return True
+
+    def _train_labels(self, concept: int) -> torch.Tensor:
+        if concept not in self._train:
+            assert self.drift is not None
+            ys = [self.drift.relabel(d.x_train, d.y_train, concept) for d in self.nodes]
+            self._train[concept] = self.bank.padded_labels(ys)
+        return self._train[concept]
+
+    def _test_labels(self, concept: int) -> torch.Tensor:
+        if concept not in self._test:
+            assert self.drift is not None
+            self._test[concept] = self.drift.relabel(
+                self.dataset.x_test, self.dataset.y_test, concept
+            )
+        return self._test[concept]
+
+    def _relabel_objectives(self, concept: int) -> None:
+        assert self.drift is not None and self.objectives is not None
+        relabel = self.drift.relabel
+        drifted = [
+            NodeData(
+                d.x_train,
+                relabel(d.x_train, d.y_train, concept),
+                d.x_test,
+                relabel(d.x_test, d.y_test, concept),
+            )
+            for d in self.nodes
+        ]
+        self.objectives.relabel(drifted, self.dataset.num_classes)
+
+
+def _majority(state: DriftState) -> int:
+    """The concept that labels most samples in ``state``."""
+    return state.concept if state.next is None or state.share < 0.5 else state.next
+
+
+@dataclass
+class Prequential:
+    """Prequential scores summed over node-steps."""
+
+    correct: float = 0.0
+    loss: float = 0.0
+    node_steps: int = 0
+
+    def add(self, result: StepResult) -> None:
+        """Add the scores of one learner step (its nodes' batches, before training)."""
+        self.correct += float(result.accuracy.sum())
+        self.loss += float(result.loss.sum())
+        self.node_steps += len(result.accuracy)
+
+    @property
+    def accuracy(self) -> float | None:
+        """Mean accuracy over the node-steps (None before any)."""
+        return self.correct / self.node_steps if self.node_steps else None
+
+    @property
+    def mean_loss(self) -> float | None:
+        return self.loss / self.node_steps if self.node_steps else None
