@@ -70,6 +70,7 @@ from p2pfl.daemon.outbox import Outboxes
 from p2pfl.daemon.transport import Transport, TransportError
 from p2pfl.learning.learner import PerNodeLearner
 from p2pfl.learning.params import ParamSchema
+from p2pfl.models import build_model, local_parameters
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import NodeCore, make_core
@@ -108,7 +109,7 @@ def check_model(schema: ParamSchema, membership: Membership, model_spec: str) ->
         f"`p2pfl community leave {manifest.id[:12]}`"
     )
     try:
-        part = shared_part(schema, manifest.shared)
+        part = shared_part(schema, manifest.shared, _local_parameters(manifest))
     except SharingError as exc:
         raise CommunityError(
             f"{label} shares {list(manifest.shared)}, but this node's model "
@@ -120,6 +121,16 @@ def check_model(schema: ParamSchema, membership: Membership, model_spec: str) ->
             f"({model_spec!r}) has {_describe(part.schema)} under {list(manifest.shared)}; {fix}"
         )
     return part
+
+
+def _local_parameters(manifest: Manifest) -> list[str]:
+    """What the community's ``local=`` keeps on every member (e.g. BatchNorm's affine
+    parameters), named on the manifest's own model."""
+    local = parse_protocol(manifest.protocol).local
+    if not local:
+        return []
+    model = build_model(manifest.model, manifest.input_shape, manifest.classes, seed=0)
+    return local_parameters(model, local)
 
 
 def check_whole_model_protocol(config: NodeConfig, memberships: Sequence[Membership]) -> None:

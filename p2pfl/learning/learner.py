@@ -14,14 +14,20 @@ unless a protocol uses it. ``lr_t`` is the base learning rate times the schedule
 the node's own step count ``t`` (see ``schedule.py``). Every step also scores each node's
 batch *before* training on it (prequential evaluation): the logits of the training step's
 forward pass give its accuracy at no extra cost.
+
+Models with BatchNorm train in both: running statistics are buffers, not parameters, so they
+are never part of the flat vector (never sent, never merged): every node keeps its own,
+updated by its own batches (stacked ``[nodes, ...]`` in the batched learner). Predictions
+use them (eval mode); training uses batch statistics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -195,16 +201,22 @@ class PerNodeLearner(Learner):
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in self.models])
+        with _evaluating(self.models):
+            return torch.stack([m(x) for m in self.models])
 
     @torch.no_grad()
     def logits_each(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(xi) for m, xi in zip(self.models, x, strict=True)])
+        with _evaluating(self.models):
+            return torch.stack([m(xi) for m, xi in zip(self.models, x, strict=True)])
 
     @torch.no_grad()
     def _logits_of(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         self.schema.load(self._probe, vector)
-        return self._probe(x).T
+        for name, buf in self._probe.named_buffers():  # the nodes' mean statistics
+            stacked = torch.stack([m.get_buffer(name) for m in self.models])
+            buf.copy_(stacked.float().mean(0) if buf.is_floating_point() else stacked[0])
+        with _evaluating([self._probe]):
+            return self._probe(x).T
 
 
 class BatchedLearner(Learner):
@@ -215,21 +227,21 @@ class BatchedLearner(Learner):
     weights are strided views of the flat tensor, every layer is one batched matrix product
     (``torch.baddbmm``) with activations kept as ``[nodes, features, batch]``, and the
     backward pass and the SGD update are written out by hand (no autograd). Every other model
-    goes through ``vmap`` over ``functional_call`` and one ``autograd.grad``.
+    goes through ``vmap`` over ``functional_call`` and one ``autograd.grad``; its buffers
+    (BatchNorm running statistics) are stacked per node in ``buffers`` and updated in place
+    by each node's own forward pass.
     """
 
     def __init__(self, model: nn.Module, data: NodeDataBank, sgd: SGDConfig) -> None:
-        unsupported = [type(m).__name__ for m in model.modules() if _has_state(m)]
-        if unsupported:
-            raise ValueError(
-                f"the batched learner cannot train models with running state ({unsupported}); "
-                'use the per-node learner (learner = "per-node" in the scenario)'
-            )
         self.schema = ParamSchema.from_module(model)
         self.data = data
         self.sgd = sgd
         self.template = copy.deepcopy(model).to("meta")
         self.params = self.schema.flatten(model).repeat(data.num_nodes, 1)
+        self.buffers = {
+            name: b.detach().unsqueeze(0).repeat(data.num_nodes, *[1] * b.dim())
+            for name, b in model.named_buffers()
+        }
         self.momentum = torch.zeros_like(self.params) if sgd.momentum else None
         self.corrections: torch.Tensor | None = None
         self.steps_taken = torch.zeros(data.num_nodes, dtype=torch.long)
@@ -245,9 +257,18 @@ class BatchedLearner(Learner):
         """Whether this model trains on the hand-written ``Linear``/``ReLU`` fast path."""
         return self._dense is not None
 
-    def _forward_one(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _forward_one(
+        self, flat: torch.Tensor, buffers: dict[str, torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
         tensors = dict(zip(self.schema.names, self.schema.split(flat), strict=True))
-        return functional_call(self.template, tensors, (x,))
+        return functional_call(self.template, tensors | buffers, (x,))
+
+    def _predict(
+        self, params: torch.Tensor, buffers: dict[str, torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
+        """Generic-path predictions in eval mode (running statistics, no update)."""
+        with _evaluating([self.template]):
+            return self._forward(params, buffers, x)
 
     def step(self, nodes: torch.Tensor) -> StepResult:
         nodes = nodes.long()
@@ -296,7 +317,13 @@ class BatchedLearner(Learner):
                 else StepResult(*(torch.cat(column) for column in zip(*parts, strict=True)))
             )
         else:
-            result = self._generic_step(w, m, c, xb, yb, lrs)
+            buffers = self.buffers
+            if not every:
+                buffers = {name: b.index_select(0, nodes) for name, b in buffers.items()}
+            result = self._generic_step(w, m, c, buffers, xb, yb, lrs)
+            if not every:
+                for name, b in buffers.items():
+                    self.buffers[name].index_copy_(0, nodes, b)
         if not every:
             self.params.index_copy_(0, nodes, w)
             if self.momentum is not None and m is not None:
@@ -385,13 +412,15 @@ class BatchedLearner(Learner):
         w: torch.Tensor,
         m: torch.Tensor | None,
         c: torch.Tensor | None,
+        buffers: dict[str, torch.Tensor],
         xb: torch.Tensor,
         yb: torch.Tensor,
         lr: float | torch.Tensor,
     ) -> StepResult:
-        """``vmap`` forward over ``functional_call`` and one ``autograd.grad`` (any model)."""
+        """``vmap`` forward over ``functional_call`` and one ``autograd.grad`` (any model;
+        ``buffers`` are updated in place by training-mode layers such as BatchNorm)."""
         leaf = w.detach().requires_grad_(True)
-        out = self._forward(leaf, xb)  # [k, batch, classes]
+        out = self._forward(leaf, buffers, xb)  # [k, batch, classes]
         losses = nn.functional.cross_entropy(out.transpose(1, 2), yb, reduction="none").mean(1)
         (grad,) = torch.autograd.grad(losses.sum(), leaf)
         accuracy = (out.detach().argmax(2) == yb).float().mean(1)  # prequential
@@ -425,13 +454,13 @@ class BatchedLearner(Learner):
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self._dense is None:
-            return self._forward(self.params, x.expand(self.num_nodes, *x.shape))
+            return self._predict(self.params, self.buffers, x.expand(self.num_nodes, *x.shape))
         return torch.cat([z.transpose(1, 2) for z in self._dense_logits(x)])
 
     @torch.no_grad()
     def logits_each(self, x: torch.Tensor) -> torch.Tensor:
         if self._dense is None:
-            return self._forward(self.params, x)
+            return self._predict(self.params, self.buffers, x)
         size = max(1, (1 << 22) // max(1, x.shape[1] * max(la.out_features for la in self._dense)))
         blocks = []
         for start in range(0, self.num_nodes, size):
@@ -451,7 +480,11 @@ class BatchedLearner(Learner):
     @torch.no_grad()
     def _logits_of(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self._dense is None:
-            return self._forward(vector[None], x[None])[0].T
+            mean = {  # the nodes' mean running statistics
+                name: (b.mean(0) if b.is_floating_point() else b[0]).unsqueeze(0)
+                for name, b in self.buffers.items()
+            }
+            return self._predict(vector[None], mean, x[None])[0].T
         h = x.T[None]
         for layer in self._dense:
             h = layer.forward(vector[None], h)
@@ -553,5 +586,15 @@ def _score(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return acc, nn.functional.cross_entropy(logits, target, reduction="none").mean(1)
 
 
-def _has_state(module: nn.Module) -> bool:
-    return any(True for _ in module.buffers(recurse=False))
+@contextlib.contextmanager
+def _evaluating(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Modules in eval mode (BatchNorm uses its running statistics) for the block."""
+    modules = list(modules)
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)

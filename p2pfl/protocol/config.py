@@ -19,6 +19,7 @@ from p2pfl.spec import (
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 MERGES = ("uniform", "samples")
 CODEC_KEYS = {"codec", "block", "topk"}
+LOCAL_KINDS = ("bn",)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class ProtocolConfig:
     merge: str = "uniform"
     timeout: float = 0.5
     codec: CodecConfig | None = None
+    local: str = ""
     text: str = ""
 
     @property
@@ -53,12 +55,18 @@ DYNAMIC_DEFAULTS = {"b": 2, "rel": 0.002, "correction": 0.1, "cap": 0, "group": 
 def parse_protocol(text: str) -> ProtocolConfig:
     """Parse and validate a protocol spec; bad specs raise SpecError naming the fix."""
     spec = parse_spec(text, PROTOCOLS)
-    common = {"merge", "timeout"} | CODEC_KEYS
+    common = {"merge", "timeout", "local"} | CODEC_KEYS
     merge = spec.take("merge", str, "uniform")
     if merge not in MERGES:
         raise SpecError(f"{text!r}: merge must be one of {', '.join(MERGES)}")
     timeout = spec.take("timeout", _positive_float, 0.5)
-    base = {"merge": merge, "timeout": timeout, "codec": _codec(spec), "text": spec.text}
+    base = {
+        "merge": merge,
+        "timeout": timeout,
+        "codec": _codec(spec),
+        "local": spec.take("local", _local, ""),
+        "text": spec.text,
+    }
     if spec.kind in ("none", "continuous"):
         spec.check_keys(common if spec.kind == "continuous" else set())
         return ProtocolConfig(kind="periodic" if spec.kind == "continuous" else "none", b=1, **base)
@@ -106,6 +114,15 @@ def _codec(spec: Spec) -> CodecConfig | None:
     block = spec.take("block", non_negative_int, CodecConfig.block)
     fraction = spec.take("topk", _fraction, CodecConfig.fraction)
     return CodecConfig(name, block=block, fraction=fraction)
+
+
+def _local(raw: str) -> str:
+    if raw not in LOCAL_KINDS:
+        raise ValueError(
+            f"choose one of {', '.join(LOCAL_KINDS)} (bn: BatchNorm's affine parameters stay "
+            "on the node, FedBN; running statistics never leave it anyway)"
+        )
+    return raw
 
 
 def _fraction(raw: str) -> float:

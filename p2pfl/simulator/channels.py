@@ -9,9 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import networkx as nx
+from torch import nn
 
 from p2pfl.community.sharing import SharedPart, SharingError, check_disjoint, shared_part
 from p2pfl.learning.params import ParamSchema
+from p2pfl.models import local_parameters
 from p2pfl.protocol.config import ProtocolConfig, parse_protocol
 from p2pfl.simulator.scenario import CommunityConfig, ScenarioError
 from p2pfl.spec import SpecError
@@ -36,14 +38,17 @@ class Channel:
         return sorted(self.graph.nodes)
 
 
-def whole_model_channel(graph: nx.Graph, schema: ParamSchema, protocol: str) -> Channel:
-    """Every node of ``graph`` syncs its whole model: the plain simulation."""
-    return Channel(WHOLE_MODEL, graph, shared_part(schema, ["*"]), parse_protocol(protocol))
+def whole_model_channel(graph: nx.Graph, model: nn.Module, protocol: str) -> Channel:
+    """Every node of ``graph`` syncs its whole model (but what ``local=`` keeps): the plain
+    simulation."""
+    config = parse_protocol(protocol)
+    part = shared_part(ParamSchema.from_module(model), ["*"], local_parameters(model, config.local))
+    return Channel(WHOLE_MODEL, graph, part, config)
 
 
 def community_channels(
     communities: Sequence[CommunityConfig],
-    schema: ParamSchema,
+    model: nn.Module,
     nodes: int,
     seed: int,
     allow_disconnected: bool = False,
@@ -52,10 +57,12 @@ def community_channels(
 
     Raises ``ScenarioError`` naming the community and key to fix."""
     channels = []
+    schema = ParamSchema.from_module(model)
     for i, community in enumerate(communities):
         where = f"communities[{i}] ({community.name!r})"
+        protocol = parse_protocol(community.protocol)
         try:
-            part = shared_part(schema, community.shared)
+            part = shared_part(schema, community.shared, local_parameters(model, protocol.local))
         except SharingError as exc:
             raise ScenarioError(f"{where}, key 'shared': {exc}") from None
         try:
@@ -68,7 +75,7 @@ def community_channels(
         except SpecError as exc:
             raise ScenarioError(f"{where}, key 'topology': {exc}") from None
         graph = nx.relabel_nodes(local, dict(enumerate(community.members)))
-        channels.append(Channel(community.name, graph, part, parse_protocol(community.protocol)))
+        channels.append(Channel(community.name, graph, part, protocol))
     for node in range(nodes):
         mine = [(repr(c.name), c.part) for c in channels if node in c.graph]
         try:

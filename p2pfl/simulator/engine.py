@@ -38,7 +38,6 @@ from torch import nn
 from p2pfl.community.sharing import Corrections, PartView
 from p2pfl.data import Dataset, NodeData, load_dataset, split_nodes
 from p2pfl.learning.learner import BatchedLearner, Learner, PerNodeLearner, SGDConfig
-from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.learning.schedule import parse_lr_schedule
 from p2pfl.models import build_model
@@ -79,8 +78,7 @@ def prepare(scenario: Scenario) -> Prepared:
     if not s.communities:
         graph = build_topology(s.topology, s.nodes, s.seed, s.allow_disconnected)
         return Prepared(s, dataset, nodes, graph, model)
-    schema = ParamSchema.from_module(model)
-    channels = community_channels(s.communities, schema, s.nodes, s.seed, s.allow_disconnected)
+    channels = community_channels(s.communities, model, s.nodes, s.seed, s.allow_disconnected)
     return Prepared(s, dataset, nodes, union_graph(channels, s.nodes), model, channels)
 
 
@@ -137,7 +135,7 @@ class Simulation:
             self.learner = PerNodeLearner(prepared.model, bank, sgd)
         self.schema = self.learner.schema
         if channels is None:
-            channels = [whole_model_channel(prepared.graph, self.schema, protocol)]
+            channels = [whole_model_channel(prepared.graph, prepared.model, protocol)]
         self.channels = list(channels)
         self.net = SimNetwork(prepared.graph, s.network, s.seed)
         step_size = s.lr / (1 - s.momentum)
