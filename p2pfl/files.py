@@ -1,4 +1,4 @@
-"""Writing small private files (keys, memberships) so that a crash never leaves half a file."""
+"""Writing files so that a crash never leaves half a file: keys, memberships, checkpoints."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import tempfile
 from pathlib import Path
 
 
-def write_private_atomically(path: Path, data: bytes) -> None:
+def write_private_atomically(path: Path, data: bytes, previous: Path | None = None) -> None:
     """Replace ``path`` by ``data`` (mode 0600): written to a temporary file beside it,
-    flushed to disk, then renamed over it."""
+    flushed to disk, then renamed over it, and the directory flushed too. With ``previous``,
+    the current ``path`` (if any) is first moved there, so one older copy survives."""
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)  # mkstemp creates the file with mode 0600
     try:
@@ -17,7 +18,14 @@ def write_private_atomically(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -7,6 +7,7 @@ A spec is ``name`` or ``name:key=value,key=value``; e.g. ``small-world:k=4,p=0.2
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +101,14 @@ def non_negative_float(raw: str) -> float:
     return value
 
 
+def positive_float(raw: str) -> float:
+    """Convert to a finite float > 0."""
+    value = float(raw)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError("must be a positive number")
+    return value
+
+
 def probability(raw: str) -> float:
     """Convert to a float in [0, 1]."""
     value = float(raw)
@@ -119,5 +128,20 @@ def whole_number(low: int, high: int | None = None) -> Callable[[Any], int]:
             bound = f"between {low} and {high}" if high is not None else f">= {low}"
             raise ValueError(f"must be {bound}, got {value}")
         return value
+
+    return convert
+
+
+def finite_number(*, positive: bool = False) -> Callable[[Any], float]:
+    """A converter of an already typed value (TOML, JSON) that must be a finite number,
+    ``> 0`` if ``positive`` else ``>= 0``; bools and strings are refused."""
+
+    def convert(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"must be a number, got {value!r}")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            bound = "a positive number" if positive else "a finite number >= 0"
+            raise ValueError(f"must be {bound}, got {value}")
+        return float(value)
 
     return convert

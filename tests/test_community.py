@@ -16,6 +16,7 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kit import MSGPACK_VALUES
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from typer.testing import CliRunner, Result
@@ -544,21 +545,11 @@ def test_a_hostile_manifest_is_bounded():
 
 # -- hostile bytes -------------------------------------------------------------------------
 
-msgpack_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.floats()
-    | st.text()
-    | st.binary(),
-    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=12,
-)
 BASE64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_="
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=2048) | msgpack_values.map(msgpack.packb))
+@given(st.binary(max_size=2048) | MSGPACK_VALUES.map(msgpack.packb))
 def test_random_invites_and_credentials_only_raise_community_error(manifest: Manifest, data):
     with contextlib.suppress(CommunityError):
         Invite.from_bytes(data)
@@ -570,7 +561,7 @@ def test_random_invites_and_credentials_only_raise_community_error(manifest: Man
 @given(
     st.text(max_size=300)
     | st.text(BASE64URL, max_size=300).map(lambda t: TOKEN_PREFIX + t)
-    | msgpack_values.map(lambda v: TOKEN_PREFIX + urlsafe_b64encode(msgpack.packb(v)).decode())
+    | MSGPACK_VALUES.map(lambda v: TOKEN_PREFIX + urlsafe_b64encode(msgpack.packb(v)).decode())
 )
 def test_random_tokens_only_raise_community_error(token: str):
     with pytest.raises(CommunityError):

@@ -8,7 +8,6 @@ and two communities share disjoint parts of one model.
 from __future__ import annotations
 
 import dataclasses
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +18,7 @@ import msgpack
 import pytest
 import torch
 import trio
+from kit import free_ports
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
@@ -33,16 +33,11 @@ from p2pfl.community.invite import (
 )
 from p2pfl.community.manifest import CommunityError, Manifest, create_manifest
 from p2pfl.daemon import communities
-from p2pfl.daemon.community_wire import (
-    HELLO_PROTOCOL,
-    SYNC_PROTOCOL,
-    Announcement,
-    Hello,
-    topic_of,
-)
+from p2pfl.daemon.community_wire import HELLO_PROTOCOL, Announcement, Hello, topic_of
 from p2pfl.daemon.config import ConfigError, load_config
 from p2pfl.daemon.control import request
 from p2pfl.daemon.node import NodeDaemon
+from p2pfl.daemon.sync import SYNC_PROTOCOL
 from p2pfl.daemon.transport import Subscription, Transport, load_or_create_identity
 from p2pfl.learning.params import ParamSchema
 from p2pfl.wire.codec import decode, encode
@@ -110,12 +105,7 @@ class Node:
 
 
 def make_nodes(tmp_path: Path, n: int) -> list[Node]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
+    ports = free_ports(n)
     nodes = []
     for i in range(n):
         home = tmp_path / f"n{i}"

@@ -187,6 +187,7 @@ def expected_metrics(
         ("p2pfl_community_bytes_sent_total", community): counters["bytes_sent"],
         ("p2pfl_community_bytes_received_total", community): counters["bytes_received"],
         ("p2pfl_community_rejected_total", community): counters["rejected"],
+        ("p2pfl_community_send_failures_total", community): counters["send_failures"],
         ("p2pfl_community_members", community): members,
     }
 
@@ -229,8 +230,8 @@ def wrong_correction_dtype(entry: dict[str, Any]) -> None:
     entry["core"]["correction"] = entry["core"]["correction"].double()
 
 
-def missing_counter(entry: dict[str, Any]) -> None:
-    del entry["counters"]["bytes_sent"]
+def malformed_counter(entry: dict[str, Any]) -> None:
+    entry["counters"]["bytes_sent"] = "many"
 
 
 def missing_core(entry: dict[str, Any]) -> None:
@@ -243,7 +244,7 @@ def missing_core(entry: dict[str, Any]) -> None:
         (wrong_schema, "saved for another shared schema"),
         (wrong_reference, "its reference is torch.float32 [3]"),
         (wrong_correction_dtype, "its correction is torch.float64"),
-        (missing_counter, "bytes_sent"),
+        (malformed_counter, "many"),
         (missing_core, "core"),
     ],
 )
@@ -271,7 +272,9 @@ def test_saved_state_that_does_not_fit_starts_the_community_afresh(
     assert reason in warnings[0]
     fresh = core_of(a, body)
     assert (fresh.step, fresh.stats.syncs, fresh.correction) == (0, 0, None)
-    assert a.community(body).counters == {"bytes_sent": 0, "bytes_received": 0, "rejected": 0}
+    assert a.community(body).counters == dict.fromkeys(
+        ["bytes_sent", "bytes_received", "rejected", "send_failures"], 0
+    )
     assert torch.equal(fresh.reference, a.community(body).part.take(model))
     assert_same(snapshot(a, head), saved_head)
     assert_learner_correction(a, {head: saved_head["correction"]})

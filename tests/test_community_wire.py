@@ -20,39 +20,22 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit import HEX_IDS, INT64, MSGPACK_VALUES, random_payloads
 from test_community_daemon import admit, draft, found, make_nodes
 
 from p2pfl.community.invite import make_credential
 from p2pfl.community.manifest import Manifest
 from p2pfl.community.store import load_memberships
 from p2pfl.daemon.communities import Communities
-from p2pfl.daemon.community_wire import (
-    LEFT,
-    Announcement,
-    Hello,
-    split_sync_frame,
-    sync_frame,
-)
+from p2pfl.daemon.community_wire import LEFT, Announcement, Hello
 from p2pfl.daemon.node import NodeDaemon
+from p2pfl.daemon.sync import SyncChannels, split_sync_frame, sync_frame
 from p2pfl.daemon.transport import TransportError
+from p2pfl.runtime import NodeModel
 from p2pfl.wire.codec import WireError, encode
 from p2pfl.wire.messages import Average, Busy, ModelReply, Pull, Push
 
-INT64 = st.integers(-(2**63), 2**63 - 1)
-MSGPACK_VALUES = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.floats()
-    | st.text(max_size=40)
-    | st.binary(max_size=40),
-    lambda inner: (
-        st.lists(inner, max_size=10)
-        | st.dictionaries(st.text(max_size=12) | st.integers(0, 9), inner, max_size=6)
-    ),
-    max_leaves=20,
-)
-RANDOM_PAYLOADS = st.binary(max_size=300) | MSGPACK_VALUES.map(msgpack.packb)
+RANDOM_PAYLOADS = random_payloads()
 FUZZ = settings(
     max_examples=150,
     deadline=None,
@@ -126,9 +109,6 @@ def hello_shaped(
             {k: v for k, v in {**t[0], **t[1]}.items() if not (t[2] and k == "answer")}
         )
     )
-
-
-HEX_IDS = st.text("0123456789abcdef", min_size=31, max_size=33)
 
 
 def parse_or_wire_error(parse: Callable[[bytes], Any], payload: bytes) -> Any:
@@ -219,7 +199,9 @@ class Setup:
     def communities(self) -> Communities:
         """A fresh runtime for A's communities (a trio run each)."""
         a = self.a
-        return Communities(a.config, a.peer_id, a.learner, 100, 1, dict(a.counters))
+        counters = dict(a.counters)
+        sync = SyncChannels(a.schema, counters)
+        return Communities(a.config, a.peer_id, NodeModel(a.learner, 0, 100), sync, counters)
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +224,7 @@ def run_offline(setup: Setup, body: Callable[[Communities], Awaitable[None]]) ->
         communities = setup.communities()
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
+                communities.sync.start(nursery, OfflineTransport())  # type: ignore[arg-type]
                 communities.start(nursery, OfflineTransport())  # type: ignore[arg-type]
                 await body(communities)
                 await trio.testing.wait_all_tasks_blocked()
@@ -334,7 +317,7 @@ def test_the_sync_handler_takes_anything(setup, data):
         for peer, payload in sequence:
             before = refused(communities)
             taken = {cid: c.counters["bytes_received"] for cid, c in communities.active.items()}
-            await communities.on_sync(peer, payload)
+            await communities.sync.on_frame(peer, payload)
             now_taken = {cid: c.counters["bytes_received"] for cid, c in communities.active.items()}
             assert (refused(communities) == before + 1) != (now_taken != taken)
 

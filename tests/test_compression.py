@@ -14,7 +14,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_dynamic_invariants import DIM, TICK, Network, random_graph, start_models
+from kit import VirtualNet
+from test_dynamic_invariants import DIM, TICK, random_graph, start_models
 
 from p2pfl.learning.compression import (
     INT8_LEVELS,
@@ -300,12 +301,9 @@ def test_compressed_dynamic_keeps_the_global_mean_up_to_held_residuals(spec):
     n, seed = 10, 3
     gen = torch.Generator().manual_seed(seed)
     graph = random_graph(n, seed)
-    net = Network(graph, start_models(n, gen), seed, jitter=0.02)
-    config = parse_protocol(spec)
-    net.cores = {
-        str(i): make_core(str(i), config, net.models[str(i)], map(str, graph[i]), seed=i)
-        for i in graph
-    }
+    adjacency = {str(i): {str(j) for j in graph[i]} for i in graph}
+    start = {str(i): w for i, w in enumerate(start_models(n, gen))}
+    net = VirtualNet(spec, adjacency, start, seed=seed, latency=0.002, jitter=0.02, dim=DIM)
     before = net.mean()
     rng = random.Random(seed)
     for _ in range(300):
@@ -315,7 +313,7 @@ def test_compressed_dynamic_keeps_the_global_mean_up_to_held_residuals(spec):
                 net.step(node, 0.01 * torch.randn(DIM, generator=gen) + 0.002 * (int(node) - n / 2))
     net.settle()
     assert net.stat("sessions") >= 50 and net.stat("refused_codec") == 0
-    coded = [m for _, _, m in net.sent if isinstance(getattr(m, "params", None), Compressed)]
+    coded = [m for _, _, _, m in net.log if isinstance(getattr(m, "params", None), Compressed)]
     assert coded and all(m.params.codec in ("int8", "topk", "fp16") for m in coded)
     held = sum(
         (r for c in net.cores.values() for r in c.links.residuals().values()), torch.zeros(DIM)

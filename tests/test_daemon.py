@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import trio
+from kit import FakeModel, recorded_runtime
 from typer.testing import CliRunner
 
 from p2pfl.cli import app
@@ -22,7 +23,7 @@ from p2pfl.daemon.checkpoint import (
 )
 from p2pfl.daemon.config import CONFIG_FILE, ConfigError, load_config, write_template
 from p2pfl.daemon.control import ControlError, bind_socket, request, serve, socket_path
-from p2pfl.daemon.node import build_learning, node_seed
+from p2pfl.daemon.node import build_learning
 from p2pfl.daemon.state import node_state, restore_node_state
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import make_core
@@ -163,7 +164,7 @@ def test_interrupted_write_leaves_the_old_checkpoint(tmp_path):
 
 
 def test_dynamic_core_state_roundtrip():
-    model = type("M", (), {"read": lambda self: torch.arange(4.0), "samples": 10})()
+    model = FakeModel(torch.arange(4.0))
     config = parse_protocol("dynamic")
     core = make_core("a", config, model, ["b"])
     assert isinstance(core, DynamicCore)
@@ -180,36 +181,23 @@ def test_dynamic_core_state_roundtrip():
 def test_node_state_restores_model_optimizer_and_sampling(tmp_path):
     config = load_config(tmp_path, {"data": "digits:part=1/4,alpha=0.5", "model": "logistic"})
     first = build_learning(config, PEER).learner
-    core = make_core(PEER, config.protocol_config, _Access(first), [])
+    runtime = recorded_runtime(first, config.protocol, node=PEER)
     nodes = torch.tensor([0])
     for _ in range(5):
         first.step(nodes)
-        core.on_local_step(0.0)
-    state = decode_checkpoint(encode_checkpoint(node_state(first, core, PEER, {"rejected": 2})))
+        runtime.local_step(0.0)
+    saved = node_state(first, runtime.core, PEER, {"rejected": 2})
+    state = decode_checkpoint(encode_checkpoint(saved))
     second = build_learning(config, PEER).learner
-    core2 = make_core(PEER, config.protocol_config, _Access(second), [])
-    assert restore_node_state(second, core2, PEER, state) == {"rejected": 2}
-    assert core2.step == 5
+    runtime2 = recorded_runtime(second, config.protocol, node=PEER)
+    assert restore_node_state(second, runtime2, PEER, state) == {"rejected": 2}
+    assert runtime2.core.step == 5
+    assert torch.equal(second.correction(0), first.correction(0))
     first.step(nodes)
     second.step(nodes)
     assert torch.equal(first.get(0), second.get(0))
     with pytest.raises(ValueError, match="belongs to peer"):
-        restore_node_state(second, core2, "someone-else", state)
-
-
-class _Access:
-    def __init__(self, learner):
-        self.learner = learner
-
-    def read(self):
-        return self.learner.get(0)
-
-    samples = 100
-
-
-def test_node_seed_differs_per_peer():
-    assert node_seed(0, "a") != node_seed(0, "b")
-    assert node_seed(0, "a") == node_seed(0, "a")
+        restore_node_state(second, runtime2, "someone-else", state)
 
 
 # ------------------------------------------------------------------------ control socket

@@ -4,7 +4,6 @@ peer and resume from checkpoints, and refuse bad peers while they keep serving."
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import trio
+from kit import free_ports
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
@@ -27,7 +27,8 @@ from multiaddr import Multiaddr
 
 from p2pfl.daemon.config import CONFIG_FILE, KEY_FILE, load_config
 from p2pfl.daemon.control import ControlError, request
-from p2pfl.daemon.node import SYNC_PROTOCOL, build_learning
+from p2pfl.daemon.node import build_learning
+from p2pfl.daemon.sync import SYNC_PROTOCOL, WHOLE_MODEL, sync_frame
 from p2pfl.daemon.transport import Transport, TransportError, load_or_create_identity
 from p2pfl.learning.params import ParamSchema
 from p2pfl.models import build_model
@@ -99,16 +100,6 @@ class Daemon:
     def log(self) -> str:
         path = self.home / "node.log"
         return path.read_text() if path.exists() else ""
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def make_network(tmp_path: Path, n: int, steps: int, protocol: str = "dynamic") -> list[Daemon]:
@@ -183,12 +174,13 @@ async def _send_bad_frames(target: Daemon, caplog_marks: list[str]) -> None:
     other = ParamSchema.from_module(build_model("logistic", (1, 8, 8), 10, 0))
     nan = torch.zeros(schema.numel)
     nan[3] = float("nan")
-    frames = {
+    messages = {
         "malformed msgpack": b"\xc1garbage",
         "schema hash mismatch": encode(Push(-1, torch.zeros(other.numel), 5), other),
         "NaN/inf": encode(Push(-1, nan, 5), schema),
         "exceeds the limit": b"\x00" * (max_message_bytes(schema) + 1),
     }
+    frames = {reason: sync_frame(WHOLE_MODEL, m) for reason, m in messages.items()}
     async with Transport(create_new_key_pair()) as evil:
         peer = await evil.connect(target.addr)
         for reason, frame in frames.items():
@@ -246,7 +238,7 @@ def test_bad_peers_are_refused_and_the_node_keeps_serving(tmp_path):
         assert "p2pfl_rejected_total 3.0" in metrics and "p2pfl_step_total" in metrics
         log = node.log()
         for reason in sent:
-            assert "refused message from peer" in log and reason in log, reason
+            assert "refused sync frame from peer" in log and reason in log, reason
     finally:
         node.stop()
     assert node.proc is not None and node.proc.returncode == 0

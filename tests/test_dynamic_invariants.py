@@ -2,14 +2,13 @@
 many overlapping sessions on a random graph; a node whose drift stays within Δ never starts
 a session (a network that stays within Δ is silent); traffic resumes after concept drift.
 
-The first two drive the sans-I/O cores directly over fake models (one tensor each) with the
-real wire codec, a fake clock with latency and jitter, and timers; the last one runs the
+The first ones run the cores in the kit's ``VirtualNet`` (the runtime over fake models, the
+real wire codec, a virtual clock with latency and jitter, and timers); the last one runs the
 simulator on digits.
 """
 
 from __future__ import annotations
 
-import heapq
 import random
 
 import networkx as nx
@@ -17,109 +16,28 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit import SEEDS, VirtualNet
 
-from p2pfl.learning.params import ParamSchema, ParamSpec
-from p2pfl.protocol.actions import ReplaceModel, Send, SetCorrection, SetTimer
-from p2pfl.protocol.config import parse_protocol
-from p2pfl.protocol.core import make_core
 from p2pfl.protocol.dynamic import CORRECTION_STEPS, DynamicCore, correction_gain
 from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.scenario import load_scenario
-from p2pfl.wire.codec import decode, encode
 from p2pfl.wire.messages import Busy, ModelReply, Pull
 
 DIM = 32
-SCHEMA = ParamSchema((ParamSpec("w", (DIM,)),))
 TICK = 0.01
 
 
-class FakeModel:
-    """``ModelAccess`` over one tensor."""
-
-    def __init__(self, w: torch.Tensor) -> None:
-        self.w = w.clone()
-
-    def read(self) -> torch.Tensor:
-        return self.w
-
-    @property
-    def samples(self) -> int:
-        return 10
+def network(graph: nx.Graph, models: list[torch.Tensor], seed: int, jitter: float) -> VirtualNet:
+    """Default-``dynamic`` cores on ``graph``; messages arrive after 2 ms plus uniform
+    ``jitter``."""
+    adjacency = {str(i): {str(j) for j in graph[i]} for i in graph}
+    start = {str(i): w for i, w in enumerate(models)}
+    return VirtualNet("dynamic", adjacency, start, seed=seed, latency=0.002, jitter=jitter, dim=DIM)
 
 
-class Network:
-    """Default-``dynamic`` cores on ``graph`` over fake models; messages go through the wire
-    codec and arrive after ``latency`` plus uniform ``jitter``; timers fire on time."""
-
-    def __init__(self, graph: nx.Graph, models: list[torch.Tensor], seed: int, jitter: float):
-        self.config = parse_protocol("dynamic")
-        self.models = {str(i): FakeModel(w) for i, w in enumerate(models)}
-        self.cores = {
-            str(i): make_core(str(i), self.config, self.models[str(i)], map(str, graph[i]), seed=i)
-            for i in graph
-        }
-        self.rng = random.Random(seed)
-        self.jitter = jitter
-        self.now = 0.0
-        self.events: list = []
-        self.seq = 0
-        self.sent: list[tuple[str, str, object]] = []  # (src, dst, message) of every Send
-        self.corrections: dict[str, torch.Tensor] = {}  # the last drift correction per node
-        self.added = torch.zeros(DIM)  # the sum of every local step's change
-        self.alone = {n: m.w.clone() for n, m in self.models.items()}  # the same steps, no sync
-
-    def perform(self, node: str, actions: list) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                msg = decode(encode(action.message, SCHEMA), SCHEMA)
-                self.sent.append((node, action.to, msg))
-                at = self.now + 0.002 + self.rng.uniform(0, self.jitter)
-                self.seq += 1
-                heapq.heappush(self.events, (at, self.seq, "msg", (node, action.to, msg)))
-            elif isinstance(action, ReplaceModel):
-                self.models[node].w = action.params.clone()
-            elif isinstance(action, SetTimer):
-                self.seq += 1
-                heapq.heappush(self.events, (action.at, self.seq, "timer", (node, action.key)))
-            else:
-                assert isinstance(action, SetCorrection)
-                self.corrections[node] = action.vector.clone()
-
-    def advance(self, until: float) -> None:
-        while self.events and self.events[0][0] <= until:
-            at, _, kind, payload = heapq.heappop(self.events)
-            self.now = at
-            if kind == "timer":
-                node, key = payload
-                self.perform(node, self.cores[node].on_timer(at, key))
-            else:
-                src, dst, msg = payload
-                self.perform(dst, self.cores[dst].on_message(at, src, msg))
-        self.now = max(self.now, until)
-
-    def settle(self) -> None:
-        for _ in range(100_000):
-            if not self.events:
-                return
-            self.advance(self.events[0][0])
-        raise AssertionError("the network never went quiet")
-
-    def step(self, node: str, change: torch.Tensor) -> None:
-        self.models[node].w = self.models[node].w + change
-        self.added += change
-        self.alone[node] += change
-        self.perform(node, self.cores[node].on_local_step(self.now))
-
-    def mean(self) -> torch.Tensor:
-        return torch.stack([m.w for m in self.models.values()]).mean(0)
-
-    def spread(self, alone: bool = False) -> float:
-        """Mean squared distance of the models to their mean (``alone``: without syncs)."""
-        w = torch.stack(list(self.alone.values()) if alone else [m.w for m in self.models.values()])
-        return float((w - w.mean(0)).square().sum(1).mean())
-
-    def stat(self, name: str) -> int:
-        return sum(getattr(c.stats, name) for c in self.cores.values())
+def sent(net: VirtualNet) -> list[tuple[str, str, object]]:
+    """(src, dst, message) of every send."""
+    return [(src, dst, m) for _, src, dst, m in net.log]
 
 
 def random_graph(n: int, seed: int) -> nx.Graph:
@@ -142,7 +60,7 @@ def start_models(n: int, gen: torch.Generator) -> list[torch.Tensor]:
 def test_default_dynamic_keeps_the_global_mean_on_a_random_graph(seed):
     n, ticks = 12, 400
     gen = torch.Generator().manual_seed(seed)
-    net = Network(random_graph(n, seed), start_models(n, gen), seed, jitter=0.03)
+    net = network(random_graph(n, seed), start_models(n, gen), seed, jitter=0.03)
     before = net.mean()
     rng = random.Random(seed)
     for _ in range(ticks):
@@ -168,14 +86,14 @@ def test_default_dynamic_keeps_the_global_mean_on_a_random_graph(seed):
 @pytest.mark.parametrize("steps", [2, 8, 16, 40, 200])
 def test_drift_corrections_sum_to_zero_and_compound_for_rare_syncs(steps):
     base = torch.ones(DIM)  # ||r||² = DIM: the default Δ = rel · DIM
-    net = Network(nx.path_graph(2), [base, base], seed=0, jitter=0.0)
+    net = network(nx.path_graph(2), [base, base], seed=0, jitter=0.0)
     lam, eta = net.config.correction, net.cores["0"].step_size
     one = torch.zeros(DIM)
     one[0] = 1e-4
     for _ in range(steps - 1):  # tiny steps: both stay within Δ, nothing is sent
         net.step("0", one)
         net.step("1", -one)
-    assert net.sent == []
+    assert net.log == []
     net.step("1", -one)
     net.step("0", torch.ones(DIM))  # an even step (b=2) far beyond Δ: a session of two
     net.settle()
@@ -199,11 +117,11 @@ def within(reference: torch.Tensor, target: torch.Tensor, delta: float) -> torch
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([0.01, 0.1, 1.0, 10.0]))
+@given(seed=SEEDS, scale=st.sampled_from([0.01, 0.1, 1.0, 10.0]))
 def test_a_network_that_stays_within_delta_is_silent(seed, scale):
     n = 6
     gen = torch.Generator().manual_seed(seed)
-    net = Network(random_graph(n, seed % 1000), start_models(n, gen), seed, jitter=0.01)
+    net = network(random_graph(n, seed % 1000), start_models(n, gen), seed, jitter=0.01)
     for _ in range(60):
         net.advance(net.now + TICK)
         for node, core in net.cores.items():
@@ -212,7 +130,7 @@ def test_a_network_that_stays_within_delta_is_silent(seed, scale):
             target = within(core.reference, w + scale * torch.randn(DIM, generator=gen), core.delta)
             net.step(node, target - w)
     net.settle()
-    assert net.sent == []
+    assert net.log == []
     assert net.stat("violations") == net.stat("sessions") == net.stat("syncs") == 0
 
 
@@ -220,7 +138,7 @@ def test_a_node_within_delta_never_coordinates_while_its_neighbours_do():
     n = 8
     gen = torch.Generator().manual_seed(7)
     graph = nx.complete_graph(n)
-    net = Network(graph, start_models(n, gen), seed=7, jitter=0.01)
+    net = network(graph, start_models(n, gen), seed=7, jitter=0.01)
     quiet = net.cores["0"]
     assert isinstance(quiet, DynamicCore)
     for _ in range(200):
@@ -234,7 +152,7 @@ def test_a_node_within_delta_never_coordinates_while_its_neighbours_do():
                 net.step(node, target - w)
     net.settle()
     assert quiet.stats.syncs > 10  # it took part in its neighbours' sessions...
-    own = [type(m) for src, _, m in net.sent if src == "0"]
+    own = [type(m) for src, _, m in sent(net) if src == "0"]
     assert ModelReply in own and set(own) <= {ModelReply, Busy}  # ...but only answered pulls
     assert quiet.stats.violations == quiet.stats.sessions == 0
     # control: one step beyond Δ on a check step starts a session at once
@@ -244,9 +162,9 @@ def test_a_node_within_delta_never_coordinates_while_its_neighbours_do():
     w = net.models["0"].w
     offset = torch.randn(DIM, generator=gen)
     beyond = quiet.reference + offset * (1.01 * quiet.delta) ** 0.5 / offset.norm()
-    before = len(net.sent)
+    before = len(net.log)
     net.step("0", beyond - w)
-    assert any(src == "0" and isinstance(m, Pull) for src, _, m in net.sent[before:])
+    assert any(src == "0" and isinstance(m, Pull) for src, _, m in sent(net)[before:])
 
 
 # -- traffic resumes after concept drift --

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit import INT64, MSGPACK_VALUES
 from torch import nn
 
 from p2pfl.learning.params import ParamSchema, ParamSpec
@@ -159,7 +160,6 @@ def test_encoded_size_is_exactly_the_encoded_length(schema: ParamSchema) -> None
         assert encoded_size(message, schema) == len(encode(message, schema))
 
 
-INT64 = st.integers(-(2**63), 2**63 - 1)
 EDGES = st.sampled_from(
     [0, 127, 128, -32, -33, -128, -129, 255, 256, 2**16 - 1, 2**16, -(2**15), -(2**15) - 1]
     + [2**32 - 1, 2**32, -(2**31), -(2**31) - 1, 2**63 - 1, -(2**63)]
@@ -450,18 +450,7 @@ def test_spliced_valid_frames_raise_only_wire_error(frame: bytes, data: st.DataO
 
 
 @FUZZ
-@given(
-    st.recursive(
-        st.none()
-        | st.booleans()
-        | st.integers(-(2**63), 2**64 - 1)
-        | st.floats()
-        | st.text()
-        | st.binary(),
-        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-        max_leaves=12,
-    )
-)
+@given(MSGPACK_VALUES)
 def test_arbitrary_msgpack_values_raise_only_wire_error(value: object) -> None:
     frame = {"v": 1, "type": "model", "session": 1, "samples": 1, "neighbors": [], "params": value}
     for payload in (value, frame):

@@ -202,7 +202,7 @@ def _identity(home: Path, create: bool) -> KeyPair:
 
 
 def _peer_id(key_pair: KeyPair) -> str:
-    from p2pfl.community.manifest import peer_id_of
+    from p2pfl.peers import peer_id_of
 
     return peer_id_of(key_pair.public_key)
 

@@ -28,13 +28,13 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 @app.command()
 def init(home: Path = HOME) -> None:
     """Create DIR with a private identity key and a commented config.toml."""
-    from libp2p.peer.id import ID
 
     from p2pfl.daemon.transport import load_or_create_identity
+    from p2pfl.peers import peer_id_of
 
     config = write_template(home)
     key_pair = load_or_create_identity(home / KEY_FILE)
-    print(f"peer id {ID.from_pubkey(key_pair.public_key)}")
+    print(f"peer id {peer_id_of(key_pair.public_key)}")
     print(f"edit {config}, then run: p2pfl node start --home {home}")
 
 

@@ -38,9 +38,9 @@ from p2pfl.community.manifest import (
     format_time,
     founder_public_key,
     load_manifest,
-    peer_id_of,
     verify_signature,
 )
+from p2pfl.peers import peer_id_of
 
 if TYPE_CHECKING:
     from p2pfl.community.store import Membership

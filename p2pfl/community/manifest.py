@@ -19,7 +19,6 @@ import dataclasses
 import fnmatch
 import functools
 import hashlib
-import math
 import tomllib
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -28,12 +27,12 @@ from typing import Any
 import msgpack
 from libp2p.crypto.keys import KeyPair, PublicKey
 from libp2p.crypto.serialization import deserialize_public_key
-from libp2p.peer.id import ID
 
 from p2pfl.errors import P2pflError
 from p2pfl.learning.params import ParamSchema, ParamSpec
+from p2pfl.peers import peer_id_of
 from p2pfl.protocol.config import PROTOCOLS, parse_protocol
-from p2pfl.spec import SpecError, parse_spec, whole_number
+from p2pfl.spec import SpecError, finite_number, parse_spec, whole_number
 
 MANIFEST_FORMAT = "p2pfl-manifest-v1"
 MANIFEST_DOMAIN = MANIFEST_FORMAT.encode()
@@ -170,11 +169,6 @@ class Manifest:
 def format_time(unix_seconds: int) -> str:
     """``2025-01-31 12:00 UTC``."""
     return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def peer_id_of(public_key: PublicKey) -> str:
-    """The libp2p peer id string of a public key."""
-    return str(ID.from_pubkey(public_key))
 
 
 def create_manifest(draft_text: str, source: str, key_pair: KeyPair, now: int) -> Manifest:
@@ -393,7 +387,7 @@ def _draft_protocol(policy: Mapping[str, Any], source: str) -> str:
         )
     args = dict(spec.args)
     extra = {
-        "delta": lambda v: repr(float(_number(v))),
+        "delta": lambda v: repr(finite_number()(v)),
         "b": lambda v: str(whole_number(1, 2**31)(v)),
         "merge": _text(20),
     }
@@ -474,14 +468,6 @@ def _admission(value: Any) -> str:
     if value not in ADMISSIONS:
         raise ValueError(f"must be one of {', '.join(map(repr, ADMISSIONS))}, got {value!r}")
     return value
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"must be a number, got {value!r}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"must be a finite number >= 0, got {value}")
-    return float(value)
 
 
 def _shape(value: Any) -> tuple[int, ...]:

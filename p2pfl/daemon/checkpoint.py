@@ -2,8 +2,9 @@
 
 A checkpoint file is ``MAGIC + sha256(payload) + payload`` where the payload is a
 ``torch.save`` of plain tensors, numbers, strings, lists and dicts (loaded back with
-``weights_only=True``). Saving writes ``ckpt.tmp``, fsyncs it, moves the current ``ckpt`` to
-``ckpt.prev`` and the new file into place, then fsyncs the directory. Loading takes the newest
+``weights_only=True``). Saving writes a temporary file, fsyncs it, moves the current ``ckpt``
+to ``ckpt.prev`` and the new file into place, then fsyncs the directory
+(``files.write_private_atomically``). Loading takes the newest
 file that verifies; one that does not is logged, renamed ``*.corrupt`` (so it is never rotated
 over the good previous copy) and skipped.
 """
@@ -20,13 +21,13 @@ from typing import Any
 import torch
 
 from p2pfl.errors import P2pflError
+from p2pfl.files import write_private_atomically
 
 log = logging.getLogger("p2pfl.daemon")
 
 MAGIC = b"P2PFLCK1"
 CURRENT = "ckpt"
 PREVIOUS = "ckpt.prev"
-_TEMP = "ckpt.tmp"
 
 
 class CheckpointError(P2pflError):
@@ -60,23 +61,7 @@ def decode_checkpoint(data: bytes) -> dict[str, Any]:
 
 def write_atomically(home: Path, data: bytes) -> None:
     """Replace ``home/ckpt`` by ``data``, keeping the current one as ``ckpt.prev``."""
-    temp, current = home / _TEMP, home / CURRENT
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if current.exists():
-        os.replace(current, home / PREVIOUS)
-    os.replace(temp, current)
-    dir_fd = os.open(home, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_private_atomically(home / CURRENT, data, previous=home / PREVIOUS)
 
 
 def load_newest(home: Path) -> dict[str, Any] | None:

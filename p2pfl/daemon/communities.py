@@ -14,11 +14,13 @@ runs them:
 * discovery: each community announces this node on its topic every ``ANNOUNCE_EVERY_S``; a
   member that hears an unknown peer dials it and the hello decides. Bootstrap addresses of
   the membership (and peers that say hello) are the other way in.
-* traffic: frames go out through per-peer ``Outboxes`` (``outbox.py``).
+* traffic: each community is a channel of the node's ``SyncChannels`` (``sync.py``), the same
+  handler, outbox and counters as the whole-model sync; this module tells it who is reachable
+  (admitted members) and checks every frame's sender. Hellos go through the same outboxes.
 
-Leaving (``reload`` after ``p2pfl community leave``) stops a community at once: its core is
-dropped, frames queued or in flight are cancelled, the topic is left, its drift correction
-cleared, and its members are told (a refusal "left the community").
+Leaving (``reload`` after ``p2pfl community leave``) stops a community at once: its channel is
+closed (frames queued or in flight cancelled, drift correction cleared), the topic is left,
+and its members are told (a refusal "left the community").
 
 Each community's core state (step, reference, drift correction, stats) and counters go into
 the node checkpoint by community id, so a restarted node resumes every community it is still
@@ -27,55 +29,40 @@ in where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import trio
-from libp2p.peer.peerinfo import info_from_p2p_addr
-from multiaddr import Multiaddr
 
 from p2pfl.community.invite import check_credential, check_membership, make_credential
 from p2pfl.community.manifest import CommunityError, Manifest
-from p2pfl.community.sharing import (
-    Corrections,
-    PartView,
-    SharedPart,
-    SharingError,
-    check_disjoint,
-    shared_part,
-)
+from p2pfl.community.sharing import SharedPart, SharingError, check_disjoint, shared_part
 from p2pfl.community.store import Membership, load_memberships
 from p2pfl.daemon.community_wire import (
     HELLO_MAX_BYTES,
     HELLO_PROTOCOL,
-    ID_BYTES,
     LEFT,
     MAX_ANNOUNCED_ADDRS,
     MAX_REASON_CHARS,
-    SYNC_PROTOCOL,
     Announcement,
     Hello,
-    split_sync_frame,
-    sync_frame,
     topic_of,
 )
 from p2pfl.daemon.config import ConfigError, NodeConfig
-from p2pfl.daemon.outbox import Outboxes
+from p2pfl.daemon.sync import Channel, Frame, SyncChannels
 from p2pfl.daemon.transport import Transport, TransportError
-from p2pfl.learning.learner import PerNodeLearner
 from p2pfl.learning.params import ParamSchema
 from p2pfl.models import build_model, local_parameters
-from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
+from p2pfl.peers import peer_of_address
 from p2pfl.protocol.config import parse_protocol
-from p2pfl.protocol.core import NodeCore, make_core
+from p2pfl.protocol.core import NodeCore
+from p2pfl.runtime import CoreRuntime, NodeModel, open_core
 from p2pfl.spec import SpecError
-from p2pfl.wire.codec import WireError, decode, encode, max_message_bytes
+from p2pfl.wire.codec import WireError
 
 log = logging.getLogger("p2pfl.communities")
 
@@ -92,7 +79,6 @@ KNOWN_MEMBER_TTL_S = 60.0
 MAX_ANNOUNCED_PEERS = 256
 """Announced peers remembered per community (announcements prove no membership)."""
 BYE_TIMEOUT_S = 2.0
-OUTBOX_SIZE = 64
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -160,8 +146,8 @@ class Community:
 
     membership: Membership
     part: SharedPart
-    core: NodeCore
-    max_frame: int
+    runtime: CoreRuntime
+    """Its core on the shared part (replaced when it resumes from a checkpoint)."""
     admitted: dict[str, bytes | None] = field(default_factory=dict)
     """Members admitted on their current connection, with the credential they presented."""
     greeted: set[str] = field(default_factory=set)
@@ -170,12 +156,9 @@ class Community:
     """Peers heard on the topic (members, as they say): their addresses and when (trio
     clock)."""
     last_dial: dict[str, float] = field(default_factory=dict)
-    sending: set[trio.CancelScope] = field(default_factory=set)
-    """Scopes of this community's frames in flight (cancelled when it is left)."""
     tasks: trio.CancelScope = field(default_factory=trio.CancelScope)
-    counters: dict[str, int] = field(
-        default_factory=lambda: {"bytes_sent": 0, "bytes_received": 0, "rejected": 0}
-    )
+    counters: dict[str, int] = field(default_factory=dict)
+    """Its sync channel's counters (``sync.Channel.counters``)."""
 
     @property
     def id(self) -> str:
@@ -186,12 +169,17 @@ class Community:
         return self.membership.manifest
 
     @property
+    def core(self) -> NodeCore:
+        return self.runtime.core
+
+    @property
     def label(self) -> str:
         return f"{self.manifest.name!r} ({self.id[:12]})"
 
     def bootstrap_peers(self) -> dict[str, str]:
         """Peer id -> address of the membership's bootstrap list."""
-        return {addr.rsplit("/", 1)[-1]: addr for addr in self.membership.bootstrap}
+        peers = {peer_of_address(addr): addr for addr in self.membership.bootstrap}
+        return {peer: addr for peer, addr in peers.items() if peer is not None}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -204,18 +192,6 @@ class Community:
             "syncs": self.core.stats.syncs,
             **self.counters,
         }
-
-
-@dataclass(frozen=True)
-class _Frame:
-    protocol: str
-    community: str
-    data: bytes
-    after_leave: bool = False
-    """Send even if the community is no longer active (refusal notices)."""
-
-    def __len__(self) -> int:
-        return len(self.data)
 
 
 # ------------------------------------------------------------------------------- all of them
@@ -234,26 +210,21 @@ class Communities:
         self,
         config: NodeConfig,
         peer_id: str,
-        learner: PerNodeLearner,
-        samples: int,
-        seed: int,
+        model: NodeModel,
+        sync: SyncChannels,
         counters: dict[str, int],
     ) -> None:
         self.config = config
         self.peer_id = peer_id
-        self.learner = learner
-        self.samples = samples
-        self.seed = seed
+        self.model = model
+        self.schema = model.learner.schema
+        self.sync = sync
+        sync.on_unknown = self._on_unknown_channel
         self.node_counters = counters
-        """The node's counters; refused frames count in its ``rejected`` too."""
-        self.corrections = Corrections(learner.schema.numel)
+        """The node's counters; refused hellos count in its ``rejected`` too."""
         self.active: dict[str, Community] = {}
-        self.max_sync_frame = ID_BYTES + max_message_bytes(learner.schema)
         self._transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
-        self._outboxes = Outboxes[_Frame](
-            OUTBOX_SIZE, self._send, self._send_failed, counters, log, "community outbox"
-        )
         self._last_refusal: dict[tuple[str, str], float] = {}
         self._reload_lock = trio.Lock()
         for membership in self._checked(load_memberships(config.home)):
@@ -266,14 +237,13 @@ class Communities:
     # -------------------------------------------------------------------- lifecycle
 
     def register(self, transport: Transport) -> None:
-        """Install the hello and sync handlers on ``transport`` (before it runs peers)."""
+        """Install the hello handler on ``transport`` (before it runs peers)."""
         transport.set_handler(HELLO_PROTOCOL, self.on_hello, max_frame_bytes=HELLO_MAX_BYTES)
-        transport.set_handler(SYNC_PROTOCOL, self.on_sync, max_frame_bytes=self.max_sync_frame)
 
     def start(self, nursery: trio.Nursery, transport: Transport) -> None:
-        """Run the communities loaded at construction on ``transport``."""
+        """Run the communities loaded at construction on ``transport`` (after
+        ``SyncChannels.start``)."""
         self._nursery, self._transport = nursery, transport
-        self._outboxes.start(nursery)
         for community in self.active.values():
             nursery.start_soon(self._run, community)
 
@@ -301,7 +271,7 @@ class Communities:
         check_whole_model_protocol(self.config, memberships)
         parts = []
         for membership in memberships:
-            part = check_model(self.learner.schema, membership, self.config.model)
+            part = check_model(self.schema, membership, self.config.model)
             parts.append((f"community {membership.manifest.name!r}", part))
             try:
                 check_membership(membership, self.peer_id, int(time.time()))
@@ -314,13 +284,23 @@ class Communities:
         return memberships
 
     def _add(self, membership: Membership) -> Community:
-        part = check_model(self.learner.schema, membership, self.config.model)
-        core = self._new_core(membership, part)
-        community = Community(membership, part, core, max_message_bytes(part.schema))
+        part = check_model(self.schema, membership, self.config.model)
+        community = Community(membership, part, self._new_runtime(membership, part))
+        channel = self.sync.open(
+            Channel(
+                community.id,
+                f"community {community.label}",
+                community.runtime,
+                reaches=lambda peer: peer in community.admitted,
+                check=lambda peer: self._admission_problem(community, peer),
+                on_send_failed=lambda peer: self._drop(community, peer),
+            )
+        )
+        community.counters = channel.counters
         self.active[community.id] = community
         return community
 
-    def _new_core(self, membership: Membership, part: SharedPart) -> NodeCore:
+    def _new_runtime(self, membership: Membership, part: SharedPart) -> CoreRuntime:
         """A fresh core for the community: its policy on ``part``, the current model as
         reference."""
         try:
@@ -330,14 +310,14 @@ class Communities:
                 f"community {membership.manifest.name!r}: protocol {exc}; ask the founder to "
                 "fix the manifest"
             ) from None
-        digest = hashlib.sha256(f"{self.seed}:{membership.id}".encode()).digest()
-        return make_core(
+        return open_core(
+            self.model,
             self.peer_id,
             protocol,
-            PartView(lambda: self.learner.get(0), part, self.samples),
-            [],
-            seed=int.from_bytes(digest[:8], "big") & (2**63 - 1),
-            step_size=self.config.lr,
+            part,
+            self.sync.port(membership.id),
+            seed=self.config.seed,
+            channel=membership.id,
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -357,7 +337,7 @@ class Communities:
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Resume the communities this node is still in from ``saved`` (``state_dict`` of the
-        previous run), then give the learner the combined drift correction of their cores.
+        previous run); each restored core re-applies its drift correction to its part.
 
         State of a community the node left is ignored; state that does not fit the community
         (another shared schema, a malformed entry) is logged and that community starts afresh.
@@ -373,7 +353,7 @@ class Communities:
                 )
                 continue
             try:
-                community.core, community.counters = self._restored(community, state)
+                runtime, counters = self._restored(community, state)
             except (KeyError, TypeError, ValueError, RuntimeError) as exc:
                 log.warning(
                     "community %s starts afresh at step 0: its saved state does not fit (%s)",
@@ -381,43 +361,31 @@ class Communities:
                     exc,
                 )
                 continue
-            correction = getattr(community.core, "correction", None)
-            if isinstance(correction, torch.Tensor):
-                self.corrections.set(community.part, correction)
+            community.runtime = self.sync.active[community.id].runtime = runtime
+            community.counters.update(counters)
             log.info("community %s resumed at step %d", community.label, community.core.step)
-        if self.active:
-            self.learner.set_correction(0, self.corrections.correction)
 
     def _restored(
         self, community: Community, state: dict[str, Any]
-    ) -> tuple[NodeCore, dict[str, int]]:
-        """A new core and counters for ``community`` loaded from ``state``; raise ValueError
-        (or KeyError, TypeError) if it does not fit."""
+    ) -> tuple[CoreRuntime, dict[str, int]]:
+        """A new core's runtime and the counters for ``community`` restored from ``state``;
+        raise ValueError (or KeyError, TypeError) if it does not fit."""
         if not isinstance(state, dict):
             raise TypeError(f"expected a table, found {type(state).__name__}")
         if bytes(state["schema"]) != community.part.schema.digest():
             raise ValueError("it was saved for another shared schema")
-        core = self._new_core(community.membership, community.part)
-        core.load_state_dict(state["core"])
-        like = core.model.read()
-        for name, value in core.state_dict().items():
-            if isinstance(value, torch.Tensor) and (
-                value.shape != like.shape or value.dtype != like.dtype
-            ):
-                raise ValueError(
-                    f"its {name} is {value.dtype} {list(value.shape)}, the shared part is "
-                    f"{like.dtype} {list(like.shape)}"
-                )
-        counters = {name: int(state["counters"][name]) for name in community.counters}
-        return core, counters
+        counters = {
+            name: int(v) for name, v in state["counters"].items() if name in community.counters
+        }
+        runtime = self._new_runtime(community.membership, community.part)
+        runtime.restore(state["core"])
+        return runtime, counters
 
     async def _stop(self, community: Community) -> None:
         """Leave: no frame of this community is sent or accepted once this returns."""
         del self.active[community.id]
         community.tasks.cancel()
-        for scope in community.sending:
-            scope.cancel()
-        self.learner.set_correction(0, self.corrections.clear(community.part))
+        self.sync.close(community.id)
         if self._transport is not None:
             with trio.move_on_after(BYE_TIMEOUT_S, shield=True):
                 try:
@@ -510,7 +478,7 @@ class Communities:
         except WireError as exc:
             log.info("ignored announcement from %s on %s: %s", origin, community.label, exc)
             return
-        addrs = tuple(a for a in announcement.addrs if _is_address_of(a, origin))
+        addrs = tuple(a for a in announcement.addrs if peer_of_address(a) == origin)
         if origin not in community.announced:
             if len(community.announced) >= MAX_ANNOUNCED_PEERS:
                 log.debug(
@@ -533,7 +501,7 @@ class Communities:
             return
         community.greeted.add(peer)
         hello = Hello(community.id, make_credential(community.membership, self.peer_id, peer))
-        self._outboxes.put(peer, _Frame(HELLO_PROTOCOL, community.id, hello.to_bytes()))
+        self.sync.post(peer, Frame(HELLO_PROTOCOL, community.id, hello.to_bytes()))
 
     async def on_hello(self, peer: str, payload: bytes) -> None:
         """Hello handler: admit the peer if its credential holds, else tell it why not."""
@@ -580,12 +548,12 @@ class Communities:
         if peer not in community.admitted:
             log.info("community %s: admitted member %s", community.label, peer)
             community.admitted[peer] = hello.credential
-            self._perform(community, community.core.on_peer_up(trio.current_time(), peer))
+            community.runtime.peer_up(trio.current_time(), peer)
         if not hello.answer:  # answers are not answered: no ping-pong
             community.greeted.add(peer)
             credential = make_credential(community.membership, self.peer_id, peer)
             answer = Hello(community.id, credential, answer=True)
-            self._outboxes.put(peer, _Frame(HELLO_PROTOCOL, community.id, answer.to_bytes()))
+            self.sync.post(peer, Frame(HELLO_PROTOCOL, community.id, answer.to_bytes()))
 
     def _refuse(self, community_id: str, peer: str, reason: str) -> None:
         """Tell ``peer`` why it was refused (at most once per REFUSAL_EVERY_S and community)."""
@@ -598,8 +566,8 @@ class Communities:
             return
         self._last_refusal[(peer, community_id)] = now
         notice = Hello(community_id, answer=True, refused=reason[:MAX_REASON_CHARS])
-        frame = _Frame(HELLO_PROTOCOL, community_id, notice.to_bytes(), after_leave=True)
-        self._outboxes.put(peer, frame)
+        frame = Frame(HELLO_PROTOCOL, community_id, notice.to_bytes(), after_close=True)
+        self.sync.post(peer, frame)
 
     def _drop(self, community: Community, peer: str, greet_again: bool = True) -> None:
         """Forget ``peer``'s admission (it refused us, left, or is unreachable); unless
@@ -608,39 +576,13 @@ class Communities:
             community.greeted.discard(peer)
         if peer in community.admitted:
             del community.admitted[peer]
-            self._perform(community, community.core.on_peer_down(trio.current_time(), peer))
+            community.runtime.peer_down(trio.current_time(), peer)
 
     # -------------------------------------------------------------------- sync frames
 
-    async def on_sync(self, peer: str, payload: bytes) -> None:
-        """Sync handler: decode with the community's schema if the peer is admitted to it."""
-        cid, message_bytes = split_sync_frame(payload)
-        community = self.active.get(cid) if message_bytes else None
-        if community is None:
-            self.node_counters["rejected"] += 1
-            log.warning(
-                "refused sync frame from peer %s: this node is not a member of community %s",
-                peer,
-                cid or "(none)",
-            )
-            if len(cid) == 2 * ID_BYTES:
-                self._refuse(cid, peer, "this node is not a member of that community")
-            return
-        reason = self._admission_problem(community, peer)
-        if reason is None:
-            try:
-                message = decode(message_bytes, community.part.schema, community.max_frame)
-            except WireError as exc:
-                reason = str(exc)
-        if reason is not None:
-            community.counters["rejected"] += 1
-            self.node_counters["rejected"] += 1
-            log.warning(
-                "refused sync frame from peer %s in community %s: %s", peer, community.label, reason
-            )
-            return
-        community.counters["bytes_received"] += 4 + len(payload)
-        self._perform(community, community.core.on_message(trio.current_time(), peer, message))
+    def _on_unknown_channel(self, channel: str, peer: str) -> None:
+        """A sync frame for a community this node is not in: tell the sender."""
+        self._refuse(channel, peer, "this node is not a member of that community")
 
     def _admission_problem(self, community: Community, peer: str) -> str | None:
         if peer not in community.admitted:
@@ -656,66 +598,6 @@ class Communities:
             return str(exc)
         return None
 
-    # ------------------------------------------------------------------------ actions
-
-    def on_local_step(self, now: float) -> None:
-        """The learner took a step: every community core takes it too."""
-        for community in list(self.active.values()):
-            self._perform(community, community.core.on_local_step(now))
-
-    def _perform(self, community: Community, actions: list[Action]) -> None:
-        down: list[str] = []
-        for action in actions:
-            if self.active.get(community.id) is not community:
-                return
-            if isinstance(action, Send):
-                if action.to in community.admitted:
-                    data = sync_frame(community.id, encode(action.message, community.part.schema))
-                    self._outboxes.put(action.to, _Frame(SYNC_PROTOCOL, community.id, data))
-                else:
-                    log.debug("community %s: %s is not admitted", community.label, action.to)
-                    down.append(action.to)
-            elif isinstance(action, ReplaceModel):
-                self.learner.set(0, community.part.put(self.learner.get(0), action.params))
-            elif isinstance(action, SetCorrection):
-                full = self.corrections.set(community.part, action.vector)
-                self.learner.set_correction(0, full)
-            elif isinstance(action, SetTimer):
-                self._nursery_start(self._timer, community, action.at, action.key)
-        now = trio.current_time()
-        for peer in down:  # e.g. a peer a member named for widening, not admitted here
-            if peer not in community.core.down:
-                self._perform(community, community.core.on_peer_down(now, peer))
-
-    async def _timer(self, community: Community, at: float, key: Hashable) -> None:
-        await trio.sleep_until(at)
-        if self.active.get(community.id) is community:
-            self._perform(community, community.core.on_timer(trio.current_time(), key))
-
-    async def _send(self, peer: str, frame: _Frame) -> None:
-        """Send one queued frame unless its community was left meanwhile; leaving cancels it
-        in flight."""
-        assert self._transport is not None
-        community = self.active.get(frame.community)
-        if community is None and not frame.after_leave:
-            return  # left while the frame waited
-        with trio.CancelScope() as scope:
-            if community is not None:
-                community.sending.add(scope)
-            try:
-                await self._transport.send(peer, frame.protocol, frame.data)
-            finally:
-                if community is not None:
-                    community.sending.discard(scope)
-            if community is not None and frame.protocol == SYNC_PROTOCOL:
-                community.counters["bytes_sent"] += 4 + len(frame.data)
-
-    def _send_failed(self, peer: str, frame: _Frame, exc: TransportError) -> None:
-        log.warning("%s; dropping peer %s from community %s", exc, peer, frame.community)
-        community = self.active.get(frame.community)
-        if community is not None:
-            self._drop(community, peer)
-
     # ---------------------------------------------------------------------- peer events
 
     def peer_up(self, peer: str) -> None:
@@ -728,17 +610,9 @@ class Communities:
 
     def peer_down(self, peer: str) -> None:
         """The last connection closed: admissions end with it."""
-        self._outboxes.close(peer)
         for community in list(self.active.values()):
             self._drop(community, peer)
 
     def status(self) -> list[dict[str, Any]]:
         """One entry per community, for ``p2pfl node status``."""
         return [c.status() for c in sorted(self.active.values(), key=lambda c: c.manifest.name)]
-
-
-def _is_address_of(addr: str, peer: str) -> bool:
-    try:
-        return str(info_from_p2p_addr(Multiaddr(addr)).peer_id) == peer
-    except Exception:  # multiaddr parsing raises many unrelated types
-        return False

@@ -1,6 +1,7 @@
 """What community peers say to each other: the hello, sync and announcement formats.
 
-Three small protocols carry a community's traffic (``communities.py`` runs them):
+Two small protocols carry a community's own traffic (``communities.py`` runs them; its sync
+frames travel on the node's one sync protocol, ``sync.py``):
 
 * hello (``HELLO_PROTOCOL``): ``Hello`` = ``{community, credential, answer, refused}``. A
   credential (``make_credential``) proves membership to the receiver only: its proof is bound
@@ -9,8 +10,6 @@ Three small protocols carry a community's traffic (``communities.py`` runs them)
   authenticated peer id as prover and itself as verifier, admits the peer and answers with its
   own hello (bound to the sender); a refused hello is answered with the reason (``refused``),
   so both sides log it. ``LEFT`` is the refusal of a member that leaves.
-* sync (``SYNC_PROTOCOL``): ``sync_frame``: the 16-byte community id, then a wire message
-  encoded with the community's shared schema (``p2pfl.wire.codec``).
 * announcements on the gossipsub topic ``topic_of(community)``: ``Announcement`` =
   ``{peer, addrs}``, signed by the publisher. Any subscriber can read them, so they carry
   nothing that admits: only a hello proves membership.
@@ -29,10 +28,9 @@ import msgpack
 from p2pfl.wire.codec import WireError
 
 HELLO_PROTOCOL = "/p2pfl/community/hello/1.0.0"
-SYNC_PROTOCOL = "/p2pfl/community/sync/1.0.0"
 TOPIC_PREFIX = "p2pfl/community/"
 ID_BYTES = 16
-"""Sync frames start with the community id as 16 raw bytes (its 32 hex chars)."""
+"""A community id is 16 bytes (32 hex digits): the hash of its signed manifest."""
 HELLO_MAX_BYTES = 4096
 ANNOUNCEMENT_MAX_BYTES = 2048
 MAX_ANNOUNCED_ADDRS = 8
@@ -45,16 +43,6 @@ LEFT = "left the community"
 def topic_of(community: str) -> str:
     """The gossipsub topic of a community's announcements."""
     return TOPIC_PREFIX + community
-
-
-def sync_frame(community: str, message: bytes) -> bytes:
-    """A sync frame: ``community``'s id as ``ID_BYTES`` raw bytes, then the encoded message."""
-    return bytes.fromhex(community) + message
-
-
-def split_sync_frame(payload: bytes) -> tuple[str, bytes]:
-    """A sync frame's community id (hex; shorter than 32 digits if the frame is) and message."""
-    return payload[:ID_BYTES].hex(), payload[ID_BYTES:]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ the key, where it came from, and how to fix it.
 
 from __future__ import annotations
 
-import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,8 +15,9 @@ from typing import Any
 from multiaddr import Multiaddr
 
 from p2pfl.errors import P2pflError
+from p2pfl.peers import parse_peer_address
 from p2pfl.protocol.config import ProtocolConfig, parse_protocol
-from p2pfl.spec import SpecError, whole_number
+from p2pfl.spec import SpecError, finite_number, whole_number
 
 CONFIG_FILE = "config.toml"
 KEY_FILE = "identity.key"
@@ -98,14 +98,6 @@ def _str(value: Any) -> str:
     return value.strip()
 
 
-def _positive_float(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"must be a number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"must be a positive number, got {value}")
-    return float(value)
-
-
 def _listen(value: Any) -> str:
     text = _str(value)
     try:
@@ -119,12 +111,10 @@ def _listen(value: Any) -> str:
 
 
 def _peer_addr(value: Any) -> str:
-    from libp2p.peer.peerinfo import info_from_p2p_addr
-
     text = _str(value)
     try:
-        info_from_p2p_addr(Multiaddr(text))
-    except Exception:
+        parse_peer_address(text)
+    except ValueError:
         raise ValueError(
             f"{text!r} is not a full peer address; copy the /ip4/<ip>/tcp/<port>/p2p/<peer id> "
             "line another node printed at start"
@@ -158,10 +148,10 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "model": _str,
     "protocol": _protocol,
     "steps": whole_number(0),
-    "lr": _positive_float,
+    "lr": finite_number(positive=True),
     "batch_size": whole_number(1),
     "seed": whole_number(0, 2**63 - 1),
-    "step_interval": _positive_float,
+    "step_interval": finite_number(positive=True),
     "target_degree": whole_number(1),
     "metrics_port": whole_number(0, 65535),
 }

@@ -30,6 +30,7 @@ COMMUNITY_COUNTERS = {
     "bytes_sent": "Sync frame bytes sent to the community's members and acknowledged",
     "bytes_received": "Sync frame bytes received from the community's members",
     "rejected": "Hellos and sync frames refused in the community",
+    "send_failures": "Sync frames and hellos of the community that could not be delivered",
 }
 COMMUNITY_LABEL = "community"
 

@@ -1,16 +1,14 @@
-"""The node daemon: one learner and one protocol core driven by trio, talking over libp2p.
+"""The node daemon: one learner and its sync channels driven by trio, talking over libp2p.
 
-The daemon only performs what the core decides: local steps feed ``on_local_step``, decoded
-frames ``on_message``, timers ``on_timer``, connection events ``on_peer_up``/``on_peer_down``;
-the returned actions are carried out here (send, replace model, set correction, set timer).
-Communities the node joined run their own cores on their shared parts (``communities.py``).
-Training runs inline on the event loop (a step of a small model takes well under a
-millisecond), so the model never changes under a handler's feet.
+The whole-model sync is one channel among the node's channels (``sync.py``), beside one per
+community it joined (``communities.py``): each runs its protocol core in a ``CoreRuntime``
+(``p2pfl.runtime``), which applies the core's model actions; the daemon feeds local steps and
+connection events and moves frames. Training runs inline on the event loop (a step of a small
+model takes well under a millisecond), so the model never changes under a handler's feet.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import signal
@@ -21,16 +19,16 @@ from typing import Any
 import torch
 import trio
 from libp2p.crypto.keys import KeyPair
-from libp2p.peer.id import ID
 
 from p2pfl.community.manifest import CommunityError
+from p2pfl.community.sharing import shared_part
 from p2pfl.daemon.checkpoint import encode_checkpoint, load_newest, write_atomically
 from p2pfl.daemon.communities import Communities
 from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.daemon.control import bind_socket, serve, socket_path
 from p2pfl.daemon.metrics import serve_metrics
-from p2pfl.daemon.outbox import Outboxes
 from p2pfl.daemon.state import community_states, node_state, restore_node_state
+from p2pfl.daemon.sync import WHOLE_MODEL, Channel, SyncChannels
 from p2pfl.daemon.transport import Limits, Transport, TransportError
 from p2pfl.data import DataError
 from p2pfl.data.datasets import Dataset
@@ -38,34 +36,18 @@ from p2pfl.data.partition import NodeData, load_node_slice
 from p2pfl.learning.learner import PerNodeLearner, SGDConfig
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.models import build_model
-from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
-from p2pfl.protocol.core import NodeCore, make_core
+from p2pfl.peers import peer_id_of, peer_of_address
+from p2pfl.protocol.core import NodeCore
+from p2pfl.runtime import WHOLE_MODEL_CHANNEL, NodeModel, derive_seed, open_core
 from p2pfl.spec import SpecError
-from p2pfl.wire.codec import WireError, decode, encode, max_message_bytes
 
 log = logging.getLogger("p2pfl.daemon")
 
-SYNC_PROTOCOL = "/p2pfl/sync/1.0.0"
 CHECKPOINT_EVERY_STEPS = 100
 CHECKPOINT_EVERY_S = 30.0
 REDIAL_EVERY_S = 3.0
-OUTBOX_SIZE = 32
 LIMITS = {"messages_per_s": 50.0, "burst": 100, "max_inbound_streams_per_peer": 8}
 """Per-peer inbound limits: a sync protocol sends a few messages per step at most."""
-
-
-class _LocalModel:
-    """``ModelAccess`` of the core: node 0 of the learner."""
-
-    def __init__(self, learner: PerNodeLearner, samples: int) -> None:
-        self._learner, self._samples = learner, samples
-
-    def read(self) -> torch.Tensor:
-        return self._learner.get(0)
-
-    @property
-    def samples(self) -> int:
-        return self._samples
 
 
 @dataclass
@@ -75,12 +57,6 @@ class Learning:
     data: NodeData
     dataset: Dataset
     learner: PerNodeLearner
-
-
-def node_seed(seed: int, peer_id: str) -> int:
-    """Seed of this node's sampling and protocol randomness: differs between peers."""
-    digest = hashlib.sha256(f"{seed}:{peer_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 def build_learning(config: NodeConfig, peer_id: str) -> Learning:
@@ -94,52 +70,50 @@ def build_learning(config: NodeConfig, peer_id: str) -> Learning:
     except SpecError as exc:
         raise ConfigError(f"bad value for 'model': {exc}") from None
     bank = NodeDataBank(
-        [data.x_train], [data.y_train], config.batch_size, node_seed(config.seed, peer_id)
+        [data.x_train], [data.y_train], config.batch_size, derive_seed(config.seed, peer_id)
     )
     return Learning(data, dataset, PerNodeLearner(model, bank, SGDConfig(lr=config.lr)))
 
 
 class NodeDaemon:
-    """One participant: learner + core + transport + control socket + checkpoints."""
+    """One participant: learner + sync channels + transport + control socket + checkpoints."""
 
     def __init__(self, config: NodeConfig, key_pair: KeyPair) -> None:
         self.config = config
         self.key_pair = key_pair
-        self.peer_id = str(ID.from_pubkey(key_pair.public_key))
+        self.peer_id = peer_id_of(key_pair.public_key)
         self.learning = build_learning(config, self.peer_id)
         self.learner = self.learning.learner
         self.schema = self.learner.schema
-        self.max_frame = max_message_bytes(self.schema)
-        self.core: NodeCore = make_core(
+        self.model = NodeModel(self.learner, 0, len(self.learning.data.y_train))
+        self.counters = {"bytes_sent": 0, "bytes_received": 0, "rejected": 0, "send_failures": 0}
+        self.sync = SyncChannels(self.schema, self.counters)
+        self.whole = open_core(
+            self.model,
             self.peer_id,
             config.protocol_config,
-            _LocalModel(self.learner, len(self.learning.data.y_train)),
-            [],
-            seed=node_seed(config.seed, self.peer_id),
-            step_size=config.lr,
+            shared_part(self.schema, ["*"]),
+            self.sync.port(WHOLE_MODEL),
+            seed=config.seed,
+            channel=WHOLE_MODEL_CHANNEL,
         )
-        self.counters = {"bytes_sent": 0, "bytes_received": 0, "rejected": 0, "send_failures": 0}
+        self.sync.open(Channel(WHOLE_MODEL, "the whole model", self.whole))
         saved_communities = self._restore()
         self._base = dict(self.counters)
-        self.communities = Communities(
-            config,
-            self.peer_id,
-            self.learner,
-            len(self.learning.data.y_train),
-            node_seed(config.seed, self.peer_id),
-            self.counters,
-        )
+        self.communities = Communities(config, self.peer_id, self.model, self.sync, self.counters)
         self.communities.load_state_dict(saved_communities)
         self.checkpoint_step = self.core.step
         self.transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
-        self._outboxes = Outboxes[bytes](
-            OUTBOX_SIZE, self._send, self._send_failed, self.counters, log
-        )
         self._stop = trio.Event()
         self._ckpt_lock = trio.Lock()
         self.loss = math.nan
         self.started = 0.0
+
+    @property
+    def core(self) -> NodeCore:
+        """The whole-model channel's protocol core."""
+        return self.whole.core
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -150,7 +124,7 @@ class NodeDaemon:
             log.info("no checkpoint in %s: starting at step 0", self.config.home)
             return {}
         try:
-            self.counters.update(restore_node_state(self.learner, self.core, self.peer_id, state))
+            self.counters.update(restore_node_state(self.learner, self.whole, self.peer_id, state))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ConfigError(f"checkpoint in {self.config.home} cannot be used: {exc}") from None
         log.info("resumed from checkpoint at step %d", self.core.step)
@@ -162,7 +136,7 @@ class NodeDaemon:
 
     async def run(self, on_listening: Callable[[list[str]], None] | None = None) -> None:
         """Serve until ``stop()``, SIGINT/SIGTERM or a control ``stop``; checkpoint at exit."""
-        limits = Limits(max_frame_bytes=self.max_frame, **LIMITS)
+        limits = Limits(max_frame_bytes=self.sync.max_frame, **LIMITS)
         transport = Transport(
             self.key_pair,
             listen=[self.config.listen],
@@ -186,10 +160,10 @@ class NodeDaemon:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._outboxes.start(nursery)
                 async with transport:
-                    transport.set_handler(SYNC_PROTOCOL, self._on_frame)
+                    self.sync.register(transport)
                     self.communities.register(transport)
+                    self.sync.start(nursery, transport)
                     self.communities.start(nursery, transport)
                     self.started = trio.current_time()
                     nursery.start_soon(serve, control, self._respond)
@@ -226,9 +200,7 @@ class NodeDaemon:
         next_at = trio.current_time()
         while not target or self.core.step < target:
             self.loss = float(self.learner.step(step)[0])
-            now = trio.current_time()
-            self._perform(self.core.on_local_step(now))
-            self.communities.on_local_step(now)
+            self.sync.local_step(trio.current_time())
             if self.core.step % CHECKPOINT_EVERY_STEPS == 0:
                 self._checkpoint_soon()
             next_at = max(next_at + interval, trio.current_time() - interval)
@@ -259,57 +231,17 @@ class NodeDaemon:
             await trio.sleep(CHECKPOINT_EVERY_S)
             await self.save_checkpoint()
 
-    # ------------------------------------------------------------------- actions
-
-    def _perform(self, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                self._outboxes.put(action.to, encode(action.message, self.schema))
-            elif isinstance(action, ReplaceModel):
-                self.learner.set(0, action.params)
-            elif isinstance(action, SetCorrection):
-                self.learner.set_correction(0, action.vector)
-            elif isinstance(action, SetTimer):
-                assert self._nursery is not None
-                self._nursery.start_soon(self._timer, action.at, action.key)
-
-    async def _timer(self, at: float, key: object) -> None:
-        await trio.sleep_until(at)
-        self._perform(self.core.on_timer(trio.current_time(), key))
-
-    async def _send(self, peer: str, data: bytes) -> None:
-        assert self.transport is not None
-        await self.transport.send(peer, SYNC_PROTOCOL, data)
-
-    def _send_failed(self, peer: str, data: bytes, exc: TransportError) -> None:
-        log.warning("%s; treating peer %s as down", exc, peer)
-        if peer not in self.core.down:
-            self._perform(self.core.on_peer_down(trio.current_time(), peer))
-
-    # -------------------------------------------------------------------- inbound
-
-    async def _on_frame(self, peer: str, payload: bytes) -> None:
-        """Decode one frame and hand it to the core; a bad frame is logged and dropped."""
-        try:
-            message = decode(payload, self.schema, self.max_frame)
-        except WireError as exc:
-            self.counters["rejected"] += 1
-            log.warning("refused message from peer %s: %s", peer, exc)
-            return
-        now = trio.current_time()
-        if peer in self.core.down:
-            self._perform(self.core.on_peer_up(now, peer))
-        self._perform(self.core.on_message(now, peer, message))
+    # ---------------------------------------------------------------------- peers
 
     def _peer_up(self, peer: str) -> None:
         log.info("peer %s connected", peer)
-        self._perform(self.core.on_peer_up(trio.current_time(), peer))
+        self.whole.peer_up(trio.current_time(), peer)
         self.communities.peer_up(peer)
 
     def _peer_down(self, peer: str) -> None:
         log.info("peer %s disconnected", peer)
-        self._outboxes.close(peer)
-        self._perform(self.core.on_peer_down(trio.current_time(), peer))
+        self.sync.peer_gone(peer)
+        self.whole.peer_down(trio.current_time(), peer)
         self.communities.peer_down(peer)
 
     async def _keep_neighbours(self) -> None:
@@ -320,7 +252,7 @@ class NodeDaemon:
             missing = [
                 addr
                 for addr in self.config.bootstrap
-                if not addr.endswith(self.peer_id) and addr.rsplit("/", 1)[-1] not in connected
+                if peer_of_address(addr) not in (self.peer_id, *connected)
             ]
             room = self.config.target_degree - len(connected)
             if missing and room > 0:

@@ -1,8 +1,9 @@
 """What a node checkpoints: learner (model, optimizer, sampler RNG), core state, counters,
 and the state of each community it is in.
 
-The core's part comes from its own ``state_dict`` / ``load_state_dict``, the communities'
-part from ``Communities.state_dict`` / ``load_state_dict``. Checkpoints written before
+The core's part comes from its own ``state_dict`` and goes back through
+``CoreRuntime.restore``; the communities' part from ``Communities.state_dict`` /
+``load_state_dict``. Checkpoints written before
 communities were checkpointed have no ``communities`` section; they load with none.
 """
 
@@ -11,10 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-
 from p2pfl.learning.learner import PerNodeLearner
 from p2pfl.protocol.core import NodeCore
+from p2pfl.runtime import CoreRuntime
 
 log = logging.getLogger("p2pfl.daemon")
 
@@ -44,9 +44,10 @@ def node_state(
 
 
 def restore_node_state(
-    learner: PerNodeLearner, core: NodeCore, peer_id: str, state: dict[str, Any]
+    learner: PerNodeLearner, runtime: CoreRuntime, peer_id: str, state: dict[str, Any]
 ) -> dict[str, int]:
-    """Load ``state`` into learner and core; return its counters.
+    """Load ``state`` into the learner and the whole-model core's ``runtime``; return its
+    counters.
 
     Raises ValueError if it belongs to another identity or another model.
     """
@@ -62,10 +63,7 @@ def restore_node_state(
     learner.set(0, state["model"])
     learner.optimizers[0].load_state_dict(state["optimizer"])
     learner.data.generator.set_state(state["sampler_rng"])
-    core.load_state_dict(state["core"])
-    correction = getattr(core, "correction", None)
-    if isinstance(correction, torch.Tensor):
-        learner.set_correction(0, correction)
+    runtime.restore(state["core"])
     return {k: int(v) for k, v in state["counters"].items()}
 
 

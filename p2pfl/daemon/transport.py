@@ -37,7 +37,7 @@ from libp2p.identity_utils import load_identity
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_PROTOCOL_ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_PROTOCOL_ID_V11
 from libp2p.pubsub.gossipsub import GossipSub
@@ -53,6 +53,7 @@ from multiaddr import Multiaddr
 
 from p2pfl.errors import OperationError, P2pflError
 from p2pfl.files import write_private_atomically
+from p2pfl.peers import parse_peer_address
 
 log = logging.getLogger("p2pfl.transport")
 
@@ -316,11 +317,9 @@ class Transport:
         for 60 s (its negative cache); callers that retry pace themselves.
         """
         try:
-            info = info_from_p2p_addr(Multiaddr(multiaddr))
-        except Exception as exc:
-            raise TransportError(
-                f"bad peer address {multiaddr!r} ({exc}); expected /ip4/<ip>/tcp/<port>/p2p/<id>"
-            ) from exc
+            info = parse_peer_address(multiaddr)
+        except ValueError as exc:
+            raise TransportError(f"bad peer address: {exc}") from None
         peer = str(info.peer_id)
         if peer == self.peer_id:
             raise TransportError(f"refusing to connect to our own address {multiaddr}")

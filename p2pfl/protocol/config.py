@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from p2pfl.learning.compression import CODECS, CodecConfig
@@ -13,6 +12,7 @@ from p2pfl.spec import (
     non_negative_float,
     non_negative_int,
     parse_spec,
+    positive_float,
     positive_int,
 )
 
@@ -59,7 +59,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
     merge = spec.take("merge", str, "uniform")
     if merge not in MERGES:
         raise SpecError(f"{text!r}: merge must be one of {', '.join(MERGES)}")
-    timeout = spec.take("timeout", _positive_float, 0.5)
+    timeout = spec.take("timeout", positive_float, 0.5)
     base = {
         "merge": merge,
         "timeout": timeout,
@@ -129,11 +129,4 @@ def _fraction(raw: str) -> float:
     value = float(raw)
     if not 0.0 < value <= 1.0:
         raise ValueError("the kept fraction must be in (0, 1]")
-    return value
-
-
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError("must be a positive number")
     return value

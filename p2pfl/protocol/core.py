@@ -59,7 +59,15 @@ class CoreStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-_ENTRY_POINTS = ("on_local_step", "on_message", "on_timer", "on_peer_down", "on_peer_up")
+_ENTRY_POINTS = (
+    "on_local_step",
+    "on_message",
+    "on_timer",
+    "on_peer_down",
+    "on_peer_up",
+    "on_heard",
+    "on_send_failed",
+)
 
 
 def _through_links(method: Any) -> Any:
@@ -146,6 +154,16 @@ class NodeCore:
             self.neighbors.add(peer)
         return []
 
+    def on_heard(self, now: float, peer: str) -> list[Action]:
+        """A message from ``peer`` arrived (before ``on_message``): proof that it is alive, so
+        a peer known to be down is up again."""
+        return self.on_peer_up(now, peer) if peer in self.down else []
+
+    def on_send_failed(self, now: float, peer: str) -> list[Action]:
+        """A message to ``peer`` could not be delivered (no route, connection lost, not
+        admitted): treat it as down until it is heard from or reconnects."""
+        return [] if peer in self.down else self.on_peer_down(now, peer)
+
     def state_dict(self) -> dict[str, Any]:
         """What matters across a restart, as plain values (sessions in flight are not kept:
         peers time them out)."""
@@ -155,6 +173,16 @@ class NodeCore:
         """Restore what ``state_dict`` returned."""
         self.step = int(state["step"])
         self.stats = CoreStats(**{k: int(v) for k, v in state["stats"].items()})
+
+    def restore(self, state: dict[str, Any]) -> list[Action]:
+        """Load ``state`` (``load_state_dict``) and return the actions that re-apply what the
+        core keeps in the learner (e.g. ``SetCorrection``): drivers never read core fields."""
+        self.load_state_dict(state)
+        return self._learner_state()
+
+    def _learner_state(self) -> list[Action]:
+        """Actions that put the core's learner-side state (nothing here) back in place."""
+        return []
 
     def _after_step(self, now: float) -> list[Action]:
         return []

@@ -118,6 +118,9 @@ class DynamicCore(NodeCore):
             self.steps_since_sync = int(state["steps_since_sync"])
             self._delta = self._compute_delta()
 
+    def _learner_state(self) -> list[Action]:
+        return [] if self.correction is None else [SetCorrection(self.correction.clone())]
+
     # -- the local condition -------------------------------------------------------------
     @property
     def delta(self) -> float:

@@ -15,11 +15,11 @@ from p2pfl.community.sharing import SharedPart, SharingError, check_disjoint, sh
 from p2pfl.learning.params import ParamSchema
 from p2pfl.models import local_parameters
 from p2pfl.protocol.config import ProtocolConfig, parse_protocol
+from p2pfl.runtime import WHOLE_MODEL_CHANNEL
 from p2pfl.simulator.scenario import CommunityConfig, ScenarioError
 from p2pfl.spec import SpecError
 from p2pfl.topology import build_topology
 
-WHOLE_MODEL = "all"
 COMMUNITY_SEED_STRIDE = 1_000
 
 
@@ -43,7 +43,7 @@ def whole_model_channel(graph: nx.Graph, model: nn.Module, protocol: str) -> Cha
     simulation."""
     config = parse_protocol(protocol)
     part = shared_part(ParamSchema.from_module(model), ["*"], local_parameters(model, config.local))
-    return Channel(WHOLE_MODEL, graph, part, config)
+    return Channel(WHOLE_MODEL_CHANNEL, graph, part, config)
 
 
 def community_channels(

@@ -1,14 +1,14 @@
 """The simulation engine: drives protocol cores and one learner for all nodes over a
-``SimNetwork`` on a virtual clock. It makes no protocol decision: it only delivers events to
-the cores and carries out the actions they return.
+``SimNetwork`` on a virtual clock. It makes no protocol decision and applies no action itself:
+each core runs in a ``CoreRuntime`` (``p2pfl.runtime``), which feeds it events and applies its
+model actions; the engine moves the messages it sends and fires the timers it sets.
 
 Cores live in channels (see ``channels.py``): a channel is a graph over its members, the part
 of the model they share and one core per member. The plain simulation is one channel over the
-whole model; with communities a node has one core per community it is in. A core reads only
-its channel's part (``PartView``), its messages are sized with the part's sub-schema (so their
-bytes are the part's bytes), its ``ReplaceModel`` writes only the part's entries and its
-``SetCorrection`` fills only the part's slice of the node's correction (``Corrections``):
-private parameters are never sent nor overwritten.
+whole model; with communities a node has one core per community it is in. A core reads and
+writes only its channel's part, and its messages are sized with the part's sub-schema (so their
+bytes are the part's bytes). A send to a node that is offline (or outside the channel) fails at
+once and the sender's core is told, as a daemon's send to a peer it cannot reach.
 
 One tick of the clock (``network.step_time`` seconds) is: bring the task to this step
 (concept drift, ``stream.py``) and apply churn if due, deliver every message and timer that
@@ -27,7 +27,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,14 +35,13 @@ import networkx as nx
 import torch
 from torch import nn
 
-from p2pfl.community.sharing import Corrections, PartView
 from p2pfl.data import Dataset, NodeData, load_dataset, split_nodes
 from p2pfl.learning.learner import BatchedLearner, Learner, PerNodeLearner, SGDConfig
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.learning.schedule import parse_lr_schedule
 from p2pfl.models import build_model
-from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection, SetTimer
-from p2pfl.protocol.core import CoreStats, NodeCore, make_core
+from p2pfl.protocol.core import CoreStats, NodeCore
+from p2pfl.runtime import CoreRuntime, NodeModel, open_core
 from p2pfl.simulator.channels import Channel, community_channels, union_graph, whole_model_channel
 from p2pfl.simulator.network import SimNetwork
 from p2pfl.simulator.objectives import OwnObjectives
@@ -103,6 +102,21 @@ def _snapshot(message: Message) -> Message:
     return replace(message, params=params.detach().clone())
 
 
+class _Port:
+    """The driver of one node's core in one channel: sends and timers go to the simulation."""
+
+    __slots__ = ("sim", "channel", "node")
+
+    def __init__(self, sim: Simulation, channel: int, node: int) -> None:
+        self.sim, self.channel, self.node = sim, channel, node
+
+    def send(self, now: float, to: str, message: Message) -> None:
+        self.sim._send(now, self.channel, self.node, int(to), message)
+
+    def set_timer(self, at: float, key: Hashable) -> None:
+        self.sim._push(at, "timer", (self.channel, self.node, key))
+
+
 class Simulation:
     """One run on one prepared scenario: every node trains on its own data and syncs over the
     channels it is a member of."""
@@ -138,31 +152,28 @@ class Simulation:
             channels = [whole_model_channel(prepared.graph, prepared.model, protocol)]
         self.channels = list(channels)
         self.net = SimNetwork(prepared.graph, s.network, s.seed)
-        step_size = s.lr / (1 - s.momentum)
-        # Per channel: member -> core; per node: its (channel, core) pairs; and all cores.
-        self.channel_cores: list[dict[int, NodeCore]] = []
-        self.node_cores: list[list[tuple[int, NodeCore]]] = [[] for _ in range(s.nodes)]
-        self.cores: list[NodeCore] = []
+        models = [NodeModel(self.learner, i, len(d.y_train)) for i, d in enumerate(prepared.nodes)]
+        # Per channel: member -> runtime of its core; per node: its (channel, runtime) pairs.
+        self.runtimes: list[dict[int, CoreRuntime]] = []
+        self.node_runtimes: list[list[tuple[int, CoreRuntime]]] = [[] for _ in range(s.nodes)]
         for c, channel in enumerate(self.channels):
-            members: dict[int, NodeCore] = {}
+            members: dict[int, CoreRuntime] = {}
             for i in channel.members:
-                view = PartView(
-                    lambda i=i: self.learner.get(i), channel.part, len(prepared.nodes[i].y_train)
-                )
-                members[i] = make_core(
+                members[i] = open_core(
+                    models[i],
                     str(i),
                     channel.protocol,
-                    view,
-                    (str(j) for j in channel.graph.neighbors(i)),
-                    seed=s.seed * 100_003 + i + c * 1_000_003,
-                    step_size=step_size,
+                    channel.part,
+                    _Port(self, c, i),
+                    seed=s.seed,
+                    channel=channel.name,
+                    neighbors=(str(j) for j in channel.graph.neighbors(i)),
                 )
-                self.node_cores[i].append((c, members[i]))
-                self.cores.append(members[i])
-            self.channel_cores.append(members)
+                self.node_runtimes[i].append((c, members[i]))
+            self.runtimes.append(members)
+        self.cores: list[NodeCore] = [r.core for members in self.runtimes for r in members.values()]
         self.channel_bytes = [0] * len(self.channels)
         self.channel_messages = [0] * len(self.channels)
-        self.corrections: dict[int, Corrections] = {}
         self.objectives = (
             OwnObjectives(prepared.nodes, prepared.dataset.num_classes) if s.communities else None
         )
@@ -183,35 +194,26 @@ class Simulation:
         self._seq += 1
         heapq.heappush(self.events, (at, self._seq, kind, payload))
 
-    def _perform(self, channel: int, node: int, actions: list[Action], now: float) -> None:
-        """Carry out the actions of ``node``'s core in ``channel``."""
-        part = self.channels[channel].part
-        for action in actions:
-            if isinstance(action, Send):
-                dst = int(action.to)
-                size = encoded_size(action.message, part.schema)
-                self.channel_bytes[channel] += size
-                self.channel_messages[channel] += 1
-                arrival = self.net.transmit(now, node, dst, size)
-                if arrival is not None:
-                    self._push(arrival, "msg", (channel, node, dst, _snapshot(action.message)))
-            elif isinstance(action, ReplaceModel):
-                self.learner.set(node, part.put(self.learner.get(node), action.params))
-            elif isinstance(action, SetCorrection):
-                corrections = self.corrections.get(node)
-                if corrections is None:
-                    corrections = self.corrections[node] = Corrections(self.schema.numel)
-                self.learner.set_correction(node, corrections.set(part, action.vector))
-            elif isinstance(action, SetTimer):
-                self._push(action.at, "timer", (channel, node, action.key))
+    def _send(self, now: float, channel: int, src: int, dst: int, message: Message) -> None:
+        """Move a message of ``src``'s core in ``channel`` to ``dst``. A send to a node that is
+        offline, or not in the channel, fails at once (as a daemon's send to a peer it cannot
+        reach): nothing goes out and the sender's core is told."""
+        if not self.net.online[dst] or dst not in self.runtimes[channel]:
+            self.runtimes[channel][src].send_failed(now, str(dst))
+            return
+        size = encoded_size(message, self.channels[channel].part.schema)
+        self.channel_bytes[channel] += size
+        self.channel_messages[channel] += 1
+        arrival = self.net.transmit(now, src, dst, size)
+        if arrival is not None:
+            self._push(arrival, "msg", (channel, src, dst, _snapshot(message)))
 
     def _deliver_due(self, now: float) -> None:
         while self.events and self.events[0][0] <= now:
             at, _, kind, payload = heapq.heappop(self.events)
             if kind == "timer":
                 channel, node, key = payload
-                core = self.channel_cores[channel][node]
-                self._perform(channel, node, core.on_timer(at, key), at)
+                self.runtimes[channel][node].timer(at, key)
                 continue
             channel, src, dst, message = payload
             if not self.net.online[dst]:
@@ -222,16 +224,18 @@ class Simulation:
                 self.rejected += 1
                 log.warning("node %d rejected a message from %d: params contain NaN/inf", dst, src)
                 continue
-            core = self.channel_cores[channel][dst]
-            self._perform(channel, dst, core.on_message(at, str(src), message), at)
+            self.runtimes[channel][dst].message(at, str(src), message)
 
-    def _notify(self, nodes: list[int], event: str, now: float) -> None:
+    def _notify(self, nodes: list[int], went_down: bool, now: float) -> None:
+        """Tell the neighbours of ``nodes`` in each channel that they went down or came up."""
         for node in nodes:
-            for c, _ in self.node_cores[node]:
+            for c, _ in self.node_runtimes[node]:
                 for peer in self.channels[c].graph.neighbors(node):
-                    core = self.channel_cores[c][peer]
-                    handler: Callable[[float, str], list[Action]] = getattr(core, event)
-                    self._perform(c, peer, handler(now, str(node)), now)
+                    runtime = self.runtimes[c][peer]
+                    if went_down:
+                        runtime.peer_down(now, str(node))
+                    else:
+                        runtime.peer_up(now, str(node))
 
     # -- run ---------------------------------------------------------------------------------
     def run(self, on_tick: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -246,8 +250,8 @@ class Simulation:
             now = t * s.network.step_time
             self.task.advance(t)
             gone, back = self.net.churn()
-            self._notify(gone, "on_peer_down", now)
-            self._notify(back, "on_peer_up", now)
+            self._notify(gone, True, now)
+            self._notify(back, False, now)
             self._deliver_due(now)
             before = progress.floor()
             progress += self.speeds
@@ -258,14 +262,9 @@ class Simulation:
                 self.prequential.add(result)
                 self.prequential_window.add(result)
                 node_steps += len(active)
-                scheduled = not self.learner.sgd.schedule.constant
                 for node in active.tolist():
-                    for c, core in self.node_cores[node]:
-                        if scheduled:  # the cores' drift correction divides by the step size
-                            core.step_size = self.learner.lr(node) / (1 - s.momentum)
-                        actions = core.on_local_step(now)
-                        if actions:
-                            self._perform(c, node, actions, now)
+                    for _, runtime in self.node_runtimes[node]:
+                        runtime.local_step(now)
             if t % s.eval_every == 0 or t in finals or t == s.steps:
                 metrics.append(self._measure(t, now))
             if on_tick is not None:
@@ -352,7 +351,7 @@ class Simulation:
                     "members": channel.members,
                     "bytes_sent": self.channel_bytes[c],
                     "messages": self.channel_messages[c],
-                    "syncs": sum(core.stats.syncs for core in self.channel_cores[c].values()),
+                    "syncs": sum(r.core.stats.syncs for r in self.runtimes[c].values()),
                 }
                 for c, channel in enumerate(self.channels)
             ]
