@@ -107,7 +107,7 @@ def test_make_core_builds_the_right_policy(spec, cls):
             "periodic:c=2",
             [
                 "unknown argument(s) ['c']",
-                "periodic accepts: b, block, codec, merge, timeout, topk",
+                "periodic accepts: b, block, codec, local, merge, timeout, topk",
             ],
         ),
         ("none:b=2", ["unknown argument(s) ['b']", "none accepts: none"]),
