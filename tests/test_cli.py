@@ -181,7 +181,7 @@ def test_sim_help_lists_the_flags():
 
 
 def test_every_error_type_is_a_p2pfl_error_with_its_exit_code():
-    from p2pfl.community.manifest import CommunityError
+    from p2pfl.community import CommunityError
     from p2pfl.community.sharing import SharingError
     from p2pfl.daemon.checkpoint import CheckpointError
     from p2pfl.daemon.config import ConfigError

@@ -23,6 +23,9 @@ from typer.testing import CliRunner, Result
 
 from p2pfl.cli import app
 from p2pfl.cli.community import parse_duration
+from p2pfl.community import CommunityError
+from p2pfl.community.draft import create_manifest
+from p2pfl.community.fields import MAX_TIME, format_time
 from p2pfl.community.invite import (
     TOKEN_PREFIX,
     HeldInvite,
@@ -33,15 +36,7 @@ from p2pfl.community.invite import (
     make_token,
     read_token,
 )
-from p2pfl.community.manifest import (
-    MAX_TIME,
-    CommunityError,
-    Manifest,
-    create_manifest,
-    format_time,
-    load_manifest,
-    peer_id_of,
-)
+from p2pfl.community.manifest import Manifest, load_manifest
 from p2pfl.community.store import (
     find_membership,
     join,
@@ -49,6 +44,7 @@ from p2pfl.community.store import (
     remove_membership,
 )
 from p2pfl.learning.params import ParamSchema, ParamSpec
+from p2pfl.peers import peer_id_of
 
 NOW = 1_700_000_000
 HOUR = 3600

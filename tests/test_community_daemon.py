@@ -23,7 +23,8 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
-from p2pfl.community import store
+from p2pfl.community import CommunityError, store
+from p2pfl.community.draft import create_manifest
 from p2pfl.community.invite import (
     HeldInvite,
     Invite,
@@ -31,9 +32,8 @@ from p2pfl.community.invite import (
     issue_invite,
     make_token,
 )
-from p2pfl.community.manifest import CommunityError, Manifest, create_manifest
-from p2pfl.daemon import communities
-from p2pfl.daemon.community_wire import HELLO_PROTOCOL, Announcement, Hello, topic_of
+from p2pfl.community.manifest import Manifest
+from p2pfl.daemon import communities, discovery, sync
 from p2pfl.daemon.config import ConfigError, load_config
 from p2pfl.daemon.control import request
 from p2pfl.daemon.node import NodeDaemon
@@ -41,6 +41,7 @@ from p2pfl.daemon.sync import SYNC_PROTOCOL
 from p2pfl.daemon.transport import Subscription, Transport, load_or_create_identity
 from p2pfl.learning.params import ParamSchema
 from p2pfl.wire.codec import decode, encode
+from p2pfl.wire.community import HELLO_PROTOCOL, Announcement, Hello, topic_of
 from p2pfl.wire.messages import Push
 
 MODEL = "mlp:hidden=16"
@@ -462,7 +463,7 @@ def test_private_parameters_never_leave_the_node(tmp_path, wire, monkeypatch):
     violations: list[str] = []
     encoded: list[tuple[str, bytes]] = []
     shared_seen = {node.peer_id: 0 for node in nodes}
-    real_encode = communities.encode
+    real_encode = sync.encode
 
     def private_chunks(node: Node) -> list[bytes]:
         head = node.params("head.").numpy().tobytes()
@@ -484,7 +485,7 @@ def test_private_parameters_never_leave_the_node(tmp_path, wire, monkeypatch):
         return data
 
     wire.on_send.append(check_frame)
-    monkeypatch.setattr(communities, "encode", recording_encode)
+    monkeypatch.setattr(sync, "encode", recording_encode)
 
     async def body() -> None:
         async with running(nodes):
@@ -592,7 +593,7 @@ def test_leaving_stops_the_sharing_at_once(tmp_path, wire):
     assert wire.sync_frames(b.peer_id)  # it did share before leaving
 
 
-ANNOUNCE_WAIT_S = communities.ANNOUNCE_EVERY_S + 0.5
+ANNOUNCE_WAIT_S = discovery.ANNOUNCE_EVERY_S + 0.5
 
 
 def test_two_communities_share_disjoint_parts(tmp_path, wire):

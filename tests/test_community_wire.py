@@ -8,6 +8,8 @@ without a network: a transport that records frames and cannot dial).
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +25,16 @@ from hypothesis import strategies as st
 from kit import HEX_IDS, INT64, MSGPACK_VALUES, random_payloads
 from test_community_daemon import admit, draft, found, make_nodes
 
-from p2pfl.community.invite import make_credential
+from p2pfl.community.invite import HeldInvite, make_credential
 from p2pfl.community.manifest import Manifest
 from p2pfl.community.store import load_memberships
 from p2pfl.daemon.communities import Communities
-from p2pfl.daemon.community_wire import LEFT, Announcement, Hello
 from p2pfl.daemon.node import NodeDaemon
-from p2pfl.daemon.sync import SyncChannels, split_sync_frame, sync_frame
+from p2pfl.daemon.sync import SYNC_PROTOCOL, SyncChannels, split_sync_frame, sync_frame
 from p2pfl.daemon.transport import TransportError
 from p2pfl.runtime import NodeModel
 from p2pfl.wire.codec import WireError, encode
+from p2pfl.wire.community import HELLO_PROTOCOL, LEFT, Announcement, Hello
 from p2pfl.wire.messages import Average, Busy, ModelReply, Pull, Push
 
 RANDOM_PAYLOADS = random_payloads()
@@ -322,3 +324,159 @@ def test_the_sync_handler_takes_anything(setup, data):
             assert (refused(communities) == before + 1) != (now_taken != taken)
 
     run_offline(setup, body)
+
+
+# ----------------------------------------------------- two nodes over an in-memory link
+
+
+class Link:
+    """An in-memory connection between two nodes' communities: a send runs the other node's
+    handler for the protocol at once (no libp2p), so the daemon's community path (hello,
+    admission, sync channels, outboxes, timers) runs whole and deterministically."""
+
+    listen_addrs: list[str] = []
+
+    def __init__(self, me: str) -> None:
+        self.me = me
+        self.other: Link | None = None
+        self.handlers: dict[str, Callable[[str, bytes], Awaitable[None]]] = {}
+        self.frames: list[tuple[str, str, int]] = []
+        """(peer, protocol, bytes) of every frame this node sent; frames to a peer that is not
+        linked (an outsider that sent us something) go nowhere."""
+
+    def set_handler(self, protocol: str, handler: Any, max_frame_bytes: int = 0) -> None:
+        self.handlers[protocol] = handler
+
+    def peers(self) -> list[str]:
+        return [self.other.me] if self.other else []
+
+    async def send(self, peer_id: str, protocol: str, payload: bytes) -> None:
+        self.frames.append((peer_id, protocol, len(payload)))
+        if self.other is not None and peer_id == self.other.me:
+            await self.other.handlers[protocol](self.me, payload)
+
+    async def connect(self, multiaddr: str) -> str:
+        raise TransportError("in-memory link: no dialing")
+
+    async def subscribe(self, topic: str) -> _Silence:
+        return _Silence()
+
+    async def unsubscribe(self, topic: str) -> None:
+        pass
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        pass
+
+
+@dataclass
+class Pair:
+    """A founded a community and invited B; their communities are linked in memory."""
+
+    a: Any
+    b: Any
+    manifest: Manifest
+    nodes: dict[str, Communities]
+    links: dict[str, Link]
+
+    def community(self, node: Any) -> Any:
+        return self.nodes[node.peer_id].active[self.manifest.id]
+
+
+def linked_pair(tmp_path: Path, shared: str, protocol: str) -> tuple[Pair, Any, HeldInvite]:
+    """A and B in a community of ``protocol`` sharing ``shared``; C, the third node, was
+    invited too but left, and returns with its invite re-signed by itself (forged)."""
+    a, b, c = make_nodes(tmp_path, 3)
+    manifest = found(a, draft("linked", [shared], protocol))
+    admit(a, manifest, b)
+    held = admit(a, manifest, c)
+    (c.home / "communities" / manifest.id / "membership.toml").unlink()
+    resigned = c.key.private_key.sign(held.invite.signed_bytes())  # C signs, not the founder
+    forged = HeldInvite(dataclasses.replace(held.invite, signature=resigned), held.private_key)
+    nodes = {}
+    for node in (a, b):
+        daemon = node.start(3)
+        counters = dict(daemon.counters)
+        sync = SyncChannels(daemon.schema, counters)
+        model = NodeModel(daemon.learner, 0, 100)
+        nodes[node.peer_id] = Communities(daemon.config, node.peer_id, model, sync, counters)
+    links = {peer: Link(peer) for peer in nodes}
+    links[a.peer_id].other, links[b.peer_id].other = links[b.peer_id], links[a.peer_id]
+    return Pair(a, b, manifest, nodes, links), c, forged
+
+
+async def run_linked(pair: Pair, steps: int, before_step: Callable[[], None], rest: Any) -> None:
+    """Start both nodes' communities on their links, let B greet A, take ``steps`` local
+    steps on both (``before_step`` first), then run ``rest(nursery)``."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for peer, communities in pair.nodes.items():
+                communities.sync.register(pair.links[peer])  # type: ignore[arg-type]
+                communities.register(pair.links[peer])  # type: ignore[arg-type]
+                communities.sync.start(nursery, pair.links[peer])  # type: ignore[arg-type]
+                communities.start(nursery, pair.links[peer])  # type: ignore[arg-type]
+            pair.community(pair.b).gate.greet(time.time(), pair.a.peer_id)
+            await trio.testing.wait_all_tasks_blocked()
+            assert set(pair.community(pair.a).admitted) == {pair.b.peer_id}
+            assert set(pair.community(pair.b).admitted) == {pair.a.peer_id}
+            for _ in range(steps):
+                before_step()
+                for communities in pair.nodes.values():
+                    communities.sync.local_step(trio.current_time())
+                await trio.testing.wait_all_tasks_blocked()
+            await rest()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+
+
+def test_two_daemons_admit_each_other_and_sync_over_an_in_memory_link(tmp_path):
+    """A founds a gossip community and invites B; C holds a forged invite. Over in-memory
+    links the daemon path admits A and B to each other at the first hello, every local step
+    pushes B's shared part to A (and back), and A refuses C's hello and frames: C gets no
+    sync frame, and A's core never hears of it."""
+    pair, c, forged = linked_pair(tmp_path, "head.*", "gossip:b=1")
+    a, b, manifest = pair.a, pair.b, pair.manifest
+    a_side = pair.nodes[a.peer_id]
+
+    async def outsider() -> None:
+        c_hello = Hello(manifest.id, forged.prove(c.peer_id, a.peer_id))
+        await a_side.on_hello(c.peer_id, c_hello.to_bytes())
+        schema = a_side.active[manifest.id].part.schema
+        push = Push(1, torch.zeros(schema.numel), 10)
+        await a_side.sync.on_frame(c.peer_id, sync_frame(manifest.id, encode(push, schema)))
+
+    trio.run(run_linked, pair, 5, lambda: None, outsider)
+    community_a, community_b = pair.community(a), pair.community(b)
+    assert community_a.core.live_neighbors == [b.peer_id]
+    assert community_a.counters["bytes_received"] > 0 and community_b.counters["bytes_sent"] > 0
+    assert community_a.core.stats.syncs >= 4 and community_b.core.stats.syncs >= 4
+    assert community_a.counters["rejected"] == 2  # C's hello and C's frame
+    sent_by_a = pair.links[a.peer_id].frames
+    assert len([f for f in sent_by_a if f[:2] == (b.peer_id, SYNC_PROTOCOL)]) >= 5
+    assert [f[1] for f in sent_by_a if f[0] == c.peer_id] == [HELLO_PROTOCOL]  # why: refused
+
+
+def test_dynamic_sessions_complete_over_an_in_memory_link(tmp_path):
+    """Dynamic averaging through the daemon's community path (sessions, timers, replies,
+    the averaged part written back): with the shared part drifting every step, sessions
+    complete without a timeout, and after the last one A's and B's shared parts are equal."""
+    pair, _, _ = linked_pair(tmp_path, "fc1.*", "dynamic:b=1,delta=0.000001")
+    generator = torch.Generator().manual_seed(0)
+
+    def drift() -> None:
+        for node in (pair.a, pair.b):
+            learner = node.daemon.learner
+            learner.set(
+                0, learner.get(0) + 0.01 * torch.randn(learner.schema.numel, generator=generator)
+            )
+
+    async def nothing() -> None:
+        pass
+
+    trio.run(run_linked, pair, 6, drift, nothing)
+    community_a, community_b = pair.community(pair.a), pair.community(pair.b)
+    assert community_a.core.stats.syncs + community_b.core.stats.syncs >= 3
+    assert community_a.core.stats.timeouts == community_b.core.stats.timeouts == 0
+    part = community_a.part
+    shared_a = part.take(pair.a.daemon.learner.get(0))
+    shared_b = part.take(pair.b.daemon.learner.get(0))
+    assert torch.allclose(shared_a, shared_b)

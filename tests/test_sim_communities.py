@@ -355,3 +355,70 @@ def test_the_communities_scenario_file_runs_from_the_command_line(tmp_path):
         app, ["sim", str(ROOT / "sim" / "communities.toml"), "--protocol", "dynamic", "--quiet"]
     )
     assert result.exit_code == 2 and "does not apply with [[communities]]" in result.output
+
+
+def test_refused_peers_exchange_no_model_bytes():
+    """A community with admission: members 6 and 7 hold forged invites and ignore every
+    refusal (their cores keep pushing to all members, their own gates let everything out).
+    The others refuse their hellos and every frame they send (all counted), never send them
+    the community's part, and admit and sync with each other. A community without admission
+    beside it runs as before."""
+    guarded = {"name": "body", "members": "0-7", "shared": ["fc1.*"], "protocol": "periodic:b=2"}
+    guarded |= {"admission": "invite", "uninvited": "6-7"}
+    heads = {"name": "heads", "members": [0, 1, 2], "shared": "head.*", "protocol": "continuous"}
+    prepared = prepare(scenario([guarded, heads]))
+    sim = Simulation(prepared, "communities", prepared.communities)
+    uninvited, invited = {6, 7}, set(range(6))
+    admits = sim.gates.admits
+    sim.gates.admits = lambda c, src, dst: src in uninvited or admits(c, src, dst)
+    for node in uninvited:
+        core = sim.runtimes[0][node].core
+        core.on_peer_down = lambda now, peer: []
+        for member in invited:
+            core.on_peer_up(0.0, str(member))
+    sent, taken = [], []
+    push = sim._push
+
+    def record_push(at, kind, payload):
+        if kind == "msg":
+            sent.append(payload[:3])
+        return push(at, kind, payload)
+
+    sim._push = record_push
+    for c, runtimes in enumerate(sim.runtimes):
+        for node, runtime in runtimes.items():
+            core = runtime.core
+
+            def on_message(now, sender, message, c=c, node=node, real=core.on_message):
+                taken.append((c, int(sender), node))
+                return real(now, sender, message)
+
+            core.on_message = on_message
+    summary = sim.run()
+    pushed = [s for s in sent if s[0] == 0 and s[1] in uninvited]
+    assert len(pushed) >= 2 * len(invited) * 10  # every 2 steps to every member
+    assert summary["channels"][0]["refused"] >= len(pushed) + 2 * len(invited)  # and hellos
+    assert not [s for s in sent if s[0] == 0 and s[1] in invited and s[2] in uninvited]
+    assert not [t for t in taken if t[0] == 0 and uninvited & {t[1], t[2]}]
+    assert {(t[1], t[2]) for t in taken if t[0] == 0} == {
+        (a, b) for a in invited for b in invited if a != b
+    }
+    cores = {node: runtime.core for node, runtime in sim.runtimes[0].items()}
+    for node in invited:
+        assert cores[node].live_neighbors == [str(n) for n in sorted(invited - {node})]
+        assert cores[node].stats.syncs > 0
+    assert summary["channels"][1]["refused"] == 0 and summary["channels"][1]["syncs"] > 0
+
+
+def test_admission_keys_are_checked():
+    base = {"name": "body", "members": "0-7", "shared": ["fc1.*"]}
+    cases = [
+        ({"admission": "closed"}, "'admission' must be 'invite' or 'open'"),
+        ({"admission": "open", "uninvited": [3]}, 'needs admission = "invite"'),
+        ({"admission": "invite", "uninvited": [9]}, "[9] are not in 'members'"),
+        ({"admission": "invite", "uninvited": "0-1"}, "first member (0) founds it"),
+    ]
+    for keys, message in cases:
+        with pytest.raises(ScenarioError, match=None) as info:
+            scenario([base | keys])
+        assert message in str(info.value), (keys, str(info.value))

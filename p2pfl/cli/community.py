@@ -37,7 +37,7 @@ _DURATION = re.compile(r"(\d{1,9})([smhdw])")
 
 def parse_duration(text: str) -> int | None:
     """Seconds in ``30m``, ``12h``, ``7d``, ``2w``, ``90s``; None for ``never``."""
-    from p2pfl.community.manifest import CommunityError
+    from p2pfl.community import CommunityError
 
     value = text.strip().lower()
     if value == "never":
@@ -56,7 +56,8 @@ def create(
     home: Path = HOME,
 ) -> None:
     """Sign a draft manifest with this node's key; the node becomes the founder and a member."""
-    from p2pfl.community.manifest import CommunityError, create_manifest
+    from p2pfl.community import CommunityError
+    from p2pfl.community.draft import create_manifest
     from p2pfl.community.store import MANIFEST_FILE, communities_dir, join
 
     try:
@@ -88,8 +89,8 @@ def invite(
 ) -> None:
     """Print an invite token (founder only); the token alone suffices to join, so hand it to
     the invitee privately (it holds the invite's private key)."""
+    from p2pfl.community.fields import format_time
     from p2pfl.community.invite import issue_invite, make_token
-    from p2pfl.community.manifest import format_time
     from p2pfl.community.store import find_membership
 
     lifetime = parse_duration(expires)
@@ -146,7 +147,7 @@ def leave(
 @app.command("list")
 def list_communities(home: Path = HOME) -> None:
     """Show this node's communities: role, admission, shared parameters, policy, credential."""
-    from p2pfl.community.manifest import CommunityError
+    from p2pfl.community import CommunityError
     from p2pfl.community.store import load_memberships
 
     if not home.is_dir():
@@ -179,7 +180,7 @@ def list_communities(home: Path = HOME) -> None:
 
 
 def _expiry_text(membership: Membership) -> str:
-    from p2pfl.community.manifest import format_time
+    from p2pfl.community.fields import format_time
 
     if membership.invite is None:
         return "none needed" if membership.manifest.admission == "open" else "founder"
@@ -192,7 +193,7 @@ def _expiry_text(membership: Membership) -> str:
 
 def _identity(home: Path, create: bool) -> KeyPair:
     """The node's key pair from DIR/identity.key (created if missing and ``create``)."""
-    from p2pfl.community.manifest import CommunityError
+    from p2pfl.community import CommunityError
     from p2pfl.daemon.transport import load_or_create_identity
 
     path = home / KEY_FILE

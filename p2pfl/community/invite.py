@@ -12,7 +12,8 @@ over a domain-separated binding of (community id, prover peer id, verifier peer 
 credential therefore only convinces the one verifier it was made for, and only of the one
 prover it names, which the verifier compares with the Noise-authenticated peer id of the
 stream: whoever captures it (the verifier itself included) cannot replay it to a third node.
-``check_credential`` is the one membership rule, at join time and at every stream. The
+``check_credential`` is the one membership rule, at join time and at every hello (admission,
+``p2pfl.protocol.admission``, caches its result until the invite expires). The
 founder needs no credential (its peer id proves it); an open community admits anyone.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,17 +31,10 @@ import msgpack
 from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey, create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 
-from p2pfl.community.manifest import (
-    MAX_MANIFEST_CHARS,
-    MAX_PEER_ID_CHARS,
-    MAX_TIME,
-    CommunityError,
-    Manifest,
-    format_time,
-    founder_public_key,
-    load_manifest,
-    verify_signature,
-)
+from p2pfl.community import CommunityError
+from p2pfl.community.fields import MAX_MANIFEST_CHARS, MAX_PEER_ID_CHARS, MAX_TIME, format_time
+from p2pfl.community.keys import verify_signature
+from p2pfl.community.manifest import Manifest, founder_public_key, load_manifest
 from p2pfl.peers import peer_id_of
 
 if TYPE_CHECKING:
@@ -291,12 +286,13 @@ def make_credential(membership: Membership, prover: str, verifier: str) -> bytes
 
 def check_credential(
     manifest: Manifest, prover: str, verifier: str, credential: bytes | None, now: int
-) -> None:
+) -> float:
     """The membership rule: raise ``CommunityError`` unless ``prover`` (the authenticated peer
     id of the stream) may be a member of ``manifest``'s community at time ``now``, as shown to
-    ``verifier`` (this node) by ``credential`` (from ``make_credential``)."""
+    ``verifier`` (this node) by ``credential`` (from ``make_credential``). Returns until when
+    (unix seconds, ``math.inf`` for ever) the credential admits ``prover``: the invite's expiry."""
     if prover == manifest.founder or manifest.admission == "open":
-        return
+        return math.inf
     if credential is None:
         raise CommunityError(
             f"peer {prover} has no invite to {manifest.name!r}, which is invite-only; "
@@ -315,6 +311,7 @@ def check_credential(
             "exchange, or made without the invite's private key; a member proves itself with "
             "the invite private key from its token"
         )
+    return math.inf if invite.expires is None else float(invite.expires)
 
 
 def check_membership(membership: Membership, peer_id: str, now: int) -> None:

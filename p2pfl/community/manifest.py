@@ -13,50 +13,47 @@ any): a node compares the manifest's schema with its own model instead.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import fnmatch
 import functools
 import hashlib
-import tomllib
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 from libp2p.crypto.keys import KeyPair, PublicKey
-from libp2p.crypto.serialization import deserialize_public_key
 
-from p2pfl.errors import P2pflError
-from p2pfl.learning.params import ParamSchema, ParamSpec
+from p2pfl.community import CommunityError
+from p2pfl.community.fields import (
+    MAX_CLASSES,
+    MAX_PARAMS,
+    MAX_TIME,
+    admission_mode,
+    b64,
+    base64_key,
+    base64_signature,
+    community_name,
+    description_text,
+    format_time,
+    glob_list,
+    parse_toml,
+    peer_id_text,
+    read_field,
+    schema_table,
+    shape_dims,
+    spec_text,
+    toml_ints,
+    toml_string,
+)
+from p2pfl.community.keys import ed25519_public_key, verify_signature
+from p2pfl.learning.params import ParamSchema
 from p2pfl.peers import peer_id_of
-from p2pfl.protocol.config import PROTOCOLS, parse_protocol
-from p2pfl.spec import SpecError, finite_number, parse_spec, whole_number
+from p2pfl.protocol.config import parse_protocol
+from p2pfl.spec import SpecError, whole_number
 
 MANIFEST_FORMAT = "p2pfl-manifest-v1"
 MANIFEST_DOMAIN = MANIFEST_FORMAT.encode()
 """Prefix of the signed bytes, so a manifest signature can never pass for anything else."""
-ADMISSIONS = ("open", "invite")
-DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-MAX_NAME_CHARS = 100
-MAX_DESCRIPTION_CHARS = 2000
-MAX_SPEC_CHARS = 500
-MAX_PARAM_NAME_CHARS = 200
-MAX_PEER_ID_CHARS = 128
-MAX_GLOBS = 64
-MAX_SCHEMA_ENTRIES = 4096
-MAX_NDIM = 8
-MAX_PARAMS = 2**31
-MAX_CLASSES = 2**20
-MAX_MANIFEST_CHARS = 1024 * 1024
-MAX_TIME = 253_402_300_799
-"""Unix seconds of 9999-12-31 23:59:59 UTC, the last time ``datetime`` can show."""
-
-_ED25519_KEY_PREFIX = b"\x08\x01\x12\x20"
-"""Protobuf header of a serialized libp2p Ed25519 public key (type 1, 32 bytes)."""
-_SIGNATURE_BYTES = 64
 
 _SIGNED_KEYS = (
     "name",
@@ -73,16 +70,6 @@ _SIGNED_KEYS = (
     "created",
 )
 _FILE_KEYS = frozenset({"format", *_SIGNED_KEYS, "signature"})
-_DRAFT_KEYS = {
-    "": ("name", "description", "admission", "model", "policy"),
-    "model": ("factory", "inputs", "classes", "shared"),
-    "policy": ("protocol", "delta", "b", "merge"),
-}
-
-
-class CommunityError(P2pflError, ValueError):
-    """A problem with a manifest, invite, token or membership; the message names the problem
-    and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,81 +132,35 @@ class Manifest:
             f"name = {toml_string(self.name)}",
             f"description = {toml_string(self.description)}",
             f"model = {toml_string(self.model)}",
-            f"input_shape = {_toml_ints(self.input_shape)}",
+            f"input_shape = {toml_ints(self.input_shape)}",
             f"classes = {self.classes}",
             f"shared = [{', '.join(toml_string(g) for g in self.shared)}]",
             f"protocol = {toml_string(self.protocol)}",
             f"admission = {toml_string(self.admission)}",
             f"founder = {toml_string(self.founder)}",
-            f"founder_key = {toml_string(_b64(self.founder_key))}",
+            f"founder_key = {toml_string(b64(self.founder_key))}",
             f"created = {self.created}  # {format_time(self.created)}",
-            f"signature = {toml_string(_b64(self.signature))}",
+            f"signature = {toml_string(b64(self.signature))}",
         ]
         for p in self.schema.params:
             lines += [
                 "",
                 "[[schema]]",
                 f"name = {toml_string(p.name)}",
-                f"shape = {_toml_ints(p.shape)}",
+                f"shape = {toml_ints(p.shape)}",
                 f"dtype = {toml_string(p.dtype)}",
             ]
         return "\n".join(lines) + "\n"
 
 
-def format_time(unix_seconds: int) -> str:
-    """``2025-01-31 12:00 UTC``."""
-    return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def create_manifest(draft_text: str, source: str, key_pair: KeyPair, now: int) -> Manifest:
-    """Validate the draft manifest ``draft_text`` (read from ``source``), compute the schema of
-    its shared part and sign it with ``key_pair`` (the founder's node key)."""
-    from p2pfl.community.sharing import SharingError, shared_part
-    from p2pfl.models import build_model, local_parameters
-
-    draft = _parse_toml(draft_text, source, "draft manifest")
-    _check_keys(draft, "", source)
-    model_table = _table(draft, "model", source, required=True)
-    policy = _table(draft, "policy", source, required=False)
-    _check_keys(model_table, "model", source)
-    _check_keys(policy, "policy", source)
-
-    def field(table: Mapping[str, Any], section: str, key: str, check: Callable[[Any], Any]) -> Any:
-        return _field(table, key, check, source, section)
-
-    name = field(draft, "", "name", _name)
-    description = field(draft, "", "description", _description) if "description" in draft else ""
-    admission = field(draft, "", "admission", _admission) if "admission" in draft else "invite"
-    factory = field(model_table, "model", "factory", _spec_text)
-    inputs = field(model_table, "model", "inputs", _shape)
-    classes = field(model_table, "model", "classes", whole_number(1, MAX_CLASSES))
-    shared = field(model_table, "model", "shared", _globs)
-    protocol = _draft_protocol(policy, source)
-    try:
-        module = build_model(factory, inputs, classes, seed=0)
-    except Exception as exc:  # a user factory may raise anything; report it, not a traceback
-        raise CommunityError(
-            f"{source}: model.factory {factory!r} cannot be built for inputs={list(inputs)}, "
-            f"classes={classes}: {exc}"
-        ) from None
-    try:
-        local = local_parameters(module, parse_protocol(protocol).local)
-        part = shared_part(ParamSchema.from_module(module), shared, local)
-    except SharingError as exc:
-        raise CommunityError(f"{source}: model.shared: {exc}; fix the glob") from None
+def sign_manifest(key_pair: KeyPair, source: str, **fields: Any) -> Manifest:
+    """The manifest of ``fields`` (every field but founder, founder_key and signature), founded
+    and signed by ``key_pair``, checked as nodes check it (``CommunityError`` naming
+    ``source`` if it is not valid)."""
     unsigned = Manifest(
-        name=name,
-        description=description,
-        model=factory,
-        input_shape=inputs,
-        classes=classes,
-        shared=shared,
-        schema=part.schema,
-        protocol=protocol,
-        admission=admission,
+        **fields,
         founder=peer_id_of(key_pair.public_key),
         founder_key=key_pair.public_key.serialize(),
-        created=now,
         signature=b"",
     )
     signature = key_pair.private_key.sign(unsigned.signed_bytes())
@@ -230,7 +171,7 @@ def create_manifest(draft_text: str, source: str, key_pair: KeyPair, now: int) -
 def load_manifest(text: str, source: str) -> Manifest:
     """Parse the signed manifest ``text`` (read from ``source``) and verify it: well-formed
     fields, founder == peer id of founder_key, and a signature that matches."""
-    data = _parse_toml(text, source, "signed manifest")
+    data = parse_toml(text, source, "signed manifest")
     if data.get("format") != MANIFEST_FORMAT:
         raise CommunityError(
             f"{source}: not a p2pfl signed manifest (format must be {MANIFEST_FORMAT!r}); "
@@ -244,22 +185,22 @@ def load_manifest(text: str, source: str) -> Manifest:
         )
 
     def field(key: str, check: Callable[[Any], Any]) -> Any:
-        return _field(data, key, check, source)
+        return read_field(data, key, check, source)
 
     manifest = Manifest(
-        name=field("name", _name),
-        description=field("description", _description),
-        model=field("model", _spec_text),
-        input_shape=field("input_shape", _shape),
+        name=field("name", community_name),
+        description=field("description", description_text),
+        model=field("model", spec_text),
+        input_shape=field("input_shape", shape_dims),
         classes=field("classes", whole_number(1, MAX_CLASSES)),
-        shared=field("shared", _globs),
-        schema=field("schema", _schema),
-        protocol=field("protocol", _spec_text),
-        admission=field("admission", _admission),
-        founder=field("founder", _peer_id_text),
-        founder_key=field("founder_key", _base64_key),
+        shared=field("shared", glob_list),
+        schema=field("schema", schema_table),
+        protocol=field("protocol", spec_text),
+        admission=field("admission", admission_mode),
+        founder=field("founder", peer_id_text),
+        founder_key=field("founder_key", base64_key),
         created=field("created", whole_number(0, MAX_TIME)),
-        signature=field("signature", _base64_signature),
+        signature=field("signature", base64_signature),
     )
     verify_manifest(manifest, source)
     return manifest
@@ -300,262 +241,9 @@ def verify_manifest(manifest: Manifest, source: str) -> None:
 def founder_public_key(manifest: Manifest, source: str) -> PublicKey:
     """The founder's public key (Ed25519, the node key type), parsed once per key."""
     try:
-        return _ed25519_key(manifest.founder_key)
+        return ed25519_public_key(manifest.founder_key)
     except ValueError:
         raise CommunityError(
             f"{source}: founder_key is not an Ed25519 libp2p public key; the manifest was "
             "altered after signing; get the original from the founder"
         ) from None
-
-
-@functools.lru_cache(maxsize=256)
-def _ed25519_key(data: bytes) -> PublicKey:
-    if len(data) != len(_ED25519_KEY_PREFIX) + 32 or not data.startswith(_ED25519_KEY_PREFIX):
-        raise ValueError("not an Ed25519 key")
-    try:
-        return deserialize_public_key(data)
-    except Exception as exc:  # libp2p raises protobuf/nacl/crypto errors on bad keys
-        raise ValueError(str(exc)) from None
-
-
-def verify_signature(key: PublicKey, data: bytes, signature: bytes) -> bool:
-    """True if ``signature`` is ``key``'s signature of ``data``; never raises (nacl raises on
-    malformed signatures)."""
-    try:
-        return bool(key.verify(data, signature))
-    except Exception:  # a malformed signature is a failed check, whatever the library raises
-        return False
-
-
-# -- draft parsing -----------------------------------------------------------------------------
-
-
-def _parse_toml(text: str, source: str, what: str) -> dict[str, Any]:
-    if not isinstance(text, str):
-        raise CommunityError(f"{source}: a {what} must be text")
-    if len(text) > MAX_MANIFEST_CHARS:
-        raise CommunityError(
-            f"{source}: {len(text):,} characters, more than the {MAX_MANIFEST_CHARS:,} a "
-            f"{what} may have"
-        )
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise CommunityError(f"{source}: not valid TOML ({exc}); fix the {what}") from None
-    except RecursionError:
-        raise CommunityError(f"{source}: TOML nested too deeply for a {what}") from None
-
-
-def _check_keys(table: Mapping[str, Any], section: str, source: str) -> None:
-    allowed = _DRAFT_KEYS[section]
-    unknown = sorted(set(table) - set(allowed))
-    if unknown:
-        where = f"[{section}]" if section else "top level"
-        raise CommunityError(
-            f"{source}: unknown key {_key(section, unknown[0])!r}; allowed keys at the "
-            f"{where}: {', '.join(allowed)}"
-        )
-
-
-def _table(draft: Mapping[str, Any], key: str, source: str, required: bool) -> dict[str, Any]:
-    if key not in draft:
-        if required:
-            raise CommunityError(f"{source}: missing table [{key}]; see examples/community")
-        return {}
-    value = draft[key]
-    if not isinstance(value, dict):
-        raise CommunityError(f"{source}: {key} must be a table [{key}], got {value!r}")
-    return value
-
-
-def _key(section: str, key: str) -> str:
-    return f"{section}.{key}" if section else key
-
-
-def _draft_protocol(policy: Mapping[str, Any], source: str) -> str:
-    """The protocol spec of a draft's [policy]: ``protocol`` plus ``delta``, ``b``, ``merge``
-    folded in, with the merge rule always written out."""
-    text = _field(policy, "protocol", _spec_text, source, "policy") if "protocol" in policy else ""
-    try:
-        spec = parse_spec(text or "dynamic", PROTOCOLS)
-    except SpecError as exc:
-        raise CommunityError(f"{source}: policy.protocol: {exc}") from None
-    if spec.kind == "none":
-        raise CommunityError(
-            f"{source}: policy.protocol 'none' shares nothing; choose dynamic, periodic:b=B, "
-            "gossip:b=B or continuous"
-        )
-    args = dict(spec.args)
-    extra = {
-        "delta": lambda v: repr(finite_number()(v)),
-        "b": lambda v: str(whole_number(1, 2**31)(v)),
-        "merge": _text(20),
-    }
-    for key, convert in extra.items():
-        if key not in policy:
-            continue
-        if key in args:
-            raise CommunityError(
-                f"{source}: policy.{key} is given twice (in policy.protocol and as a key); keep one"
-            )
-        args[key] = _field(policy, key, convert, source, "policy")
-    args.setdefault("merge", "uniform")
-    protocol = spec.kind + ":" + ",".join(f"{k}={v}" for k, v in args.items())
-    try:
-        parse_protocol(protocol)
-    except SpecError as exc:
-        raise CommunityError(f"{source}: policy: {exc}") from None
-    return protocol
-
-
-# -- field checks (each raises ValueError with the problem; _field adds source and key) ------
-
-
-def _field(
-    table: Mapping[str, Any],
-    key: str,
-    check: Callable[[Any], Any],
-    source: str,
-    section: str = "",
-) -> Any:
-    if key not in table:
-        raise CommunityError(f"{source}: missing key {_key(section, key)!r}")
-    try:
-        return check(table[key])
-    except ValueError as exc:
-        raise CommunityError(f"{source}: {_key(section, key)}: {exc}") from None
-
-
-def _text(max_chars: int, multiline: bool = False) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if not isinstance(value, str):
-            raise ValueError(f"must be a string, got {type(value).__name__}")
-        if len(value) > max_chars:
-            raise ValueError(f"{len(value)} characters, at most {max_chars} allowed")
-        allowed = "\n\t" if multiline else ""
-        if any(not c.isprintable() and c not in allowed for c in value):
-            raise ValueError("contains control characters; remove them")
-        return value
-
-    return check
-
-
-def _name(value: Any) -> str:
-    text = _text(MAX_NAME_CHARS)(value)
-    if not text.strip():
-        raise ValueError("must not be empty; give the community a short name")
-    return text
-
-
-_description = _text(MAX_DESCRIPTION_CHARS, multiline=True)
-
-
-def _spec_text(value: Any) -> str:
-    text = _text(MAX_SPEC_CHARS)(value)
-    if not text.strip():
-        raise ValueError("must not be empty")
-    return text
-
-
-def _peer_id_text(value: Any) -> str:
-    text = _text(MAX_PEER_ID_CHARS)(value)
-    if not text:
-        raise ValueError("must not be empty")
-    return text
-
-
-def _admission(value: Any) -> str:
-    if value not in ADMISSIONS:
-        raise ValueError(f"must be one of {', '.join(map(repr, ADMISSIONS))}, got {value!r}")
-    return value
-
-
-def _shape(value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or not 1 <= len(value) <= MAX_NDIM:
-        raise ValueError(f"must be a list of 1 to {MAX_NDIM} positive whole numbers, e.g. [64]")
-    return tuple(whole_number(1, MAX_PARAMS)(d) for d in value)
-
-
-def _globs(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not 1 <= len(value) <= MAX_GLOBS:
-        raise ValueError(f'must be a list of 1 to {MAX_GLOBS} parameter name globs, e.g. ["fc1.*"]')
-    globs = tuple(_text(MAX_PARAM_NAME_CHARS)(g) for g in value)
-    if any(not g for g in globs):
-        raise ValueError("a glob is empty")
-    if len(set(globs)) != len(globs):
-        raise ValueError("a glob is listed twice")
-    return globs
-
-
-def _schema(value: Any) -> ParamSchema:
-    if not isinstance(value, list) or not 1 <= len(value) <= MAX_SCHEMA_ENTRIES:
-        raise ValueError(f"must be 1 to {MAX_SCHEMA_ENTRIES} [[schema]] tables")
-    specs = []
-    for entry in value:
-        if not isinstance(entry, dict) or set(entry) != {"name", "shape", "dtype"}:
-            raise ValueError("every [[schema]] table has exactly the keys name, shape, dtype")
-        name = _text(MAX_PARAM_NAME_CHARS)(entry["name"])
-        shape = entry["shape"]
-        if not isinstance(shape, list) or len(shape) > MAX_NDIM:
-            raise ValueError(f"shape of {name!r} must be a list of at most {MAX_NDIM} sizes")
-        dims = tuple(whole_number(1, MAX_PARAMS)(d) for d in shape)
-        if entry["dtype"] not in DTYPES:
-            raise ValueError(f"dtype of {name!r} must be one of {', '.join(DTYPES)}")
-        specs.append(ParamSpec(name, dims, entry["dtype"]))
-    if len({s.name for s in specs}) != len(specs):
-        raise ValueError("a parameter name appears twice")
-    return ParamSchema(tuple(specs))
-
-
-def _base64_bytes(value: Any, max_bytes: int) -> bytes:
-    if not isinstance(value, str) or len(value) > 2 * max_bytes:
-        raise ValueError("must be a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("is not valid base64") from None
-
-
-def _base64_key(value: Any) -> bytes:
-    data = _base64_bytes(value, 64)
-    try:
-        _ed25519_key(data)
-    except ValueError:
-        raise ValueError("is not an Ed25519 libp2p public key") from None
-    return data
-
-
-def _base64_signature(value: Any) -> bytes:
-    data = _base64_bytes(value, _SIGNATURE_BYTES)
-    if len(data) != _SIGNATURE_BYTES:
-        raise ValueError(f"must be {_SIGNATURE_BYTES} bytes, got {len(data)}")
-    return data
-
-
-# -- TOML output -------------------------------------------------------------------------------
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def toml_string(text: str) -> str:
-    """A TOML basic string (quotes, backslashes and control characters escaped)."""
-    out = ['"']
-    for c in text:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif c == "\n":
-            out.append("\\n")
-        elif c == "\t":
-            out.append("\\t")
-        elif ord(c) < 0x20 or c == "\x7f":
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    out.append('"')
-    return "".join(out)
-
-
-def _toml_ints(values: tuple[int, ...]) -> str:
-    return "[" + ", ".join(str(v) for v in values) + "]"

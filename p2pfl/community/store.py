@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from p2pfl.community import CommunityError
+from p2pfl.community.fields import MAX_MANIFEST_CHARS, MAX_TIME, format_time, toml_string
 from p2pfl.community.invite import (
     INVITE_KEY_BYTES,
     MAX_INVITE_BYTES,
@@ -30,15 +32,7 @@ from p2pfl.community.invite import (
     held_invite,
     read_token,
 )
-from p2pfl.community.manifest import (
-    MAX_MANIFEST_CHARS,
-    MAX_TIME,
-    CommunityError,
-    Manifest,
-    format_time,
-    load_manifest,
-    toml_string,
-)
+from p2pfl.community.manifest import Manifest, load_manifest
 from p2pfl.files import write_private_atomically
 from p2pfl.peers import MAX_ADDRESS_CHARS, parse_peer_address
 

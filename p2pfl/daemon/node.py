@@ -20,7 +20,7 @@ import torch
 import trio
 from libp2p.crypto.keys import KeyPair
 
-from p2pfl.community.manifest import CommunityError
+from p2pfl.community import CommunityError
 from p2pfl.community.sharing import shared_part
 from p2pfl.daemon.checkpoint import encode_checkpoint, load_newest, write_atomically
 from p2pfl.daemon.communities import Communities

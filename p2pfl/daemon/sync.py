@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 
 import trio
 
-from p2pfl.daemon.community_wire import ID_BYTES
 from p2pfl.daemon.outbox import Outboxes
 from p2pfl.daemon.transport import Transport, TransportError
 from p2pfl.learning.params import ParamSchema
 from p2pfl.runtime import CoreRuntime, Driver
 from p2pfl.wire.codec import WireError, decode, encode, max_message_bytes
+from p2pfl.wire.community import ID_BYTES
 from p2pfl.wire.messages import Message
 
 log = logging.getLogger("p2pfl.sync")

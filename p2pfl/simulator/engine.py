@@ -37,18 +37,27 @@ from torch import nn
 
 from p2pfl.data import Dataset, NodeData, load_dataset, split_nodes
 from p2pfl.learning.learner import BatchedLearner, Learner, PerNodeLearner, SGDConfig
+from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.learning.schedule import parse_lr_schedule
 from p2pfl.models import build_model
 from p2pfl.protocol.core import CoreStats, NodeCore
 from p2pfl.runtime import CoreRuntime, NodeModel, open_core
-from p2pfl.simulator.channels import Channel, community_channels, union_graph, whole_model_channel
+from p2pfl.simulator.admission import SimGates
+from p2pfl.simulator.channels import (
+    Channel,
+    ModelInfo,
+    community_channels,
+    union_graph,
+    whole_model_channel,
+)
 from p2pfl.simulator.network import SimNetwork
 from p2pfl.simulator.objectives import OwnObjectives
 from p2pfl.simulator.scenario import Scenario
 from p2pfl.simulator.stream import ChangingTask, Prequential
 from p2pfl.topology import build_topology
 from p2pfl.wire.codec import all_finite, encoded_size
+from p2pfl.wire.community import Hello
 from p2pfl.wire.messages import Message
 
 log = logging.getLogger("p2pfl.simulator")
@@ -77,7 +86,11 @@ def prepare(scenario: Scenario) -> Prepared:
     if not s.communities:
         graph = build_topology(s.topology, s.nodes, s.seed, s.allow_disconnected)
         return Prepared(s, dataset, nodes, graph, model)
-    channels = community_channels(s.communities, model, s.nodes, s.seed, s.allow_disconnected)
+    schema = ParamSchema.from_module(model)
+    info = ModelInfo(s.model, tuple(dataset.input_shape), dataset.num_classes)
+    channels = community_channels(
+        s.communities, schema, s.nodes, s.seed, s.allow_disconnected, model=info, module=model
+    )
     return Prepared(s, dataset, nodes, union_graph(channels, s.nodes), model, channels)
 
 
@@ -167,11 +180,17 @@ class Simulation:
                     _Port(self, c, i),
                     seed=s.seed,
                     channel=channel.name,
-                    neighbors=(str(j) for j in channel.graph.neighbors(i)),
+                    # with admission, a core hears of its neighbours once they are admitted
+                    neighbors=() if channel.admission else map(str, channel.graph.neighbors(i)),
                 )
                 self.node_runtimes[i].append((c, members[i]))
             self.runtimes.append(members)
         self.cores: list[NodeCore] = [r.core for members in self.runtimes for r in members.values()]
+        self.gates = SimGates(
+            [channel.admission for channel in self.channels],
+            [channel.graph for channel in self.channels],
+            self,
+        )
         self.channel_bytes = [0] * len(self.channels)
         self.channel_messages = [0] * len(self.channels)
         self.objectives = (
@@ -198,7 +217,11 @@ class Simulation:
         """Move a message of ``src``'s core in ``channel`` to ``dst``. A send to a node that is
         offline, or not in the channel, fails at once (as a daemon's send to a peer it cannot
         reach): nothing goes out and the sender's core is told."""
-        if not self.net.online[dst] or dst not in self.runtimes[channel]:
+        if (
+            not self.net.online[dst]
+            or dst not in self.runtimes[channel]
+            or not self.gates.admits(channel, src, dst)
+        ):
             self.runtimes[channel][src].send_failed(now, str(dst))
             return
         size = encoded_size(message, self.channels[channel].part.schema)
@@ -219,6 +242,12 @@ class Simulation:
             if not self.net.online[dst]:
                 self.net.lost += 1
                 continue
+            if kind == "hello":
+                self.gates.hello(at, channel, src, dst, message)
+                continue
+            if self.gates.frame(at, channel, src, dst) is not None:
+                self.gates.refused[channel] += 1
+                continue
             params = getattr(message, "params", None)
             if isinstance(params, torch.Tensor) and not all_finite(params):
                 self.rejected += 1
@@ -227,15 +256,31 @@ class Simulation:
             self.runtimes[channel][dst].message(at, str(src), message)
 
     def _notify(self, nodes: list[int], went_down: bool, now: float) -> None:
-        """Tell the neighbours of ``nodes`` in each channel that they went down or came up."""
+        """Tell the neighbours of ``nodes`` in each channel that they went down or came up
+        (with admission: their connections end, or they say hello again)."""
         for node in nodes:
             for c, _ in self.node_runtimes[node]:
+                if self.gates.gated(c):
+                    (self.gates.went_down if went_down else self.gates.came_up)(now, c, node)
+                    continue
                 for peer in self.channels[c].graph.neighbors(node):
                     runtime = self.runtimes[c][peer]
                     if went_down:
                         runtime.peer_down(now, str(node))
                     else:
                         runtime.peer_up(now, str(node))
+
+    # -- admission (``SimGates`` calls these) ------------------------------------------------
+    def core_peer_up(self, now: float, channel: int, node: int, peer: int) -> None:
+        self.runtimes[channel][node].peer_up(now, str(peer))
+
+    def core_peer_down(self, now: float, channel: int, node: int, peer: int) -> None:
+        self.runtimes[channel][node].peer_down(now, str(peer))
+
+    def send_hello(self, now: float, channel: int, src: int, dst: int, hello: Hello) -> None:
+        arrival = self.net.transmit(now, src, dst, len(hello.to_bytes()))
+        if arrival is not None:
+            self._push(arrival, "hello", (channel, src, dst, hello))
 
     # -- run ---------------------------------------------------------------------------------
     def run(self, on_tick: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -249,6 +294,8 @@ class Simulation:
         for t in range(1, s.steps + 1):
             now = t * s.network.step_time
             self.task.advance(t)
+            if t == 1:
+                self.gates.start(now)
             gone, back = self.net.churn()
             self._notify(gone, True, now)
             self._notify(back, False, now)
@@ -352,6 +399,7 @@ class Simulation:
                     "bytes_sent": self.channel_bytes[c],
                     "messages": self.channel_messages[c],
                     "syncs": sum(r.core.stats.syncs for r in self.runtimes[c].values()),
+                    "refused": self.gates.refused[c],
                 }
                 for c, channel in enumerate(self.channels)
             ]

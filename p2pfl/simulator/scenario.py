@@ -4,7 +4,10 @@ A scenario either runs ``protocols`` side by side over the whole model and one g
 declares ``[[communities]]``: each has a ``name``, ``members`` (node indices, or ranges such as
 ``"0-11"``), the parameters it ``shared`` (name globs, e.g. ``["fc1.*"]``), a ``protocol``
 (default ``dynamic``) and a ``topology`` among its members (default ``complete`` up to 8
-members, else ``small-world:k=4,p=0.2``). Such a scenario runs "alone" against "communities".
+members, else ``small-world:k=4,p=0.2``); optionally ``admission`` (``invite`` or ``open``:
+members run the membership protocol, founded by the first member) and ``uninvited`` (members
+holding a forged invite, whom the others refuse). Such a scenario runs "alone" against
+"communities".
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ class NetworkConfig:
     rejoin: float = 0.05
 
 
-COMMUNITY_KEYS = ("name", "members", "shared", "protocol", "topology")
+COMMUNITY_KEYS = ("name", "members", "shared", "protocol", "topology", "admission", "uninvited")
+ADMISSIONS = ("open", "invite")
 SMALL_COMMUNITY = 8
 PER_COMMUNITY = "(per community)"
 COMMUNITY_RUNS = ("alone", "communities")
@@ -54,6 +58,11 @@ class CommunityConfig:
     shared: tuple[str, ...]
     protocol: str = "dynamic"
     topology: str = "complete"
+    admission: str | None = None
+    """None: members are wired to their neighbours from the start; ``open`` or ``invite``:
+    they run the membership protocol first (``p2pfl.simulator.admission``)."""
+    uninvited: tuple[int, ...] = ()
+    """Members without a valid invite (they hold a forged one); only with ``invite``."""
 
 
 @dataclass(frozen=True)
@@ -173,8 +182,36 @@ def _communities(tables: Any) -> tuple[CommunityConfig, ...]:
                 f"{where}: protocol 'none' shares nothing; pick a syncing protocol such as "
                 "'dynamic' or 'periodic:b=10', or drop the community"
             )
-        parsed.append(CommunityConfig(name, members, tuple(shared), protocol, topology))
+        admission, uninvited = _admission(where, table, members)
+        parsed.append(
+            CommunityConfig(name, members, tuple(shared), protocol, topology, admission, uninvited)
+        )
     return tuple(parsed)
+
+
+def _admission(
+    where: str, table: dict[str, Any], members: tuple[int, ...]
+) -> tuple[str | None, tuple[int, ...]]:
+    """A community's ``admission`` and ``uninvited`` keys."""
+    admission = table.get("admission")
+    if admission is not None and admission not in ADMISSIONS:
+        raise ScenarioError(
+            f"{where}: 'admission' must be 'invite' or 'open' (members run the membership "
+            "protocol first), or absent (members are wired from the start)"
+        )
+    uninvited = _members(where, table["uninvited"], "uninvited", 1) if "uninvited" in table else ()
+    if uninvited and admission != "invite":
+        raise ScenarioError(
+            f"{where}: 'uninvited' needs admission = \"invite\" (an open community admits anyone)"
+        )
+    outside = sorted(set(uninvited) - set(members))
+    if outside:
+        raise ScenarioError(f"{where}: 'uninvited' nodes {outside} are not in 'members'")
+    if members and set(uninvited) >= {members[0]}:
+        raise ScenarioError(
+            f"{where}: its first member ({members[0]}) founds it and cannot be uninvited"
+        )
+    return admission, uninvited
 
 
 _COMMUNITY_HINTS = {
@@ -185,7 +222,7 @@ _COMMUNITY_HINTS = {
 }
 
 
-def _members(where: str, raw: Any) -> tuple[int, ...]:
+def _members(where: str, raw: Any, key: str = "members", least: int = 2) -> tuple[int, ...]:
     """Node indices from a list of ints or a string of ranges such as ``"0-5,12,14-17"``."""
     hint = _COMMUNITY_HINTS["members"]
     nodes: list[int] = []
@@ -193,19 +230,20 @@ def _members(where: str, raw: Any) -> tuple[int, ...]:
         for item in raw.split(","):
             first, dash, last = item.strip().partition("-")
             if not (first.strip().isdigit() and (not dash or last.strip().isdigit())):
-                raise ScenarioError(f"{where}: 'members' {raw!r} is not understood; {hint}")
+                raise ScenarioError(f"{where}: '{key}' {raw!r} is not understood; {hint}")
             low, high = int(first), int(last) if dash else int(first)
             if high < low:
-                raise ScenarioError(f"{where}: 'members' range {item.strip()!r} runs backwards")
+                raise ScenarioError(f"{where}: '{key}' range {item.strip()!r} runs backwards")
             nodes.extend(range(low, high + 1))
     elif isinstance(raw, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in raw):
         nodes = list(raw)
     else:
-        raise ScenarioError(f"{where}: 'members' {raw!r} is not understood; {hint}")
+        raise ScenarioError(f"{where}: '{key}' {raw!r} is not understood; {hint}")
     if len(set(nodes)) != len(nodes):
-        raise ScenarioError(f"{where}: 'members' lists a node twice; list each node once")
-    if len(nodes) < 2:
-        raise ScenarioError(f"{where}: a community needs at least 2 members, got {len(nodes)}")
+        raise ScenarioError(f"{where}: '{key}' lists a node twice; list each node once")
+    if len(nodes) < least:
+        what = "a community needs at least 2 members" if key == "members" else f"{key!r} is empty"
+        raise ScenarioError(f"{where}: {what}, got {len(nodes)}")
     return tuple(sorted(nodes))
 
 

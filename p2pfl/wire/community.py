@@ -1,7 +1,8 @@
-"""What community peers say to each other: the hello, sync and announcement formats.
+"""What community peers say to each other: the hello and announcement formats.
 
-Two small protocols carry a community's own traffic (``communities.py`` runs them; its sync
-frames travel on the node's one sync protocol, ``sync.py``):
+Two small protocols carry a community's own traffic (``p2pfl.protocol.admission`` decides on
+hellos; ``p2pfl.daemon.communities`` carries them over libp2p, the simulator over its links);
+its sync frames travel on the node's one sync protocol (``p2pfl.daemon.sync``):
 
 * hello (``HELLO_PROTOCOL``): ``Hello`` = ``{community, credential, answer, refused}``. A
   credential (``make_credential``) proves membership to the receiver only: its proof is bound
