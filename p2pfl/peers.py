@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from libp2p.crypto.keys import PublicKey
+    from libp2p.peer.id import ID
     from libp2p.peer.peerinfo import PeerInfo
+    from multiaddr import Multiaddr
 
 ADDRESS_FORM = "/ip4/<ip>/tcp/<port>/p2p/<peer id>"
 MAX_ADDRESS_CHARS = 1000
@@ -47,3 +49,28 @@ def peer_of_address(text: str) -> str | None:
         return str(parse_peer_address(text).peer_id)
     except ValueError:
         return None
+
+
+def parse_peer_id(text: str) -> ID:
+    """The libp2p id of a peer id string; ValueError if it is not one."""
+    from libp2p.peer.id import ID
+
+    try:
+        return ID.from_base58(text)
+    except Exception as exc:  # base58 and multihash raise several types
+        raise ValueError(f"{text!r} is not a valid peer id") from exc
+
+
+def tcp_listen_address(text: str) -> Multiaddr:
+    """A listen address, which must be plain TCP: ``/ip4|ip6/<host>/tcp/<port>``; ValueError
+    naming the problem otherwise."""
+    from multiaddr import Multiaddr
+
+    try:
+        addr = Multiaddr(text)
+    except Exception as exc:  # multiaddr parsing raises many unrelated types
+        raise ValueError(f"{text!r} is not a multiaddr ({exc})") from None
+    protocols = [p.name for p in addr.protocols()]
+    if len(protocols) != 2 or protocols[0] not in ("ip4", "ip6") or protocols[1] != "tcp":
+        raise ValueError(f"{text!r} must be /ip4/<address>/tcp/<port> (TCP only, e.g. port 0)")
+    return addr

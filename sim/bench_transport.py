@@ -21,7 +21,8 @@ from pathlib import Path
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from p2pfl.daemon.transport import Limits, Transport
+from p2pfl.daemon.limits import Limits
+from p2pfl.daemon.transport import Transport
 
 PROTOCOL = "/p2pfl/bench/1"
 SIZES_MIB = (1, 10, 50)

@@ -186,7 +186,8 @@ def test_every_error_type_is_a_p2pfl_error_with_its_exit_code():
     from p2pfl.daemon.checkpoint import CheckpointError
     from p2pfl.daemon.config import ConfigError
     from p2pfl.daemon.control import ControlError
-    from p2pfl.daemon.transport import IdentityError, TransportError
+    from p2pfl.daemon.identity import IdentityError
+    from p2pfl.daemon.transport import TransportError
     from p2pfl.data import DataError
     from p2pfl.errors import EXIT_BAD_INPUT, EXIT_FAILED, P2pflError
     from p2pfl.simulator.scenario import ScenarioError

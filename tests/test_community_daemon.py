@@ -36,9 +36,10 @@ from p2pfl.community.manifest import Manifest
 from p2pfl.daemon import communities, discovery, sync
 from p2pfl.daemon.config import ConfigError, load_config
 from p2pfl.daemon.control import request
+from p2pfl.daemon.identity import load_or_create_identity
 from p2pfl.daemon.node import NodeDaemon
 from p2pfl.daemon.sync import SYNC_PROTOCOL
-from p2pfl.daemon.transport import Subscription, Transport, load_or_create_identity
+from p2pfl.daemon.transport import Subscription, Transport
 from p2pfl.learning.params import ParamSchema
 from p2pfl.wire.codec import decode, encode
 from p2pfl.wire.community import HELLO_PROTOCOL, Announcement, Hello, topic_of

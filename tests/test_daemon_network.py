@@ -27,9 +27,10 @@ from multiaddr import Multiaddr
 
 from p2pfl.daemon.config import CONFIG_FILE, KEY_FILE, load_config
 from p2pfl.daemon.control import ControlError, request
+from p2pfl.daemon.identity import load_or_create_identity
 from p2pfl.daemon.node import build_learning
 from p2pfl.daemon.sync import SYNC_PROTOCOL, WHOLE_MODEL, sync_frame
-from p2pfl.daemon.transport import Transport, TransportError, load_or_create_identity
+from p2pfl.daemon.transport import Transport, TransportError
 from p2pfl.learning.params import ParamSchema
 from p2pfl.models import build_model
 from p2pfl.wire.codec import encode, max_message_bytes

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from p2pfl.learning.learner import BatchedLearner, PerNodeLearner, SGDConfig
+from p2pfl.learning.batched import BatchedLearner
+from p2pfl.learning.learner import PerNodeLearner, SGDConfig
 from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.learning.schedule import parse_lr_schedule

@@ -10,7 +10,8 @@ from kit import FakeLearner, FakeModel, Recorder, VirtualNet, line, recorded_run
 from torch import nn
 
 from p2pfl.community.sharing import shared_part
-from p2pfl.learning.learner import BatchedLearner, PerNodeLearner, SGDConfig
+from p2pfl.learning.batched import BatchedLearner
+from p2pfl.learning.learner import PerNodeLearner, SGDConfig
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.protocol.actions import ReplaceModel, Send, SetCorrection, SetTimer
 from p2pfl.protocol.dynamic import DynamicCore
@@ -127,6 +128,20 @@ def test_a_failed_send_to_a_peer_outside_the_neighbourhood_marks_only_it_down():
     core = net.cores["0"]
     net.runtimes["0"].send_failed(0.0, "2")
     assert core.down == {"2"} and core.live_neighbors == ["1"]
+
+
+def test_widening_again_to_a_peer_already_down_does_not_wait_for_it():
+    """A coordinator keeps widening to a peer it cannot reach (named by its neighbour, e.g.
+    not admitted to the community): each failed send counts as that peer's refusal, also
+    once the peer is marked down, so no session waits for it until the timeout."""
+    net = VirtualNet("dynamic:delta=0,b=1", line(3), seed=0)
+    net.unreachable.add("2")
+    for _ in range(4):
+        net.step("0")
+        net.settle()
+    core = net.cores["0"]
+    assert core.stats.syncs == 4 and core.stats.timeouts == 0
+    assert sum(1 for _, src, dst, _ in net.log if (src, dst) == ("0", "2")) >= 2
 
 
 # -- restore ------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from p2pfl.cli import app
 from p2pfl.data import load_dataset, split_nodes
-from p2pfl.learning.learner import BatchedLearner, PerNodeLearner, SGDConfig
+from p2pfl.learning.batched import BatchedLearner
+from p2pfl.learning.learner import PerNodeLearner, SGDConfig
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.models import build_model
 from p2pfl.simulator import engine

@@ -246,6 +246,7 @@ def test_drift_every_n_relabels_training_and_test_data_at_the_right_steps():
     assert seen[81] == (1, 2, 0.1) and seen[89] == (1, 2, pytest.approx(0.9))  # gradual
     assert seen[90][:2] == (2, None) and seen[121][:2] == (0, None)  # back to the original
     assert torch.equal(bank.y, original)
+    assert [(d["step"], d["width"]) for d in summary["drifts"]] == [(40, 0), (80, 10), (120, 0)]
     rows = {r["step"]: r for r in summary["metrics"]}
     assert [rows[t]["concept"] for t in (40, 50, 80, 90, 120, 130)] == [0, 1, 1, 2, 2, 0]
     # the test set follows: right after a sudden drift the trained models score low on it
@@ -406,7 +407,7 @@ def test_runs_do_not_depend_on_the_python_hash_seed() -> None:
 def test_batched_and_per_node_learners_end_with_the_same_models(protocol: str) -> None:
     """Same scenario, seeds and protocol: the batched learner (all nodes in one tensor) and
     the per-node reference learner end with the same parameters, and so take the same
-    protocol decisions (syncs, bytes)."""
+    protocol decisions (syncs, bytes), with momentum and a learning-rate schedule."""
     finals = {}
     for learner in ("batched", "per-node"):
         scenario = load_scenario(
@@ -417,6 +418,7 @@ def test_batched_and_per_node_learners_end_with_the_same_models(protocol: str) -
                 "partition": "dirichlet:alpha=0.5",
                 "learner": learner,
                 "momentum": 0.5,
+                "lr_schedule": "cosine:min=0.2",
                 "seed": 3,
             },
         )
@@ -427,3 +429,23 @@ def test_batched_and_per_node_learners_end_with_the_same_models(protocol: str) -
     assert (b_syncs, b_bytes) == (p_syncs, p_bytes)
     assert (b_syncs > 0) == (protocol != "none")
     torch.testing.assert_close(batched, per_node, rtol=1e-4, atol=1e-5)
+
+
+def test_drift_recovery_reads_the_settled_level_and_the_steps_back_to_it():
+    from p2pfl.data.datasets import DriftEvent
+    from p2pfl.simulator.stream import drift_recovery
+
+    accuracy = {10: 0.5, 20: 0.8, 30: 0.9, 40: 0.9, 50: 0.9, 60: 0.9, 70: 0.4, 80: 0.88, 90: 0.9}
+    rows = [{"step": t, "prequential_accuracy": a, "bytes": 100 * t} for t, a in accuracy.items()]
+    (sudden,) = drift_recovery(rows, [DriftEvent(40, 1, 0)])
+    assert sudden["prequential_before"] == pytest.approx(0.9)  # the window (30, 40]
+    assert sudden["bytes_per_step_before"] == pytest.approx(100)
+    assert sudden["recovery_steps"] == 10  # (40, 50] is already back at 0.9
+    # gradual over 30 steps: windows inside the transition do not count, even when high
+    (gradual,) = drift_recovery(rows, [DriftEvent(40, 1, 30)])
+    assert gradual["recovery_steps"] == 40  # (70, 80]: 0.88 >= 0.95 * 0.9
+    first, second = drift_recovery(rows, [DriftEvent(40, 1, 0), DriftEvent(60, 0, 0)])
+    assert first["recovery_steps"] == 10 and second["recovery_steps"] == 20
+    assert second["prequential_before"] == pytest.approx(0.9)  # (50, 60]
+    never = [dict(r, prequential_accuracy=0.1) if r["step"] > 40 else r for r in rows]
+    assert drift_recovery(never, [DriftEvent(40, 1, 0)])[0]["recovery_steps"] is None

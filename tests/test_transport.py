@@ -31,7 +31,9 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
 from multiaddr import Multiaddr
 
-from p2pfl.daemon.transport import Limits, Transport, TransportError, load_or_create_identity
+from p2pfl.daemon.identity import load_or_create_identity
+from p2pfl.daemon.limits import Limits
+from p2pfl.daemon.transport import Transport, TransportError
 
 PROTO = "/p2pfl/test/1"
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]

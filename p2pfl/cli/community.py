@@ -194,7 +194,7 @@ def _expiry_text(membership: Membership) -> str:
 def _identity(home: Path, create: bool) -> KeyPair:
     """The node's key pair from DIR/identity.key (created if missing and ``create``)."""
     from p2pfl.community import CommunityError
-    from p2pfl.daemon.transport import load_or_create_identity
+    from p2pfl.daemon.identity import load_or_create_identity
 
     path = home / KEY_FILE
     if not create and not path.exists():

@@ -29,7 +29,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def init(home: Path = HOME) -> None:
     """Create DIR with a private identity key and a commented config.toml."""
 
-    from p2pfl.daemon.transport import load_or_create_identity
+    from p2pfl.daemon.identity import load_or_create_identity
     from p2pfl.peers import peer_id_of
 
     config = write_template(home)
@@ -75,8 +75,8 @@ def start(
     use_torch()
     import trio
 
+    from p2pfl.daemon.identity import load_or_create_identity
     from p2pfl.daemon.node import NodeDaemon
-    from p2pfl.daemon.transport import load_or_create_identity
 
     handlers = _setup_logging(home)
     try:

@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from multiaddr import Multiaddr
-
 from p2pfl.errors import P2pflError
-from p2pfl.peers import parse_peer_address
+from p2pfl.peers import parse_peer_address, tcp_listen_address
 from p2pfl.protocol.config import ProtocolConfig, parse_protocol
 from p2pfl.spec import SpecError, finite_number, whole_number
 
@@ -100,13 +98,7 @@ def _str(value: Any) -> str:
 
 def _listen(value: Any) -> str:
     text = _str(value)
-    try:
-        addr = Multiaddr(text)
-    except Exception as exc:
-        raise ValueError(f"{text!r} is not a multiaddr ({exc})") from None
-    protocols = [p.name for p in addr.protocols()]
-    if len(protocols) != 2 or protocols[0] not in ("ip4", "ip6") or protocols[1] != "tcp":
-        raise ValueError(f"{text!r} must be /ip4/<address>/tcp/<port> (TCP only, e.g. port 0)")
+    tcp_listen_address(text)
     return text
 
 

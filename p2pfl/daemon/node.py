@@ -26,10 +26,11 @@ from p2pfl.daemon.checkpoint import encode_checkpoint, load_newest, write_atomic
 from p2pfl.daemon.communities import Communities
 from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.daemon.control import bind_socket, serve, socket_path
+from p2pfl.daemon.limits import Limits
 from p2pfl.daemon.metrics import serve_metrics
 from p2pfl.daemon.state import community_states, node_state, restore_node_state
 from p2pfl.daemon.sync import WHOLE_MODEL, Channel, SyncChannels
-from p2pfl.daemon.transport import Limits, Transport, TransportError
+from p2pfl.daemon.transport import Transport, TransportError
 from p2pfl.data import DataError
 from p2pfl.data.datasets import Dataset
 from p2pfl.data.partition import NodeData, load_node_slice

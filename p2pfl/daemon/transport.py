@@ -12,28 +12,29 @@ down when that happens.
 
 With ``pubsub=True`` the host also runs GossipSub for small signed announcements (never model
 parameters: py-libp2p drops pubsub messages over 1 MiB silently and queues 32 per topic).
+
+The framing helpers are in ``framing.py``, the limits in ``limits.py``, the node key in
+``identity.py``. This module is over 400 lines because ``Transport`` is one object with one
+state (host, address book, routes, per-peer buckets and stream counts): its lifecycle, outbound
+sends and dials, inbound streams under the limits, and pubsub share that state, and each
+py-libp2p sharp edge it works around is documented where it is handled.
 """
 
 from __future__ import annotations
 
 import logging
-import stat
-import struct
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from types import TracebackType
 
 import trio
 from libp2p import new_host
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
-from libp2p.crypto.ed25519 import create_new_key_pair as create_ed25519_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.identity_utils import load_identity
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
@@ -45,15 +46,26 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.subscription import TrioSubscriptionAPI
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, Yamux, YamuxStream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp.tcp import TCP
 from multiaddr import Multiaddr
 
-from p2pfl.errors import OperationError, P2pflError
-from p2pfl.files import write_private_atomically
-from p2pfl.peers import parse_peer_address
+from p2pfl.daemon.framing import (
+    ACK,
+    CLEANUP_TIMEOUT_S,
+    HEADER,
+    MAX_FRAME_BYTES,
+    FrameRefused,
+    cleanup,
+    read_exactly,
+    why,
+    widen_receive_window,
+)
+from p2pfl.daemon.limits import Limits, TokenBucket
+from p2pfl.errors import OperationError
+from p2pfl.peers import parse_peer_address, parse_peer_id, tcp_listen_address
 
 log = logging.getLogger("p2pfl.transport")
 
@@ -63,14 +75,8 @@ Handler = Callable[[str, bytes], Awaitable[None]]
 PeerCallback = Callable[[str], None]
 """Called with a peer id when its first connection opens or its last one closes."""
 
-_HEADER = struct.Struct(">I")
-_ACK = b"\x06"
-MAX_FRAME_BYTES = 2**32 - 1
-"""Largest payload the 4-byte length prefix can describe."""
 
-_CLEANUP_TIMEOUT_S = 5.0
 _MAX_IDLE_BUCKETS = 1024
-_LISTEN_PROTOCOLS = {"ip4", "ip6", "tcp"}
 _GOSSIP_HEARTBEAT_S = 1
 """GossipSub heartbeat: meshes form and repair within about a second (libp2p's default 120 s
 suits long-lived networks, not peers that join a community and want to be found now)."""
@@ -80,65 +86,11 @@ class TransportError(OperationError):
     """A connect or send failed; the message names the peer and the reason."""
 
 
-class IdentityError(P2pflError, ValueError):
-    """The node's identity key file cannot be read; the message says how to recover."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Safety limits of one transport; per-peer limits apply to inbound streams."""
-
-    max_frame_bytes: int = 64 * 2**20
-    """Default largest accepted payload; `Transport.set_handler` can override it per protocol."""
-    max_inbound_streams_per_peer: int = 4
-    """Inbound messages of one peer being read or handled at the same time."""
-    messages_per_s: float = 10.0
-    """Sustained inbound message rate allowed per peer (token bucket refill rate)."""
-    burst: int = 20
-    """Inbound messages a peer may send back to back (token bucket size)."""
-    io_timeout_s: float = 120.0
-    """Time allowed to read one inbound frame, or to write and confirm one outbound frame."""
-    dial_timeout_s: float = 10.0
-    """Time allowed to establish a connection (TCP, Noise handshake, yamux)."""
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.max_frame_bytes <= MAX_FRAME_BYTES:
-            raise ValueError(f"max_frame_bytes must be in [0, {MAX_FRAME_BYTES}]")
-        if self.max_inbound_streams_per_peer < 1 or self.burst < 1:
-            raise ValueError("max_inbound_streams_per_peer and burst must be >= 1")
-        if min(self.messages_per_s, self.io_timeout_s, self.dial_timeout_s) <= 0:
-            raise ValueError("messages_per_s, io_timeout_s and dial_timeout_s must be > 0")
-
-
-class _TokenBucket:
-    """Classic token bucket on the trio clock."""
-
-    __slots__ = ("rate", "size", "tokens", "stamp")
-
-    def __init__(self, rate: float, size: int, now: float) -> None:
-        self.rate, self.size, self.tokens, self.stamp = rate, size, float(size), now
-
-    def refill(self, now: float) -> None:
-        self.tokens = min(self.size, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def take(self, now: float) -> bool:
-        self.refill(now)
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
-
-
 @dataclass(frozen=True)
 class _Route:
     protocol: str
     handler: Handler
     max_frame_bytes: int
-
-
-class _FrameRefused(Exception):
-    """An inbound frame broke a limit or the framing; the message is the logged reason."""
 
 
 class _PeerEvents(INotifee):
@@ -217,7 +169,7 @@ class Transport:
         """Frame bytes (prefix + payload) of sends the receiver confirmed."""
         self.bytes_received = 0
         """Frame bytes (prefix + payload) of inbound frames read completely."""
-        self._listen = [_tcp_listen_addr(a) for a in listen]
+        self._listen = [tcp_listen_address(a) for a in listen]
         noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
         self._host = new_host(
             key_pair=key_pair,
@@ -229,7 +181,7 @@ class Transport:
         self._address_book: dict[str, list[Multiaddr]] = {}
         self._dial_locks: dict[str, trio.Lock] = {}
         self._inbound: dict[str, int] = {}
-        self._buckets: dict[str, _TokenBucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}
         self._up: set[str] = set()
         self._run: AbstractAsyncContextManager[None] | None = None
         self._services = AsyncExitStack()
@@ -282,13 +234,13 @@ class Transport:
         # stack corrupted), shielded from outer cancellation and bounded in time.
         if self._cleanup_scope is not None:
             self._cleanup_scope.shield = True
-            self._cleanup_scope.deadline = trio.current_time() + _CLEANUP_TIMEOUT_S
+            self._cleanup_scope.deadline = trio.current_time() + CLEANUP_TIMEOUT_S
         await self._services.aclose()
         # Leaving host.run() alone leaks listeners and connections: close inside it.
-        with trio.move_on_after(_CLEANUP_TIMEOUT_S, shield=True) as scope:
+        with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True) as scope:
             await self._host.close()
         if scope.cancelled_caught:
-            log.warning("host %s did not close within %.0f s", self.peer_id, _CLEANUP_TIMEOUT_S)
+            log.warning("host %s did not close within %.0f s", self.peer_id, CLEANUP_TIMEOUT_S)
         assert self._run is not None, "__aexit__ without __aenter__"
         return await self._run.__aexit__(exc_type, exc, tb)
 
@@ -338,33 +290,40 @@ class Transport:
         """
         if len(payload) > MAX_FRAME_BYTES:
             raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
-        peer = _parse_peer_id(peer_id)
+        peer = self._peer(peer_id)
         try:
             with trio.fail_after(self.limits.io_timeout_s + self.limits.dial_timeout_s):
                 if not self._host.get_network().get_connections(peer):
                     await self._dial(peer)
                 stream = await self._host.new_stream(peer, [TProtocol(protocol)])
                 try:
-                    await stream.write(_HEADER.pack(len(payload)))
+                    await stream.write(HEADER.pack(len(payload)))
                     await stream.write(payload)
                     await stream.close_write()
                     await _await_ack(stream)
                 except BaseException:
-                    await _cleanup(stream.reset)
+                    await cleanup(stream.reset)
                     raise
-                await _cleanup(stream.close)
+                await cleanup(stream.close)
         except TransportError:
             raise
         except trio.TooSlowError as exc:
             raise TransportError(f"send to {peer_id} on {protocol} timed out") from exc
         except Exception as exc:
-            raise TransportError(f"send to {peer_id} on {protocol} failed: {_why(exc)}") from exc
-        self.bytes_sent += _HEADER.size + len(payload)
+            raise TransportError(f"send to {peer_id} on {protocol} failed: {why(exc)}") from exc
+        self.bytes_sent += HEADER.size + len(payload)
 
     async def disconnect(self, peer_id: str) -> None:
         """Close every connection to `peer_id`; its address stays in the address book."""
-        with trio.move_on_after(_CLEANUP_TIMEOUT_S, shield=True):
-            await self._host.disconnect(_parse_peer_id(peer_id))
+        with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+            await self._host.disconnect(self._peer(peer_id))
+
+    @staticmethod
+    def _peer(peer_id: str) -> ID:
+        try:
+            return parse_peer_id(peer_id)
+        except ValueError as exc:
+            raise TransportError(str(exc)) from None
 
     async def _dial(self, peer: ID) -> None:
         """Open a connection to `peer` from the address book (one dial per peer at a time)."""
@@ -386,7 +345,7 @@ class Transport:
                 ) from exc
             except Exception as exc:
                 raise TransportError(
-                    f"dial of peer {key} at {[str(a) for a in addrs]} failed: {_why(exc)}"
+                    f"dial of peer {key} at {[str(a) for a in addrs]} failed: {why(exc)}"
                 ) from exc
 
     # -------------------------------------------------------------------- pubsub
@@ -407,7 +366,7 @@ class Transport:
         try:
             await self._require_pubsub().publish(topic, data)
         except Exception as exc:
-            raise TransportError(f"publish on {topic} failed: {_why(exc)}") from exc
+            raise TransportError(f"publish on {topic} failed: {why(exc)}") from exc
 
     def _require_pubsub(self) -> Pubsub:
         if self._pubsub is None:
@@ -435,7 +394,7 @@ class Transport:
             await self._serve(route, stream)
         except Exception:
             log.exception("internal error serving a stream on %s", route.protocol)
-            await _cleanup(stream.reset)
+            await cleanup(stream.reset)
 
     async def _serve(self, route: _Route, stream: INetStream) -> None:
         """Admit one inbound stream under the per-peer limits and receive its frame."""
@@ -443,7 +402,7 @@ class Transport:
         refusal = self._admit(peer)
         if refusal is not None:
             log.warning("refused message from peer %s on %s: %s", peer, route.protocol, refusal)
-            await _cleanup(stream.reset)
+            await cleanup(stream.reset)
             return
         self._inbound[peer] = self._inbound.get(peer, 0) + 1
         try:
@@ -460,7 +419,7 @@ class Transport:
         if bucket is None:
             if len(self._buckets) >= _MAX_IDLE_BUCKETS:
                 self._forget_idle_buckets(now)
-            bucket = _TokenBucket(self.limits.messages_per_s, self.limits.burst, now)
+            bucket = TokenBucket(self.limits.messages_per_s, self.limits.burst, now)
             self._buckets[peer] = bucket
         if not bucket.take(now):
             return (
@@ -485,18 +444,18 @@ class Transport:
         """Read one frame completely, close the stream, then run the handler."""
         try:
             with trio.fail_after(self.limits.io_timeout_s):
-                (size,) = _HEADER.unpack(await _read_exactly(stream, _HEADER.size))
+                (size,) = HEADER.unpack(await read_exactly(stream, HEADER.size))
                 if size > route.max_frame_bytes:
-                    raise _FrameRefused(
+                    raise FrameRefused(
                         f"frame of {size} bytes exceeds the limit of {route.max_frame_bytes}"
                     )
-                _widen_receive_window(stream, size)
-                payload = await _read_exactly(stream, size)
-                await stream.write(_ACK)
+                widen_receive_window(stream, size)
+                payload = await read_exactly(stream, size)
+                await stream.write(ACK)
                 await stream.close()
-        except _FrameRefused as exc:
+        except FrameRefused as exc:
             log.warning("refused message from peer %s on %s: %s", peer, route.protocol, exc)
-            await _cleanup(stream.reset)
+            await cleanup(stream.reset)
             return
         except trio.TooSlowError:
             log.warning(
@@ -505,13 +464,13 @@ class Transport:
                 route.protocol,
                 self.limits.io_timeout_s,
             )
-            await _cleanup(stream.reset)
+            await cleanup(stream.reset)
             return
         except Exception as exc:
-            log.warning("dropped message from peer %s on %s: %s", peer, route.protocol, _why(exc))
-            await _cleanup(stream.reset)
+            log.warning("dropped message from peer %s on %s: %s", peer, route.protocol, why(exc))
+            await cleanup(stream.reset)
             return
-        self.bytes_received += _HEADER.size + len(payload)
+        self.bytes_received += HEADER.size + len(payload)
         try:
             await route.handler(peer, payload)
         except Exception:
@@ -546,94 +505,11 @@ class Transport:
 # ------------------------------------------------------------------------ helpers
 
 
-async def _read_exactly(stream: INetStream, n: int) -> bytes:
-    """Read exactly `n` bytes; fail with _FrameRefused if the sender ends the stream early."""
-    chunks: list[bytes] = []
-    got = 0
-    while got < n:
-        try:
-            chunk = await stream.read(n - got)
-        except StreamEOF:
-            chunk = b""
-        if not chunk:
-            raise _FrameRefused(f"stream ended after {got} of {n} bytes")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
-def _widen_receive_window(stream: INetStream, size: int) -> None:
-    """Let the sender push the whole admitted frame (up to 16 MiB) without stalling.
-
-    A fresh yamux stream starts with a 256 KiB window and py-libp2p's sender polls every
-    10 ms while its window is empty, which caps a new stream at a few tens of MiB/s. Raising
-    the auto-tune target makes the next read grant the window at once.
-    """
-    muxed = stream.muxed_stream
-    if isinstance(muxed, YamuxStream):
-        muxed.target_recv_window = max(muxed.target_recv_window, min(size, MAX_WINDOW_SIZE))
-
-
 async def _await_ack(stream: INetStream) -> None:
     """Wait for the receiver's one-byte acknowledgement that it read the whole frame."""
     try:
         reply = await stream.read(1)
     except (StreamEOF, StreamReset) as exc:
         raise TransportError("receiver refused or dropped the message (see its log)") from exc
-    if reply != _ACK:
+    if reply != ACK:
         raise TransportError(f"receiver sent {reply!r} instead of the acknowledgement")
-
-
-async def _cleanup(close: Callable[[], Awaitable[None]]) -> None:
-    """Close or reset a stream, shielded and bounded, ignoring errors of a dying stream."""
-    with trio.move_on_after(_CLEANUP_TIMEOUT_S, shield=True):
-        try:
-            await close()
-        except Exception as exc:
-            log.debug("stream cleanup failed: %s", _why(exc))
-
-
-def _why(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _parse_peer_id(peer_id: str) -> ID:
-    try:
-        return ID.from_base58(peer_id)
-    except Exception as exc:
-        raise TransportError(f"{peer_id!r} is not a valid peer id") from exc
-
-
-def _tcp_listen_addr(addr: str) -> Multiaddr:
-    """Parse a listen address and check that it is plain TCP (/ip4|ip6/<host>/tcp/<port>)."""
-    try:
-        maddr = Multiaddr(addr)
-    except Exception as exc:
-        raise ValueError(f"bad listen address {addr!r}: {exc}") from exc
-    names = {p.name for p in maddr.protocols()}
-    if "tcp" not in names or not names <= _LISTEN_PROTOCOLS:
-        raise ValueError(f"listen address {addr!r} must be /ip4|ip6/<host>/tcp/<port>")
-    return maddr
-
-
-# ----------------------------------------------------------------------- identity
-
-
-def load_or_create_identity(path: Path) -> KeyPair:
-    """Load the node key at `path`, or create an Ed25519 key there (mode 0600, atomic)."""
-    if path.exists():
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            log.warning("identity file %s has mode %o; run: chmod 600 %s", path, mode, path)
-        try:
-            return load_identity(path)
-        except ValueError as exc:
-            raise IdentityError(
-                f"{exc}. Restore {path} from a backup, or delete it to create a new identity "
-                "(this node then gets a new peer id)."
-            ) from exc
-    key_pair = create_ed25519_key_pair()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_private_atomically(path, key_pair.private_key.serialize())
-    return key_pair

@@ -161,8 +161,9 @@ class NodeCore:
 
     def on_send_failed(self, now: float, peer: str) -> list[Action]:
         """A message to ``peer`` could not be delivered (no route, connection lost, not
-        admitted): treat it as down until it is heard from or reconnects."""
-        return [] if peer in self.down else self.on_peer_down(now, peer)
+        admitted): treat it as down until it is heard from or reconnects. Told every time,
+        even if it is down already: a session that just asked it must not wait for it."""
+        return self.on_peer_down(now, peer)
 
     def state_dict(self) -> dict[str, Any]:
         """What matters across a restart, as plain values (sessions in flight are not kept:

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from p2pfl.data import Dataset, NodeData, load_dataset, split_nodes
-from p2pfl.learning.learner import BatchedLearner, Learner, PerNodeLearner, SGDConfig
+from p2pfl.learning.batched import BatchedLearner
+from p2pfl.learning.learner import Learner, PerNodeLearner, SGDConfig
 from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.learning.schedule import parse_lr_schedule
@@ -54,7 +55,7 @@ from p2pfl.simulator.channels import (
 from p2pfl.simulator.network import SimNetwork
 from p2pfl.simulator.objectives import OwnObjectives
 from p2pfl.simulator.scenario import Scenario
-from p2pfl.simulator.stream import ChangingTask, Prequential
+from p2pfl.simulator.stream import ChangingTask, Prequential, drift_recovery
 from p2pfl.topology import build_topology
 from p2pfl.wire.codec import all_finite, encoded_size
 from p2pfl.wire.community import Hello
@@ -382,6 +383,7 @@ class Simulation:
             "messages_lost": self.net.lost,
             "messages_rejected": self.rejected,
             "final_eval_steps": sorted(finals),
+            "drifts": drift_recovery(metrics, self.task.events(s.steps)),
             **stats,
             "metrics": metrics,
         }

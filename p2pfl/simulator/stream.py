@@ -10,18 +10,20 @@ set is the expectation under that mixture: ``(1 - share)·acc(old) + share·acc(
 objectives follow the majority concept.
 
 Prequential evaluation (test-then-train, as in river and the online-learning literature):
-every node scores each new batch before training on it; ``Prequential`` sums those scores.
+every node scores each new batch before training on it; ``Prequential`` sums those scores,
+and ``drift_recovery`` reads from a run's evaluation rows how each drift was absorbed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from p2pfl.data import Dataset, NodeData
-from p2pfl.data.datasets import DriftState
+from p2pfl.data.datasets import DriftEvent, DriftState
 from p2pfl.learning.learner import StepResult
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.simulator.objectives import OwnObjectives
@@ -44,6 +46,10 @@ class ChangingTask:
         self._train: dict[int, torch.Tensor] = {}
         self._test: dict[int, torch.Tensor] = {}
         self.test_labels: list[tuple[float, torch.Tensor]] = [(1.0, dataset.y_test)]
+
+    def events(self, steps: int) -> list[DriftEvent]:
+        """The drifts of a run of ``steps`` steps."""
+        return [] if self.drift is None else self.drift.events(steps)
 
     def advance(self, step: int) -> bool:
         """Bring the task to simulation step ``step``; True if it changed."""
@@ -124,3 +130,59 @@ class Prequential:
     @property
     def mean_loss(self) -> float | None:
         return self.loss / self.node_steps if self.node_steps else None
+
+
+RECOVERY_SHARE = 0.95
+"""A drift is absorbed once prequential accuracy is back at this share of its level before."""
+
+
+def drift_recovery(
+    rows: Sequence[dict[str, Any]], events: Sequence[DriftEvent]
+) -> list[dict[str, Any]]:
+    """For each drift: the prequential accuracy and traffic (bytes per step) over the
+    evaluation windows ending in the last quarter of the stretch before it (the settled
+    network), and the steps from the drift's start until an evaluation window that lies
+    wholly after the transition is back at ``RECOVERY_SHARE`` of that accuracy (None: not
+    before the next drift or the end of the run)."""
+    if not events:
+        return []
+    out = []
+    previous = [0, *(e.step for e in events[:-1])]
+    ends = [e.step for e in events[1:]] + [rows[-1]["step"] if rows else 0]
+    # (row before, row): each row's prequential accuracy covers the steps in between
+    windows = list(zip([{"step": 0, "bytes": 0}, *rows], rows, strict=False))
+    for event, last_drift, end in zip(events, previous, ends, strict=True):
+        start = event.step - (event.step - last_drift) // 4
+        before = [(a, b) for a, b in windows if start < b["step"] <= event.step]
+        level = _mean([b["prequential_accuracy"] for _, b in before])
+        settled = None
+        if before:
+            first, last = before[0][0], before[-1][1]
+            settled = (last["bytes"] - first["bytes"]) / max(1, last["step"] - first["step"])
+        back = next(
+            (
+                b["step"]
+                for a, b in windows
+                if a["step"] >= event.step + event.width
+                and b["step"] <= end
+                and level is not None
+                and (b["prequential_accuracy"] or 0.0) >= RECOVERY_SHARE * level
+            ),
+            None,
+        )
+        out.append(
+            {
+                "step": event.step,
+                "concept": event.concept,
+                "width": event.width,
+                "prequential_before": level,
+                "bytes_per_step_before": settled,
+                "recovery_steps": None if back is None else back - event.step,
+            }
+        )
+    return out
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
