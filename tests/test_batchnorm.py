@@ -9,7 +9,8 @@ import pytest
 import torch
 from test_sim_communities import Wiretap
 
-from p2pfl.learning.learner import BatchedLearner, PerNodeLearner, SGDConfig
+from p2pfl.learning.batched import BatchedLearner
+from p2pfl.learning.learner import PerNodeLearner, SGDConfig
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.models import build_model, local_parameters
 from p2pfl.protocol.config import parse_protocol
