@@ -5,26 +5,25 @@
 set -euo pipefail
 
 NODES=4
-P2PFL=${P2PFL:-p2pfl}
 WORK=${1:-$(mktemp -d -t p2pfl-local-XXXXXX)}
 source "$(dirname "$0")/daemons.sh"
 
 synced() {  # synced HOME: the node has completed a sync
-    "$P2PFL" node status --home "$1" --json |
-        python3 -c 'import json, sys; sys.exit(0 if json.load(sys.stdin)["syncs"] > 0 else 1)'
+    [[ $("$P2PFL" node status --home "$1" --json | json_field 'j["syncs"] > 0') == True ]]
 }
 
 echo "work directory: $WORK"
 BOOTSTRAP=()
 for i in $(seq 0 $((NODES - 1))); do
     home="$WORK/node$i"
-    "$P2PFL" node init --home "$home" >/dev/null
+    "$P2PFL" node init --home "$home" --json >/dev/null
     "$P2PFL" node start --home "$home" --data "digits:part=$i/$NODES,alpha=0.5,seed=1" \
-        --protocol dynamic "${BOOTSTRAP[@]}" >"$home/address" 2>"$home/stderr" &
+        --protocol dynamic "${BOOTSTRAP[@]}" --json >"$home/started.json" 2>"$home/stderr" &
     PIDS+=($!)
-    wait_for 60 test -s "$home/address"
-    addr=$(head -n 1 "$home/address")
+    wait_for 60 test -s "$home/started.json"
+    addr=$(json_field 'j["listen_addrs"][0]' <"$home/started.json")
     echo "node$i: $addr"
+    echo "node$i dashboard: $(json_field 'j["dashboard_url"]' <"$home/started.json")"
     BOOTSTRAP+=(--bootstrap "$addr")
 done
 

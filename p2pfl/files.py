@@ -29,3 +29,16 @@ def write_private_atomically(path: Path, data: bytes, previous: Path | None = No
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def writable_problem(directory: Path) -> str | None:
+    """Why files cannot be created in ``directory`` (e.g. a read-only file system or missing
+    permissions), or None if they can: tries to create and remove a temporary file, which
+    also holds for root (whom permission bits do not stop) on a read-only mount."""
+    try:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".p2pfl-write-test.")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    Path(name).unlink(missing_ok=True)
+    return None

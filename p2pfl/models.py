@@ -16,6 +16,7 @@ last layer is named ``head``, so a community can keep it private.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections import OrderedDict
 
@@ -28,7 +29,41 @@ MODEL_KINDS = ("logistic", "mlp", "cnn", "cnn-bn")
 
 
 def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
-    """Build the model ``spec`` names, initialised from ``seed`` (same seed, same weights)."""
+    """Build the model ``spec`` names, initialised from ``seed`` (same seed, same weights),
+    and check that it maps ``[batch, features]`` to ``[batch, num_classes]`` logits."""
+    model = _build(spec, input_shape, num_classes, seed)
+    _check_output(spec, model, input_shape, num_classes)
+    return model
+
+
+def _check_output(
+    spec: str, model: nn.Module, input_shape: tuple[int, ...], num_classes: int
+) -> None:
+    """Run the model once on a zero batch of the data's shape (in eval mode, so no state
+    such as BatchNorm statistics changes) and refuse a model that does not fit the data."""
+    features = math.prod(input_shape)
+    fix = (
+        f"the model must take [batch, {features}] inputs and return [batch, {num_classes}] "
+        "logits for this data"
+    )
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, features))
+    except Exception as exc:
+        raise SpecError(
+            f"{spec!r}: the model fails on input of shape [2, {features}] "
+            f"({type(exc).__name__}: {exc}); {fix}"
+        ) from None
+    finally:
+        model.train(training)
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != (2, num_classes):
+        raise SpecError(f"{spec!r}: the model returned {shape} for 2 samples; {fix}")
+
+
+def _build(spec: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
     kind = spec.strip().partition(":")[0].strip().lower()
     if kind not in MODEL_KINDS and ":" in spec and "=" not in spec:
         return _from_factory(spec.strip(), input_shape, num_classes, seed)
@@ -106,11 +141,29 @@ def _from_factory(
             f"{spec!r}: cannot import module {module_name!r} ({exc}); "
             "check the name and that its directory is on PYTHONPATH"
         ) from None
+    except Exception as exc:  # the user's module itself fails while being imported
+        raise SpecError(
+            f"{spec!r}: importing module {module_name!r} failed ({type(exc).__name__}: {exc}); "
+            "fix the module"
+        ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SpecError(f"{spec!r}: module {module_name!r} has no function {attr!r}")
+    try:
+        inspect.signature(factory).bind(input_shape=input_shape, num_classes=num_classes)
+    except (TypeError, ValueError):
+        raise SpecError(
+            f"{spec!r}: {attr} must accept the keyword arguments input_shape and num_classes, "
+            f"e.g. def {attr}(input_shape, num_classes): ..."
+        ) from None
     torch.manual_seed(seed)
-    model = factory(input_shape=input_shape, num_classes=num_classes)
+    try:
+        model = factory(input_shape=input_shape, num_classes=num_classes)
+    except Exception as exc:
+        raise SpecError(
+            f"{spec!r}: {attr}(input_shape={input_shape}, num_classes={num_classes}) raised "
+            f"{type(exc).__name__}: {exc}; fix the factory"
+        ) from None
     if not isinstance(model, nn.Module):
         raise SpecError(
             f"{spec!r}: {attr}(input_shape=..., num_classes=...) returned "

@@ -454,7 +454,7 @@ BAD_DRAFTS = {
         "policy.protocol: 'turbo': unknown kind",
     ),
     "bad protocol argument": (
-        DRAFT.replace('merge = "samples"', 'merge = "median"'),
+        DRAFT.replace('merge = "samples"', 'merge = "mode"'),
         "policy: .*merge must be one of",
     ),
     "protocol none": (

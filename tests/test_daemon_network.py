@@ -3,6 +3,7 @@ peer and resume from checkpoints, and refuse bad peers while they keep serving."
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,12 +54,23 @@ class Daemon:
         self.addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{self.peer_id}"
         (home / CONFIG_FILE).write_text(config)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.prefix: list[str] = []
+        """Command the node runs under, e.g. ``ip netns exec NAME`` (it execs: same PID)."""
 
     def start(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         with open(self.home / "stdout", "ab") as out, open(self.home / "stderr", "ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "p2pfl", "node", "start", "--home", str(self.home)],
+                [
+                    *self.prefix,
+                    sys.executable,
+                    "-m",
+                    "p2pfl",
+                    "node",
+                    "start",
+                    "--home",
+                    str(self.home),
+                ],
                 cwd=REPO,
                 stdout=out,
                 stderr=err,
@@ -243,3 +255,32 @@ def test_bad_peers_are_refused_and_the_node_keeps_serving(tmp_path):
     finally:
         node.stop()
     assert node.proc is not None and node.proc.returncode == 0
+
+
+@pytest.mark.slow
+def test_peer_exchange_repairs_the_network_when_the_bootstrap_node_is_gone(tmp_path):
+    """B and C only know A. Peer exchange connects B and C; A is killed; they keep syncing.
+    B restarts with A (dead) as its only bootstrap peer and finds C again from its saved book."""
+    a, b, c = make_network(tmp_path, 3, 0, protocol="dynamic")
+    for d in (a, b, c):
+        lines = (d.home / CONFIG_FILE).read_text().splitlines()
+        only_a = [] if d is a else [a.addr]
+        lines = [f"bootstrap = {json.dumps(only_a)}" if x.startswith("bootstrap") else x
+                 for x in lines]  # fmt: skip
+        (d.home / CONFIG_FILE).write_text("\n".join(lines) + "\n")
+    try:
+        for d in (a, b, c):
+            d.start()
+        b.wait_status(lambda s: c.peer_id in s["peers"], timeout=240)
+        a.kill()
+        syncs = b.wait_status(lambda s: a.peer_id not in s["peers"], timeout=60)["syncs"]
+        b.wait_status(lambda s, n=syncs: s["syncs"] > n and s["peers"] == [c.peer_id], timeout=120)
+        b.stop()
+        book = json.loads((b.home / "peers.json").read_text())
+        assert {a.peer_id, c.peer_id} <= set(book)
+        b.start()
+        b.wait_status(lambda s: s["peers"] == [c.peer_id], timeout=240)
+        assert f"heard of peer {c.peer_id} at" in b.log()
+    finally:
+        for d in (a, b, c):
+            d.stop()

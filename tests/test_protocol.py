@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kit import DIM, GRAPHS, SEEDS, FakeModel, VirtualNet, complete, line, ring
+from kit import DIM, GRAPHS, SEEDS, FakeModel, VirtualNet, complete, line, ring, unclipped
 
 from p2pfl.learning.merge import merge
 from p2pfl.protocol.actions import ReplaceModel, Send, SetTimer
@@ -49,15 +49,15 @@ def vec(*values):
 # -- parse_protocol --
 def test_defaults_of_each_kind():
     none = parse_protocol("none")
-    assert (none.kind, none.b, none.merge, none.label) == ("none", 1, "uniform", "none")
+    assert (none.kind, none.b, none.merge.rule, none.label) == ("none", 1, "uniform", "none")
     periodic = parse_protocol("periodic")
     assert (periodic.kind, periodic.b, periodic.timeout) == ("periodic", 1, 0.5)
     assert parse_protocol("periodic:b=10").b == 10
     gossip = parse_protocol("gossip")
-    assert (gossip.kind, gossip.b, gossip.merge) == ("gossip", 1, "uniform")
+    assert (gossip.kind, gossip.b, gossip.merge.rule) == ("gossip", 1, "uniform")
     dyn = parse_protocol("dynamic")
     assert (dyn.kind, dyn.b, dyn.delta, dyn.rel) == ("dynamic", 2, None, 0.002)
-    assert (dyn.group, dyn.cap, dyn.correction, dyn.merge, dyn.timeout) == (
+    assert (dyn.group, dyn.cap, dyn.correction, dyn.merge.rule, dyn.timeout) == (
         0,
         0,
         0.1,
@@ -66,7 +66,7 @@ def test_defaults_of_each_kind():
     )
     absolute = parse_protocol("dynamic:delta=0.5,b=3,merge=samples,timeout=0.5")
     assert (absolute.delta, absolute.rel, absolute.b) == (0.5, 0.0, 3)
-    assert (absolute.merge, absolute.timeout) == ("samples", 0.5)
+    assert (absolute.merge.rule, absolute.timeout) == ("samples", 0.5)
     assert parse_protocol("dynamic:delta=inf").delta == math.inf
     assert parse_protocol(" Dynamic:rel=0.01 ").rel == 0.01
 
@@ -107,7 +107,7 @@ def test_make_core_builds_the_right_policy(spec, cls):
             "periodic:c=2",
             [
                 "unknown argument(s) ['c']",
-                "periodic accepts: b, block, codec, local, merge, timeout, topk",
+                "periodic accepts: b, block, clip, codec, f, local, merge, timeout, topk, trim",
             ],
         ),
         ("none:b=2", ["unknown argument(s) ['b']", "none accepts: none"]),
@@ -117,8 +117,10 @@ def test_make_core_builds_the_right_policy(spec, cls):
         ("dynamic:delta=-1", ["'dynamic:delta=-1'", "'delta'", "must be >= 0"]),
         ("dynamic:rel=-0.1", ["'rel'", "must be >= 0"]),
         ("dynamic:delta=1,rel=0.1", ["either delta (absolute) or rel (relative), not both"]),
-        ("periodic:merge=foo", ["merge must be one of uniform, samples"]),
-        ("dynamic:merge=median", ["merge must be one of uniform, samples"]),
+        ("periodic:merge=foo", ["merge must be one of uniform, samples, median, trimmed"]),
+        ("dynamic:trim=0.5", ["trim is the fraction cut at EACH end"]),
+        ("dynamic:clip=-1", ["'clip'", "must be >= 0"]),
+        ("gossip:f=x", ["bad value 'x' for 'f'"]),
         ("dynamic:correction=2", ["correction is a damping factor between 0 and 1"]),
         ("periodic:timeout=0", ["'timeout'", "positive"]),
         ("dynamic:timeout=nan", ["'timeout'", "positive"]),
@@ -143,8 +145,8 @@ def test_merge_rules():
     torch.testing.assert_close(weighted, (2 * a + b + c) / 4)
     # a node without samples still counts once, never divides by zero
     torch.testing.assert_close(merge([a, b], [0, 0], "samples"), (a + b) / 2)
-    with pytest.raises(ValueError, match="unknown merge rule 'median'"):
-        merge([a, b], [1, 1], "median")
+    with pytest.raises(ValueError, match="unknown merge rule 'mode'"):
+        merge([a, b], [1, 1], "mode")
 
 
 def run_dynamic(driver, ticks, p_step, rng):
@@ -251,7 +253,7 @@ def test_sample_weighted_merge_gives_the_weighted_mean():
 
 
 def test_periodic_sample_weighted_round():
-    cfg = parse_protocol("periodic:b=1,merge=samples")
+    cfg = unclipped(parse_protocol("periodic:b=1,merge=samples"))
     model = FakeModel(vec(0.0), samples=2)
     core = make_core("0", cfg, model, ["1"])
     core.on_local_step(0.0)
@@ -319,7 +321,7 @@ def test_condition_is_checked_every_b_steps_only():
 
 def test_relative_delta_scales_with_the_reference():
     model = FakeModel(torch.full((DIM,), 2.0))
-    core = make_core("0", parse_protocol("dynamic:rel=0.015625,b=1"), model, ["1"])
+    core = make_core("0", unclipped(parse_protocol("dynamic:rel=0.015625,b=1")), model, ["1"])
     assert core.delta == 0.5  # rel * ||r||² = 1/64 * 4 * 8
     model.w = model.w + 0.25  # ||w - r||² = 0.0625 * 8 == Δ: not above it
     assert core.on_local_step(0.0) == []
@@ -540,7 +542,7 @@ def test_many_simultaneous_violations_never_deadlock(seed):
 
 def test_stale_average_is_ignored():
     model = FakeModel(vec(1.0))
-    core = make_core("1", parse_protocol("dynamic:delta=0.01,b=1"), model, ["0", "2"])
+    core = make_core("1", unclipped(parse_protocol("dynamic:delta=0.01,b=1")), model, ["0", "2"])
     assert core.on_message(0.0, "0", Average(7, vec(9.0))) == []  # no session at all
     assert core.stats.ignored == 1
     core.on_message(0.0, "0", Pull(42))
@@ -555,7 +557,9 @@ def test_stale_average_is_ignored():
 
 
 def test_busy_for_another_session_does_not_release_a_member():
-    core = make_core("1", parse_protocol("dynamic:delta=0.01,b=1"), FakeModel(vec(1.0)), ["0", "2"])
+    core = make_core(
+        "1", unclipped(parse_protocol("dynamic:delta=0.01,b=1")), FakeModel(vec(1.0)), ["0", "2"]
+    )
     core.on_message(0.0, "0", Pull(42))
     core.on_message(0.0, "2", Busy(42))  # wrong sender
     core.on_message(0.0, "0", Busy(43))  # wrong session
@@ -565,7 +569,7 @@ def test_busy_for_another_session_does_not_release_a_member():
 
 
 def test_local_steps_during_a_session_are_kept():
-    cfg = parse_protocol("dynamic:delta=0.01,b=1")
+    cfg = unclipped(parse_protocol("dynamic:delta=0.01,b=1"))
     ma, mb = FakeModel(vec(0.0)), FakeModel(vec(4.0, 1.0))
     a = make_core("A", cfg, ma, ["B"], seed=1)
     b = make_core("B", cfg, mb, ["A"], seed=2)
@@ -594,7 +598,7 @@ def test_local_steps_during_a_session_are_kept():
 
 
 def test_pull_from_lower_session_makes_a_coordinator_give_way():
-    cfg = parse_protocol("dynamic:delta=0.01,b=1")
+    cfg = unclipped(parse_protocol("dynamic:delta=0.01,b=1"))
     model = FakeModel(vec(0.0))
     core = make_core("1", cfg, model, ["0", "2"], seed=0)
     model.w = vec(1.0)
@@ -657,7 +661,7 @@ def test_drift_correction_sums_to_zero_over_the_group():
 # -- periodic --
 def periodic_core(spec="periodic:b=2", w=None, neighbors=("1", "2")):
     model = FakeModel(w if w is not None else vec(0.0))
-    return make_core("0", parse_protocol(spec), model, neighbors), model
+    return make_core("0", unclipped(parse_protocol(spec)), model, neighbors), model
 
 
 def test_periodic_round_completes_when_all_live_neighbours_arrived():
@@ -806,7 +810,7 @@ def test_periodic_ring_with_an_offline_node_completes_on_timers():
 # -- gossip and none --
 def test_gossip_pushes_to_one_live_neighbour_every_b_steps():
     model = FakeModel(vec(1.0), samples=3)
-    core = make_core("0", parse_protocol("gossip:b=2"), model, ["1", "2"], seed=0)
+    core = make_core("0", unclipped(parse_protocol("gossip:b=2")), model, ["1", "2"], seed=0)
     targets = []
     for step in range(1, 41):
         sends = sends_of(core.on_local_step(0.0))
@@ -826,7 +830,7 @@ def test_gossip_pushes_to_one_live_neighbour_every_b_steps():
 @pytest.mark.parametrize(("spec", "expected"), [("gossip", 3.0), ("gossip:merge=samples", 3.5)])
 def test_gossip_receiver_merges(spec, expected):
     model = FakeModel(vec(2.0), samples=1)
-    core = make_core("1", parse_protocol(spec), model, ["0"])
+    core = make_core("1", unclipped(parse_protocol(spec)), model, ["0"])
     got = replaced(core.on_message(0.0, "0", Push(-1, vec(4.0), 3)))
     torch.testing.assert_close(got, vec(expected))
     assert core.stats.syncs == 1

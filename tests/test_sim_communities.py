@@ -139,7 +139,9 @@ def test_shared_entries_agree_private_entries_stay_own():
 PINNED = {
     "periodic:b=5": (0.4145543098449707, 1.8958760023117065, 6023460, 310, 134),
     "dynamic": (0.7075905323028564, 1.303795337677002, 6331869, 637, 210),
-    "gossip": (0.6005571126937866, 1.3883410453796388, 15311243, 788, 783),
+    # re-recorded when clipping became the default (issue 11): 18 of 783 gossip merges are
+    # clipped on this ring (was 0.6005571126937866, 1.3883410453796388)
+    "gossip": (0.597005569934845, 1.391949224472046, 15311243, 788, 783),
 }
 
 
@@ -375,8 +377,7 @@ def test_refused_peers_exchange_no_model_bytes():
     for node in uninvited:
         core = sim.runtimes[0][node].core
         core.on_peer_down = lambda now, peer: []
-        for member in invited:
-            core.on_peer_up(0.0, str(member))
+        core.neighbors |= {str(member) for member in invited}  # they pick the members
     sent, taken = [], []
     push = sim._push
 

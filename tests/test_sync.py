@@ -9,7 +9,7 @@ import pytest
 import torch
 import trio
 import trio.testing
-from kit import FakeLearner, FakeModel
+from kit import FakeLearner, FakeModel, unclipped
 
 from p2pfl.community.sharing import shared_part
 from p2pfl.daemon.sync import (
@@ -51,7 +51,7 @@ def node(spec: str = "dynamic:delta=0,b=1", reaches=lambda peer: True, check=Non
     runtime = open_core(
         NodeModel(learner, 0, 10),
         "me",
-        parse_protocol(spec),
+        unclipped(parse_protocol(spec)),
         shared_part(learner.schema, ["*"]),
         sync.port(WHOLE_MODEL),
         seed=0,

@@ -185,6 +185,11 @@ def test_oversized_frame_is_refused_and_host_keeps_serving(
             assert await inbox.get() == (a.peer_id, b"y" * 1000)
             assert inbox.pending() == 0
             assert b.bytes_received == 1004
+            sender = b.ledger.get(a.peer_id)
+            assert sender is not None and sender.connected
+            assert (sender.bytes_received, sender.refused) == (1004, 1)
+            assert sender.last_refusal is not None and "exceeds the limit" in sender.last_refusal
+            assert a.ledger.get(b.peer_id).bytes_sent == 1004  # type: ignore[union-attr]
 
     run(body)
     assert logged(caplog, "exceeds the limit of 1000")
@@ -287,6 +292,9 @@ def test_rate_limit_refuses_a_burst(caplog: pytest.LogCaptureFixture) -> None:
                 except TransportError:
                     outcomes.append(False)
             assert outcomes == [True] * 3 + [False] * 3
+            record = b.ledger.get(a.peer_id)
+            assert record is not None and record.refused == 3
+            assert record.last_refusal == "rate limit exceeded (0.01 msg/s, burst 3)"
             assert sorted([(await inbox.get())[1] for _ in range(3)]) == [b"\x00", b"\x01", b"\x02"]
             assert inbox.pending() == 0
 

@@ -7,8 +7,6 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-P2PFL=${P2PFL:-p2pfl}
-PYTHON=${PYTHON:-python3}
 WORK=${1:-$(mktemp -d -t p2pfl-community-XXXXXX)}
 NAMES=(founder alice bob)
 SYNCS_BEFORE_LEAVE=3
@@ -46,38 +44,39 @@ start_node() {  # start_node INDEX: run the node in the background
     local home="$WORK/${NAMES[$1]}"
     "$P2PFL" node start --home "$home" --protocol none --model mlp:hidden=64 \
         --data "digits:part=$1/${#NAMES[@]},alpha=0.5,seed=1" --seed "$1" \
-        >"$home/address" 2>"$home/stderr" &
+        --json >"$home/started.json" 2>"$home/stderr" &
     PIDS+=($!)
 }
 
 mkdir -p "$WORK"
 echo "work directory: $WORK"
 for name in "${NAMES[@]}"; do
-    "$P2PFL" node init --home "$WORK/$name" >"$WORK/$name.init" &
+    "$P2PFL" node init --home "$WORK/$name" --json >"$WORK/$name.init" &
 done
 wait
-peer_id() { sed -n 's/^peer id //p' "$WORK/$1.init"; }
+peer_id() { json_field 'j["peer_id"]' <"$WORK/$1.init"; }
+address() { json_field 'j["listen_addrs"][0]' <"$WORK/$1/started.json"; }
 
 echo "--- the founder signs the manifest and starts its node"
-community=$("$P2PFL" community create --home "$WORK/founder" "$HERE/manifest.toml" 2>/dev/null |
-    sed -n 's/^id //p')
+community=$("$P2PFL" community create --home "$WORK/founder" "$HERE/manifest.toml" --json \
+    2>/dev/null | json_field 'j["id"]')
 echo "community id: $community"
 start_node 0
 
 echo "--- it invites alice and bob (each invite names the peer it admits)"
 for name in alice bob; do
     "$P2PFL" community invite --home "$WORK/founder" "$community" \
-        --for "$(peer_id "$name")" --expires 1h >"$WORK/$name.token" &
+        --for "$(peer_id "$name")" --expires 1h --json >"$WORK/$name.invite" &
 done
-wait_for 60 test -s "$WORK/founder/address"
-founder_addr=$(head -n 1 "$WORK/founder/address")
+wait_for 60 test -s "$WORK/founder/started.json"
+founder_addr=$(address founder)
 echo "founder: $founder_addr"
-wait_for 60 test -s "$WORK/alice.token" -a -s "$WORK/bob.token"
+wait_for 60 test -s "$WORK/alice.invite" -a -s "$WORK/bob.invite"
 
 echo "--- alice and bob join with their token and the founder as bootstrap peer, and start"
 JOINS=()
 for name in alice bob; do
-    "$P2PFL" community join --home "$WORK/$name" "$(cat "$WORK/$name.token")" \
+    "$P2PFL" community join --home "$WORK/$name" "$(json_field 'j["token"]' <"$WORK/$name.invite")" \
         --bootstrap "$founder_addr" >"$WORK/$name.joined" 2>/dev/null &
     JOINS+=($!)
 done
@@ -86,8 +85,8 @@ cat "$WORK/alice.joined" "$WORK/bob.joined"
 start_node 1
 start_node 2
 for name in alice bob; do
-    wait_for 60 test -s "$WORK/$name/address"
-    echo "$name: $(head -n 1 "$WORK/$name/address")"
+    wait_for 60 test -s "$WORK/$name/started.json"
+    echo "$name: $(address "$name")"
 done
 
 echo "--- training together; alice and bob find each other through announcements"

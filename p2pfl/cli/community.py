@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from p2pfl.cli.exits import command_group
+from p2pfl.cli.jsonout import JSON, print_json
 from p2pfl.daemon.config import KEY_FILE
 from p2pfl.daemon.control import ControlError, request, socket_path
 
@@ -54,6 +55,7 @@ def parse_duration(text: str) -> int | None:
 def create(
     manifest_file: Path = typer.Argument(..., metavar="MANIFEST.toml", help="Draft manifest."),
     home: Path = HOME,
+    as_json: bool = JSON,
 ) -> None:
     """Sign a draft manifest with this node's key; the node becomes the founder and a member."""
     from p2pfl.community import CommunityError
@@ -68,8 +70,19 @@ def create(
     founder = _peer_id(key_pair)
     manifest = create_manifest(draft, str(manifest_file), key_pair, int(time.time()))
     membership = join(home, manifest.to_toml(), founder, [], int(time.time()))
-    print(f"id {membership.id}")
-    print(f"manifest {communities_dir(home) / membership.id / MANIFEST_FILE}")
+    manifest_path = communities_dir(home) / membership.id / MANIFEST_FILE
+    if as_json:
+        print_json(
+            {
+                "id": membership.id,
+                "name": manifest.name,
+                "manifest": str(manifest_path),
+                "founder": founder,
+            }
+        )
+    else:
+        print(f"id {membership.id}")
+        print(f"manifest {manifest_path}")
     console.print(
         f"community {escape(manifest.name)!r} created; this node ({founder}) is its founder. "
         f"Invite members with: p2pfl community invite --home {escape(str(home))} "
@@ -86,6 +99,7 @@ def invite(
         None, "--for", metavar="PEER_ID", help="Only this peer may use the invite."
     ),
     expires: str = typer.Option("7d", "--expires", help="30m, 12h, 7d, 2w or never."),
+    as_json: bool = JSON,
 ) -> None:
     """Print an invite token (founder only); the token alone suffices to join, so hand it to
     the invitee privately (it holds the invite's private key)."""
@@ -98,7 +112,18 @@ def invite(
     key_pair = _identity(home, create=False)
     expiry = None if lifetime is None else int(time.time()) + lifetime
     token = make_token(issue_invite(manifest, key_pair, for_peer, expiry), manifest)
-    print(token)
+    if as_json:
+        print_json(
+            {
+                "token": token,
+                "community": manifest.id,
+                "name": manifest.name,
+                "for": for_peer,
+                "expires": expiry,
+            }
+        )
+    else:
+        print(token)
     who = f"peer {for_peer}" if for_peer else "whoever holds it"
     until = "never expires" if expiry is None else f"expires at {format_time(expiry)}"
     console.print(f"invite to {escape(manifest.name)!r} for {escape(who)}; it {until}")
@@ -120,13 +145,25 @@ def join(
     bootstrap: list[str] = typer.Option(
         [], "--bootstrap", metavar="MULTIADDR", help="A member's address; repeatable."
     ),
+    as_json: bool = JSON,
 ) -> None:
     """Join a community with an invite token, or with its signed manifest if it is open."""
     from p2pfl.community.store import join as join_community
 
     peer_id = _peer_id(_identity(home, create=True))
     membership = join_community(home, token_or_manifest, peer_id, bootstrap, int(time.time()))
-    print(f"joined {membership.manifest.name!r} ({membership.id}) as {peer_id}")
+    if as_json:
+        print_json(
+            {
+                "id": membership.id,
+                "name": membership.manifest.name,
+                "peer_id": peer_id,
+                "bootstrap": list(membership.bootstrap),
+                **_invite_fields(membership),
+            }
+        )
+    else:
+        print(f"joined {membership.manifest.name!r} ({membership.id}) as {peer_id}")
     console.print(f"invite: {_expiry_text(membership)}")
     _notify_node(home)
 
@@ -135,17 +172,21 @@ def join(
 def leave(
     community: str = typer.Argument(..., help="Community id, id prefix or name."),
     home: Path = HOME,
+    as_json: bool = JSON,
 ) -> None:
     """Leave a community: this node stops sharing with it at once."""
     from p2pfl.community.store import remove_membership
 
     manifest = remove_membership(home, community)
-    print(f"left {manifest.name!r} ({manifest.id})")
+    if as_json:
+        print_json({"id": manifest.id, "name": manifest.name, "left": True})
+    else:
+        print(f"left {manifest.name!r} ({manifest.id})")
     _notify_node(home)
 
 
 @app.command("list")
-def list_communities(home: Path = HOME) -> None:
+def list_communities(home: Path = HOME, as_json: bool = JSON) -> None:
     """Show this node's communities: role, admission, shared parameters, policy, credential."""
     from p2pfl.community import CommunityError
     from p2pfl.community.store import load_memberships
@@ -156,6 +197,9 @@ def list_communities(home: Path = HOME) -> None:
         )
     memberships = load_memberships(home)
     me = _peer_id(_identity(home, create=False)) if (home / KEY_FILE).exists() else None
+    if as_json:
+        print_json({"communities": [_list_entry(m, me) for m in memberships]})
+        return
     if not memberships:
         print("no communities; create one (p2pfl community create) or join one")
         return
@@ -177,6 +221,32 @@ def list_communities(home: Path = HOME) -> None:
     if not out.is_terminal:  # piped: no terminal width to respect, keep rows on one line
         out = Console(highlight=False, width=200)
     out.print(table)
+
+
+def _list_entry(membership: Membership, me: str | None) -> dict[str, object]:
+    """One community of ``list --json``: the full id and every column of the table."""
+    manifest = membership.manifest
+    return {
+        "id": membership.id,
+        "name": manifest.name,
+        "role": "founder" if manifest.founder == me else "member",
+        "admission": manifest.admission,
+        "shared": list(manifest.shared),
+        "protocol": manifest.protocol,
+        "founder": manifest.founder,
+        "bootstrap": list(membership.bootstrap),
+        **_invite_fields(membership),
+    }
+
+
+def _invite_fields(membership: Membership) -> dict[str, object]:
+    """The credential column as data: ``credential`` (what the table shows) and
+    ``invite_expires`` (unix seconds, None if it never expires or none is needed)."""
+    invite = membership.invite
+    return {
+        "credential": _expiry_text(membership),
+        "invite_expires": None if invite is None else invite.invite.expires,
+    }
 
 
 def _expiry_text(membership: Membership) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from p2pfl.cli.jsonout import print_json
 from p2pfl.cli.torch_threads import use_torch
 from p2pfl.simulator.scenario import load_scenario
 
@@ -40,11 +41,19 @@ def sim(
     allow_disconnected: bool = typer.Option(
         False, "--allow-disconnected", help="Accept a topology that is not connected."
     ),
+    byzantine: str | None = typer.Option(
+        None,
+        "--byzantine",
+        help="K:ATTACK, K nodes lie: signflip, scale, noise, replay, flood, fake-average.",
+    ),
     out: Path = typer.Option(Path("runs/sim"), "--out", help="Directory for the results."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the run's summary (as summary.json) on stdout instead."
+    ),
 ) -> None:
     """Simulate nodes on a graph and compare protocols on identical data and seed; with
-    [[communities]] in the scenario, compare joining them against training alone."""
+    \\[\\[communities]] in the scenario, compare joining them against training alone."""
     overrides = {
         "nodes": nodes,
         "topology": topology,
@@ -58,8 +67,9 @@ def sim(
         "lr_schedule": lr_schedule,
         "seed": seed,
         "allow_disconnected": allow_disconnected or None,
+        "byzantine": byzantine,
     }
-    _run(scenario, overrides, out, quiet)
+    _run(scenario, overrides, out, quiet, as_json)
 
 
 def demo(
@@ -68,13 +78,18 @@ def demo(
         None, "--steps", help="Steps per node [default: 2,000]; fewer for a quick look."
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the run's summary (as summary.json) on stdout instead."
+    ),
 ) -> None:
     """Run the built-in demo (p2pfl/scenarios/demo.toml): digits on 16 nodes, non-IID, four
     protocols."""
-    _run(DEMO_SCENARIO, {"steps": steps}, out, quiet)
+    _run(DEMO_SCENARIO, {"steps": steps}, out, quiet, as_json)
 
 
-def _run(path: Path | None, overrides: dict[str, object], out: Path, quiet: bool) -> None:
+def _run(
+    path: Path | None, overrides: dict[str, object], out: Path, quiet: bool, as_json: bool
+) -> None:
     use_torch()
     from p2pfl.simulator.results import (
         communities_table,
@@ -86,6 +101,9 @@ def _run(path: Path | None, overrides: dict[str, object], out: Path, quiet: bool
     console = Console()
     scenario = load_scenario(path, overrides)
     summary = run_scenario(scenario, out, progress=not quiet)
+    if as_json:
+        print_json(summary)
+        return
     console.print(comparison_table(summary))
     if "joining" in summary:
         console.print(joining_table(summary))

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from p2pfl.cli.exits import command_group
+from p2pfl.cli.jsonout import JSON, print_json
 
 app = command_group(no_args_is_help=True)
 
@@ -34,6 +35,7 @@ def show(
     allow_disconnected: bool = typer.Option(
         False, "--allow-disconnected", help="Accept a graph that falls apart into pieces"
     ),
+    as_json: bool = JSON,
 ) -> None:
     """Print nodes, edges, degrees and diameter of a topology; optionally draw it."""
     from p2pfl.topology import build_topology, describe_topology, draw_topology
@@ -43,6 +45,11 @@ def show(
     count = nodes if nodes is not None or is_file else DEFAULT_NODES
     graph = build_topology(spec, count, seed, allow_disconnected=allow_disconnected)
     info = describe_topology(graph)
+    if png is not None:
+        draw_topology(graph, png)  # an OSError exits 1 with its message (``p2pfl.cli.exits``)
+    if as_json:
+        print_json({"spec": spec, **info, "png": None if png is None else str(png)})
+        return
     table = Table(title=f"topology {escape(spec)}", show_header=False)
     table.add_row("nodes", str(info["nodes"]))
     table.add_row("edges", str(info["edges"]))
@@ -54,5 +61,4 @@ def show(
     table.add_row("diameter", "-" if info["diameter"] is None else str(info["diameter"]))
     out.print(table)
     if png is not None:
-        draw_topology(graph, png)  # an OSError exits 1 with its message (``p2pfl.cli.exits``)
         out.print(f"drawn to {escape(str(png))}")

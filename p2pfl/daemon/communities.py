@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,13 @@ from p2pfl.daemon import community_checkpoint
 from p2pfl.daemon.community_checks import check_model, check_whole_model_protocol
 from p2pfl.daemon.config import NodeConfig
 from p2pfl.daemon.discovery import Discovery
-from p2pfl.daemon.sync import Channel, Frame, SyncChannels
+from p2pfl.daemon.peers import PeerLedger
+from p2pfl.daemon.sync import RECENT_REFUSALS, Channel, Frame, SyncChannels
 from p2pfl.daemon.transport import Transport, TransportError
 from p2pfl.protocol.admission import NOT_A_MEMBER, Admission, Gate, RefusalNotices
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import NodeCore
+from p2pfl.ratelog import RateLimitedLog
 from p2pfl.runtime import CoreRuntime, NodeModel, open_core
 from p2pfl.spec import SpecError
 from p2pfl.wire.codec import WireError
@@ -65,6 +68,9 @@ class Community:
     tasks: trio.CancelScope = field(default_factory=trio.CancelScope)
     counters: dict[str, int] = field(default_factory=dict)
     """Its sync channel's counters (``sync.Channel.counters``)."""
+    refusals: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_REFUSALS))
+    """The last hellos refused in this community: peer, reason, unix time (for the dashboard;
+    refused sync frames are in its channel's ``refusals``)."""
 
     @property
     def id(self) -> str:
@@ -93,6 +99,7 @@ class Community:
             "name": self.manifest.name,
             "shared": list(self.manifest.shared),
             "protocol": self.manifest.protocol,
+            "admission": self.manifest.admission,
             "members": sorted(self.admitted),
             "step": self.core.step,
             "syncs": self.core.stats.syncs,
@@ -116,6 +123,7 @@ class Communities:
         model: NodeModel,
         sync: SyncChannels,
         counters: dict[str, int],
+        ledger: PeerLedger | None = None,
     ) -> None:
         self.config = config
         self.peer_id = peer_id
@@ -125,10 +133,13 @@ class Communities:
         sync.on_unknown = self._on_unknown_channel
         self.node_counters = counters
         """The node's counters; refused hellos count in its ``rejected`` too."""
+        self.ledger = ledger if ledger is not None else PeerLedger()
+        """Per-peer records of the node: refused hellos are noted there with their reason."""
         self.active: dict[str, Community] = {}
         self.notices = RefusalNotices()
         self._transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
+        self._refusals = RateLimitedLog(log)
         self._reload_lock = trio.Lock()
         for membership in self._checked(load_memberships(config.home)):
             self._add(membership)
@@ -223,6 +234,7 @@ class Communities:
             self.sync.port(membership.id),
             seed=self.config.seed,
             channel=membership.id,
+            max_neighbors=self.config.target_degree,
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -286,13 +298,16 @@ class Communities:
             hello = Hello.from_bytes(payload)
         except WireError as exc:
             self.node_counters["rejected"] += 1
-            log.warning("refused hello from peer %s: %s", peer, exc)
+            self.ledger.refused(peer, f"unreadable hello: {exc}")
+            self._refusals.warning(("hello", peer), "refused hello from peer %s: %s", peer, exc)
             return
         community = self.active.get(hello.community)
         if community is None:
             if hello.refused is None:
                 self.node_counters["rejected"] += 1
-                log.warning(
+                self.ledger.refused(peer, f"hello for community {hello.community}: {NOT_A_MEMBER}")
+                self._refusals.warning(
+                    ("hello", peer),
                     "refused hello from peer %s for community %s: %s",
                     peer,
                     hello.community,
@@ -330,8 +345,15 @@ class Communities:
             community.gate.disconnected(time.time(), peer)
 
     def status(self) -> list[dict[str, Any]]:
-        """One entry per community, for ``p2pfl node status``."""
-        return [c.status() for c in sorted(self.active.values(), key=lambda c: c.manifest.name)]
+        """One entry per community, for ``p2pfl node status``; ``recent_refusals`` holds its
+        last refused hellos and sync frames."""
+        entries = []
+        for community in sorted(self.active.values(), key=lambda c: c.manifest.name):
+            channel = self.sync.active.get(community.id)
+            refusals = [*community.refusals, *(channel.refusals if channel else ())]
+            refusals.sort(key=lambda r: r["at"])
+            entries.append({**community.status(), "recent_refusals": refusals[-RECENT_REFUSALS:]})
+        return entries
 
 
 class _Members:
@@ -360,6 +382,8 @@ class _Hellos:
     def refused(self, now: float, peer: str, reason: str) -> None:
         self.community.counters["rejected"] += 1
         self.communities.node_counters["rejected"] += 1
+        self.community.refusals.append({"peer": peer, "reason": reason, "at": time.time()})
+        self.communities.ledger.refused(peer, f"community {self.community.label}: {reason}")
 
 
 class _Byes:

@@ -59,6 +59,22 @@ CONFIG_TEMPLATE = """\
 
 # Port of a Prometheus metrics endpoint on 127.0.0.1 (0 = off).
 # metrics_port = 0
+
+# Port of the dashboard, a web page on 127.0.0.1 showing the node's progress, peers and
+# communities: "auto" (any free port), a number, or 0 = off. Its URL, with the access token
+# kept in DIR/dashboard.token, is printed at start and by `p2pfl node status`.
+# dashboard_port = "auto"
+
+# Find peers on the local network with mDNS (only when listening on a non-loopback
+# address, e.g. /ip4/0.0.0.0/tcp/4001); false turns it off.
+# mdns = true
+
+# Serve as a circuit relay: nodes behind NAT reserve a slot here and are reached through it.
+# relay_service = false
+
+# Relays this node reserves a slot on (full addresses of nodes running relay_service), so
+# that peers can reach it behind a NAT at <relay address>/p2p-circuit.
+# relay = ["/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."]
 """
 
 
@@ -83,6 +99,14 @@ class NodeConfig:
     step_interval: float = 0.01
     target_degree: int = 8
     metrics_port: int = 0
+    dashboard_port: int | str = "auto"
+    """A port on 127.0.0.1, "auto" for any free one, or 0 for no dashboard."""
+    mdns: bool = True
+    """Announce and find peers with mDNS when listening on a non-loopback address."""
+    relay_service: bool = False
+    """Relay for nodes behind NAT (circuit relay v2 hop)."""
+    relay: tuple[str, ...] = ()
+    """Relays to hold a reservation on (full peer addresses)."""
     protocol_config: ProtocolConfig = field(default=parse_protocol("dynamic"), compare=False)
 
     @property
@@ -122,6 +146,25 @@ def _bootstrap(value: Any) -> tuple[str, ...]:
     return tuple(_peer_addr(v) for v in value)
 
 
+def _dashboard_port(value: Any) -> int | str:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text == "off":
+            return 0
+        if not text.isdigit():
+            raise ValueError(f"must be 'auto', 'off' or a port number, got {value!r}")
+        value = int(text)
+    return whole_number(0, 65535)(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
 def _protocol(value: Any) -> str:
     text = _str(value)
     if parse_protocol(text).local:
@@ -146,6 +189,10 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "step_interval": finite_number(positive=True),
     "target_degree": whole_number(1),
     "metrics_port": whole_number(0, 65535),
+    "dashboard_port": _dashboard_port,
+    "mdns": _bool,
+    "relay_service": _bool,
+    "relay": _bootstrap,
 }
 """Every key a config file or flag may set, with its converter (raises ValueError)."""
 

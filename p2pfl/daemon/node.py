@@ -22,15 +22,25 @@ from libp2p.crypto.keys import KeyPair
 
 from p2pfl.community import CommunityError
 from p2pfl.community.sharing import shared_part
-from p2pfl.daemon.checkpoint import encode_checkpoint, load_newest, write_atomically
+from p2pfl.daemon.checkpoint import (
+    checkpoint_files,
+    encode_checkpoint,
+    restore_newest,
+    write_atomically,
+)
 from p2pfl.daemon.communities import Communities
 from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.daemon.control import bind_socket, serve, socket_path
+from p2pfl.daemon.dashboard import open_dashboard
+from p2pfl.daemon.lan import LanDiscovery, is_lan_listen_addr
 from p2pfl.daemon.limits import Limits
 from p2pfl.daemon.metrics import serve_metrics
+from p2pfl.daemon.peer_exchange import PeerBook, PeerExchange
+from p2pfl.daemon.peers import PeerLedger
+from p2pfl.daemon.relay import Relaying
 from p2pfl.daemon.state import community_states, node_state, restore_node_state
 from p2pfl.daemon.sync import WHOLE_MODEL, Channel, SyncChannels
-from p2pfl.daemon.transport import Transport, TransportError
+from p2pfl.daemon.transport import Transport, check_can_listen
 from p2pfl.data import DataError
 from p2pfl.data.datasets import Dataset
 from p2pfl.data.partition import NodeData, load_node_slice
@@ -39,6 +49,7 @@ from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.models import build_model
 from p2pfl.peers import peer_id_of, peer_of_address
 from p2pfl.protocol.core import NodeCore
+from p2pfl.ratelog import RateLimitedLog
 from p2pfl.runtime import WHOLE_MODEL_CHANNEL, NodeModel, derive_seed, open_core
 from p2pfl.spec import SpecError
 
@@ -46,7 +57,6 @@ log = logging.getLogger("p2pfl.daemon")
 
 CHECKPOINT_EVERY_STEPS = 100
 CHECKPOINT_EVERY_S = 30.0
-REDIAL_EVERY_S = 3.0
 LIMITS = {"messages_per_s": 50.0, "burst": 100, "max_inbound_streams_per_peer": 8}
 """Per-peer inbound limits: a sync protocol sends a few messages per step at most."""
 
@@ -88,7 +98,8 @@ class NodeDaemon:
         self.schema = self.learner.schema
         self.model = NodeModel(self.learner, 0, len(self.learning.data.y_train))
         self.counters = {"bytes_sent": 0, "bytes_received": 0, "rejected": 0, "send_failures": 0}
-        self.sync = SyncChannels(self.schema, self.counters)
+        self.ledger = PeerLedger()
+        self.sync = SyncChannels(self.schema, self.counters, self.ledger)
         self.whole = open_core(
             self.model,
             self.peer_id,
@@ -97,19 +108,26 @@ class NodeDaemon:
             self.sync.port(WHOLE_MODEL),
             seed=config.seed,
             channel=WHOLE_MODEL_CHANNEL,
+            neighbors=[p for p in map(peer_of_address, config.bootstrap) if p is not None],
+            max_neighbors=config.target_degree,
         )
         self.sync.open(Channel(WHOLE_MODEL, "the whole model", self.whole))
         saved_communities = self._restore()
         self._base = dict(self.counters)
-        self.communities = Communities(config, self.peer_id, self.model, self.sync, self.counters)
+        self.communities = Communities(
+            config, self.peer_id, self.model, self.sync, self.counters, self.ledger
+        )
         self.communities.load_state_dict(saved_communities)
         self.checkpoint_step = self.core.step
         self.transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
+        self._refusals = RateLimitedLog(log)
         self._ckpt_lock = trio.Lock()
         self.loss = math.nan
         self.started = 0.0
+        self.dashboard_url: str | None = None
+        self.peer_exchange: PeerExchange | None = None
 
     @property
     def core(self) -> NodeCore:
@@ -120,15 +138,15 @@ class NodeDaemon:
 
     def _restore(self) -> dict[str, Any]:
         """Restore learner, core and counters; return the communities' saved state."""
-        state = load_newest(self.config.home)
-        if state is None:
+        restored = restore_newest(self.config.home, self._apply_checkpoint)
+        if restored is None:
             log.info("no checkpoint in %s: starting at step 0", self.config.home)
             return {}
-        try:
-            self.counters.update(restore_node_state(self.learner, self.whole, self.peer_id, state))
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"checkpoint in {self.config.home} cannot be used: {exc}") from None
         log.info("resumed from checkpoint at step %d", self.core.step)
+        return restored
+
+    def _apply_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
+        self.counters.update(restore_node_state(self.learner, self.whole, self.peer_id, state))
         return community_states(state)
 
     def stop(self) -> None:
@@ -145,22 +163,37 @@ class NodeDaemon:
             on_peer_connected=self._peer_up,
             on_peer_disconnected=self._peer_down,
             pubsub=True,
+            ledger=self.ledger,
         )
         self.transport = transport
+        try:
+            check_can_listen(self.config.listen)
+        except OSError as exc:
+            raise ConfigError(
+                f"bad value for 'listen': cannot listen on {self.config.listen} ({exc.strerror}); "
+                "another program (or node) uses that port: stop it, pick a free port, or use "
+                "port 0 for any free port"
+            ) from None
+        self.peer_exchange = PeerExchange(
+            PeerBook(self.peer_id, self.config.home),
+            transport,
+            self.ledger,
+            self.config.bootstrap,
+            self.config.target_degree,
+        )
         control = await bind_socket(self.config.home)
-        if self.config.metrics_port:
-            try:
-                serve_metrics(self.config.metrics_port, self.metrics)
-            except OSError as exc:
-                control.close()
-                socket_path(self.config.home).unlink(missing_ok=True)
-                raise ConfigError(
-                    f"bad value for 'metrics_port': cannot listen on 127.0.0.1:"
-                    f"{self.config.metrics_port} ({exc}); pick a free port or 0 to turn it off"
-                ) from None
+        try:
+            self._serve_metrics()
+            dashboard = open_dashboard(self)
+        except ConfigError:
+            control.close()
+            socket_path(self.config.home).unlink(missing_ok=True)
+            raise
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if dashboard is not None:
+                    self.dashboard_url = await nursery.start(dashboard.run)
                 async with transport:
                     self.sync.register(transport)
                     self.communities.register(transport)
@@ -170,7 +203,12 @@ class NodeDaemon:
                     nursery.start_soon(serve, control, self._respond)
                     nursery.start_soon(self._watch_signals)
                     nursery.start_soon(self._train)
-                    nursery.start_soon(self._keep_neighbours)
+                    self.peer_exchange.start(nursery)
+                    relaying = Relaying(transport, self.config.relay_service, self.config.relay)
+                    await nursery.start(relaying.run)
+                    if self.config.mdns and is_lan_listen_addr(self.config.listen):
+                        lan = LanDiscovery(transport, self._found_on_lan)
+                        await nursery.start(lan.run)
                     nursery.start_soon(self._checkpoint_periodically)
                     log.info("node %s listening on %s", self.peer_id, transport.listen_addrs)
                     if on_listening is not None:
@@ -179,11 +217,23 @@ class NodeDaemon:
                     log.info("stopping at step %d", self.core.step)
                     with trio.CancelScope(shield=True):
                         await self.save_checkpoint()
+                        self.peer_exchange.book.save()
                     nursery.cancel_scope.cancel()
         finally:
             control.close()
             socket_path(self.config.home).unlink(missing_ok=True)
         log.info("stopped")
+
+    def _serve_metrics(self) -> None:
+        if not self.config.metrics_port:
+            return
+        try:
+            serve_metrics(self.config.metrics_port, self.metrics)
+        except OSError as exc:
+            raise ConfigError(
+                f"bad value for 'metrics_port': cannot listen on 127.0.0.1:"
+                f"{self.config.metrics_port} ({exc}); pick a free port or 0 to turn it off"
+            ) from None
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -212,14 +262,32 @@ class NodeDaemon:
     # ---------------------------------------------------------------- checkpoints
 
     async def save_checkpoint(self) -> None:
-        """Write a checkpoint of the current state (atomically, in a worker thread)."""
+        """Write a checkpoint of the current state (atomically, in a worker thread). A write
+        that fails (disk full, read-only home) is logged; the node keeps training, the last
+        good checkpoint stays, and the next periodic checkpoint tries again."""
         async with self._ckpt_lock:
             step = self.core.step
             communities = self.communities.state_dict()
             data = encode_checkpoint(
                 node_state(self.learner, self.core, self.peer_id, self._counters(), communities)
             )
-            await trio.to_thread.run_sync(write_atomically, self.config.home, data)
+            try:
+                await trio.to_thread.run_sync(write_atomically, self.config.home, data)
+            except OSError as exc:
+                self.counters["checkpoint_failures"] = (
+                    self.counters.get("checkpoint_failures", 0) + 1
+                )
+                self._refusals.warning(
+                    "checkpoint",
+                    "checkpoint at step %d not written (%s); the checkpoint of step %d stays, "
+                    "retrying within %.0f s: free space or fix the permissions of %s",
+                    step,
+                    exc,
+                    self.checkpoint_step,
+                    CHECKPOINT_EVERY_S,
+                    self.config.home,
+                )
+                return
             self.checkpoint_step = step
             log.debug("checkpoint written at step %d", step)
 
@@ -238,38 +306,18 @@ class NodeDaemon:
         log.info("peer %s connected", peer)
         self.whole.peer_up(trio.current_time(), peer)
         self.communities.peer_up(peer)
+        if self.peer_exchange is not None:
+            self.peer_exchange.peer_up(peer)
+
+    def _found_on_lan(self, peer: str, addrs: tuple[str, ...]) -> None:
+        assert self.peer_exchange is not None
+        self.peer_exchange.heard(peer, addrs, "mdns")
 
     def _peer_down(self, peer: str) -> None:
         log.info("peer %s disconnected", peer)
         self.sync.peer_gone(peer)
         self.whole.peer_down(trio.current_time(), peer)
         self.communities.peer_down(peer)
-
-    async def _keep_neighbours(self) -> None:
-        """Dial bootstrap peers that are not connected while below the target degree."""
-        assert self.transport is not None
-        while True:
-            connected = set(self.transport.peers())
-            missing = [
-                addr
-                for addr in self.config.bootstrap
-                if peer_of_address(addr) not in (self.peer_id, *connected)
-            ]
-            room = self.config.target_degree - len(connected)
-            if missing and room > 0:
-                async with trio.open_nursery() as dials:
-                    for addr in missing[:room]:
-                        dials.start_soon(self._dial, addr)
-            await trio.sleep(REDIAL_EVERY_S)
-
-    async def _dial(self, addr: str) -> None:
-        assert self.transport is not None
-        try:
-            peer = await self.transport.connect(addr)
-        except TransportError as exc:
-            log.info("could not reach %s (will retry): %s", addr, exc)
-            return
-        log.info("connected to %s", peer)
 
     # -------------------------------------------------------------------- status
 
@@ -317,7 +365,39 @@ class NodeDaemon:
             "checkpoint_step": self.checkpoint_step,
             "communities": self.communities.status(),
             "uptime_s": round(trio.current_time() - self.started, 3),
+            "dashboard_url": self.dashboard_url,
         }
+
+    def details(self) -> dict[str, Any]:
+        """What the dashboard shows beside the status: every peer this node dealt with,
+        holds as a neighbour or heard of (traffic, connected/down, refusals and why, how it
+        was found) and the checkpoint files."""
+        records = self.ledger.snapshot()
+        neighbours = self.core.neighbors
+        book = self.peer_exchange.book.known if self.peer_exchange is not None else {}
+        peers = []
+        for peer in sorted(set(records) | neighbours | set(book)):
+            record = records.get(peer, {})
+            if record.get("connected"):
+                state = "connected"
+            elif peer in self.core.down:
+                state = "down"
+            else:
+                state = "not connected" if peer in records else "known"
+            known = book.get(peer)
+            communities = [c["name"] for c in self.communities.status() if peer in c["members"]]
+            peers.append(
+                {
+                    "peer": peer,
+                    "state": state,
+                    "neighbour": peer in neighbours,
+                    "communities": communities,
+                    "found_via": known.source if known is not None else None,
+                    "addrs": list(known.addrs) if known is not None else [],
+                    **record,
+                }
+            )
+        return {"peer_table": peers, "checkpoints": checkpoint_files(self.config.home)}
 
     def _accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
         if not len(y):

@@ -24,14 +24,19 @@ cleared), its queued frames are not sent and its frames in flight are cancelled.
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
 from p2pfl.daemon.outbox import Outboxes
+from p2pfl.daemon.peers import PeerLedger
 from p2pfl.daemon.transport import Transport, TransportError
 from p2pfl.learning.params import ParamSchema
+from p2pfl.ratelog import RateLimitedLog
 from p2pfl.runtime import CoreRuntime, Driver
 from p2pfl.wire.codec import WireError, decode, encode, max_message_bytes
 from p2pfl.wire.community import ID_BYTES
@@ -66,6 +71,10 @@ def _no_check(peer: str) -> str | None:
     return None
 
 
+RECENT_REFUSALS = 20
+"""Refusals a channel keeps for the dashboard."""
+
+
 @dataclass
 class Channel:
     """One open channel: its runtime and what its owner decides about peers."""
@@ -88,6 +97,8 @@ class Channel:
         }
     )
     sending: set[trio.CancelScope] = field(default_factory=set)
+    refusals: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_REFUSALS))
+    """The last frames refused in this channel: peer, reason, unix time (for the dashboard)."""
 
     @property
     def schema(self) -> ParamSchema:
@@ -129,8 +140,12 @@ class SyncChannels:
     sends count there too. Open channels with ``port`` then ``open``; ``register`` the handler
     before the transport runs peers and ``start`` once it does."""
 
-    def __init__(self, schema: ParamSchema, counters: dict[str, int]) -> None:
+    def __init__(
+        self, schema: ParamSchema, counters: dict[str, int], ledger: PeerLedger | None = None
+    ) -> None:
         self.node_counters = counters
+        self.ledger = ledger if ledger is not None else PeerLedger()
+        """Per-peer records of the node: every refused frame is noted with its reason."""
         self.active: dict[str, Channel] = {}
         self.max_frame = ID_BYTES + max_message_bytes(schema)
         self.on_unknown: Callable[[str, str], None] | None = None
@@ -138,6 +153,7 @@ class SyncChannels:
         self._transport: Transport | None = None
         self._nursery: trio.Nursery | None = None
         self._outboxes = Outboxes[Frame](OUTBOX_SIZE, self._deliver, self._failed, counters, log)
+        self._refusals = RateLimitedLog(log)
 
     # -------------------------------------------------------------------- lifecycle
 
@@ -186,8 +202,12 @@ class SyncChannels:
         channel = self.active.get(cid) if body else None
         if channel is None:
             self.node_counters["rejected"] += 1
-            log.warning(
-                "refused sync frame from peer %s: no channel %s on this node", peer, cid or "(none)"
+            self.ledger.refused(peer, f"sync frame for channel {cid or '(none)'}: not on this node")
+            self._refusals.warning(
+                ("no channel", peer),
+                "refused sync frame from peer %s: no channel %s on this node",
+                peer,
+                cid or "(none)",
             )
             if self.on_unknown is not None and len(cid) == 2 * ID_BYTES:
                 self.on_unknown(cid, peer)
@@ -201,7 +221,15 @@ class SyncChannels:
         if reason is not None:
             channel.counters["rejected"] += 1
             self.node_counters["rejected"] += 1
-            log.warning("refused sync frame from peer %s in %s: %s", peer, channel.label, reason)
+            channel.refusals.append({"peer": peer, "reason": reason, "at": time.time()})
+            self.ledger.refused(peer, f"{channel.label}: {reason}")
+            self._refusals.warning(
+                ("refused", peer, cid),
+                "refused sync frame from peer %s in %s: %s",
+                peer,
+                channel.label,
+                reason,
+            )
             return
         channel.counters["bytes_received"] += 4 + len(payload)
         channel.runtime.message(trio.current_time(), peer, message)

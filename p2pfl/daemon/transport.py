@@ -22,7 +22,9 @@ py-libp2p sharp edge it works around is documented where it is handled.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from types import TracebackType
 
 import trio
 from libp2p import new_host
-from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -44,13 +46,16 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_PROTOCOL_ID_V11
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.subscription import TrioSubscriptionAPI
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp.tcp import TCP
+from libp2p.utils.address_validation import expand_wildcard_address
 from multiaddr import Multiaddr
+from multiaddr.protocols import P_P2P
 
 from p2pfl.daemon.framing import (
     ACK,
@@ -64,6 +69,7 @@ from p2pfl.daemon.framing import (
     widen_receive_window,
 )
 from p2pfl.daemon.limits import Limits, TokenBucket
+from p2pfl.daemon.peers import PeerLedger
 from p2pfl.errors import OperationError
 from p2pfl.peers import parse_peer_address, parse_peer_id, tcp_listen_address
 
@@ -161,8 +167,15 @@ class Transport:
         on_peer_connected: PeerCallback | None = None,
         on_peer_disconnected: PeerCallback | None = None,
         pubsub: bool = False,
+        ledger: PeerLedger | None = None,
     ) -> None:
         self.limits = limits or Limits()
+        self.ledger = ledger if ledger is not None else PeerLedger()
+        """Per-peer bytes, connection state and refusals."""
+        self.relay_dialer: CircuitV2Transport | None = None
+        """Dials ``/p2p-circuit`` addresses once ``relay.Relaying`` runs."""
+        self.circuit_addrs: list[str] = []
+        """``<relay address>/p2p-circuit`` of each relay holding a reservation for us."""
         self.on_peer_connected = on_peer_connected
         self.on_peer_disconnected = on_peer_disconnected
         self.bytes_sent = 0
@@ -256,9 +269,41 @@ class Transport:
         """Full dialable addresses, each ending in /p2p/<peer id>."""
         return [str(a) for a in self._host.get_addrs()]
 
+    @property
+    def advertised_addrs(self) -> list[str]:
+        """Addresses other peers can dial, without the /p2p part: a wildcard listen address
+        (0.0.0.0, ::) becomes one address per local interface; then our relay circuits."""
+        out: list[str] = []
+        for addr in self._host.get_addrs():
+            bare = addr.decapsulate_code(P_P2P) if _has_p2p(addr) else addr
+            expanded = expand_wildcard_address(bare) if _is_wildcard(bare) else [bare]
+            out.extend(str(a) for a in expanded if str(a) not in out)
+        return out + self.circuit_addrs
+
+    @property
+    def host(self) -> IHost:
+        """The libp2p host (for py-libp2p services: mDNS discovery, circuit relay)."""
+        return self._host
+
+    @property
+    def network(self) -> INetwork:
+        """The libp2p swarm."""
+        return self._host.get_network()
+
     def peers(self) -> list[str]:
         """Peer ids with at least one open connection."""
         return [str(p) for p in self._host.get_connected_peers()]
+
+    def add_addresses(self, peer_id: str, addrs: Sequence[str]) -> None:
+        """Remember dialable addresses of a peer (``/ip4/…/tcp/…``, or a relay circuit)
+        without dialing: a later ``send`` to it dials them if no connection is open."""
+        if peer_id == self.peer_id:
+            return
+        known = self._address_book.setdefault(peer_id, [])
+        for text in addrs:
+            addr = Multiaddr(text)
+            if addr not in known:
+                known.append(addr)
 
     # ------------------------------------------------------------------ outbound
 
@@ -312,6 +357,7 @@ class Transport:
         except Exception as exc:
             raise TransportError(f"send to {peer_id} on {protocol} failed: {why(exc)}") from exc
         self.bytes_sent += HEADER.size + len(payload)
+        self.ledger.sent(peer_id, HEADER.size + len(payload))
 
     async def disconnect(self, peer_id: str) -> None:
         """Close every connection to `peer_id`; its address stays in the address book."""
@@ -335,9 +381,22 @@ class Transport:
         async with lock:
             if self._host.get_network().get_connections(peer):
                 return
+            direct = [a for a in addrs if not _is_circuit(a)]
+            relayed = [a for a in addrs if _is_circuit(a)] if self.relay_dialer else []
             try:
+                if not relayed:
+                    with trio.fail_after(self.limits.dial_timeout_s):
+                        await self._host.connect(PeerInfo(peer, direct))
+                    return
+                # direct addresses first (behind a NAT they may never answer), then each
+                # relay; each phase has the whole dial timeout
+                if direct:
+                    with trio.move_on_after(self.limits.dial_timeout_s):
+                        with contextlib.suppress(Exception):
+                            await self._host.connect(PeerInfo(peer, direct))
+                            return
                 with trio.fail_after(self.limits.dial_timeout_s):
-                    await self._host.connect(PeerInfo(peer, addrs))
+                    await self._dial_relayed(peer, relayed)
             except trio.TooSlowError as exc:
                 raise TransportError(
                     f"dial of peer {key} at {[str(a) for a in addrs]} timed out after "
@@ -347,6 +406,19 @@ class Transport:
                 raise TransportError(
                     f"dial of peer {key} at {[str(a) for a in addrs]} failed: {why(exc)}"
                 ) from exc
+
+    async def _dial_relayed(self, peer: ID, circuits: list[Multiaddr]) -> None:
+        """Open a connection to ``peer`` through the first relay that splices it."""
+        assert self.relay_dialer is not None
+        problem: Exception | None = None
+        for circuit in circuits:
+            try:
+                await self.relay_dialer.dial(circuit.encapsulate(Multiaddr(f"/p2p/{peer}")))
+                return
+            except Exception as exc:  # py-libp2p raises many types
+                problem = exc
+        assert problem is not None
+        raise problem
 
     # -------------------------------------------------------------------- pubsub
 
@@ -402,6 +474,7 @@ class Transport:
         refusal = self._admit(peer)
         if refusal is not None:
             log.warning("refused message from peer %s on %s: %s", peer, route.protocol, refusal)
+            self.ledger.refused(peer, refusal)
             await cleanup(stream.reset)
             return
         self._inbound[peer] = self._inbound.get(peer, 0) + 1
@@ -455,10 +528,12 @@ class Transport:
                 await stream.close()
         except FrameRefused as exc:
             log.warning("refused message from peer %s on %s: %s", peer, route.protocol, exc)
+            self.ledger.refused(peer, str(exc))
             await cleanup(stream.reset)
             return
         except trio.TooSlowError:
-            log.warning(
+            self._refusals.warning(
+                ("slow", peer, route.protocol),
                 "dropped message from peer %s on %s: not received within %.0f s",
                 peer,
                 route.protocol,
@@ -471,6 +546,7 @@ class Transport:
             await cleanup(stream.reset)
             return
         self.bytes_received += HEADER.size + len(payload)
+        self.ledger.received(peer, HEADER.size + len(payload))
         try:
             await route.handler(peer, payload)
         except Exception:
@@ -486,11 +562,13 @@ class Transport:
     def _peer_up(self, peer: str) -> None:
         if peer not in self._up:
             self._up.add(peer)
+            self.ledger.connection(peer, True)
             self._notify(self.on_peer_connected, peer)
 
     def _peer_down(self, peer: str) -> None:
         if peer in self._up:
             self._up.discard(peer)
+            self.ledger.connection(peer, False)
             self._notify(self.on_peer_disconnected, peer)
 
     def _notify(self, callback: PeerCallback | None, peer: str) -> None:
@@ -513,3 +591,31 @@ async def _await_ack(stream: INetStream) -> None:
         raise TransportError("receiver refused or dropped the message (see its log)") from exc
     if reply != ACK:
         raise TransportError(f"receiver sent {reply!r} instead of the acknowledgement")
+
+
+def _has_p2p(addr: Multiaddr) -> bool:
+    return any(p.code == P_P2P for p in addr.protocols())
+
+
+def _is_circuit(addr: Multiaddr) -> bool:
+    return any(p.name == "p2p-circuit" for p in addr.protocols())
+
+
+def _is_wildcard(addr: Multiaddr) -> bool:
+    host = str(addr).split("/")[2]
+    return host in ("0.0.0.0", "::")
+
+
+def check_can_listen(addr: str) -> None:
+    """Raise OSError if TCP address ``addr`` (``/ip4|ip6/<host>/tcp/<port>``) cannot be
+    listened on now, e.g. its port is in use. libp2p itself only logs a failed listener and
+    runs on with no address at all."""
+    maddr = tcp_listen_address(addr)
+    port = int(maddr.value_for_protocol("tcp"))
+    if port == 0:
+        return
+    ip6 = "ip6" in {p.name for p in maddr.protocols()}
+    host = maddr.value_for_protocol("ip6" if ip6 else "ip4")
+    with socket.socket(socket.AF_INET6 if ip6 else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))

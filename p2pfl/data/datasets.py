@@ -212,6 +212,11 @@ def _make_synthetic(spec: Spec, seed: int) -> Dataset:
     return _dataset(x[train], y[train], x[test], y[test], classes, (features,), name, drift)
 
 
+MAX_CLASSES = 100_000
+"""Most classes a user data set may have: a model's output layer has one unit per class (a
+stray label of 1e9 would otherwise ask for a layer of billions of units)."""
+
+
 def load_npz(path: Path, seed: int) -> Dataset:
     """Load a user ``.npz``; without ``x_test``/``y_test`` hold out 20% (stratified)."""
     fix = "save it with numpy.savez(path, x=features, y=labels[, x_test=..., y_test=...])"
@@ -281,6 +286,12 @@ def _check_xy(
         )
     if (y < 0).any():
         raise DataError(f"{path}: {y_name} has negative labels; use class indices 0..C-1")
+    if y.max() >= MAX_CLASSES:
+        raise DataError(
+            f"{path}: {y_name} has label {int(y.max())}, but labels are class indices 0..C-1 "
+            f"with at most {MAX_CLASSES:,} classes; map your labels to 0..C-1 first "
+            "(e.g. numpy.unique(y, return_inverse=True))"
+        )
     return x.astype(np.float64), y.astype(np.int64)
 
 

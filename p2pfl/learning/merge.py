@@ -1,21 +1,108 @@
-"""Merge rules: how a group's models become one."""
+"""Merge rules: how a group's models become one, and how much one peer can pull a node.
+
+Rules (``merge=`` in every protocol spec):
+
+* ``uniform``: the mean (keeps the group's mean, hence the global mean); ``samples``: mean
+  weighted by each model's training samples.
+* ``median``: coordinate-wise median (middle values averaged for an even count).
+* ``trimmed``: coordinate-wise trimmed mean, dropping ``ceil(trim·n)`` values at each end
+  (at most what leaves one value).
+* ``krum`` / ``multikrum`` (Blanchard et al., NeurIPS 2017): score each model by the summed
+  squared distances to its ``n - f - 2`` nearest others; Krum takes the best-scored model,
+  multi-Krum averages the ``n - f`` best. Ties are averaged, so the result never depends on
+  the order of the models.
+
+Robust rules ignore sample counts (a liar would simply claim many samples).
+
+Before any rule, each incoming model can be **clipped** to a ball around the receiver's own
+model (self-centred clipping, as in He, Karimireddy & Jaggi, "Byzantine-robust decentralized
+learning via ClippedGossip", 2022): ``v ← own + (v - own)·min(1, τ/||v - own||)``. The
+protocol core chooses τ from what it knows (see ``NodeCore.clip_bound``); whatever a peer
+sends, it moves the merge by at most ``τ / n``.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
+from p2pfl.learning.rules import RULES, MergeRule
+
+
+def clip_around(
+    own: torch.Tensor, others: Sequence[torch.Tensor], bound: float
+) -> tuple[list[torch.Tensor], int]:
+    """Each of ``others`` pulled into the ball of radius ``bound`` around ``own``; also
+    return how many had to be clipped."""
+    clipped, count = [], 0
+    for v in others:
+        distance = float(torch.linalg.vector_norm(v - own))
+        if distance > bound:
+            count += 1
+            scale = bound / distance if math.isfinite(distance) else 0.0
+            v = own + (v - own) * scale
+        clipped.append(v)
+    return clipped, count
+
+
+def coordinate_median(stacked: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median of ``[n, d]``; the two middle values averaged for even n."""
+    ordered = stacked.sort(0).values
+    n = ordered.shape[0]
+    return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+
+
+def trimmed_mean(stacked: torch.Tensor, trim: float) -> torch.Tensor:
+    """Coordinate-wise mean after dropping ``ceil(trim·n)`` values at each end (at most
+    ``(n-1)//2``, so one value always remains)."""
+    n = stacked.shape[0]
+    k = min(math.ceil(trim * n - 1e-9), (n - 1) // 2)
+    ordered = stacked.sort(0).values
+    return ordered[k : n - k].mean(0)
+
+
+TIE = 1e-5
+"""Krum scores this close (relatively) count as a tie: float32 rounding of equal distances."""
+
+
+def krum(stacked: torch.Tensor, f: int, keep: int) -> torch.Tensor:
+    """Mean of the ``keep`` models with the lowest Krum scores (ties at the cut included)."""
+    n = stacked.shape[0]
+    if n <= 2:
+        return stacked.mean(0)
+    flat = stacked.double()
+    distances = (flat[:, None, :] - flat[None, :, :]).square().sum(-1)
+    nearest = max(1, n - f - 2)
+    # Each row's smallest entry is the model's zero distance to itself: skip it.
+    scores = distances.sort(1).values[:, 1 : 1 + nearest].sum(1)
+    cut = scores.sort().values[min(keep, n) - 1]
+    chosen = scores <= cut * (1 + TIE) + 1e-30
+    return stacked[chosen].mean(0)
+
 
 def merge(
-    vectors: Sequence[torch.Tensor], samples: Sequence[int], rule: str = "uniform"
+    vectors: Sequence[torch.Tensor],
+    samples: Sequence[int],
+    rule: MergeRule | str = "uniform",
 ) -> torch.Tensor:
-    """Average flat parameter vectors: ``uniform`` (keeps the group's mean, hence the global
-    mean) or weighted by ``samples`` (each model counts as much as the data behind it)."""
+    """Merge flat parameter vectors with ``rule`` (no clipping here: see ``clip_around``)."""
+    if isinstance(rule, str):
+        if rule not in RULES:
+            raise ValueError(f"unknown merge rule {rule!r}")
+        rule = MergeRule(rule)
     stacked = torch.stack(list(vectors))
-    if rule == "uniform":
+    n = stacked.shape[0]
+    if rule.rule == "uniform" or n == 1:
         return stacked.mean(0)
-    if rule == "samples":
+    if rule.rule == "samples":
         w = torch.tensor(samples, dtype=stacked.dtype).clamp_min(1)
         return (w[:, None] * stacked).sum(0) / w.sum()
-    raise ValueError(f"unknown merge rule {rule!r}")
+    if rule.rule == "median":
+        return coordinate_median(stacked)
+    if rule.rule == "trimmed":
+        return trimmed_mean(stacked, rule.trim)
+    if rule.rule == "krum":
+        return krum(stacked, rule.f, 1)
+    return krum(stacked, rule.f, max(1, n - rule.f))

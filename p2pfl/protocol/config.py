@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from p2pfl.learning.compression import CODECS, CodecConfig
+from p2pfl.learning.rules import MERGE_KEYS, MergeRule, parse_merge
 from p2pfl.spec import (
     Spec,
     SpecError,
@@ -17,7 +18,6 @@ from p2pfl.spec import (
 )
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
-MERGES = ("uniform", "samples")
 CODEC_KEYS = {"codec", "block", "topk"}
 LOCAL_KINDS = ("bn",)
 
@@ -38,7 +38,7 @@ class ProtocolConfig:
     group: int = 0
     cap: int = 0
     correction: float = 0.0
-    merge: str = "uniform"
+    merge: MergeRule = MergeRule()
     timeout: float = 0.5
     codec: CodecConfig | None = None
     local: str = ""
@@ -55,10 +55,8 @@ DYNAMIC_DEFAULTS = {"b": 2, "rel": 0.002, "correction": 0.1, "cap": 0, "group": 
 def parse_protocol(text: str) -> ProtocolConfig:
     """Parse and validate a protocol spec; bad specs raise SpecError naming the fix."""
     spec = parse_spec(text, PROTOCOLS)
-    common = {"merge", "timeout", "local"} | CODEC_KEYS
-    merge = spec.take("merge", str, "uniform")
-    if merge not in MERGES:
-        raise SpecError(f"{text!r}: merge must be one of {', '.join(MERGES)}")
+    common = {"timeout", "local"} | MERGE_KEYS | CODEC_KEYS
+    merge = parse_merge(spec)
     timeout = spec.take("timeout", positive_float, 0.5)
     base = {
         "merge": merge,

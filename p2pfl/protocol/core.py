@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
+from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
@@ -20,13 +22,22 @@ from typing import Any, Protocol
 import torch
 
 from p2pfl.learning.compression import Compressed
-from p2pfl.learning.merge import merge
+from p2pfl.learning.merge import clip_around, merge
 from p2pfl.protocol.actions import Action, ReplaceModel, Send
 from p2pfl.protocol.config import ProtocolConfig
 from p2pfl.protocol.links import CodecLinks, LinkError
 from p2pfl.wire.messages import Average, Busy, Message, ModelReply
 
 log = logging.getLogger("p2pfl.protocol")
+
+DISTANCE_HISTORY = 32
+"""Peers whose latest distance is remembered for the clip bound (the most recent ones)."""
+MAJORITY_PEERS = 2
+"""Peers the distance history needs before its (lower) median counts: with one, that peer
+alone would set it (a node with one peer trusts only its own displacement and the protocol);
+with two, one liar cannot raise the lower of the two."""
+PEER_SPEED_ALLOWANCE = 2.0
+"""How much faster than this node a peer's machine may be before its sessions are refused."""
 
 
 class ModelAccess(Protocol):
@@ -54,6 +65,8 @@ class CoreStats:
     timeouts: int = 0
     ignored: int = 0
     refused_codec: int = 0
+    clipped: int = 0
+    refused_peer: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -110,7 +123,10 @@ class NodeCore:
         neighbors: Iterable[str],
         seed: int = 0,
         step_size: float = 0.1,
+        max_neighbors: int = 0,
     ) -> None:
+        """``neighbors`` are the node's chosen neighbours; a peer that comes up later becomes
+        one only while there are fewer than ``max_neighbors`` (0: never)."""
         self.node_id = node_id
         self.config = config
         self.model = model
@@ -118,9 +134,17 @@ class NodeCore:
         self.down: set[str] = set()
         self.rng = random.Random(seed)
         self.step_size = step_size
+        self.max_neighbors = max_neighbors
         self.step = 0
         self.stats = CoreStats()
         self.links = CodecLinks(config.codec)
+        self.anchor = model.read().clone()
+        """The model right after the last merge: our displacement since then sizes the clip
+        bound."""
+        self._last_session: dict[str, float] = {}
+        self._peer_distances: OrderedDict[str, float] = OrderedDict()
+        self._first_step_at: float | None = None
+        self._last_step_at = 0.0
 
     @property
     def live_neighbors(self) -> list[str]:
@@ -130,6 +154,9 @@ class NodeCore:
     def on_local_step(self, now: float) -> list[Action]:
         """The learner finished one local step."""
         self.step += 1
+        if self._first_step_at is None:
+            self._first_step_at = now
+        self._last_step_at = now
         return self._after_step(now)
 
     def on_message(self, now: float, sender: str, message: Message) -> list[Action]:
@@ -148,9 +175,10 @@ class NodeCore:
         return []
 
     def on_peer_up(self, now: float, peer: str) -> list[Action]:
-        """A neighbour is reachable (again); unknown peers become neighbours."""
+        """A peer is reachable (again). An unknown peer becomes a neighbour only while the
+        node has fewer than ``max_neighbors``: connecting does not make a peer a neighbour."""
         self.down.discard(peer)
-        if peer != self.node_id:
+        if peer != self.node_id and len(self.neighbors) < self.max_neighbors:
             self.neighbors.add(peer)
         return []
 
@@ -217,6 +245,73 @@ class NodeCore:
     def _merge(self, vectors: list[torch.Tensor], samples: list[int]) -> torch.Tensor:
         return merge(vectors, samples, self.config.merge)
 
+    # -- what a peer may do to this node -------------------------------------------------
+    def clip_bound(self, own: torch.Tensor, peers: bool = True) -> float:
+        """τ: the farthest an incoming model may sit from ``own`` before it is clipped.
+
+        ``κ·max(s, floor, m)``: ``κ`` the spec's ``clip`` (see ``CLIP_FACTOR``); ``s`` this
+        node's own displacement since its last merge (``||own - anchor||``, about
+        b·η·|gradient| on a fixed schedule); ``floor`` what the protocol lets an honest peer
+        move anyway (``_clip_floor``, √Δ for dynamic); with ``peers``, ``m`` the median over
+        the last ``DISTANCE_HISTORY`` peers (once there are ``MAJORITY_PEERS``) of how far
+        each one's latest model was from ours
+        (one entry per peer, so a peer that sends often counts once: with an honest
+        majority among them, an honest distance, e.g. gossip's slow mixing or a node that
+        joined late). Infinite when clipping is off."""
+        if not self.config.merge.clip:
+            return math.inf
+        s = float(torch.linalg.vector_norm(own - self.anchor))
+        seen = sorted(self._peer_distances.values()) if peers else []
+        m = seen[(len(seen) - 1) // 2] if len(seen) >= MAJORITY_PEERS else 0.0
+        return self.config.merge.clip * max(s, self._clip_floor(), m)
+
+    def _clip_floor(self) -> float:
+        return 0.0
+
+    def _admit_session(self, peer: str, now: float) -> bool:
+        """At most one session (a pull answered, a pushed model merged at once) per peer
+        every ``b`` local steps of a peer up to ``PEER_SPEED_ALLOWANCE`` times faster than us
+        (timed by our own mean step time): an honest peer checks once per b of its steps, so
+        one asking more often is refused and counted instead of steering us. A refused honest
+        peer only retries later."""
+        last = self._last_session.get(peer)
+        gap = self.config.b * self._step_seconds() / PEER_SPEED_ALLOWANCE
+        if last is not None and now - last < gap:
+            self.stats.refused_peer += 1
+            return False
+        self._last_session[peer] = now
+        return True
+
+    def _step_seconds(self) -> float:
+        """Mean time of our local steps so far (0 before the second step)."""
+        if self._first_step_at is None or self.step < 2:
+            return 0.0
+        return (self._last_step_at - self._first_step_at) / (self.step - 1)
+
+    def _clip(
+        self, own: torch.Tensor, others: dict[str, torch.Tensor], peers: bool = True
+    ) -> list[torch.Tensor]:
+        """The models of ``others`` (by sender) clipped around ``own``; with ``peers`` their
+        distances update the per-peer history that sizes the bound."""
+        if peers:
+            for sender, v in others.items():
+                self._peer_distances.pop(sender, None)
+                self._peer_distances[sender] = float(torch.linalg.vector_norm(v - own))
+                while len(self._peer_distances) > DISTANCE_HISTORY:
+                    self._peer_distances.popitem(last=False)
+        bound = self.clip_bound(own, peers)
+        clipped, count = clip_around(own, list(others.values()), bound)
+        self.stats.clipped += count
+        return clipped
+
+    def _merge(
+        self, own: torch.Tensor, own_samples: int, others: dict[str, tuple[torch.Tensor, int]]
+    ) -> torch.Tensor:
+        """Merge our own model with the peers' ones (by sender), each clipped first."""
+        clipped = self._clip(own, {peer: params for peer, (params, _) in others.items()})
+        samples = [own_samples] + [n for _, n in others.values()]
+        return merge([own, *clipped], samples, self.config.merge)
+
     def _replace_keeping_progress(
         self, merged: torch.Tensor, sent: torch.Tensor, current: torch.Tensor | None = None
     ) -> ReplaceModel:
@@ -224,6 +319,7 @@ class NodeCore:
         ``w = merged + (w_now - sent)``. No local work is lost while a sync is in flight.
         ``current`` stands for ``w_now`` when an earlier replacement is not applied yet."""
         now = self.model.read() if current is None else current
+        self.anchor = merged.clone()
         return ReplaceModel(merged + (now - sent))
 
 
@@ -238,6 +334,7 @@ def make_core(
     neighbors: Iterable[str],
     seed: int = 0,
     step_size: float = 0.1,
+    max_neighbors: int = 0,
 ) -> NodeCore:
     """Build the core for ``config.kind``."""
     from p2pfl.protocol.dynamic import DynamicCore
@@ -249,4 +346,12 @@ def make_core(
         "gossip": GossipCore,
         "dynamic": DynamicCore,
     }[config.kind]
-    return cls(node_id, config, model, neighbors, seed=seed, step_size=step_size)
+    return cls(
+        node_id,
+        config,
+        model,
+        neighbors,
+        seed=seed,
+        step_size=step_size,
+        max_neighbors=max_neighbors,
+    )

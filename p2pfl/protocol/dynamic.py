@@ -42,6 +42,8 @@ Decisions that matter on a real network:
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +51,7 @@ from typing import Any
 import torch
 
 from p2pfl.protocol.actions import Action, Send, SetCorrection, SetTimer
-from p2pfl.protocol.core import NodeCore, log
+from p2pfl.protocol.core import DISTANCE_HISTORY, PEER_SPEED_ALLOWANCE, NodeCore, log
 from p2pfl.wire.messages import Average, Busy, Message, ModelReply, Pull
 
 
@@ -100,6 +102,7 @@ class DynamicCore(NodeCore):
         self.session: Session | None = None
         self.membership: Membership | None = None
         self.quiet_until = 0
+        self._session_models: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._delta = self._compute_delta()
 
     def state_dict(self) -> dict[str, Any]:
@@ -131,6 +134,28 @@ class DynamicCore(NodeCore):
         if self.config.delta is not None:
             return self.config.delta
         return self.config.rel * float(self.reference.dot(self.reference))
+
+    def _clip_floor(self) -> float:
+        """An honest peer may be up to √Δ from its reference without violating."""
+        return math.sqrt(self._delta) if math.isfinite(self._delta) else 0.0
+
+    def _admit_session(self, peer: str, now: float) -> bool:
+        """A coordinator may pull us again only once we moved at least
+        ``√Δ / PEER_SPEED_ALLOWANCE`` since our last session with it: an honest one has to
+        drift √Δ from its fresh reference before it violates again, which takes a peer no more
+        than that many times faster than us at least this long. A peer that claims violations
+        faster (a flood) is refused and counted."""
+        last = self._session_models.get(peer)
+        if last is not None:
+            moved = float((self.model.read() - last).square().sum())
+            if moved < self._delta / PEER_SPEED_ALLOWANCE**2:
+                self.stats.refused_peer += 1
+                return False
+        self._session_models.pop(peer, None)
+        self._session_models[peer] = self.model.read().clone()
+        while len(self._session_models) > DISTANCE_HISTORY:
+            self._session_models.popitem(last=False)
+        return True
 
     def drift(self) -> float:
         """``||w - r||²``: how far the model has moved since the last agreement."""
@@ -186,9 +211,8 @@ class DynamicCore(NodeCore):
             self.session = None
             self.quiet_until = self.step + self.config.b * self.rng.randint(1, 4)
             return []
-        vectors = [s.sent] + [r.params for r in s.replies.values()]
-        samples = [self.model.samples] + [r.samples for r in s.replies.values()]
-        average = self._merge(vectors, samples)
+        replies = {peer: (r.params, r.samples) for peer, r in s.replies.items()}
+        average = self._merge(s.sent, self.model.samples, replies)
         if float((average - self.reference).square().sum()) > self._delta:
             wider = self._widen()
             if wider:
@@ -224,6 +248,8 @@ class DynamicCore(NodeCore):
         if self.busy:
             self.stats.refused_busy += 1
             return [Send(sender, Busy(msg.session))]
+        if not self._admit_session(sender, now):
+            return [Send(sender, Busy(msg.session))]
         sent = self.model.read().clone()
         self.membership = Membership(msg.session, sender, sent)
         reply = ModelReply(
@@ -249,7 +275,11 @@ class DynamicCore(NodeCore):
             log.debug("%s: stale average from %s", self.node_id, sender)
             return []
         self.membership = None
-        return self._adopt(msg.params, m.sent, msg.steps)
+        # Never adopt a model unchecked: the average is clipped around what we sent, like a
+        # peer's model in our own merge (one history entry per peer: a coordinator that
+        # floods us counts once; our other peers' distances keep the bound honest).
+        (average,) = self._clip(m.sent, {sender: msg.params})
+        return self._adopt(average, m.sent, msg.steps)
 
     def _adopt(self, average: torch.Tensor, sent: torch.Tensor, group_steps: int) -> list[Action]:
         """Take the session's average as model and reference; update the drift correction,

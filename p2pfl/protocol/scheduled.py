@@ -71,15 +71,15 @@ class PeriodicCore(NodeCore):
         sent, self.open_round, self.sent = self.sent, None, None
         if not got:
             return []
-        vectors = [sent] + [p for p, _ in got.values()]
-        samples = [self.model.samples] + [n for _, n in got.values()]
+        merged = self._merge(sent, self.model.samples, got)
         self.stats.syncs += 1
-        return [self._replace_keeping_progress(self._merge(vectors, samples), sent, current)]
+        return [self._replace_keeping_progress(merged, sent, current)]
 
 
 class GossipCore(NodeCore):
     """Gossip learning: every ``b`` steps push the model to one random live neighbour; a
-    receiver merges it into its own model at once."""
+    receiver merges it into its own model at once (at most one push per neighbour every
+    ``b`` steps)."""
 
     def _after_step(self, now: float) -> list[Action]:
         peers = self.live_neighbors
@@ -89,9 +89,11 @@ class GossipCore(NodeCore):
         return [Send(peer, Push(-1, self.model.read().clone(), self.model.samples))]
 
     def on_message(self, now: float, sender: str, message: Message) -> list[Action]:
-        if not isinstance(message, Push) or message.round != -1:
+        if not isinstance(message, Push) or message.round != -1 or sender not in self.neighbors:
             return super().on_message(now, sender, message)
+        if not self._admit_session(sender, now):
+            return []
         own = self.model.read().clone()
-        merged = self._merge([own, message.params], [self.model.samples, message.samples])
+        merged = self._merge(own, self.model.samples, {sender: (message.params, message.samples)})
         self.stats.syncs += 1
         return [self._replace_keeping_progress(merged, own)]

@@ -148,6 +148,7 @@ def open_core(
     seed: int,
     channel: str,
     neighbors: Iterable[str] = (),
+    max_neighbors: int = 0,
 ) -> CoreRuntime:
     """The runtime of a new core for ``node_id`` in ``channel``: ``protocol`` on ``part`` of
     ``model``, told ``step_size`` of the learner's optimizer and seeded with
@@ -159,5 +160,6 @@ def open_core(
         neighbors,
         seed=core_seed(seed, node_id, channel),
         step_size=model.step_size(),
+        max_neighbors=max_neighbors,
     )
     return CoreRuntime(core, part, model, driver)

@@ -42,6 +42,7 @@ from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.learning.schedule import parse_lr_schedule
 from p2pfl.models import build_model
+from p2pfl.protocol.byzantine import Attackers, parse_byzantine
 from p2pfl.protocol.core import CoreStats, NodeCore
 from p2pfl.runtime import CoreRuntime, NodeModel, open_core
 from p2pfl.simulator.admission import SimGates
@@ -170,6 +171,7 @@ class Simulation:
         # Per channel: member -> runtime of its core; per node: its (channel, runtime) pairs.
         self.runtimes: list[dict[int, CoreRuntime]] = []
         self.node_runtimes: list[list[tuple[int, CoreRuntime]]] = [[] for _ in range(s.nodes)]
+        self.attackers = Attackers(parse_byzantine(s.byzantine), s.nodes, s.seed)
         for c, channel in enumerate(self.channels):
             members: dict[int, CoreRuntime] = {}
             for i in channel.members:
@@ -183,7 +185,9 @@ class Simulation:
                     channel=channel.name,
                     # with admission, a core hears of its neighbours once they are admitted
                     neighbors=() if channel.admission else map(str, channel.graph.neighbors(i)),
+                    max_neighbors=channel.graph.degree(i) if channel.admission else 0,
                 )
+                members[i].core = self.attackers.wrap(i, members[i].core)
                 self.node_runtimes[i].append((c, members[i]))
             self.runtimes.append(members)
         self.cores: list[NodeCore] = [r.core for members in self.runtimes for r in members.values()]
@@ -341,6 +345,7 @@ class Simulation:
             "time": round(now, 6),
             "accuracy": float(acc.mean()),
             "accuracy_min": float(acc.min()),
+            "honest_accuracy": float(acc[self.attackers.honest(len(acc))].mean()),
             "loss": float(loss.mean()),
             "average_model_accuracy": avg_acc,
             "average_model_loss": avg_loss,
@@ -370,6 +375,8 @@ class Simulation:
             "protocol": self.protocol,
             "final_accuracy": sum(m["accuracy"] for m in final) / len(final),
             "final_loss": sum(m["loss"] for m in final) / len(final),
+            "honest_accuracy": sum(m["honest_accuracy"] for m in final) / len(final),
+            "byzantine_nodes": sorted(self.attackers.nodes),
             "average_model_accuracy": sum(m["average_model_accuracy"] for m in final) / len(final),
             "prequential_accuracy": self.prequential.accuracy,
             "prequential_loss": self.prequential.mean_loss,

@@ -110,6 +110,9 @@ def comparison_table(summary: dict[str, Any]) -> Table:
     ]
     if own:
         columns[1:2] = ["own acc", "test acc"]
+    liars = any(r.get("byzantine_nodes") for r in runs)
+    if liars:
+        columns.insert(columns.index("MB sent"), "honest acc")
     for col in columns:
         if col == "protocol":
             table.add_column(col, overflow="fold")
@@ -124,6 +127,8 @@ def comparison_table(summary: dict[str, Any]) -> Table:
             f"{r['average_model_accuracy']:.3f}",
             "-" if prequential is None else f"{prequential:.3f}",
         ]
+        if liars:
+            accuracy.append(f"{r['honest_accuracy']:.3f}")
         table.add_row(
             r["protocol"],
             *accuracy,

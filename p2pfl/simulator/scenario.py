@@ -89,6 +89,8 @@ class Scenario:
     """Nodes with at most this many train samples count as data-poor in community summaries."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
     communities: tuple[CommunityConfig, ...] = ()
+    byzantine: str = ""
+    """``K:ATTACK``: K nodes (chosen by the seed) lie (see ``p2pfl.protocol.byzantine``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -293,6 +295,12 @@ def _validate(s: Scenario) -> None:
         parse_lr_schedule(s.lr_schedule)
     except SpecError as exc:
         raise ScenarioError(f"lr_schedule {exc}") from None
+    from p2pfl.protocol.byzantine import parse_byzantine  # imports torch: not at CLI start
+
+    try:
+        parse_byzantine(s.byzantine, s.nodes)
+    except SpecError as exc:
+        raise ScenarioError(str(exc)) from None
     for i, community in enumerate(s.communities):
         outside = [n for n in community.members if not 0 <= n < s.nodes]
         if outside:

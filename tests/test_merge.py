@@ -1,0 +1,253 @@
+"""Merge rules and what a lying peer can do to a core: hypothesis checks of every rule
+(permutation invariance, agreement with the mean when nobody lies, bounded influence of one
+outlier), clipping, the member's check of an ``Average``, per-peer session rates, neighbour
+admission and the byzantine wrappers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pfl.learning.merge import clip_around, merge
+from p2pfl.learning.rules import RULES, MergeRule
+from p2pfl.protocol.actions import ReplaceModel, Send
+from p2pfl.protocol.byzantine import ATTACKS, Attackers, ByzantineCore, parse_byzantine
+from p2pfl.protocol.config import parse_protocol
+from p2pfl.protocol.core import make_core
+from p2pfl.spec import SpecError
+from p2pfl.wire.messages import Average, Busy, ModelReply, Pull, Push
+
+DIM = 6
+ROBUST = [MergeRule(r, f=1) for r in RULES if r not in ("uniform", "samples")]
+finite = st.floats(-100, 100, allow_nan=False, width=32)
+
+
+def groups(min_size: int = 1, max_size: int = 7):
+    """Lists of flat float32 vectors of one size."""
+    return st.lists(
+        st.lists(finite, min_size=DIM, max_size=DIM), min_size=min_size, max_size=max_size
+    ).map(lambda rows: [torch.tensor(r, dtype=torch.float32) for r in rows])
+
+
+@settings(max_examples=150, deadline=None)
+@given(groups(), st.randoms(use_true_random=False), st.sampled_from(RULES))
+def test_every_rule_ignores_the_order_of_the_models(vectors, rnd, rule):
+    samples = [1 + i for i in range(len(vectors))]
+    order = list(range(len(vectors)))
+    rnd.shuffle(order)
+    shuffled = merge([vectors[i] for i in order], [samples[i] for i in order], rule)
+    torch.testing.assert_close(merge(vectors, samples, rule), shuffled, atol=1e-3, rtol=1e-5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(finite, min_size=DIM, max_size=DIM),
+    st.integers(1, 9),
+    st.sampled_from(ROBUST + [MergeRule("uniform")]),
+)
+def test_every_rule_agrees_with_the_mean_when_nobody_lies(center, n, rule):
+    """Honest nodes that agree: every rule returns their common model. Symmetric honest
+    spread around it: every rule returns the centre (the mean)."""
+    c = torch.tensor(center)
+    torch.testing.assert_close(merge([c] * n, [1] * n, rule), c)
+    spread = torch.randn(DIM, generator=torch.Generator().manual_seed(n))
+    pairs = [c + spread, c - spread] * n + [c]
+    torch.testing.assert_close(merge(pairs, [1] * len(pairs), rule), c, atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(groups(min_size=4, max_size=8), st.lists(finite, min_size=DIM, max_size=DIM))
+def test_one_outlier_moves_a_robust_rule_at_most_within_the_honest_range(honest, liar):
+    """With one liar among ≥ 4 models, median, trimmed mean and (multi-)Krum stay inside the
+    honest models' coordinate range (Krum: inside their convex hull's box), however far the
+    lie is."""
+    stacked = torch.stack(honest)
+    low, high = stacked.min(0).values, stacked.max(0).values
+    far = torch.tensor(liar) * 1e4
+    for rule in ROBUST:
+        got = merge([*honest, far], [1] * (len(honest) + 1), rule)
+        assert bool(((got >= low - 1e-3) & (got <= high + 1e-3)).all()), rule.rule
+
+
+@settings(max_examples=150, deadline=None)
+@given(groups(min_size=2, max_size=6), st.floats(0.01, 50))
+def test_clipping_bounds_what_any_one_model_can_do_to_the_mean(vectors, bound):
+    own, others = vectors[0], vectors[1:]
+    clipped, count = clip_around(own, others, bound)
+    assert count == sum(float(torch.linalg.vector_norm(v - own)) > bound for v in others)
+    for v, c in zip(others, clipped, strict=True):
+        assert float(torch.linalg.vector_norm(c - own)) <= bound * (1 + 1e-5) + 1e-5
+        if float(torch.linalg.vector_norm(v - own)) <= bound:
+            torch.testing.assert_close(c, v)
+    # a lie of any size moves the uniform mean of n models by at most bound / n
+    n = len(vectors)
+    honest = merge([own, *clipped], [1] * n)
+    lied, _ = clip_around(own, [*others[:-1], others[-1] * 1e6 + 1e6], bound)
+    moved = float(torch.linalg.vector_norm(merge([own, *lied], [1] * n) - honest))
+    assert moved <= 2 * bound / n * (1 + 1e-4) + 1e-3
+
+
+def test_rules_by_hand():
+    a, b, c, d = (torch.tensor([x, 0.0]) for x in (1.0, 2.0, 3.0, 100.0))
+    torch.testing.assert_close(merge([a, b, c, d], [1] * 4, "median"), torch.tensor([2.5, 0.0]))
+    trimmed = merge([a, b, c, d], [1] * 4, MergeRule("trimmed", trim=0.25))
+    torch.testing.assert_close(trimmed, torch.tensor([2.5, 0.0]))
+    torch.testing.assert_close(merge([a, b, c, d], [1] * 4, "krum"), b)  # the most central
+    multi = merge([a, b, c, d], [1] * 4, MergeRule("multikrum", f=1))
+    torch.testing.assert_close(multi, torch.tensor([2.0, 0.0]))  # the 3 best: a, b, c
+
+
+def test_merge_keys_in_every_protocol_spec():
+    for kind in ("periodic:b=4", "gossip", "dynamic", "continuous"):
+        config = parse_protocol(f"{kind}{',' if ':' in kind else ':'}merge=krum,f=2,clip=0")
+        assert config.merge == MergeRule("krum", trim=0.2, f=2, clip=0.0)
+    assert parse_protocol("dynamic").merge == MergeRule()  # uniform, clipped at κ=3
+    for bad, fragment in [
+        ("dynamic:merge=mode", "merge must be one of"),
+        ("dynamic:clip=inf", "clip must be finite"),
+        ("periodic:trim=0.6", "trim is the fraction"),
+    ]:
+        with pytest.raises(SpecError, match=fragment):
+            parse_protocol(bad)
+
+
+# -- cores under attack --
+class FakeModel:
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w = w.clone()
+
+    def read(self) -> torch.Tensor:
+        return self.w
+
+    @property
+    def samples(self) -> int:
+        return 10
+
+
+def vec(x: float) -> torch.Tensor:
+    return torch.full((DIM,), x)
+
+
+def replaced(actions):
+    return next(a.params for a in actions if isinstance(a, ReplaceModel))
+
+
+def test_member_clips_a_poisoned_average_to_what_it_and_the_protocol_vouch_for():
+    model = FakeModel(vec(1.0))
+    core = make_core("m", parse_protocol("dynamic:delta=0.01,b=1,correction=0"), model, ["c"])
+    core.on_message(0.0, "c", Pull(7))
+    got = replaced(core.on_message(0.1, "c", Average(7, vec(1e6), 3)))
+    # τ = 3·max(own displacement 0, √Δ 0.1): the average moved us by at most 0.3
+    assert float(torch.linalg.vector_norm(got - vec(1.0))) == pytest.approx(0.3, rel=1e-4)
+    assert core.stats.clipped == 1
+    # an honest average within the bound is adopted as it is
+    model.w = got + 0.05  # the model moved (by more than √Δ/2): the next pull is taken
+    assert isinstance(core.on_message(1.0, "c", Pull(8))[0].message, ModelReply)
+    close = model.w + 0.01
+    torch.testing.assert_close(replaced(core.on_message(1.1, "c", Average(8, close, 3))), close)
+
+
+def test_a_flooding_coordinator_is_refused_until_the_member_has_moved():
+    model = FakeModel(vec(1.0))
+    core = make_core("m", parse_protocol("dynamic:delta=0.04,b=1"), model, ["c"])
+    assert isinstance(core.on_message(0.0, "c", Pull(1))[0].message, ModelReply)
+    core.on_message(0.1, "c", Busy(1))  # released
+    again = core.on_message(0.2, "c", Pull(2))
+    assert isinstance(again[0].message, Busy) and core.stats.refused_peer == 1
+    model.w = model.w + 0.1 / math.sqrt(DIM)  # moved √Δ/2 = 0.1
+    assert isinstance(core.on_message(0.3, "c", Pull(3))[0].message, ModelReply)
+
+
+def test_gossip_takes_one_push_per_peer_per_period_and_none_from_strangers():
+    model = FakeModel(vec(0.0))
+    core = make_core("r", parse_protocol("gossip:b=4,clip=0"), model, ["a"])
+    for t in range(1, 9):
+        core.on_local_step(t * 0.01)  # our step time: 0.01 s, so a gap of 4·0.01/2 s
+    assert core.on_message(0.1, "x", Push(-1, vec(9.0), 1)) == []  # not a neighbour
+    assert replaced(core.on_message(0.1, "a", Push(-1, vec(2.0), 1)))[0] == 1.0
+    assert core.on_message(0.11, "a", Push(-1, vec(2.0), 1)) == []
+    assert core.stats.refused_peer == 1
+    assert core.on_message(0.13, "a", Push(-1, vec(2.0), 1))
+
+
+def test_connecting_does_not_make_a_peer_a_neighbour():
+    core = make_core("n", parse_protocol("dynamic"), FakeModel(vec(1.0)), ["a"], max_neighbors=2)
+    core.on_peer_up(0.0, "b")
+    core.on_peer_up(0.0, "c")  # over max_neighbors: connected, but not a neighbour
+    assert core.neighbors == {"a", "b"}
+    closed = make_core("n", parse_protocol("dynamic"), FakeModel(vec(1.0)), ["a"])
+    closed.on_peer_up(0.0, "b")
+    assert closed.neighbors == {"a"}
+
+
+# -- byzantine wrappers --
+def test_parse_byzantine():
+    assert parse_byzantine("").count == 0
+    assert parse_byzantine("3:fake-average") == parse_byzantine(" 3:FAKE-AVERAGE ")
+    for bad, fragment in [("3", "K:ATTACK"), ("x:flood", "K:ATTACK"), ("2:nice", "unknown attack")]:
+        with pytest.raises(SpecError, match=fragment):
+            parse_byzantine(bad)
+    with pytest.raises(SpecError, match="leaves no honest node"):
+        parse_byzantine("4:flood", nodes=4)
+    chosen = parse_byzantine("3:flood").choose(16, seed=5)
+    assert chosen == parse_byzantine("3:noise").choose(16, seed=5) and len(set(chosen)) == 3
+    assert Attackers(parse_byzantine("3:flood"), 16, 5).honest(16).sum() == 13
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_each_attack_lies_as_documented(attack):
+    model = FakeModel(vec(2.0))
+    core = make_core("0", parse_protocol("dynamic:delta=1e9,b=1"), model, ["1"])
+    liar = ByzantineCore(core, attack, seed=1)
+    reply = liar.on_message(0.0, "1", Pull(5))[0].message
+    sent = reply.params
+    expected = {"signflip": vec(-2.0), "scale": vec(2000.0), "replay": vec(2.0)}
+    if attack in expected:
+        torch.testing.assert_close(sent, expected[attack])
+    elif attack == "noise":
+        assert not torch.equal(sent, vec(2.0))
+        assert float(torch.linalg.vector_norm(sent - vec(2.0))) < 10 * float(sent.norm())
+    else:
+        torch.testing.assert_close(sent, vec(2.0))  # flood / fake-average reply honestly
+    # floods claim a violation at every check even with Δ = 1e9; honest liars do not
+    liar.on_message(0.1, "1", Busy(5))
+    pulls = [a for a in liar.on_local_step(1.0) if isinstance(a, Send)]
+    assert bool(pulls) == (attack in ("flood", "fake-average"))
+    if pulls:
+        sid = pulls[0].message.session
+        answer = ModelReply(sid, vec(4.0), 10, [], 1)
+        out = liar.on_message(1.1, "1", answer)
+        average = next(a.message for a in out if isinstance(a, Send))
+        want = vec(-3.0) if attack == "fake-average" else vec(3.0)
+        torch.testing.assert_close(average.params, want)
+    assert liar.stats is core.stats  # everything else is the honest core's
+    model.w = vec(5.0)
+    if attack == "replay":
+        later = liar.on_message(2.0, "2", Pull(9))
+        replies = [a.message for a in later if isinstance(a, Send)]
+        torch.testing.assert_close(replies[0].params, vec(2.0))  # still the stale model
+
+
+def test_signflip_against_a_clipped_merge_moves_an_honest_node_by_a_bounded_amount():
+    """One sign-flipping neighbour among three in a periodic round: the honest node's merge
+    moves by at most τ/4 from the honest neighbours' merge."""
+    honest = {"a": vec(1.0), "b": vec(1.1), "c": vec(0.9)}
+    spec = dataclasses.replace(parse_protocol("periodic:b=1"))
+
+    def round_with(liar_params):
+        model = FakeModel(vec(1.0))
+        core = make_core("0", spec, model, list(honest) + ["z"])
+        out = core.on_local_step(0.0)
+        for peer, params in [*honest.items(), ("z", liar_params)]:
+            out = core.on_message(0.001, peer, Push(1, params, 10)) or out
+        return replaced(out)
+
+    clean = round_with(vec(1.0))
+    lied = round_with(vec(-1e6))
+    tau = 3 * 0.1 * math.sqrt(DIM)  # κ · median peer distance (0.1 per coordinate)
+    assert float(torch.linalg.vector_norm(lied - clean)) <= tau / 4 * 1.01
