@@ -105,7 +105,10 @@ def test_make_core_builds_the_right_policy(spec, cls):
         ("dynamic:x=1", ["unknown argument(s) ['x']", "dynamic accepts:", "delta", "rel"]),
         (
             "periodic:c=2",
-            ["unknown argument(s) ['c']", "periodic accepts: b, clip, f, merge, timeout, trim"],
+            [
+                "unknown argument(s) ['c']",
+                "periodic accepts: b, block, clip, codec, f, local, merge, timeout, topk, trim",
+            ],
         ),
         ("none:b=2", ["unknown argument(s) ['b']", "none accepts: none"]),
         ("periodic:b=0", ["'periodic:b=0'", "'b'", "must be >= 1"]),

@@ -17,8 +17,10 @@ forward pass give its accuracy at no extra cost.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -195,16 +197,22 @@ class PerNodeLearner(Learner):
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in self.models])
+        with evaluating(self.models):
+            return torch.stack([m(x) for m in self.models])
 
     @torch.no_grad()
     def logits_each(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(xi) for m, xi in zip(self.models, x, strict=True)])
+        with evaluating(self.models):
+            return torch.stack([m(xi) for m, xi in zip(self.models, x, strict=True)])
 
     @torch.no_grad()
     def _logits_of(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         self.schema.load(self._probe, vector)
-        return self._probe(x).T
+        for name, buf in self._probe.named_buffers():  # the nodes' mean statistics
+            stacked = torch.stack([m.get_buffer(name) for m in self.models])
+            buf.copy_(stacked.float().mean(0) if buf.is_floating_point() else stacked[0])
+        with evaluating([self._probe]):
+            return self._probe(x).T
 
 
 def score_logits(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,3 +221,17 @@ def score_logits(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, t
     acc = (logits.argmax(1) == y).float().mean(1)
     target = y.expand(logits.shape[0], -1)
     return acc, nn.functional.cross_entropy(logits, target, reduction="none").mean(1)
+
+
+@contextlib.contextmanager
+def evaluating(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Modules in eval mode (BatchNorm uses its running statistics) for the block."""
+    modules = list(modules)
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)

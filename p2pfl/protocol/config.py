@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from p2pfl.learning.compression import CODECS, CodecConfig
 from p2pfl.learning.rules import MERGE_KEYS, MergeRule, parse_merge
 from p2pfl.spec import (
+    Spec,
     SpecError,
     non_negative_float,
     non_negative_int,
@@ -16,6 +18,8 @@ from p2pfl.spec import (
 )
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
+CODEC_KEYS = {"codec", "block", "topk"}
+LOCAL_KINDS = ("bn",)
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class ProtocolConfig:
     correction: float = 0.0
     merge: MergeRule = MergeRule()
     timeout: float = 0.5
+    codec: CodecConfig | None = None
+    local: str = ""
     text: str = ""
 
     @property
@@ -49,10 +55,16 @@ DYNAMIC_DEFAULTS = {"b": 2, "rel": 0.002, "correction": 0.1, "cap": 0, "group": 
 def parse_protocol(text: str) -> ProtocolConfig:
     """Parse and validate a protocol spec; bad specs raise SpecError naming the fix."""
     spec = parse_spec(text, PROTOCOLS)
-    common = {"timeout"} | MERGE_KEYS
+    common = {"timeout", "local"} | MERGE_KEYS | CODEC_KEYS
     merge = parse_merge(spec)
     timeout = spec.take("timeout", positive_float, 0.5)
-    base = {"merge": merge, "timeout": timeout, "text": spec.text}
+    base = {
+        "merge": merge,
+        "timeout": timeout,
+        "codec": _codec(spec),
+        "local": spec.take("local", _local, ""),
+        "text": spec.text,
+    }
     if spec.kind in ("none", "continuous"):
         spec.check_keys(common if spec.kind == "continuous" else set())
         return ProtocolConfig(kind="periodic" if spec.kind == "continuous" else "none", b=1, **base)
@@ -78,3 +90,41 @@ def parse_protocol(text: str) -> ProtocolConfig:
         correction=correction,
         **base,
     )
+
+
+def _codec(spec: Spec) -> CodecConfig | None:
+    """``codec=fp16|int8|topk`` with ``block=N`` (int8: entries per scale, 0 for one scale)
+    or ``topk=R`` (the kept fraction), or None (float32 on the wire)."""
+    name = spec.take("codec", str, None)
+    if name is None:
+        for key in ("block", "topk"):
+            if key in spec.args:
+                raise SpecError(
+                    f"{spec.text!r}: {key!r} sets up a codec; add codec=int8 or codec=topk"
+                )
+        return None
+    if name not in CODECS:
+        raise SpecError(f"{spec.text!r}: codec must be one of {', '.join(CODECS)}, got {name!r}")
+    wrong = {"fp16": ("block", "topk"), "int8": ("topk",), "topk": ("block",)}[name]
+    for key in wrong:
+        if key in spec.args:
+            raise SpecError(f"{spec.text!r}: {key!r} does not apply to codec={name}")
+    block = spec.take("block", non_negative_int, CodecConfig.block)
+    fraction = spec.take("topk", _fraction, CodecConfig.fraction)
+    return CodecConfig(name, block=block, fraction=fraction)
+
+
+def _local(raw: str) -> str:
+    if raw not in LOCAL_KINDS:
+        raise ValueError(
+            f"choose one of {', '.join(LOCAL_KINDS)} (bn: BatchNorm's affine parameters stay "
+            "on the node, FedBN; running statistics never leave it anyway)"
+        )
+    return raw
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 < value <= 1.0:
+        raise ValueError("the kept fraction must be in (0, 1]")
+    return value

@@ -1,22 +1,32 @@
 """The node core shared by every protocol: identity, neighbours, step counter, counters and
-the event entry points a driver calls. Policies subclass it (see ``make_core``)."""
+the event entry points a driver calls. Policies subclass it (see ``make_core``).
+
+Every entry point, in every policy, passes through the node's codec links
+(``p2pfl.protocol.links``): compressed parameters a peer sent are decoded before the policy
+sees them (a payload that does not fit is refused with a reason; a refused reply or average
+reaches the policy as ``Busy``, the peer's share is simply missing), and with a ``codec``
+the parameters of every ``Send`` the policy returns are compressed for its peer. Policies
+only ever handle dense vectors."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Protocol
 
 import torch
 
+from p2pfl.learning.compression import Compressed
 from p2pfl.learning.merge import clip_around, merge
-from p2pfl.protocol.actions import Action, ReplaceModel
+from p2pfl.protocol.actions import Action, ReplaceModel, Send
 from p2pfl.protocol.config import ProtocolConfig
-from p2pfl.wire.messages import Message
+from p2pfl.protocol.links import CodecLinks, LinkError
+from p2pfl.wire.messages import Average, Busy, Message, ModelReply
 
 log = logging.getLogger("p2pfl.protocol")
 
@@ -54,6 +64,7 @@ class CoreStats:
     gave_way: int = 0
     timeouts: int = 0
     ignored: int = 0
+    refused_codec: int = 0
     clipped: int = 0
     refused_peer: int = 0
 
@@ -63,6 +74,40 @@ class CoreStats:
 
 RowReader = Callable[[torch.Tensor], torch.Tensor]
 """``read(rows)``: the current parameters ``[k, params]`` of the stacked cores at ``rows``."""
+
+
+_ENTRY_POINTS = (
+    "on_local_step",
+    "on_message",
+    "on_timer",
+    "on_peer_down",
+    "on_peer_up",
+    "on_heard",
+    "on_send_failed",
+)
+
+
+def _through_links(method: Any) -> Any:
+    """Wrap an entry point: decode compressed parameters before it, reset a peer's link when
+    it goes down or comes back, compress the parameters it sends (idempotent, so an
+    override calling ``super()`` is fine)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def entry(self: NodeCore, now: float, *args: Any) -> list[Action]:
+        if name == "on_message":
+            message = self._decoded(args[0], args[1])
+            if message is None:
+                return []
+            args = (args[0], message)
+        elif name in ("on_peer_down", "on_peer_up"):
+            self.links.reset(args[0])
+        actions = method(self, now, *args)
+        if self.config.codec is None or not actions:
+            return actions
+        return [self._compressed(a) if isinstance(a, Send) else a for a in actions]
+
+    return entry
 
 
 class NodeCore:
@@ -80,6 +125,12 @@ class NodeCore:
     step_fields: ClassVar[tuple[str, ...]] = ()
     """Further attributes ``which_act`` reads (numbers, flags, or tensors stored as plain
     attributes that the core replaces but never modifies in place)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _ENTRY_POINTS:
+            if name in vars(cls):
+                setattr(cls, name, _through_links(vars(cls)[name]))
 
     def __init__(
         self,
@@ -103,6 +154,7 @@ class NodeCore:
         self.max_neighbors = max_neighbors
         self.step = 0
         self.stats = CoreStats()
+        self.links = CodecLinks(config.codec)
         self.anchor = model.read().clone()
         """The model right after the last merge: our displacement since then sizes the clip
         bound."""
@@ -195,6 +247,35 @@ class NodeCore:
     def _after_step(self, now: float) -> list[Action]:
         return []
 
+    def _decoded(self, sender: str, message: Message) -> Message | None:
+        """``message`` with its compressed parameters decoded on ``sender``'s link; a payload
+        that does not fit is refused (logged, counted): a reply or an average becomes
+        ``Busy`` (the peer's share is missing), anything else None."""
+        params = getattr(message, "params", None)
+        if not isinstance(params, Compressed):
+            return message
+        try:
+            return replace(message, params=self.links.decode(sender, params))  # type: ignore[type-var]
+        except LinkError as exc:
+            self.stats.refused_codec += 1
+            log.warning(
+                "%s: refused %s from %s: %s", self.node_id, type(message).__name__, sender, exc
+            )
+            if isinstance(message, ModelReply | Average):
+                return Busy(message.session)
+            return None
+
+    def _compressed(self, send: Send) -> Send:
+        """``send`` with its parameters compressed for its peer (averages as echoes)."""
+        params = getattr(send.message, "params", None)
+        if params is None or isinstance(params, Compressed):
+            return send
+        coded = self.links.encode(send.to, params, echo=isinstance(send.message, Average))
+        return Send(send.to, replace(send.message, params=coded))  # type: ignore[type-var]
+
+    def _merge(self, vectors: list[torch.Tensor], samples: list[int]) -> torch.Tensor:
+        return merge(vectors, samples, self.config.merge)
+
     # -- what a peer may do to this node -------------------------------------------------
     def clip_bound(self, own: torch.Tensor, peers: bool = True) -> float:
         """τ: the farthest an incoming model may sit from ``own`` before it is clipped.
@@ -271,6 +352,10 @@ class NodeCore:
         now = self.model.read() if current is None else current
         self.anchor = merged.clone()
         return ReplaceModel(merged + (now - sent))
+
+
+for _name in _ENTRY_POINTS:
+    setattr(NodeCore, _name, _through_links(getattr(NodeCore, _name)))
 
 
 def make_core(

@@ -98,7 +98,7 @@ def prepare(scenario: Scenario) -> Prepared:
     schema = ParamSchema.from_module(model)
     info = ModelInfo(s.model, tuple(dataset.input_shape), dataset.num_classes)
     channels = community_channels(
-        s.communities, schema, s.nodes, s.seed, s.allow_disconnected, model=info
+        s.communities, schema, s.nodes, s.seed, s.allow_disconnected, model=info, module=model
     )
     return Prepared(s, dataset, nodes, union_graph(channels, s.nodes), model, channels)
 
@@ -119,8 +119,8 @@ def _snapshot(message: Message) -> Message:
     they may send a live view of their model (``ModelAccess.read``): views are copied at send
     time, other tensors are handed over as they are."""
     params = getattr(message, "params", None)
-    if params is None or params._base is None:
-        return message
+    if not isinstance(params, torch.Tensor) or params._base is None:
+        return message  # compressed payloads are fresh tensors
     return replace(message, params=params.detach().clone())
 
 
@@ -188,7 +188,7 @@ class Simulation:
             self.learner = PerNodeLearner(prepared.model, bank, sgd)
         self.schema = self.learner.schema
         if channels is None:
-            channels = [whole_model_channel(prepared.graph, self.schema, protocol)]
+            channels = [whole_model_channel(prepared.graph, prepared.model, protocol)]
         self.channels = list(channels)
         self.net = SimNetwork(prepared.graph, s.network, s.seed)
         models = {
@@ -366,7 +366,7 @@ class Simulation:
                 self.gates.refused[channel] += 1
                 continue
             params = getattr(message, "params", None)
-            if params is not None and not all_finite(params):
+            if isinstance(params, torch.Tensor) and not all_finite(params):
                 self.rejected += 1
                 log.warning("node %d rejected a message from %d: params contain NaN/inf", dst, src)
                 continue
