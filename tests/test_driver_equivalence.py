@@ -203,6 +203,7 @@ def daemon_path(prepared: Prepared, spec: str, script: list[tuple[Any, ...]]) ->
         sync.port(WHOLE_MODEL),
         seed=s.seed,
         channel=WHOLE_MODEL_CHANNEL,
+        max_neighbors=len(PEERS),  # as the daemon: peers that connect become neighbours
     )
     sync.open(Channel(WHOLE_MODEL, "the whole model", runtime))
     set_timer = sync._set_timer
