@@ -1,24 +1,30 @@
-"""How the simulator scales with the number of nodes: the batched learner against the
-per-node reference learner, and one long end-to-end run with a breakdown of where time goes.
+"""How the simulator scales with the number of nodes, against a plain per-model torch loop.
 
-Part 1, for each size (MLP on digits, iid, protocol ``dynamic``): node-steps per second of
-both learners, each configuration in a fresh subprocess (so that its peak memory, from
-``ru_maxrss``, is its own). ``train`` counts only the time inside ``learner.step``;
-``end to end`` is the whole ``Simulation.run`` (protocol, messages, evaluation included). The
-per-node learner runs fewer steps at large sizes; its rates are per node-step, i.e. they
-extrapolate linearly, and the table says how many steps each side ran.
+Part 1, for each size (MLP on digits, iid, ``--protocol``, default ``dynamic``), each
+configuration in a fresh subprocess (so that its peak memory, from ``ru_maxrss``, is its
+own): the simulator with the batched learner, the simulator with the per-node learner, and
+the plain loop one would write by hand (one ``nn.Module`` + ``torch.optim.SGD`` per model,
+``bench_sim.plain_loop``). ``train`` counts only the time inside ``learner.step``; ``end to
+end`` is start-up (data split, learner, 10,000 cores...) + ``Simulation.run`` (protocol,
+messages, evaluation included). The per-node learner and the plain loop run fewer steps at
+large sizes; their rates are per node-step, i.e. they extrapolate linearly, and the table
+says how many steps each ran. The ratio to the plain loop is the figure of merit.
 
-Part 2: ``nodes x steps`` of ``dynamic`` end to end through ``Simulation.run`` (default
-1,000 x 1,000, target under a minute), wall and CPU time (on a busy machine CPU time is
-the better guide); with ``--breakdown`` a second, instrumented run splits the time over
-learner, protocol cores, wire sizes, network model, evaluation and the engine loop itself.
+Part 2: ``nodes x steps`` end to end (default 1,000 x 1,000): the vectorised protocol path
+and the per-node protocol path (every core called on every step) in one process, and the same
+run sharded over ``--shards`` Ray workers (a local Ray cluster started for it, one torch
+thread each; needs ``pip install 'p2pfl[ray]'``), with wall and CPU time (on a busy machine
+CPU time is the better guide; for the sharded run, the workers' CPU time added up) and peak
+memory. ``--large 10000x1000`` adds a larger sharded run. With ``--breakdown`` an
+instrumented one-process run splits the time over learner, protocol cores, wire sizes,
+network model, evaluation and the engine loop itself.
 
 Digits has 1,438 training samples. Sizes above that cannot be split; there, node ``i`` trains
 on part ``i mod 1024`` of a 1,024-way split (the output says so).
 
 Run from the repository root:
     .venv/bin/python sim/bench_scale.py           # 16, 256, 1,024, 4,096 nodes + 1,000 x 1,000
-    .venv/bin/python sim/bench_scale.py --quick   # small sizes, under a minute
+    .venv/bin/python sim/bench_scale.py --quick   # small sizes, a few minutes
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import Any
 
 import torch
 from bench_setup import add_threads_option, prepared_scenario, set_threads
+from bench_sim import plain_loop
 
 from p2pfl.simulator import engine
 from p2pfl.simulator.engine import Prepared, Simulation
@@ -44,7 +51,9 @@ from p2pfl.spec import SpecError
 from p2pfl.topology import build_topology
 
 CYCLE_PARTS = 1024
-E2E_TARGET_S = 60.0
+E2E_TARGET_S = 15.0
+LARGE_TARGET_S = 180.0
+PLAIN_TARGET = 0.1
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,24 +65,39 @@ def parse_args() -> argparse.Namespace:
         "--per-node-budget",
         type=int,
         default=20_000,
-        help="node-steps of the per-node learner per size (steps = budget / nodes, at least "
-        "3, at most --steps)",
+        help="node-steps of the per-node learner and of the plain loop per size (steps = "
+        "budget / nodes, at least 3, at most --steps)",
     )
     p.add_argument("--protocol", default="dynamic")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--e2e", default="1000x1000", help="NODESxSTEPS of the end-to-end run")
-    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end run")
+    p.add_argument("--e2e", default="1000x1000", help="NODESxSTEPS of the end-to-end runs")
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end runs")
+    p.add_argument("--no-scale", action="store_true", help="skip part 1 (the sizes)")
+    p.add_argument(
+        "--no-per-node-path",
+        action="store_true",
+        help="skip the per-node protocol path in part 2 (the slowest run)",
+    )
+    p.add_argument(
+        "--shards", type=int, default=2, help="Ray workers of the sharded runs (0: none)"
+    )
+    p.add_argument(
+        "--large", default="", help="NODESxSTEPS of a larger sharded run, e.g. 10000x1000"
+    )
     p.add_argument(
         "--breakdown",
         action="store_true",
-        help="after the end-to-end run, repeat it with per-call timers and print where the "
-        "time goes (the timers add about a microsecond per call)",
+        help="after the end-to-end runs, repeat the one-process run with per-call timers and "
+        "print where the time goes (the timers add about a microsecond per call)",
     )
     add_threads_option(p)
     p.add_argument("--quick", action="store_true", help="16, 64, 256 nodes x 50 steps; 200x100")
-    p.add_argument("--child", choices=("scale", "e2e", "breakdown"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--child", choices=("scale", "plain", "e2e", "sharded", "breakdown"), help=argparse.SUPPRESS
+    )
     p.add_argument("--nodes", type=int, help=argparse.SUPPRESS)
     p.add_argument("--learner", default="batched", help=argparse.SUPPRESS)
+    p.add_argument("--per-node-protocol", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
         args.sizes, args.steps, args.e2e, args.per_node_budget = "16,64,256", 50, "200x100", 5000
@@ -125,7 +149,7 @@ class Timers:
 
 def instrument(sim: Simulation, timers: Timers, breakdown: bool) -> None:
     """Time the learner's steps; with ``breakdown`` also every core's event handlers, the
-    codec and the network model."""
+    codec, the network model and the evaluation."""
     learner = sim.learner
     learner.step = timers.wrap("learner.step (training)", learner.step)  # type: ignore[method-assign]
     if not breakdown:
@@ -133,7 +157,10 @@ def instrument(sim: Simulation, timers: Timers, breakdown: bool) -> None:
     for name in ("set", "set_correction"):
         setattr(learner, name, timers.wrap("learner.set/set_correction", getattr(learner, name)))
     sim.net.transmit = timers.wrap("network.transmit", sim.net.transmit)  # type: ignore[method-assign]
-    sim._measure = timers.wrap("evaluation", sim._measure)  # type: ignore[method-assign]
+    sim.local_metrics = timers.wrap("evaluation", sim.local_metrics)  # type: ignore[method-assign]
+    for stacked in sim.stacked:
+        if stacked is not None:
+            stacked.local_step = timers.wrap("vectorised local step", stacked.local_step)  # type: ignore[method-assign]
     for core in sim.cores:
         core.on_local_step = timers.wrap("core.on_local_step", core.on_local_step)  # type: ignore[method-assign]
         core.on_message = timers.wrap("core.on_message", core.on_message)  # type: ignore[method-assign]
@@ -151,25 +178,49 @@ def instrument(sim: Simulation, timers: Timers, breakdown: bool) -> None:
     engine.encoded_size = timed_encoded_size  # type: ignore[assignment]
 
 
+def clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
 def child(args: argparse.Namespace) -> dict[str, Any]:
-    """One configuration; returns its measurements."""
+    """One configuration; returns its measurements. Start-up (data, learner, cores) counts
+    into ``total_wall``/``total_cpu``; ``wall``/``cpu`` are the run alone."""
     steps = args.steps
     before = peak_mb()
+    wall0, cpu0 = clocks()
     prepared = prepared_for(args.nodes, steps, args, args.learner)
     after_data = peak_mb()
-    sim = Simulation(prepared, args.protocol)
+    if args.child == "plain":
+        s = prepared.scenario
+        plain_loop(prepared, 2, s.batch_size, s.lr, s.seed)  # warm-up, not measured
+        wall1, cpu1 = clocks()
+        plain_loop(prepared, steps, s.batch_size, s.lr, s.seed)
+        wall2, cpu2 = clocks()
+        return {
+            "nodes": args.nodes,
+            "steps": steps,
+            "node_steps": args.nodes * steps,
+            "wall": wall2 - wall1,
+            "cpu": cpu2 - cpu1,
+        }
+    if args.child == "sharded":
+        return sharded_child(args, prepared, wall0, cpu0)
+    sim = Simulation(prepared, args.protocol, vectorised=not args.per_node_protocol)
     timers = Timers()
     instrument(sim, timers, breakdown=args.child == "breakdown")
-    started, cpu_started = time.perf_counter(), time.process_time()
+    wall1, cpu1 = clocks()
     summary = sim.run()
-    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    wall2, cpu2 = clocks()
     return {
         "nodes": args.nodes,
         "learner": args.learner,
         "steps": steps,
         "node_steps": summary["node_steps"],
-        "wall": wall,
-        "cpu": cpu,
+        "wall": wall2 - wall1,
+        "cpu": cpu2 - cpu1,
+        "startup_wall": wall1 - wall0,
+        "total_wall": wall2 - wall0,
+        "total_cpu": cpu2 - cpu0,
         "load": os.getloadavg()[0],
         "train": timers.seconds["learner.step (training)"],
         "peak_mb": peak_mb(),
@@ -183,10 +234,51 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def sharded_child(
+    args: argparse.Namespace, prepared: Prepared, wall0: float, cpu0: float
+) -> dict[str, Any]:
+    """The run split over ``--shards`` Ray workers on a local cluster started here."""
+    import ray
+
+    from p2pfl.simulator.sharding import ShardedRun
+
+    ray.init(num_cpus=args.shards, include_dashboard=False, log_to_driver=False)
+    try:
+        wall1, cpu1 = clocks()
+        run = ShardedRun(prepared, args.protocol, args.shards, threads=args.threads or 1)
+        worker_cpu0 = run.shard_stats("cpu_seconds")
+        wall2, cpu2 = clocks()
+        summary = run.run()
+        wall3, cpu3 = clocks()
+        worker_cpu = [
+            b - a for a, b in zip(worker_cpu0, run.shard_stats("cpu_seconds"), strict=True)
+        ]
+        worker_mb = run.shard_stats("peak_mb")
+    finally:
+        ray.shutdown()
+    return {
+        "nodes": args.nodes,
+        "steps": args.steps,
+        "shards": args.shards,
+        "node_steps": summary["node_steps"],
+        "wall": wall3 - wall2,
+        "cpu": sum(worker_cpu) + (cpu3 - cpu2),
+        "worker_cpu": worker_cpu,
+        "startup_wall": wall2 - wall1,
+        "windows": run.windows,
+        "load": os.getloadavg()[0],
+        "driver_mb": peak_mb(),
+        "worker_mb": worker_mb,
+        "messages": summary["messages"],
+        "syncs": summary["syncs"],
+        "accuracy": summary["final_accuracy"],
+    }
+
+
 # ------------------------------------------------------------------ parent: tables
 
 
-def spawn(args: argparse.Namespace, kind: str, nodes: int, steps: int, learner: str) -> dict:
+def spawn(args: argparse.Namespace, kind: str, nodes: int, steps: int, **flags: Any) -> dict:
     """Run one configuration in a fresh interpreter and parse its JSON line."""
     cmd = [
         sys.executable,
@@ -198,14 +290,18 @@ def spawn(args: argparse.Namespace, kind: str, nodes: int, steps: int, learner: 
         "--steps",
         str(steps),
         "--learner",
-        learner,
+        flags.get("learner", "batched"),
         "--protocol",
         args.protocol,
         "--batch-size",
         str(args.batch_size),
         "--threads",
         str(args.threads),
+        "--shards",
+        str(args.shards),
     ]
+    if flags.get("per_node_protocol"):
+        cmd.append("--per-node-protocol")
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -213,71 +309,115 @@ def spawn(args: argparse.Namespace, kind: str, nodes: int, steps: int, learner: 
 
 
 def scale_table(args: argparse.Namespace) -> None:
-    """Part 1: batched against per-node at each size."""
+    """Part 1: batched, per-node learner and the plain per-model loop at each size."""
     sizes = [int(s) for s in args.sizes.split(",")]
     print(
         f"\n== scale: mlp on digits (iid), protocol {args.protocol}, batch {args.batch_size}, "
-        f"{args.steps} steps batched, per-node steps = {args.per_node_budget} / nodes "
+        f"{args.steps} steps batched, per-node/plain steps = {args.per_node_budget} / nodes "
         f"(3..{args.steps}), {args.threads or torch.get_num_threads()} thread(s)"
     )
     head = (
-        f"{'nodes':>6} {'learner':>9} {'steps':>6} {'train node-steps/s':>19} {'us':>7} "
-        f"{'end-to-end node-steps/s':>24} {'msgs/node-step':>15} {'peak MB':>8} {'+sim MB':>8}"
+        f"{'nodes':>6} {'run':>9} {'steps':>6} {'train us/node-step':>19} "
+        f"{'e2e us/node-step':>17} {'+start-up':>10} {'cpu us':>8} {'msgs/node-step':>15} "
+        f"{'peak MB':>8}"
     )
     print(head)
     notes = []
     for n in sizes:
-        pn_steps = max(3, min(args.steps, args.per_node_budget // n))
-        rows = {
-            "batched": spawn(args, "scale", n, args.steps, "batched"),
-            "per-node": spawn(args, "scale", n, pn_steps, "per-node"),
-        }
-        for name, r in rows.items():
-            rate = r["node_steps"] / r["train"]
+        few = max(3, min(args.steps, args.per_node_budget // n))
+        b = spawn(args, "scale", n, args.steps)
+        p = spawn(args, "scale", n, few, learner="per-node")
+        plain = spawn(args, "plain", n, few)
+        for name, r in (("batched", b), ("per-node", p)):
+            ns = r["node_steps"]
             print(
-                f"{n:>6} {name:>9} {r['steps']:>6} {rate:>19,.0f} {1e6 / rate:>7.1f} "
-                f"{r['node_steps'] / r['wall']:>24,.0f} {r['messages'] / r['node_steps']:>15.2f} "
-                f"{r['peak_mb']:>8.0f} {r['sim_mb']:>8.0f}"
+                f"{n:>6} {name:>9} {r['steps']:>6} {r['train'] / ns * 1e6:>19.1f} "
+                f"{r['wall'] / ns * 1e6:>17.1f} {r['total_wall'] / ns * 1e6:>10.1f} "
+                f"{r['total_cpu'] / ns * 1e6:>8.1f} {r['messages'] / ns:>15.2f} "
+                f"{r['peak_mb']:>8.0f}"
             )
-        b, p = rows["batched"], rows["per-node"]
-        train_ratio = (b["node_steps"] / b["train"]) / (p["node_steps"] / p["train"])
-        e2e_ratio = (b["node_steps"] / b["wall"]) / (p["node_steps"] / p["wall"])
+        plain_us = plain["wall"] / plain["node_steps"] * 1e6
+        plain_cpu = plain["cpu"] / plain["node_steps"] * 1e6
+        print(f"{n:>6} {'plain':>9} {few:>6} {plain_us:>19.1f} {'':>17} {'':>10} {plain_cpu:>8.1f}")
+        e2e = b["total_wall"] / b["node_steps"] * 1e6 / plain_us
+        e2e_cpu = b["total_cpu"] / b["node_steps"] * 1e6 / plain_cpu
+        verdict = "ok" if e2e <= PLAIN_TARGET else "above target"
         print(
-            f"{n:>6} {'ratio':>9} {'':>6} {train_ratio:>18.1f}x {'':>7} {e2e_ratio:>23.1f}x "
-            f"(batched / per-node; per-node ran {pn_steps} steps, rates extrapolate per node-step)"
+            f"{n:>6} {'ratio':>9}  batched end to end incl. start-up and evaluation / plain "
+            f"per-model loop: {e2e:.3f} wall, {e2e_cpu:.3f} CPU (target <= {PLAIN_TARGET}: "
+            f"{verdict}); training alone {b['train'] / b['node_steps'] * 1e6 / plain_us:.3f}; "
+            f"per-node learner e2e / plain {p['total_wall'] / p['node_steps'] * 1e6 / plain_us:.2f}"
         )
         if n > 1438:
             notes.append(n)
     print(
-        "train = time inside learner.step (us = per node-step); end-to-end = Simulation.run.\n"
-        "peak MB = ru_maxrss of the configuration's own process; +sim MB = growth of that peak "
-        "after imports and data (learner, cores, messages in flight, evaluation)"
+        "train = time inside learner.step; e2e = Simulation.run (protocol, messages, "
+        "evaluation); +start-up adds data split, learner and cores; cpu us = the same with "
+        "CPU time (process_time). peak MB = ru_maxrss of the configuration's own process"
     )
     for n in notes:
         print(f"note: {n} nodes > 1,438 digits samples: node i trains on part i mod 1024")
 
 
 def e2e_table(args: argparse.Namespace) -> None:
-    """Part 2: one long end-to-end run with its time breakdown."""
+    """Part 2: one long end-to-end run, vectorised and per-node protocol path, and sharded."""
     nodes, steps = (int(v) for v in args.e2e.lower().split("x"))
     print(f"\n== end to end: {nodes} nodes x {steps} steps of {args.protocol}, batched learner")
-    r = spawn(args, "e2e", nodes, steps, "batched")
-    wall = r["wall"]
-    verdict = "ok" if wall < E2E_TARGET_S else "ABOVE TARGET"
-    print(
-        f"Simulation.run: {wall:.1f} s wall (target < {E2E_TARGET_S:.0f} s: {verdict}), "
-        f"{r['cpu']:.1f} s CPU, load average {r['load']:.1f} at the end; "
-        f"{r['node_steps']:,} node-steps, {r['messages']:,} messages, {r['syncs']:,} syncs, "
-        f"final accuracy {r['accuracy']:.3f}, peak {r['peak_mb']:.0f} MB"
+    fast = spawn(args, "e2e", nodes, steps)
+    slow = (
+        None if args.no_per_node_path else spawn(args, "e2e", nodes, steps, per_node_protocol=True)
     )
+    paths = [("vectorised protocol path", fast), ("per-node protocol path", slow)]
+    for name, r in [(name, r) for name, r in paths if r is not None]:
+        print(
+            f"{name}: {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU (training {r['train']:.1f} s), "
+            f"start-up {r['startup_wall']:.1f} s, load {r['load']:.1f}; {r['node_steps']:,} "
+            f"node-steps, {r['messages']:,} messages, {r['syncs']:,} syncs, accuracy "
+            f"{r['accuracy']:.3f}, peak {r['peak_mb']:.0f} MB"
+        )
+    if slow is not None:
+        print(
+            f"vectorised / per-node protocol path: {fast['wall'] / slow['wall']:.2f} wall, "
+            f"{fast['cpu'] / slow['cpu']:.2f} CPU (same messages and syncs: "
+            f"{fast['messages'] == slow['messages'] and fast['syncs'] == slow['syncs']})"
+        )
+    if args.shards:
+        sharded_line(args, nodes, steps, E2E_TARGET_S, fast)
+    if args.large and args.shards:
+        big_nodes, big_steps = (int(v) for v in args.large.lower().split("x"))
+        print(f"\n== large: {big_nodes} nodes x {big_steps} steps of {args.protocol}")
+        sharded_line(args, big_nodes, big_steps, LARGE_TARGET_S, None)
     if args.breakdown:
-        breakdown_table(spawn(args, "breakdown", nodes, steps, "batched"))
+        breakdown_table(spawn(args, "breakdown", nodes, steps))
+
+
+def sharded_line(
+    args: argparse.Namespace, nodes: int, steps: int, target: float, one: dict | None
+) -> None:
+    """A sharded run's figures (against the one-process run ``one`` if given)."""
+    r = spawn(args, "sharded", nodes, steps)
+    verdict = "ok" if r["wall"] <= target else "above target"
+    workers = ", ".join(f"{c:.1f}" for c in r["worker_cpu"])
+    memory = ", ".join(f"{m:.0f}" for m in r["worker_mb"])
+    print(
+        f"sharded over {r['shards']} Ray workers ({args.threads or 1} torch thread each): "
+        f"{r['wall']:.1f} s wall (target {target:.0f} s: {verdict}), CPU {r['cpu']:.1f} s "
+        f"(workers {workers}), {r['windows']:,} windows, start-up {r['startup_wall']:.1f} s, "
+        f"load {r['load']:.1f}; {r['messages']:,} messages, {r['syncs']:,} syncs, accuracy "
+        f"{r['accuracy']:.3f}; peak memory: workers {memory} MB, driver {r['driver_mb']:.0f} MB"
+    )
+    if one is not None:
+        same = (one["messages"], one["syncs"]) == (r["messages"], r["syncs"])
+        print(
+            f"sharded / one process: {r['wall'] / one['wall']:.2f} wall, "
+            f"{r['cpu'] / one['cpu']:.2f} CPU; same messages and syncs: {same}"
+        )
 
 
 def breakdown_table(r: dict[str, Any]) -> None:
     """Where the time of an instrumented end-to-end run goes."""
     wall, seconds, calls = r["wall"], r["seconds"], r["calls"]
-    print(f"instrumented repeat: {wall:.1f} s wall")
+    print(f"instrumented repeat (vectorised path): {wall:.1f} s wall")
     # Wrapped categories never nest, so what remains is the engine's own loop.
     rest = wall - sum(seconds.values())
     rows = sorted(seconds.items(), key=lambda kv: -kv[1]) + [("engine loop (the rest)", rest)]
@@ -295,8 +435,12 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
-    print(f"bench_scale: torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    scale_table(args)
+    print(
+        f"bench_scale: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"load average {os.getloadavg()[0]:.1f} at the start"
+    )
+    if not args.no_scale:
+        scale_table(args)
     if not args.no_e2e:
         e2e_table(args)
 

@@ -100,6 +100,7 @@ def only_x_npz(tmp_path):
         (["--model", "transformer"], ["unknown model 'transformer'"]),
         (["--dataset", "{tmp}/missing.npz"], ["file not found"]),
         (["--dataset", "{only_x}"], ["missing array 'y'", "numpy.savez"]),
+        (["--shards", "0"], ["shards must be between 1 and the number of nodes"]),
         (["--dataset", "digits:drift_every=10,drift_width=12"], ["must be shorter than"]),
         (["--lr-schedule", "cosine:min=2"], ["'min'", "between 0 and 1"]),
     ],

@@ -1,5 +1,5 @@
 """One core, two drivers: the same sequence of events fed to node 0's core through the
-simulator's path (``Simulation``: its message and timer queue, ``_deliver_due``, ``_send``,
+simulator's path (``Simulation``: its message and timer queue, ``deliver``, ``_send``,
 churn as an offline node) and through the daemon's path (``SyncChannels``: encoded frames in
 ``on_frame``, the outboxes, trio timers on a mock clock, a transport whose sends fail for an
 unreachable peer) produces the same sends (byte for byte, at the same times), the same timers
@@ -124,17 +124,17 @@ class Trace:
 
 def simulator_path(prepared: Prepared, spec: str, script: list[tuple[Any, ...]]) -> Trace:
     trace = Trace()
-    sim = Simulation(prepared, spec)
+    sim = Simulation(prepared, spec, vectorised=False)  # the test calls the runtime directly
     schema = sim.schema
     runtime = sim.runtimes[0][0]
     push = sim._push
 
-    def recording_push(at: float, kind: str, payload: Any) -> None:
+    def recording_push(at: float, origin: int, kind: str, payload: Any) -> None:
         if kind == "timer":
             trace.timers.append((at, payload[2]))
-            push(at, kind, payload)
+            push(at, origin, kind, payload)
         elif payload[2] == 0:
-            push(at, kind, payload)  # a message to node 0 (the test's)
+            push(at, origin, kind, payload)  # a message to node 0 (the test's)
         # messages node 0 sends are recorded in _send and go no further: peers stay silent
 
     send = sim._send
@@ -155,11 +155,11 @@ def simulator_path(prepared: Prepared, spec: str, script: list[tuple[Any, ...]])
             runtime.local_step(now)
         elif kind == "message":
             message = resolve(runtime.core, *event[1:])
-            push(now, "msg", (0, int(event[2]), 0, message))
-            sim._deliver_due(now)
+            push(now, int(event[2]), "msg", (0, int(event[2]), 0, message))
+            sim.deliver(now)
         elif kind == "tick":
             now += TICK
-            sim._deliver_due(now)
+            sim.deliver(now)
         elif kind == "down":
             runtime.peer_down(now, event[1])
         elif kind == "up":
@@ -203,6 +203,7 @@ def daemon_path(prepared: Prepared, spec: str, script: list[tuple[Any, ...]]) ->
         sync.port(WHOLE_MODEL),
         seed=s.seed,
         channel=WHOLE_MODEL_CHANNEL,
+        max_neighbors=len(PEERS),  # as the daemon: peers that connect become neighbours
     )
     sync.open(Channel(WHOLE_MODEL, "the whole model", runtime))
     set_timer = sync._set_timer

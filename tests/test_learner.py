@@ -232,20 +232,6 @@ def test_same_seed_same_batches_and_different_seed_different_ones():
         assert all(tuple(row.tolist()) in own for row in xa[k])
 
 
-def test_batchnorm_is_refused_by_the_batched_learner():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(FEATURES, 8), nn.BatchNorm1d(8), nn.Linear(8, CLASSES))
-    xs, ys = node_data()
-    with pytest.raises(ValueError, match="per-node learner") as info:
-        BatchedLearner(model, NodeDataBank(xs, ys, 8, 0), SGDConfig())
-    assert "BatchNorm1d" in str(info.value)
-    # the per-node learner takes it
-    per = PerNodeLearner(model, NodeDataBank(xs, ys, 8, 0), SGDConfig())
-    before = per.stacked().clone()
-    per.step(torch.arange(NODES))
-    assert not torch.equal(per.stacked(), before)
-
-
 def test_gradual_drift_labels_a_share_of_drawn_samples_by_the_next_concept():
     xs, ys = node_data()
     bank = NodeDataBank(xs, ys, batch_size=400, seed=1)

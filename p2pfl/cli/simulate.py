@@ -51,6 +51,15 @@ def sim(
     as_json: bool = typer.Option(
         False, "--json", help="Print the run's summary (as summary.json) on stdout instead."
     ),
+    shards: int = typer.Option(
+        1, "--shards", help="Split the nodes over this many Ray workers (needs p2pfl[ray])."
+    ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="Ray cluster to shard on (e.g. ray://head:10001 or auto); "
+        "default: a local cluster started for the run.",
+    ),
 ) -> None:
     """Simulate nodes on a graph and compare protocols on identical data and seed; with
     \\[\\[communities]] in the scenario, compare joining them against training alone."""
@@ -69,7 +78,7 @@ def sim(
         "allow_disconnected": allow_disconnected or None,
         "byzantine": byzantine,
     }
-    _run(scenario, overrides, out, quiet, as_json)
+    _run(scenario, overrides, out, quiet, as_json, shards, ray_address)
 
 
 def demo(
@@ -81,6 +90,15 @@ def demo(
     as_json: bool = typer.Option(
         False, "--json", help="Print the run's summary (as summary.json) on stdout instead."
     ),
+    shards: int = typer.Option(
+        1, "--shards", help="Split the nodes over this many Ray workers (needs p2pfl[ray])."
+    ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="Ray cluster to shard on (e.g. ray://head:10001 or auto); "
+        "default: a local cluster started for the run.",
+    ),
 ) -> None:
     """Run the built-in demo (p2pfl/scenarios/demo.toml): digits on 16 nodes, non-IID, four
     protocols."""
@@ -88,7 +106,13 @@ def demo(
 
 
 def _run(
-    path: Path | None, overrides: dict[str, object], out: Path, quiet: bool, as_json: bool
+    path: Path | None,
+    overrides: dict[str, object],
+    out: Path,
+    quiet: bool,
+    as_json: bool,
+    shards: int = 1,
+    ray_address: str | None = None,
 ) -> None:
     use_torch()
     from p2pfl.simulator.results import (
@@ -100,7 +124,9 @@ def _run(
 
     console = Console()
     scenario = load_scenario(path, overrides)
-    summary = run_scenario(scenario, out, progress=not quiet)
+    summary = run_scenario(
+        scenario, out, progress=not quiet, shards=shards, ray_address=ray_address
+    )
     if as_json:
         print_json(summary)
         return

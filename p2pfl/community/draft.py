@@ -40,7 +40,7 @@ def create_manifest(draft_text: str, source: str, key_pair: KeyPair, now: int) -
     """Validate the draft manifest ``draft_text`` (read from ``source``), compute the schema of
     its shared part and sign it with ``key_pair`` (the founder's node key)."""
     from p2pfl.community.sharing import SharingError, shared_part
-    from p2pfl.models import build_model
+    from p2pfl.models import build_model, local_parameters
 
     draft = parse_toml(draft_text, source, "draft manifest")
     _check_keys(draft, "", source)
@@ -70,7 +70,8 @@ def create_manifest(draft_text: str, source: str, key_pair: KeyPair, now: int) -
             f"classes={classes}: {exc}"
         ) from None
     try:
-        part = shared_part(ParamSchema.from_module(module), shared)
+        local = local_parameters(module, parse_protocol(protocol).local)
+        part = shared_part(ParamSchema.from_module(module), shared, local)
     except SharingError as exc:
         raise CommunityError(f"{source}: model.shared: {exc}; fix the glob") from None
     return sign_manifest(

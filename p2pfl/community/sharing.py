@@ -59,10 +59,12 @@ class SharedPart:
         return out
 
 
-def shared_part(schema: ParamSchema, globs: Sequence[str]) -> SharedPart:
-    """The part of ``schema`` whose parameter names match any of ``globs``.
+def shared_part(schema: ParamSchema, globs: Sequence[str], local: Iterable[str] = ()) -> SharedPart:
+    """The part of ``schema`` whose parameter names match any of ``globs``, except the
+    parameters named in ``local`` (kept on the node, e.g. a protocol's ``local=bn``).
 
     Every glob must match at least one parameter (a typo would otherwise share nothing)."""
+    kept = set(local)
     if not globs:
         raise SharingError("no parameters to share: give at least one name glob, e.g. 'fc1.*'")
     for glob in globs:
@@ -73,10 +75,12 @@ def shared_part(schema: ParamSchema, globs: Sequence[str]) -> SharedPart:
             )
     specs, positions, offset = [], [], 0
     for spec in schema.params:
-        if any(fnmatch.fnmatchcase(spec.name, glob) for glob in globs):
+        if spec.name not in kept and any(fnmatch.fnmatchcase(spec.name, g) for g in globs):
             specs.append(spec)
             positions.append(torch.arange(offset, offset + spec.numel))
         offset += spec.numel
+    if not specs:
+        raise SharingError(f"nothing left to share: {list(globs)} match only local parameters")
     return SharedPart(ParamSchema(tuple(specs)), torch.cat(positions))
 
 

@@ -7,10 +7,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from p2pfl.community import CommunityError
+from p2pfl.community.manifest import Manifest
 from p2pfl.community.sharing import SharedPart, SharingError, shared_part
 from p2pfl.community.store import Membership
 from p2pfl.daemon.config import ConfigError, NodeConfig
 from p2pfl.learning.params import ParamSchema
+from p2pfl.models import build_model, local_parameters
+from p2pfl.protocol.config import parse_protocol
+
+
+def _local_parameters(manifest: Manifest) -> list[str]:
+    """What the community's ``local=`` keeps on every member (e.g. BatchNorm's affine
+    parameters), named on the manifest's own model."""
+    local = parse_protocol(manifest.protocol).local
+    if not local:
+        return []
+    model = build_model(manifest.model, manifest.input_shape, manifest.classes, seed=0)
+    return local_parameters(model, local)
 
 
 def check_model(schema: ParamSchema, membership: Membership, model_spec: str) -> SharedPart:
@@ -24,7 +37,7 @@ def check_model(schema: ParamSchema, membership: Membership, model_spec: str) ->
         f"`p2pfl community leave {manifest.id[:12]}`"
     )
     try:
-        part = shared_part(schema, manifest.shared)
+        part = shared_part(schema, manifest.shared, _local_parameters(manifest))
     except SharingError as exc:
         raise CommunityError(
             f"{label} shares {list(manifest.shared)}, but this node's model "

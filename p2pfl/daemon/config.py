@@ -167,7 +167,12 @@ def _bool(value: Any) -> bool:
 
 def _protocol(value: Any) -> str:
     text = _str(value)
-    parse_protocol(text)
+    if parse_protocol(text).local:
+        raise ValueError(
+            "local= is not supported for a node's whole-model protocol yet; to keep BatchNorm "
+            "layers on the node, share the rest through a community (its shared globs, or "
+            "local=bn in its policy), or use the simulator"
+        )
     return text
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from p2pfl.learning.learner import Learner, SGDConfig, StepResult, score_logits
+from p2pfl.learning.learner import Learner, SGDConfig, StepResult, evaluating, score_logits
 from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
 
@@ -38,17 +38,15 @@ class BatchedLearner(Learner):
     """
 
     def __init__(self, model: nn.Module, data: NodeDataBank, sgd: SGDConfig) -> None:
-        unsupported = [type(m).__name__ for m in model.modules() if _has_state(m)]
-        if unsupported:
-            raise ValueError(
-                f"the batched learner cannot train models with running state ({unsupported}); "
-                'use the per-node learner (learner = "per-node" in the scenario)'
-            )
         self.schema = ParamSchema.from_module(model)
         self.data = data
         self.sgd = sgd
         self.template = copy.deepcopy(model).to("meta")
         self.params = self.schema.flatten(model).repeat(data.num_nodes, 1)
+        self.buffers = {
+            name: b.detach().unsqueeze(0).repeat(data.num_nodes, *[1] * b.dim())
+            for name, b in model.named_buffers()
+        }
         self.momentum = torch.zeros_like(self.params) if sgd.momentum else None
         self.corrections: torch.Tensor | None = None
         self.steps_taken = torch.zeros(data.num_nodes, dtype=torch.long)
@@ -64,11 +62,20 @@ class BatchedLearner(Learner):
         """Whether this model trains on the hand-written ``Linear``/``ReLU`` fast path."""
         return self._dense is not None
 
-    def _forward_one(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _forward_one(
+        self, flat: torch.Tensor, buffers: dict[str, torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
         tensors = dict(zip(self.schema.names, self.schema.split(flat), strict=True))
-        return functional_call(self.template, tensors, (x,))
+        return functional_call(self.template, tensors | buffers, (x,))
 
-    def step(self, nodes: torch.Tensor) -> StepResult:
+    def _predict(
+        self, params: torch.Tensor, buffers: dict[str, torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
+        """Generic-path predictions in eval mode (running statistics, no update)."""
+        with evaluating([self.template]):
+            return self._forward(params, buffers, x)
+
+    def step(self, nodes: torch.Tensor, window: tuple[int, int] | None = None) -> StepResult:
         nodes = nodes.long()
         k, scratch = len(nodes), self._scratch
         if k == 0:
@@ -81,9 +88,10 @@ class BatchedLearner(Learner):
                     scratch.get("x", (k, self.data.batch_size, self.data.x.shape[-1])),
                     scratch.get("y", (k, self.data.batch_size), torch.long),
                 ),
+                window=window,
             )
         else:
-            xb, yb = self.data.draw(nodes)
+            xb, yb = self.data.draw(nodes, window=window)
         every = k == self.num_nodes and torch.equal(nodes, self._everyone)
         # Active rows: the stored tensors themselves, or gathered copies written back below.
         w, m, c = self.params, self.momentum, self.corrections
@@ -115,7 +123,13 @@ class BatchedLearner(Learner):
                 else StepResult(*(torch.cat(column) for column in zip(*parts, strict=True)))
             )
         else:
-            result = self._generic_step(w, m, c, xb, yb, lrs)
+            buffers = self.buffers
+            if not every:
+                buffers = {name: b.index_select(0, nodes) for name, b in buffers.items()}
+            result = self._generic_step(w, m, c, buffers, xb, yb, lrs)
+            if not every:
+                for name, b in buffers.items():
+                    self.buffers[name].index_copy_(0, nodes, b)
         if not every:
             self.params.index_copy_(0, nodes, w)
             if self.momentum is not None and m is not None:
@@ -204,13 +218,14 @@ class BatchedLearner(Learner):
         w: torch.Tensor,
         m: torch.Tensor | None,
         c: torch.Tensor | None,
+        buffers: dict[str, torch.Tensor],
         xb: torch.Tensor,
         yb: torch.Tensor,
         lr: float | torch.Tensor,
     ) -> StepResult:
         """``vmap`` forward over ``functional_call`` and one ``autograd.grad`` (any model)."""
         leaf = w.detach().requires_grad_(True)
-        out = self._forward(leaf, xb)  # [k, batch, classes]
+        out = self._forward(leaf, buffers, xb)  # [k, batch, classes]
         losses = nn.functional.cross_entropy(out.transpose(1, 2), yb, reduction="none").mean(1)
         (grad,) = torch.autograd.grad(losses.sum(), leaf)
         accuracy = (out.detach().argmax(2) == yb).float().mean(1)  # prequential
@@ -244,13 +259,13 @@ class BatchedLearner(Learner):
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self._dense is None:
-            return self._forward(self.params, x.expand(self.num_nodes, *x.shape))
+            return self._predict(self.params, self.buffers, x.expand(self.num_nodes, *x.shape))
         return torch.cat([z.transpose(1, 2) for z in self._dense_logits(x)])
 
     @torch.no_grad()
     def logits_each(self, x: torch.Tensor) -> torch.Tensor:
         if self._dense is None:
-            return self._forward(self.params, x)
+            return self._predict(self.params, self.buffers, x)
         size = max(1, (1 << 22) // max(1, x.shape[1] * max(la.out_features for la in self._dense)))
         blocks = []
         for start in range(0, self.num_nodes, size):
@@ -270,7 +285,11 @@ class BatchedLearner(Learner):
     @torch.no_grad()
     def _logits_of(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self._dense is None:
-            return self._forward(vector[None], x[None])[0].T
+            mean = {  # the nodes' mean running statistics
+                name: (b.mean(0) if b.is_floating_point() else b[0]).unsqueeze(0)
+                for name, b in self.buffers.items()
+            }
+            return self._predict(vector[None], mean, x[None])[0].T
         h = x.T[None]
         for layer in self._dense:
             h = layer.forward(vector[None], h)
@@ -362,7 +381,3 @@ def _dense_plan(model: nn.Module, schema: ParamSchema) -> list[_DenseLayer] | No
         else:
             return None
     return layers or None
-
-
-def _has_state(module: nn.Module) -> bool:
-    return any(True for _ in module.buffers(recurse=False))

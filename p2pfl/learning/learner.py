@@ -17,8 +17,10 @@ forward pass give its accuracy at no extra cost.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -62,9 +64,9 @@ class Learner(ABC):
         return self.data.num_nodes
 
     @abstractmethod
-    def step(self, nodes: torch.Tensor) -> StepResult:
+    def step(self, nodes: torch.Tensor, window: tuple[int, int] | None = None) -> StepResult:
         """One SGD step on a fresh mini-batch for each listed node; returns each node's loss
-        and accuracy on that batch before the update."""
+        and accuracy on that batch before the update (``window``: ``NodeDataBank.draw``)."""
 
     def lr(self, node: int) -> float:
         """The learning rate of the node's latest step (of its first, before it took any)."""
@@ -120,7 +122,15 @@ class Learner(ABC):
     def evaluate_average(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """Accuracy and mean cross-entropy on ``(x, y)`` of the network's average model (the
         mean of all nodes' parameters, what a federated server would hold)."""
-        acc, loss = score_logits(self._logits_of(self.stacked().mean(0), x).unsqueeze(0), y)
+        return self.evaluate_vector(self.stacked().mean(0), x, y)
+
+    @torch.no_grad()
+    def evaluate_vector(
+        self, vector: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[float, float]:
+        """Accuracy and mean cross-entropy on ``(x, y)`` of the model with flat parameters
+        ``vector`` (e.g. an average over shards of nodes)."""
+        acc, loss = score_logits(self._logits_of(vector, x).unsqueeze(0), y)
         return float(acc), float(loss)
 
     @abstractmethod
@@ -146,8 +156,8 @@ class PerNodeLearner(Learner):
         self.steps_taken = torch.zeros(data.num_nodes, dtype=torch.long)
         self._probe = copy.deepcopy(model)
 
-    def step(self, nodes: torch.Tensor) -> StepResult:
-        xb, yb = self.data.draw(nodes)
+    def step(self, nodes: torch.Tensor, window: tuple[int, int] | None = None) -> StepResult:
+        xb, yb = self.data.draw(nodes, window=window)
         lrs = self._next_lrs(nodes)
         losses, accuracy = torch.empty(len(nodes)), torch.empty(len(nodes))
         for k, node in enumerate(nodes.tolist()):
@@ -187,16 +197,22 @@ class PerNodeLearner(Learner):
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in self.models])
+        with evaluating(self.models):
+            return torch.stack([m(x) for m in self.models])
 
     @torch.no_grad()
     def logits_each(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(xi) for m, xi in zip(self.models, x, strict=True)])
+        with evaluating(self.models):
+            return torch.stack([m(xi) for m, xi in zip(self.models, x, strict=True)])
 
     @torch.no_grad()
     def _logits_of(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         self.schema.load(self._probe, vector)
-        return self._probe(x).T
+        for name, buf in self._probe.named_buffers():  # the nodes' mean statistics
+            stacked = torch.stack([m.get_buffer(name) for m in self.models])
+            buf.copy_(stacked.float().mean(0) if buf.is_floating_point() else stacked[0])
+        with evaluating([self._probe]):
+            return self._probe(x).T
 
 
 def score_logits(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,3 +221,17 @@ def score_logits(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, t
     acc = (logits.argmax(1) == y).float().mean(1)
     target = y.expand(logits.shape[0], -1)
     return acc, nn.functional.cross_entropy(logits, target, reduction="none").mean(1)
+
+
+@contextlib.contextmanager
+def evaluating(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Modules in eval mode (BatchNorm uses its running statistics) for the block."""
+    modules = list(modules)
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)

@@ -14,7 +14,9 @@ class NodeDataBank:
     Batches are drawn with replacement (uniform over the node's own samples), one row of
     indices per node, from one seeded generator. During a gradual concept drift each drawn
     sample carries its label under the next concept with probability ``share`` (see
-    :meth:`set_labels`).
+    :meth:`set_labels`). A bank may hold a range of a larger simulation's nodes (a shard): it
+    then draws the numbers of every node stepping in the whole simulation and uses its own
+    (``window``), so its batches equal the whole simulation's.
     """
 
     def __init__(
@@ -63,12 +65,26 @@ class NodeDataBank:
     def num_nodes(self) -> int:
         return len(self.counts)
 
+    def skip(self, total: int) -> None:
+        """Use up the numbers of ``total`` nodes of the whole simulation stepping while none
+        of this bank's nodes do (``draw``'s window), so later draws stay in step."""
+        torch.rand(total, self.batch_size, generator=self.generator)
+        if self.y_next is not None:
+            torch.rand(total, self.batch_size, generator=self.generator)
+
     def draw(
-        self, nodes: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        nodes: torch.Tensor,
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+        window: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch for each listed node: ``x [k, batch, features]``, ``y [k, batch]``
-        (written into ``out`` if given, e.g. to reuse memory from step to step)."""
-        u = torch.rand(len(nodes), self.batch_size, generator=self.generator)
+        (written into ``out`` if given, e.g. to reuse memory from step to step). With
+        ``window = (before, total)`` the listed nodes are rows ``before..before + k`` of
+        ``total`` nodes stepping in the whole simulation."""
+        before, total = (0, len(nodes)) if window is None else window
+        rows = slice(before, before + len(nodes))
+        u = torch.rand(total, self.batch_size, generator=self.generator)[rows]
         idx = (u * self.counts[nodes, None]).long()
         # Row of sample idx[k, j] of node nodes[k] in the flattened [nodes * max_n] bank.
         flat = idx.add_(nodes[:, None] * self.x.shape[1]).view(-1)
@@ -79,6 +95,7 @@ class NodeDataBank:
         x = torch.index_select(self.x.view(-1, features), 0, flat, out=x_out)
         y = torch.index_select(self.y.view(-1), 0, flat, out=y_out)
         if self.y_next is not None:
-            take = torch.rand(len(flat), generator=self.generator) < self.share
+            mix = torch.rand(total, self.batch_size, generator=self.generator)[rows]
+            take = mix.reshape(-1) < self.share
             y[take] = self.y_next.view(-1)[flat[take]]
         return x.view(len(nodes), self.batch_size, features), y.view(len(nodes), self.batch_size)

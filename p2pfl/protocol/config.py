@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from p2pfl.learning.compression import CODECS, CodecConfig
 from p2pfl.learning.rules import MERGE_KEYS, MergeRule, parse_merge
 from p2pfl.spec import (
     Spec,
@@ -27,6 +28,8 @@ from p2pfl.spec import (
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 CONDITIONS = ("distance", "coherent", "smoothed")
+CODEC_KEYS = {"codec", "block", "topk"}
+LOCAL_KINDS = ("bn",)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class ProtocolConfig:
     condition: str = "distance"
     merge: MergeRule = MergeRule()
     timeout: float = 0.5
+    codec: CodecConfig | None = None
+    local: str = ""
     text: str = ""
 
     @property
@@ -76,10 +81,12 @@ def parse_protocol(text: str) -> ProtocolConfig:
     if spec.kind == "none":
         spec.check_keys(set())
         return ProtocolConfig(kind="none", text=spec.text)
-    common = {"timeout"} | MERGE_KEYS | MECHANISM_KEYS
+    common = {"timeout", "local"} | MERGE_KEYS | CODEC_KEYS | MECHANISM_KEYS
     base = {
         "merge": parse_merge(spec),
         "timeout": spec.take("timeout", positive_float, 0.5),
+        "codec": _codec(spec),
+        "local": spec.take("local", _local, ""),
         "correction": spec.take("correction", _damping, CORRECTION_DEFAULT),
         "outer": _outer(spec, DYNAMIC_DEFAULTS["outer"] if spec.kind == "dynamic" else None),
         "text": spec.text,
@@ -137,4 +144,42 @@ def _momentum(raw: str) -> float:
     value = float(raw)
     if not 0.0 <= value < 1.0:
         raise ValueError("momentum must be in [0, 1)")
+    return value
+
+
+def _codec(spec: Spec) -> CodecConfig | None:
+    """``codec=fp16|int8|topk`` with ``block=N`` (int8: entries per scale, 0 for one scale)
+    or ``topk=R`` (the kept fraction), or None (float32 on the wire)."""
+    name = spec.take("codec", str, None)
+    if name is None:
+        for key in ("block", "topk"):
+            if key in spec.args:
+                raise SpecError(
+                    f"{spec.text!r}: {key!r} sets up a codec; add codec=int8 or codec=topk"
+                )
+        return None
+    if name not in CODECS:
+        raise SpecError(f"{spec.text!r}: codec must be one of {', '.join(CODECS)}, got {name!r}")
+    wrong = {"fp16": ("block", "topk"), "int8": ("topk",), "topk": ("block",)}[name]
+    for key in wrong:
+        if key in spec.args:
+            raise SpecError(f"{spec.text!r}: {key!r} does not apply to codec={name}")
+    block = spec.take("block", non_negative_int, CodecConfig.block)
+    fraction = spec.take("topk", _fraction, CodecConfig.fraction)
+    return CodecConfig(name, block=block, fraction=fraction)
+
+
+def _local(raw: str) -> str:
+    if raw not in LOCAL_KINDS:
+        raise ValueError(
+            f"choose one of {', '.join(LOCAL_KINDS)} (bn: BatchNorm's affine parameters stay "
+            "on the node, FedBN; running statistics never leave it anyway)"
+        )
+    return raw
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 < value <= 1.0:
+        raise ValueError("the kept fraction must be in (0, 1]")
     return value

@@ -1,26 +1,36 @@
 """The node core shared by every protocol: identity, neighbours, step counter, counters, the
 event entry points a driver calls, and the mechanisms every merge goes through (``_adopt``:
 drift correction, outer optimizer, keeping local progress). Policies subclass it (see
-``make_core``) and decide only when to talk and with whom."""
+``make_core``) and decide only when to talk and with whom.
+
+Every entry point, in every policy, passes through the node's codec links
+(``p2pfl.protocol.links``): compressed parameters a peer sent are decoded before the policy
+sees them (a payload that does not fit is refused with a reason; a refused reply or average
+reaches the policy as ``Busy``, the peer's share is simply missing), and with a ``codec``
+the parameters of every ``Send`` the policy returns are compressed for its peer. Policies
+only ever handle dense vectors."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar, Protocol
 
 import torch
 
+from p2pfl.learning.compression import Compressed
 from p2pfl.learning.merge import clip_around, merge
-from p2pfl.protocol.actions import Action, ReplaceModel, SetCorrection
+from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection
 from p2pfl.protocol.config import ProtocolConfig
 from p2pfl.protocol.correction import DriftCorrection
+from p2pfl.protocol.links import CodecLinks, LinkError
 from p2pfl.protocol.outer import OuterOptimizer
-from p2pfl.wire.messages import Message
+from p2pfl.wire.messages import Average, Busy, Message, ModelReply
 
 log = logging.getLogger("p2pfl.protocol")
 
@@ -58,6 +68,7 @@ class CoreStats:
     gave_way: int = 0
     timeouts: int = 0
     ignored: int = 0
+    refused_codec: int = 0
     clipped: int = 0
     refused_peer: int = 0
 
@@ -65,8 +76,65 @@ class CoreStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+RowReader = Callable[[torch.Tensor], torch.Tensor]
+"""``read(rows)``: the current parameters ``[k, params]`` of the stacked cores at ``rows``."""
+
+
+_ENTRY_POINTS = (
+    "on_local_step",
+    "on_message",
+    "on_timer",
+    "on_peer_down",
+    "on_peer_up",
+    "on_heard",
+    "on_send_failed",
+)
+
+
+def _through_links(method: Any) -> Any:
+    """Wrap an entry point: decode compressed parameters before it, reset a peer's link when
+    it goes down or comes back, compress the parameters it sends (idempotent, so an
+    override calling ``super()`` is fine)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def entry(self: NodeCore, now: float, *args: Any) -> list[Action]:
+        if name == "on_message":
+            message = self._decoded(args[0], args[1])
+            if message is None:
+                return []
+            args = (args[0], message)
+        elif name in ("on_peer_down", "on_peer_up"):
+            self.links.reset(args[0])
+        actions = method(self, now, *args)
+        if self.config.codec is None or not actions:
+            return actions
+        return [self._compressed(a) if isinstance(a, Send) else a for a in actions]
+
+    return entry
+
+
 class NodeCore:
-    """Base core: ``none`` protocol (trains alone, ignores every message)."""
+    """Base core: ``none`` protocol (trains alone, ignores every message).
+
+    A simulator with many cores of one class can take their local steps vectorised: it keeps
+    ``step_counters`` and ``step_fields`` of all of them stacked, asks ``which_act`` which
+    cores would do more on their next local step than count it, adds one to the counters of
+    the others and calls ``on_local_step`` only on those that act (see
+    ``p2pfl.simulator.batched_protocol``)."""
+
+    step_counters: ClassVar[tuple[str, ...]] = ("step",)
+    """Integer attributes ``on_local_step`` adds one to on every step, whether or not the
+    node then acts."""
+    step_fields: ClassVar[tuple[str, ...]] = ()
+    """Further attributes ``which_act`` reads (numbers, flags, or tensors stored as plain
+    attributes that the core replaces but never modifies in place)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _ENTRY_POINTS:
+            if name in vars(cls):
+                setattr(cls, name, _through_links(vars(cls)[name]))
 
     def __init__(
         self,
@@ -90,6 +158,7 @@ class NodeCore:
         self.max_neighbors = max_neighbors
         self.step = 0
         self.stats = CoreStats()
+        self.links = CodecLinks(config.codec)
         self.anchor = model.read().clone()
         """The model right after the last merge: our displacement since then sizes the clip
         bound."""
@@ -121,6 +190,20 @@ class NodeCore:
             self._first_step_at = now
         self._last_step_at = now
         return self._after_step(now)
+
+    @classmethod
+    def which_act(
+        cls,
+        config: ProtocolConfig,
+        state: Mapping[str, torch.Tensor],
+        rows: torch.Tensor,
+        read: RowReader,
+    ) -> torch.Tensor:
+        """The vectorised form of this class's ``on_local_step``: of the cores at ``rows`` of
+        the stacked ``state`` (every counter and field, one row per core, as before the
+        step), which would do more on this local step than add one to their counters. A
+        ``[len(rows)]`` bool mask, equal to calling each core (tests check it)."""
+        return torch.zeros(len(rows), dtype=torch.bool)
 
     def on_message(self, now: float, sender: str, message: Message) -> list[Action]:
         """A validated message arrived from ``sender``."""
@@ -184,6 +267,35 @@ class NodeCore:
 
     def _after_step(self, now: float) -> list[Action]:
         return []
+
+    def _decoded(self, sender: str, message: Message) -> Message | None:
+        """``message`` with its compressed parameters decoded on ``sender``'s link; a payload
+        that does not fit is refused (logged, counted): a reply or an average becomes
+        ``Busy`` (the peer's share is missing), anything else None."""
+        params = getattr(message, "params", None)
+        if not isinstance(params, Compressed):
+            return message
+        try:
+            return replace(message, params=self.links.decode(sender, params))  # type: ignore[type-var]
+        except LinkError as exc:
+            self.stats.refused_codec += 1
+            log.warning(
+                "%s: refused %s from %s: %s", self.node_id, type(message).__name__, sender, exc
+            )
+            if isinstance(message, ModelReply | Average):
+                return Busy(message.session)
+            return None
+
+    def _compressed(self, send: Send) -> Send:
+        """``send`` with its parameters compressed for its peer (averages as echoes)."""
+        params = getattr(send.message, "params", None)
+        if params is None or isinstance(params, Compressed):
+            return send
+        coded = self.links.encode(send.to, params, echo=isinstance(send.message, Average))
+        return Send(send.to, replace(send.message, params=coded))  # type: ignore[type-var]
+
+    def _merge(self, vectors: list[torch.Tensor], samples: list[int]) -> torch.Tensor:
+        return merge(vectors, samples, self.config.merge)
 
     # -- what a peer may do to this node -------------------------------------------------
     def clip_bound(self, own: torch.Tensor, peers: bool = True) -> float:
@@ -273,6 +385,10 @@ class NodeCore:
         actions += self.drift_correction.update(sent, merged, steps, self.step_size)
         self.stats.syncs += 1
         return actions
+
+
+for _name in _ENTRY_POINTS:
+    setattr(NodeCore, _name, _through_links(getattr(NodeCore, _name)))
 
 
 def make_core(

@@ -39,14 +39,21 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetTimer
-from p2pfl.protocol.core import DISTANCE_HISTORY, PEER_SPEED_ALLOWANCE, NodeCore, log
+from p2pfl.protocol.config import ProtocolConfig
+from p2pfl.protocol.core import (
+    DISTANCE_HISTORY,
+    PEER_SPEED_ALLOWANCE,
+    NodeCore,
+    RowReader,
+    log,
+)
 from p2pfl.wire.messages import Average, Busy, Message, ModelReply, Pull
 
 
@@ -79,8 +86,28 @@ MAX_WIDENING_ROUNDS = 6
 SMOOTHING_STEPS = 16  # time constant of the smoothed condition's moving average, in steps
 
 
+DISTANCE_BLOCK = 64
+
+
+def squared_distances(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``||w_i - r_i||²`` for every row of ``w`` and ``r`` (``[k, p]``), a block of rows at a
+    time (the difference of a block stays in cache). One row gives bit for bit what that
+    row gives among many: the per-node and the vectorised drift test agree exactly."""
+    k = len(w)
+    out = torch.empty(k)
+    scratch = torch.empty(min(k, DISTANCE_BLOCK), w.shape[-1])
+    for start in range(0, k, DISTANCE_BLOCK):
+        stop = min(start + DISTANCE_BLOCK, k)
+        d = torch.sub(w[start:stop], r[start:stop], out=scratch[: stop - start])
+        torch.sum(d.square_(), 1, out=out[start:stop])
+    return out
+
+
 class DynamicCore(NodeCore):
     """Dynamic averaging; see the module docstring."""
+
+    step_counters = ("step", "steps_since_sync")
+    step_fields = ("busy", "quiet_until", "delta", "reference")
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -144,8 +171,28 @@ class DynamicCore(NodeCore):
 
     def drift(self) -> float:
         """``||w - r||²``: how far the model has moved since the last agreement."""
-        difference = self.model.read() - self.reference
-        return float(difference.dot(difference))
+        return float(squared_distances(self.model.read()[None], self.reference[None])[0])
+
+    @classmethod
+    def which_act(
+        cls,
+        config: ProtocolConfig,
+        state: Mapping[str, torch.Tensor],
+        rows: torch.Tensor,
+        read: RowReader,
+    ) -> torch.Tensor:
+        """Every ``b``-th step, a node in no session and not backing off tests its drift
+        against Δ; those above it act (``_after_step``). The coherent and smoothed conditions
+        update per-node state at every check: every due node acts."""
+        step = state["step"][rows] + 1
+        act = (step % config.b == 0) & ~state["busy"][rows] & (step >= state["quiet_until"][rows])
+        due = rows[act]
+        if len(due) and config.condition == "distance":
+            everyone = len(due) == len(state["reference"])
+            reference = state["reference"] if everyone else state["reference"][due]
+            drift = squared_distances(read(due), reference).double()
+            act[act.clone()] = ~(drift <= state["delta"][due])  # as _after_step, NaN too
+        return act
 
     def _condition(self) -> float:
         """What is compared with Δ at a check: ``||w − r||²``, or with the coherent condition

@@ -4,12 +4,13 @@ is ``periodic`` with b=1) and pairwise gossip averaging. Both merge through
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 
 import torch
 
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetTimer
-from p2pfl.protocol.core import NodeCore, log
+from p2pfl.protocol.config import ProtocolConfig
+from p2pfl.protocol.core import NodeCore, RowReader, log
 from p2pfl.wire.messages import Message, ModelReply, Push
 
 
@@ -24,6 +25,17 @@ class PeriodicCore(NodeCore):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.inbox: dict[int, dict[str, tuple[torch.Tensor, int]]] = {}
+
+    @classmethod
+    def which_act(
+        cls,
+        config: ProtocolConfig,
+        state: Mapping[str, torch.Tensor],
+        rows: torch.Tensor,
+        read: RowReader,
+    ) -> torch.Tensor:
+        """Every ``b``-th step starts a round."""
+        return (state["step"][rows] + 1) % config.b == 0
 
     def _after_step(self, now: float) -> list[Action]:
         if self.step % self.config.b:
@@ -91,6 +103,23 @@ class GossipCore(NodeCore):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.exchanges: dict[int, tuple[str, torch.Tensor]] = {}
         self.next_exchange = 1
+
+    step_fields = ("has_live_neighbors",)
+
+    @property
+    def has_live_neighbors(self) -> bool:
+        return bool(self.neighbors - self.down)
+
+    @classmethod
+    def which_act(
+        cls,
+        config: ProtocolConfig,
+        state: Mapping[str, torch.Tensor],
+        rows: torch.Tensor,
+        read: RowReader,
+    ) -> torch.Tensor:
+        """Every ``b``-th step, if some neighbour is live."""
+        return ((state["step"][rows] + 1) % config.b == 0) & state["has_live_neighbors"][rows]
 
     def _after_step(self, now: float) -> list[Action]:
         peers = self.live_neighbors

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import networkx as nx
+from torch import nn
 
 from p2pfl.community.sharing import SharedPart, SharingError, check_disjoint, shared_part
 from p2pfl.learning.params import ParamSchema
+from p2pfl.models import local_parameters
 from p2pfl.protocol.config import ProtocolConfig, parse_protocol
 from p2pfl.runtime import WHOLE_MODEL_CHANNEL
 from p2pfl.simulator.admission import ChannelAdmission, channel_admission
@@ -41,9 +43,12 @@ class Channel:
         return sorted(self.graph.nodes)
 
 
-def whole_model_channel(graph: nx.Graph, schema: ParamSchema, protocol: str) -> Channel:
-    """Every node of ``graph`` syncs its whole model: the plain simulation."""
-    return Channel(WHOLE_MODEL_CHANNEL, graph, shared_part(schema, ["*"]), parse_protocol(protocol))
+def whole_model_channel(graph: nx.Graph, model: nn.Module, protocol: str) -> Channel:
+    """Every node of ``graph`` syncs its whole model (but what ``local=`` keeps): the plain
+    simulation."""
+    config = parse_protocol(protocol)
+    part = shared_part(ParamSchema.from_module(model), ["*"], local_parameters(model, config.local))
+    return Channel(WHOLE_MODEL_CHANNEL, graph, part, config)
 
 
 class ModelInfo(NamedTuple):
@@ -61,16 +66,20 @@ def community_channels(
     seed: int,
     allow_disconnected: bool = False,
     model: ModelInfo | None = None,
+    module: nn.Module | None = None,
 ) -> list[Channel]:
     """One channel per community; a node in several communities must share disjoint parts.
-    Communities with ``admission`` get a manifest signed for ``model``.
+    Communities with ``admission`` get a manifest signed for ``model``; ``module`` (the
+    model itself) names what a community's ``local=`` keeps on the node.
 
     Raises ``ScenarioError`` naming the community and key to fix."""
     channels = []
     for i, community in enumerate(communities):
         where = f"communities[{i}] ({community.name!r})"
+        protocol = parse_protocol(community.protocol)
+        local = local_parameters(module, protocol.local) if module is not None else []
         try:
-            part = shared_part(schema, community.shared)
+            part = shared_part(schema, community.shared, local)
         except SharingError as exc:
             raise ScenarioError(f"{where}, key 'shared': {exc}") from None
         try:
@@ -88,7 +97,6 @@ def community_channels(
             if model is None:
                 raise ValueError("a community with admission needs the model's ModelInfo")
             admission = channel_admission(community, part, *model, seed)
-        protocol = parse_protocol(community.protocol)
         channels.append(Channel(community.name, graph, part, protocol, admission))
     for node in range(nodes):
         mine = [(repr(c.name), c.part) for c in channels if node in c.graph]

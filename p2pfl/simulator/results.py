@@ -23,14 +23,21 @@ from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.joining import compare_joining
 from p2pfl.simulator.report import draw_joining, draw_report
 from p2pfl.simulator.scenario import Scenario
+from p2pfl.simulator.sharding import ShardedRun
 
 
 def run_scenario(
-    scenario: Scenario, out: Path | None, console: Console | None = None, progress: bool = True
+    scenario: Scenario,
+    out: Path | None,
+    console: Console | None = None,
+    progress: bool = True,
+    shards: int = 1,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run every protocol of ``scenario`` (or, with communities, "alone" and "communities") on
     identical data, graph, initial model and seed; write the results into ``out`` (if given)
-    and return the summary."""
+    and return the summary. With ``shards`` > 1 each run is split over that many Ray workers
+    (``sharding.py``; the same summary)."""
     console = console or Console(stderr=True)
     prepared = prepare(scenario)
     plan: list[tuple[str, list[Channel] | None]] = [(p, None) for p in scenario.protocols]
@@ -47,8 +54,15 @@ def run_scenario(
     ) as bar:
         for name, channels in plan:
             task = bar.add_task(name, total=scenario.steps)
-            sim = Simulation(prepared, name, channels)
-            runs.append(sim.run(lambda t, task=task: bar.update(task, completed=t)))
+            on_tick = lambda t, task=task: bar.update(task, completed=t)  # noqa: E731
+            if shards == 1:
+                runs.append(Simulation(prepared, name, channels).run(on_tick))
+                continue
+            sharded = ShardedRun(prepared, name, shards, address=ray_address)
+            try:
+                runs.append(sharded.run(on_tick))
+            finally:
+                sharded.close()
     summary = {
         "scenario": scenario.to_dict(),
         "graph": {

@@ -2,9 +2,12 @@
 
 A frame is one msgpack map ``{"v": 1, "type": "model", <message fields>}``. Parameters travel
 as a header (names, shapes, dtypes, 16-byte schema digest) plus one contiguous little-endian
-raw buffer per dtype (msgpack bin). ``decode`` checks size, structure, field types and ranges,
-that the header equals the local schema, buffer lengths and finiteness, and raises
-``WireError`` for every problem: a peer can never crash a node with bytes.
+raw buffer per dtype (msgpack bin). Compressed parameters (``p2pfl.learning.compression``)
+travel as ``{"digest", "codec", <link header>, <the codec's arrays>}`` instead: the codec is
+named in the frame, and a codec this node does not know is refused. ``decode`` checks size,
+structure, field types and ranges, that the header equals the local schema, buffer lengths
+(before allocating anything), scales, indices and finiteness, and raises ``WireError`` for
+every problem: a peer can never crash a node with bytes.
 """
 
 from __future__ import annotations
@@ -15,9 +18,17 @@ import math
 import sys
 
 import msgpack
+import numpy
 import torch
 
 from p2pfl.errors import P2pflError
+from p2pfl.learning.compression import (
+    CODECS,
+    MAX_SCALE,
+    Compressed,
+    index_itemsize,
+    scale_count,
+)
 from p2pfl.learning.params import ParamSchema
 from p2pfl.wire.messages import Average, Busy, Message, ModelReply, Pull, Push
 
@@ -50,6 +61,14 @@ _TAGS: dict[type, str] = {
 _TYPES = {tag: cls for cls, tag in _TAGS.items()}
 _FIELD_NAMES = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TAGS}
 _HEADER_KEYS = frozenset({"digest", "names", "shapes", "dtypes", "buffers"})
+_LINK_INTS = ("seq", "base", "ack")
+_MAX_BLOCK = 2**32
+_LINK_BOOLS = ("echo", "resync")
+_CODEC_KEYS = {
+    "fp16": frozenset({"values"}),
+    "int8": frozenset({"values", "block", "scales"}),
+    "topk": frozenset({"values", "indices"}),
+}
 
 
 class WireError(P2pflError, ValueError):
@@ -93,6 +112,9 @@ def _layout(schema: ParamSchema) -> _Layout:
     }
     header = sum(len(s.name.encode()) + len(s.dtype) + 9 * len(s.shape) + 16 for s in schema.params)
     neighbors = MAX_NEIGHBORS * (4 * MAX_PEER_ID_CHARS + 5)
+    # Compressed: at most 4 bytes of scale or index plus 2 of value per entry (int8 with
+    # block=1, or topk keeping everything with uint32 indices).
+    params = max(sum(buffer_bytes.values()), 6 * schema.numel)
     return _Layout(
         digest=schema.digest(),
         names=schema.names,
@@ -100,11 +122,11 @@ def _layout(schema: ParamSchema) -> _Layout:
         dtypes=[spec.dtype for spec in schema.params],
         spans=spans,
         buffer_bytes=buffer_bytes,
-        max_frame_bytes=sum(buffer_bytes.values()) + header + neighbors + _ENVELOPE_SLACK,
+        max_frame_bytes=params + header + neighbors + _ENVELOPE_SLACK,
         # Twice the longest legitimate item: bounds what a frame can make msgpack allocate,
         # while a slightly-too-long field still parses and gets an error naming it.
         unpack_limits={
-            "max_bin_len": 2 * max([16, *buffer_bytes.values()]),
+            "max_bin_len": 2 * max([16, 4 * schema.numel, *buffer_bytes.values()]),
             "max_str_len": 2 * max([_MAX_STR_BYTES, *(len(n.encode()) for n in schema.names)]),
             "max_array_len": 2 * max(MAX_NEIGHBORS, len(schema.params), _MAX_NDIM),
             "max_map_len": _MAX_MAP_LEN,
@@ -131,7 +153,11 @@ def encoded_size(message: Message, schema: ParamSchema) -> int:
     for name in _FIELD_NAMES[type(message)]:
         value = getattr(message, name)
         if name == "params":
-            _check_params_to_send(value, schema)
+            if isinstance(value, Compressed):
+                packed = msgpack.packb(_pack_compressed(value, _layout(schema)))
+                size += len(packed) - _dense_params_size(schema)
+            else:
+                _check_params_to_send(value, schema)
         elif name == "neighbors":
             _check_neighbors_to_send(value)
             size += _array_header(len(value)) - 1 + sum(_str_size(peer) for peer in value)
@@ -149,6 +175,12 @@ def _zero_frame_size(cls: type, schema: ParamSchema) -> int:
     if "neighbors" in zeros:
         zeros["neighbors"] = []
     return len(encode(cls(**zeros), schema))
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_params_size(schema: ParamSchema) -> int:
+    """Encoded size of the float32 ``params`` map of ``schema``."""
+    return len(msgpack.packb(_pack_params(torch.zeros(schema.numel), schema)))
 
 
 def _int_size(value: int) -> int:
@@ -265,9 +297,11 @@ def _check_params_to_send(params: torch.Tensor, schema: ParamSchema) -> None:
         )
 
 
-def _pack_params(params: torch.Tensor, schema: ParamSchema) -> dict[str, object]:
-    _check_params_to_send(params, schema)
+def _pack_params(params: torch.Tensor | Compressed, schema: ParamSchema) -> dict[str, object]:
     layout = _layout(schema)
+    if isinstance(params, Compressed):
+        return _pack_compressed(params, layout)
+    _check_params_to_send(params, schema)
     vector = params.detach().to("cpu", torch.float32).contiguous()
     buffers = {}
     for dtype, runs in layout.spans.items():
@@ -284,9 +318,32 @@ def _pack_params(params: torch.Tensor, schema: ParamSchema) -> dict[str, object]
     }
 
 
-def _unpack_params(header: object, layout: _Layout) -> torch.Tensor:
+def _pack_compressed(c: Compressed, layout: _Layout) -> dict[str, object]:
+    numel = sum(n for runs in layout.spans.values() for _, n in runs)
+    if c.numel != numel or c.codec not in CODECS:
+        raise ValueError(f"a {c.codec} payload of {c.numel} entries; the schema needs {numel}")
+    frame: dict[str, object] = {"digest": layout.digest, "codec": c.codec}
+    frame |= {name: getattr(c, name) for name in _LINK_INTS + _LINK_BOOLS}
+    frame["values"] = _raw(c.values)
+    if c.codec == "int8":
+        assert c.scales is not None
+        frame["block"], frame["scales"] = c.block, _raw(c.scales.to(torch.float32))
+    elif c.codec == "topk":
+        assert c.indices is not None
+        dtype = "<u2" if index_itemsize(c.numel) == 2 else "<u4"
+        frame["indices"] = memoryview(c.indices.numpy().astype(dtype))
+    return frame
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.detach().contiguous().view(torch.uint8).numpy())
+
+
+def _unpack_params(header: object, layout: _Layout) -> torch.Tensor | Compressed:
     if not isinstance(header, dict):
         raise WireError(f"field 'params' must be a map, got {_kind(header)}")
+    if "codec" in header:
+        return _unpack_compressed(header, layout)
     if header.keys() != _HEADER_KEYS:
         raise WireError(f"params header must have keys {sorted(_HEADER_KEYS)}")
     digest, buffers = header["digest"], header["buffers"]
@@ -317,6 +374,86 @@ def _unpack_params(header: object, layout: _Layout) -> torch.Tensor:
         bad = int((~torch.isfinite(vector)).sum())
         raise WireError(f"params contain NaN/inf ({bad} of {vector.numel()} values)")
     return vector
+
+
+def _unpack_compressed(header: dict[str, object], layout: _Layout) -> Compressed:
+    """Validate a compressed payload (every length before allocating, scales, indices,
+    finiteness) and return it; decoding it on the link is the protocol's job."""
+    codec = header["codec"]
+    if not isinstance(codec, str) or codec not in CODECS:
+        raise WireError(f"unknown codec {codec!r:.40}: this node decodes {', '.join(CODECS)}")
+    expected = {"digest", "codec", *_LINK_INTS, *_LINK_BOOLS} | _CODEC_KEYS[codec]
+    if header.keys() != expected:
+        raise WireError(f"{codec} params must have keys {sorted(expected)}")
+    if header["digest"] != layout.digest:
+        raise WireError("schema hash mismatch: peer sent parameters for a different model")
+    link: dict[str, object] = {}
+    for name in _LINK_INTS:
+        value = header[name]
+        if type(value) is not int or not 0 <= value <= _INT64_MAX:
+            raise WireError(
+                f"{codec} params field {name!r} must be an int in [0, 2**63), got {value!r:.40}"
+            )
+        link[name] = value
+    for name in _LINK_BOOLS:
+        if type(header[name]) is not bool:
+            raise WireError(f"{codec} params field {name!r} must be a bool")
+        link[name] = header[name]
+    numel = sum(n for runs in layout.spans.values() for _, n in runs)
+    if codec == "fp16":
+        values = _buffer(header, "values", 2 * numel, torch.float16)
+        return Compressed("fp16", numel, _finite(values, "values"), **link)  # type: ignore[arg-type]
+    if codec == "int8":
+        block = header["block"]
+        if type(block) is not int or not 0 <= block <= _MAX_BLOCK:
+            raise WireError(
+                f"int8 params 'block' must be an int in [0, {_MAX_BLOCK}], got {block!r:.40}"
+            )
+        values = _buffer(header, "values", numel, torch.int8)
+        scales = _buffer(header, "scales", 4 * scale_count(numel, block), torch.float32)
+        if scales.numel() and not (
+            bool(torch.isfinite(scales).all())
+            and float(scales.min()) >= 0
+            and float(scales.max()) <= MAX_SCALE
+        ):
+            raise WireError(f"int8 params scales must be finite and in [0, {MAX_SCALE:.3g}]")
+        return Compressed("int8", numel, values, scales=scales, block=block, **link)  # type: ignore[arg-type]
+    itemsize = index_itemsize(numel)
+    raw = header["indices"]
+    if not isinstance(raw, bytes) or len(raw) % itemsize or len(raw) > itemsize * numel:
+        size = f"{len(raw)} bytes" if isinstance(raw, bytes) else _kind(raw)
+        raise WireError(
+            f"topk params 'indices' must be k*{itemsize} bytes with k <= {numel}, got {size}"
+        )
+    k = len(raw) // itemsize
+    values = _buffer(header, "values", 2 * k, torch.float16)
+    array = numpy.frombuffer(raw, "<u2" if itemsize == 2 else "<u4")
+    indices = torch.from_numpy(array.astype(numpy.int64))
+    if k and (
+        int(indices[-1]) >= numel or (k > 1 and not bool((indices[1:] > indices[:-1]).all()))
+    ):
+        raise WireError(f"topk params 'indices' must increase strictly and stay below {numel}")
+    return Compressed("topk", numel, _finite(values, "values"), indices=indices, **link)  # type: ignore[arg-type]
+
+
+def _buffer(
+    header: dict[str, object], name: str, expected: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """A bin field of exactly ``expected`` bytes as a tensor of ``dtype`` (length first)."""
+    raw = header[name]
+    if not isinstance(raw, bytes) or len(raw) != expected:
+        size = f"{len(raw)} bytes" if isinstance(raw, bytes) else _kind(raw)
+        raise WireError(f"{header['codec']} params {name!r} must be {expected} bytes, got {size}")
+    if not expected:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=dtype)
+
+
+def _finite(values: torch.Tensor, name: str) -> torch.Tensor:
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise WireError(f"compressed params {name!r} contain NaN/inf ({bad} of {values.numel()})")
+    return values
 
 
 def all_finite(vector: torch.Tensor) -> bool:

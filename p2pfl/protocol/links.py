@@ -1,0 +1,156 @@
+"""Compressed links: what a node's codec remembers per peer, for every protocol.
+
+A lossy codec sends deltas, not models, and keeps what it left out (error feedback):
+
+* **Delta chain** (model replies, pushes): the sender and the receiver both keep the
+  receiver's reconstruction ("mirror") of the sender's messages. A message is
+  ``compress(x - mirror[base])``; the receiver adds it to the same mirror. What the codec
+  left out, ``x - mirror``, is therefore in the next delta: the sum of what was sent tracks
+  the sum of what was meant, with an error of one compression of one delta (it never
+  accumulates). Deltas are taken on the last message the receiver acknowledged (every
+  compressed message carries ``ack``, the last one its sender decoded from the receiver),
+  so a lost message costs a larger delta, not a broken chain. The first message, and the
+  first after a peer came back or asked for it (``resync``), is a key frame: the vector
+  itself (``topk`` sends key frames as fp16).
+* **Echo** (a session's average back to a member): the average is sent as
+  ``compress(average - x̂_member + e)``, a delta on the member's own reply ``x̂_member`` as the
+  coordinator decoded it; ``e`` is what earlier averages to that member left out (classic
+  error feedback, kept per peer). The member adds it to the exact model it sent, so it moves
+  by the coordinator's estimate of ``average - x_member``: uniform merges keep the global
+  mean up to the codec's error on that correction, which ``e`` returns next time.
+
+A payload that does not fit the link (a delta on a message we do not hold, an echo of a
+reply we never sent, NaN/inf after decoding) raises ``LinkError`` with the reason; the node
+asks the peer for a key frame in its next message to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+
+from p2pfl.learning.compression import CodecConfig, Compressed, compress, decompress
+
+_Held = TypeVar("_Held")
+HISTORY = 4
+"""Messages a link keeps per direction (the acknowledged base and the newest ones)."""
+
+
+class LinkError(ValueError):
+    """A compressed payload this link cannot decode; the text says why."""
+
+
+@dataclass
+class _Outgoing:
+    seq: int = 0
+    acked: int = 0
+    floor: int = 0
+    """Our last key frame: the receiver dropped everything before it."""
+    sent: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """seq -> (the receiver's reconstruction, the exact vector we meant)."""
+    residual: torch.Tensor | None = None
+    """Error feedback of echoed averages: what they left out so far."""
+
+
+@dataclass
+class _Incoming:
+    last: int = 0
+    mirrors: dict[int, torch.Tensor] = field(default_factory=dict)
+    refused: bool = False
+
+
+class CodecLinks:
+    """Per-peer codec state of one node (see the module docstring)."""
+
+    def __init__(self, config: CodecConfig | None) -> None:
+        """``config`` None: the node sends float32 and only decodes what peers compress."""
+        self.config = config or CodecConfig("fp16")
+        self.key_config = CodecConfig("fp16") if self.config.name == "topk" else self.config
+        self._out: dict[str, _Outgoing] = {}
+        self._in: dict[str, _Incoming] = {}
+
+    def encode(self, peer: str, x: torch.Tensor, echo: bool = False) -> Compressed:
+        """Compress ``x`` for ``peer``: a delta in its chain, or with ``echo`` a delta on the
+        peer's last message to us (falls back to the chain if we hold none)."""
+        out = self._out.setdefault(peer, _Outgoing())
+        inn = self._in.setdefault(peer, _Incoming())
+        x = x.detach().to(torch.float32)
+        if echo and inn.last in inn.mirrors:
+            target = x - inn.mirrors[inn.last]
+            if out.residual is not None:
+                target += out.residual
+            c = compress(target, self.config)
+            out.residual = target - decompress(c)
+            c.base, c.echo = inn.last, True
+        else:
+            held = out.sent.get(out.acked)
+            if held is None:
+                c = compress(x, self.key_config)
+                mirror = decompress(c)
+                out.floor = out.acked = out.seq + 1
+            else:
+                c = compress(x - held[0], self.config)
+                mirror = held[0] + decompress(c)
+                c.base = out.acked
+            out.seq += 1
+            c.seq = out.seq
+            out.sent[out.seq] = (mirror, x.clone())
+            _prune(out.sent, out.acked)
+        c.ack, c.resync, inn.refused = inn.last, inn.refused, False
+        return c
+
+    def decode(self, peer: str, c: Compressed) -> torch.Tensor:
+        """The vector ``c`` from ``peer`` stands for; ``LinkError`` if it does not fit."""
+        out = self._out.setdefault(peer, _Outgoing())
+        inn = self._in.setdefault(peer, _Incoming())
+        if c.ack in out.sent and c.ack > out.acked and c.ack >= out.floor:
+            out.acked = c.ack
+            _prune(out.sent, out.acked)
+        if c.resync:
+            out.acked = 0  # next message: a key frame
+        if c.echo:
+            held = out.sent.get(c.base)
+            if held is None:
+                raise LinkError(f"an average on our message {c.base}, which we do not hold")
+            vector = held[1] + decompress(c)
+        else:
+            if c.seq <= 0:
+                raise LinkError(f"a delta-chain message needs seq >= 1, got {c.seq}")
+            if c.base == 0:  # a key frame starts the chain afresh
+                inn.mirrors.clear()
+                mirror = decompress(c)
+            elif c.base in inn.mirrors:
+                mirror = inn.mirrors[c.base] + decompress(c)
+            else:
+                inn.refused = True
+                raise LinkError(
+                    f"a delta on its message {c.base}, which we do not hold "
+                    f"(we hold {sorted(inn.mirrors) or 'none'}); asking for a key frame"
+                )
+            inn.mirrors[c.seq], inn.last = mirror, c.seq
+            _prune(inn.mirrors, c.base)
+            vector = mirror
+        if not bool(torch.isfinite(vector).all()):
+            inn.refused = inn.refused or not c.echo
+            raise LinkError("decoded params contain NaN/inf")
+        return vector
+
+    def reset(self, peer: str) -> None:
+        """Forget ``peer``'s link (it went down or came back): the next message is a key
+        frame, and its deltas on older messages are refused."""
+        self._out.pop(peer, None)
+        self._in.pop(peer, None)
+
+    def residuals(self) -> dict[str, torch.Tensor]:
+        """Per peer, what echoed averages to it have left out so far (error feedback)."""
+        return {p: out.residual for p, out in self._out.items() if out.residual is not None}
+
+
+def _prune(history: dict[int, _Held], keep: int) -> None:
+    """Drop entries older than ``keep`` (no delta will be based on them again), and the
+    oldest beyond ``HISTORY`` (``keep`` itself stays)."""
+    for seq in sorted(history):
+        if seq < keep or (len(history) > HISTORY and seq != keep):
+            del history[seq]

@@ -1,0 +1,340 @@
+"""Codecs (fp16, int8, topk): round-trip error, error feedback on links, the wire format of
+compressed parameters (exact sizes, strict refusal of hostile payloads) and the invariant a
+compressed dynamic merge keeps."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Callable
+
+import msgpack
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kit import VirtualNet
+from test_dynamic_invariants import DIM, TICK, random_graph, start_models
+
+from p2pfl.learning.compression import (
+    INT8_LEVELS,
+    CodecConfig,
+    Compressed,
+    compress,
+    decompress,
+)
+from p2pfl.learning.params import ParamSchema, ParamSpec
+from p2pfl.protocol.config import parse_protocol
+from p2pfl.protocol.core import make_core
+from p2pfl.protocol.links import CodecLinks, LinkError
+from p2pfl.spec import SpecError
+from p2pfl.wire.codec import WireError, decode, encode, encoded_size
+from p2pfl.wire.messages import Average, Busy, ModelReply, Push
+
+SCHEMA = ParamSchema((ParamSpec("fc.weight", (30, 20)), ParamSpec("fc.bias", (30,))))
+N = SCHEMA.numel
+CONFIGS = [
+    CodecConfig("fp16"),
+    CodecConfig("int8"),
+    CodecConfig("int8", block=0),
+    CodecConfig("int8", block=7),
+    CodecConfig("topk", fraction=0.05),
+    CodecConfig("topk", fraction=1.0),
+]
+
+
+def randn(n: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return scale * torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+# -- each codec round-trips within its stated error --
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(0, 600),
+    seed=st.integers(0, 2**31),
+    scale=st.sampled_from([1e-6, 1e-2, 1.0, 300.0]),
+)
+def test_codecs_round_trip_within_their_stated_error(n, seed, scale):
+    x = randn(n, seed, scale)
+    fp16 = decompress(compress(x, CodecConfig("fp16")))
+    assert ((fp16 - x).abs() <= 2**-11 * x.abs() + 2**-24).all()
+    for block in (0, 1, 5, 256):
+        c = compress(x, CodecConfig("int8", block=block))
+        width = block or max(n, 1)
+        bound = c.scales.repeat_interleave(width)[:n] / 2 * (1 + 1e-5) + 1e-30
+        assert ((decompress(c) - x).abs() <= bound).all()
+        if n:  # the scale is the block's largest magnitude over 127
+            assert float(c.scales.max()) == pytest.approx(float(x.abs().max()) / INT8_LEVELS)
+    for fraction in (0.01, 0.3, 1.0):
+        c = compress(x, CodecConfig("topk", fraction=fraction))
+        k = min(n, max(1, math.ceil(fraction * n))) if n else 0
+        assert c.indices.numel() == k
+        y = decompress(c)
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[c.indices] = True
+        # the kept entries are the largest ones, within fp16 rounding; the others are 0
+        assert ((y[kept] - x[kept]).abs() <= 2**-11 * x[kept].abs() + 2**-24).all()
+        assert (y[~kept] == 0).all()
+        if k < n:
+            assert float(x[kept].abs().min()) >= float(x[~kept].abs().max())
+
+
+# -- error feedback --
+def test_error_feedback_sum_of_sent_converges_to_sum_of_meant():
+    """Echoed corrections (a session's average back to a member): what topk leaves out is
+    added to the next one, so the sums agree up to the last residual; without feedback the
+    same small entries are dropped every time and the gap grows linearly."""
+    a, b = CodecLinks(CodecConfig("topk", fraction=0.05)), CodecLinks(CodecConfig("topk"))
+    b_model = torch.zeros(N)
+    a.decode("b", b.encode("a", b_model))  # the member's reply: the echo base
+    direction = randn(N, 1)  # the same correction every time plus noise
+    meant_sum, sent_sum, plain_sum = torch.zeros(N), torch.zeros(N), torch.zeros(N)
+    gaps = []
+    for t in range(400):
+        meant = direction + 0.3 * randn(N, 100 + t)
+        sent = b.decode("a", a.encode("b", meant, echo=True)) - b_model
+        meant_sum += meant
+        sent_sum += sent
+        plain_sum += decompress(compress(meant, CodecConfig("topk", fraction=0.05)))
+        torch.testing.assert_close(sent_sum + a.residuals()["b"], meant_sum, atol=1e-3, rtol=1e-4)
+        gaps.append(float((sent_sum - meant_sum).norm() / meant_sum.norm()))
+    assert gaps[-1] < 0.03 and gaps[-1] < gaps[99] / 3  # the relative gap shrinks like 1/t
+    assert float((plain_sum - meant_sum).norm() / meant_sum.norm()) > 0.5
+    assert float(a.residuals()["b"].norm()) < 40 * float(direction.norm())  # bounded
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label)
+def test_delta_chain_tracks_the_vector_without_accumulating_error(config):
+    """Replies/pushes: the receiver's reconstruction follows a drifting vector; its error
+    stays at the size of one step's compression, however many messages were sent."""
+    a, b = CodecLinks(config), CodecLinks(config)
+    x = randn(N, 0)
+    errors = []
+    for t in range(300):
+        x = x + 0.01 * randn(N, 1000 + t)
+        seen = b.decode("a", a.encode("b", x))
+        a.decode("b", b.encode("a", torch.zeros(N)))  # b's own traffic carries the acks
+        errors.append(float((seen - x).norm()))
+    step = 0.01 * math.sqrt(N)
+    assert max(errors[-100:]) < (0.02 if config.name != "topk" else 4.0) * step + 1e-3
+    if config.name == "topk" and config.fraction < 1:
+        assert max(errors[-100:]) < 1.5 * max(errors[:100])  # no growth
+
+
+def test_lost_messages_and_restarts_recover_with_a_reason():
+    a, b = CodecLinks(CodecConfig("int8")), CodecLinks(CodecConfig("int8"))
+    x = randn(N, 0)
+    b.decode("a", a.encode("b", x))
+    a.decode("b", b.encode("a", x))  # ack of a's first message
+    a.encode("b", x + 1)  # lost on the way
+    seen = b.decode("a", a.encode("b", x + 2))  # a delta on the acknowledged message
+    torch.testing.assert_close(seen, x + 2, atol=0.05, rtol=0)
+    b = CodecLinks(CodecConfig("int8"))  # b restarted: it holds nothing of a's chain
+    with pytest.raises(LinkError, match="which we do not hold.*asking for a key frame"):
+        b.decode("a", a.encode("b", x + 3))
+    a.decode("b", b.encode("a", x))  # carries resync
+    torch.testing.assert_close(b.decode("a", a.encode("b", x + 4)), x + 4, atol=0.05, rtol=0)
+    with pytest.raises(LinkError, match="average on our message 99"):
+        b.decode(
+            "a", Compressed("fp16", N, torch.zeros(N, dtype=torch.float16), base=99, echo=True)
+        )
+
+
+# -- wire --
+def payloads() -> list[Compressed]:
+    out = []
+    for i, config in enumerate(CONFIGS):
+        c = compress(randn(N, i), config)
+        c.seq, c.base, c.ack, c.echo, c.resync = (
+            i + 1,
+            i,
+            2**63 - 1 if i == 2 else 3,
+            i == 1,
+            i == 3,
+        )
+        out.append(c)
+    return out
+
+
+@pytest.mark.parametrize("payload", payloads(), ids=lambda c: f"{c.codec}-{c.block}")
+def test_compressed_params_round_trip_with_exact_sizes(payload):
+    for message in (
+        ModelReply(1, payload, 5, ["p"], 3),
+        Average(-4, payload, 2),
+        Push(3, payload, 9),
+    ):
+        data = encode(message, SCHEMA)
+        assert encoded_size(message, SCHEMA) == len(data)
+        got = decode(data, SCHEMA).params
+        assert isinstance(got, Compressed)
+        for name in ("codec", "numel", "block", "seq", "base", "echo", "ack", "resync"):
+            assert getattr(got, name) == getattr(payload, name)
+        assert torch.equal(decompress(got), decompress(payload))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    codec=st.sampled_from(CONFIGS),
+    seq=st.integers(0, 2**63 - 1),
+    base=st.integers(0, 2**63 - 1),
+    ack=st.integers(0, 2**63 - 1),
+    session=st.integers(-(2**63), 2**63 - 1),
+    seed=st.integers(0, 1000),
+)
+def test_encoded_size_is_exact_for_compressed_params(codec, seq, base, ack, session, seed):
+    c = compress(randn(N, seed), codec)
+    c.seq, c.base, c.ack = seq, base, ack
+    message = Average(session, c, seed)
+    assert encoded_size(message, SCHEMA) == len(encode(message, SCHEMA))
+
+
+def test_compressed_frames_are_much_smaller():
+    mlp = ParamSchema(
+        (
+            ParamSpec("fc1.weight", (64, 64)),
+            ParamSpec("fc1.bias", (64,)),
+            ParamSpec("head.weight", (10, 64)),
+            ParamSpec("head.bias", (10,)),
+        )
+    )
+    x = randn(mlp.numel, 0)
+    dense = len(encode(Average(1, x), mlp))
+    sizes = {c.label: len(encode(Average(1, compress(x, c)), mlp)) for c in CONFIGS}
+    assert sizes["fp16"] < 0.52 * dense
+    assert sizes["int8:block=256"] < 0.28 * dense
+    assert sizes["topk=0.05"] < 0.07 * dense
+
+
+def _frame(codec: str = "int8") -> dict:
+    config = next(c for c in CONFIGS if c.name == codec)
+    return msgpack.unpackb(encode(Average(1, compress(randn(N, 0), config)), SCHEMA))
+
+
+def _set(key: str, value: object) -> Callable[[dict], None]:
+    return lambda params: params.__setitem__(key, value)
+
+
+HOSTILE = [
+    ("int8", _set("codec", "zstd"), "unknown codec 'zstd'"),
+    ("int8", _set("codec", 3), "unknown codec 3"),
+    ("int8", _set("values", b"\0" * (N - 1)), "'values' must be"),
+    ("int8", _set("scales", b"\0" * 3), "'scales' must be"),
+    (
+        "int8",
+        _set("scales", (torch.ones(3) * float("nan")).numpy().tobytes()),
+        "scales must be finite",
+    ),
+    ("int8", _set("scales", (-torch.ones(3)).numpy().tobytes()), "scales must be finite"),
+    ("int8", _set("scales", (torch.ones(3) * 1e38).numpy().tobytes()), "scales must be finite"),
+    ("int8", _set("block", -1), "'block' must be an int"),
+    ("int8", _set("block", 2**32 + 1), "'block' must be an int"),
+    ("int8", _set("block", 1), "'scales' must be"),  # scale count no longer fits
+    ("int8", _set("seq", -1), "'seq' must be an int"),
+    ("int8", _set("ack", "3"), "'ack' must be an int"),
+    ("int8", _set("echo", 1), "'echo' must be a bool"),
+    ("int8", _set("digest", b"x" * 16), "schema hash mismatch"),
+    ("int8", _set("extra", 1), "params must have keys"),
+    ("int8", lambda p: p.pop("scales"), "params must have keys"),
+    ("fp16", _set("values", torch.full((N,), float("nan")).half().numpy().tobytes()), "NaN/inf"),
+    ("fp16", _set("values", torch.full((N,), float("inf")).half().numpy().tobytes()), "NaN/inf"),
+    ("fp16", _set("values", b"\0" * (2 * N + 2)), "'values' must be"),
+    ("topk", _set("indices", b"\0" * 3), "'indices' must be"),
+    ("topk", _set("indices", b"\0" * (2 * N + 2)), "'indices' must be"),
+    ("topk", _set("values", b"\0" * 4), "'values' must be"),
+    (
+        "topk",
+        _set("indices", torch.tensor([5, 5] * 16, dtype=torch.int16).numpy().tobytes()),
+        "increase strictly",
+    ),
+    (
+        "topk",
+        _set(
+            "indices", torch.tensor(list(range(N - 31, N + 1)), dtype=torch.int16).numpy().tobytes()
+        ),
+        "stay below",
+    ),
+]
+
+
+@pytest.mark.parametrize("codec,mutate,fragment", HOSTILE)
+def test_hostile_compressed_frames_are_refused_with_a_reason(codec, mutate, fragment):
+    frame = _frame(codec)
+    mutate(frame["params"])
+    with pytest.raises(WireError, match=fragment.replace("(", r"\(").replace("'", "'")):
+        decode(msgpack.packb(frame), SCHEMA)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), codec=st.sampled_from(["fp16", "int8", "topk"]))
+def test_mutated_compressed_frames_raise_only_wire_error(data, codec):
+    raw = bytearray(msgpack.packb(_frame(codec)))
+    for _ in range(data.draw(st.integers(1, 6))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    with contextlib.suppress(WireError):
+        decode(bytes(raw), SCHEMA)
+
+
+def test_codec_keys_in_protocol_specs():
+    assert parse_protocol("dynamic:codec=int8").codec == CodecConfig("int8")
+    assert parse_protocol("periodic:b=5,codec=int8,block=0").codec == CodecConfig("int8", block=0)
+    assert parse_protocol("gossip:codec=topk,topk=0.02").codec == CodecConfig("topk", fraction=0.02)
+    assert parse_protocol("continuous:codec=fp16").codec == CodecConfig("fp16")
+    assert parse_protocol("dynamic").codec is None
+    for bad, fragment in [
+        ("dynamic:codec=zip", "codec must be one of fp16, int8, topk"),
+        ("dynamic:topk=0.1", "add codec=int8 or codec=topk"),
+        ("dynamic:codec=fp16,block=3", "'block' does not apply to codec=fp16"),
+        ("dynamic:codec=topk,topk=0", "kept fraction must be in (0, 1]"),
+        ("dynamic:codec=int8,block=-1", "must be >= 0"),
+    ]:
+        with pytest.raises(SpecError, match=fragment.replace("(", r"\(").replace("]", r"\]")):
+            parse_protocol(bad)
+
+
+# -- merges of compressed models --
+@pytest.mark.parametrize("spec", ["dynamic:codec=int8", "dynamic:codec=topk,topk=0.1"])
+def test_compressed_dynamic_keeps_the_global_mean_up_to_held_residuals(spec):
+    """Members move by the decoded correction toward the average (computed from the decoded
+    replies), the coordinator by ``average - own``: the sum of all models moves by the local
+    steps minus exactly the error-feedback residuals coordinators still hold."""
+    n, seed = 10, 3
+    gen = torch.Generator().manual_seed(seed)
+    graph = random_graph(n, seed)
+    adjacency = {str(i): {str(j) for j in graph[i]} for i in graph}
+    start = {str(i): w for i, w in enumerate(start_models(n, gen))}
+    net = VirtualNet(spec, adjacency, start, seed=seed, latency=0.002, jitter=0.02, dim=DIM)
+    before = net.mean()
+    rng = random.Random(seed)
+    for _ in range(300):
+        net.advance(net.now + TICK)
+        for node in net.cores:
+            if rng.random() < 0.8:
+                net.step(node, 0.01 * torch.randn(DIM, generator=gen) + 0.002 * (int(node) - n / 2))
+    net.settle()
+    assert net.stat("sessions") >= 50 and net.stat("refused_codec") == 0
+    coded = [m for _, _, _, m in net.log if isinstance(getattr(m, "params", None), Compressed)]
+    assert coded and all(m.params.codec in ("int8", "topk", "fp16") for m in coded)
+    held = sum(
+        (r for c in net.cores.values() for r in c.links.residuals().values()), torch.zeros(DIM)
+    )
+    torch.testing.assert_close(
+        net.mean() * n, (before + net.added / n) * n - held, atol=2e-4, rtol=0
+    )
+    assert net.spread() < 0.1 * net.spread(alone=True)  # topk: 0.07 with clipped merges
+
+
+def test_a_refused_reply_reaches_the_policy_as_busy():
+    config = parse_protocol("dynamic:codec=int8")
+
+    class Model:
+        def read(self) -> torch.Tensor:
+            return torch.ones(N)
+
+        samples = 1
+
+    core = make_core("c", config, Model(), ["m"])
+    bogus = Compressed("int8", N, torch.zeros(N, dtype=torch.int8), torch.ones(1), 0, seq=5, base=4)
+    assert core._decoded("m", ModelReply(7, bogus, 1)) == Busy(7)
+    assert core._decoded("m", Push(3, bogus, 1)) is None
+    assert core.stats.refused_codec == 2
