@@ -91,7 +91,12 @@ def test_which_act_equals_calling_each_core(spec, seed):
 
 
 @pytest.mark.parametrize(
-    "spec", ["dynamic:rel=0.0005,b=2", "dynamic:delta=0.05,b=1", "dynamic:b=3"]
+    "spec",
+    [
+        "dynamic:rel=0.0005,b=2,condition=distance",
+        "dynamic:delta=0.05,b=1,condition=distance",
+        "dynamic:b=3,condition=distance",
+    ],
 )
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dynamic_drift_test_vectorised_equals_per_node(spec, seed):
@@ -107,7 +112,7 @@ def test_dynamic_drift_test_vectorised_equals_per_node(spec, seed):
 
 def test_dynamic_threshold_exactly_at_delta_agrees():
     """At ``||w - r||² == Δ`` both forms say "no violation": the drift is the same number."""
-    cores = random_cores("dynamic:b=1", 20, 3)
+    cores = random_cores("dynamic:b=1,condition=distance", 20, 3)
     for core in cores:
         core.quiet_until, core.membership = 0, None
         core._delta = core.drift()  # exactly on the threshold

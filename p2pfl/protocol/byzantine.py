@@ -84,7 +84,7 @@ class ByzantineCore:
         self._noise = torch.Generator().manual_seed(seed)
         self._first: torch.Tensor | None = None
         if attack in FLOODING and isinstance(core, DynamicCore):
-            core.drift = lambda: math.inf  # type: ignore[method-assign]
+            core._condition = lambda: math.inf  # type: ignore[method-assign]
 
     def __getattr__(self, name: str) -> Any:
         """Everything is the honest core's, but every event handler's sends lie."""
