@@ -71,7 +71,11 @@ def family(protocol: str) -> str:
 
 
 def sweep_protocols(
-    periods: list[int], rels: list[float], bs: list[int], baselines: list[str]
+    periods: list[int],
+    rels: list[float],
+    bs: list[int],
+    baselines: list[str],
+    dynamic_keys: str = "",
 ) -> list[str]:
     """Both continuous (with and without correction); every baseline variant at every
     period; the default ``dynamic``, dynamic at each (rel, b) that differs from the default;
@@ -84,6 +88,7 @@ def sweep_protocols(
             if (rel, b) == (DYNAMIC_DEFAULTS["rel"], DYNAMIC_DEFAULTS["b"]):
                 continue
             dynamic.append(f"dynamic:rel={rel}" + (f",b={b}" if b != DYNAMIC_DEFAULTS["b"] else ""))
+    dynamic = [with_keys(d, dynamic_keys) for d in dynamic]
     return protocols + dynamic + [with_keys(d, "correction=0") for d in dynamic] + ["none"]
 
 
@@ -308,6 +313,11 @@ def main() -> None:
         "--baselines",
         default=",".join(BASELINES),
         help=f"periodic variants: {', '.join(BASELINES)}",
+    )
+    parser.add_argument(
+        "--dynamic-keys",
+        default="",
+        help="keys added to every dynamic spec, e.g. condition=coherent",
     )
     parser.add_argument("--gossip", default="", help="also gossip:b=B for these B (comma list)")
     parser.add_argument("--extra", action="append", default=[], help="more protocols to run")
