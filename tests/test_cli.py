@@ -136,7 +136,7 @@ def test_error_text_is_printed_verbatim(tmp_path):
     assert "x must have shape [samples, features...] with samples > 0" in text
 
 
-def test_batchnorm_model_falls_back_to_the_per_node_learner(tmp_path, monkeypatch, caplog):
+def test_a_user_batchnorm_model_runs_on_the_batched_learner(tmp_path, monkeypatch, caplog):
     (tmp_path / "bn_factory_for_cli_test.py").write_text(
         "import math\nfrom torch import nn\n\n\n"
         "def make(input_shape, num_classes):\n"
@@ -149,7 +149,7 @@ def test_batchnorm_model_falls_back_to_the_per_node_learner(tmp_path, monkeypatc
     result, text = invoke("sim", *SMALL, "--model", "bn_factory_for_cli_test:make", "--out", out)
     assert result.exit_code == 0, repr(result.exception)
     assert (out / "summary.json").exists()
-    assert "falling back to the per-node learner" in caplog.text
+    assert "falling back to the per-node learner" not in caplog.text  # BatchNorm is batched now
 
 
 def test_python_dash_m_help():

@@ -72,6 +72,7 @@ from p2pfl.daemon.limits import Limits, TokenBucket
 from p2pfl.daemon.peers import PeerLedger
 from p2pfl.errors import OperationError
 from p2pfl.peers import parse_peer_address, parse_peer_id, tcp_listen_address
+from p2pfl.ratelog import RateLimitedLog
 
 log = logging.getLogger("p2pfl.transport")
 
@@ -182,6 +183,7 @@ class Transport:
         """Frame bytes (prefix + payload) of sends the receiver confirmed."""
         self.bytes_received = 0
         """Frame bytes (prefix + payload) of inbound frames read completely."""
+        self._refusals = RateLimitedLog(log)
         self._listen = [tcp_listen_address(a) for a in listen]
         noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
         self._host = new_host(
@@ -527,7 +529,13 @@ class Transport:
                 await stream.write(ACK)
                 await stream.close()
         except FrameRefused as exc:
-            log.warning("refused message from peer %s on %s: %s", peer, route.protocol, exc)
+            self._refusals.warning(
+                ("refused", peer, route.protocol),
+                "refused message from peer %s on %s: %s",
+                peer,
+                route.protocol,
+                exc,
+            )
             self.ledger.refused(peer, str(exc))
             await cleanup(stream.reset)
             return
