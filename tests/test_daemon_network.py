@@ -255,8 +255,10 @@ def test_bad_peers_are_refused_and_the_node_keeps_serving(tmp_path):
             metrics = page.read().decode()
         assert "p2pfl_rejected_total 3.0" in metrics and "p2pfl_step_total" in metrics
         log = node.log()
-        for reason in sent:
-            assert "refused sync frame from peer" in log and reason in log, reason
+        # Refusals from one peer are rate-limited: the first is logged with its reason, the
+        # repeats within 10 s are counted (rejected == 3 above), not logged one by one.
+        assert "refused sync frame from peer" in log and sent[0] in log, sent[0]
+        assert sum(reason in log for reason in sent) < len(sent)
     finally:
         node.stop()
     assert node.proc is not None and node.proc.returncode == 0
