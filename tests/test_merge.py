@@ -142,8 +142,10 @@ def test_member_clips_a_poisoned_average_to_what_it_and_the_protocol_vouch_for()
     core = make_core("m", parse_protocol("dynamic:delta=0.01,b=1,correction=0"), model, ["c"])
     core.on_message(0.0, "c", Pull(7))
     got = replaced(core.on_message(0.1, "c", Average(7, vec(1e6), 3)))
-    # τ = 3·max(own displacement 0, √Δ 0.1): the average moved us by at most 0.3
-    assert float(torch.linalg.vector_norm(got - vec(1.0))) == pytest.approx(0.3, rel=1e-4)
+    # τ = 3·max(own displacement 0, √Δ 0.1) = 0.3, and a coordinator beyond τ loses half
+    # its trust first: the average moved us by 0.15
+    assert float(torch.linalg.vector_norm(got - vec(1.0))) == pytest.approx(0.15, rel=1e-4)
+    assert core.trust["c"] == 0.5
     assert core.stats.clipped == 1
     # an honest average within the bound is adopted as it is
     model.w = got + 0.05  # the model moved (by more than √Δ/2): the next pull is taken

@@ -32,12 +32,13 @@ from p2pfl.learning.rules import RULES, MergeRule
 
 
 def clip_around(
-    own: torch.Tensor, others: Sequence[torch.Tensor], bound: float
+    own: torch.Tensor, others: Sequence[torch.Tensor], bounds: float | Sequence[float]
 ) -> tuple[list[torch.Tensor], int]:
-    """Each of ``others`` pulled into the ball of radius ``bound`` around ``own``; also
-    return how many had to be clipped."""
+    """Each of ``others`` pulled into the ball around ``own`` of its radius in ``bounds``
+    (one radius for all, or one per model); also return how many had to be clipped."""
+    radii = [bounds] * len(others) if isinstance(bounds, float | int) else list(bounds)
     clipped, count = [], 0
-    for v in others:
+    for v, bound in zip(others, radii, strict=True):
         distance = float(torch.linalg.vector_norm(v - own))
         if distance > bound:
             count += 1

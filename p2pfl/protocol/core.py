@@ -30,6 +30,7 @@ from p2pfl.protocol.config import ProtocolConfig
 from p2pfl.protocol.correction import DriftCorrection
 from p2pfl.protocol.links import CodecLinks, LinkError
 from p2pfl.protocol.outer import OuterOptimizer
+from p2pfl.protocol.trust import LEAD_TRUST, PeerTrust
 from p2pfl.wire.messages import Average, Busy, Message, ModelReply
 
 log = logging.getLogger("p2pfl.protocol")
@@ -164,6 +165,15 @@ class NodeCore:
         bound."""
         self._last_session: dict[str, float] = {}
         self._peer_distances: OrderedDict[str, float] = OrderedDict()
+        self._suspect_merge = False
+        """Set by ``_clip`` when it had to clip a model, read by the next ``_adopt``: the drift
+        correction is an integrator, and a lie that pulls every node alike (each a little,
+        within its clip radius) would be learned by all of them and never unlearned, since
+        their later merges agree with one another; so a merge with a clipped model teaches
+        the correction nothing. Honest networks rarely clip (none in the measured runs)."""
+        self.trust = PeerTrust()
+        """How much of τ each peer's model may use (lowered for peers clipped again and
+        again)."""
         self._first_step_at: float | None = None
         self._last_step_at = 0.0
         self.drift_correction = DriftCorrection(config.correction)
@@ -294,26 +304,25 @@ class NodeCore:
         coded = self.links.encode(send.to, params, echo=isinstance(send.message, Average))
         return Send(send.to, replace(send.message, params=coded))  # type: ignore[type-var]
 
-    def _merge(self, vectors: list[torch.Tensor], samples: list[int]) -> torch.Tensor:
-        return merge(vectors, samples, self.config.merge)
-
     # -- what a peer may do to this node -------------------------------------------------
-    def clip_bound(self, own: torch.Tensor, peers: bool = True) -> float:
+    def clip_bound(self, own: torch.Tensor) -> float:
         """τ: the farthest an incoming model may sit from ``own`` before it is clipped.
 
         ``κ·max(s, floor, m)``: ``κ`` the spec's ``clip`` (see ``CLIP_FACTOR``); ``s`` this
         node's own displacement since its last merge (``||own - anchor||``, about
         b·η·|gradient| on a fixed schedule); ``floor`` what the protocol lets an honest peer
-        move anyway (``_clip_floor``, √Δ for dynamic); with ``peers``, ``m`` the median over
-        the last ``DISTANCE_HISTORY`` peers (once there are ``MAJORITY_PEERS``) of how far
-        each one's latest model was from ours
-        (one entry per peer, so a peer that sends often counts once: with an honest
-        majority among them, an honest distance, e.g. gossip's slow mixing or a node that
-        joined late). Infinite when clipping is off."""
+        move anyway (``_clip_floor``, √Δ for dynamic); ``m`` the lower median, once there are
+        ``MAJORITY_PEERS``, of the latest distances of the peers that have earned full trust
+        (judged within τ, and not clipped since: ``PeerTrust.vouched``) among the last
+        ``DISTANCE_HISTORY`` peers heard. ``m`` covers honest distances the protocol does not
+        bound (gossip's slow mixing, a node that joined late, references of dynamic nodes
+        that drifted apart); a peer counts once however often it sends, and a liar has to be
+        within τ, and stay there, before its distance counts: liars that are a majority of a
+        node's peers cannot inflate τ. Infinite when clipping is off."""
         if not self.config.merge.clip:
             return math.inf
         s = float(torch.linalg.vector_norm(own - self.anchor))
-        seen = sorted(self._peer_distances.values()) if peers else []
+        seen = sorted(d for p, d in self._peer_distances.items() if self.trust.vouched(p))
         m = seen[(len(seen) - 1) // 2] if len(seen) >= MAJORITY_PEERS else 0.0
         return self.config.merge.clip * max(s, self._clip_floor(), m)
 
@@ -325,7 +334,9 @@ class NodeCore:
         every ``b`` local steps of a peer up to ``PEER_SPEED_ALLOWANCE`` times faster than us
         (timed by our own mean step time): an honest peer checks once per b of its steps, so
         one asking more often is refused and counted instead of steering us. A refused honest
-        peer only retries later."""
+        peer only retries later. A peer we distrust is refused too (``_distrusted``)."""
+        if self._distrusted(peer):
+            return False
         last = self._last_session.get(peer)
         gap = self.config.b * self._step_seconds() / PEER_SPEED_ALLOWANCE
         if last is not None and now - last < gap:
@@ -334,26 +345,44 @@ class NodeCore:
         self._last_session[peer] = now
         return True
 
+    def _distrusted(self, peer: str) -> bool:
+        """True (and counted as refused) if ``peer``'s trust is below ``LEAD_TRUST``: it may
+        not draw this node into its sessions (merge our model with whatever it claims, make
+        us wait, hand us its average); it is still judged, and can earn trust back, through
+        the models it sends when this node asks it."""
+        if self.trust[peer] >= LEAD_TRUST:
+            return False
+        self.stats.refused_peer += 1
+        return True
+
     def _step_seconds(self) -> float:
         """Mean time of our local steps so far (0 before the second step)."""
         if self._first_step_at is None or self.step < 2:
             return 0.0
         return (self._last_step_at - self._first_step_at) / (self.step - 1)
 
-    def _clip(
-        self, own: torch.Tensor, others: dict[str, torch.Tensor], peers: bool = True
-    ) -> list[torch.Tensor]:
-        """The models of ``others`` (by sender) clipped around ``own``; with ``peers`` their
-        distances update the per-peer history that sizes the bound."""
-        if peers:
-            for sender, v in others.items():
-                self._peer_distances.pop(sender, None)
-                self._peer_distances[sender] = float(torch.linalg.vector_norm(v - own))
-                while len(self._peer_distances) > DISTANCE_HISTORY:
-                    self._peer_distances.popitem(last=False)
-        bound = self.clip_bound(own, peers)
-        clipped, count = clip_around(own, list(others.values()), bound)
+    def _clip(self, own: torch.Tensor, others: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The models of ``others`` (by sender) clipped around ``own``, each to its sender's
+        trusted share of τ (``p2pfl.protocol.trust``; a model beyond the full τ lowers its
+        sender's trust first); their distances update the per-peer history that sizes τ."""
+        distances = {
+            sender: float(torch.linalg.vector_norm(v - own)) for sender, v in others.items()
+        }
+        for sender, distance in distances.items():
+            self._peer_distances.pop(sender, None)
+            self._peer_distances[sender] = distance
+            while len(self._peer_distances) > DISTANCE_HISTORY:
+                self._peer_distances.popitem(last=False)
+        bound = self.clip_bound(own)
+        if math.isinf(bound):
+            return list(others.values())
+        radii = [
+            bound * self.trust.judge(sender, distance <= bound)
+            for sender, distance in distances.items()
+        ]
+        clipped, count = clip_around(own, list(others.values()), radii)
         self.stats.clipped += count
+        self._suspect_merge = count > 0
         return clipped
 
     def _merge(
@@ -372,17 +401,24 @@ class NodeCore:
         current: torch.Tensor | None = None,
     ) -> list[Action]:
         """Take the result of a merge: learn the drift correction from ``sent`` (the model
-        this node contributed) and ``merged`` over ``steps`` shared local steps, apply the
+        this node contributed) and ``merged`` over ``steps`` shared local steps (not from a
+        merge in which a model had to be clipped, see ``_suspect_merge``), apply the
         outer optimizer, and replace the model keeping the local steps taken since ``sent``
         was handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge
         is in flight (``current`` stands for ``w_now`` when an earlier replacement is not
-        applied yet). The ``ReplaceModel`` comes first; returns the actions."""
+        applied yet). ``steps`` counts as at least ``b``: an honest node checks no more
+        often, and a lying coordinator's tiny count would otherwise scale up the correction
+        it teaches (one merge's update then moves the model by at most ``λ·τ`` per ``b``
+        steps). The ``ReplaceModel`` comes first; returns the actions."""
+        steps = max(steps, self.config.b)
         actions: list[Action] = []
         new = merged if self.outer is None else self.outer.step(merged)
         now = self.model.read() if current is None else current
         self.anchor = new.clone()
         actions.append(ReplaceModel(new + (now - sent)))
-        actions += self.drift_correction.update(sent, merged, steps, self.step_size)
+        if not self._suspect_merge:
+            actions += self.drift_correction.update(sent, merged, steps, self.step_size)
+        self._suspect_merge = False
         self.stats.syncs += 1
         return actions
 
