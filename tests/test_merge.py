@@ -253,3 +253,83 @@ def test_signflip_against_a_clipped_merge_moves_an_honest_node_by_a_bounded_amou
     lied = round_with(vec(-1e6))
     tau = 3 * 0.1 * math.sqrt(DIM)  # κ · median peer distance (0.1 per coordinate)
     assert float(torch.linalg.vector_norm(lied - clean)) <= tau / 4 * 1.01
+
+
+# -- per-peer trust ------------------------------------------------------------------------
+def periodic_round(core, model, peers, step):
+    """One periodic round of ``core`` at ``step`` with ``peers`` (name -> params); returns
+    the merged model (which becomes ``model``)."""
+    out = core.on_local_step(float(step))
+    for peer, params in peers.items():
+        out = core.on_message(step + 0.001, peer, Push(step, params, 10)) or out
+    model.w = replaced(out)
+    return model.w
+
+
+def test_a_peer_clipped_again_and_again_loses_its_pull_geometrically():
+    """A liar beyond τ every round: its pull on the merge shrinks by DECAY a round, while
+    the honest peers keep their full trust; the sum of everything it ever moved us stays
+    below one τ/n."""
+    model = FakeModel(vec(1.0))
+    core = make_core("0", parse_protocol("periodic:b=1,correction=0"), model, ["a", "b", "z"])
+    pulls = []
+    for step in range(1, 9):
+        model.w = model.w + 0.05  # a local step: the displacement that sizes τ
+        own = model.w.clone()
+        honest = {"a": own + 0.05, "b": own - 0.05}
+        clean = (own + honest["a"] + honest["b"] + own) / 4  # the liar's model clipped to own
+        got = periodic_round(core, model, {**honest, "z": -1e6 * own}, step)
+        pulls.append(float(torch.linalg.vector_norm(got - clean)))
+    assert core.trust["a"] == core.trust["b"] == 1.0 and core.trust["z"] < 1e-4
+    assert all(
+        later <= earlier * 0.26 + 1e-6 for earlier, later in zip(pulls, pulls[1:], strict=False)
+    )
+    tau = 3 * 0.05 * math.sqrt(DIM)  # κ · (own displacement = the peers' distances)
+    assert sum(pulls) <= tau / 4 * (1 / 3) * 1.01
+
+
+def test_liars_that_are_most_of_a_nodes_peers_cannot_inflate_the_clip_bound():
+    """Two of three neighbours send ×1000 models from the first round on: their distances
+    never enter τ's median (they were never within τ), so the node moves by no more than the
+    honest peer and the protocol allow."""
+    model = FakeModel(vec(1.0))
+    core = make_core("0", parse_protocol("periodic:b=1,correction=0"), model, ["a", "y", "z"])
+    for step in range(1, 6):
+        model.w = model.w + 0.1  # a local step: the displacement that sizes τ
+        before = model.w.clone()
+        got = periodic_round(
+            core, model, {"a": before + 0.1, "y": before * 1e3, "z": before * 1e3}, step
+        )
+        tau = core.clip_bound(before)
+        assert tau <= 3 * 0.1 * math.sqrt(DIM) * 1.01
+        assert (
+            float(torch.linalg.vector_norm(got - before))
+            <= (0.1 * math.sqrt(DIM) + 2 * tau) / 4 * 1.01
+        )
+
+
+def test_a_merge_with_a_clipped_model_teaches_the_drift_correction_nothing():
+    model = FakeModel(vec(1.0))
+    core = make_core("0", parse_protocol("periodic:b=1"), model, ["a", "z"])
+    model.w = vec(1.1)  # a local step: the displacement that sizes τ
+    honest = periodic_round(core, model, {"a": vec(1.2), "z": vec(1.0)}, 1)
+    assert core.correction is not None and core.stats.clipped == 0  # an honest round teaches
+    learned = core.correction.clone()
+    model.w = honest + 0.1
+    periodic_round(core, model, {"a": model.w + 0.1, "z": -1e6 * model.w}, 2)
+    torch.testing.assert_close(core.correction, learned)
+    assert core.stats.clipped == 1
+
+
+def test_a_fake_average_with_tiny_steps_cannot_inflate_the_correction():
+    """The correction learned from an Average counts at least b steps, whatever the
+    coordinator claims: one update moves the model by at most λ·τ per b steps."""
+    spec = parse_protocol("dynamic:delta=0.01,b=4")
+    updates = {}
+    for claimed in (1, 4):
+        model = FakeModel(vec(1.0))
+        core = make_core("m", spec, model, ["c"])
+        core.on_message(0.0, "c", Pull(7))
+        core.on_message(0.1, "c", Average(7, vec(1.0) + 0.01, claimed))
+        updates[claimed] = core.correction
+    torch.testing.assert_close(updates[1], updates[4])

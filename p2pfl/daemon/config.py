@@ -75,6 +75,10 @@ CONFIG_TEMPLATE = """\
 # Relays this node reserves a slot on (full addresses of nodes running relay_service), so
 # that peers can reach it behind a NAT at <relay address>/p2p-circuit.
 # relay = ["/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."]
+
+# FOR TESTING A NETWORK'S DEFENCES ONLY: this node lies to its peers with one of the
+# simulator's attacks (signflip, scale, noise, replay, flood, fake-average); "" = honest.
+# byzantine = ""
 """
 
 
@@ -107,6 +111,8 @@ class NodeConfig:
     """Relay for nodes behind NAT (circuit relay v2 hop)."""
     relay: tuple[str, ...] = ()
     """Relays to hold a reservation on (full peer addresses)."""
+    byzantine: str = ""
+    """An attack this node plays on its peers (testing only; "" = honest)."""
     protocol_config: ProtocolConfig = field(default=parse_protocol("dynamic"), compare=False)
 
     @property
@@ -165,6 +171,14 @@ def _bool(value: Any) -> bool:
     return value
 
 
+def _attack(value: Any) -> str:
+    from p2pfl.protocol.byzantine import ATTACKS
+
+    if not isinstance(value, str) or value not in ("", *ATTACKS):
+        raise ValueError(f'must be one of {", ".join(ATTACKS)}, or "" for an honest node')
+    return value
+
+
 def _protocol(value: Any) -> str:
     text = _str(value)
     if parse_protocol(text).local:
@@ -193,6 +207,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "mdns": _bool,
     "relay_service": _bool,
     "relay": _bootstrap,
+    "byzantine": _attack,
 }
 """Every key a config file or flag may set, with its converter (raises ValueError)."""
 

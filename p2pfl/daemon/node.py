@@ -14,7 +14,7 @@ import math
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import trio
@@ -48,6 +48,7 @@ from p2pfl.learning.learner import PerNodeLearner, SGDConfig
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.models import build_model
 from p2pfl.peers import peer_id_of, peer_of_address
+from p2pfl.protocol.byzantine import ByzantineCore
 from p2pfl.protocol.core import NodeCore
 from p2pfl.ratelog import RateLimitedLog
 from p2pfl.runtime import WHOLE_MODEL_CHANNEL, NodeModel, derive_seed, open_core
@@ -111,6 +112,12 @@ class NodeDaemon:
             neighbors=[p for p in map(peer_of_address, config.bootstrap) if p is not None],
             max_neighbors=config.target_degree,
         )
+        if config.byzantine:
+            log.warning(
+                "this node lies to its peers (byzantine = %r): for tests only", config.byzantine
+            )
+            attack = ByzantineCore(self.whole.core, config.byzantine, seed=config.seed)
+            self.whole.core = cast(NodeCore, attack)
         self.sync.open(Channel(WHOLE_MODEL, "the whole model", self.whole))
         saved_communities = self._restore()
         self._base = dict(self.counters)

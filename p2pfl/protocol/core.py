@@ -30,7 +30,7 @@ from p2pfl.protocol.config import ProtocolConfig
 from p2pfl.protocol.correction import DriftCorrection
 from p2pfl.protocol.links import CodecLinks, LinkError
 from p2pfl.protocol.outer import OuterOptimizer
-from p2pfl.protocol.trust import LEAD_TRUST, PeerTrust
+from p2pfl.protocol.trust import PeerTrust
 from p2pfl.wire.messages import Average, Busy, Message, ModelReply
 
 log = logging.getLogger("p2pfl.protocol")
@@ -334,25 +334,13 @@ class NodeCore:
         every ``b`` local steps of a peer up to ``PEER_SPEED_ALLOWANCE`` times faster than us
         (timed by our own mean step time): an honest peer checks once per b of its steps, so
         one asking more often is refused and counted instead of steering us. A refused honest
-        peer only retries later. A peer we distrust is refused too (``_distrusted``)."""
-        if self._distrusted(peer):
-            return False
+        peer only retries later."""
         last = self._last_session.get(peer)
         gap = self.config.b * self._step_seconds() / PEER_SPEED_ALLOWANCE
         if last is not None and now - last < gap:
             self.stats.refused_peer += 1
             return False
         self._last_session[peer] = now
-        return True
-
-    def _distrusted(self, peer: str) -> bool:
-        """True (and counted as refused) if ``peer``'s trust is below ``LEAD_TRUST``: it may
-        not draw this node into its sessions (merge our model with whatever it claims, make
-        us wait, hand us its average); it is still judged, and can earn trust back, through
-        the models it sends when this node asks it."""
-        if self.trust[peer] >= LEAD_TRUST:
-            return False
-        self.stats.refused_peer += 1
         return True
 
     def _step_seconds(self) -> float:

@@ -156,9 +156,7 @@ class DynamicCore(NodeCore):
         ``√Δ / PEER_SPEED_ALLOWANCE`` since our last session with it: an honest one has to
         drift √Δ from its fresh reference before it violates again, which takes a peer no more
         than that many times faster than us at least this long. A peer that claims violations
-        faster (a flood) is refused and counted, and so is a peer we distrust."""
-        if self._distrusted(peer):
-            return False
+        faster (a flood) is refused and counted."""
         last = self._session_models.get(peer)
         if last is not None:
             moved = float((self.model.read() - last).square().sum())

@@ -22,8 +22,6 @@ DECAY = 0.25
 """Factor on a peer's trust each time its model lies beyond the clip radius."""
 RECOVERY = 0.1
 """Added to a peer's trust (up to 1) each time its model lies within the clip radius."""
-LEAD_TRUST = 0.5
-"""Below this trust a peer may not start a session with this node (``NodeCore._distrusted``)."""
 REMEMBERED = 1024
 """Peers whose trust is remembered (least recently judged forgotten first)."""
 

@@ -1,0 +1,80 @@
+"""A lying peer over the real transport. A daemon configured with ``byzantine = ATTACK``
+speaks ``/p2pfl/sync/2.0.0`` with the project's codec exactly as an honest one does, but
+every model it sends lies as the simulator's attackers do (``p2pfl.protocol.byzantine``).
+An honest daemon paired with it ends within 3 points of the same daemon paired with an
+honest peer."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from kit import free_ports
+from test_daemon_network import Daemon
+
+from p2pfl.daemon.config import CONFIG_FILE
+from p2pfl.protocol.byzantine import ATTACKS
+
+STEPS = 400
+TOLERANCE = 0.03
+DATA = "digits:part={i}/2,alpha=10,seed=1"
+"""Near-IID halves: the honest node loses no class it cannot learn alone by shutting the
+liar out, so the comparison measures the attack, not the lost data."""
+
+
+def pair(tmp_path: Path, attack: str) -> list[Daemon]:
+    """An honest daemon (index 0) training ``STEPS`` steps and its peer (index 1), training
+    until stopped and lying with ``attack`` if given."""
+    ports = free_ports(2)
+    daemons = [Daemon(tmp_path / f"{attack or 'honest'}{i}", i, ports[i], "") for i in range(2)]
+    for d in daemons:
+        other = daemons[1 - d.index]
+        (d.home / CONFIG_FILE).write_text(
+            f'listen = "/ip4/127.0.0.1/tcp/{d.port}"\nbootstrap = ["{other.addr}"]\n'
+            f'data = "{DATA.format(i=d.index)}"\nprotocol = "dynamic:timeout=5"\n'
+            f"steps = {STEPS if d.index == 0 else 0}\n"
+            "batch_size = 16\nlr = 0.1\nseed = 1\nstep_interval = 0.01\n"
+            + (f'byzantine = "{attack}"\n' if attack and d.index == 1 else "")
+        )
+    return daemons
+
+
+def final_status(tmp_path: Path, attack: str) -> dict:
+    """Run the pair to the end; the honest daemon's last status."""
+    honest, peer = pair(tmp_path, attack)
+    try:
+        peer.start()  # the peer first: the honest node's whole run overlaps with it
+        peer.wait_status(lambda s: s["step"] > 0, timeout=120)
+        honest.start()
+        honest.wait_status(lambda s: s["done"], timeout=240)
+        time.sleep(0.5)  # let a session in flight settle
+        status = honest.status()
+        if attack:
+            assert "this node lies to its peers" in peer.log()
+    finally:
+        for d in (honest, peer):
+            d.stop()
+    print(f"{attack or 'honest'}: {status['test_accuracy']:.3f} {status['core_stats']}")
+    return status
+
+
+@pytest.fixture(scope="module")
+def honest_accuracy(tmp_path_factory) -> float:
+    status = final_status(tmp_path_factory.mktemp("honest"), "")
+    assert status["syncs"] > 0
+    return status["test_accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_a_lying_peer_cannot_move_an_honest_daemon_by_more_than_3_points(
+    tmp_path, honest_accuracy, attack
+):
+    status = final_status(tmp_path, attack)
+    assert status["test_accuracy"] >= honest_accuracy - TOLERANCE, (attack, honest_accuracy)
+    stats = status["core_stats"]
+    if attack in ("signflip", "scale", "noise"):
+        assert stats["clipped"] > 0  # the lies were seen and bounded, not missed
+    if attack in ("flood", "fake-average"):
+        assert stats["refused_peer"] > 0  # its flood of sessions was refused
