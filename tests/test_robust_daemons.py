@@ -16,7 +16,7 @@ from test_daemon_network import Daemon
 from p2pfl.daemon.config import CONFIG_FILE
 from p2pfl.protocol.byzantine import ATTACKS
 
-STEPS = 400
+STEPS = 300
 TOLERANCE = 0.03
 DATA = "digits:part={i}/2,alpha=10,seed=1"
 """Near-IID halves: the honest node loses no class it cannot learn alone by shutting the
@@ -34,7 +34,7 @@ def pair(tmp_path: Path, attack: str) -> list[Daemon]:
             f'listen = "/ip4/127.0.0.1/tcp/{d.port}"\nbootstrap = ["{other.addr}"]\n'
             f'data = "{DATA.format(i=d.index)}"\nprotocol = "dynamic:timeout=5"\n'
             f"steps = {STEPS if d.index == 0 else 0}\n"
-            "batch_size = 16\nlr = 0.1\nseed = 1\nstep_interval = 0.01\n"
+            "batch_size = 16\nlr = 0.1\nseed = 1\nstep_interval = 0.05\n"
             + (f'byzantine = "{attack}"\n' if attack and d.index == 1 else "")
         )
     return daemons
@@ -78,3 +78,27 @@ def test_a_lying_peer_cannot_move_an_honest_daemon_by_more_than_3_points(
         assert stats["clipped"] > 0  # the lies were seen and bounded, not missed
     if attack in ("flood", "fake-average"):
         assert stats["refused_peer"] > 0  # its flood of sessions was refused
+
+
+@pytest.mark.slow
+def test_a_node_restarted_on_a_new_port_is_found_again_by_its_peers(tmp_path):
+    """B knows A; B stops and comes back listening on another port. A has only B's old
+    address, so it cannot redial; B's own redial (bootstrap and saved address book) must
+    bring the link back, and A must take B as its neighbour again."""
+    a, b = pair(tmp_path, "")
+    try:
+        a.start()
+        b.start()
+        a.wait_status(lambda s: b.peer_id in s["peers"], timeout=240)
+        b.stop()
+        a.wait_status(lambda s: b.peer_id not in s["peers"], timeout=120)
+        (new_port,) = free_ports(1)
+        config = (b.home / CONFIG_FILE).read_text()
+        (b.home / CONFIG_FILE).write_text(config.replace(f'/tcp/{b.port}"', f'/tcp/{new_port}"'))
+        b.start()
+        back = a.wait_status(lambda s: b.peer_id in s["peers"], timeout=240)
+        assert b.peer_id in back["neighbors"]
+        assert f"/tcp/{new_port}/" in (b.home / "stdout").read_text()
+    finally:
+        for d in (a, b):
+            d.stop()
