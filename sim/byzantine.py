@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--protocol", default="dynamic")
     parser.add_argument("--rules", default=",".join(RULES), help="comma-separated rule names")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument(
+        "--shares", default="0,1,3,5", help="attackers out of 16 (0: the attack-free run)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/byzantine"))
     parser.add_argument(
         "--table-from", type=Path, nargs="*", help="only print the table of earlier runs' json"
@@ -61,7 +64,8 @@ def main() -> None:
     if args.table_from:
         results = {}
         for path in args.table_from:
-            results |= json.loads(path.read_text())
+            for rule, row in json.loads(path.read_text()).items():
+                results.setdefault(rule, {}).update(row)
         print(table(results, args.attacks.split(",")))
         return
     rules = [r for r in RULES if r in args.rules.split(",")]
@@ -70,7 +74,9 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     for rule in rules:
         row = results.setdefault(rule, {})
-        for attack, k in [("none", 0)] + [(a, k) for a in attacks for k in SHARES]:
+        shares = [int(k) for k in args.shares.split(",")]
+        runs = [("none", 0)] if 0 in shares else []
+        for attack, k in runs + [(a, k) for a in attacks for k in shares if k]:
             byzantine = f"{k}:{attack}" if k else ""
             key = f"{attack} {k}/16" if k else "none"  # the scenarios here have 16 nodes
             row[key] = run(args.scenario, args.steps, args.protocol, byzantine, RULES[rule])
@@ -84,12 +90,15 @@ def table(results: dict[str, dict[str, float]], attacks: list[str]) -> str:
     """Markdown: one row per attack and share, one column per merge rule."""
     rules = list(results)
     lines = ["| attack | K/N | " + " | ".join(rules) + " |", "|---|---|" + "---|" * len(rules)]
-    lines.append("| none | 0 | " + " | ".join(f"{results[r]['none']:.3f}" for r in rules) + " |")
+    none = [f"{results[r].get('none', float('nan')):.3f}" for r in rules]
+    lines.append("| none | 0 | " + " | ".join(none) + " |")
     for attack in attacks:
         for k in SHARES:
             cells = [f"{results[r].get(f'{attack} {k}/16', float('nan')):.3f}" for r in rules]
+            if all(c == "nan" for c in cells):
+                continue
             lines.append(f"| {attack} | {k}/16 | " + " | ".join(cells) + " |")
-    if {"today", "default"} <= set(rules):
+    if {"today", "default"} <= set(rules) and "none" in results["today"]:
         cost = results["today"]["none"] - results["default"]["none"]
         lines.append(f"\nCost of the default on an honest network: {100 * cost:+.1f} points.")
     return "\n".join(lines) + "\n"
