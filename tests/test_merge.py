@@ -138,15 +138,17 @@ def replaced(actions):
     return next(a.params for a in actions if isinstance(a, ReplaceModel))
 
 
-def test_member_clips_a_poisoned_average_to_what_it_and_the_protocol_vouch_for():
+def test_member_refuses_an_average_beyond_what_it_and_the_protocol_vouch_for():
     model = FakeModel(vec(1.0))
     core = make_core("m", parse_protocol("dynamic:delta=0.01,b=1,correction=0"), model, ["c"])
     core.on_message(0.0, "c", Pull(7))
-    got = replaced(core.on_message(0.1, "c", Average(7, vec(1e6), 3)))
-    # τ = 3·max(own displacement 0, √Δ 0.1) = 0.3, and a coordinator beyond τ loses half
-    # its trust first: the average moved us by 0.15
-    assert float(torch.linalg.vector_norm(got - vec(1.0))) == pytest.approx(0.15, rel=1e-4)
-    assert core.trust["c"] == 0.5
+    reference = core.reference.clone()
+    # τ = 3·max(own displacement 0, √Δ 0.1) = 0.3: an average beyond it is refused (our
+    # model, reference and correction stay), and the coordinator loses trust
+    assert core.on_message(0.1, "c", Average(7, vec(1e6), 3)) == []
+    assert core.trust["c"] == 0.25 and core.stats.refused_peer == 1
+    torch.testing.assert_close(core.reference, reference)
+    got = model.w
     assert core.stats.clipped == 1
     # an honest average within the bound is adopted as it is
     model.w = got + 0.05  # the model moved (by more than √Δ/2): the next pull is taken

@@ -382,11 +382,20 @@ class DynamicCore(NodeCore):
             log.debug("%s: stale average from %s", self.node_id, sender)
             return []
         self.membership = None
-        # Never adopt a model unchecked: the average is clipped around what we sent, like a
+        # Never adopt a model unchecked: the average is checked around what we sent, like a
         # peer's model in our own merge (one history entry per peer: a coordinator that
-        # floods us counts once; our other peers' distances keep the bound honest).
-        (average,) = self._clip(m.sent, {sender: msg.params})
-        return self._adopt(average, m.sent, msg.steps)
+        # floods us counts once; our other peers' distances keep the bound honest). One
+        # beyond the coordinator's trusted radius is refused: we keep our model, reference
+        # and correction, as if the coordinator had vanished (adopting even its clipped
+        # remainder would count as a sync and reset our reference: a flood of such
+        # sessions would keep us from ever syncing with honest peers).
+        self._clip(m.sent, {sender: msg.params})
+        if self._suspect_merge:
+            self._suspect_merge = False
+            self.stats.refused_peer += 1
+            log.debug("%s: refused the average of %s (beyond its radius)", self.node_id, sender)
+            return []
+        return self._adopt(msg.params, m.sent, msg.steps)
 
     def _adopt(
         self,
