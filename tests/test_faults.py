@@ -255,7 +255,7 @@ class NamespacedNode:
         raw = self.inside(f'base64 "{self.home}/ckpt" 2>/dev/null || true')
         if not raw.strip():
             return None
-            return int(decode_checkpoint(base64.b64decode(raw))["step"])
+            return int(decode_checkpoint(base64.b64decode(raw))["core"]["step"])
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -374,7 +374,10 @@ class NodeCore:
         if math.isinf(bound):
             return list(others.values())
         radii = [
-            bound * self.trust.judge(sender, distance <= bound)
+            bound
+            * self.trust.judge(
+                sender, distance <= bound and not self.trust.repeated(sender, others[sender])
+            )
             for sender, distance in distances.items()
         ]
         clipped, count = clip_around(own, list(others.values()), radii)
