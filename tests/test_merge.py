@@ -351,16 +351,3 @@ def test_a_fake_average_with_tiny_steps_cannot_inflate_the_correction():
         core.on_message(0.1, "c", Average(7, vec(1.0) + 0.01, claimed))
         updates[claimed] = core.correction
     torch.testing.assert_close(updates[1], updates[4])
-
-
-def test_a_peer_that_replays_the_same_model_loses_its_pull():
-    """A stale model stays within τ when it drags its receiver back toward itself; sent again
-    bit for bit, it counts as a lie: the replaying peer's trust falls, the honest one's
-    stays."""
-    model = FakeModel(vec(1.0))
-    core = make_core("0", parse_protocol("periodic:b=1,correction=0"), model, ["a", "r"])
-    stale = vec(1.0)
-    for step in range(1, 6):
-        model.w = model.w + 0.05  # a local step
-        periodic_round(core, model, {"a": model.w + 0.01 * step, "r": stale}, step)
-    assert core.trust["a"] == 1.0 and core.trust["r"] < 0.01

@@ -374,10 +374,7 @@ class NodeCore:
         if math.isinf(bound):
             return list(others.values())
         radii = [
-            bound
-            * self.trust.judge(
-                sender, distance <= bound and not self.trust.repeated(sender, others[sender])
-            )
+            bound * self.trust.judge(sender, distance <= bound)
             for sender, distance in distances.items()
         ]
         clipped, count = clip_around(own, list(others.values()), radii)

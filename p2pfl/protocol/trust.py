@@ -11,16 +11,12 @@ clipped every time. So each peer has a trust ``t ∈ (0, 1]`` that scales its ra
 vanishing influence; an honest peer clipped now and then is back to full weight after a few
 models. A peer judged once and then silent keeps its trust; the table remembers the last
 ``REMEMBERED`` peers (an attacker would have to make us hear that many others to be
-forgotten). A model that repeats the last one a peer sent counts as beyond the radius:
-an honest peer trains between the models it sends (``PeerTrust.repeated``).
+forgotten).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
-
-import torch
 
 DECAY = 0.25
 """Factor on a peer's trust each time its model lies beyond the clip radius."""
@@ -31,25 +27,10 @@ REMEMBERED = 1024
 
 
 class PeerTrust:
-    """Each peer's trust in ``(0, 1]`` (1 for a peer never judged), and a fingerprint of the
-    last model each peer sent (``repeated``)."""
+    """Each peer's trust in ``(0, 1]`` (1 for a peer never judged)."""
 
     def __init__(self) -> None:
         self._trust: OrderedDict[str, float] = OrderedDict()
-        self._last: OrderedDict[str, bytes] = OrderedDict()
-
-    def repeated(self, peer: str, params: torch.Tensor) -> bool:
-        """True if ``params`` are, bit for bit, the last model ``peer`` sent us: an honest
-        peer trains between two models it sends the same node (a replayed, stale model
-        would otherwise sit within τ for ever, since it drags its receivers back toward
-        itself, and pull a whole network back to the past)."""
-        digest = hashlib.blake2b(memoryview(params.detach().contiguous().numpy()), digest_size=16)
-        fingerprint = digest.digest()
-        repeated = self._last.pop(peer, None) == fingerprint
-        self._last[peer] = fingerprint
-        while len(self._last) > REMEMBERED:
-            self._last.popitem(last=False)
-        return repeated
 
     def __getitem__(self, peer: str) -> float:
         return self._trust.get(peer, 1.0)
