@@ -275,7 +275,7 @@ class NamespacedNode:
 def test_a_full_or_read_only_home_keeps_the_node_training_on_its_last_checkpoint(tmp_path, fault):
     node = NamespacedNode(tmp_path)
     try:
-        good = node.wait_for(lambda: node.checkpoint_step(), timeout=300)  # a slow start
+        good = node.wait_for(lambda: node.checkpoint_step(), timeout=600)  # a slow start
         size = int(node.inside(f'stat -c %s "{node.home}/ckpt"'))
         if fault == "disk full":
             # fill the tmpfs, then free half a checkpoint: log lines fit, a checkpoint not
