@@ -184,14 +184,20 @@ def test_dynamic_core_state_roundtrip():
     assert fresh.delta == pytest.approx(config.rel * 4)
 
 
+def trained_node(config, steps: int):
+    """A node's learner and whole-model runtime after ``steps`` local steps."""
+    learner = build_learning(config, PEER).learner
+    runtime = recorded_runtime(learner, config.protocol, node=PEER)
+    for _ in range(steps):
+        learner.step(torch.tensor([0]))
+        runtime.local_step(0.0)
+    return learner, runtime
+
+
 def test_node_state_restores_model_optimizer_and_sampling(tmp_path):
     config = load_config(tmp_path, {"data": "digits:part=1/4,alpha=0.5", "model": "logistic"})
-    first = build_learning(config, PEER).learner
-    runtime = recorded_runtime(first, config.protocol, node=PEER)
+    first, runtime = trained_node(config, 5)
     nodes = torch.tensor([0])
-    for _ in range(5):
-        first.step(nodes)
-        runtime.local_step(0.0)
     saved = node_state(first, runtime.core, PEER, {"rejected": 2})
     state = decode_checkpoint(encode_checkpoint(saved))
     second = build_learning(config, PEER).learner
@@ -212,12 +218,8 @@ def test_a_node_follows_its_learning_rate_schedule_across_a_restart(tmp_path):
     schedule."""
     flags = {"data": "digits:part=1/4", "model": "logistic", "steps": 20}
     config = load_config(tmp_path, {**flags, "lr_schedule": "cosine:min=0.1"})
-    first = build_learning(config, PEER).learner
-    runtime = recorded_runtime(first, config.protocol, node=PEER)
+    first, runtime = trained_node(config, 10)
     nodes = torch.tensor([0])
-    for _ in range(10):
-        first.step(nodes)
-        runtime.local_step(0.0)
     assert first.lr(0) == pytest.approx(0.1 * config.schedule.factor(9))
     assert 0.01 < first.lr(0) < 0.1
     assert runtime.core.step_size == pytest.approx(first.lr(0))
