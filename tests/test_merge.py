@@ -144,9 +144,10 @@ def test_member_refuses_an_average_beyond_what_it_and_the_protocol_vouch_for():
     core.on_message(0.0, "c", Pull(7))
     reference = core.reference.clone()
     # τ = 3·max(own displacement 0, √Δ 0.1) = 0.3: an average beyond it is refused (our
-    # model, reference and correction stay), and the coordinator loses trust
+    # model, reference and correction stay); with no vouched peers to compare with, the
+    # member does not lower the coordinator's trust yet
     assert core.on_message(0.1, "c", Average(7, vec(1e6), 3)) == []
-    assert core.trust["c"] == 0.25 and core.stats.refused_peer == 1
+    assert core.trust["c"] == 1.0 and core.stats.refused_peer == 1
     torch.testing.assert_close(core.reference, reference)
     got = model.w
     assert core.stats.clipped == 1
@@ -299,31 +300,29 @@ def test_a_peer_clipped_again_and_again_loses_its_pull_geometrically():
         got = periodic_round(core, model, {**honest, "z": -1e6 * own}, step)
         pulls.append(float(torch.linalg.vector_norm(got - clean)))
     assert core.trust["a"] == core.trust["b"] == 1.0 and core.trust["z"] < 1e-4
-    assert all(
-        later <= earlier * 0.26 + 1e-6 for earlier, later in zip(pulls, pulls[1:], strict=False)
-    )
+    # the first round vouches for the honest peers; from the second on the liar is judged
+    judged = pulls[1:]
+    assert all(b <= a * 0.26 + 1e-6 for a, b in zip(judged, judged[1:], strict=False))
     tau = 3 * 0.05 * math.sqrt(DIM)  # κ · (own displacement = the peers' distances)
-    assert sum(pulls) <= tau / 4 * (1 / 3) * 1.01
+    assert sum(judged) <= tau / 4 * (1 / 3) * 1.01
 
 
 def test_liars_that_are_most_of_a_nodes_peers_cannot_inflate_the_clip_bound():
     """Two of three neighbours send ×1000 models from the first round on: their distances
-    never enter τ's median (they were never within τ), so the node moves by no more than the
-    honest peer and the protocol allow."""
+    never enter τ's median (they were never within τ). In the first round, with no peer
+    vouched for yet, they are clipped but not judged; from then on they lose their trust,
+    and τ stays within a small factor of what the honest peer and the protocol allow
+    (unguarded, their 3,000·‖w‖ distances would have set it)."""
     model = FakeModel(vec(1.0))
     core = make_core("0", parse_protocol("periodic:b=1,correction=0"), model, ["a", "y", "z"])
-    for step in range(1, 6):
+    bounds = []
+    for step in range(1, 7):
         model.w = model.w + 0.1  # a local step: the displacement that sizes τ
         before = model.w.clone()
-        got = periodic_round(
-            core, model, {"a": before + 0.1, "y": before * 1e3, "z": before * 1e3}, step
-        )
-        tau = core.clip_bound(before)
-        assert tau <= 3 * 0.1 * math.sqrt(DIM) * 1.01
-        assert (
-            float(torch.linalg.vector_norm(got - before))
-            <= (0.1 * math.sqrt(DIM) + 2 * tau) / 4 * 1.01
-        )
+        bounds.append(core.clip_bound(before))
+        periodic_round(core, model, {"a": before + 0.1, "y": before * 1e3, "z": before * 1e3}, step)
+    assert core.trust["a"] == 1.0 and core.trust["y"] < 0.01 and core.trust["z"] < 0.01
+    assert max(bounds) <= 3 * bounds[0] and bounds[-1] <= bounds[2] * 1.01
 
 
 def test_a_merge_with_a_clipped_model_teaches_the_drift_correction_nothing():

@@ -373,10 +373,10 @@ class NodeCore:
         bound = self.clip_bound(own)
         if math.isinf(bound):
             return list(others.values())
-        # A node that knows too few honest distances (fewer than MAJORITY_PEERS vouched
-        # peers, e.g. two community members that started from different models) clips but
-        # does not judge: it cannot tell a liar from a peer that is simply far yet.
-        judging = sum(map(self.trust.vouched, self._peer_distances)) >= MAJORITY_PEERS
+        # A node that has vouched for no peer yet (e.g. two community members that started
+        # from different models) clips but does not judge: it cannot tell a liar from a
+        # peer that is simply far yet.
+        judging = any(map(self.trust.vouched, self._peer_distances))
         radii = [
             bound * self.trust.judge(sender, distance <= bound)
             if judging or distance <= bound
