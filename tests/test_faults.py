@@ -3,17 +3,13 @@ a port in use, a read-only home, bad data and bad model factories, floods of ref
 
 from __future__ import annotations
 
-import base64
 import errno
 import logging
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -187,121 +183,3 @@ def test_node_start_on_a_port_in_use_exits_2_with_the_fix(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "cannot listen on" in result.stderr and "port 0" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-# -- a real full disk and a real read-only home, in a private mount namespace --
-def _can_mount_privately() -> bool:
-    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("nsenter")):
-        return False
-    probe = subprocess.run(
-        ["unshare", "-m", "--", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-        capture_output=True,
-        timeout=30,
-    )
-    return probe.returncode == 0
-
-
-class NamespacedNode:
-    """A ``p2pfl node start`` whose home is a small tmpfs in its own mount namespace (so the
-    test can fill it or make it read-only for real); the test looks inside with nsenter."""
-
-    def __init__(self, tmp_path, tmpfs_size: str = "4m") -> None:
-        self.home = tmp_path / "home"
-        stage = tmp_path / "stage"
-        stage.mkdir()
-        self.home.mkdir()
-        (stage / "config.toml").write_text(
-            'listen = "/ip4/127.0.0.1/tcp/0"\nprotocol = "none"\nsteps = 0\n'
-            'step_interval = 0.02\ndashboard_port = "off"\n'
-        )
-        script = (
-            f'mount -t tmpfs -o size={tmpfs_size},mode=0700 tmpfs "{self.home}" && '
-            f'cp -a "{stage}/." "{self.home}/" && '
-            f'exec "{sys.executable}" -m p2pfl node start --home "{self.home}"'
-        )
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        self.stderr_path = tmp_path / "stderr"
-        self.stderr = open(self.stderr_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            ["unshare", "-m", "--", "sh", "-c", script], stderr=self.stderr, env=env
-        )
-
-    def inside(self, script: str, check: bool = True) -> str:
-        """Run a shell ``script`` in the node's mount namespace; its stdout."""
-        done = subprocess.run(
-            ["nsenter", "-t", str(self.proc.pid), "-m", "--", "sh", "-c", script],
-            capture_output=True,
-            timeout=60,
-        )
-        if check:
-            assert done.returncode == 0, done.stderr.decode()
-        return done.stdout.decode(errors="replace")
-
-    def wait_for(self, what, timeout: float = 120.0):
-        """Poll ``what()`` every 0.5 s until it returns something true, node alive."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.stderr_path.read_text()[-3000:]
-            got = what()
-            if got:
-                return got
-            time.sleep(0.5)
-        raise AssertionError(f"timed out; log:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        return self.inside(f'cat "{self.home}/node.log" 2>/dev/null || true')
-
-    def checkpoint_step(self) -> int | None:
-        raw = self.inside(f'base64 "{self.home}/ckpt" 2>/dev/null || true')
-        if not raw.strip():
-            return None
-            return int(decode_checkpoint(base64.b64decode(raw))["core"]["step"])
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.stderr.close()
-        return self.proc.returncode
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not _can_mount_privately(), reason="needs root, unshare -m and nsenter")
-@pytest.mark.parametrize("fault", ["disk full", "read-only home"])
-def test_a_full_or_read_only_home_keeps_the_node_training_on_its_last_checkpoint(tmp_path, fault):
-    node = NamespacedNode(tmp_path)
-    try:
-        good = node.wait_for(lambda: node.checkpoint_step(), timeout=600)  # a slow start
-        size = int(node.inside(f'stat -c %s "{node.home}/ckpt"'))
-        if fault == "disk full":
-            # fill the tmpfs, then free half a checkpoint: log lines fit, a checkpoint not
-            node.inside(f'cat /dev/zero > "{node.home}/filler" 2>/dev/null', check=False)
-            node.inside(f'truncate -s -{size // 2} "{node.home}/filler"')
-            reason = "No space left on device"
-        else:  # a read-only bind of the home over itself (the log's open file keeps going)
-            node.inside(f'mount --bind "{node.home}" "{node.home}"')
-            node.inside(f'mount -o remount,bind,ro "{node.home}"')
-            reason = "Read-only file system"
-        line = node.wait_for(
-            lambda: next((x for x in node.log().splitlines() if "not written" in x), None)
-        )
-        assert reason in line and "stays" in line, line
-        kept = node.checkpoint_step()
-        assert kept is not None and kept >= good and f"checkpoint of step {kept} stays" in line
-        assert ".tmp" not in node.inside(f'ls -a "{node.home}"')  # no temporary file left
-        before = int(line.split("checkpoint at step ")[1].split()[0])
-        # it keeps training (and retrying) ...
-        node.wait_for(lambda: "Traceback" not in node.log() and node.proc.poll() is None)
-        # ... and once the fault is gone, the next checkpoint is written again
-        if fault == "disk full":
-            node.inside(f'rm "{node.home}/filler"')
-        else:
-            node.inside(f'umount "{node.home}"')
-        node.wait_for(lambda: (node.checkpoint_step() or 0) > before)
-    finally:
-        code = node.stop()
-    assert code == 0
