@@ -291,6 +291,7 @@ def test_a_peer_clipped_again_and_again_loses_its_pull_geometrically():
     below one τ/n."""
     model = FakeModel(vec(1.0))
     core = make_core("0", parse_protocol("periodic:b=1,correction=0"), model, ["a", "b", "z"])
+    core._clip_floor = lambda: 1e-9  # a protocol bound on honest distances, as dynamic's √Δ
     pulls = []
     for step in range(1, 9):
         model.w = model.w + 0.05  # a local step: the displacement that sizes τ
@@ -315,6 +316,7 @@ def test_liars_that_are_most_of_a_nodes_peers_cannot_inflate_the_clip_bound():
     (unguarded, their 3,000·‖w‖ distances would have set it)."""
     model = FakeModel(vec(1.0))
     core = make_core("0", parse_protocol("periodic:b=1,correction=0"), model, ["a", "y", "z"])
+    core._clip_floor = lambda: 1e-9  # a protocol bound on honest distances, as dynamic's √Δ
     bounds = []
     for step in range(1, 7):
         model.w = model.w + 0.1  # a local step: the displacement that sizes τ
@@ -336,17 +338,3 @@ def test_a_merge_with_a_clipped_model_teaches_the_drift_correction_nothing():
     periodic_round(core, model, {"a": model.w + 0.1, "z": -1e6 * model.w}, 2)
     torch.testing.assert_close(core.correction, learned)
     assert core.stats.clipped == 1
-
-
-def test_a_fake_average_with_tiny_steps_cannot_inflate_the_correction():
-    """The correction learned from an Average counts at least b steps, whatever the
-    coordinator claims: one update moves the model by at most λ·τ per b steps."""
-    spec = parse_protocol("dynamic:delta=0.01,b=4")
-    updates = {}
-    for claimed in (1, 4):
-        model = FakeModel(vec(1.0))
-        core = make_core("m", spec, model, ["c"])
-        core.on_message(0.0, "c", Pull(7))
-        core.on_message(0.1, "c", Average(7, vec(1.0) + 0.01, claimed))
-        updates[claimed] = core.correction
-    torch.testing.assert_close(updates[1], updates[4])

@@ -320,18 +320,23 @@ class NodeCore:
         ``κ·max(s, floor, m)``: ``κ`` the spec's ``clip`` (see ``CLIP_FACTOR``); ``s`` this
         node's own displacement since its last merge (``||own - anchor||``, about
         b·η·|gradient| on a fixed schedule); ``floor`` what the protocol lets an honest peer
-        move anyway (``_clip_floor``, √Δ for dynamic); ``m`` the lower median, once there are
-        ``MAJORITY_PEERS``, of the latest distances of the peers that have earned full trust
-        (judged within τ, and not clipped since: ``PeerTrust.vouched``) among the last
-        ``DISTANCE_HISTORY`` peers heard. ``m`` covers honest distances the protocol does not
-        bound (gossip's slow mixing, a node that joined late, references of dynamic nodes
-        that drifted apart); a peer counts once however often it sends, and a liar has to be
-        within τ, and stay there, before its distance counts: liars that are a majority of a
-        node's peers cannot inflate τ. Infinite when clipping is off."""
+        move anyway (``_clip_floor``, √Δ for dynamic); ``m`` the lower median, once there
+        are ``MAJORITY_PEERS``, of the latest distances of the peers that earned full trust
+        (judged within τ, not clipped since: ``PeerTrust.vouched``) among the last
+        ``DISTANCE_HISTORY`` peers heard. ``m`` covers honest distances the protocol does
+        not bound (gossip's slow mixing, a node that joined late, references of dynamic
+        nodes that drifted apart); a peer counts once however often it sends, and a liar
+        has to be within τ, and stay there, before its distance counts: liars that are most
+        of a node's peers cannot inflate τ. Where the protocol gives no floor (gossip,
+        periodic) trust is not judged and ``m`` counts every peer. Infinite when clipping
+        is off."""
         if not self.config.merge.clip:
             return math.inf
         s = float(torch.linalg.vector_norm(own - self.anchor))
-        seen = sorted(d for p, d in self._peer_distances.items() if self.trust.vouched(p))
+        judged = self._clip_floor() > 0  # trust is judged (see ``_clip``): vouched peers only
+        seen = sorted(
+            d for p, d in self._peer_distances.items() if not judged or self.trust.vouched(p)
+        )
         m = seen[(len(seen) - 1) // 2] if len(seen) >= MAJORITY_PEERS else 0.0
         return self.config.merge.clip * max(s, self._clip_floor(), m)
 
@@ -373,10 +378,12 @@ class NodeCore:
         bound = self.clip_bound(own)
         if math.isinf(bound):
             return list(others.values())
-        # A node that has vouched for no peer yet (e.g. two community members that started
-        # from different models) clips but does not judge: it cannot tell a liar from a
-        # peer that is simply far yet.
-        judging = any(map(self.trust.vouched, self._peer_distances))
+        # Trust is lowered only where the protocol itself bounds an honest peer's distance
+        # (√Δ for dynamic; gossip's slow mixing and periodic rounds give no such bound, so a
+        # model beyond τ may be honest there: it is only clipped), and only once some peer
+        # is vouched for (two community members that started from different models cannot
+        # tell a liar from a peer that is simply far yet).
+        judging = self._clip_floor() > 0 and any(map(self.trust.vouched, self._peer_distances))
         radii = [
             bound * self.trust.judge(sender, distance <= bound)
             if judging or distance <= bound
@@ -409,11 +416,7 @@ class NodeCore:
         outer optimizer, and replace the model keeping the local steps taken since ``sent``
         was handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge
         is in flight (``current`` stands for ``w_now`` when an earlier replacement is not
-        applied yet). ``steps`` counts as at least ``b``: an honest node checks no more
-        often, and a lying coordinator's tiny count would otherwise scale up the correction
-        it teaches (one merge's update then moves the model by at most ``λ·τ`` per ``b``
-        steps). The ``ReplaceModel`` comes first; returns the actions."""
-        steps = max(steps, self.config.b)
+        applied yet). The ``ReplaceModel`` comes first; returns the actions."""
         actions: list[Action] = []
         new = merged if self.outer is None else self.outer.step(merged)
         now = self.model.read() if current is None else current
