@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,11 +103,28 @@ def squared_distances(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a_i · b_i`` for every row of ``a`` and ``b`` (``[k, p]``), a block of rows at a time;
+    like ``squared_distances``, one row gives bit for bit what it gives among many."""
+    k = len(a)
+    out = torch.empty(k)
+    scratch = torch.empty(min(k, DISTANCE_BLOCK), a.shape[-1])
+    for start in range(0, k, DISTANCE_BLOCK):
+        stop = min(start + DISTANCE_BLOCK, k)
+        torch.sum(
+            torch.mul(a[start:stop], b[start:stop], out=scratch[: stop - start]),
+            1,
+            out=out[start:stop],
+        )
+    return out
+
+
 class DynamicCore(NodeCore):
     """Dynamic averaging; see the module docstring."""
 
     step_counters = ("step", "steps_since_sync")
-    step_fields = ("busy", "quiet_until", "delta", "reference")
+    step_fields = ("busy", "quiet_until", "delta", "reference", "_checked", "_coherence")
+    step_state = ("_coherence",)
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -181,18 +198,48 @@ class DynamicCore(NodeCore):
         rows: torch.Tensor,
         read: RowReader,
     ) -> torch.Tensor:
-        """Every ``b``-th step, a node in no session and not backing off tests its drift
-        against Δ; those above it act (``_after_step``). The coherent and smoothed conditions
-        update per-node state at every check: every due node acts."""
+        """Every ``b``-th step, a node in no session and not backing off checks its condition
+        (``_condition``, here for all of them at once) against Δ; those above it act
+        (``_after_step``). The smoothed and coherent conditions keep state from check to
+        check: it is updated here for the nodes that do not act (those that act compute it
+        themselves)."""
         step = state["step"][rows] + 1
         act = (step % config.b == 0) & ~state["busy"][rows] & (step >= state["quiet_until"][rows])
         due = rows[act]
-        if len(due) and config.condition == "distance":
-            everyone = len(due) == len(state["reference"])
-            reference = state["reference"] if everyone else state["reference"][due]
-            drift = squared_distances(read(due), reference).double()
-            act[act.clone()] = ~(drift <= state["delta"][due])  # as _after_step, NaN too
+        if len(due):
+            value, keep = cls._conditions(config, state, due, read)
+            violated = ~(value <= state["delta"][due])  # as _after_step, NaN too
+            keep(~violated)
+            act[act.clone()] = violated
         return act
+
+    @staticmethod
+    def _conditions(
+        config: ProtocolConfig,
+        state: Mapping[str, torch.Tensor],
+        due: torch.Tensor,
+        read: RowReader,
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
+        """``_condition`` of the cores at rows ``due`` (float64), and a function that stores
+        the checks' new state for the rows a mask selects."""
+        w = read(due)
+        reference = state["reference"] if len(due) == len(state["reference"]) else None
+        reference = state["reference"][due] if reference is None else reference
+        if config.condition == "distance":
+            return squared_distances(w, reference).double(), lambda mask: None
+        checked = state["_checked"][due]
+        if config.condition == "smoothed":
+            checked += (w - checked) * min(1.0, config.b / SMOOTHING_STEPS)
+            value = squared_distances(checked, reference).double()
+            return value, lambda mask: state["_checked"].index_copy_(0, due[mask], checked[mask])
+        sums = state["_coherence"][due] + 2 * row_dots(w - checked, checked - reference).double()
+        value = torch.where(sums > 0.0, sums, 0.0)  # max(0.0, sums), NaN to 0 as there
+
+        def keep(mask: torch.Tensor) -> None:
+            state["_checked"].index_copy_(0, due[mask], w[mask])
+            state["_coherence"][due[mask]] = value[mask]
+
+        return value, keep
 
     def _condition(self) -> float:
         """What is compared with Δ at a check: ``||w − r||²``, or with the coherent condition
@@ -203,12 +250,10 @@ class DynamicCore(NodeCore):
         now = self.model.read()
         if self.config.condition == "smoothed":
             self._checked += (now - self._checked) * min(1.0, self.config.b / SMOOTHING_STEPS)
-            difference = self._checked - self.reference
-            return float(difference.dot(difference))
+            return float(squared_distances(self._checked[None], self.reference[None])[0])
         move = now - self._checked
-        self._coherence = max(
-            0.0, self._coherence + 2 * float(move.dot(self._checked - self.reference))
-        )
+        dot = row_dots(move[None], (self._checked - self.reference)[None])[0]
+        self._coherence = max(0.0, self._coherence + 2 * float(dot))
         self._checked = now.clone()
         return self._coherence
 
