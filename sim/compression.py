@@ -13,8 +13,10 @@ fair schedule* (if none reaches it, the most accurate one stands in and is marke
 ``--codecs`` (float32 first), so a codec is offered to both sides. Accuracy is the mean of
 the evaluations at prime steps in the last tenth; a run's cost is all the bytes it sent.
 
-Prints one table per scenario (and the mean over seeds with its spread) and writes
-``compression.json`` into ``--out``.
+``--reuse`` takes runs made before on the same scenario, seed and step count (a
+``sim/pareto.py`` output's ``runs.jsonl``, or a simulation's ``summary.json``): a protocol
+found there is not run again (the table marks it). Prints one table per scenario (and the
+mean over seeds with its spread) and writes ``compression.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -57,8 +59,10 @@ def run_scenario(
     periods: list[int],
     variants: list[str],
     codecs: list[str],
+    reused: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """Every run of one scenario and seed, the target and the best fair schedule."""
+    """Every run of one scenario and seed, the target and the best fair schedule; runs in
+    ``reused`` (by protocol) are taken as they are."""
     overrides: dict[str, Any] = {"seed": seed}
     if steps is not None:
         overrides["steps"] = steps
@@ -66,6 +70,9 @@ def run_scenario(
     runs: dict[str, dict[str, Any]] = {}
 
     def run(protocol: str) -> dict[str, Any]:
+        if protocol in reused:
+            runs[protocol] = reused[protocol] | {"reused": True}
+            return runs[protocol]
         summary = Simulation(prepared, protocol).run()
         runs[protocol] = {k: v for k, v in summary.items() if k != "metrics"}
         print(
@@ -98,6 +105,7 @@ def run_scenario(
                     "reaches": r["final_accuracy"] >= target,
                     "points_lost": 100 * (runs[protocol]["final_accuracy"] - r["final_accuracy"]),
                     "best_fair_over_this": best["bytes_sent"] / max(r["bytes_sent"], 1),
+                    "reused": r.get("reused", False),
                 }
             )
     return {
@@ -138,6 +146,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 f" | {sum(c['reaches'] for c in cells)}/{len(cells)}"
                 f" | {_spread([c['points_lost'] for c in cells], 1, sign=True)}"
                 f" | {_spread([c['best_fair_over_this'] for c in cells], 1)}x |"
+                + (" (reused)" if any(c["reused"] for c in cells) else "")
             )
 
 
@@ -149,6 +158,24 @@ def _spread(values: list[float], digits: int, sign: bool = False) -> str:
     return f"{mean} ± {(max(values) - min(values)) / 2:.{digits}f}"
 
 
+def load_runs(paths: list[Path], steps: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Earlier runs by protocol from ``runs.jsonl`` / ``summary.json`` files, those of
+    ``steps`` steps whose scenario seed is ``seed`` (where the file says it)."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        else:
+            summary = json.loads(path.read_text())
+            if summary.get("scenario", {}).get("seed", seed) != seed:
+                continue
+            rows = summary["runs"]
+        for row in rows:
+            if row.get("steps") == steps:
+                found[row["protocol"]] = {k: v for k, v in row.items() if k != "metrics"}
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenarios", type=Path, nargs="+")
@@ -158,15 +185,19 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {list(BASELINES)}")
     parser.add_argument("--codecs", default=";".join(CODECS), help="';'-separated codec keys")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument(
+        "--reuse", type=Path, nargs="*", default=[], help="runs.jsonl / summary.json to reuse"
+    )
     args = parser.parse_args()
     periods = [int(b) for b in args.periods.split(",")]
     variants = [v for v in args.variants.split(",") if v]
     codecs = [c for c in args.codecs.split(";") if c]
     results = []
     for path in args.scenarios:
-        seeds = [int(s) for s in args.seeds.split(",") if s] or [load_scenario(path).seed]
-        for seed in seeds:
-            results.append(run_scenario(path, seed, args.steps, periods, variants, codecs))
+        scenario = load_scenario(path, {} if args.steps is None else {"steps": args.steps})
+        for seed in [int(s) for s in args.seeds.split(",") if s] or [scenario.seed]:
+            reused = load_runs(args.reuse, scenario.steps, seed)
+            results.append(run_scenario(path, seed, args.steps, periods, variants, codecs, reused))
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "compression.json").write_text(json.dumps(results, indent=1))
     print_table(results)

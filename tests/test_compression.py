@@ -378,7 +378,9 @@ def test_codec_keys_in_protocol_specs():
 
 
 # -- merges of compressed models --
-@pytest.mark.parametrize("spec", ["dynamic:codec=int8", "dynamic:codec=topk,topk=0.1"])
+@pytest.mark.parametrize(
+    "spec", ["dynamic:codec=int8", "dynamic:codec=int4", "dynamic:codec=topk,topk=0.1"]
+)
 def test_compressed_dynamic_keeps_the_global_mean_up_to_held_residuals(spec):
     """Members move by the decoded correction toward the average (computed from the decoded
     replies), the coordinator by ``average - own``: the sum of all models moves by the local
@@ -399,7 +401,7 @@ def test_compressed_dynamic_keeps_the_global_mean_up_to_held_residuals(spec):
     net.settle()
     assert net.stat("sessions") >= 50 and net.stat("refused_codec") == 0
     coded = [m for _, _, _, m in net.log if isinstance(getattr(m, "params", None), Compressed)]
-    assert coded and all(m.params.codec in ("int8", "topk", "fp16") for m in coded)
+    assert coded and all(m.params.codec in ("int8", "int4", "topk", "fp16") for m in coded)
     held = sum(
         (r for c in net.cores.values() for r in c.links.residuals().values()), torch.zeros(DIM)
     )
