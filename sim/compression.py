@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.scenario import load_scenario
 
@@ -189,6 +191,7 @@ def main() -> None:
         "--reuse", type=Path, nargs="*", default=[], help="runs.jsonl / summary.json to reuse"
     )
     args = parser.parse_args()
+    torch.set_num_threads(1)  # one thread per run: on a shared machine more only wait
     periods = [int(b) for b in args.periods.split(",")]
     variants = [v for v in args.variants.split(",") if v]
     codecs = [c for c in args.codecs.split(";") if c]

@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.scenario import load_scenario
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--protocols", default=";".join(PROTOCOLS), help="';'-separated")
     parser.add_argument("--seeds", default="", help="comma list (default: the scenario's)")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # one thread per run: on a shared machine more only wait
     results: dict[str, list[dict[str, Any]]] = {}
     seeds = [int(s) for s in args.seeds.split(",") if s] or [load_scenario(SCENARIO, {}).seed]
     for partition, seed in ((p, s) for p in PARTITIONS for s in seeds):
