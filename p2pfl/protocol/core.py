@@ -30,6 +30,7 @@ from p2pfl.protocol.config import ProtocolConfig
 from p2pfl.protocol.correction import DriftCorrection
 from p2pfl.protocol.links import CodecLinks, LinkError
 from p2pfl.protocol.outer import OuterOptimizer
+from p2pfl.protocol.round_trip import RoundTrip
 from p2pfl.wire.messages import Average, Busy, Message, ModelReply
 
 log = logging.getLogger("p2pfl.protocol")
@@ -163,6 +164,8 @@ class NodeCore:
         self.step = 0
         self.stats = CoreStats()
         self.links = CodecLinks(config.codec)
+        self.round_trip = RoundTrip(config.timeout)
+        """How long to wait for peers' answers (learnt from their round trips)."""
         self.anchor = model.read().clone()
         """The model right after the last merge: our displacement since then sizes the clip
         bound."""

@@ -14,7 +14,8 @@ Decisions that matter on a real network:
   together therefore never wait on each other.
 * Members keep training while the session runs. When the average arrives they adopt
   ``average + (w_now - w_sent)``: local steps taken meanwhile are kept, none is lost.
-* Every wait is bounded by ``timeout``. A coordinator resolves with whoever answered and
+* Every wait is bounded by the core's round-trip wait (``timeout`` at least, see
+  ``p2pfl.protocol.round_trip``). A coordinator resolves with whoever answered and
   releases the others (``Busy`` sent back); a member whose coordinator vanished drops out of
   the session and keeps its own model.
 * Δ: absolute ``delta``, or ``rel * ||r||²`` (default), i.e. a violation when the model has
@@ -65,6 +66,7 @@ class Session:
     sent: torch.Tensor
     asked: set[str]
     round: int = 0
+    asked_at: float = 0.0
     replies: dict[str, ModelReply] = field(default_factory=dict)
     refused: set[str] = field(default_factory=set)
 
@@ -83,6 +85,7 @@ class Membership:
 
 
 MAX_WIDENING_ROUNDS = 6
+IDLE_SESSION_WAITS = 2  # a node that stopped training admits a peer once per this many waits
 SMOOTHING_STEPS = 16  # time constant of the smoothed condition's moving average, in steps
 
 
@@ -133,7 +136,8 @@ class DynamicCore(NodeCore):
         self.session: Session | None = None
         self.membership: Membership | None = None
         self.quiet_until = 0
-        self._session_models: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._session_models: OrderedDict[str, tuple[torch.Tensor, float]] = OrderedDict()
+        """Per peer: our model and the time at our last session with it."""
         self._delta = self._compute_delta()
         self._coherent = self.config.condition != "distance"
         self._checked = self.reference.clone() if self._coherent else None
@@ -173,15 +177,21 @@ class DynamicCore(NodeCore):
         ``√Δ / PEER_SPEED_ALLOWANCE`` since our last session with it: an honest one has to
         drift √Δ from its fresh reference before it violates again, which takes a peer no more
         than that many times faster than us at least this long. A peer that claims violations
-        faster (a flood) is refused and counted."""
+        faster (a flood) is refused and counted. A node that no longer trains (finished, or
+        serving only) admits one session per peer every ``IDLE_SESSION_WAITS`` round-trip
+        waits instead, so a peer that restarted or trains longer is still served."""
         last = self._session_models.get(peer)
         if last is not None:
-            moved = float((self.model.read() - last).square().sum())
-            if moved < self._delta / PEER_SPEED_ALLOWANCE**2:
+            model, at = last
+            moved = float((self.model.read() - model).square().sum())
+            idle = self._last_step_at <= at  # we stopped training: our moves time nothing
+            if moved < self._delta / PEER_SPEED_ALLOWANCE**2 and not (
+                idle and now - at >= IDLE_SESSION_WAITS * self.round_trip.wait
+            ):
                 self.stats.refused_peer += 1
                 return False
         self._session_models.pop(peer, None)
-        self._session_models[peer] = self.model.read().clone()
+        self._session_models[peer] = (self.model.read().clone(), now)
         while len(self._session_models) > DISTANCE_HISTORY:
             self._session_models.popitem(last=False)
         return True
@@ -285,8 +295,9 @@ class DynamicCore(NodeCore):
     def _ask(self, now: float, peers: list[str]) -> list[Action]:
         assert self.session is not None
         s = self.session
+        s.asked_at = now
         actions: list[Action] = [Send(p, Pull(s.id)) for p in peers]
-        actions.append(SetTimer(now + self.config.timeout, ("session", s.id, s.round)))
+        actions.append(SetTimer(now + self.round_trip.wait, ("session", s.id, s.round)))
         return actions
 
     def _on_reply(self, now: float, sender: str, msg: ModelReply) -> list[Action]:
@@ -296,6 +307,7 @@ class DynamicCore(NodeCore):
             self.stats.ignored += 1
             return [Send(sender, Busy(msg.session))]
         s.replies[sender] = msg
+        self.round_trip.sample(now - s.asked_at)
         return self._resolve(now) if s.answered else []
 
     def _resolve(self, now: float) -> list[Action]:
@@ -350,7 +362,7 @@ class DynamicCore(NodeCore):
         reply = ModelReply(
             msg.session, sent, self.model.samples, self.live_neighbors, self.steps_since_sync
         )
-        deadline = now + self.config.timeout * (MAX_WIDENING_ROUNDS + 2)
+        deadline = now + self.round_trip.wait * (MAX_WIDENING_ROUNDS + 2)
         return actions + [Send(sender, reply), SetTimer(deadline, ("member", msg.session))]
 
     def _give_way(self) -> list[Action]:
@@ -406,6 +418,7 @@ class DynamicCore(NodeCore):
             s, m = self.session, self.membership
             if s is not None and s.id == message.session and sender in s.asked:
                 s.refused.add(sender)
+                self.round_trip.sample(now - s.asked_at)
                 return self._resolve(now) if s.answered else []
             if m is not None and m.id == message.session and m.coordinator == sender:
                 self.membership = None  # released: the session went on without us
@@ -416,6 +429,7 @@ class DynamicCore(NodeCore):
         s, m = self.session, self.membership
         if s is not None and key == ("session", s.id, s.round):
             self.stats.timeouts += 1
+            self.round_trip.expired()
             return self._resolve(now)
         if m is not None and key == ("member", m.id):
             self.stats.timeouts += 1
