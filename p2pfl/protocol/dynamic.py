@@ -33,6 +33,15 @@ Decisions that matter on a real network:
   the model (time constant ``SMOOTHING_STEPS``): noise averages out of ``ŵ``, while both a
   drift and a model that settled away from ``r`` (e.g. on a stale drift correction after
   the task changed) still violate. ``condition=distance`` is the paper's ``||w − r||² > Δ``.
+* ``reference=moving`` tells common motion from divergence. When every node learns the same
+  thing (IID data after a drift, or early training) all models move the same way: each is
+  far from the last agreed model while they stay close to each other, and a fixed reference
+  makes every node sync (and widen) for nothing. A moving reference extrapolates the
+  group's own last move: after a sync that moved the agreed model by ``m`` over ``K`` steps,
+  ``k`` steps later the condition (and the hedge) compare with ``r + m·min(k, K)/K``; the
+  smoothed condition, whose average lags ``SMOOTHING_STEPS`` behind, with
+  ``k − SMOOTHING_STEPS``. A node that keeps moving with its group stays quiet; one that
+  departs from the common motion, or a group that changes course (a drift), still violates.
 """
 
 from __future__ import annotations
@@ -103,6 +112,10 @@ def squared_distances(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _squared(v: torch.Tensor) -> float:
+    return float(v.dot(v))
+
+
 class DynamicCore(NodeCore):
     """Dynamic averaging; see the module docstring."""
 
@@ -121,6 +134,8 @@ class DynamicCore(NodeCore):
         self._coherent = self.config.condition != "distance"
         self._checked = self.reference.clone() if self._coherent else None
         self._coherence = 0.0
+        self._move: torch.Tensor | None = None  # the agreed model's last move (moving reference)
+        self._move_steps = 0
 
     def state_dict(self) -> dict[str, Any]:
         """Base state plus reference and steps since the last sync."""
@@ -183,11 +198,12 @@ class DynamicCore(NodeCore):
     ) -> torch.Tensor:
         """Every ``b``-th step, a node in no session and not backing off tests its drift
         against Δ; those above it act (``_after_step``). The coherent and smoothed conditions
-        update per-node state at every check: every due node acts."""
+        update per-node state at every check, and a moving reference is per node: every due
+        node acts."""
         step = state["step"][rows] + 1
         act = (step % config.b == 0) & ~state["busy"][rows] & (step >= state["quiet_until"][rows])
         due = rows[act]
-        if len(due) and config.condition == "distance":
+        if len(due) and config.condition == "distance" and config.reference == "fixed":
             everyone = len(due) == len(state["reference"])
             reference = state["reference"] if everyone else state["reference"][due]
             drift = squared_distances(read(due), reference).double()
@@ -198,19 +214,28 @@ class DynamicCore(NodeCore):
         """What is compared with Δ at a check: ``||w − r||²``, or with the coherent condition
         the CUSUM of the cross terms of the moves between checks (see the module)."""
         if not self._coherent:
-            return self.drift()
+            if self._move is None:
+                return self.drift()
+            return _squared(self.model.read() - self._expected())
         assert self._checked is not None
         now = self.model.read()
         if self.config.condition == "smoothed":
             self._checked += (now - self._checked) * min(1.0, self.config.b / SMOOTHING_STEPS)
-            difference = self._checked - self.reference
-            return float(difference.dot(difference))
+            return _squared(self._checked - self._expected(SMOOTHING_STEPS))
         move = now - self._checked
         self._coherence = max(
             0.0, self._coherence + 2 * float(move.dot(self._checked - self.reference))
         )
         self._checked = now.clone()
         return self._coherence
+
+    def _expected(self, lag: int = 0) -> torch.Tensor:
+        """Where the agreed model is expected ``lag`` steps ago: the reference, moved along
+        its last move with a moving reference (see the module docstring)."""
+        if self._move is None:
+            return self.reference
+        steps = min(max(0, self.steps_since_sync - lag), self._move_steps)
+        return self.reference + self._move * (steps / self._move_steps)
 
     @property
     def busy(self) -> bool:
@@ -263,7 +288,7 @@ class DynamicCore(NodeCore):
             return []
         replies = {peer: (r.params, r.samples) for peer, r in s.replies.items()}
         average = self._merge(s.sent, self.model.samples, replies)
-        if float((average - self.reference).square().sum()) > self._delta:
+        if _squared(average - self._expected()) > self._delta:
             wider = self._widen()
             if wider:
                 s.asked |= set(wider)
@@ -341,7 +366,10 @@ class DynamicCore(NodeCore):
         """The shared merge (correction, outer step, kept progress); the result becomes the
         reference."""
         actions = super()._adopt(merged, sent, steps, current)
-        self.reference = (merged if self.outer is None else self.outer.anchor).clone()
+        reference = (merged if self.outer is None else self.outer.anchor).clone()
+        if self.config.reference == "moving" and self.steps_since_sync > 0:
+            self._move, self._move_steps = reference - self.reference, self.steps_since_sync
+        self.reference = reference
         if self._coherent:
             self._checked = next(a.params for a in actions if isinstance(a, ReplaceModel)).clone()
             self._coherence = 0.0
