@@ -159,7 +159,7 @@ def draw(
             else:
                 ax.axvline(e.step, c="red", ls="--", lw=1)
         ax.grid(alpha=0.3)
-    ax_acc.set(ylabel="prequential accuracy", title="prequential accuracy (per 50 steps)")
+    ax_acc.set(ylabel="prequential accuracy", title="prequential accuracy (per evaluation window)")
     ax_acc.legend(fontsize=8)
     ax_t.set(
         yscale="log",
@@ -247,7 +247,8 @@ def main() -> None:
         shown,
         events,
         args.out / "stream.png",
-        f"{scenario.dataset} · {scenario.partition} · lr {scenario.lr_schedule}",
+        f"{prepared.dataset.name} · {scenario.nodes} nodes · {scenario.partition} · "
+        f"{len(events)} drifts · lr {scenario.lr_schedule}",
         window,
     )
     print(f"wrote {args.out}/stream.json, stream.png")
