@@ -1,14 +1,15 @@
 """How the simulator scales with the number of nodes, against a plain per-model torch loop.
 
-Part 1, for each size (MLP on digits, iid, ``--protocol``, default ``dynamic``), each
+Part 1, for each size (MLP on digits, iid, each ``--protocol``, default ``dynamic``), each
 configuration in a fresh subprocess (so that its peak memory, from ``ru_maxrss``, is its
-own): the simulator with the batched learner, the simulator with the per-node learner, and
-the plain loop one would write by hand (one ``nn.Module`` + ``torch.optim.SGD`` per model,
-``bench_sim.plain_loop``). ``train`` counts only the time inside ``learner.step``; ``end to
-end`` is start-up (data split, learner, 10,000 cores...) + ``Simulation.run`` (protocol,
-messages, evaluation included). The per-node learner and the plain loop run fewer steps at
-large sizes; their rates are per node-step, i.e. they extrapolate linearly, and the table
-says how many steps each ran. The ratio to the plain loop is the figure of merit.
+own): the plain loop one would write by hand (one ``nn.Module`` + ``torch.optim.SGD`` per
+model, ``bench_sim.plain_loop``), then per protocol the simulator with the batched learner and
+(unless ``--no-per-node-learner``) with the per-node learner. ``train`` counts only the time
+inside ``learner.step``; ``end to end`` is start-up (data split, learner, 10,000 cores...) +
+``Simulation.run`` (protocol, messages, evaluation included). The per-node learner and the
+plain loop run fewer steps at large sizes; their rates are per node-step, i.e. they
+extrapolate linearly, and the table says how many steps each ran. The ratio to the plain loop
+is the figure of merit. Every line prints the load average when its configuration ended.
 
 Part 2: ``nodes x steps`` end to end (default 1,000 x 1,000): the vectorised protocol path
 and the per-node protocol path (every core called on every step) in one process, and the same
@@ -68,7 +69,18 @@ def parse_args() -> argparse.Namespace:
         help="node-steps of the per-node learner and of the plain loop per size (steps = "
         "budget / nodes, at least 3, at most --steps)",
     )
-    p.add_argument("--protocol", default="dynamic")
+    p.add_argument(
+        "--protocol",
+        action="append",
+        dest="protocols",
+        help="protocol spec; repeat it to measure several in part 1 against the same plain "
+        "loop (part 2 runs the first). Default: dynamic",
+    )
+    p.add_argument(
+        "--no-per-node-learner",
+        action="store_true",
+        help="skip the simulator with the per-node learner in part 1",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--e2e", default="1000x1000", help="NODESxSTEPS of the end-to-end runs")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end runs")
@@ -99,6 +111,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--learner", default="batched", help=argparse.SUPPRESS)
     p.add_argument("--per-node-protocol", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.protocols = args.protocols or ["dynamic"]
+    args.protocol = args.protocols[0]
     if args.quick:
         args.sizes, args.steps, args.e2e, args.per_node_budget = "16,64,256", 50, "200x100", 5000
     return args
@@ -202,6 +216,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             "node_steps": args.nodes * steps,
             "wall": wall2 - wall1,
             "cpu": cpu2 - cpu1,
+            "load": os.getloadavg()[0],
         }
     if args.child == "sharded":
         return sharded_child(args, prepared, wall0, cpu0)
@@ -279,7 +294,8 @@ def sharded_child(
 
 
 def spawn(args: argparse.Namespace, kind: str, nodes: int, steps: int, **flags: Any) -> dict:
-    """Run one configuration in a fresh interpreter and parse its JSON line."""
+    """Run one configuration (of ``flags["protocol"]``, default the first) in a fresh
+    interpreter and parse its JSON line."""
     cmd = [
         sys.executable,
         __file__,
@@ -292,7 +308,7 @@ def spawn(args: argparse.Namespace, kind: str, nodes: int, steps: int, **flags: 
         "--learner",
         flags.get("learner", "batched"),
         "--protocol",
-        args.protocol,
+        flags.get("protocol", args.protocol),
         "--batch-size",
         str(args.batch_size),
         "--threads",
@@ -308,52 +324,72 @@ def spawn(args: argparse.Namespace, kind: str, nodes: int, steps: int, **flags: 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def us_per_node_step(r: dict[str, Any]) -> float:
+    """End-to-end wall time incl. start-up per node-step, in microseconds."""
+    return r["total_wall"] / r["node_steps"] * 1e6
+
+
 def scale_table(args: argparse.Namespace) -> None:
-    """Part 1: batched, per-node learner and the plain per-model loop at each size."""
+    """Part 1: at each size the plain per-model loop, then for each protocol the batched
+    (and the per-node) learner, each against that plain loop."""
     sizes = [int(s) for s in args.sizes.split(",")]
     print(
-        f"\n== scale: mlp on digits (iid), protocol {args.protocol}, batch {args.batch_size}, "
-        f"{args.steps} steps batched, per-node/plain steps = {args.per_node_budget} / nodes "
-        f"(3..{args.steps}), {args.threads or torch.get_num_threads()} thread(s)"
+        f"\n== scale: mlp on digits (iid), protocols {', '.join(args.protocols)}, batch "
+        f"{args.batch_size}, {args.steps} steps batched, per-node/plain steps = "
+        f"{args.per_node_budget} / nodes (3..{args.steps}), "
+        f"{args.threads or torch.get_num_threads()} thread(s)"
     )
     head = (
         f"{'nodes':>6} {'run':>9} {'steps':>6} {'train us/node-step':>19} "
         f"{'e2e us/node-step':>17} {'+start-up':>10} {'cpu us':>8} {'msgs/node-step':>15} "
-        f"{'peak MB':>8}"
+        f"{'peak MB':>8} {'load':>5}"
     )
-    print(head)
     notes = []
     for n in sizes:
         few = max(3, min(args.steps, args.per_node_budget // n))
-        b = spawn(args, "scale", n, args.steps)
-        p = spawn(args, "scale", n, few, learner="per-node")
         plain = spawn(args, "plain", n, few)
-        for name, r in (("batched", b), ("per-node", p)):
-            ns = r["node_steps"]
-            print(
-                f"{n:>6} {name:>9} {r['steps']:>6} {r['train'] / ns * 1e6:>19.1f} "
-                f"{r['wall'] / ns * 1e6:>17.1f} {r['total_wall'] / ns * 1e6:>10.1f} "
-                f"{r['total_cpu'] / ns * 1e6:>8.1f} {r['messages'] / ns:>15.2f} "
-                f"{r['peak_mb']:>8.0f}"
-            )
         plain_us = plain["wall"] / plain["node_steps"] * 1e6
         plain_cpu = plain["cpu"] / plain["node_steps"] * 1e6
-        print(f"{n:>6} {'plain':>9} {few:>6} {plain_us:>19.1f} {'':>17} {'':>10} {plain_cpu:>8.1f}")
-        e2e = b["total_wall"] / b["node_steps"] * 1e6 / plain_us
-        e2e_cpu = b["total_cpu"] / b["node_steps"] * 1e6 / plain_cpu
-        verdict = "ok" if e2e <= PLAIN_TARGET else "above target"
-        print(
-            f"{n:>6} {'ratio':>9}  batched end to end incl. start-up and evaluation / plain "
-            f"per-model loop: {e2e:.3f} wall, {e2e_cpu:.3f} CPU (target <= {PLAIN_TARGET}: "
-            f"{verdict}); training alone {b['train'] / b['node_steps'] * 1e6 / plain_us:.3f}; "
-            f"per-node learner e2e / plain {p['total_wall'] / p['node_steps'] * 1e6 / plain_us:.2f}"
-        )
+        for protocol in args.protocols:
+            print(f"-- {n} nodes, {protocol}")
+            print(head)
+            runs = [("batched", spawn(args, "scale", n, args.steps, protocol=protocol))]
+            if not args.no_per_node_learner:
+                per_node = spawn(args, "scale", n, few, learner="per-node", protocol=protocol)
+                runs.append(("per-node", per_node))
+            for name, r in runs:
+                ns = r["node_steps"]
+                print(
+                    f"{n:>6} {name:>9} {r['steps']:>6} {r['train'] / ns * 1e6:>19.1f} "
+                    f"{r['wall'] / ns * 1e6:>17.1f} {r['total_wall'] / ns * 1e6:>10.1f} "
+                    f"{r['total_cpu'] / ns * 1e6:>8.1f} {r['messages'] / ns:>15.2f} "
+                    f"{r['peak_mb']:>8.0f} {r['load']:>5.1f}"
+                )
+            print(
+                f"{n:>6} {'plain':>9} {few:>6} {plain_us:>19.1f} {'':>17} {'':>10} "
+                f"{plain_cpu:>8.1f} {'':>15} {'':>8} {plain['load']:>5.1f}"
+            )
+            b = runs[0][1]
+            e2e = us_per_node_step(b) / plain_us
+            e2e_cpu = b["total_cpu"] / b["node_steps"] * 1e6 / plain_cpu
+            verdict = "ok" if max(e2e, e2e_cpu) <= PLAIN_TARGET else "above target"
+            per_node_ratio = "".join(
+                f"; per-node learner e2e / plain {us_per_node_step(r) / plain_us:.2f}"
+                for _, r in runs[1:]
+            )
+            print(
+                f"{n:>6} {'ratio':>9}  {protocol}: batched end to end incl. start-up and "
+                f"evaluation / plain per-model loop: {e2e:.3f} wall, {e2e_cpu:.3f} CPU (target "
+                f"<= {PLAIN_TARGET}: {verdict}); training alone "
+                f"{b['train'] / b['node_steps'] * 1e6 / plain_us:.3f}{per_node_ratio}"
+            )
         if n > 1438:
             notes.append(n)
     print(
         "train = time inside learner.step; e2e = Simulation.run (protocol, messages, "
         "evaluation); +start-up adds data split, learner and cores; cpu us = the same with "
-        "CPU time (process_time). peak MB = ru_maxrss of the configuration's own process"
+        "CPU time (process_time). peak MB = ru_maxrss of the configuration's own process; "
+        "load = 1-minute load average when the configuration ended"
     )
     for n in notes:
         print(f"note: {n} nodes > 1,438 digits samples: node i trains on part i mod 1024")

@@ -19,6 +19,7 @@ from p2pfl.protocol.actions import ReplaceModel, Send
 from p2pfl.protocol.byzantine import ATTACKS, Attackers, ByzantineCore, parse_byzantine
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import make_core
+from p2pfl.protocol.dynamic import IDLE_SESSION_WAITS
 from p2pfl.spec import SpecError
 from p2pfl.wire.messages import Average, Busy, ModelReply, Pull, Push
 
@@ -161,6 +162,21 @@ def test_a_flooding_coordinator_is_refused_until_the_member_has_moved():
     assert isinstance(again[0].message, Busy) and core.stats.refused_peer == 1
     model.w = model.w + 0.1 / math.sqrt(DIM)  # moved √Δ/2 = 0.1
     assert isinstance(core.on_message(0.3, "c", Pull(3))[0].message, ModelReply)
+
+
+def test_a_node_that_stopped_training_still_serves_a_peer_now_and_then():
+    """Its own moves no longer time the peer (it does not move): one session per peer every
+    IDLE_SESSION_WAITS round-trip waits (a restarted peer is served, a flood is not)."""
+    model = FakeModel(vec(1.0))
+    core = make_core("m", parse_protocol("dynamic:delta=0.04,b=1"), model, ["c"])
+    for t in range(1, 5):
+        core.on_local_step(t * 0.01)  # then training ends
+    assert isinstance(core.on_message(1.0, "c", Pull(1))[0].message, ModelReply)
+    core.on_message(1.1, "c", Busy(1))
+    idle_gap = IDLE_SESSION_WAITS * core.round_trip.wait
+    assert isinstance(core.on_message(1.0 + idle_gap / 2, "c", Pull(2))[0].message, Busy)
+    assert isinstance(core.on_message(1.0 + idle_gap, "c", Pull(3))[0].message, ModelReply)
+    assert core.stats.refused_peer == 1
 
 
 def test_gossip_takes_one_push_per_peer_per_period_and_none_from_strangers():

@@ -19,7 +19,15 @@ from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.scenario import ScenarioError, load_scenario
 from p2pfl.simulator.sharding import ShardedRun
 
-PROTOCOLS = ("none", "continuous", "periodic:b=3", "gossip:b=2", "dynamic:rel=0.0005,b=2")
+PROTOCOLS = (
+    "none",
+    "continuous",
+    "periodic:b=3",
+    "gossip:b=2",
+    "dynamic:rel=0.0005,b=2",
+    "dynamic:rel=0.0005,b=2,condition=coherent",
+    "dynamic:rel=0.0005,b=2,condition=distance",
+)
 
 
 class Row:
@@ -57,6 +65,11 @@ def random_cores(spec: str, count: int, seed: int) -> list:
     return cores
 
 
+def rows_of(cores: list):
+    """``read(rows)`` of the cores' models."""
+    return lambda rows: torch.stack([cores[r].model.read() for r in rows])
+
+
 def acts(core) -> bool:
     """Whether ``on_local_step`` does more than count: actions, or any other state change."""
     probe = copy.deepcopy(core)
@@ -90,24 +103,45 @@ def test_which_act_equals_calling_each_core(spec, seed):
     assert mask.tolist() == [acts(core) for core in cores]
 
 
+def with_check_state(cores: list, seed: int) -> list:
+    """Dynamic cores whose smoothed model / coherent sum are somewhere between checks."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    for core in cores:
+        if core._checked is not None:
+            core._checked = core.reference + rng.choice([0.0, 0.02, 0.2]) * torch.randn(
+                40, generator=gen
+            )
+            core._coherence = rng.choice([0.0, 0.005, 0.05, 0.5])
+    return cores
+
+
+@pytest.mark.parametrize("condition", ["distance", "smoothed", "coherent"])
 @pytest.mark.parametrize(
-    "spec",
-    [
-        "dynamic:rel=0.0005,b=2,condition=distance",
-        "dynamic:delta=0.05,b=1,condition=distance",
-        "dynamic:b=3,condition=distance",
-    ],
+    "spec", ["dynamic:rel=0.0005,b=2", "dynamic:delta=0.05,b=1", "dynamic:b=3"]
 )
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_dynamic_drift_test_vectorised_equals_per_node(spec, seed):
-    cores = random_cores(spec, 80, seed)
-    stacked = StackedCores(cores, lambda rows: torch.stack([cores[r].model.read() for r in rows]))
-    for rows in (torch.arange(len(cores)), torch.arange(0, len(cores), 3)):
+def test_dynamic_condition_vectorised_equals_per_node(spec, condition, seed):
+    """Which cores violate, and the condition's state (smoothed model, coherent sum) of those
+    that do not, exactly as calling each core; the state of those that act is left for them."""
+    for rows in (torch.arange(80), torch.arange(0, 80, 3)):
+        cores = with_check_state(random_cores(f"{spec},condition={condition}", 80, seed), seed)
+        probes = [copy.deepcopy(core) for core in cores]
+        before = [(copy.deepcopy(c._checked), c._coherence) for c in cores]
+        violated = []
+        for r in rows.tolist():
+            count = probes[r].stats.violations
+            probes[r].on_local_step(0.0)
+            violated.append(probes[r].stats.violations > count)
+        stacked = StackedCores(cores, rows_of(cores))
         mask = DynamicCore.which_act(cores[0].config, stacked.state, rows, stacked.read)
-        expected = [acts(cores[r]) for r in rows.tolist()]
-        assert mask.tolist() == expected
+        assert mask.tolist() == violated
         if len(rows) == len(cores):
-            assert any(expected) and not all(expected)  # both outcomes are exercised
+            assert any(violated) and not all(violated)  # both outcomes are exercised
+        for r, acted in zip(rows.tolist(), violated, strict=True):
+            core = stacked.core(r)
+            checked, coherence = before[r] if acted else (probes[r]._checked, probes[r]._coherence)
+            assert _same(core._checked, checked) and core._coherence == coherence
 
 
 def test_dynamic_threshold_exactly_at_delta_agrees():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,7 +202,9 @@ class Communities:
         part = check_model(self.schema, membership, self.config.model)
         community = Community(membership, part, self.new_runtime(membership, part))
         admission = Admission(membership.manifest, self.peer_id, membership.invite, self.notices)
-        community.gate = Gate(admission, _Members(community), _Hellos(self, community))
+        community.gate = Gate(
+            admission, _Members(community, self.sync.guard), _Hellos(self, community)
+        )
         channel = self.sync.open(
             Channel(
                 community.id,
@@ -226,16 +229,17 @@ class Communities:
                 f"community {membership.manifest.name!r}: protocol {exc}; ask the founder to "
                 "fix the manifest"
             ) from None
-        return open_core(
-            self.model,
-            self.peer_id,
-            protocol,
-            part,
-            self.sync.port(membership.id),
-            seed=self.config.seed,
-            channel=membership.id,
-            max_neighbors=self.config.target_degree,
-        )
+        with self.sync.guard:
+            return open_core(
+                self.model,
+                self.peer_id,
+                protocol,
+                part,
+                self.sync.port(membership.id),
+                seed=self.config.seed,
+                channel=membership.id,
+                max_neighbors=self.config.target_degree,
+            )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -360,14 +364,16 @@ class _Members:
     """Tells a community's runtime whom its gate admitted or dropped (on the runtime's clock,
     trio's; admission runs on unix time)."""
 
-    def __init__(self, community: Community) -> None:
-        self.community = community
+    def __init__(self, community: Community, guard: AbstractContextManager[Any]) -> None:
+        self.community, self.guard = community, guard
 
     def peer_up(self, now: float, peer: str) -> None:
-        self.community.runtime.peer_up(trio.current_time(), peer)
+        with self.guard:
+            self.community.runtime.peer_up(trio.current_time(), peer)
 
     def peer_down(self, now: float, peer: str) -> None:
-        self.community.runtime.peer_down(trio.current_time(), peer)
+        with self.guard:
+            self.community.runtime.peer_down(trio.current_time(), peer)
 
 
 class _Hellos:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -99,7 +100,10 @@ class NodeDaemon:
         self.model = NodeModel(self.learner, 0, len(self.learning.data.y_train))
         self.counters = {"bytes_sent": 0, "bytes_received": 0, "rejected": 0, "send_failures": 0}
         self.ledger = PeerLedger()
-        self.sync = SyncChannels(self.schema, self.counters, self.ledger)
+        self.model_lock = threading.RLock()
+        """Held by the training thread during a step and by the event loop whenever it
+        touches the model (cores, checkpoints, evaluation)."""
+        self.sync = SyncChannels(self.schema, self.counters, self.ledger, guard=self.model_lock)
         self.whole = open_core(
             self.model,
             self.peer_id,
@@ -250,7 +254,10 @@ class NodeDaemon:
         step = torch.tensor([0])
         next_at = trio.current_time()
         while not target or self.core.step < target:
-            self.loss = float(self.learner.step(step)[0])
+            # The step runs in a worker thread, so peers' frames, acknowledgements and timers
+            # are served while the model trains (on the loop, a step of a few ms between
+            # every turn made one frame take 0.2-2 s and sessions time out).
+            self.loss = await trio.to_thread.run_sync(self._train_step, step)
             self.sync.local_step(trio.current_time())
             if self.core.step % CHECKPOINT_EVERY_STEPS == 0:
                 self._checkpoint_soon()
@@ -258,6 +265,10 @@ class NodeDaemon:
             await trio.sleep_until(next_at)
         log.info("finished %d steps; serving peers until stopped", self.core.step)
         self._checkpoint_soon()
+
+    def _train_step(self, node: torch.Tensor) -> float:
+        with self.model_lock:
+            return float(self.learner.step(node)[0])
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -267,10 +278,12 @@ class NodeDaemon:
         good checkpoint stays, and the next periodic checkpoint tries again."""
         async with self._ckpt_lock:
             step = self.core.step
-            communities = self.communities.state_dict()
-            data = encode_checkpoint(
-                node_state(self.learner, self.core, self.peer_id, self._counters(), communities)
-            )
+            with self.model_lock:
+                communities = self.communities.state_dict()
+                state = node_state(
+                    self.learner, self.core, self.peer_id, self._counters(), communities
+                )
+            data = encode_checkpoint(state)
             try:
                 await trio.to_thread.run_sync(write_atomically, self.config.home, data)
             except OSError as exc:
@@ -304,7 +317,8 @@ class NodeDaemon:
 
     def _peer_up(self, peer: str) -> None:
         log.info("peer %s connected", peer)
-        self.whole.peer_up(trio.current_time(), peer)
+        with self.model_lock:
+            self.whole.peer_up(trio.current_time(), peer)
         self.communities.peer_up(peer)
         if self.peer_exchange is not None:
             self.peer_exchange.peer_up(peer)
@@ -316,7 +330,8 @@ class NodeDaemon:
     def _peer_down(self, peer: str) -> None:
         log.info("peer %s disconnected", peer)
         self.sync.peer_gone(peer)
-        self.whole.peer_down(trio.current_time(), peer)
+        with self.model_lock:
+            self.whole.peer_down(trio.current_time(), peer)
         self.communities.peer_down(peer)
 
     # -------------------------------------------------------------------- status
@@ -402,7 +417,8 @@ class NodeDaemon:
     def _accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
         if not len(y):
             return None
-        accuracy, _ = self.learner.evaluate(x, y)
+        with self.model_lock:
+            accuracy, _ = self.learner.evaluate(x, y)
         return float(accuracy[0])
 
     async def _respond(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,9 +142,16 @@ class SyncChannels:
     before the transport runs peers and ``start`` once it does."""
 
     def __init__(
-        self, schema: ParamSchema, counters: dict[str, int], ledger: PeerLedger | None = None
+        self,
+        schema: ParamSchema,
+        counters: dict[str, int],
+        ledger: PeerLedger | None = None,
+        guard: AbstractContextManager[Any] | None = None,
     ) -> None:
         self.node_counters = counters
+        self.guard: AbstractContextManager[Any] = guard if guard is not None else nullcontext()
+        """Held around every runtime call: the node's model lock, since training runs in a
+        worker thread (reentrant: a runtime may report a failed send from inside a call)."""
         self.ledger = ledger if ledger is not None else PeerLedger()
         """Per-peer records of the node: every refused frame is noted with its reason."""
         self.active: dict[str, Channel] = {}
@@ -189,8 +197,9 @@ class SyncChannels:
 
     def local_step(self, now: float) -> None:
         """The learner took a step: every channel's core takes it."""
-        for channel in list(self.active.values()):
-            channel.runtime.local_step(now)
+        with self.guard:
+            for channel in list(self.active.values()):
+                channel.runtime.local_step(now)
 
     def peer_gone(self, peer: str) -> None:
         """The last connection to ``peer`` closed: its outbox ends."""
@@ -232,7 +241,8 @@ class SyncChannels:
             )
             return
         channel.counters["bytes_received"] += 4 + len(payload)
-        channel.runtime.message(trio.current_time(), peer, message)
+        with self.guard:
+            channel.runtime.message(trio.current_time(), peer, message)
 
     # ----------------------------------------------------------------------- outbound
 
@@ -246,7 +256,8 @@ class SyncChannels:
             return
         if not channel.reaches(to):
             log.debug("%s: peer %s is not reachable in this channel", channel.label, to)
-            channel.runtime.send_failed(now, to)
+            with self.guard:
+                channel.runtime.send_failed(now, to)
             return
         data = sync_frame(cid, encode(message, channel.schema))
         self._outboxes.put(to, Frame(SYNC_PROTOCOL, cid, data))
@@ -258,7 +269,8 @@ class SyncChannels:
     async def _timer(self, channel: Channel, at: float, key: Hashable) -> None:
         await trio.sleep_until(at)
         if self.active.get(channel.id) is channel:
-            channel.runtime.timer(trio.current_time(), key)
+            with self.guard:
+                channel.runtime.timer(trio.current_time(), key)
 
     async def _deliver(self, peer: str, frame: Frame) -> None:
         """Send one queued frame unless its channel was closed meanwhile; closing cancels it
@@ -285,6 +297,7 @@ class SyncChannels:
         channel.counters["send_failures"] += 1
         log.warning("%s: %s", channel.label, exc)
         if frame.protocol == SYNC_PROTOCOL:
-            channel.runtime.send_failed(trio.current_time(), peer)
+            with self.guard:
+                channel.runtime.send_failed(trio.current_time(), peer)
         if channel.on_send_failed is not None:
             channel.on_send_failed(peer)

@@ -28,7 +28,6 @@ from p2pfl.spec import (
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 CONDITIONS = ("distance", "coherent", "smoothed")
-REFERENCES = ("fixed", "moving")
 CODEC_KEYS = {"codec", "block", "topk"}
 LOCAL_KINDS = ("bn",)
 
@@ -52,7 +51,6 @@ class ProtocolConfig:
     correction: float = 0.0
     outer: tuple[float, float] | None = None
     condition: str = "distance"
-    reference: str = "fixed"
     merge: MergeRule = MergeRule()
     timeout: float = 0.5
     codec: CodecConfig | None = None
@@ -72,7 +70,6 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "cap": 0,
     "group": 0,
     "condition": "smoothed",
-    "reference": "fixed",
     "outer": None,
 }
 MECHANISM_KEYS = {"correction", "outer_lr", "outer_momentum"}
@@ -100,7 +97,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
     if spec.kind in ("periodic", "gossip"):
         spec.check_keys(common | {"b"})
         return ProtocolConfig(kind=spec.kind, b=spec.take("b", positive_int, 1), **base)
-    spec.check_keys(common | {"b", "delta", "rel", "group", "cap", "condition", "reference"})
+    spec.check_keys(common | {"b", "delta", "rel", "group", "cap", "condition"})
     d = DYNAMIC_DEFAULTS
     delta = spec.take("delta", non_negative_float, None)
     rel = spec.take("rel", non_negative_float, d["rel"])
@@ -114,7 +111,6 @@ def parse_protocol(text: str) -> ProtocolConfig:
         group=spec.take("group", non_negative_int, d["group"]),
         cap=spec.take("cap", non_negative_int, d["cap"]),
         condition=spec.take("condition", _condition, d["condition"]),
-        reference=spec.take("reference", _reference, d["reference"]),
         **base,
     )
 
@@ -129,12 +125,6 @@ def _outer(spec: Spec, default: tuple[float, float] | None) -> tuple[float, floa
         spec.take("outer_lr", positive_float, lr),
         spec.take("outer_momentum", _momentum, momentum),
     )
-
-
-def _reference(raw: str) -> str:
-    if raw not in REFERENCES:
-        raise ValueError(f"reference must be one of {', '.join(REFERENCES)}")
-    return raw
 
 
 def _condition(raw: str) -> str:

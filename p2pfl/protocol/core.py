@@ -30,6 +30,7 @@ from p2pfl.protocol.config import ProtocolConfig
 from p2pfl.protocol.correction import DriftCorrection
 from p2pfl.protocol.links import CodecLinks, LinkError
 from p2pfl.protocol.outer import OuterOptimizer
+from p2pfl.protocol.round_trip import RoundTrip
 from p2pfl.wire.messages import Average, Busy, Message, ModelReply
 
 log = logging.getLogger("p2pfl.protocol")
@@ -128,7 +129,11 @@ class NodeCore:
     node then acts."""
     step_fields: ClassVar[tuple[str, ...]] = ()
     """Further attributes ``which_act`` reads (numbers, flags, or tensors stored as plain
-    attributes that the core replaces but never modifies in place)."""
+    attributes: the driver may point them at rows of a stacked tensor)."""
+    step_state: ClassVar[tuple[str, ...]] = ()
+    """Number fields of ``step_fields`` that a local step changes (besides the counters)
+    whether or not the node then acts: ``which_act`` updates them (and tensor fields) for
+    the cores that do not act."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -162,6 +167,8 @@ class NodeCore:
         self.step = 0
         self.stats = CoreStats()
         self.links = CodecLinks(config.codec)
+        self.round_trip = RoundTrip(config.timeout)
+        """How long to wait for peers' answers (learnt from their round trips)."""
         self.anchor = model.read().clone()
         """The model right after the last merge: our displacement since then sizes the clip
         bound."""
@@ -205,7 +212,9 @@ class NodeCore:
         """The vectorised form of this class's ``on_local_step``: of the cores at ``rows`` of
         the stacked ``state`` (every counter and field, one row per core, as before the
         step), which would do more on this local step than add one to their counters. A
-        ``[len(rows)]`` bool mask, equal to calling each core (tests check it)."""
+        ``[len(rows)]`` bool mask, equal to calling each core (tests check it). For the
+        cores that do not act it also makes the rest of their step's change to ``state``
+        (``step_state``, tensor fields); those that act are called and make it themselves."""
         return torch.zeros(len(rows), dtype=torch.bool)
 
     def on_message(self, now: float, sender: str, message: Message) -> list[Action]:

@@ -14,7 +14,8 @@ Decisions that matter on a real network:
   together therefore never wait on each other.
 * Members keep training while the session runs. When the average arrives they adopt
   ``average + (w_now - w_sent)``: local steps taken meanwhile are kept, none is lost.
-* Every wait is bounded by ``timeout``. A coordinator resolves with whoever answered and
+* Every wait is bounded by the core's round-trip wait (``timeout`` at least, see
+  ``p2pfl.protocol.round_trip``). A coordinator resolves with whoever answered and
   releases the others (``Busy`` sent back); a member whose coordinator vanished drops out of
   the session and keeps its own model.
 * Δ: absolute ``delta``, or ``rel * ||r||²`` (default), i.e. a violation when the model has
@@ -33,22 +34,13 @@ Decisions that matter on a real network:
   the model (time constant ``SMOOTHING_STEPS``): noise averages out of ``ŵ``, while both a
   drift and a model that settled away from ``r`` (e.g. on a stale drift correction after
   the task changed) still violate. ``condition=distance`` is the paper's ``||w − r||² > Δ``.
-* ``reference=moving`` tells common motion from divergence. When every node learns the same
-  thing (IID data after a drift, or early training) all models move the same way: each is
-  far from the last agreed model while they stay close to each other, and a fixed reference
-  makes every node sync (and widen) for nothing. A moving reference extrapolates the
-  group's own last move: after a sync that moved the agreed model by ``m`` over ``K`` steps,
-  ``k`` steps later the condition (and the hedge) compare with ``r + m·min(k, K)/K``; the
-  smoothed condition, whose average lags ``SMOOTHING_STEPS`` behind, with
-  ``k − SMOOTHING_STEPS``. A node that keeps moving with its group stays quiet; one that
-  departs from the common motion, or a group that changes course (a drift), still violates.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +66,7 @@ class Session:
     sent: torch.Tensor
     asked: set[str]
     round: int = 0
+    asked_at: float = 0.0
     replies: dict[str, ModelReply] = field(default_factory=dict)
     refused: set[str] = field(default_factory=set)
 
@@ -92,6 +85,7 @@ class Membership:
 
 
 MAX_WIDENING_ROUNDS = 6
+IDLE_SESSION_WAITS = 2  # a node that stopped training admits a peer once per this many waits
 SMOOTHING_STEPS = 16  # time constant of the smoothed condition's moving average, in steps
 
 
@@ -112,15 +106,28 @@ def squared_distances(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _squared(v: torch.Tensor) -> float:
-    return float(v.dot(v))
+def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a_i · b_i`` for every row of ``a`` and ``b`` (``[k, p]``), a block of rows at a time;
+    like ``squared_distances``, one row gives bit for bit what it gives among many."""
+    k = len(a)
+    out = torch.empty(k)
+    scratch = torch.empty(min(k, DISTANCE_BLOCK), a.shape[-1])
+    for start in range(0, k, DISTANCE_BLOCK):
+        stop = min(start + DISTANCE_BLOCK, k)
+        torch.sum(
+            torch.mul(a[start:stop], b[start:stop], out=scratch[: stop - start]),
+            1,
+            out=out[start:stop],
+        )
+    return out
 
 
 class DynamicCore(NodeCore):
     """Dynamic averaging; see the module docstring."""
 
     step_counters = ("step", "steps_since_sync")
-    step_fields = ("busy", "quiet_until", "delta", "reference")
+    step_fields = ("busy", "quiet_until", "delta", "reference", "_checked", "_coherence")
+    step_state = ("_coherence",)
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -129,13 +136,12 @@ class DynamicCore(NodeCore):
         self.session: Session | None = None
         self.membership: Membership | None = None
         self.quiet_until = 0
-        self._session_models: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._session_models: OrderedDict[str, tuple[torch.Tensor, float]] = OrderedDict()
+        """Per peer: our model and the time at our last session with it."""
         self._delta = self._compute_delta()
         self._coherent = self.config.condition != "distance"
         self._checked = self.reference.clone() if self._coherent else None
         self._coherence = 0.0
-        self._move: torch.Tensor | None = None  # the agreed model's last move (moving reference)
-        self._move_steps = 0
 
     def state_dict(self) -> dict[str, Any]:
         """Base state plus reference and steps since the last sync."""
@@ -171,15 +177,21 @@ class DynamicCore(NodeCore):
         ``√Δ / PEER_SPEED_ALLOWANCE`` since our last session with it: an honest one has to
         drift √Δ from its fresh reference before it violates again, which takes a peer no more
         than that many times faster than us at least this long. A peer that claims violations
-        faster (a flood) is refused and counted."""
+        faster (a flood) is refused and counted. A node that no longer trains (finished, or
+        serving only) admits one session per peer every ``IDLE_SESSION_WAITS`` round-trip
+        waits instead, so a peer that restarted or trains longer is still served."""
         last = self._session_models.get(peer)
         if last is not None:
-            moved = float((self.model.read() - last).square().sum())
-            if moved < self._delta / PEER_SPEED_ALLOWANCE**2:
+            model, at = last
+            moved = float((self.model.read() - model).square().sum())
+            idle = self._last_step_at <= at  # we stopped training: our moves time nothing
+            if moved < self._delta / PEER_SPEED_ALLOWANCE**2 and not (
+                idle and now - at >= IDLE_SESSION_WAITS * self.round_trip.wait
+            ):
                 self.stats.refused_peer += 1
                 return False
         self._session_models.pop(peer, None)
-        self._session_models[peer] = self.model.read().clone()
+        self._session_models[peer] = (self.model.read().clone(), now)
         while len(self._session_models) > DISTANCE_HISTORY:
             self._session_models.popitem(last=False)
         return True
@@ -196,46 +208,64 @@ class DynamicCore(NodeCore):
         rows: torch.Tensor,
         read: RowReader,
     ) -> torch.Tensor:
-        """Every ``b``-th step, a node in no session and not backing off tests its drift
-        against Δ; those above it act (``_after_step``). The coherent and smoothed conditions
-        update per-node state at every check, and a moving reference is per node: every due
-        node acts."""
+        """Every ``b``-th step, a node in no session and not backing off checks its condition
+        (``_condition``, here for all of them at once) against Δ; those above it act
+        (``_after_step``). The smoothed and coherent conditions keep state from check to
+        check: it is updated here for the nodes that do not act (those that act compute it
+        themselves)."""
         step = state["step"][rows] + 1
         act = (step % config.b == 0) & ~state["busy"][rows] & (step >= state["quiet_until"][rows])
         due = rows[act]
-        if len(due) and config.condition == "distance" and config.reference == "fixed":
-            everyone = len(due) == len(state["reference"])
-            reference = state["reference"] if everyone else state["reference"][due]
-            drift = squared_distances(read(due), reference).double()
-            act[act.clone()] = ~(drift <= state["delta"][due])  # as _after_step, NaN too
+        if len(due):
+            value, keep = cls._conditions(config, state, due, read)
+            violated = ~(value <= state["delta"][due])  # as _after_step, NaN too
+            keep(~violated)
+            act[act.clone()] = violated
         return act
+
+    @staticmethod
+    def _conditions(
+        config: ProtocolConfig,
+        state: Mapping[str, torch.Tensor],
+        due: torch.Tensor,
+        read: RowReader,
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
+        """``_condition`` of the cores at rows ``due`` (float64), and a function that stores
+        the checks' new state for the rows a mask selects."""
+        w = read(due)
+        reference = state["reference"] if len(due) == len(state["reference"]) else None
+        reference = state["reference"][due] if reference is None else reference
+        if config.condition == "distance":
+            return squared_distances(w, reference).double(), lambda mask: None
+        checked = state["_checked"][due]
+        if config.condition == "smoothed":
+            checked += (w - checked) * min(1.0, config.b / SMOOTHING_STEPS)
+            value = squared_distances(checked, reference).double()
+            return value, lambda mask: state["_checked"].index_copy_(0, due[mask], checked[mask])
+        sums = state["_coherence"][due] + 2 * row_dots(w - checked, checked - reference).double()
+        value = torch.where(sums > 0.0, sums, 0.0)  # max(0.0, sums), NaN to 0 as there
+
+        def keep(mask: torch.Tensor) -> None:
+            state["_checked"].index_copy_(0, due[mask], w[mask])
+            state["_coherence"][due[mask]] = value[mask]
+
+        return value, keep
 
     def _condition(self) -> float:
         """What is compared with Δ at a check: ``||w − r||²``, or with the coherent condition
         the CUSUM of the cross terms of the moves between checks (see the module)."""
         if not self._coherent:
-            if self._move is None:
-                return self.drift()
-            return _squared(self.model.read() - self._expected())
+            return self.drift()
         assert self._checked is not None
         now = self.model.read()
         if self.config.condition == "smoothed":
             self._checked += (now - self._checked) * min(1.0, self.config.b / SMOOTHING_STEPS)
-            return _squared(self._checked - self._expected(SMOOTHING_STEPS))
+            return float(squared_distances(self._checked[None], self.reference[None])[0])
         move = now - self._checked
-        self._coherence = max(
-            0.0, self._coherence + 2 * float(move.dot(self._checked - self.reference))
-        )
+        dot = row_dots(move[None], (self._checked - self.reference)[None])[0]
+        self._coherence = max(0.0, self._coherence + 2 * float(dot))
         self._checked = now.clone()
         return self._coherence
-
-    def _expected(self, lag: int = 0) -> torch.Tensor:
-        """Where the agreed model is expected ``lag`` steps ago: the reference, moved along
-        its last move with a moving reference (see the module docstring)."""
-        if self._move is None:
-            return self.reference
-        steps = min(max(0, self.steps_since_sync - lag), self._move_steps)
-        return self.reference + self._move * (steps / self._move_steps)
 
     @property
     def busy(self) -> bool:
@@ -265,8 +295,9 @@ class DynamicCore(NodeCore):
     def _ask(self, now: float, peers: list[str]) -> list[Action]:
         assert self.session is not None
         s = self.session
+        s.asked_at = now
         actions: list[Action] = [Send(p, Pull(s.id)) for p in peers]
-        actions.append(SetTimer(now + self.config.timeout, ("session", s.id, s.round)))
+        actions.append(SetTimer(now + self.round_trip.wait, ("session", s.id, s.round)))
         return actions
 
     def _on_reply(self, now: float, sender: str, msg: ModelReply) -> list[Action]:
@@ -276,6 +307,7 @@ class DynamicCore(NodeCore):
             self.stats.ignored += 1
             return [Send(sender, Busy(msg.session))]
         s.replies[sender] = msg
+        self.round_trip.sample(now - s.asked_at)
         return self._resolve(now) if s.answered else []
 
     def _resolve(self, now: float) -> list[Action]:
@@ -288,7 +320,7 @@ class DynamicCore(NodeCore):
             return []
         replies = {peer: (r.params, r.samples) for peer, r in s.replies.items()}
         average = self._merge(s.sent, self.model.samples, replies)
-        if _squared(average - self._expected()) > self._delta:
+        if float((average - self.reference).square().sum()) > self._delta:
             wider = self._widen()
             if wider:
                 s.asked |= set(wider)
@@ -330,7 +362,7 @@ class DynamicCore(NodeCore):
         reply = ModelReply(
             msg.session, sent, self.model.samples, self.live_neighbors, self.steps_since_sync
         )
-        deadline = now + self.config.timeout * (MAX_WIDENING_ROUNDS + 2)
+        deadline = now + self.round_trip.wait * (MAX_WIDENING_ROUNDS + 2)
         return actions + [Send(sender, reply), SetTimer(deadline, ("member", msg.session))]
 
     def _give_way(self) -> list[Action]:
@@ -366,10 +398,7 @@ class DynamicCore(NodeCore):
         """The shared merge (correction, outer step, kept progress); the result becomes the
         reference."""
         actions = super()._adopt(merged, sent, steps, current)
-        reference = (merged if self.outer is None else self.outer.anchor).clone()
-        if self.config.reference == "moving" and self.steps_since_sync > 0:
-            self._move, self._move_steps = reference - self.reference, self.steps_since_sync
-        self.reference = reference
+        self.reference = (merged if self.outer is None else self.outer.anchor).clone()
         if self._coherent:
             self._checked = next(a.params for a in actions if isinstance(a, ReplaceModel)).clone()
             self._coherence = 0.0
@@ -389,6 +418,7 @@ class DynamicCore(NodeCore):
             s, m = self.session, self.membership
             if s is not None and s.id == message.session and sender in s.asked:
                 s.refused.add(sender)
+                self.round_trip.sample(now - s.asked_at)
                 return self._resolve(now) if s.answered else []
             if m is not None and m.id == message.session and m.coordinator == sender:
                 self.membership = None  # released: the session went on without us
@@ -399,6 +429,7 @@ class DynamicCore(NodeCore):
         s, m = self.session, self.membership
         if s is not None and key == ("session", s.id, s.round):
             self.stats.timeouts += 1
+            self.round_trip.expired()
             return self._resolve(now)
         if m is not None and key == ("member", m.id):
             self.stats.timeouts += 1

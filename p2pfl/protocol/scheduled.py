@@ -20,6 +20,7 @@ class PeriodicCore(NodeCore):
     next round starts), replaces its model by the mean of its closed neighbourhood."""
 
     open_round: int | None = None
+    round_opened_at = 0.0
     sent: torch.Tensor | None = None
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -48,7 +49,8 @@ class PeriodicCore(NodeCore):
         self.open_round, self.sent = rnd, current.clone()
         for peer in self.live_neighbors:
             actions.append(Send(peer, Push(rnd, self.sent, self.model.samples)))
-        actions.append(SetTimer(now + self.config.timeout, ("round", rnd)))
+        self.round_opened_at = now
+        actions.append(SetTimer(now + self.round_trip.wait, ("round", rnd)))
         return actions + self._finish_if_complete(current)
 
     def on_message(self, now: float, sender: str, message: Message) -> list[Action]:
@@ -60,11 +62,14 @@ class PeriodicCore(NodeCore):
             log.debug("%s: round %d from %s outside window", self.node_id, message.round, sender)
             return []
         self.inbox.setdefault(message.round, {})[sender] = (message.params, message.samples)
+        if message.round == self.open_round:
+            self.round_trip.sample(now - self.round_opened_at)  # how long peers lag our push
         return self._finish_if_complete()
 
     def on_timer(self, now: float, key: Hashable) -> list[Action]:
         if key == ("round", self.open_round):
             self.stats.timeouts += 1
+            self.round_trip.expired()
             return self._finish_round()
         return []
 
@@ -97,11 +102,12 @@ class GossipCore(NodeCore):
     merges too. Both ends merge the same two vectors, so an exchange moves ``(w_j - w_i) / 2``
     from one to the other: the global mean is kept and the two drift-correction updates
     (``K = b``) cancel, however exchanges interleave (uniform merge, nothing clipped). A reply
-    after ``timeout`` is ignored (the receiver's half of that exchange stays done)."""
+    after the round-trip wait is ignored (the receiver's half of that exchange stays done)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.exchanges: dict[int, tuple[str, torch.Tensor]] = {}
+        self.exchanges: dict[int, tuple[str, torch.Tensor, float]] = {}
+        """Open exchanges by id: the peer, what we sent, when."""
         self.next_exchange = 1
 
     step_fields = ("has_live_neighbors",)
@@ -128,10 +134,10 @@ class GossipCore(NodeCore):
         peer = self.rng.choice(peers)
         exchange, self.next_exchange = self.next_exchange, self.next_exchange + 1
         sent = self.model.read().clone()
-        self.exchanges[exchange] = (peer, sent)
+        self.exchanges[exchange] = (peer, sent, now)
         return [
             Send(peer, Push(-exchange, sent, self.model.samples)),
-            SetTimer(now + self.config.timeout, ("exchange", exchange)),
+            SetTimer(now + self.round_trip.wait, ("exchange", exchange)),
         ]
 
     def on_message(self, now: float, sender: str, message: Message) -> list[Action]:
@@ -147,7 +153,8 @@ class GossipCore(NodeCore):
             isinstance(message, ModelReply)
             and self.exchanges.get(message.session, ("",))[0] == sender
         ):
-            _, sent = self.exchanges.pop(message.session)
+            _, sent, asked_at = self.exchanges.pop(message.session)
+            self.round_trip.sample(now - asked_at)
             answer = {sender: (message.params, message.samples)}
             return self._adopt(self._merge(sent, self.model.samples, answer), sent, self.config.b)
         return super().on_message(now, sender, message)
@@ -155,4 +162,5 @@ class GossipCore(NodeCore):
     def on_timer(self, now: float, key: Hashable) -> list[Action]:
         if isinstance(key, tuple) and key[0] == "exchange" and self.exchanges.pop(key[1], None):
             self.stats.timeouts += 1
+            self.round_trip.expired()
         return []

@@ -5,14 +5,15 @@ Every local step of every node used to be one ``on_local_step`` call, and dynami
 fields their condition reads (``NodeCore.step_counters``, ``step_fields``; dynamic's
 references included) are kept stacked, one row per member; the core class's own vectorised
 condition (``which_act``) picks the members that act on this step, the others only have their
-counters advanced in one tensor operation, and only the acting cores are called. The
-decision stays in the core's code: ``which_act`` is the same condition written over rows, and
-the acting cores run their ordinary ``on_local_step``.
+counters advanced in one tensor operation (and, for a condition with state, such as dynamic's
+smoothed model, that state updated by ``which_act``), and only the acting cores are called.
+The decision stays in the core's code: ``which_act`` is the same condition written over rows,
+and the acting cores run their ordinary ``on_local_step``.
 
-The stacked rows are the authority for the counters between calls: ``core(row)`` writes a
-core's counters into it before a driver calls the core (for any event, once per step however
-many events it gets), and the state of the cores called is read back before the next
-vectorised step. Numbers and flags live in numpy arrays (a row is read or written in ~0.1 µs,
+The stacked rows are the authority for the counters (and ``step_state``) between calls:
+``core(row)`` writes them into a core before a driver calls the core (for any event, once per
+step however many events it gets), and the state of the cores called is read back before the
+next vectorised step. Numbers and flags live in numpy arrays (a row is read or written in ~0.1 µs,
 ten times faster than a tensor element) that the tensors ``which_act`` sees share. Tensor
 fields (references) are stored once: the core's attribute is pointed at its row of the
 stacked tensor.
@@ -54,6 +55,8 @@ class StackedCores:
         self._rows: dict[str, list[torch.Tensor]] = {}
         for name in self.cls.step_fields:
             values = [getattr(c, name) for c in self.cores]
+            if values[0] is None:  # unused by this config (e.g. a condition's state)
+                continue
             if isinstance(values[0], torch.Tensor):
                 self.state[name] = torch.stack(values)
                 rows = list(self.state[name].unbind())
@@ -64,6 +67,12 @@ class StackedCores:
                 self.numbers[name] = np.array(values, dtype=_dtype(values[0]))
         self.state |= {name: torch.from_numpy(column) for name, column in self.numbers.items()}
         self._counter_view = {name: self.state[name] for name in self.counters}
+        # What a core is given before it is called: counters and what which_act updated.
+        self._written = {
+            name: self.numbers[name]
+            for name in (*self.cls.step_counters, *self.cls.step_state)
+            if name in self.numbers
+        }
         # When each core took its first and its latest local step (None: NaN).
         self.clocks = {
             name: np.array(
@@ -99,8 +108,8 @@ class StackedCores:
         is read back before the next ``local_step``)."""
         core = self.cores[row]
         if row not in self._synced:
-            for name, counter in self.counters.items():
-                setattr(core, name, int(counter[row]))
+            for name, column in self._written.items():
+                setattr(core, name, column[row].item())
             for name, clock in self.clocks.items():
                 setattr(core, name, None if np.isnan(clock[row]) else float(clock[row]))
             self._synced.add(row)
