@@ -84,11 +84,16 @@ def test_bytes_at_accuracy_reads_the_frontier_in_log_bytes():
 
 
 def test_closest_traffic_is_equal_traffic_in_ratio():
-    runs = [{"bytes_sent": b, "protocol": str(b)} for b in (0, 100, 1_000, 10_000)]
+    runs = [
+        {"bytes_sent": b, "protocol": str(b), "prequential_accuracy": 0.5}
+        for b in (0, 100, 1_000, 10_000)
+    ]
     assert closest_traffic(runs, 400)["protocol"] == "1000"  # 2.5x more beats 4x less
     assert closest_traffic(runs, 300)["protocol"] == "100"  # 3x less beats 3.3x more
     assert closest_traffic(runs, 5_000)["protocol"] == "10000"
     assert closest_traffic(runs[:1], 5_000) is None
+    better = {"bytes_sent": 1_000, "protocol": "better", "prequential_accuracy": 0.6}
+    assert closest_traffic([*runs, better], 900)["protocol"] == "better"  # same bytes: the best
 
 
 def test_settled_traffic_is_the_last_quarter_of_every_phase():

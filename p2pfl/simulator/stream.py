@@ -240,11 +240,15 @@ def bytes_at_accuracy(points: Sequence[tuple[float, float]], level: float) -> fl
 
 
 def closest_traffic(runs: Sequence[dict[str, Any]], sent: float) -> dict[str, Any] | None:
-    """The run whose total bytes are closest to ``sent`` in ratio (equal traffic)."""
+    """The run whose total bytes are closest to ``sent`` in ratio (equal traffic); of runs
+    with the same bytes, the most accurate (prequentially)."""
     paying = [r for r in runs if r["bytes_sent"] > 0]
     if not paying or sent <= 0:
         return None
-    return min(paying, key=lambda r: abs(math.log(r["bytes_sent"] / sent)))
+    return min(
+        paying,
+        key=lambda r: (abs(math.log(r["bytes_sent"] / sent)), -r["prequential_accuracy"]),
+    )
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
