@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import pytest
@@ -82,10 +82,13 @@ def nat_or_skip() -> None:
 
 
 @contextmanager
-def behind_nat(router: str, public_if: str) -> Iterator[tuple[str, str]]:
+def behind_nat(
+    router: str, public_if: str, unreachable: Sequence[str] = ()
+) -> Iterator[tuple[str, str]]:
     """A namespace on a private network (10.233.1.0/24) whose only way out is ``router``,
     which masquerades it behind its address on ``public_if`` and drops every connection
-    opened from outside (a home router). Yields (namespace, private address)."""
+    opened from outside (a home router), and any packet from inside to the ``unreachable``
+    addresses. Yields (namespace, private address)."""
     tag = os.getpid() % 100_000
     name = f"p2pfl-{tag}-nat"
     ip("netns", "add", name)
@@ -105,6 +108,8 @@ def behind_nat(router: str, public_if: str) -> Iterator[tuple[str, str]]:
             ["iptables", "-A", "FORWARD", "-i", public_if, "-o", outside, "-m", "conntrack",
              "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
             ["iptables", "-A", "FORWARD", "-i", public_if, "-o", outside, "-j", "DROP"],
+            *(["iptables", "-A", "FORWARD", "-i", outside, "-d", a, "-j", "DROP"]
+              for a in unreachable),
         ]  # fmt: skip
         for rule in rules:
             subprocess.run(run_in(router) + rule, check=True, capture_output=True, timeout=30)

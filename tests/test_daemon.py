@@ -72,6 +72,8 @@ def test_flags_override_the_file(tmp_path):
         ("", {"step_interval": float("nan")}, "'step_interval'"),
         ("", {"metrics_port": 70000}, "'metrics_port'"),
         ('data = ""\n', {}, "'data'"),
+        ('lr_schedule = "sawtooth"\n', {}, "'lr_schedule'"),
+        ('lr_schedule = "cosine"\n', {}, "cosine:steps=T"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, flags, expected):
@@ -182,14 +184,20 @@ def test_dynamic_core_state_roundtrip():
     assert fresh.delta == pytest.approx(config.rel * 4)
 
 
+def trained_node(config, steps: int):
+    """A node's learner and whole-model runtime after ``steps`` local steps."""
+    learner = build_learning(config, PEER).learner
+    runtime = recorded_runtime(learner, config.protocol, node=PEER)
+    for _ in range(steps):
+        learner.step(torch.tensor([0]))
+        runtime.local_step(0.0)
+    return learner, runtime
+
+
 def test_node_state_restores_model_optimizer_and_sampling(tmp_path):
     config = load_config(tmp_path, {"data": "digits:part=1/4,alpha=0.5", "model": "logistic"})
-    first = build_learning(config, PEER).learner
-    runtime = recorded_runtime(first, config.protocol, node=PEER)
+    first, runtime = trained_node(config, 5)
     nodes = torch.tensor([0])
-    for _ in range(5):
-        first.step(nodes)
-        runtime.local_step(0.0)
     saved = node_state(first, runtime.core, PEER, {"rejected": 2})
     state = decode_checkpoint(encode_checkpoint(saved))
     second = build_learning(config, PEER).learner
@@ -202,6 +210,26 @@ def test_node_state_restores_model_optimizer_and_sampling(tmp_path):
     assert torch.equal(first.get(0), second.get(0))
     with pytest.raises(ValueError, match="belongs to peer"):
         restore_node_state(second, runtime2, "someone-else", state)
+
+
+def test_a_node_follows_its_learning_rate_schedule_across_a_restart(tmp_path):
+    """``lr_schedule`` in the config: the learner decays the rate, the core is told the
+    current step size, and a restored node goes on from its step instead of restarting the
+    schedule."""
+    flags = {"data": "digits:part=1/4", "model": "logistic", "steps": 20}
+    config = load_config(tmp_path, {**flags, "lr_schedule": "cosine:min=0.1"})
+    first, runtime = trained_node(config, 10)
+    nodes = torch.tensor([0])
+    assert first.lr(0) == pytest.approx(0.1 * config.schedule.factor(9))
+    assert 0.01 < first.lr(0) < 0.1
+    assert runtime.core.step_size == pytest.approx(first.lr(0))
+    state = decode_checkpoint(encode_checkpoint(node_state(first, runtime.core, PEER, {})))
+    second = build_learning(config, PEER).learner
+    restore_node_state(second, recorded_runtime(second, config.protocol, node=PEER), PEER, state)
+    first.step(nodes)
+    second.step(nodes)
+    assert second.lr(0) == first.lr(0) == pytest.approx(0.1 * config.schedule.factor(10))
+    assert torch.equal(first.get(0), second.get(0))
 
 
 # ------------------------------------------------------------------------ control socket

@@ -15,6 +15,21 @@ DEMO_SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "demo.toml"
 """The built-in demo, shipped inside the package (package data), so an installed p2pfl runs
 it from anywhere."""
 
+# Options both commands take (one declaration each).
+QUIET = typer.Option(False, "--quiet", help="No progress bar.")
+AS_JSON = typer.Option(
+    False, "--json", help="Print the run's summary (as summary.json) on stdout instead."
+)
+SHARDS = typer.Option(
+    1, "--shards", help="Split the nodes over this many Ray workers (needs p2pfl[ray])."
+)
+RAY_ADDRESS = typer.Option(
+    None,
+    "--ray-address",
+    help="Ray cluster to shard on (e.g. ray://head:10001 or auto); "
+    "default: a local cluster started for the run.",
+)
+
 
 def sim(
     scenario: Path | None = typer.Argument(None, help="Scenario TOML file (flags override it)."),
@@ -47,19 +62,10 @@ def sim(
         help="K:ATTACK, K nodes lie: signflip, scale, noise, replay, flood, fake-average.",
     ),
     out: Path = typer.Option(Path("runs/sim"), "--out", help="Directory for the results."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    as_json: bool = typer.Option(
-        False, "--json", help="Print the run's summary (as summary.json) on stdout instead."
-    ),
-    shards: int = typer.Option(
-        1, "--shards", help="Split the nodes over this many Ray workers (needs p2pfl[ray])."
-    ),
-    ray_address: str | None = typer.Option(
-        None,
-        "--ray-address",
-        help="Ray cluster to shard on (e.g. ray://head:10001 or auto); "
-        "default: a local cluster started for the run.",
-    ),
+    quiet: bool = QUIET,
+    as_json: bool = AS_JSON,
+    shards: int = SHARDS,
+    ray_address: str | None = RAY_ADDRESS,
 ) -> None:
     """Simulate nodes on a graph and compare protocols on identical data and seed; with
     \\[\\[communities]] in the scenario, compare joining them against training alone."""
@@ -86,23 +92,14 @@ def demo(
     steps: int | None = typer.Option(
         None, "--steps", help="Steps per node [default: 2,000]; fewer for a quick look."
     ),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    as_json: bool = typer.Option(
-        False, "--json", help="Print the run's summary (as summary.json) on stdout instead."
-    ),
-    shards: int = typer.Option(
-        1, "--shards", help="Split the nodes over this many Ray workers (needs p2pfl[ray])."
-    ),
-    ray_address: str | None = typer.Option(
-        None,
-        "--ray-address",
-        help="Ray cluster to shard on (e.g. ray://head:10001 or auto); "
-        "default: a local cluster started for the run.",
-    ),
+    quiet: bool = QUIET,
+    as_json: bool = AS_JSON,
+    shards: int = SHARDS,
+    ray_address: str | None = RAY_ADDRESS,
 ) -> None:
     """Run the built-in demo (p2pfl/scenarios/demo.toml): digits on 16 nodes, non-IID, four
     protocols."""
-    _run(DEMO_SCENARIO, {"steps": steps}, out, quiet, as_json)
+    _run(DEMO_SCENARIO, {"steps": steps}, out, quiet, as_json, shards, ray_address)
 
 
 def _run(

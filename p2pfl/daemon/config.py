@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.errors import P2pflError
+from p2pfl.learning.schedule import LRSchedule, parse_lr_schedule
 from p2pfl.peers import parse_peer_address, tcp_listen_address
 from p2pfl.protocol.config import ProtocolConfig, parse_protocol
 from p2pfl.spec import SpecError, finite_number, whole_number
@@ -46,6 +47,11 @@ CONFIG_TEMPLATE = """\
 
 # lr = 0.1
 # batch_size = 32
+
+# Learning-rate schedule over the node's own steps: constant, cosine[:min=0.01] (over
+# `steps`, or cosine:steps=T when training until stopped), step:every=N,gamma=0.5,
+# restarts:period=N (SGDR), each with warmup=W.
+# lr_schedule = "constant"
 
 # Seed of the model initialisation (keep it equal across the network); the node's own
 # sampling is seeded from it and the node's peer id.
@@ -94,6 +100,7 @@ class NodeConfig:
     protocol: str = "dynamic"
     steps: int = 0
     lr: float = 0.1
+    lr_schedule: str = "constant"
     batch_size: int = 32
     seed: int = 0
     step_interval: float = 0.01
@@ -108,6 +115,11 @@ class NodeConfig:
     relay: tuple[str, ...] = ()
     """Relays to hold a reservation on (full peer addresses)."""
     protocol_config: ProtocolConfig = field(default=parse_protocol("dynamic"), compare=False)
+
+    @property
+    def schedule(self) -> LRSchedule:
+        """The learning-rate schedule (a cosine without its own length spans ``steps``)."""
+        return parse_lr_schedule(self.lr_schedule).with_horizon(self.steps)
 
     @property
     def key_file(self) -> Path:
@@ -176,6 +188,12 @@ def _protocol(value: Any) -> str:
     return text
 
 
+def _lr_schedule(value: Any) -> str:
+    text = _str(value)
+    parse_lr_schedule(text)
+    return text
+
+
 CHECKS: dict[str, Callable[[Any], Any]] = {
     "listen": _listen,
     "bootstrap": _bootstrap,
@@ -184,6 +202,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "protocol": _protocol,
     "steps": whole_number(0),
     "lr": finite_number(positive=True),
+    "lr_schedule": _lr_schedule,
     "batch_size": whole_number(1),
     "seed": whole_number(0, 2**63 - 1),
     "step_interval": finite_number(positive=True),
@@ -235,4 +254,11 @@ def load_config(home: Path, flags: Mapping[str, Any] | None = None) -> NodeConfi
         except (ValueError, SpecError) as exc:
             raise ConfigError(f"bad value for {key!r} (from {sources[key]}): {exc}") from None
     protocol = parse_protocol(checked.get("protocol", NodeConfig.protocol))
-    return NodeConfig(home=home, protocol_config=protocol, **checked)
+    config = NodeConfig(home=home, protocol_config=protocol, **checked)
+    schedule = parse_lr_schedule(config.lr_schedule)
+    if schedule.kind == "cosine" and schedule.steps is None and not config.steps:
+        raise ConfigError(
+            f"bad value for 'lr_schedule' (from {sources['lr_schedule']}): a cosine schedule "
+            "needs a length: set steps, or write cosine:steps=T"
+        )
+    return config

@@ -84,7 +84,11 @@ def build_learning(config: NodeConfig, peer_id: str) -> Learning:
     bank = NodeDataBank(
         [data.x_train], [data.y_train], config.batch_size, derive_seed(config.seed, peer_id)
     )
-    return Learning(data, dataset, PerNodeLearner(model, bank, SGDConfig(lr=config.lr)))
+    return Learning(
+        data,
+        dataset,
+        PerNodeLearner(model, bank, SGDConfig(lr=config.lr, schedule=config.schedule)),
+    )
 
 
 class NodeDaemon:

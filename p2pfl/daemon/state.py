@@ -64,6 +64,7 @@ def restore_node_state(
     learner.optimizers[0].load_state_dict(state["optimizer"])
     learner.data.generator.set_state(state["sampler_rng"])
     runtime.restore(state["core"])
+    learner.steps_taken[0] = runtime.core.step  # the learning-rate schedule goes on from there
     return {k: int(v) for k, v in state["counters"].items()}
 
 
