@@ -55,6 +55,7 @@ CYCLE_PARTS = 1024
 E2E_TARGET_S = 15.0
 LARGE_TARGET_S = 180.0
 PLAIN_TARGET = 0.1
+SESSION_STATS = ("sessions", "violations", "syncs", "refused_busy", "refused_peer", "gave_way")
 
 
 def parse_args() -> argparse.Namespace:
@@ -170,7 +171,15 @@ def instrument(sim: Simulation, timers: Timers, breakdown: bool) -> None:
         return
     for name in ("set", "set_correction"):
         setattr(learner, name, timers.wrap("learner.set/set_correction", getattr(learner, name)))
-    sim.net.transmit = timers.wrap("network.transmit", sim.net.transmit)  # type: ignore[method-assign]
+    transmit = timers.wrap("network.transmit", sim.net.transmit)
+    s = sim.prepared.scenario
+
+    def counted_transmit(now: float, src: int, dst: int, size: int) -> float | None:
+        fifth = min(4, round(now / s.network.step_time) * 5 // (s.steps + 1))
+        timers.calls[f"messages in fifth {fifth + 1} of the run"] += 1
+        return transmit(now, src, dst, size)
+
+    sim.net.transmit = counted_transmit  # type: ignore[method-assign]
     sim.local_metrics = timers.wrap("evaluation", sim.local_metrics)  # type: ignore[method-assign]
     for stacked in sim.stacked:
         if stacked is not None:
@@ -246,6 +255,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "accuracy": summary["final_accuracy"],
         "seconds": dict(timers.seconds),
         "calls": dict(timers.calls),
+        "sessions": {k: summary.get(k, 0) for k in SESSION_STATS},
     }
 
 
@@ -462,6 +472,9 @@ def breakdown_table(r: dict[str, Any]) -> None:
         n = calls.get(name, 0)
         per = f"{sec / n * 1e6:9.1f}" if n else f"{'':>9}"
         print(f"{name:<34}{sec:>9.1f}{sec / wall:>8.0%}{n:>11,}{per}")
+    fifths = [calls.get(f"messages in fifth {i} of the run", 0) for i in range(1, 6)]
+    print(f"messages sent in each fifth of the run: {', '.join(f'{n:,}' for n in fifths)}")
+    print(", ".join(f"{k} {v:,}" for k, v in r["sessions"].items()))
 
 
 def main() -> None:
