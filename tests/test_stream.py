@@ -81,6 +81,10 @@ def test_bytes_at_accuracy_reads_the_frontier_in_log_bytes():
     assert bytes_at_accuracy(points, 0.4) == 0  # training alone is enough
     assert bytes_at_accuracy(points, 0.95) is None  # no baseline reaches it
     assert math.isclose(bytes_at_accuracy([(10, 0.6), (1000, 0.8)], 0.7), 100)
+    # of runs with equal bytes only the most accurate is on the frontier
+    same = [(10, 0.6), (1000, 0.75), (1000, 0.8)]
+    assert math.isclose(bytes_at_accuracy(same, 0.7), 100)
+    assert bytes_at_accuracy(same, 0.76) == pytest.approx(10 * 100 ** (0.16 / 0.2))
 
 
 def test_closest_traffic_is_equal_traffic_in_ratio():

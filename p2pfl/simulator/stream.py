@@ -223,8 +223,9 @@ def bytes_at_accuracy(points: Sequence[tuple[float, float]], level: float) -> fl
     the traffic; linear in bytes would overstate what the family needs), from 0 bytes
     linearly. None: no run of the family reaches ``level``."""
     frontier: list[tuple[float, float]] = []
-    for sent, accuracy in sorted(points):
-        if not frontier or accuracy > frontier[-1][1]:
+    for sent, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        # the best run of each cost first; a run no more accurate than a cheaper one is off
+        if not frontier or (sent > frontier[-1][0] and accuracy > frontier[-1][1]):
             frontier.append((sent, accuracy))
     if not frontier or level > frontier[-1][1]:
         return None
