@@ -160,6 +160,9 @@ class NodeCore:
         self.down: set[str] = set()
         self.rng = random.Random(seed)
         self.step_size = step_size
+        self.mean_step_size: Callable[[int], float] = lambda steps: self.step_size
+        """The mean step size over the latest ``steps`` local steps (a driver under a
+        learning-rate schedule hands in the exact one); the drift correction divides by it."""
         self.max_neighbors = max_neighbors
         self.step = 0
         self.stats = CoreStats()
@@ -391,7 +394,7 @@ class NodeCore:
         now = self.model.read() if current is None else current
         self.anchor = new.clone()
         actions.append(ReplaceModel(new + (now - sent)))
-        actions += self.drift_correction.update(sent, merged, steps, self.step_size)
+        actions += self.drift_correction.update(sent, merged, steps, self.mean_step_size(steps))
         self.stats.syncs += 1
         return actions
 
