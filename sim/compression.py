@@ -1,108 +1,209 @@
-"""Bytes to reach 99 % of continuous averaging, for each protocol x codec, on one scenario.
+"""Bytes to reach 99 % of continuous averaging, for each protocol x codec, on fixed-data
+scenarios (the README's compression table).
 
-    .venv/bin/python sim/compression.py sim/pareto-dirichlet01.toml --out runs/compression
+    .venv/bin/python sim/compression.py sim/pareto-iid.toml sim/pareto-dirichlet05.toml \\
+        sim/pareto-dirichlet01.toml --seeds 1,2 --out runs/compression
 
-Runs ``continuous`` (the reference), ``periodic:b=B`` for every B in ``--periods`` without a
-codec (the fair baseline: periodic gets every mechanism ``dynamic`` gets; only the codec
-differs), then each codec of ``--codecs`` on the best such period and on ``dynamic``
-(defaults), and with ``--with-continuous`` on ``continuous``. A run reaches the target when
-its final accuracy (mean of the evaluations at prime steps in the last tenth) is at least
-99 % of continuous's; its cost is all the bytes it sent. Prints the table, writes
-``compression.json`` into ``--out``.
+For each scenario and seed: ``continuous:correction=0`` sets the target (99 % of its
+accuracy, as ``sim/pareto.py``); every periodic variant of ``--variants`` (the shared
+mechanisms: drift correction, outer step; see ``pareto.BASELINES``) at every period of
+``--periods`` runs without a codec, and the cheapest one reaching the target is the *best
+fair schedule* (if none reaches it, the most accurate one stands in and is marked). Then
+``dynamic`` (its defaults) and that best fair schedule each run with every codec of
+``--codecs`` (float32 first), so a codec is offered to both sides. Accuracy is the mean of
+the evaluations at prime steps in the last tenth; a run's cost is all the bytes it sent.
+
+``--reuse`` takes runs made before on the same scenario, seed and step count (a
+``sim/pareto.py`` output's ``runs.jsonl``, or a simulation's ``summary.json``): a protocol
+found there is not run again (the table marks it). Prints one table per scenario (and the
+mean over seeds with its spread) and writes ``compression.json`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.scenario import load_scenario
 
-PERIODS = (10, 20, 50, 100, 200)
-CODECS = ("codec=fp16", "codec=int8", "codec=topk,topk=0.05")
+sys.path.insert(0, str(Path(__file__).parent))
+from pareto import BASELINES, REFERENCE, with_keys  # noqa: E402
+
+PERIODS = (20, 50, 100, 200, 500)
+VARIANTS = ("plain", "correction", "correction+outer")
+CODECS = (
+    "codec=fp16",
+    "codec=int8",
+    "codec=int4",
+    "codec=sign",
+    "codec=topk,topk=0.05",
+    "codec=topk,topk=0.05,values=int8",
+)
 TARGET = 0.99
 
 
-def with_codec(protocol: str, codec: str) -> str:
-    """``protocol`` with the codec keys appended (``codec`` empty: unchanged)."""
-    if not codec:
-        return protocol
-    return f"{protocol}{',' if ':' in protocol else ':'}{codec}"
+def codec_name(codec: str) -> str:
+    """The codec keys of a spec as the table shows them (``float32`` for none)."""
+    return codec.replace("codec=", "").replace(",", " ") or "float32"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("runs/compression"))
-    parser.add_argument("--periods", default=",".join(map(str, PERIODS)))
-    parser.add_argument("--codecs", default=";".join(CODECS), help="';'-separated codec keys")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument(
-        "--with-continuous", action="store_true", help="also run continuous with each codec"
-    )
-    args = parser.parse_args()
-    overrides = {} if args.steps is None else {"steps": args.steps}
-    prepared = prepare(load_scenario(args.scenario, overrides))
+def run_scenario(
+    path: Path,
+    seed: int,
+    steps: int | None,
+    periods: list[int],
+    variants: list[str],
+    codecs: list[str],
+    reused: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Every run of one scenario and seed, the target and the best fair schedule; runs in
+    ``reused`` (by protocol) are taken as they are."""
+    overrides: dict[str, Any] = {"seed": seed}
+    if steps is not None:
+        overrides["steps"] = steps
+    prepared = prepare(load_scenario(path, overrides))
     runs: dict[str, dict[str, Any]] = {}
 
     def run(protocol: str) -> dict[str, Any]:
+        if protocol in reused:
+            runs[protocol] = reused[protocol] | {"reused": True}
+            return runs[protocol]
         summary = Simulation(prepared, protocol).run()
         runs[protocol] = {k: v for k, v in summary.items() if k != "metrics"}
         print(
-            f"{protocol:44s} accuracy {summary['final_accuracy']:.4f}  "
-            f"{summary['bytes_sent'] / 1e6:10.2f} MB  refused {summary['refused_codec']}",
+            f"{path.stem} seed {seed} {protocol:52s} accuracy {summary['final_accuracy']:.4f} "
+            f"{summary['bytes_sent'] / 1e6:9.2f} MB  refused {summary['refused_codec']}",
             flush=True,
         )
         return runs[protocol]
 
-    target = TARGET * run("continuous")["final_accuracy"]
-    periodic = [run(f"periodic:b={b}") for b in map(int, args.periods.split(","))]
-    reaching = [r for r in periodic if r["final_accuracy"] >= target]
+    target = TARGET * run(REFERENCE)["final_accuracy"]
+    schedules = [run(with_keys(f"periodic:b={b}", BASELINES[v])) for v in variants for b in periods]
+    reaching = [r for r in schedules if r["final_accuracy"] >= target]
     best = (
         min(reaching, key=lambda r: r["bytes_sent"])
         if reaching
-        else max(periodic, key=lambda r: r["final_accuracy"])
+        else max(schedules, key=lambda r: r["final_accuracy"])
     )
-    baseline = best["protocol"]
-    codecs = [""] + [c for c in args.codecs.split(";") if c]
-    for codec in codecs:
-        run(with_codec("dynamic", codec))
-        if codec:
-            run(with_codec(baseline, codec))
-            if args.with_continuous:
-                run(with_codec("continuous", codec))
     rows = []
-    for codec in codecs:
-        for protocol in ("continuous", baseline, "dynamic"):
-            if with_codec(protocol, codec) not in runs:
-                continue
-            r = runs[with_codec(protocol, codec)]
+    for codec in ("", *codecs):
+        for side, protocol in (("dynamic", "dynamic"), ("best fair", best["protocol"])):
+            spec = with_keys(protocol, codec)
+            r = runs.get(spec) or run(spec)
             rows.append(
                 {
-                    "protocol": protocol,
-                    "codec": codec.removeprefix("codec=") or "float32",
+                    "side": side,
+                    "protocol": spec,
+                    "codec": codec_name(codec),
                     "accuracy": r["final_accuracy"],
                     "bytes": r["bytes_sent"],
                     "reaches": r["final_accuracy"] >= target,
-                    "loss_points": 100 * (runs[protocol]["final_accuracy"] - r["final_accuracy"]),
-                    "vs_best_periodic": best["bytes_sent"] / r["bytes_sent"],
+                    "points_lost": 100 * (runs[protocol]["final_accuracy"] - r["final_accuracy"]),
+                    "best_fair_over_this": best["bytes_sent"] / max(r["bytes_sent"], 1),
+                    "reused": r.get("reused", False),
                 }
             )
-    print(f"\ntarget {target:.4f} (99 % of continuous); best periodic without codec: {baseline}")
-    print("| protocol | codec | accuracy | MB | reaches | points lost | best periodic / this |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
+    return {
+        "scenario": path.stem,
+        "seed": seed,
+        "target": target,
+        "best_fair": best["protocol"],
+        "best_fair_reaches": best["final_accuracy"] >= target,
+        "rows": rows,
+        "runs": runs,
+    }
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    """One markdown table per scenario: each protocol x codec, mean over seeds (± half the
+    range when there are several)."""
+    by_scenario: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        by_scenario.setdefault(result["scenario"], []).append(result)
+    for scenario, group in by_scenario.items():
+        seeds = ", ".join(str(g["seed"]) for g in group)
         print(
-            f"| {row['protocol']} | {row['codec']} | {row['accuracy']:.3f} | "
-            f"{row['bytes'] / 1e6:,.1f} | {'yes' if row['reaches'] else 'no'} | "
-            f"{row['loss_points']:+.1f} | {row['vs_best_periodic']:.1f}x |"
+            f"\n{scenario} (seeds {seeds}): target(s) "
+            + ", ".join(f"{g['target']:.3f}" for g in group)
+            + "; best fair schedule(s): "
+            + ", ".join(
+                g["best_fair"] + ("" if g["best_fair_reaches"] else " (does not reach)")
+                for g in group
+            )
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"target": target, "best_periodic": baseline, "rows": rows, "runs": runs}
-    (args.out / "compression.json").write_text(json.dumps(result, indent=1))
+        print("| side | codec | accuracy | MB | reaches | points lost | best fair / this |")
+        print("|---|---|---|---|---|---|---|")
+        for i, row in enumerate(group[0]["rows"]):
+            cells = [g["rows"][i] for g in group]
+            print(
+                f"| {row['side']} | {row['codec']} | {_spread([c['accuracy'] for c in cells], 3)}"
+                f" | {_spread([c['bytes'] / 1e6 for c in cells], 1)}"
+                f" | {sum(c['reaches'] for c in cells)}/{len(cells)}"
+                f" | {_spread([c['points_lost'] for c in cells], 1, sign=True)}"
+                f" | {_spread([c['best_fair_over_this'] for c in cells], 1)}x |"
+                + (" (reused)" if any(c["reused"] for c in cells) else "")
+            )
+
+
+def _spread(values: list[float], digits: int, sign: bool = False) -> str:
+    fmt = f"{{:{'+' if sign else ''},.{digits}f}}"
+    mean = fmt.format(statistics.fmean(values))
+    if len(values) < 2:
+        return mean
+    return f"{mean} ± {(max(values) - min(values)) / 2:.{digits}f}"
+
+
+def load_runs(paths: list[Path], steps: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Earlier runs by protocol from ``runs.jsonl`` / ``summary.json`` files, those of
+    ``steps`` steps whose scenario seed is ``seed`` (where the file says it)."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        else:
+            summary = json.loads(path.read_text())
+            if summary.get("scenario", {}).get("seed", seed) != seed:
+                continue
+            rows = summary["runs"]
+        for row in rows:
+            if row.get("steps") == steps:
+                found[row["protocol"]] = {k: v for k, v in row.items() if k != "metrics"}
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenarios", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, default=Path("runs/compression"))
+    parser.add_argument("--seeds", default="", help="comma list (default: each scenario's)")
+    parser.add_argument("--periods", default=",".join(map(str, PERIODS)))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {list(BASELINES)}")
+    parser.add_argument("--codecs", default=";".join(CODECS), help="';'-separated codec keys")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument(
+        "--reuse", type=Path, nargs="*", default=[], help="runs.jsonl / summary.json to reuse"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one thread per run: on a shared machine more only wait
+    periods = [int(b) for b in args.periods.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    codecs = [c for c in args.codecs.split(";") if c]
+    results = []
+    for path in args.scenarios:
+        scenario = load_scenario(path, {} if args.steps is None else {"steps": args.steps})
+        for seed in [int(s) for s in args.seeds.split(",") if s] or [scenario.seed]:
+            reused = load_runs(args.reuse, scenario.steps, seed)
+            results.append(run_scenario(path, seed, args.steps, periods, variants, codecs, reused))
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "compression.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Dirichlet(0.1) label skew.
 
 For every run: final accuracy, messages, bytes, and the steps, communication rounds (merges
 per node) and bytes until the mean accuracy first reached each target. Prints one table per
-partition and writes ``large_batch_vs_federated.json`` into ``--out``.
+partition and seed (``--seeds``) and writes ``large_batch_vs_federated.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.simulator.engine import Simulation, prepare
@@ -60,10 +62,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/large-batch"))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--protocols", default=";".join(PROTOCOLS), help="';'-separated")
+    parser.add_argument("--seeds", default="", help="comma list (default: the scenario's)")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # one thread per run: on a shared machine more only wait
     results: dict[str, list[dict[str, Any]]] = {}
-    for partition in PARTITIONS:
-        overrides: dict[str, Any] = {"partition": partition}
+    seeds = [int(s) for s in args.seeds.split(",") if s] or [load_scenario(SCENARIO, {}).seed]
+    for partition, seed in ((p, s) for p in PARTITIONS for s in seeds):
+        overrides: dict[str, Any] = {"partition": partition, "seed": seed}
         if args.steps is not None:
             overrides["steps"] = args.steps
         scenario = load_scenario(SCENARIO, overrides)
@@ -83,9 +88,9 @@ def main() -> None:
                     },
                 }
             )
-            print(f"{partition} {protocol}: {s['final_accuracy']:.3f}", flush=True)
-        results[partition] = rows
-        print(f"\n{partition}")
+            print(f"{partition} seed {seed} {protocol}: {s['final_accuracy']:.3f}", flush=True)
+        results[f"{partition} seed {seed}"] = rows
+        print(f"\n{partition}, seed {seed}")
         head = " | ".join(f"to {t}: steps / rounds / MB" for t in TARGETS)
         print(f"| protocol | accuracy | messages | MB | rounds per node | {head} |")
         print("|---|---|---|---|---|" + "---|" * len(TARGETS))

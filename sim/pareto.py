@@ -331,9 +331,10 @@ def main() -> None:
     protocols = (
         sweep_protocols(
             [int(b) for b in args.periods.split(",")],
-            [float(r) for r in args.rels.split(",")],
+            [float(r) for r in args.rels.split(",") if r],
             [int(b) for b in args.bs.split(",")],
             args.baselines.split(","),
+            args.dynamic_keys,
         )
         + args.extra
     )

@@ -73,7 +73,7 @@ class FakeLearner:
         else:
             self.corrections[node] = vector.clone()
 
-    def lr(self, node: int) -> float:
+    def lr(self, node: int, steps: int = 1) -> float:
         return self.sgd.lr
 
 

@@ -81,7 +81,14 @@ def scenario(**overrides):
     return load_scenario(None, settings | overrides)
 
 
-@pytest.mark.parametrize("protocol", ["continuous:local=bn", "dynamic:local=bn,codec=int8"])
+@pytest.mark.parametrize(
+    "protocol",
+    [
+        "continuous:local=bn",
+        "dynamic:local=bn,codec=int8",
+        "gossip:local=bn,codec=topk,topk=0.2,values=int8",
+    ],
+)
 def test_local_bn_parameters_never_leave_the_node(monkeypatch, protocol):
     prepared = prepare(scenario())
     sim = Simulation(prepared, protocol)

@@ -183,6 +183,8 @@ def test_lr_schedule_sets_each_nodes_rate_by_its_own_step_count():
         assert torch.equal(learner.stacked()[:2], frozen[:2])
         assert not torch.equal(learner.stacked()[2:], frozen[2:])
         assert learner.lr(0) == learner.lr(1) == 0.0 and learner.lr(2) == 0.5
+        # the mean over the latest steps (as many as taken): what a merge divides by
+        assert learner.lr(0, steps=3) == pytest.approx(1 / 3) and learner.lr(2, steps=3) == 0.5
     assert_same(per, batched)
 
 

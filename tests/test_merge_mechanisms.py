@@ -108,6 +108,23 @@ def test_correction_gain_per_merge():
     torch.testing.assert_close(driver.corrections["1"], -driver.corrections["0"])
 
 
+def test_correction_divides_by_the_mean_step_size_of_the_merged_steps():
+    """Under a learning-rate schedule a merge after K steps divides by the mean step size of
+    those K steps (the core asks for it), not by the latest one."""
+    models = {"0": torch.zeros(DIM), "1": torch.zeros(DIM)}
+    driver = VirtualNet("periodic:b=2,correction=0.5", line(2), models, wire=False)
+    asked: list[int] = []
+    for core in driver.cores.values():
+        core.step_size = 0.01  # the latest step's size, after a decay
+        core.mean_step_size = lambda steps: asked.append(steps) or 0.04
+    for _ in range(2):
+        driver.step("0", torch.full((DIM,), 0.1))
+        driver.step("1", torch.zeros(DIM))
+    driver.settle()
+    assert asked and set(asked) == {2}
+    torch.testing.assert_close(driver.corrections["0"], torch.full((DIM,), 0.5 * 0.1 / (0.04 * 2)))
+
+
 # -- outer optimizer --
 @pytest.mark.parametrize("spec", SPECS)
 def test_outer_lr_one_momentum_zero_is_plain_averaging_bit_for_bit(spec):

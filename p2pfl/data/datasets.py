@@ -13,6 +13,12 @@ relabels by a rotated linear boundary. ``transition=sudden|gradual|alternate`` a
 ``drift_width=W``: a gradual drift ramps the share of samples labelled by the new concept
 linearly over ``W`` steps (default ``N // 4``); ``alternate`` makes every second drift
 gradual, starting with a sudden one.
+
+A data stream (synthetic only): ``modes=M`` makes the task a Gaussian mixture with ``M``
+unit-variance modes per class (a sample's label is its mode's class; non-linear, so a model
+needs many samples), and ``fresh=1`` makes every training batch *new* samples drawn from it,
+never seen before: each node draws the classes of its own partition (so label skew is kept),
+and prequential accuracy measures generalisation, not memory (:class:`FreshSamples`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from p2pfl.spec import Spec, SpecError, non_negative_int, parse_spec, positive_i
 DATASET_KINDS = ("digits", "synthetic")
 DRIFT_KINDS = ("permute", "rotate")
 TRANSITIONS = ("sudden", "gradual", "alternate")
+STREAM_KEYS = ("modes", "fresh")
 DRIFT_KEYS = ("drift_at", "drift_every", "concepts", "drift", "transition", "drift_width")
 TEST_FRACTION = 0.2
 
@@ -119,6 +126,31 @@ class Drift:
         return (x @ self.weights[concept] + self.biases[concept]).argmax(dim=1)
 
 
+@dataclass(frozen=True, eq=False)
+class FreshSamples:
+    """New samples of given classes from a Gaussian mixture: ``means [classes, modes,
+    features]``, unit noise, modes equally likely. The numbers come from the caller's
+    generator, drawn for a whole ``[rows, batch]`` block at once, so that a shard that uses
+    some of the rows draws the same samples as the whole simulation."""
+
+    means: torch.Tensor
+
+    def draw(
+        self, classes: torch.Tensor, rows: slice, total: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Samples ``[k, batch, features]`` of ``classes [k, batch]``, rows ``rows`` of a
+        ``total``-row block."""
+        batch, modes, features = classes.shape[1], self.means.shape[1], self.means.shape[2]
+        mode = (torch.rand(total, batch, generator=generator)[rows] * modes).long()
+        noise = torch.randn(total, batch, features, generator=generator)[rows]
+        return noise.add_(self.means[classes, mode])
+
+    def skip(self, total: int, batch: int, generator: torch.Generator) -> None:
+        """Use up the numbers of a ``total``-row block (see ``NodeDataBank.skip``)."""
+        torch.rand(total, batch, generator=generator)
+        torch.randn(total, batch, self.means.shape[2], generator=generator)
+
+
 @dataclass(eq=False)
 class Dataset:
     """A classification task: flat float32 features, int64 labels, and a global test set."""
@@ -131,6 +163,8 @@ class Dataset:
     input_shape: tuple[int, ...]
     name: str
     drift: Drift | None = None
+    fresh: FreshSamples | None = None
+    """If set, training batches are new samples from this generator (never re-seen)."""
 
 
 def load_dataset(spec: str, seed: int) -> Dataset:
@@ -187,8 +221,9 @@ def _load_digits(spec: Spec, seed: int) -> Dataset:
 
 
 def _make_synthetic(spec: Spec, seed: int) -> Dataset:
-    """Gaussian clusters labelled by their (linear) nearest-mean boundary."""
-    spec.check_keys(["n", "features", "classes", *DRIFT_KEYS])
+    """Gaussian clusters labelled by their (linear) nearest-mean boundary; with ``modes`` a
+    Gaussian mixture labelled by mode (see the module docstring)."""
+    spec.check_keys(["n", "features", "classes", *STREAM_KEYS, *DRIFT_KEYS])
     n = spec.take("n", positive_int, default=2000)
     features = spec.take("features", positive_int, default=16)
     classes = spec.take("classes", positive_int, default=4)
@@ -198,7 +233,11 @@ def _make_synthetic(spec: Spec, seed: int) -> Dataset:
         raise SpecError(
             f"{spec.text!r}: n={n} is too small for {classes} classes; use n>={5 * classes}"
         )
+    fresh = spec.take("fresh", _choice(("0", "1")), default="0") == "1"
+    modes = spec.take("modes", positive_int, default=8 if fresh else None)
     drift = _parse_drift(spec, classes, seed)
+    if modes is not None:
+        return _make_mixture(spec.text, n, features, classes, modes, fresh, drift, seed)
     rng = np.random.default_rng(seed)
     means = rng.normal(size=(classes, features)) * (2.0 / math.sqrt(features))
     means -= means.mean(axis=0)
@@ -224,6 +263,40 @@ def _make_synthetic(spec: Spec, seed: int) -> Dataset:
         )
     name = f"synthetic-{features}f{classes}c"
     return _dataset(x[train], y[train], x[test], y[test], classes, (features,), name, drift)
+
+
+def _make_mixture(
+    text: str,
+    n: int,
+    features: int,
+    classes: int,
+    modes: int,
+    fresh: bool,
+    drift: Drift | None,
+    seed: int,
+) -> Dataset:
+    """``n`` samples of a Gaussian mixture: per class ``modes`` means drawn from N(0, I),
+    unit noise around them, labelled by class (``n`` sets the test set and the nodes' class
+    mixes; with ``fresh`` training batches are new draws)."""
+    if drift is not None and drift.kind != "permute":
+        raise SpecError(f"{text!r}: a mixture (modes=, fresh=1) drifts by drift=permute only")
+    generator = torch.Generator().manual_seed(seed)
+    source = FreshSamples(torch.randn(classes, modes, features, generator=generator))
+    y = torch.randint(classes, (1, n), generator=generator)
+    x = source.draw(y, slice(0, 1), 1, generator)[0]
+    train, test = stratified_holdout(y[0].numpy(), TEST_FRACTION, seed)
+    name = f"mixture-{features}f{classes}c{modes}m" + ("-fresh" if fresh else "")
+    dataset = _dataset(
+        x[train].numpy(),
+        y[0, train].numpy(),
+        x[test].numpy(),
+        y[0, test].numpy(),
+        classes,
+        (features,),
+        name,
+        drift,
+    )
+    return replace(dataset, fresh=source if fresh else None)
 
 
 MAX_CLASSES = 100_000

@@ -1,16 +1,24 @@
-"""Lossy codecs for flat parameter vectors: ``fp16``, ``int8`` (one scale per block of
-entries or per tensor) and ``topk`` (the largest ``fraction`` of entries by magnitude).
+"""Lossy codecs for flat parameter vectors: ``fp16``; the block-scaled quantizers ``int8``,
+``int4`` and ``sign`` (one float32 scale per block of entries, or one for the whole vector);
+and ``topk``, the largest ``fraction`` of entries by magnitude, whose kept values travel as
+float16 or, with ``values=int8``, block-scaled int8.
 
 ``compress`` turns a float32 vector into a ``Compressed`` payload and ``decompress`` turns it
 back; the wire (``p2pfl.wire.codec``) carries payloads, the protocol (``p2pfl.protocol.links``)
 decides what to compress (deltas against what the peer already holds) and keeps what a lossy
-encoding left out (error feedback). Stated error of one round trip of ``x``:
+encoding left out (error feedback). Stated error of one round trip of ``x``, per block of
+``block`` entries (``block=0``: the whole vector is one block):
 
 * ``fp16``: each entry within ``2**-11 * |x_i|`` (round to nearest; ``|x_i| <= 65504``);
-* ``int8``: each entry within ``scale / 2`` of its block, ``scale = max|x_block| / 127``
-  (blocks of ``block`` entries; ``block=0``: one scale for the whole vector);
-* ``topk``: the kept entries within fp16 rounding, the others 0 (so the error is exactly
-  the dropped entries: ``||x - x̂||² <= (1 - fraction) ||x||²``).
+* ``int8`` / ``int4``: each entry within ``scale / 2``, ``scale = max|x_block| / L`` with
+  ``L = 127`` / ``7`` (8 / 4 bits per entry);
+* ``sign``: each entry becomes ``sign(x_i) * mean|x_block|`` (1 bit per entry, the scaled
+  sign of EF-SGD), so ``||x - x̂||² = ||x||² - ||x||₁² / n`` per block of ``n`` entries:
+  at most ``(1 - 1/n) ||x||²``, about ``0.36 ||x||²`` for Gaussian entries;
+* ``topk``: the kept entries within fp16 rounding (or int8's ``scale / 2`` over blocks of
+  kept values), the others 0: ``||x - x̂||²`` is the dropped entries' energy plus that
+  rounding, and the dropped part is at most ``(1 - fraction) ||x||²``. Positions travel
+  delta-coded (``encode_positions``: about one byte each at a few per cent kept).
 """
 
 from __future__ import annotations
@@ -24,28 +32,41 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-CODECS = ("fp16", "int8", "topk")
+CODECS = ("fp16", "int8", "int4", "sign", "topk")
+TOPK_VALUES = ("fp16", "int8")
 FP16_MAX = 65504.0
-INT8_LEVELS = 127
-MAX_SCALE = 3.0e38 / INT8_LEVELS
-"""Largest int8 scale whose decoded values stay finite in float32."""
+LEVELS = {"int8": 127, "int4": 7}
+"""Largest quantization level of each integer codec (``scale = max|block| / L``)."""
+INT8_LEVELS = LEVELS["int8"]
+BITS = {"int8": 8, "int4": 4, "sign": 1}
+"""Bits per entry of the block-scaled codecs."""
+MAX_DECODED = 3.0e38
+"""Largest magnitude a decoded entry may have (float32 stays finite)."""
+
+
+def max_scale(codec: str) -> float:
+    """Largest scale a payload of ``codec`` may carry: any code it can hold decodes finite
+    (int4 nibbles reach -8, int8 bytes -128)."""
+    return MAX_DECODED / {"int8": 128, "int4": 8}.get(codec, 1)
 
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """A codec and its settings: ``block`` entries per int8 scale (0: one scale for the whole
-    vector), ``fraction`` of entries ``topk`` keeps."""
+    """A codec and its settings: ``block`` entries per scale of the block-scaled codecs (0:
+    one scale for the whole vector), ``fraction`` of entries ``topk`` keeps and how their
+    ``values`` travel (``fp16`` or ``int8`` with one scale per ``block`` kept values)."""
 
     name: str
     block: int = 256
     fraction: float = 0.01
+    values: str = "fp16"
 
     @property
     def label(self) -> str:
-        if self.name == "int8":
-            return f"int8:block={self.block}"
+        if self.name in BITS:
+            return f"{self.name}:block={self.block}"
         if self.name == "topk":
-            return f"topk={self.fraction:g}"
+            return f"topk={self.fraction:g}" + ("" if self.values == "fp16" else ",values=int8")
         return self.name
 
 
@@ -54,9 +75,11 @@ class Compressed:
     """A compressed flat vector of ``numel`` entries, plus the link header the protocol uses
     to agree on what it is a delta of (see ``p2pfl.protocol.links``).
 
-    ``values`` is float16 ``[numel]`` (fp16), int8 ``[numel]`` (int8, with one float32 scale
-    per ``block`` entries, or one in all when ``block`` is 0) or float16 ``[k]`` (topk, with
-    strictly increasing int64 ``indices``)."""
+    ``values``: float16 ``[numel]`` (fp16); int8 ``[numel]`` (int8); uint8 ``[ceil(numel/2)]``
+    of two's-complement nibbles, low nibble first (int4); uint8 ``[ceil(numel/8)]`` of sign
+    bits, 1 for negative, least significant bit first (sign); for topk the ``k`` kept values,
+    float16 or int8, at strictly increasing int64 ``indices``. The block-scaled ones carry one
+    float32 ``scales`` entry per ``block`` entries (``block`` 0: one in all)."""
 
     codec: str
     numel: int
@@ -75,12 +98,22 @@ class Compressed:
     resync: bool = False
     """The sender could not decode the receiver's last message: send a key frame next."""
 
+    @property
+    def quantized(self) -> int:
+        """How many entries the scales cover (numel, or the kept entries of topk)."""
+        return self.numel if self.indices is None else self.indices.numel()
+
 
 def scale_count(numel: int, block: int) -> int:
-    """Number of int8 scales a vector of ``numel`` entries carries."""
+    """Number of scales a block-scaled vector of ``numel`` entries carries."""
     if not numel:
         return 0
     return math.ceil(numel / block) if block else 1
+
+
+def packed_count(codec: str, numel: int) -> int:
+    """Bytes of ``values`` for a dense ``codec`` payload of ``numel`` entries."""
+    return math.ceil(numel * {"fp16": 16, **BITS}[codec] / 8)
 
 
 def compress(x: torch.Tensor, config: CodecConfig) -> Compressed:
@@ -91,26 +124,76 @@ def compress(x: torch.Tensor, config: CodecConfig) -> Compressed:
     n = x.numel()
     if config.name == "fp16":
         return Compressed("fp16", n, x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16))
-    if config.name == "int8":
-        return _int8(x, config.block)
+    if config.name in BITS:
+        values, scales = _quantize(x, config.name, config.block)
+        return Compressed(config.name, n, values, scales=scales, block=config.block)
     if config.name == "topk":
         k = min(n, max(1, math.ceil(config.fraction * n))) if n else 0
         idx = x.abs().topk(k, sorted=False).indices.sort().values
+        if config.values == "int8":
+            values, scales = _quantize(x[idx], "int8", config.block)
+            return Compressed("topk", n, values, scales, config.block, indices=idx)
         return Compressed(
             "topk", n, x[idx].clamp(-FP16_MAX, FP16_MAX).to(torch.float16), indices=idx
         )
     raise ValueError(f"unknown codec {config.name!r}: choose one of {', '.join(CODECS)}")
 
 
-def _int8(x: torch.Tensor, block: int) -> Compressed:
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` zero-padded into rows of ``block`` entries (one row if ``block`` is 0)."""
     import torch
 
     n = x.numel()
     width = block or max(n, 1)
-    rows = torch.nn.functional.pad(x, (0, (-n) % width)).view(-1, width)
-    scales = (rows.abs().amax(1) / INT8_LEVELS).clamp_max(MAX_SCALE)
-    q = (rows / scales.clamp_min(1e-38).unsqueeze(1)).round_().clamp_(-127, 127)
-    return Compressed("int8", n, q.reshape(-1)[:n].to(torch.int8), scales=scales, block=block)
+    return torch.nn.functional.pad(x, (0, (-n) % width)).view(-1, width)
+
+
+def _quantize(x: torch.Tensor, codec: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, scales)`` of a block-scaled codec (see ``Compressed``)."""
+    import numpy
+    import torch
+
+    n, rows = x.numel(), _blocks(x, block)
+    if codec == "sign":
+        scales = rows.abs().sum(1) / _block_sizes(n, block, len(rows))
+        bits = numpy.packbits((x < 0).numpy(), bitorder="little")
+        return torch.from_numpy(bits), scales.clamp_max(max_scale(codec))
+    levels = LEVELS[codec]
+    scales = (rows.abs().amax(1) / levels).clamp_max(max_scale(codec))
+    q = (rows / scales.clamp_min(1e-38).unsqueeze(1)).round_().clamp_(-levels, levels)
+    q = q.reshape(-1)[:n].to(torch.int8)
+    if codec == "int4":
+        nibbles = torch.nn.functional.pad(q, (0, n % 2)).view(torch.uint8) & 0xF
+        q = (nibbles[0::2] | (nibbles[1::2] << 4)).to(torch.uint8)
+    return q, scales
+
+
+def _block_sizes(n: int, block: int, count: int) -> torch.Tensor:
+    """Entries per block (the last one may be short)."""
+    import torch
+
+    sizes = torch.full((count,), float(block or max(n, 1)))
+    if count and block and n % block:
+        sizes[-1] = n % block
+    return sizes
+
+
+def _dequantize(
+    values: torch.Tensor, scales: torch.Tensor, codec: str, n: int, block: int
+) -> torch.Tensor:
+    import numpy
+    import torch
+
+    if codec == "sign":
+        bits = numpy.unpackbits(values.numpy(), count=n, bitorder="little")
+        codes = 1.0 - 2.0 * torch.from_numpy(bits.astype(numpy.float32))
+    elif codec == "int4":
+        low, high = values & 0xF, values >> 4
+        nibbles = torch.stack((low, high), 1).reshape(-1)[:n].to(torch.int16)
+        codes = (nibbles - 16 * (nibbles >= 8)).to(torch.float32)
+    else:
+        codes = values.to(torch.float32)
+    return (_blocks(codes, block) * scales.unsqueeze(1)).reshape(-1)[:n].contiguous()
 
 
 def decompress(c: Compressed) -> torch.Tensor:
@@ -119,19 +202,64 @@ def decompress(c: Compressed) -> torch.Tensor:
 
     if c.codec == "fp16":
         return c.values.to(torch.float32)
-    if c.codec == "int8":
+    if c.codec in BITS:
         assert c.scales is not None
-        n, width = c.numel, c.block or max(c.numel, 1)
-        rows = torch.nn.functional.pad(c.values.to(torch.float32), (0, (-n) % width))
-        return (rows.view(-1, width) * c.scales.unsqueeze(1)).reshape(-1)[:n].contiguous()
+        return _dequantize(c.values, c.scales, c.codec, c.numel, c.block)
     if c.codec == "topk":
         assert c.indices is not None
         out = torch.zeros(c.numel)
-        out[c.indices] = c.values.to(torch.float32)
+        if c.scales is None:
+            out[c.indices] = c.values.to(torch.float32)
+        else:
+            out[c.indices] = _dequantize(c.values, c.scales, "int8", c.quantized, c.block)
         return out
     raise ValueError(f"unknown codec {c.codec!r}")
 
 
-def index_itemsize(numel: int) -> int:
-    """Bytes per topk index on the wire: uint16 when every position fits, else uint32."""
-    return 2 if numel <= 2**16 else 4
+def encode_positions(indices: torch.Tensor) -> bytes:
+    """Strictly increasing positions as LEB128 varints of their gaps minus one (the first
+    one's gap is counted from -1): about one byte each while the gaps stay below 128."""
+    import numpy
+
+    gaps = numpy.diff(indices.numpy().astype(numpy.int64), prepend=-1) - 1
+    if not len(gaps):
+        return b""
+    width = numpy.ones(len(gaps), numpy.int64)
+    for shift in (7, 14, 21, 28, 35, 42, 49, 56):
+        width += gaps >= (1 << shift)
+    starts = numpy.cumsum(width) - width
+    out = numpy.zeros(int(width.sum()), numpy.uint8)
+    for j in range(int(width.max())):
+        has = width > j
+        chunk = (gaps[has] >> (7 * j)) & 0x7F
+        more = (width[has] > j + 1).astype(numpy.uint8) << 7
+        out[starts[has] + j] = chunk.astype(numpy.uint8) | more
+    return out.tobytes()
+
+
+def decode_positions(raw: bytes, numel: int) -> torch.Tensor:
+    """Inverse of ``encode_positions``; ``ValueError`` naming the problem unless ``raw`` is
+    a whole number of varints whose positions stay below ``numel`` (so at most ``numel``)."""
+    import numpy
+    import torch
+
+    data = numpy.frombuffer(raw, numpy.uint8).astype(numpy.int64)
+    if not len(data):
+        return torch.zeros(0, dtype=torch.int64)
+    if data[-1] & 0x80:
+        raise ValueError("positions end inside a varint")
+    ends = numpy.flatnonzero(data < 0x80)
+    starts = numpy.concatenate(([0], ends[:-1] + 1))
+    width = ends - starts + 1
+    if int(width.max()) > 5:  # positions are < 2**32: at most 5 varint bytes
+        raise ValueError("a position gap is longer than 5 varint bytes")
+    if len(ends) > numel:
+        raise ValueError(f"more positions ({len(ends)}) than entries ({numel})")
+    gaps = numpy.zeros(len(ends), numpy.int64)
+    for j in range(int(width.max())):
+        has = width > j
+        gaps[has] |= (data[starts[has] + j] & 0x7F) << (7 * j)
+    positions = numpy.cumsum(gaps + 1) - 1
+    if int(positions[-1]) >= numel:
+        raise ValueError(f"positions must stay below {numel}")
+    return torch.from_numpy(positions)

@@ -68,9 +68,13 @@ class Learner(ABC):
         """One SGD step on a fresh mini-batch for each listed node; returns each node's loss
         and accuracy on that batch before the update (``window``: ``NodeDataBank.draw``)."""
 
-    def lr(self, node: int) -> float:
-        """The learning rate of the node's latest step (of its first, before it took any)."""
-        return self.sgd.lr * self.sgd.schedule.factor(max(0, int(self.steps_taken[node]) - 1))
+    def lr(self, node: int, steps: int = 1) -> float:
+        """The learning rate of the node's latest step (of its first, before it took any);
+        with ``steps``, the mean over its latest ``steps`` steps (as many as it took)."""
+        taken = int(self.steps_taken[node])
+        first, last = max(0, taken - steps), max(0, taken - 1)
+        factor = self.sgd.schedule.factor
+        return self.sgd.lr * sum(factor(t) for t in range(first, last + 1)) / (last - first + 1)
 
     def _next_lrs(self, nodes: torch.Tensor) -> float | torch.Tensor:
         """The learning rate of each listed node's next step: one float if they share it,

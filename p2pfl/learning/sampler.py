@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from p2pfl.data.datasets import FreshSamples
+
 
 class NodeDataBank:
     """Every node's training set, padded into one ``[nodes, max_n, features]`` tensor.
@@ -17,15 +19,26 @@ class NodeDataBank:
     :meth:`set_labels`). A bank may hold a range of a larger simulation's nodes (a shard): it
     then draws the numbers of every node stepping in the whole simulation and uses its own
     (``window``), so its batches equal the whole simulation's.
+
+    With ``fresh`` (a data stream) a drawn sample only picks a class and a label: its features
+    are a new draw of that class from ``fresh``, so no sample is ever seen twice and each node
+    keeps its own class mix. Labels follow the concept of the stored sample's class (drift by
+    label permutation), set as usual with :meth:`set_labels`.
     """
 
     def __init__(
-        self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], batch_size: int, seed: int
+        self,
+        xs: Sequence[torch.Tensor],
+        ys: Sequence[torch.Tensor],
+        batch_size: int,
+        seed: int,
+        fresh: FreshSamples | None = None,
     ) -> None:
         if not xs or len(xs) != len(ys):
             raise ValueError("need one (x, y) pair per node")
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
+        self.fresh = fresh
         self.replace_all(xs, ys)
 
     def replace_all(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> None:
@@ -41,6 +54,7 @@ class NodeDataBank:
             self.x[i, : len(y)] = x
             self.y[i, : len(y)] = y
         self.counts = torch.tensor(counts)
+        self.classes = self.y  # the original labels: the class a fresh sample is drawn from
         self.y_next: torch.Tensor | None = None
         self.share = 0.0
 
@@ -69,6 +83,8 @@ class NodeDataBank:
         """Use up the numbers of ``total`` nodes of the whole simulation stepping while none
         of this bank's nodes do (``draw``'s window), so later draws stay in step."""
         torch.rand(total, self.batch_size, generator=self.generator)
+        if self.fresh is not None:
+            self.fresh.skip(total, self.batch_size, self.generator)
         if self.y_next is not None:
             torch.rand(total, self.batch_size, generator=self.generator)
 
@@ -92,7 +108,12 @@ class NodeDataBank:
         x_out = y_out = None
         if out is not None:
             x_out, y_out = out[0].view(-1, features), out[1].view(-1)
-        x = torch.index_select(self.x.view(-1, features), 0, flat, out=x_out)
+        if self.fresh is None:
+            x = torch.index_select(self.x.view(-1, features), 0, flat, out=x_out)
+        else:
+            classes = self.classes.view(-1)[flat].view(len(nodes), self.batch_size)
+            x = self.fresh.draw(classes, rows, total, self.generator).view(-1, features)
+            x = x if x_out is None else x_out.copy_(x)
         y = torch.index_select(self.y.view(-1), 0, flat, out=y_out)
         if self.y_next is not None:
             mix = torch.rand(total, self.batch_size, generator=self.generator)[rows]

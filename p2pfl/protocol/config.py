@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from p2pfl.learning.compression import CODECS, CodecConfig
+from p2pfl.learning.compression import BITS, CODECS, TOPK_VALUES, CodecConfig
 from p2pfl.learning.rules import MERGE_KEYS, MergeRule, parse_merge
 from p2pfl.spec import (
     Spec,
@@ -28,7 +28,7 @@ from p2pfl.spec import (
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 CONDITIONS = ("distance", "coherent", "smoothed")
-CODEC_KEYS = {"codec", "block", "topk"}
+CODEC_KEYS = {"codec", "block", "topk", "values"}
 LOCAL_KINDS = ("bn",)
 
 
@@ -148,11 +148,13 @@ def _momentum(raw: str) -> float:
 
 
 def _codec(spec: Spec) -> CodecConfig | None:
-    """``codec=fp16|int8|topk`` with ``block=N`` (int8: entries per scale, 0 for one scale)
-    or ``topk=R`` (the kept fraction), or None (float32 on the wire)."""
+    """``codec=fp16|int8|int4|sign|topk`` with ``block=N`` (entries per scale of the
+    block-scaled codecs, 0 for one scale) or ``topk=R`` (the kept fraction) and
+    ``values=fp16|int8`` (how topk's kept values travel; int8 takes ``block`` too), or None
+    (float32 on the wire)."""
     name = spec.take("codec", str, None)
     if name is None:
-        for key in ("block", "topk"):
+        for key in ("block", "topk", "values"):
             if key in spec.args:
                 raise SpecError(
                     f"{spec.text!r}: {key!r} sets up a codec; add codec=int8 or codec=topk"
@@ -160,13 +162,23 @@ def _codec(spec: Spec) -> CodecConfig | None:
         return None
     if name not in CODECS:
         raise SpecError(f"{spec.text!r}: codec must be one of {', '.join(CODECS)}, got {name!r}")
-    wrong = {"fp16": ("block", "topk"), "int8": ("topk",), "topk": ("block",)}[name]
+    values = spec.take("values", _topk_values, "fp16")
+    wrong = ("topk", "values") if name in BITS else ("block", "topk", "values")
+    if name == "topk":
+        wrong = ("block",) if values == "fp16" else ()
     for key in wrong:
         if key in spec.args:
-            raise SpecError(f"{spec.text!r}: {key!r} does not apply to codec={name}")
+            hint = " (add values=int8)" if name == "topk" else ""
+            raise SpecError(f"{spec.text!r}: {key!r} does not apply to codec={name}{hint}")
     block = spec.take("block", non_negative_int, CodecConfig.block)
     fraction = spec.take("topk", _fraction, CodecConfig.fraction)
-    return CodecConfig(name, block=block, fraction=fraction)
+    return CodecConfig(name, block=block, fraction=fraction, values=values)
+
+
+def _topk_values(raw: str) -> str:
+    if raw not in TOPK_VALUES:
+        raise ValueError(f"choose one of {', '.join(TOPK_VALUES)}")
+    return raw
 
 
 def _local(raw: str) -> str:

@@ -161,6 +161,9 @@ class NodeCore:
         self.down: set[str] = set()
         self.rng = random.Random(seed)
         self.step_size = step_size
+        self.mean_step_size: Callable[[int], float] = lambda steps: self.step_size
+        """The mean step size over the latest ``steps`` local steps (a driver under a
+        learning-rate schedule hands in the exact one); the drift correction divides by it."""
         self.max_neighbors = max_neighbors
         self.step = 0
         self.stats = CoreStats()
@@ -423,7 +426,8 @@ class NodeCore:
         self.anchor = new.clone()
         actions.append(ReplaceModel(new + (now - sent)))
         if not self._suspect_merge:
-            actions += self.drift_correction.update(sent, merged, steps, self.step_size)
+            step_size = self.mean_step_size(steps)
+            actions += self.drift_correction.update(sent, merged, steps, step_size)
         self._suspect_merge = False
         self.stats.syncs += 1
         return actions

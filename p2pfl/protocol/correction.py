@@ -7,9 +7,11 @@ and, for dynamic averaging, triggers syncs that carry no news. After each merge 
 
 to a per-node vector the learner adds to every gradient (SCAFFOLD in spirit, from quantities
 the node already has, no extra bytes): ``w_sent`` is the model it contributed, ``merged``
-the plain merge of the group (before any outer step), ``η`` the core's current step size
-(``NodeCore.step_size``, which a driver updates under a learning-rate schedule) and ``K``
-the local steps the merged models took since their previous merge. It is an integral controller: it
+the plain merge of the group (before any outer step), ``K`` the local steps the merged
+models took since their previous merge and ``η`` the mean step size over those ``K`` steps
+(``NodeCore.mean_step_size``; under a decaying learning-rate schedule the current step size
+would overstate the offset by the ratio of the mean rate to the current one, and after a
+long quiet stretch that ratio is large). It is an integral controller: it
 learns the constant offset between the node's gradient and its group's. The gain ``g(K)``
 is ``λ`` for merges up to ``CORRECTION_STEPS`` steps apart, and for rarer ones what
 ``K / CORRECTION_STEPS`` merges of gain ``λ`` would have compounded to, so the offset is
@@ -59,7 +61,7 @@ class DriftCorrection:
     def update(
         self, sent: torch.Tensor, merged: torch.Tensor, steps: int, step_size: float
     ) -> list[SetCorrection]:
-        """Learn from one merge after ``steps`` local steps of (current) size ``step_size``;
+        """Learn from one merge after ``steps`` local steps of mean size ``step_size``;
         returns the action that hands the new vector to the learner (nothing when off or
         after zero steps)."""
         if not self.lam or steps <= 0:

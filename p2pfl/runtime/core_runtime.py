@@ -162,4 +162,5 @@ def open_core(
         step_size=model.step_size(),
         max_neighbors=max_neighbors,
     )
+    core.mean_step_size = model.step_size
     return CoreRuntime(core, part, model, driver)

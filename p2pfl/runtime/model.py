@@ -31,7 +31,7 @@ class Models(Protocol):
 
     def set_correction(self, node: int, vector: torch.Tensor | None) -> None: ...
 
-    def lr(self, node: int) -> float: ...
+    def lr(self, node: int, steps: int = 1) -> float: ...
 
 
 class NodeModel:
@@ -41,11 +41,12 @@ class NodeModel:
         self.learner, self.node, self.samples = learner, node, samples
         self._corrections: Corrections | None = None
 
-    def step_size(self) -> float:
+    def step_size(self, steps: int = 1) -> float:
         """The step size of this node's latest step (``rules.step_size``), which its cores
-        use; it follows the learning-rate schedule."""
+        use; it follows the learning-rate schedule. With ``steps``: the mean over the latest
+        ``steps`` steps (what a merge after them divides by, see ``correction.py``)."""
         sgd = self.learner.sgd
-        return step_size(sgd, None if sgd.schedule.constant else self.learner.lr(self.node))
+        return step_size(sgd, None if sgd.schedule.constant else self.learner.lr(self.node, steps))
 
     def read(self) -> torch.Tensor:
         """The full flat parameters (may be a live view: clone what you keep)."""

@@ -173,7 +173,11 @@ class Simulation:
         first = self.first = self.nodes.start
         local = [prepared.nodes[i] for i in self.nodes]
         bank = NodeDataBank(
-            [d.x_train for d in local], [d.y_train for d in local], s.batch_size, s.seed
+            [d.x_train for d in local],
+            [d.y_train for d in local],
+            s.batch_size,
+            s.seed,
+            prepared.dataset.fresh,
         )
         schedule = parse_lr_schedule(s.lr_schedule).with_horizon(s.steps)
         sgd = SGDConfig(lr=s.lr, momentum=s.momentum, schedule=schedule)

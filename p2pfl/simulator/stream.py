@@ -12,10 +12,15 @@ objectives follow the majority concept.
 Prequential evaluation (test-then-train, as in river and the online-learning literature):
 every node scores each new batch before training on it; ``Prequential`` sums those scores,
 and ``drift_recovery`` reads from a run's evaluation rows how each drift was absorbed.
+
+Comparing protocols on a stream (``sim/stream.py``): ``bytes_at_accuracy`` reads what a
+family of runs (the best fair baseline) needs for a given prequential accuracy, and
+``closest_traffic`` picks the run to compare recovery with at equal traffic.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -132,18 +137,19 @@ class Prequential:
         return self.loss / self.node_steps if self.node_steps else None
 
 
-RECOVERY_SHARE = 0.95
+RECOVERY_SHARE = 0.9
 """A drift is absorbed once prequential accuracy is back at this share of its level before."""
 
 
 def drift_recovery(
-    rows: Sequence[dict[str, Any]], events: Sequence[DriftEvent]
+    rows: Sequence[dict[str, Any]], events: Sequence[DriftEvent], share: float = RECOVERY_SHARE
 ) -> list[dict[str, Any]]:
     """For each drift: the prequential accuracy and traffic (bytes per step) over the
     evaluation windows ending in the last quarter of the stretch before it (the settled
-    network), and the steps from the drift's start until an evaluation window that lies
-    wholly after the transition is back at ``RECOVERY_SHARE`` of that accuracy (None: not
-    before the next drift or the end of the run)."""
+    network), the steps from the drift's start until an evaluation window that lies wholly
+    after the transition is back at ``share`` of that accuracy (None: not before the next
+    drift or the end of the run), and the prequential accuracy over the first quarter of
+    the stretch after the drift (how much the drift cost, free of the evaluation grid)."""
     if not events:
         return []
     out = []
@@ -166,10 +172,15 @@ def drift_recovery(
                 if a["step"] >= event.step + event.width
                 and b["step"] <= end
                 and level is not None
-                and (b["prequential_accuracy"] or 0.0) >= RECOVERY_SHARE * level
+                and (b["prequential_accuracy"] or 0.0) >= share * level
             ),
             None,
         )
+        after = [
+            b["prequential_accuracy"]
+            for _, b in windows
+            if event.step < b["step"] <= event.step + (end - event.step) // 4
+        ]
         out.append(
             {
                 "step": event.step,
@@ -178,9 +189,67 @@ def drift_recovery(
                 "prequential_before": level,
                 "bytes_per_step_before": settled,
                 "recovery_steps": None if back is None else back - event.step,
+                "prequential_after": _mean(after),
             }
         )
     return out
+
+
+def settled_traffic(rows: Sequence[dict[str, Any]], events: Sequence[DriftEvent]) -> float:
+    """Bytes per step of a settled network: the traffic over the evaluation windows in the
+    last quarter of every concept phase (the stretches before each drift and the one after
+    the last), summed over the phases and divided by their steps."""
+    if not rows:
+        return 0.0
+    starts = [0, *(e.step + e.width for e in events)]
+    ends = [*(e.step for e in events), rows[-1]["step"]]
+    sent = steps = 0
+    windows = list(zip([{"step": 0, "bytes": 0}, *rows], rows, strict=False))
+    for start, end in zip(starts, ends, strict=True):
+        first = end - (end - start) // 4
+        inside = [(a, b) for a, b in windows if a["step"] >= first and b["step"] <= end]
+        if inside:
+            sent += inside[-1][1]["bytes"] - inside[0][0]["bytes"]
+            steps += inside[-1][1]["step"] - inside[0][0]["step"]
+    return sent / steps if steps else 0.0
+
+
+def bytes_at_accuracy(points: Sequence[tuple[float, float]], level: float) -> float | None:
+    """The bytes a family of runs needs for accuracy ``level``, read off its frontier.
+
+    ``points`` are (bytes, accuracy) of the family's runs (0 bytes: training alone). The
+    frontier keeps the runs no cheaper run beats in accuracy; between two of them the bytes
+    are interpolated linearly in log(bytes) (accuracy grows about linearly with the log of
+    the traffic; linear in bytes would overstate what the family needs), from 0 bytes
+    linearly. None: no run of the family reaches ``level``."""
+    frontier: list[tuple[float, float]] = []
+    for sent, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        # the best run of each cost first; a run no more accurate than a cheaper one is off
+        if not frontier or (sent > frontier[-1][0] and accuracy > frontier[-1][1]):
+            frontier.append((sent, accuracy))
+    if not frontier or level > frontier[-1][1]:
+        return None
+    if level <= frontier[0][1]:
+        return frontier[0][0]
+    for (b0, a0), (b1, a1) in zip(frontier, frontier[1:], strict=False):
+        if a0 < level <= a1:
+            t = (level - a0) / (a1 - a0)
+            if b0 <= 0:
+                return t * b1
+            return math.exp(math.log(b0) + t * (math.log(b1) - math.log(b0)))
+    raise AssertionError("unreachable: level lies within the frontier")
+
+
+def closest_traffic(runs: Sequence[dict[str, Any]], sent: float) -> dict[str, Any] | None:
+    """The run whose total bytes are closest to ``sent`` in ratio (equal traffic); of runs
+    with the same bytes, the most accurate (prequentially)."""
+    paying = [r for r in runs if r["bytes_sent"] > 0]
+    if not paying or sent <= 0:
+        return None
+    return min(
+        paying,
+        key=lambda r: (abs(math.log(r["bytes_sent"] / sent)), -r["prequential_accuracy"]),
+    )
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

@@ -18,15 +18,17 @@ import math
 import sys
 
 import msgpack
-import numpy
 import torch
 
 from p2pfl.errors import P2pflError
 from p2pfl.learning.compression import (
+    BITS,
     CODECS,
-    MAX_SCALE,
     Compressed,
-    index_itemsize,
+    decode_positions,
+    encode_positions,
+    max_scale,
+    packed_count,
     scale_count,
 )
 from p2pfl.learning.params import ParamSchema
@@ -64,10 +66,11 @@ _HEADER_KEYS = frozenset({"digest", "names", "shapes", "dtypes", "buffers"})
 _LINK_INTS = ("seq", "base", "ack")
 _MAX_BLOCK = 2**32
 _LINK_BOOLS = ("echo", "resync")
+_SCALED = frozenset({"values", "block", "scales"})
 _CODEC_KEYS = {
-    "fp16": frozenset({"values"}),
-    "int8": frozenset({"values", "block", "scales"}),
-    "topk": frozenset({"values", "indices"}),
+    "fp16": (frozenset({"values"}),),
+    **{name: (_SCALED,) for name in BITS},
+    "topk": (frozenset({"values", "indices"}), _SCALED | {"indices"}),  # fp16 or int8 values
 }
 
 
@@ -112,8 +115,8 @@ def _layout(schema: ParamSchema) -> _Layout:
     }
     header = sum(len(s.name.encode()) + len(s.dtype) + 9 * len(s.shape) + 16 for s in schema.params)
     neighbors = MAX_NEIGHBORS * (4 * MAX_PEER_ID_CHARS + 5)
-    # Compressed: at most 4 bytes of scale or index plus 2 of value per entry (int8 with
-    # block=1, or topk keeping everything with uint32 indices).
+    # Compressed: at most 4 bytes of scale plus 1 of value per entry (int8 with block=1), or
+    # topk keeping everything: 2 bytes of value and 1 of position each (gaps of 0).
     params = max(sum(buffer_bytes.values()), 6 * schema.numel)
     return _Layout(
         digest=schema.digest(),
@@ -325,13 +328,11 @@ def _pack_compressed(c: Compressed, layout: _Layout) -> dict[str, object]:
     frame: dict[str, object] = {"digest": layout.digest, "codec": c.codec}
     frame |= {name: getattr(c, name) for name in _LINK_INTS + _LINK_BOOLS}
     frame["values"] = _raw(c.values)
-    if c.codec == "int8":
-        assert c.scales is not None
+    if c.scales is not None:
         frame["block"], frame["scales"] = c.block, _raw(c.scales.to(torch.float32))
-    elif c.codec == "topk":
+    if c.codec == "topk":
         assert c.indices is not None
-        dtype = "<u2" if index_itemsize(c.numel) == 2 else "<u4"
-        frame["indices"] = memoryview(c.indices.numpy().astype(dtype))
+        frame["indices"] = encode_positions(c.indices)
     return frame
 
 
@@ -382,9 +383,12 @@ def _unpack_compressed(header: dict[str, object], layout: _Layout) -> Compressed
     codec = header["codec"]
     if not isinstance(codec, str) or codec not in CODECS:
         raise WireError(f"unknown codec {codec!r:.40}: this node decodes {', '.join(CODECS)}")
-    expected = {"digest", "codec", *_LINK_INTS, *_LINK_BOOLS} | _CODEC_KEYS[codec]
-    if header.keys() != expected:
-        raise WireError(f"{codec} params must have keys {sorted(expected)}")
+    link_keys = {"digest", "codec", *_LINK_INTS, *_LINK_BOOLS}
+    if header.keys() not in [link_keys | keys for keys in _CODEC_KEYS[codec]]:
+        raise WireError(
+            f"{codec} params must have keys "
+            + " or ".join(str(sorted(link_keys | keys)) for keys in _CODEC_KEYS[codec])
+        )
     if header["digest"] != layout.digest:
         raise WireError("schema hash mismatch: peer sent parameters for a different model")
     link: dict[str, object] = {}
@@ -403,37 +407,45 @@ def _unpack_compressed(header: dict[str, object], layout: _Layout) -> Compressed
     if codec == "fp16":
         values = _buffer(header, "values", 2 * numel, torch.float16)
         return Compressed("fp16", numel, _finite(values, "values"), **link)  # type: ignore[arg-type]
-    if codec == "int8":
-        block = header["block"]
-        if type(block) is not int or not 0 <= block <= _MAX_BLOCK:
-            raise WireError(
-                f"int8 params 'block' must be an int in [0, {_MAX_BLOCK}], got {block!r:.40}"
-            )
-        values = _buffer(header, "values", numel, torch.int8)
-        scales = _buffer(header, "scales", 4 * scale_count(numel, block), torch.float32)
-        if scales.numel() and not (
-            bool(torch.isfinite(scales).all())
-            and float(scales.min()) >= 0
-            and float(scales.max()) <= MAX_SCALE
-        ):
-            raise WireError(f"int8 params scales must be finite and in [0, {MAX_SCALE:.3g}]")
-        return Compressed("int8", numel, values, scales=scales, block=block, **link)  # type: ignore[arg-type]
-    itemsize = index_itemsize(numel)
+    if codec in BITS:
+        dtype = torch.int8 if codec == "int8" else torch.uint8
+        values = _buffer(header, "values", packed_count(codec, numel), dtype)
+        block, scales = _scales(header, codec, numel)
+        return Compressed(codec, numel, values, scales=scales, block=block, **link)  # type: ignore[arg-type]
     raw = header["indices"]
-    if not isinstance(raw, bytes) or len(raw) % itemsize or len(raw) > itemsize * numel:
-        size = f"{len(raw)} bytes" if isinstance(raw, bytes) else _kind(raw)
+    if not isinstance(raw, bytes):
+        raise WireError(f"topk params 'indices' must be bytes, got {_kind(raw)}")
+    try:
+        indices = decode_positions(raw, numel)
+    except ValueError as exc:
+        raise WireError(f"topk params 'indices': {exc}") from None
+    k = indices.numel()
+    if "scales" in header:
+        values = _buffer(header, "values", k, torch.int8)
+        block, scales = _scales(header, "int8", k)
+        return Compressed("topk", numel, values, scales, block, indices=indices, **link)  # type: ignore[arg-type]
+    values = _finite(_buffer(header, "values", 2 * k, torch.float16), "values")
+    return Compressed("topk", numel, values, indices=indices, **link)  # type: ignore[arg-type]
+
+
+def _scales(header: dict[str, object], codec: str, numel: int) -> tuple[int, torch.Tensor]:
+    """``(block, scales)`` of a block-scaled payload of ``numel`` quantized entries: the
+    block an int in range, one finite scale in ``[0, max_scale(codec)]`` per block."""
+    block = header["block"]
+    if type(block) is not int or not 0 <= block <= _MAX_BLOCK:
         raise WireError(
-            f"topk params 'indices' must be k*{itemsize} bytes with k <= {numel}, got {size}"
+            f"{header['codec']} params 'block' must be an int in [0, {_MAX_BLOCK}], "
+            f"got {block!r:.40}"
         )
-    k = len(raw) // itemsize
-    values = _buffer(header, "values", 2 * k, torch.float16)
-    array = numpy.frombuffer(raw, "<u2" if itemsize == 2 else "<u4")
-    indices = torch.from_numpy(array.astype(numpy.int64))
-    if k and (
-        int(indices[-1]) >= numel or (k > 1 and not bool((indices[1:] > indices[:-1]).all()))
+    scales = _buffer(header, "scales", 4 * scale_count(numel, block), torch.float32)
+    limit = max_scale(codec)
+    if scales.numel() and not (
+        bool(torch.isfinite(scales).all())
+        and float(scales.min()) >= 0
+        and float(scales.max()) <= limit
     ):
-        raise WireError(f"topk params 'indices' must increase strictly and stay below {numel}")
-    return Compressed("topk", numel, _finite(values, "values"), indices=indices, **link)  # type: ignore[arg-type]
+        raise WireError(f"{header['codec']} params scales must be finite and in [0, {limit:.3g}]")
+    return block, scales
 
 
 def _buffer(
