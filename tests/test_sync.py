@@ -5,6 +5,8 @@ closing a channel stops its frames and timers."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import trio
@@ -12,6 +14,7 @@ import trio.testing
 from kit import FakeLearner, FakeModel, unclipped
 
 from p2pfl.community.sharing import shared_part
+from p2pfl.daemon.outbox import Outboxes
 from p2pfl.daemon.sync import (
     SYNC_PROTOCOL,
     WHOLE_MODEL,
@@ -166,3 +169,26 @@ def test_a_closed_channel_sends_nothing_and_its_timers_do_not_fire():
 def test_sync_frames_round_trip(cid):
     message = encode(Pull(7), FakeLearner([FakeModel(torch.zeros(4))]).schema)
     assert split_sync_frame(sync_frame(cid, message)) == (cid, message)
+
+
+def test_an_outbox_whose_sender_ended_drops_instead_of_raising():
+    """A core may still send while the node stops (its step ran in a thread that cannot be
+    cancelled): the peer's sender has ended, the frame is dropped and counted."""
+    counters = {"send_failures": 0}
+    sent: list[bytes] = []
+
+    async def send(peer: str, item: bytes) -> None:
+        sent.append(item)
+
+    outboxes = Outboxes[bytes](4, send, lambda *_: None, counters, logging.getLogger("test"))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            outboxes.start(nursery)
+            outboxes.put("a", b"first")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        outboxes.put("a", b"after the stop")
+
+    trio.run(main)
+    assert sent == [b"first"] and counters["send_failures"] == 1

@@ -269,6 +269,9 @@ class NodeDaemon:
             # are served while the model trains (on the loop, a step of a few ms between
             # every turn made one frame take 0.2-2 s and sessions time out).
             self.loss = await trio.to_thread.run_sync(self._train_step, step)
+            # a step in a thread cannot be cancelled: if the node stopped meanwhile, stop
+            # here instead of telling the cores (their outboxes may be closed already)
+            await trio.lowlevel.checkpoint_if_cancelled()
             self.sync.local_step(trio.current_time())
             if self.core.step % CHECKPOINT_EVERY_STEPS == 0:
                 self._checkpoint_soon()

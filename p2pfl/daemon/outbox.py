@@ -56,6 +56,9 @@ class Outboxes(Generic[Item]):
             self._nursery.start_soon(self._sender, peer, inbox)
         try:
             channel.send_nowait(item)
+        except trio.BrokenResourceError:
+            self._channels.pop(peer, None)  # its sender ended (the node is stopping)
+            self._counters["send_failures"] += 1
         except trio.WouldBlock:
             self._counters["send_failures"] += 1
             self._log.warning(
