@@ -12,9 +12,11 @@ import pytest
 import torch
 from kit import DIM, FakeModel, VirtualNet, complete, line, ring, star
 
+from p2pfl.protocol.actions import SetCorrection
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import make_core
 from p2pfl.protocol.outer import OuterOptimizer
+from p2pfl.wire.messages import ModelReply, Push
 
 SPECS = ("continuous", "periodic:b=3", "gossip:b=2", "dynamic:b=1,rel=0.0005,condition=distance")
 TICK = 0.01
@@ -64,6 +66,34 @@ def test_corrections_sum_to_zero_over_a_uniform_group(spec, graph):
         total_correction(driver), torch.zeros(DIM), atol=1e-4 * scale, rtol=0
     )
     torch.testing.assert_close(driver.mean(), driver.added / len(graph) + run_start_mean(driver))
+
+
+def test_a_clipped_merge_teaches_the_correction_only_where_trust_is_judged():
+    """On a fixed schedule an honest peer may lie beyond τ (the protocol gives no bound): a
+    merge that clipped it still updates the correction, else the corrections stop summing
+    to zero (continuous on the demo fell from 0.969 to 0.575 when such merges taught
+    nothing). Dynamic, which bounds honest peers by √Δ, learns nothing from one."""
+    core = make_core("a", parse_protocol("periodic:b=1,correction=0.5"), FakeModel(vec(0)), "bc")
+    actions = core.on_local_step(0.0)
+    actions += core.on_message(0.0, "b", Push(1, vec(0.1), 10))
+    actions += core.on_message(0.0, "c", Push(1, vec(30.0), 10))
+    assert core.stats.clipped == 1 and core.stats.syncs == 1
+    assert any(isinstance(a, SetCorrection) for a in actions)
+
+    model = FakeModel(vec(0))
+    coordinator = make_core("k", parse_protocol("dynamic:delta=0.01,b=1"), model, "cd")
+    coordinator.trust.judge("d", True)  # some peer is vouched for: trust is judged
+    model.w = vec(1.0)
+    (pull, *_) = coordinator.on_local_step(0.0)  # a violation: it pulls c and d
+    sid = pull.message.session
+    actions = coordinator.on_message(0.1, "d", ModelReply(sid, vec(1.0), 10, [], 1))
+    actions += coordinator.on_message(0.1, "c", ModelReply(sid, vec(40.0), 10, [], 1))
+    assert coordinator.stats.clipped == 1 and coordinator.stats.syncs == 1
+    assert not any(isinstance(a, SetCorrection) for a in actions)
+
+
+def vec(x: float) -> torch.Tensor:
+    return torch.full((DIM,), float(x))
 
 
 def run_start_mean(driver: VirtualNet) -> torch.Tensor:
