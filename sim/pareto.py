@@ -302,6 +302,30 @@ def draw(
     plt.close(fig)
 
 
+class RunLog:
+    """The runs of one sweep, appended to ``OUT/runs.jsonl`` as each finishes; with
+    ``resume`` the runs already in that file are taken from it instead of run again."""
+
+    def __init__(self, out: Path, resume: bool) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "runs.jsonl"
+        self.done: dict[str, dict[str, Any]] = {}
+        if resume and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                self.done[json.loads(line)["protocol"]] = json.loads(line)
+        elif self.path.exists():
+            self.path.unlink()
+
+    def run(self, prepared: Any, protocol: str) -> dict[str, Any]:
+        """The result of ``protocol`` on ``prepared`` (from the log, or run and logged)."""
+        if protocol in self.done:
+            return dict(self.done[protocol])
+        result = Simulation(prepared, protocol).run()
+        with self.path.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario", type=Path)
@@ -343,24 +367,12 @@ def main() -> None:
     )
     prepared = prepare(scenario)
     drift = prepared.dataset.drift
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_path = args.out / "runs.jsonl"
-    done: dict[str, dict[str, Any]] = {}
-    if args.resume and log_path.exists():
-        for line in log_path.read_text().splitlines():
-            done[json.loads(line)["protocol"]] = json.loads(line)
-    elif log_path.exists():
-        log_path.unlink()
+    log = RunLog(args.out, args.resume)
     runs: list[dict[str, Any]] = []
     metrics: dict[str, list[dict[str, Any]]] = {}
 
     def run(protocol: str) -> dict[str, Any]:
-        if protocol in done:
-            result = dict(done[protocol])
-        else:
-            result = Simulation(prepared, protocol).run()
-            with log_path.open("a") as f:
-                f.write(json.dumps(result) + "\n")
+        result = log.run(prepared, protocol)
         metrics[protocol] = result.pop("metrics")
         runs.append(result)
         print(

@@ -35,9 +35,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from pareto import BASELINES, mechanisms, per_window, with_keys  # noqa: E402
+from pareto import BASELINES, RunLog, mechanisms, per_window, with_keys  # noqa: E402
 
-from p2pfl.simulator.engine import Simulation, prepare  # noqa: E402
+from p2pfl.simulator.engine import prepare  # noqa: E402
 from p2pfl.simulator.scenario import load_scenario  # noqa: E402
 from p2pfl.simulator.stream import (  # noqa: E402
     bytes_at_accuracy,
@@ -205,23 +205,11 @@ def main() -> None:
         overrides["lr_schedule"] = args.lr_schedule
     scenario = load_scenario(args.scenario, overrides)
     prepared = prepare(scenario)
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_path = args.out / "runs.jsonl"
-    done: dict[str, dict[str, Any]] = {}
-    if args.resume and log_path.exists():
-        for line in log_path.read_text().splitlines():
-            done[json.loads(line)["protocol"]] = json.loads(line)
-    elif log_path.exists():
-        log_path.unlink()
+    log = RunLog(args.out, args.resume)
     runs: list[dict[str, Any]] = []
     metrics: dict[str, list[dict[str, Any]]] = {}
     for protocol in dict.fromkeys(protocols):
-        if protocol in done:
-            result = dict(done[protocol])
-        else:
-            result = Simulation(prepared, protocol).run()
-            with log_path.open("a") as f:
-                f.write(json.dumps(result) + "\n")
+        result = log.run(prepared, protocol)
         metrics[protocol] = result.pop("metrics")
         runs.append(result)
         print(
