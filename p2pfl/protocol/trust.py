@@ -12,11 +12,23 @@ vanishing influence; an honest peer clipped now and then is back to full weight 
 models. A peer judged once and then silent keeps its trust; the table remembers the last
 ``REMEMBERED`` peers (an attacker would have to make us hear that many others to be
 forgotten).
+
+Trust judges a model by how far it lies; a *stale* model (an old one replayed, as the
+``replay`` attack does) lies close, since it drags its receivers back toward itself, and
+so keeps full trust while it pulls a whole network back to the past. An honest peer's
+models move between the ones it sends us about as much as ours moved meanwhile (it trains
+and merges as we do); a stale one does not move. ``PeerProgress`` scales a peer's radius
+by its progress: how far its model moved since the last one it sent us, relative to how
+far our own model moved over the same interval (at most 1): a replayed model has no pull
+after its first, an honest peer that moves as we do keeps all of it, a slower one (which
+is staler) keeps its share.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+
+import torch
 
 DECAY = 0.25
 """Factor on a peer's trust each time its model lies beyond the clip radius."""
@@ -48,3 +60,35 @@ class PeerTrust:
         while len(self._trust) > REMEMBERED:
             self._trust.popitem(last=False)
         return new
+
+
+class PeerProgress:
+    """Each peer's progress between the models it sends us, relative to ours (see the
+    module docstring). Keeps, for the last ``remembered`` peers, the last model each sent,
+    our own model at that time and the share it earned (two model copies per peer); a peer
+    not heard from yet is measured from ``origin``, where our own model started."""
+
+    def __init__(self, remembered: int, origin: torch.Tensor) -> None:
+        self.remembered = remembered
+        self.origin = origin.detach().clone()
+        self._last: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, float]] = OrderedDict()
+
+    def share(self, peer: str, model: torch.Tensor, own: torch.Tensor) -> float:
+        """``min(1, ||model - model'|| / ||own - own'||)`` where ``model'`` is the last model
+        ``peer`` sent and ``own'`` ours at that time; for a peer's first model both are
+        ``origin`` (a model replayed from the start of training earns nothing once we have
+        moved on; an honest newcomer has moved about as far as we have, or started
+        elsewhere). While our own model has not moved since (two messages at once), the
+        peer keeps the share it had."""
+        last = self._last.pop(peer, None)
+        if last is not None and not float(torch.linalg.vector_norm(own - last[1])) > 0.0:
+            self._last[peer] = last
+            return last[2]
+        before, ours_before = (self.origin, self.origin) if last is None else last[:2]
+        ours = float(torch.linalg.vector_norm(own - ours_before))
+        theirs = float(torch.linalg.vector_norm(model - before))
+        share = min(1.0, theirs / ours) if ours > 0.0 else 1.0
+        self._last[peer] = (model.detach().clone(), own.detach().clone(), share)
+        while len(self._last) > self.remembered:
+            self._last.popitem(last=False)
+        return share
