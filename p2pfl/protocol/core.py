@@ -433,7 +433,7 @@ class NodeCore:
     ) -> list[Action]:
         """Take the result of a merge: learn the drift correction from ``sent`` (the model
         this node contributed) and ``merged`` over ``steps`` shared local steps (not from a
-        merge in which a model had to be clipped, see ``_suspect_merge``), apply the
+        merge with a model beyond its trusted radius, see ``_poisoned_merge``), apply the
         outer optimizer, and replace the model keeping the local steps taken since ``sent``
         was handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge
         is in flight (``current`` stands for ``w_now`` when an earlier replacement is not
