@@ -18,14 +18,18 @@ Trust judges a model by how far it lies; a *stale* model (an old one replayed, a
 so keeps full trust while it pulls a whole network back to the past. An honest peer's
 models move between the ones it sends us about as much as ours moved meanwhile (it trains
 and merges as we do); a stale one does not move. ``PeerProgress`` scales a peer's radius
-by its progress: how far its model moved since the last one it sent us, relative to how
-far our own model moved over the same interval (at most 1): a replayed model has no pull
-after its first, an honest peer that moves as we do keeps all of it, a slower one (which
-is staler) keeps its share.
+by its progress: how far its model moved since an earlier one it sent us (for its first,
+since where we started), relative to how far our own model moved over the same interval
+(at most 1; our moves toward its earlier model, such as our merges with it, not counted):
+a replayed model has no pull, an honest peer that moves as we do keeps all of it, a slower
+one (which is staler) keeps its share. (Letting a peer twice slower than us keep its whole
+radius doubled what a stale model's first message earns: 3 replayers of 16 then cost 55
+points instead of 3.)
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -64,9 +68,9 @@ class PeerTrust:
 
 class PeerProgress:
     """Each peer's progress between the models it sends us, relative to ours (see the
-    module docstring). Keeps, for the last ``remembered`` peers, the last model each sent,
-    our own model at that time and the share it earned (two model copies per peer); a peer
-    not heard from yet is measured from ``origin``, where our own model started."""
+    module docstring). Keeps, for the last ``remembered`` peers, a model each sent, our own
+    model at that time and the share it earned then (two model copies per peer); a peer not
+    heard from yet is measured from ``origin``, where our own model started."""
 
     def __init__(self, remembered: int, origin: torch.Tensor) -> None:
         self.remembered = remembered
@@ -74,21 +78,36 @@ class PeerProgress:
         self._last: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, float]] = OrderedDict()
 
     def share(self, peer: str, model: torch.Tensor, own: torch.Tensor) -> float:
-        """``min(1, ||model - model'|| / ||own - own'||)`` where ``model'`` is the last model
-        ``peer`` sent and ``own'`` ours at that time; for a peer's first model both are
-        ``origin`` (a model replayed from the start of training earns nothing once we have
+        """``min(1, ||model - model'|| / ||own - own'||)``, where ``model'`` is a model
+        ``peer`` sent before and ``own'`` ours at that time: its first model is measured
+        from ``origin`` (a model replayed from the start of training earns nothing once we
         moved on; an honest newcomer has moved about as far as we have, or started
-        elsewhere). While our own model has not moved since (two messages at once), the
-        peer keeps the share it had."""
+        elsewhere), and the pair moves on to the latest model only once the peer has caught
+        up (share 1): an honest peer whose model lagged once (we merged its model before it
+        merged ours) earns its share back as soon as it moves, a stale one never does."""
         last = self._last.pop(peer, None)
-        if last is not None and not float(torch.linalg.vector_norm(own - last[1])) > 0.0:
-            self._last[peer] = last
-            return last[2]
-        before, ours_before = (self.origin, self.origin) if last is None else last[:2]
-        ours = float(torch.linalg.vector_norm(own - ours_before))
+        before, ours_before, verdict = (self.origin, self.origin, 1.0) if last is None else last
+        ours = _moved_but_toward(own - ours_before, before - ours_before)
         theirs = float(torch.linalg.vector_norm(model - before))
-        share = min(1.0, theirs / ours) if ours > 0.0 else 1.0
-        self._last[peer] = (model.detach().clone(), own.detach().clone(), share)
+        # Our model has not moved since the pair was taken (two messages at once): the
+        # verdict of that time stands.
+        share = min(1.0, theirs / ours) if ours > 0.0 else verdict
+        if last is None or share >= 1.0:
+            last = (model.detach().clone(), own.detach().clone(), share)
+        self._last[peer] = last
         while len(self._last) > self.remembered:
             self._last.popitem(last=False)
         return share
+
+
+def _moved_but_toward(move: torch.Tensor, direction: torch.Tensor) -> float:
+    """The length of ``move`` without its part along ``direction`` (if it goes that way):
+    where we moved, not counting our steps toward the peer's earlier model (our merges
+    with it: a peer that has not merged ours yet has not lagged behind them)."""
+    squared = float(move.square().sum())
+    norm = float(torch.linalg.vector_norm(direction))
+    if norm > 0.0:
+        toward = float(move.dot(direction)) / norm
+        if toward > 0.0:
+            squared -= toward * toward
+    return math.sqrt(max(squared, 0.0))
