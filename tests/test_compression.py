@@ -45,9 +45,9 @@ CONFIGS = [
     CodecConfig("int8", block=7),
     CodecConfig("int4"),
     CodecConfig("int4", block=0),
-    CodecConfig("int4", delta="shared"),
+    CodecConfig("int4", base="shared"),
     CodecConfig("int2"),
-    CodecConfig("int2", block=7, delta="shared"),
+    CodecConfig("int2", block=7, base="shared"),
     CodecConfig("sign"),
     CodecConfig("sign", block=7),
     CodecConfig("topk", fraction=0.05),
@@ -245,7 +245,7 @@ def test_shared_bases_shrink_the_delta_of_a_rarely_used_link():
     instead of on their last own messages, which lie a whole averaging step away. Both ends
     compute the shared vector bit for bit, and the receiver's copy is within one int2
     compression of the small delta."""
-    config = CodecConfig("int2", delta="shared")
+    config = CodecConfig("int2", base="shared")
     coordinator, member = CodecLinks(config), CodecLinks(config)
     chain_c, chain_m = CodecLinks(CodecConfig("int2")), CodecLinks(CodecConfig("int2"))
     x, other = randn(N, 0), randn(N, 1) + 3.0
@@ -264,9 +264,7 @@ def test_shared_bases_shrink_the_delta_of_a_rarely_used_link():
     shared, chained = member.encode("c", moved), chain_m.encode("c", moved)
     assert shared.base_kind == 1 and chained.base_kind == 0
     seen = coordinator.decode("m", shared)
-    assert float((seen - moved).norm()) < 0.4 * float(
-        (chain_c.decode("m", chained) - moved).norm()
-    )
+    assert float((seen - moved).norm()) < 0.4 * float((chain_c.decode("m", chained) - moved).norm())
     assert float((seen - moved).norm()) < 0.5 * float((moved - x).norm()) + 0.05
     own = x + 0.01 * randn(N, 3)  # the coordinator's model, near the average too
     back = coordinator.encode("m", own)
@@ -278,7 +276,7 @@ def test_a_lost_shared_base_asks_for_a_key_frame_once():
     """A receiver that no longer holds the shared base (it restarted unnoticed) refuses with
     the reason and asks for a key frame; the sender then forgets the shared vectors of that
     link, so the key frame and what follows decode (no refusal loop)."""
-    config = CodecConfig("int4", delta="shared")
+    config = CodecConfig("int4", base="shared")
     coordinator, member = CodecLinks(config), CodecLinks(config)
     x, other = randn(N, 0), randn(N, 1) + 3.0
     member.decode("c", coordinator.encode("m", other))
@@ -451,6 +449,9 @@ def test_codec_keys_in_protocol_specs():
     assert parse_protocol("periodic:codec=topk,topk=0.05,values=int8,block=0").codec == (
         CodecConfig("topk", block=0, fraction=0.05, values="int8")
     )
+    assert parse_protocol("dynamic:codec=int2,base=shared,delta=0.5").codec == CodecConfig(
+        "int2", base="shared"
+    )
     assert parse_protocol("dynamic").codec is None
     for bad, fragment in [
         ("dynamic:codec=zip", "codec must be one of fp16, int8, int4, int2, sign, topk"),
@@ -458,6 +459,8 @@ def test_codec_keys_in_protocol_specs():
         ("dynamic:codec=sign,values=int8", "'values' does not apply to codec=sign"),
         ("dynamic:codec=topk,values=int4", "choose one of fp16, int8"),
         ("dynamic:topk=0.1", "add codec=int8 or codec=topk"),
+        ("dynamic:base=shared", "add codec=int8 or codec=topk"),
+        ("periodic:codec=int4,base=last", "choose one of chain, shared"),
         ("dynamic:codec=fp16,block=3", "'block' does not apply to codec=fp16"),
         ("dynamic:codec=topk,topk=0", "kept fraction must be in (0, 1]"),
         ("dynamic:codec=int8,block=-1", "must be >= 0"),

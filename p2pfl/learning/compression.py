@@ -49,7 +49,7 @@ MAX_DECODED = 3.0e38
 """Largest magnitude a decoded entry may have (float32 stays finite)."""
 INT2_TOP = 1.5
 """int2's outer level, in scales (the levels are ±0.5 and ±1.5 scales)."""
-DELTAS = ("chain", "shared")
+BASES = ("chain", "shared")
 BASE_KINDS = (
     "sender's message",
     "average on sender's",
@@ -74,17 +74,17 @@ class CodecConfig:
     """A codec and its settings: ``block`` entries per scale of the block-scaled codecs (0:
     one scale for the whole vector), ``fraction`` of entries ``topk`` keeps and how their
     ``values`` travel (``fp16`` or ``int8`` with one scale per ``block`` kept values), and
-    what a message is a ``delta`` on (one of ``DELTAS``)."""
+    the ``base`` a message is a delta on (one of ``BASES``)."""
 
     name: str
     block: int = 256
     fraction: float = 0.01
     values: str = "fp16"
-    delta: str = "chain"
+    base: str = "chain"
 
     @property
     def label(self) -> str:
-        shared = "" if self.delta == "chain" else f",delta={self.delta}"
+        shared = "" if self.base == "chain" else f",base={self.base}"
         if self.name in BITS:
             return f"{self.name}:block={self.block}{shared}"
         if self.name == "topk":

@@ -19,7 +19,7 @@ A lossy codec sends deltas, not models, and keeps what it left out (error feedba
   by the coordinator's estimate of ``average - x_member``: uniform merges keep the global
   mean up to the codec's error on that correction, which ``e`` returns next time.
 
-* **Shared bases** (``delta=shared``): besides the sender's last acknowledged message, both
+* **Shared bases** (``base=shared``): besides the sender's last acknowledged message, both
   ends of a link hold the receiver's last message (as the sender decoded it) and the
   averages echoed on either side's messages (``mirror + decoded echo``, computed alike on
   both ends). A message is then a delta on whichever of these is closest to the vector
@@ -174,7 +174,7 @@ class CodecLinks:
         acknowledged message, or with ``delta=shared`` the closest of it and the newest
         vectors the peer holds as well (see ``BASE_KINDS``)."""
         candidates = [(0, out.acked, out.sent[out.acked][0])]
-        if self.config.delta == "shared":
+        if self.config.base == "shared":
             if out.echoed:
                 candidates.append((1, max(out.echoed), out.echoed[max(out.echoed)]))
             if inn.last in inn.mirrors:
