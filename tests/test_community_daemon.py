@@ -632,8 +632,13 @@ def test_two_communities_share_disjoint_parts(tmp_path, wire):
                     b.community(body_c).core.stats.syncs >= 5
                     and c.community(head_c).core.stats.syncs >= 5
                 ),
-                30,
+                60,
                 "both communities sync",
+                lambda: {
+                    "b": b.community(body_c).core.stats,
+                    "c": c.community(head_c).core.stats,
+                    "steps": [n.daemon.status()["step"] for n in (a, b, c)],
+                },
             )
             await trio.sleep(0.3)
 
