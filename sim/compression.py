@@ -9,12 +9,15 @@ accuracy, as ``sim/pareto.py``); every periodic variant of ``--variants`` (the s
 mechanisms: drift correction, outer step; see ``pareto.BASELINES``) at every period of
 ``--periods`` runs without a codec, and the cheapest one reaching the target is the *best
 fair schedule* (if none reaches it, the most accurate one stands in and is marked). Then
-``dynamic`` (its defaults) and that best fair schedule each run with every codec of
-``--codecs`` (float32 first), so a codec is offered to both sides. Accuracy is the mean of
+every ``dynamic`` spec of ``--dynamic`` (default: its defaults; e.g. a sweep of ``rel``) and
+that best fair schedule each run with every codec of ``--codecs`` (float32 first), so a
+codec is offered to both sides: the fair schedule with the same codec shows what the codec
+buys, dynamic's row beside it what the trigger adds. Accuracy is the mean of
 the evaluations at prime steps in the last tenth; a run's cost is all the bytes it sent.
 
 ``--reuse`` takes runs made before on the same scenario, seed and step count (a
-``sim/pareto.py`` output's ``runs.jsonl``, or a simulation's ``summary.json``): a protocol
+``sim/pareto.py`` output's ``runs.jsonl``, a simulation's ``summary.json``, or this script's
+``compression.json``): a protocol
 found there is not run again (the table marks it). Prints one table per scenario (and the
 mean over seeds with its spread) and writes ``compression.json`` into ``--out``.
 """
@@ -61,6 +64,7 @@ def run_scenario(
     periods: list[int],
     variants: list[str],
     codecs: list[str],
+    dynamics: list[str],
     reused: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """Every run of one scenario and seed, the target and the best fair schedule; runs in
@@ -94,7 +98,8 @@ def run_scenario(
     )
     rows = []
     for codec in ("", *codecs):
-        for side, protocol in (("dynamic", "dynamic"), ("best fair", best["protocol"])):
+        sides = [(d, d) for d in dynamics] + [("best fair", best["protocol"])]
+        for side, protocol in sides:
             spec = with_keys(protocol, codec)
             r = runs.get(spec) or run(spec)
             rows.append(
@@ -106,6 +111,7 @@ def run_scenario(
                     "bytes": r["bytes_sent"],
                     "reaches": r["final_accuracy"] >= target,
                     "points_lost": 100 * (runs[protocol]["final_accuracy"] - r["final_accuracy"]),
+                    "points_below_best_fair": 100 * (best["final_accuracy"] - r["final_accuracy"]),
                     "best_fair_over_this": best["bytes_sent"] / max(r["bytes_sent"], 1),
                     "reused": r.get("reused", False),
                 }
@@ -138,8 +144,11 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 for g in group
             )
         )
-        print("| side | codec | accuracy | MB | reaches | points lost | best fair / this |")
-        print("|---|---|---|---|---|---|---|")
+        print(
+            "| side | codec | accuracy | MB | reaches | points lost to float32"
+            " | points below best fair | best fair / this |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
         for i, row in enumerate(group[0]["rows"]):
             cells = [g["rows"][i] for g in group]
             print(
@@ -147,6 +156,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 f" | {_spread([c['bytes'] / 1e6 for c in cells], 1)}"
                 f" | {sum(c['reaches'] for c in cells)}/{len(cells)}"
                 f" | {_spread([c['points_lost'] for c in cells], 1, sign=True)}"
+                f" | {_spread([c['points_below_best_fair'] for c in cells], 1, sign=True)}"
                 f" | {_spread([c['best_fair_over_this'] for c in cells], 1)}x |"
                 + (" (reused)" if any(c["reused"] for c in cells) else "")
             )
@@ -167,6 +177,9 @@ def load_runs(paths: list[Path], steps: int, seed: int) -> dict[str, dict[str, A
     for path in paths:
         if path.suffix == ".jsonl":
             rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        elif path.name == "compression.json":
+            results = json.loads(path.read_text())
+            rows = [r for res in results if res["seed"] == seed for r in res["runs"].values()]
         else:
             summary = json.loads(path.read_text())
             if summary.get("scenario", {}).get("seed", seed) != seed:
@@ -186,6 +199,9 @@ def main() -> None:
     parser.add_argument("--periods", default=",".join(map(str, PERIODS)))
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {list(BASELINES)}")
     parser.add_argument("--codecs", default=";".join(CODECS), help="';'-separated codec keys")
+    parser.add_argument(
+        "--dynamic", default="dynamic", help="';'-separated dynamic specs, e.g. a rel sweep"
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument(
         "--reuse", type=Path, nargs="*", default=[], help="runs.jsonl / summary.json to reuse"
@@ -195,12 +211,15 @@ def main() -> None:
     periods = [int(b) for b in args.periods.split(",")]
     variants = [v for v in args.variants.split(",") if v]
     codecs = [c for c in args.codecs.split(";") if c]
+    dynamics = [d for d in args.dynamic.split(";") if d]
     results = []
     for path in args.scenarios:
         scenario = load_scenario(path, {} if args.steps is None else {"steps": args.steps})
         for seed in [int(s) for s in args.seeds.split(",") if s] or [scenario.seed]:
             reused = load_runs(args.reuse, scenario.steps, seed)
-            results.append(run_scenario(path, seed, args.steps, periods, variants, codecs, reused))
+            results.append(
+                run_scenario(path, seed, args.steps, periods, variants, codecs, dynamics, reused)
+            )
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "compression.json").write_text(json.dumps(results, indent=1))
     print_table(results)

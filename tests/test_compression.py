@@ -1,4 +1,4 @@
-"""Codecs (fp16, int8, int4, sign, topk): round-trip error, error feedback on links, the
+"""Codecs (fp16, int8, int4, int2, sign, topk): round-trip error, error feedback on links, the
 wire format of compressed parameters (exact sizes, strict refusal of hostile payloads) and
 the invariant a compressed dynamic merge keeps."""
 
@@ -45,6 +45,9 @@ CONFIGS = [
     CodecConfig("int8", block=7),
     CodecConfig("int4"),
     CodecConfig("int4", block=0),
+    CodecConfig("int4", base="shared"),
+    CodecConfig("int2"),
+    CodecConfig("int2", block=7, base="shared"),
     CodecConfig("sign"),
     CodecConfig("sign", block=7),
     CodecConfig("topk", fraction=0.05),
@@ -76,6 +79,22 @@ def test_codecs_round_trip_within_their_stated_error(n, seed, scale):
         assert ((decompress(c) - x).abs() <= bound).all()
         if n:  # the scale is the block's largest magnitude over the largest level
             assert float(c.scales.max()) == pytest.approx(float(x.abs().max()) / levels)
+    for block in (0, 1, 5, 256):
+        # int2: levels ±scale/2, ±3·scale/2, scale the block's root mean square; each entry
+        # within scale/2, or beyond 2·scale within |x| - 3·scale/2
+        width = block or max(n, 1)
+        c = compress(x, CodecConfig("int2", block=block))
+        y = decompress(c)
+        assert y.numel() == n and c.values.numel() == math.ceil(n / 4)
+        for row, got, scale in zip(
+            torch.split(x, width), torch.split(y, width), c.scales, strict=False
+        ):
+            assert float(scale) == pytest.approx(float(row.square().mean().sqrt()), rel=1e-5)
+            bound = torch.maximum(scale / 2, row.abs() - 1.5 * scale) * (1 + 1e-5) + 1e-30
+            assert ((got - row).abs() <= bound).all()
+            if scale > 0:  # every entry on one of the four levels
+                off = (got / scale).unsqueeze(1) - torch.tensor([-1.5, -0.5, 0.5, 1.5])
+                assert float(off.abs().amin(1).max()) < 1e-5
     for block in (0, 1, 5, 256):
         width = block or max(n, 1)
         c = compress(x, CodecConfig("sign", block=block))
@@ -160,9 +179,9 @@ def test_delta_chain_tracks_the_vector_without_accumulating_error(config):
         a.decode("b", b.encode("a", torch.zeros(N)))  # b's own traffic carries the acks
         errors.append(float((seen - x).norm()))
     step = 0.01 * math.sqrt(N)
-    bound = {"topk": 4.0, "sign": 1.5, "int4": 0.2}.get(config.name, 0.02)
+    bound = {"topk": 4.0, "sign": 1.5, "int4": 0.2, "int2": 0.6}.get(config.name, 0.02)
     assert max(errors[-100:]) < bound * step + 1e-3
-    if config.name in ("topk", "sign") and config.fraction < 1:
+    if config.name in ("topk", "sign", "int2") and config.fraction < 1:
         assert max(errors[-100:]) < 1.5 * max(errors[:100])  # no growth
 
 
@@ -212,14 +231,76 @@ def test_lost_messages_and_restarts_recover_with_a_reason():
         )
 
 
+def _session(coordinator: CodecLinks, member: CodecLinks, x: torch.Tensor, other: torch.Tensor):
+    """One balancing session of two: the member's reply, the coordinator's average echoed
+    back; returns the member's new model and the reply as sent."""
+    reply = member.encode("c", x)
+    average = 0.5 * (coordinator.decode("m", reply) + other)
+    return member.decode("c", coordinator.encode("m", average, echo=True)), reply
+
+
+def test_shared_bases_shrink_the_delta_of_a_rarely_used_link():
+    """After a session both ends hold the echoed average; the member's next reply is a delta
+    on it (base_kind 1), as is the coordinator's next message to the member (base_kind 3),
+    instead of on their last own messages, which lie a whole averaging step away. Both ends
+    compute the shared vector bit for bit, and the receiver's copy is within one int2
+    compression of the small delta."""
+    config = CodecConfig("int2", base="shared")
+    coordinator, member = CodecLinks(config), CodecLinks(config)
+    chain_c, chain_m = CodecLinks(CodecConfig("int2")), CodecLinks(CodecConfig("int2"))
+    x, other = randn(N, 0), randn(N, 1) + 3.0
+    for links in ((coordinator, member), (chain_c, chain_m)):
+        links[1].decode("c", links[0].encode("m", other))  # first contact: key frames
+        links[0].decode("m", links[1].encode("c", x))
+    x, _ = _session(coordinator, member, x, other)
+    _session(chain_c, chain_m, x, other)
+    torch.testing.assert_close(
+        member._out["c"].echoed[max(member._out["c"].echoed)],
+        coordinator._in["m"].echoed[max(coordinator._in["m"].echoed)],
+        rtol=0,
+        atol=0,
+    )
+    moved = x + 0.01 * randn(N, 2)  # a little local training since the average
+    shared, chained = member.encode("c", moved), chain_m.encode("c", moved)
+    assert shared.base_kind == 1 and chained.base_kind == 0
+    seen = coordinator.decode("m", shared)
+    assert float((seen - moved).norm()) < 0.4 * float((chain_c.decode("m", chained) - moved).norm())
+    assert float((seen - moved).norm()) < 0.5 * float((moved - x).norm()) + 0.05
+    own = x + 0.01 * randn(N, 3)  # the coordinator's model, near the average too
+    back = coordinator.encode("m", own)
+    assert back.base_kind == 3
+    assert float((member.decode("c", back) - own).norm()) < 0.5 * float((own - x).norm()) + 0.05
+
+
+def test_a_lost_shared_base_asks_for_a_key_frame_once():
+    """A receiver that no longer holds the shared base (it restarted unnoticed) refuses with
+    the reason and asks for a key frame; the sender then forgets the shared vectors of that
+    link, so the key frame and what follows decode (no refusal loop)."""
+    config = CodecConfig("int4", base="shared")
+    coordinator, member = CodecLinks(config), CodecLinks(config)
+    x, other = randn(N, 0), randn(N, 1) + 3.0
+    member.decode("c", coordinator.encode("m", other))
+    coordinator.decode("m", member.encode("c", x))
+    x, _ = _session(coordinator, member, x, other)
+    restarted = CodecLinks(config)
+    with pytest.raises(LinkError, match="which we do not hold.*asking for a key frame"):
+        restarted.decode("m", member.encode("c", x + 0.01))
+    member.decode("c", restarted.encode("m", other))  # carries resync
+    for t in range(3):
+        got = restarted.decode("m", member.encode("c", x + 0.02 * t))
+        torch.testing.assert_close(got, x + 0.02 * t, atol=0.05, rtol=0)
+        member.decode("c", restarted.encode("m", other))
+
+
 # -- wire --
 def payloads() -> list[Compressed]:
     out = []
     for i, config in enumerate(CONFIGS):
         c = compress(randn(N, i), config)
-        c.seq, c.base, c.ack, c.echo, c.resync = (
+        c.seq, c.base, c.base_kind, c.ack, c.echo, c.resync = (
             i + 1,
             i,
+            i % 4,
             2**63 - 1 if i == 2 else 3,
             i == 1,
             i == 3,
@@ -239,7 +320,8 @@ def test_compressed_params_round_trip_with_exact_sizes(payload):
         assert encoded_size(message, SCHEMA) == len(data)
         got = decode(data, SCHEMA).params
         assert isinstance(got, Compressed)
-        for name in ("codec", "numel", "block", "seq", "base", "echo", "ack", "resync"):
+        link = ("seq", "base", "base_kind", "echo", "ack", "resync")
+        for name in ("codec", "numel", "block", *link):
             assert getattr(got, name) == getattr(payload, name)
         assert torch.equal(decompress(got), decompress(payload))
 
@@ -275,6 +357,7 @@ def test_compressed_frames_are_much_smaller():
     assert sizes["fp16"] < 0.52 * dense
     assert sizes["int8:block=256"] < 0.28 * dense
     assert sizes["int4:block=256"] < 0.15 * dense
+    assert sizes["int2:block=256"] < 0.08 * dense
     assert sizes["sign:block=256"] < 0.05 * dense
     assert sizes["topk=0.05"] < 0.08 * dense
     assert sizes["topk=0.05,values=int8"] < 0.04 * dense
@@ -307,6 +390,10 @@ HOSTILE = [
     ("int8", _set("seq", -1), "'seq' must be an int"),
     ("int8", _set("ack", "3"), "'ack' must be an int"),
     ("int8", _set("echo", 1), "'echo' must be a bool"),
+    ("int8", _set("base_kind", 4), "'base_kind' must be below 4"),
+    ("int8", _set("base_kind", -1), "'base_kind' must be an int"),
+    ("int2", _set("values", b"\0" * (N // 4 + 2)), "'values' must be"),
+    ("int2", _set("scales", (torch.ones(3) * 2.1e38).numpy().tobytes()), "scales must be finite"),
     ("int8", _set("digest", b"x" * 16), "schema hash mismatch"),
     ("int8", _set("extra", 1), "params must have keys"),
     ("int8", lambda p: p.pop("scales"), "params must have keys"),
@@ -362,13 +449,18 @@ def test_codec_keys_in_protocol_specs():
     assert parse_protocol("periodic:codec=topk,topk=0.05,values=int8,block=0").codec == (
         CodecConfig("topk", block=0, fraction=0.05, values="int8")
     )
+    assert parse_protocol("dynamic:codec=int2,base=shared,delta=0.5").codec == CodecConfig(
+        "int2", base="shared"
+    )
     assert parse_protocol("dynamic").codec is None
     for bad, fragment in [
-        ("dynamic:codec=zip", "codec must be one of fp16, int8, int4, sign, topk"),
+        ("dynamic:codec=zip", "codec must be one of fp16, int8, int4, int2, sign, topk"),
         ("dynamic:codec=topk,block=4", "'block' does not apply to codec=topk (add values=int8)"),
         ("dynamic:codec=sign,values=int8", "'values' does not apply to codec=sign"),
         ("dynamic:codec=topk,values=int4", "choose one of fp16, int8"),
         ("dynamic:topk=0.1", "add codec=int8 or codec=topk"),
+        ("dynamic:base=shared", "add codec=int8 or codec=topk"),
+        ("periodic:codec=int4,base=last", "choose one of chain, shared"),
         ("dynamic:codec=fp16,block=3", "'block' does not apply to codec=fp16"),
         ("dynamic:codec=topk,topk=0", "kept fraction must be in (0, 1]"),
         ("dynamic:codec=int8,block=-1", "must be >= 0"),

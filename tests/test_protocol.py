@@ -127,7 +127,7 @@ def test_make_core_builds_the_right_policy(spec, cls):
             "periodic:c=2",
             [
                 "unknown argument(s) ['c']",
-                "periodic accepts: b, block, clip, codec, correction, f, local, merge, "
+                "periodic accepts: b, base, block, clip, codec, correction, f, local, merge, "
                 "outer_lr, outer_momentum, timeout, topk, trim",
             ],
         ),

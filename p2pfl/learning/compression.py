@@ -1,5 +1,6 @@
 """Lossy codecs for flat parameter vectors: ``fp16``; the block-scaled quantizers ``int8``,
-``int4`` and ``sign`` (one float32 scale per block of entries, or one for the whole vector);
+``int4``, ``int2`` and ``sign`` (one float32 scale per block of entries, or one for the whole
+vector);
 and ``topk``, the largest ``fraction`` of entries by magnitude, whose kept values travel as
 float16 or, with ``values=int8``, block-scaled int8.
 
@@ -12,6 +13,10 @@ encoding left out (error feedback). Stated error of one round trip of ``x``, per
 * ``fp16``: each entry within ``2**-11 * |x_i|`` (round to nearest; ``|x_i| <= 65504``);
 * ``int8`` / ``int4``: each entry within ``scale / 2``, ``scale = max|x_block| / L`` with
   ``L = 127`` / ``7`` (8 / 4 bits per entry);
+* ``int2``: 2 bits per entry, the four levels ``±scale/2`` and ``±3·scale/2`` with ``scale``
+  the block's root mean square (close to the optimal 4-level quantizer of a Gaussian, MSE
+  about ``0.12 ||x||²``): each entry within ``max(scale/2, |x_i| - 3·scale/2)``, i.e. within
+  ``scale/2`` unless it lies beyond ``2·scale`` (the clipped tail returns with error feedback);
 * ``sign``: each entry becomes ``sign(x_i) * mean|x_block|`` (1 bit per entry, the scaled
   sign of EF-SGD), so ``||x - x̂||² = ||x||² - ||x||₁² / n`` per block of ``n`` entries:
   at most ``(1 - 1/n) ||x||²``, about ``0.36 ||x||²`` for Gaussian entries;
@@ -32,42 +37,60 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-CODECS = ("fp16", "int8", "int4", "sign", "topk")
+CODECS = ("fp16", "int8", "int4", "int2", "sign", "topk")
 TOPK_VALUES = ("fp16", "int8")
 FP16_MAX = 65504.0
 LEVELS = {"int8": 127, "int4": 7}
 """Largest quantization level of each integer codec (``scale = max|block| / L``)."""
 INT8_LEVELS = LEVELS["int8"]
-BITS = {"int8": 8, "int4": 4, "sign": 1}
+BITS = {"int8": 8, "int4": 4, "int2": 2, "sign": 1}
 """Bits per entry of the block-scaled codecs."""
 MAX_DECODED = 3.0e38
 """Largest magnitude a decoded entry may have (float32 stays finite)."""
+INT2_TOP = 1.5
+"""int2's outer level, in scales (the levels are ±0.5 and ±1.5 scales)."""
+BASES = ("chain", "shared")
+BASE_KINDS = (
+    "sender's message",
+    "average on sender's",
+    "receiver's message",
+    "average on receiver's",
+)
+"""What a payload's ``base`` numbers (``Compressed.base_kind`` indexes this): a message of the
+sender, the average the receiver returned on it, a message of the receiver (as the sender
+decoded it), or the average the sender returned on that one."""
+"""What a compressed message is a delta on (see ``p2pfl.protocol.links``): ``chain``, the
+sender's last acknowledged message; ``shared``, the closest vector both ends hold."""
 
 
 def max_scale(codec: str) -> float:
     """Largest scale a payload of ``codec`` may carry: any code it can hold decodes finite
     (int4 nibbles reach -8, int8 bytes -128)."""
-    return MAX_DECODED / {"int8": 128, "int4": 8}.get(codec, 1)
+    return MAX_DECODED / {"int8": 128, "int4": 8, "int2": INT2_TOP}.get(codec, 1)
 
 
 @dataclass(frozen=True)
 class CodecConfig:
     """A codec and its settings: ``block`` entries per scale of the block-scaled codecs (0:
     one scale for the whole vector), ``fraction`` of entries ``topk`` keeps and how their
-    ``values`` travel (``fp16`` or ``int8`` with one scale per ``block`` kept values)."""
+    ``values`` travel (``fp16`` or ``int8`` with one scale per ``block`` kept values), and
+    the ``base`` a message is a delta on (one of ``BASES``)."""
 
     name: str
     block: int = 256
     fraction: float = 0.01
     values: str = "fp16"
+    base: str = "chain"
 
     @property
     def label(self) -> str:
+        shared = "" if self.base == "chain" else f",base={self.base}"
         if self.name in BITS:
-            return f"{self.name}:block={self.block}"
+            return f"{self.name}:block={self.block}{shared}"
         if self.name == "topk":
-            return f"topk={self.fraction:g}" + ("" if self.values == "fp16" else ",values=int8")
-        return self.name
+            values = "" if self.values == "fp16" else ",values=int8"
+            return f"topk={self.fraction:g}{values}{shared}"
+        return self.name + shared
 
 
 @dataclass
@@ -76,10 +99,12 @@ class Compressed:
     to agree on what it is a delta of (see ``p2pfl.protocol.links``).
 
     ``values``: float16 ``[numel]`` (fp16); int8 ``[numel]`` (int8); uint8 ``[ceil(numel/2)]``
-    of two's-complement nibbles, low nibble first (int4); uint8 ``[ceil(numel/8)]`` of sign
-    bits, 1 for negative, least significant bit first (sign); for topk the ``k`` kept values,
-    float16 or int8, at strictly increasing int64 ``indices``. The block-scaled ones carry one
-    float32 ``scales`` entry per ``block`` entries (``block`` 0: one in all)."""
+    of two's-complement nibbles, low nibble first (int4); uint8 ``[ceil(numel/4)]`` of 2-bit
+    codes ``0..3`` for the levels ``(code - 1.5) * scale``, lowest bits first (int2); uint8
+    ``[ceil(numel/8)]`` of sign bits, 1 for negative, least significant bit first (sign); for
+    topk the ``k`` kept values, float16 or int8, at strictly increasing int64 ``indices``. The
+    block-scaled ones carry one float32 ``scales`` entry per ``block`` entries (``block`` 0:
+    one in all)."""
 
     codec: str
     numel: int
@@ -91,6 +116,8 @@ class Compressed:
     """This message's number on the sender->receiver link (0: not part of a delta chain)."""
     base: int = 0
     """The message (``seq``) this is a delta on; 0: none (a key frame, the vector itself)."""
+    base_kind: int = 0
+    """What ``base`` numbers: an index of ``BASE_KINDS`` (0: the sender's own message)."""
     echo: bool = False
     """``base`` numbers the receiver's own message to the sender, not the sender's."""
     ack: int = 0
@@ -154,6 +181,15 @@ def _quantize(x: torch.Tensor, codec: str, block: int) -> tuple[torch.Tensor, to
     import torch
 
     n, rows = x.numel(), _blocks(x, block)
+    if codec == "int2":
+        sizes = _block_sizes(n, block, len(rows))
+        scales = (rows.square().sum(1) / sizes).sqrt().nan_to_num(posinf=MAX_DECODED)
+        scales = scales.clamp_max(max_scale(codec))
+        codes = (rows / scales.clamp_min(1e-38).unsqueeze(1)).floor_().clamp_(-2, 1) + 2
+        codes = torch.nn.functional.pad(codes.reshape(-1)[:n], (0, (-n) % 4)).to(torch.uint8)
+        quads = codes.view(-1, 4)
+        packed = quads[:, 0] | quads[:, 1] << 2 | quads[:, 2] << 4 | quads[:, 3] << 6
+        return packed, scales
     if codec == "sign":
         scales = rows.abs().sum(1) / _block_sizes(n, block, len(rows))
         bits = numpy.packbits((x < 0).numpy(), bitorder="little")
@@ -187,6 +223,9 @@ def _dequantize(
     if codec == "sign":
         bits = numpy.unpackbits(values.numpy(), count=n, bitorder="little")
         codes = 1.0 - 2.0 * torch.from_numpy(bits.astype(numpy.float32))
+    elif codec == "int2":
+        quads = torch.stack([(values >> shift) & 3 for shift in (0, 2, 4, 6)], 1)
+        codes = quads.reshape(-1)[:n].to(torch.float32) - INT2_TOP
     elif codec == "int4":
         low, high = values & 0xF, values >> 4
         nibbles = torch.stack((low, high), 1).reshape(-1)[:n].to(torch.int16)

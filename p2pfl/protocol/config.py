@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from p2pfl.learning.compression import BITS, CODECS, TOPK_VALUES, CodecConfig
+from p2pfl.learning.compression import BASES, BITS, CODECS, TOPK_VALUES, CodecConfig
 from p2pfl.learning.rules import MERGE_KEYS, MergeRule, parse_merge
 from p2pfl.spec import (
     Spec,
@@ -28,7 +28,7 @@ from p2pfl.spec import (
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 CONDITIONS = ("distance", "coherent", "smoothed")
-CODEC_KEYS = {"codec", "block", "topk", "values"}
+CODEC_KEYS = {"codec", "block", "topk", "values", "base"}
 LOCAL_KINDS = ("bn",)
 
 
@@ -148,13 +148,14 @@ def _momentum(raw: str) -> float:
 
 
 def _codec(spec: Spec) -> CodecConfig | None:
-    """``codec=fp16|int8|int4|sign|topk`` with ``block=N`` (entries per scale of the
+    """``codec=fp16|int8|int4|int2|sign|topk`` with ``block=N`` (entries per scale of the
     block-scaled codecs, 0 for one scale) or ``topk=R`` (the kept fraction) and
-    ``values=fp16|int8`` (how topk's kept values travel; int8 takes ``block`` too), or None
-    (float32 on the wire)."""
+    ``values=fp16|int8`` (how topk's kept values travel; int8 takes ``block`` too), and
+    ``base=chain|shared`` (what a message is a delta on, see ``p2pfl.protocol.links``), or
+    None (float32 on the wire)."""
     name = spec.take("codec", str, None)
     if name is None:
-        for key in ("block", "topk", "values"):
+        for key in ("block", "topk", "values", "base"):
             if key in spec.args:
                 raise SpecError(
                     f"{spec.text!r}: {key!r} sets up a codec; add codec=int8 or codec=topk"
@@ -172,7 +173,14 @@ def _codec(spec: Spec) -> CodecConfig | None:
             raise SpecError(f"{spec.text!r}: {key!r} does not apply to codec={name}{hint}")
     block = spec.take("block", non_negative_int, CodecConfig.block)
     fraction = spec.take("topk", _fraction, CodecConfig.fraction)
-    return CodecConfig(name, block=block, fraction=fraction, values=values)
+    base = spec.take("base", _base, CodecConfig.base)
+    return CodecConfig(name, block=block, fraction=fraction, values=values, base=base)
+
+
+def _base(raw: str) -> str:
+    if raw not in BASES:
+        raise ValueError(f"choose one of {', '.join(BASES)}")
+    return raw
 
 
 def _topk_values(raw: str) -> str:

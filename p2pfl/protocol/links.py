@@ -19,6 +19,15 @@ A lossy codec sends deltas, not models, and keeps what it left out (error feedba
   by the coordinator's estimate of ``average - x_member``: uniform merges keep the global
   mean up to the codec's error on that correction, which ``e`` returns next time.
 
+* **Shared bases** (``base=shared``): besides the sender's last acknowledged message, both
+  ends of a link hold the receiver's last message (as the sender decoded it) and the
+  averages echoed on either side's messages (``mirror + decoded echo``, computed alike on
+  both ends). A message is then a delta on whichever of these is closest to the vector
+  (``Compressed.base_kind`` says which). On a rarely used link the sender's last message is
+  old, while the average of the last session both ends were in is close to both models:
+  the delta shrinks from everything the node moved since it last wrote on the link to what
+  it moved since that average.
+
 A payload that does not fit the link (a delta on a message we do not hold, an echo of a
 reply we never sent, NaN/inf after decoding) raises ``LinkError`` with the reason; the node
 asks the peer for a key frame in its next message to it.
@@ -31,10 +40,16 @@ from typing import TypeVar
 
 import torch
 
-from p2pfl.learning.compression import CodecConfig, Compressed, compress, decompress
+from p2pfl.learning.compression import (
+    BASE_KINDS,
+    CodecConfig,
+    Compressed,
+    compress,
+    decompress,
+)
 
 _Held = TypeVar("_Held")
-KEY_FRAME_INT8 = ("int4", "sign", "topk")
+KEY_FRAME_INT8 = ("int4", "int2", "sign", "topk")
 """Codecs too coarse for a whole model: their key frames travel as int8."""
 HISTORY = 4
 """Messages a link keeps per direction (the acknowledged base and the newest ones)."""
@@ -54,6 +69,8 @@ class _Outgoing:
     """seq -> (the receiver's reconstruction, the exact vector we meant)."""
     residual: torch.Tensor | None = None
     """Error feedback of echoed averages: what they left out so far."""
+    echoed: dict[int, torch.Tensor] = field(default_factory=dict)
+    """seq -> the average the receiver echoed on our message seq (mirror + echo)."""
 
 
 @dataclass
@@ -61,6 +78,10 @@ class _Incoming:
     last: int = 0
     mirrors: dict[int, torch.Tensor] = field(default_factory=dict)
     refused: bool = False
+    acked: int = 0
+    """The last ``ack`` we sent the peer: its chain's base is at least this one."""
+    echoed: dict[int, torch.Tensor] = field(default_factory=dict)
+    """seq -> the average we echoed on the peer's message seq (its mirror + the echo)."""
 
 
 class CodecLinks:
@@ -85,8 +106,11 @@ class CodecLinks:
             if out.residual is not None:
                 target += out.residual
             c = compress(target, self.config)
-            out.residual = target - decompress(c)
+            decoded = decompress(c)
+            out.residual = target - decoded
             c.base, c.echo = inn.last, True
+            inn.echoed[inn.last] = inn.mirrors[inn.last] + decoded
+            _keep_newest(inn.echoed)
         else:
             held = out.sent.get(out.acked)
             if held is None:
@@ -94,14 +118,16 @@ class CodecLinks:
                 mirror = decompress(c)
                 out.floor = out.acked = out.seq + 1
             else:
-                c = compress(x - held[0], self.config)
-                mirror = held[0] + decompress(c)
-                c.base = out.acked
+                kind, number, base = self._closest_base(x, out, inn)
+                c = compress(x - base, self.config)
+                mirror = base + decompress(c)
+                c.base, c.base_kind = number, kind
             out.seq += 1
             c.seq = out.seq
             out.sent[out.seq] = (mirror, x.clone())
             _prune(out.sent, out.acked)
         c.ack, c.resync, inn.refused = inn.last, inn.refused, False
+        inn.acked = inn.last
         return c
 
     def decode(self, peer: str, c: Compressed) -> torch.Tensor:
@@ -111,34 +137,71 @@ class CodecLinks:
         if c.ack in out.sent and c.ack > out.acked and c.ack >= out.floor:
             out.acked = c.ack
             _prune(out.sent, out.acked)
-        if c.resync:
-            out.acked = 0  # next message: a key frame
+        if c.resync:  # next message: a key frame, on nothing the peer may have lost
+            out.acked = 0
+            out.echoed.clear()
+            inn.echoed.clear()
         if c.echo:
             held = out.sent.get(c.base)
             if held is None:
                 raise LinkError(f"an average on our message {c.base}, which we do not hold")
-            vector = held[1] + decompress(c)
+            decoded = decompress(c)
+            vector = held[1] + decoded
+            out.echoed[c.base] = held[0] + decoded
+            _keep_newest(out.echoed)
         else:
             if c.seq <= 0:
                 raise LinkError(f"a delta-chain message needs seq >= 1, got {c.seq}")
             if c.base == 0:  # a key frame starts the chain afresh
                 inn.mirrors.clear()
+                out.echoed.clear()
+                inn.echoed.clear()
                 mirror = decompress(c)
-            elif c.base in inn.mirrors:
-                mirror = inn.mirrors[c.base] + decompress(c)
             else:
-                inn.refused = True
-                raise LinkError(
-                    f"a delta on its message {c.base}, which we do not hold "
-                    f"(we hold {sorted(inn.mirrors) or 'none'}); asking for a key frame"
-                )
+                mirror = self._held_base(c, out, inn) + decompress(c)
             inn.mirrors[c.seq], inn.last = mirror, c.seq
-            _prune(inn.mirrors, c.base)
+            _prune(inn.mirrors, c.base if c.base_kind == 0 else inn.acked)
             vector = mirror
         if not bool(torch.isfinite(vector).all()):
             inn.refused = inn.refused or not c.echo
             raise LinkError("decoded params contain NaN/inf")
         return vector
+
+    def _closest_base(
+        self, x: torch.Tensor, out: _Outgoing, inn: _Incoming
+    ) -> tuple[int, int, torch.Tensor]:
+        """``(base_kind, base, vector)`` of the base a message of ``x`` is a delta on: our
+        acknowledged message, or with ``delta=shared`` the closest of it and the newest
+        vectors the peer holds as well (see ``BASE_KINDS``)."""
+        candidates = [(0, out.acked, out.sent[out.acked][0])]
+        if self.config.base == "shared":
+            if out.echoed:
+                candidates.append((1, max(out.echoed), out.echoed[max(out.echoed)]))
+            if inn.last in inn.mirrors:
+                candidates.append((2, inn.last, inn.mirrors[inn.last]))
+            if inn.echoed:
+                candidates.append((3, max(inn.echoed), inn.echoed[max(inn.echoed)]))
+        return min(candidates, key=lambda c: float(torch.linalg.vector_norm(x - c[2])))
+
+    @staticmethod
+    def _held_base(c: Compressed, out: _Outgoing, inn: _Incoming) -> torch.Tensor:
+        """The vector ``c`` is a delta on, as this end holds it; ``LinkError`` (and a key
+        frame asked for) if it holds none."""
+        sent = out.sent.get(c.base)
+        held = (
+            inn.mirrors.get(c.base),
+            inn.echoed.get(c.base),
+            None if sent is None else sent[0],
+            out.echoed.get(c.base),
+        )[c.base_kind]
+        if held is None:
+            inn.refused = True
+            raise LinkError(
+                f"a delta on {BASE_KINDS[c.base_kind]} {c.base}, which we do not hold "
+                f"(we hold {sorted(inn.mirrors) or 'none'} of its messages); "
+                "asking for a key frame"
+            )
+        return held
 
     def reset(self, peer: str) -> None:
         """Forget ``peer``'s link (it went down or came back): the next message is a key
@@ -157,3 +220,9 @@ def _prune(history: dict[int, _Held], keep: int) -> None:
     for seq in sorted(history):
         if seq < keep or (len(history) > HISTORY and seq != keep):
             del history[seq]
+
+
+def _keep_newest(history: dict[int, _Held]) -> None:
+    """Drop all but the ``HISTORY`` newest entries."""
+    for seq in sorted(history)[:-HISTORY]:
+        del history[seq]

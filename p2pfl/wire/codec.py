@@ -22,6 +22,7 @@ import torch
 
 from p2pfl.errors import P2pflError
 from p2pfl.learning.compression import (
+    BASE_KINDS,
     BITS,
     CODECS,
     Compressed,
@@ -63,7 +64,7 @@ _TAGS: dict[type, str] = {
 _TYPES = {tag: cls for cls, tag in _TAGS.items()}
 _FIELD_NAMES = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TAGS}
 _HEADER_KEYS = frozenset({"digest", "names", "shapes", "dtypes", "buffers"})
-_LINK_INTS = ("seq", "base", "ack")
+_LINK_INTS = ("seq", "base", "base_kind", "ack")
 _MAX_BLOCK = 2**32
 _LINK_BOOLS = ("echo", "resync")
 _SCALED = frozenset({"values", "block", "scales"})
@@ -399,6 +400,11 @@ def _unpack_compressed(header: dict[str, object], layout: _Layout) -> Compressed
                 f"{codec} params field {name!r} must be an int in [0, 2**63), got {value!r:.40}"
             )
         link[name] = value
+    if link["base_kind"] >= len(BASE_KINDS):
+        raise WireError(
+            f"{codec} params field 'base_kind' must be below {len(BASE_KINDS)}, "
+            f"got {link['base_kind']}"
+        )
     for name in _LINK_BOOLS:
         if type(header[name]) is not bool:
             raise WireError(f"{codec} params field {name!r} must be a bool")
