@@ -32,14 +32,19 @@ from p2pfl.learning.rules import RULES, MergeRule
 
 
 def clip_around(
-    own: torch.Tensor, others: Sequence[torch.Tensor], bounds: float | Sequence[float]
+    own: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    bounds: float | Sequence[float],
+    distances: Sequence[float] | None = None,
 ) -> tuple[list[torch.Tensor], int]:
     """Each of ``others`` pulled into the ball around ``own`` of its radius in ``bounds``
-    (one radius for all, or one per model); also return how many had to be clipped."""
+    (one radius for all, or one per model); also return how many had to be clipped.
+    ``distances``: each model's ``||v - own||`` if the caller computed them already."""
     radii = [bounds] * len(others) if isinstance(bounds, float | int) else list(bounds)
+    if distances is None:
+        distances = [float(torch.linalg.vector_norm(v - own)) for v in others]
     clipped, count = [], 0
-    for v, bound in zip(others, radii, strict=True):
-        distance = float(torch.linalg.vector_norm(v - own))
+    for v, bound, distance in zip(others, radii, distances, strict=True):
         if distance > bound:
             count += 1
             scale = bound / distance if math.isfinite(distance) else 0.0

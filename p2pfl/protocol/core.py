@@ -395,7 +395,7 @@ class NodeCore:
             else bound * self.trust[sender]
             for sender, distance in distances.items()
         ]
-        clipped, count = clip_around(own, list(others.values()), radii)
+        clipped, count = clip_around(own, list(others.values()), radii, list(distances.values()))
         self.stats.clipped += count
         self._suspect_merge = count > 0
         return clipped
@@ -425,9 +425,9 @@ class NodeCore:
         actions: list[Action] = []
         new = merged if self.outer is None else self.outer.step(merged)
         now = self.model.read() if current is None else current
-        self.anchor = new.clone()
+        self.anchor = new  # merge results are fresh tensors no one modifies in place
         actions.append(ReplaceModel(new + (now - sent)))
-        if not (self._suspect_merge and self._clip_floor() > 0):
+        if steps > 0 and not (self._suspect_merge and self._clip_floor() > 0):
             step_size = self.mean_step_size(steps)
             actions += self.drift_correction.update(sent, merged, steps, step_size)
         self._suspect_merge = False

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +122,16 @@ def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _store_kept(
+    column: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, skip: torch.Tensor
+) -> None:
+    """``column[rows] = values`` except where ``skip`` (usually nowhere: one copy then)."""
+    if skip.any():
+        kept = (~skip).nonzero().flatten()
+        rows, values = rows.index_select(0, kept), values.index_select(0, kept)
+    column.index_copy_(0, rows, values.to(column.dtype))
+
+
 class DynamicCore(NodeCore):
     """Dynamic averaging; see the module docstring."""
 
@@ -191,7 +201,7 @@ class DynamicCore(NodeCore):
                 self.stats.refused_peer += 1
                 return False
         self._session_models.pop(peer, None)
-        self._session_models[peer] = (self.model.read().clone(), now)
+        self._session_models[peer] = (self.model.read().clone(), now)  # also what we send it
         while len(self._session_models) > DISTANCE_HISTORY:
             self._session_models.popitem(last=False)
         return True
@@ -217,39 +227,40 @@ class DynamicCore(NodeCore):
         act = (step % config.b == 0) & ~state["busy"][rows] & (step >= state["quiet_until"][rows])
         due = rows[act]
         if len(due):
-            value, keep = cls._conditions(config, state, due, read)
-            violated = ~(value <= state["delta"][due])  # as _after_step, NaN too
-            keep(~violated)
-            act[act.clone()] = violated
+            violated = [
+                cls._check(config, state, block, read) for block in due.split(DISTANCE_BLOCK)
+            ]
+            act[act.clone()] = torch.cat(violated)
         return act
 
     @staticmethod
-    def _conditions(
+    def _check(
         config: ProtocolConfig,
         state: Mapping[str, torch.Tensor],
         due: torch.Tensor,
         read: RowReader,
-    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
-        """``_condition`` of the cores at rows ``due`` (float64), and a function that stores
-        the checks' new state for the rows a mask selects."""
+    ) -> torch.Tensor:
+        """Which cores at rows ``due`` (one block: its rows stay in cache) violate their
+        ``_condition`` (NaN too, as ``_after_step``); the checks' new state is stored for the
+        others. The same operations as ``_condition`` on each row, so bit for bit its result."""
         w = read(due)
-        reference = state["reference"] if len(due) == len(state["reference"]) else None
-        reference = state["reference"][due] if reference is None else reference
+        reference = state["reference"].index_select(0, due)
+        delta = state["delta"][due]
         if config.condition == "distance":
-            return squared_distances(w, reference).double(), lambda mask: None
-        checked = state["_checked"][due]
+            return ~(squared_distances(w, reference).double() <= delta)
+        checked = state["_checked"].index_select(0, due)
         if config.condition == "smoothed":
-            checked += (w - checked) * min(1.0, config.b / SMOOTHING_STEPS)
-            value = squared_distances(checked, reference).double()
-            return value, lambda mask: state["_checked"].index_copy_(0, due[mask], checked[mask])
+            move = torch.sub(w, checked)  # checked += (w - checked) * a, in fewer temporaries
+            checked += move.mul_(min(1.0, config.b / SMOOTHING_STEPS))
+            violated = ~(squared_distances(checked, reference).double() <= delta)
+            _store_kept(state["_checked"], due, checked, violated)
+            return violated
         sums = state["_coherence"][due] + 2 * row_dots(w - checked, checked - reference).double()
         value = torch.where(sums > 0.0, sums, 0.0)  # max(0.0, sums), NaN to 0 as there
-
-        def keep(mask: torch.Tensor) -> None:
-            state["_checked"].index_copy_(0, due[mask], w[mask])
-            state["_coherence"][due[mask]] = value[mask]
-
-        return value, keep
+        violated = ~(value <= delta)
+        _store_kept(state["_checked"], due, w, violated)
+        _store_kept(state["_coherence"], due, value, violated)
+        return violated
 
     def _condition(self) -> float:
         """What is compared with Δ at a check: ``||w − r||²``, or with the coherent condition
@@ -328,6 +339,11 @@ class DynamicCore(NodeCore):
                 return self._ask(now, wider)
         steps = [self.steps_since_sync] + [r.steps for r in s.replies.values()]
         group_steps = max(1, round(sum(steps) / len(steps)))
+        if self._suspect_merge:
+            # A session with a clipped model teaches the correction nothing, and then to no
+            # member (0 shared steps): if the members learnt what we do not, the session's
+            # corrections would stop summing to zero.
+            group_steps = 0
         actions: list[Action] = [Send(p, Average(s.id, average, group_steps)) for p in s.replies]
         # Peers that never answered (timed out) are released instead of waiting for us.
         actions += [Send(p, Busy(s.id)) for p in sorted(s.asked - set(s.replies) - s.refused)]
@@ -357,7 +373,7 @@ class DynamicCore(NodeCore):
             return [Send(sender, Busy(msg.session))]
         if not self._admit_session(sender, now):
             return [Send(sender, Busy(msg.session))]
-        sent = self.model.read().clone()
+        sent = self._session_models[sender][0]  # our model now, kept by the admission
         self.membership = Membership(msg.session, sender, sent)
         reply = ModelReply(
             msg.session, sent, self.model.samples, self.live_neighbors, self.steps_since_sync
@@ -407,7 +423,7 @@ class DynamicCore(NodeCore):
         """The shared merge (correction, outer step, kept progress); the result becomes the
         reference."""
         actions = super()._adopt(merged, sent, steps, current)
-        self.reference = (merged if self.outer is None else self.outer.anchor).clone()
+        self.reference = merged if self.outer is None else self.outer.anchor  # never modified
         if self._coherent:
             self._checked = next(a.params for a in actions if isinstance(a, ReplaceModel)).clone()
             self._coherence = 0.0

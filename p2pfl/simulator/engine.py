@@ -281,7 +281,7 @@ class Simulation:
         local = self._member_rows[channel][rows]
         if isinstance(self.learner, BatchedLearner):
             params = self.learner.params
-            w = params if len(local) == len(params) else params[local]
+            w = params if len(local) == len(params) else params.index_select(0, local)
         else:
             w = torch.stack([self.learner.get(i) for i in local.tolist()])
         part = self.channels[channel].part
