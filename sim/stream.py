@@ -186,6 +186,13 @@ def main() -> None:
     parser.add_argument(
         "--dynamic", action="append", default=[], help="dynamic specs (default: dynamic)"
     )
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="more protocols to run, e.g. one baseline variant at a few periods "
+        "(periodic runs join the fair baseline)",
+    )
     parser.add_argument("--lr-schedule", default=None, help="for every run, e.g. cosine")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument(
@@ -199,7 +206,7 @@ def main() -> None:
         for v in args.baselines.split(",")
         for b in args.periods.split(",")
     ]
-    protocols = ["none", *periodic, *dynamic]
+    protocols = ["none", *periodic, *dynamic, *args.extra]
     overrides = {"protocols": tuple(protocols), "steps": args.steps}
     if args.lr_schedule:
         overrides["lr_schedule"] = args.lr_schedule

@@ -427,7 +427,7 @@ class NodeCore:
         now = self.model.read() if current is None else current
         self.anchor = new  # merge results are fresh tensors no one modifies in place
         actions.append(ReplaceModel(new + (now - sent)))
-        if not (self._suspect_merge and self._clip_floor() > 0):
+        if steps > 0 and not (self._suspect_merge and self._clip_floor() > 0):
             step_size = self.mean_step_size(steps)
             actions += self.drift_correction.update(sent, merged, steps, step_size)
         self._suspect_merge = False
