@@ -339,10 +339,10 @@ class DynamicCore(NodeCore):
                 return self._ask(now, wider)
         steps = [self.steps_since_sync] + [r.steps for r in s.replies.values()]
         group_steps = max(1, round(sum(steps) / len(steps)))
-        if self._suspect_merge:
-            # A session with a clipped model teaches the correction nothing, and then to no
-            # member (0 shared steps): if the members learnt what we do not, the session's
-            # corrections would stop summing to zero.
+        if self._poisoned_merge:
+            # A session with a model beyond its trusted radius teaches our correction
+            # nothing (``_adopt``), and then no member's either (0 shared steps): if the
+            # members learnt what we do not, the session's corrections would not sum to zero.
             group_steps = 0
         actions: list[Action] = [Send(p, Average(s.id, average, group_steps)) for p in s.replies]
         # Peers that never answered (timed out) are released instead of waiting for us.
