@@ -31,9 +31,10 @@ Decisions that matter on a real network:
   network that only jitters around its optimum goes quiet, a drifting one still talks, and
   the clamp at zero keeps a long quiet phase from delaying the reaction to a later drift.
   ``condition=smoothed`` tests ``||ŵ − r||² > Δ`` on an exponential moving average ``ŵ`` of
-  the model (time constant ``SMOOTHING_STEPS``): noise averages out of ``ŵ``, while both a
-  drift and a model that settled away from ``r`` (e.g. on a stale drift correction after
-  the task changed) still violate. ``condition=distance`` is the paper's ``||w − r||² > Δ``.
+  the model (time constant ``smoothing`` steps, default 16): noise averages out of ``ŵ``,
+  while both a drift and a model that settled away from ``r`` (e.g. on a stale drift
+  correction after the task changed) still violate. ``condition=distance`` is the paper's
+  ``||w − r||² > Δ``.
 """
 
 from __future__ import annotations
@@ -86,7 +87,6 @@ class Membership:
 
 MAX_WIDENING_ROUNDS = 6
 IDLE_SESSION_WAITS = 2  # a node that stopped training admits a peer once per this many waits
-SMOOTHING_STEPS = 16  # time constant of the smoothed condition's moving average, in steps
 
 
 DISTANCE_BLOCK = 64
@@ -122,6 +122,15 @@ def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def snapshot(model: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``model`` in half precision (half the memory of a copy) and the norm of what that
+    rounding changed: a distance to the snapshot is within that of the distance to the model
+    itself. A model half precision cannot hold (entries beyond its range) is copied whole."""
+    compact = model.half()
+    error = float(torch.linalg.vector_norm(model - compact))
+    return (compact, error) if math.isfinite(error) else (model.clone(), 0.0)
+
+
 def _store_kept(
     column: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, skip: torch.Tensor
 ) -> None:
@@ -146,8 +155,9 @@ class DynamicCore(NodeCore):
         self.session: Session | None = None
         self.membership: Membership | None = None
         self.quiet_until = 0
-        self._session_models: OrderedDict[str, tuple[torch.Tensor, float]] = OrderedDict()
-        """Per peer: our model and the time at our last session with it."""
+        self._session_models: OrderedDict[str, tuple[torch.Tensor, float, float]] = OrderedDict()
+        """Per peer: our model at our last session with it (``snapshot``), the norm of that
+        snapshot's rounding error, and the session's time."""
         self._delta = self._compute_delta()
         self._coherent = self.config.condition != "distance"
         self._checked = self.reference.clone() if self._coherent else None
@@ -189,19 +199,22 @@ class DynamicCore(NodeCore):
         than that many times faster than us at least this long. A peer that claims violations
         faster (a flood) is refused and counted. A node that no longer trains (finished, or
         serving only) admits one session per peer every ``IDLE_SESSION_WAITS`` round-trip
-        waits instead, so a peer that restarted or trains longer is still served."""
+        waits instead, so a peer that restarted or trains longer is still served. What we
+        moved is measured from a half-precision ``snapshot`` less its rounding error: never
+        more than we moved, so a flood is refused at least as often as with a full copy."""
         last = self._session_models.get(peer)
         if last is not None:
-            model, at = last
-            moved = float((self.model.read() - model).square().sum())
+            model, error, at = last
+            # At least this far from our model then (the snapshot is off by ``error``).
+            moved = max(0.0, float(torch.linalg.vector_norm(self.model.read() - model)) - error)
             idle = self._last_step_at <= at  # we stopped training: our moves time nothing
-            if moved < self._delta / PEER_SPEED_ALLOWANCE**2 and not (
+            if moved < math.sqrt(self._delta) / PEER_SPEED_ALLOWANCE and not (
                 idle and now - at >= IDLE_SESSION_WAITS * self.round_trip.wait
             ):
                 self.stats.refused_peer += 1
                 return False
         self._session_models.pop(peer, None)
-        self._session_models[peer] = (self.model.read().clone(), now)  # also what we send it
+        self._session_models[peer] = (*snapshot(self.model.read()), now)
         while len(self._session_models) > DISTANCE_HISTORY:
             self._session_models.popitem(last=False)
         return True
@@ -251,7 +264,7 @@ class DynamicCore(NodeCore):
         checked = state["_checked"].index_select(0, due)
         if config.condition == "smoothed":
             move = torch.sub(w, checked)  # checked += (w - checked) * a, in fewer temporaries
-            checked += move.mul_(min(1.0, config.b / SMOOTHING_STEPS))
+            checked += move.mul_(min(1.0, config.b / config.smoothing))
             violated = ~(squared_distances(checked, reference).double() <= delta)
             _store_kept(state["_checked"], due, checked, violated)
             return violated
@@ -270,7 +283,7 @@ class DynamicCore(NodeCore):
         assert self._checked is not None
         now = self.model.read()
         if self.config.condition == "smoothed":
-            self._checked += (now - self._checked) * min(1.0, self.config.b / SMOOTHING_STEPS)
+            self._checked += (now - self._checked) * min(1.0, self.config.b / self.config.smoothing)
             return float(squared_distances(self._checked[None], self.reference[None])[0])
         move = now - self._checked
         dot = row_dots(move[None], (self._checked - self.reference)[None])[0]
@@ -339,10 +352,10 @@ class DynamicCore(NodeCore):
                 return self._ask(now, wider)
         steps = [self.steps_since_sync] + [r.steps for r in s.replies.values()]
         group_steps = max(1, round(sum(steps) / len(steps)))
-        if self._suspect_merge:
-            # A session with a clipped model teaches the correction nothing, and then to no
-            # member (0 shared steps): if the members learnt what we do not, the session's
-            # corrections would stop summing to zero.
+        if self._poisoned_merge:
+            # A session with a model beyond its trusted radius teaches our correction
+            # nothing (``_adopt``), and then no member's either (0 shared steps): if the
+            # members learnt what we do not, the session's corrections would not sum to zero.
             group_steps = 0
         actions: list[Action] = [Send(p, Average(s.id, average, group_steps)) for p in s.replies]
         # Peers that never answered (timed out) are released instead of waiting for us.
@@ -373,7 +386,7 @@ class DynamicCore(NodeCore):
             return [Send(sender, Busy(msg.session))]
         if not self._admit_session(sender, now):
             return [Send(sender, Busy(msg.session))]
-        sent = self._session_models[sender][0]  # our model now, kept by the admission
+        sent = self.model.read().clone()
         self.membership = Membership(msg.session, sender, sent)
         reply = ModelReply(
             msg.session, sent, self.model.samples, self.live_neighbors, self.steps_since_sync
