@@ -276,8 +276,8 @@ def test_a_full_session_with_a_failed_send_and_a_correction_is_the_same(prepared
     script = [
         ("unreachable", "2"),
         ("step", up),
-        ("message", "reply", "1", torch.zeros(numel)),
-        ("unreachable", None),
+        ("message", "reply", "1", -up),  # as far on as we are (a reply of the bare reference
+        ("unreachable", None),  # would be a stale model: clipped to ours, nothing learned)
         ("up", "2"),
         ("message", "pull", "2", torch.zeros(numel)),
         ("tick",),

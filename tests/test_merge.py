@@ -20,6 +20,7 @@ from p2pfl.protocol.byzantine import ATTACKS, Attackers, ByzantineCore, parse_by
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import make_core
 from p2pfl.protocol.dynamic import IDLE_SESSION_WAITS
+from p2pfl.protocol.trust import PeerProgress
 from p2pfl.spec import SpecError
 from p2pfl.wire.messages import Average, Busy, ModelReply, Pull, Push
 
@@ -325,3 +326,93 @@ def test_liars_that_are_most_of_a_nodes_peers_cannot_inflate_the_clip_bound():
         periodic_round(core, model, {"a": before + 0.1, "y": before * 1e3, "z": before * 1e3}, step)
     assert core.trust["a"] == 1.0 and core.trust["y"] < 0.01 and core.trust["z"] < 0.01
     assert max(bounds) <= 3 * bounds[0] and bounds[-1] <= bounds[2] * 1.01
+
+
+# -- progress: a stale model earns no pull ----------------------------------------------------
+def test_a_peer_earns_its_radius_by_moving_as_we_do():
+    """``PeerProgress.share``: a peer's first model is measured from our origin, later ones
+    from an earlier one; a replayed model earns nothing once we moved on, an honest peer
+    moving as far as we do keeps its whole radius, one that lagged half of it until it
+    catches up (measured from the same earlier model)."""
+    origin = vec(0.0)
+    progress = PeerProgress(8, origin)
+    own = vec(1.0)
+    assert progress.share("stale", origin + 0.01, own) == pytest.approx(0.01)
+    assert progress.share("honest", own + 0.1, own) == 1.0  # a newcomer as far on as we are
+    own = own + 0.5
+    assert progress.share("stale", origin + 0.01, own) == 0.0  # the same model again
+    assert progress.share("honest", own + 0.1, own) == 1.0
+    assert progress.share("slow", own, own) == 1.0
+    own = own + 0.5
+    assert progress.share("slow", own - 0.25, own) == pytest.approx(0.5)  # lagged
+    assert progress.share("slow", own, own) == 1.0  # caught up, from the same earlier model
+    assert progress.share("stale", origin + 0.01, own) == 0.0
+    # two messages at one time (our model did not move since): the first verdict stands
+    assert progress.share("twice", origin + 0.02, own) == pytest.approx(0.01)
+    assert progress.share("twice", origin + 5.0, own) == pytest.approx(0.01)
+
+
+def test_our_merges_with_a_peer_are_not_progress_it_must_match():
+    """We merged a far peer's model (a jump toward it) before it merged ours: its next model
+    has moved only by its training, as ours has besides the jump, so it keeps its radius; a
+    stale one moved nothing and earns nothing."""
+    progress = PeerProgress(8, vec(0.0))
+    own, far = vec(1.0), vec(5.0)
+    assert progress.share("far", far, own) == 1.0
+    assert progress.share("stale", far, own) == 1.0
+    own = (own + far) / 2 + torch.linspace(-0.1, 0.1, DIM)  # the jump, then training
+    assert progress.share("far", far + torch.linspace(0.1, -0.1, DIM), own) == pytest.approx(
+        1.0, rel=1e-3
+    )
+    assert progress.share("stale", far, own) == 0.0
+
+
+def test_progress_remembers_a_bounded_number_of_peers():
+    progress = PeerProgress(2, vec(0.0))
+    for peer in "abc":
+        progress.share(peer, vec(1.0), vec(1.0))
+    assert list(progress._last) == ["b", "c"]
+
+
+def test_a_replayed_model_never_pulls_a_merge_back():
+    """A periodic node with an honest peer and one that sends the node's initial model
+    every round: from the first round on (measured from where the node started) the replayed
+    model counts as the node's own model (no pull back) and is counted as clipped, the
+    honest peer never is; the node trains on past it (plain clipping kept it within τ for
+    ever: it dragged the node back)."""
+    model = FakeModel(vec(1.0))
+    core = make_core("0", parse_protocol("periodic:b=1,correction=0"), model, ["a", "z"])
+    stale = vec(1.0)
+    for step in range(1, 6):
+        model.w = model.w + 0.1  # a local step
+        own = model.w.clone()
+        honest = own + 0.02
+        got = periodic_round(core, model, {"a": honest, "z": stale}, step)
+        torch.testing.assert_close(got, (own + honest + own) / 3)
+    assert core.stats.clipped == 5
+    assert core.trust["z"] == 1.0  # close, so never distrusted: progress alone shut it out
+
+
+def test_a_member_refuses_a_replayed_average_but_learns_from_a_merge_with_a_stale_reply():
+    """A dynamic member refuses an ``Average`` that repeats what its coordinator sent
+    before (its lack of progress clipped it); a coordinator whose merge had a stale reply
+    clipped for its lack of progress still learns its drift correction (the stale model
+    counts as its own, no poison in it), unlike one clipped beyond its trusted radius."""
+    model = FakeModel(vec(1.0))
+    core = make_core("m", parse_protocol("dynamic:delta=0.01,b=1"), model, ["c"])
+    stale = vec(1.0)
+    core.on_message(0.0, "c", Pull(1))
+    core.on_message(0.1, "c", Average(1, stale, 3))  # first: judged from our origin
+    model.w = model.w + 0.05  # moved past √Δ/2: the next pull is taken
+    core.on_message(1.0, "c", Pull(2))
+    assert core.on_message(1.1, "c", Average(2, stale, 3)) == []
+    assert core.stats.refused_peer == 1 and core.stats.clipped == 1
+    # the coordinator's side: a stale reply is clipped, the correction still learns
+    for t in range(1, 4):
+        model.w = model.w + 0.05
+        core.on_local_step(float(t))
+    core._start_session(5.0)
+    sid = core.session.id
+    out = core.on_message(5.1, "c", ModelReply(sid, stale, 10, [], 3))
+    assert core.stats.clipped == 2 and core.correction is not None
+    assert any(isinstance(a, Send) and isinstance(a.message, Average) for a in out)

@@ -31,7 +31,7 @@ from p2pfl.protocol.correction import DriftCorrection
 from p2pfl.protocol.links import CodecLinks, LinkError
 from p2pfl.protocol.outer import OuterOptimizer
 from p2pfl.protocol.round_trip import RoundTrip
-from p2pfl.protocol.trust import PeerTrust
+from p2pfl.protocol.trust import PeerProgress, PeerTrust
 from p2pfl.wire.messages import Average, Busy, Message, ModelReply
 
 log = logging.getLogger("p2pfl.protocol")
@@ -176,16 +176,23 @@ class NodeCore:
         self._last_session: dict[str, float] = {}
         self._peer_distances: OrderedDict[str, float] = OrderedDict()
         self._suspect_merge = False
-        """Set by ``_clip`` when it had to clip a model, read by the next ``_adopt``: the drift
-        correction is an integrator, and a lie that pulls every node alike (each a little,
-        within its clip radius) would be learned by all of them and never unlearned, since
-        their later merges agree with one another; so a merge with a clipped model teaches
-        the correction nothing, where the protocol bounds honest peers (dynamic's √Δ): on a
-        fixed schedule an honest merge may clip, and skipping its update there broke the
-        corrections' zero sum (continuous on the demo fell from 0.969 to 0.575)."""
+        """Set by ``_clip`` when it had to clip a model (a dynamic member then refuses the
+        average)."""
+        self._poisoned_merge = False
+        """Set by ``_clip`` when a model lay beyond its sender's trusted radius, read by the
+        next ``_adopt``: the drift correction is an integrator, and a lie that pulls every
+        node alike (each a little, within its clip radius) would be learned by all of them
+        and never unlearned, since their later merges agree with one another; so such a
+        merge teaches the correction nothing, where the protocol bounds honest peers
+        (dynamic's √Δ): on a fixed schedule an honest merge may clip, and skipping its
+        update there broke the corrections' zero sum (continuous on the demo fell from 0.969
+        to 0.575). A model clipped only for its lack of progress (``PeerProgress``) counts
+        as our own model in the merge: no poison in it."""
         self.trust = PeerTrust()
         """How much of τ each peer's model may use (lowered for peers clipped again and
         again)."""
+        self.progress = PeerProgress(DISTANCE_HISTORY, model.read())
+        """How much of its radius each peer's progress earns it (a stale model: none)."""
         self._first_step_at: float | None = None
         self._last_step_at = 0.0
         self.drift_correction = DriftCorrection(config.correction)
@@ -370,8 +377,9 @@ class NodeCore:
 
     def _clip(self, own: torch.Tensor, others: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The models of ``others`` (by sender) clipped around ``own``, each to its sender's
-        trusted share of τ (``p2pfl.protocol.trust``; a model beyond the full τ lowers its
-        sender's trust first); their distances update the per-peer history that sizes τ."""
+        trusted share of τ times the share its progress earns (``p2pfl.protocol.trust``; a
+        model beyond the full τ lowers its sender's trust first, a stale one earns no
+        radius); their distances update the per-peer history that sizes τ."""
         distances = {
             sender: float(torch.linalg.vector_norm(v - own)) for sender, v in others.items()
         }
@@ -389,15 +397,23 @@ class NodeCore:
         # is vouched for (two community members that started from different models cannot
         # tell a liar from a peer that is simply far yet).
         judging = self._clip_floor() > 0 and any(map(self.trust.vouched, self._peer_distances))
-        radii = [
-            bound * self.trust.judge(sender, distance <= bound)
-            if judging or distance <= bound
-            else bound * self.trust[sender]
+        trusted = [
+            bound
+            * (
+                self.trust.judge(sender, distance <= bound)
+                if judging or distance <= bound
+                else self.trust[sender]
+            )
             for sender, distance in distances.items()
         ]
+        shares = [self.progress.share(s, v, own) for s, v in others.items()]
+        radii = [r * share for r, share in zip(trusted, shares, strict=True)]
         clipped, count = clip_around(own, list(others.values()), radii, list(distances.values()))
         self.stats.clipped += count
         self._suspect_merge = count > 0
+        # Only a model beyond its trusted radius is poison the correction must not learn; a
+        # stale one clipped for its lack of progress counts as our own model in the merge.
+        self._poisoned_merge = any(d > r for d, r in zip(distances.values(), trusted, strict=True))
         return clipped
 
     def _merge(
@@ -417,7 +433,7 @@ class NodeCore:
     ) -> list[Action]:
         """Take the result of a merge: learn the drift correction from ``sent`` (the model
         this node contributed) and ``merged`` over ``steps`` shared local steps (not from a
-        merge in which a model had to be clipped, see ``_suspect_merge``), apply the
+        merge with a model beyond its trusted radius, see ``_poisoned_merge``), apply the
         outer optimizer, and replace the model keeping the local steps taken since ``sent``
         was handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge
         is in flight (``current`` stands for ``w_now`` when an earlier replacement is not
@@ -427,10 +443,10 @@ class NodeCore:
         now = self.model.read() if current is None else current
         self.anchor = new  # merge results are fresh tensors no one modifies in place
         actions.append(ReplaceModel(new + (now - sent)))
-        if steps > 0 and not (self._suspect_merge and self._clip_floor() > 0):
+        if steps > 0 and not (self._poisoned_merge and self._clip_floor() > 0):
             step_size = self.mean_step_size(steps)
             actions += self.drift_correction.update(sent, merged, steps, step_size)
-        self._suspect_merge = False
+        self._suspect_merge = self._poisoned_merge = False
         self.stats.syncs += 1
         return actions
 

@@ -12,11 +12,27 @@ vanishing influence; an honest peer clipped now and then is back to full weight 
 models. A peer judged once and then silent keeps its trust; the table remembers the last
 ``REMEMBERED`` peers (an attacker would have to make us hear that many others to be
 forgotten).
+
+Trust judges a model by how far it lies; a *stale* model (an old one replayed, as the
+``replay`` attack does) lies close, since it drags its receivers back toward itself, and
+so keeps full trust while it pulls a whole network back to the past. An honest peer's
+models move between the ones it sends us about as much as ours moved meanwhile (it trains
+and merges as we do); a stale one does not move. ``PeerProgress`` scales a peer's radius
+by its progress: how far its model moved since an earlier one it sent us (for its first,
+since where we started), relative to how far our own model moved over the same interval
+(at most 1; our moves toward its earlier model, such as our merges with it, not counted):
+a replayed model has no pull, an honest peer that moves as we do keeps all of it, a slower
+one (which is staler) keeps its share. (Letting a peer twice slower than us keep its whole
+radius doubled what a stale model's first message earns: 3 replayers of 16 then cost 55
+points instead of 3.)
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+
+import torch
 
 DECAY = 0.25
 """Factor on a peer's trust each time its model lies beyond the clip radius."""
@@ -48,3 +64,50 @@ class PeerTrust:
         while len(self._trust) > REMEMBERED:
             self._trust.popitem(last=False)
         return new
+
+
+class PeerProgress:
+    """Each peer's progress between the models it sends us, relative to ours (see the
+    module docstring). Keeps, for the last ``remembered`` peers, a model each sent, our own
+    model at that time and the share it earned then (two model copies per peer); a peer not
+    heard from yet is measured from ``origin``, where our own model started."""
+
+    def __init__(self, remembered: int, origin: torch.Tensor) -> None:
+        self.remembered = remembered
+        self.origin = origin.detach().clone()
+        self._last: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, float]] = OrderedDict()
+
+    def share(self, peer: str, model: torch.Tensor, own: torch.Tensor) -> float:
+        """``min(1, ||model - model'|| / ||own - own'||)``, where ``model'`` is a model
+        ``peer`` sent before and ``own'`` ours at that time: its first model is measured
+        from ``origin`` (a model replayed from the start of training earns nothing once we
+        moved on; an honest newcomer has moved about as far as we have, or started
+        elsewhere), and the pair moves on to the latest model only once the peer has caught
+        up (share 1): an honest peer whose model lagged once (we merged its model before it
+        merged ours) earns its share back as soon as it moves, a stale one never does."""
+        last = self._last.pop(peer, None)
+        before, ours_before, verdict = (self.origin, self.origin, 1.0) if last is None else last
+        ours = _moved_but_toward(own - ours_before, before - ours_before)
+        theirs = float(torch.linalg.vector_norm(model - before))
+        # Our model has not moved since the pair was taken (two messages at once): the
+        # verdict of that time stands.
+        share = min(1.0, theirs / ours) if ours > 0.0 else verdict
+        if last is None or share >= 1.0:
+            last = (model.detach().clone(), own.detach().clone(), share)
+        self._last[peer] = last
+        while len(self._last) > self.remembered:
+            self._last.popitem(last=False)
+        return share
+
+
+def _moved_but_toward(move: torch.Tensor, direction: torch.Tensor) -> float:
+    """The length of ``move`` without its part along ``direction`` (if it goes that way):
+    where we moved, not counting our steps toward the peer's earlier model (our merges
+    with it: a peer that has not merged ours yet has not lagged behind them)."""
+    squared = float(move.square().sum())
+    norm = float(torch.linalg.vector_norm(direction))
+    if norm > 0.0:
+        toward = float(move.dot(direction)) / norm
+        if toward > 0.0:
+            squared -= toward * toward
+    return math.sqrt(max(squared, 0.0))
