@@ -43,6 +43,8 @@ class BatchedLearner(Learner):
         self.sgd = sgd
         self.template = copy.deepcopy(model).to("meta")
         self.params = self.schema.flatten(model).repeat(data.num_nodes, 1)
+        self._views: tuple[torch.Tensor, ...] = ()
+        self._views_of: torch.Tensor | None = None
         self.buffers = {
             name: b.detach().unsqueeze(0).repeat(data.num_nodes, *[1] * b.dim())
             for name, b in model.named_buffers()
@@ -234,10 +236,17 @@ class BatchedLearner(Learner):
         return StepResult(losses.detach(), accuracy)
 
     def get(self, node: int) -> torch.Tensor:
-        return self.params[node]
+        return self._rows()[node]
 
     def set(self, node: int, vector: torch.Tensor) -> None:
-        self.params[node] = vector
+        self._rows()[node].copy_(vector)
+
+    def _rows(self) -> tuple[torch.Tensor, ...]:
+        """One view per node's row of ``params`` (made once: indexing a tensor costs more
+        than the small operations the cores do on a row)."""
+        if self._views_of is not self.params:
+            self._views, self._views_of = self.params.unbind(), self.params
+        return self._views
 
     def stacked(self) -> torch.Tensor:
         return self.params

@@ -122,6 +122,15 @@ def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def snapshot(model: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``model`` in half precision (half the memory of a copy) and the norm of what that
+    rounding changed: a distance to the snapshot is within that of the distance to the model
+    itself. A model half precision cannot hold (entries beyond its range) is copied whole."""
+    compact = model.half()
+    error = float(torch.linalg.vector_norm(model - compact))
+    return (compact, error) if math.isfinite(error) else (model.clone(), 0.0)
+
+
 def _store_kept(
     column: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, skip: torch.Tensor
 ) -> None:
@@ -146,8 +155,9 @@ class DynamicCore(NodeCore):
         self.session: Session | None = None
         self.membership: Membership | None = None
         self.quiet_until = 0
-        self._session_models: OrderedDict[str, tuple[torch.Tensor, float]] = OrderedDict()
-        """Per peer: our model and the time at our last session with it."""
+        self._session_models: OrderedDict[str, tuple[torch.Tensor, float, float]] = OrderedDict()
+        """Per peer: our model at our last session with it (``snapshot``), the norm of that
+        snapshot's rounding error, and the session's time."""
         self._delta = self._compute_delta()
         self._coherent = self.config.condition != "distance"
         self._checked = self.reference.clone() if self._coherent else None
@@ -189,19 +199,22 @@ class DynamicCore(NodeCore):
         than that many times faster than us at least this long. A peer that claims violations
         faster (a flood) is refused and counted. A node that no longer trains (finished, or
         serving only) admits one session per peer every ``IDLE_SESSION_WAITS`` round-trip
-        waits instead, so a peer that restarted or trains longer is still served."""
+        waits instead, so a peer that restarted or trains longer is still served. What we
+        moved is measured from a half-precision ``snapshot`` less its rounding error: never
+        more than we moved, so a flood is refused at least as often as with a full copy."""
         last = self._session_models.get(peer)
         if last is not None:
-            model, at = last
-            moved = float((self.model.read() - model).square().sum())
+            model, error, at = last
+            # At least this far from our model then (the snapshot is off by ``error``).
+            moved = max(0.0, float(torch.linalg.vector_norm(self.model.read() - model)) - error)
             idle = self._last_step_at <= at  # we stopped training: our moves time nothing
-            if moved < self._delta / PEER_SPEED_ALLOWANCE**2 and not (
+            if moved < math.sqrt(self._delta) / PEER_SPEED_ALLOWANCE and not (
                 idle and now - at >= IDLE_SESSION_WAITS * self.round_trip.wait
             ):
                 self.stats.refused_peer += 1
                 return False
         self._session_models.pop(peer, None)
-        self._session_models[peer] = (self.model.read().clone(), now)  # also what we send it
+        self._session_models[peer] = (*snapshot(self.model.read()), now)
         while len(self._session_models) > DISTANCE_HISTORY:
             self._session_models.popitem(last=False)
         return True
@@ -373,7 +386,7 @@ class DynamicCore(NodeCore):
             return [Send(sender, Busy(msg.session))]
         if not self._admit_session(sender, now):
             return [Send(sender, Busy(msg.session))]
-        sent = self._session_models[sender][0]  # our model now, kept by the admission
+        sent = self.model.read().clone()
         self.membership = Membership(msg.session, sender, sent)
         reply = ModelReply(
             msg.session, sent, self.model.samples, self.live_neighbors, self.steps_since_sync
