@@ -146,6 +146,7 @@ def test_make_core_builds_the_right_policy(spec, cls):
         ("dynamic:clip=-1", ["'clip'", "must be >= 0"]),
         ("gossip:f=x", ["bad value 'x' for 'f'"]),
         ("dynamic:correction=2", ["correction is a damping factor between 0 and 1"]),
+        ("dynamic:smoothing=0", ["'smoothing'", "must be >= 1"]),
         ("periodic:timeout=0", ["'timeout'", "positive"]),
         ("dynamic:timeout=nan", ["'timeout'", "positive"]),
         ("dynamic:b", ["expected key=value"]),
@@ -158,6 +159,19 @@ def test_bad_specs_raise_a_helpful_spec_error(spec, fragments):
         parse_protocol(spec)
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(("smoothing", "violates"), [(1, True), (16, False)])
+def test_smoothing_sets_how_much_of_a_jump_the_smoothed_condition_sees(smoothing, violates):
+    """A jump of 1 per entry (||w − r||² = DIM) against Δ = DIM/4: with smoothing=1 the
+    moving average is the model (the paper's condition), with 16 it moves 1/16 of the way
+    (DIM/256) and does not violate yet."""
+    model = FakeModel(torch.zeros(DIM))
+    spec = f"dynamic:b=1,delta={DIM / 4},smoothing={smoothing}"
+    core = make_core("a", parse_protocol(spec), model, ["b"])
+    model.w = torch.ones(DIM)
+    core.on_local_step(0.0)
+    assert core.stats.violations == int(violates)
 
 
 # -- merge rules --

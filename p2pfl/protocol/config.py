@@ -51,6 +51,7 @@ class ProtocolConfig:
     correction: float = 0.0
     outer: tuple[float, float] | None = None
     condition: str = "distance"
+    smoothing: int = 16
     merge: MergeRule = MergeRule()
     timeout: float = 0.5
     codec: CodecConfig | None = None
@@ -70,6 +71,7 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "cap": 0,
     "group": 0,
     "condition": "smoothed",
+    "smoothing": 16,
     "outer": None,
 }
 MECHANISM_KEYS = {"correction", "outer_lr", "outer_momentum"}
@@ -97,7 +99,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
     if spec.kind in ("periodic", "gossip"):
         spec.check_keys(common | {"b"})
         return ProtocolConfig(kind=spec.kind, b=spec.take("b", positive_int, 1), **base)
-    spec.check_keys(common | {"b", "delta", "rel", "group", "cap", "condition"})
+    spec.check_keys(common | {"b", "delta", "rel", "group", "cap", "condition", "smoothing"})
     d = DYNAMIC_DEFAULTS
     delta = spec.take("delta", non_negative_float, None)
     rel = spec.take("rel", non_negative_float, d["rel"])
@@ -111,6 +113,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
         group=spec.take("group", non_negative_int, d["group"]),
         cap=spec.take("cap", non_negative_int, d["cap"]),
         condition=spec.take("condition", _condition, d["condition"]),
+        smoothing=spec.take("smoothing", positive_int, d["smoothing"]),
         **base,
     )
 

@@ -31,9 +31,10 @@ Decisions that matter on a real network:
   network that only jitters around its optimum goes quiet, a drifting one still talks, and
   the clamp at zero keeps a long quiet phase from delaying the reaction to a later drift.
   ``condition=smoothed`` tests ``||ŵ − r||² > Δ`` on an exponential moving average ``ŵ`` of
-  the model (time constant ``SMOOTHING_STEPS``): noise averages out of ``ŵ``, while both a
-  drift and a model that settled away from ``r`` (e.g. on a stale drift correction after
-  the task changed) still violate. ``condition=distance`` is the paper's ``||w − r||² > Δ``.
+  the model (time constant ``smoothing`` steps, default 16): noise averages out of ``ŵ``,
+  while both a drift and a model that settled away from ``r`` (e.g. on a stale drift
+  correction after the task changed) still violate. ``condition=distance`` is the paper's
+  ``||w − r||² > Δ``.
 """
 
 from __future__ import annotations
@@ -86,7 +87,6 @@ class Membership:
 
 MAX_WIDENING_ROUNDS = 6
 IDLE_SESSION_WAITS = 2  # a node that stopped training admits a peer once per this many waits
-SMOOTHING_STEPS = 16  # time constant of the smoothed condition's moving average, in steps
 
 
 DISTANCE_BLOCK = 64
@@ -264,7 +264,7 @@ class DynamicCore(NodeCore):
         checked = state["_checked"].index_select(0, due)
         if config.condition == "smoothed":
             move = torch.sub(w, checked)  # checked += (w - checked) * a, in fewer temporaries
-            checked += move.mul_(min(1.0, config.b / SMOOTHING_STEPS))
+            checked += move.mul_(min(1.0, config.b / config.smoothing))
             violated = ~(squared_distances(checked, reference).double() <= delta)
             _store_kept(state["_checked"], due, checked, violated)
             return violated
@@ -283,7 +283,7 @@ class DynamicCore(NodeCore):
         assert self._checked is not None
         now = self.model.read()
         if self.config.condition == "smoothed":
-            self._checked += (now - self._checked) * min(1.0, self.config.b / SMOOTHING_STEPS)
+            self._checked += (now - self._checked) * min(1.0, self.config.b / self.config.smoothing)
             return float(squared_distances(self._checked[None], self.reference[None])[0])
         move = now - self._checked
         dot = row_dots(move[None], (self._checked - self.reference)[None])[0]
@@ -352,10 +352,10 @@ class DynamicCore(NodeCore):
                 return self._ask(now, wider)
         steps = [self.steps_since_sync] + [r.steps for r in s.replies.values()]
         group_steps = max(1, round(sum(steps) / len(steps)))
-        if self._suspect_merge:
-            # A session with a clipped model teaches the correction nothing, and then to no
-            # member (0 shared steps): if the members learnt what we do not, the session's
-            # corrections would stop summing to zero.
+        if self._poisoned_merge:
+            # A session with a model beyond its trusted radius teaches our correction
+            # nothing (``_adopt``), and then no member's either (0 shared steps): if the
+            # members learnt what we do not, the session's corrections would not sum to zero.
             group_steps = 0
         actions: list[Action] = [Send(p, Average(s.id, average, group_steps)) for p in s.replies]
         # Peers that never answered (timed out) are released instead of waiting for us.
