@@ -139,12 +139,12 @@ def test_shared_entries_agree_private_entries_stay_own():
 # re-record them by running this scenario at the parent commit. Gossip re-recorded when a
 # merge with a clipped model stopped teaching the drift correction (issue 11: 0.7118 -> 0.7153),
 # and back when that rule was kept to dynamic (it broke continuous: 0.969 -> 0.575); and when
-# a peer's radius became scaled by its progress (issue 11, replay: 0.7118 -> 0.7100).
+# a peer's radius became scaled by its progress (issue 11, replay: 0.7118 -> 0.7022).
 # Accuracy was a float32 mean over nodes then and is an exactly rounded one now (1e-7 apart).
 PINNED = {
     "periodic:b=5": (0.5061281301081181, 1.6826566368341447, 6023460, 310, 134),
     "dynamic": (0.6140668511390686, 1.3707069367170335, 3545008, 332, 109),
-    "gossip": (0.7099582180380821, 1.3397492825984956, 30542290, 1571, 1565),
+    "gossip": (0.7021587744355202, 1.3461494207382203, 30542290, 1571, 1565),
 }
 
 

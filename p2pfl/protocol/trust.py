@@ -20,16 +20,16 @@ models move between the ones it sends us about as much as ours moved meanwhile (
 and merges as we do); a stale one does not move. ``PeerProgress`` scales a peer's radius
 by its progress: how far its model moved since an earlier one it sent us (for its first,
 since where we started), relative to how far our own model moved over the same interval
-(at most 1; our moves toward its earlier model, such as our merges with it, not counted):
-a replayed model has no pull, an honest peer that moves as we do keeps all of it, a slower
-one (which is staler) keeps its share. (Letting a peer twice slower than us keep its whole
-radius doubled what a stale model's first message earns: 3 replayers of 16 then cost 55
-points instead of 3.)
+(at most 1): a replayed model has no pull, an honest peer that moves as we do keeps all of
+it, a slower one (which is staler) keeps its share. Tried and dropped: letting a peer twice
+slower than us keep its whole radius (3 replayers of 16 then cost 55 points instead of 3);
+not counting our moves toward the peer's earlier model (honest Dirichlet 0.5, 3,000 steps:
+0.927 instead of 0.971); measuring from the peer's model that last earned a full share
+(Dirichlet 0.1: 0.960 instead of 0.965).
 """
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 import torch
@@ -68,8 +68,8 @@ class PeerTrust:
 
 class PeerProgress:
     """Each peer's progress between the models it sends us, relative to ours (see the
-    module docstring). Keeps, for the last ``remembered`` peers, a model each sent, our own
-    model at that time and the share it earned then (two model copies per peer); a peer not
+    module docstring). Keeps, for the last ``remembered`` peers, the last model each sent,
+    our own model at that time and the share it earned (two model copies per peer); a peer not
     heard from yet is measured from ``origin``, where our own model started."""
 
     def __init__(self, remembered: int, origin: torch.Tensor) -> None:
@@ -78,36 +78,20 @@ class PeerProgress:
         self._last: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, float]] = OrderedDict()
 
     def share(self, peer: str, model: torch.Tensor, own: torch.Tensor) -> float:
-        """``min(1, ||model - model'|| / ||own - own'||)``, where ``model'`` is a model
-        ``peer`` sent before and ``own'`` ours at that time: its first model is measured
-        from ``origin`` (a model replayed from the start of training earns nothing once we
-        moved on; an honest newcomer has moved about as far as we have, or started
-        elsewhere), and the pair moves on to the latest model only once the peer has caught
-        up (share 1): an honest peer whose model lagged once (we merged its model before it
-        merged ours) earns its share back as soon as it moves, a stale one never does."""
+        """``min(1, ||model - model'|| / ||own - own'||)``, where ``model'`` is the last model
+        ``peer`` sent and ``own'`` ours at that time: its first model is measured from
+        ``origin`` (a model replayed from the start of training earns nothing once we moved
+        on; an honest newcomer has moved about as far as we have, or started elsewhere)."""
         last = self._last.pop(peer, None)
         before, ours_before, verdict = (self.origin, self.origin, 1.0) if last is None else last
-        ours = _moved_but_toward(own - ours_before, before - ours_before)
+        ours = float(torch.linalg.vector_norm(own - ours_before))
         theirs = float(torch.linalg.vector_norm(model - before))
         # Our model has not moved since the pair was taken (two messages at once): the
         # verdict of that time stands.
         share = min(1.0, theirs / ours) if ours > 0.0 else verdict
-        if last is None or share >= 1.0:
+        if ours > 0.0 or last is None:
             last = (model.detach().clone(), own.detach().clone(), share)
         self._last[peer] = last
         while len(self._last) > self.remembered:
             self._last.popitem(last=False)
         return share
-
-
-def _moved_but_toward(move: torch.Tensor, direction: torch.Tensor) -> float:
-    """The length of ``move`` without its part along ``direction`` (if it goes that way):
-    where we moved, not counting our steps toward the peer's earlier model (our merges
-    with it: a peer that has not merged ours yet has not lagged behind them)."""
-    squared = float(move.square().sum())
-    norm = float(torch.linalg.vector_norm(direction))
-    if norm > 0.0:
-        toward = float(move.dot(direction)) / norm
-        if toward > 0.0:
-            squared -= toward * toward
-    return math.sqrt(max(squared, 0.0))
