@@ -40,8 +40,14 @@ def spec(protocol: str, extra: str) -> str:
     return f"{protocol}{',' if ':' in protocol else ':'}{extra}"
 
 
-def run(scenario_path: Path, steps: int, protocol: str, byzantine: str, rule: str) -> float:
-    scenario = load_scenario(scenario_path, {"steps": steps, "byzantine": byzantine})
+def run(
+    scenario_path: Path, steps: int, protocol: str, byzantine: str, rule: str, seed: int | None
+) -> float:
+    """Honest-node accuracy of one run (``seed``: the scenario's own if None)."""
+    overrides: dict[str, object] = {"steps": steps, "byzantine": byzantine}
+    if seed is not None:
+        overrides["seed"] = seed
+    scenario = load_scenario(scenario_path, overrides)
     summary = Simulation(prepare(scenario), spec(protocol, rule)).run()
     return float(summary["honest_accuracy"])
 
@@ -56,6 +62,7 @@ def main() -> None:
     parser.add_argument(
         "--shares", default="0,1,3,5", help="attackers out of 16 (0: the attack-free run)"
     )
+    parser.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
     parser.add_argument("--out", type=Path, default=Path("runs/byzantine"))
     parser.add_argument(
         "--table-from", type=Path, nargs="*", help="only print the table of earlier runs' json"
@@ -79,7 +86,9 @@ def main() -> None:
         for attack, k in runs + [(a, k) for a in attacks for k in shares if k]:
             byzantine = f"{k}:{attack}" if k else ""
             key = f"{attack} {k}/16" if k else "none"  # the scenarios here have 16 nodes
-            row[key] = run(args.scenario, args.steps, args.protocol, byzantine, RULES[rule])
+            row[key] = run(
+                args.scenario, args.steps, args.protocol, byzantine, RULES[rule], args.seed
+            )
             print(f"{rule}: {key} {row[key]:.3f}", flush=True)
             (args.out / "byzantine.json").write_text(json.dumps(results, indent=2))
     (args.out / "byzantine.md").write_text(table(results, attacks))
