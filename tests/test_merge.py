@@ -18,7 +18,7 @@ from p2pfl.learning.rules import RULES, MergeRule
 from p2pfl.protocol.actions import ReplaceModel, Send
 from p2pfl.protocol.byzantine import ATTACKS, Attackers, ByzantineCore, parse_byzantine
 from p2pfl.protocol.config import parse_protocol
-from p2pfl.protocol.core import make_core
+from p2pfl.protocol.core import NodeCore, make_core
 from p2pfl.protocol.dynamic import IDLE_SESSION_WAITS
 from p2pfl.protocol.trust import PeerProgress
 from p2pfl.spec import SpecError
@@ -286,13 +286,19 @@ def periodic_round(core, model, peers, step):
     return model.w
 
 
+def judged_periodic_core(model: FakeModel, neighbors: list[str]) -> NodeCore:
+    """A periodic core (b=1, no correction) that judges trust, as dynamic does."""
+    core = make_core("0", parse_protocol("periodic:b=1,correction=0"), model, neighbors)
+    core._clip_floor = lambda: 1e-9  # a protocol bound on honest distances, as dynamic's √Δ
+    return core
+
+
 def test_a_peer_clipped_again_and_again_loses_its_pull_geometrically():
     """A liar beyond τ every round: its pull on the merge shrinks by DECAY a round, while
     the honest peers keep their full trust; the sum of everything it ever moved us stays
     below one τ/n."""
     model = FakeModel(vec(1.0))
-    core = make_core("0", parse_protocol("periodic:b=1,correction=0"), model, ["a", "b", "z"])
-    core._clip_floor = lambda: 1e-9  # a protocol bound on honest distances, as dynamic's √Δ
+    core = judged_periodic_core(model, ["a", "b", "z"])
     pulls = []
     for step in range(1, 9):
         model.w = model.w + 0.05  # a local step: the displacement that sizes τ
@@ -316,8 +322,7 @@ def test_liars_that_are_most_of_a_nodes_peers_cannot_inflate_the_clip_bound():
     and τ stays within a small factor of what the honest peer and the protocol allow
     (unguarded, their 3,000·‖w‖ distances would have set it)."""
     model = FakeModel(vec(1.0))
-    core = make_core("0", parse_protocol("periodic:b=1,correction=0"), model, ["a", "y", "z"])
-    core._clip_floor = lambda: 1e-9  # a protocol bound on honest distances, as dynamic's √Δ
+    core = judged_periodic_core(model, ["a", "y", "z"])
     bounds = []
     for step in range(1, 7):
         model.w = model.w + 0.1  # a local step: the displacement that sizes τ

@@ -420,7 +420,7 @@ class DynamicCore(NodeCore):
         # sessions would keep us from ever syncing with honest peers).
         self._clip(m.sent, {sender: msg.params})
         if self._suspect_merge:
-            self._suspect_merge = False
+            self._suspect_merge = self._poisoned_merge = False
             self.stats.refused_peer += 1
             log.debug("%s: refused the average of %s (beyond its radius)", self.node_id, sender)
             return []
