@@ -340,6 +340,7 @@ def test_loss():
         ({"allow_disconnected": "yes"}, ["'allow_disconnected'", "not a valid bool"]),
         ({"network": {"loss": "lots"}}, ["'network.loss'", "not a valid float"]),
         ({"steps": 0}, ["steps must be >= 1"]),
+        ({"seed": -1}, ["seed must be in [0, 2**32)"]),
         ({"learner": "gpu"}, ["learner must be 'batched' or 'per-node'"]),
         ({"momentum": 1.0}, ["momentum must be in [0, 1)"]),
         ({"network": {"loss": 1.0}}, ["network.loss must be in [0, 1)"]),

@@ -274,6 +274,7 @@ def _validate(s: Scenario) -> None:
     checks = [
         (s.nodes >= 1, "nodes must be >= 1"),
         (s.steps >= 1, "steps must be >= 1"),
+        (0 <= s.seed < 2**32, "seed must be in [0, 2**32)"),
         (s.batch_size >= 1, "batch_size must be >= 1"),
         (s.lr > 0, "lr must be > 0"),
         (0 <= s.momentum < 1, "momentum must be in [0, 1)"),
