@@ -380,9 +380,9 @@ class NodeCore:
         trusted share of τ times the share its progress earns (``p2pfl.protocol.trust``; a
         model beyond the full τ lowers its sender's trust first, a stale one earns no
         radius); their distances update the per-peer history that sizes τ."""
-        distances = {
-            sender: float(torch.linalg.vector_norm(v - own)) for sender, v in others.items()
-        }
+        stacked = torch.stack(list(others.values()))  # all distances in one operation
+        norms = torch.linalg.vector_norm(stacked - own, dim=1).tolist()
+        distances = dict(zip(others, norms, strict=True))
         for sender, distance in distances.items():
             self._peer_distances.pop(sender, None)
             self._peer_distances[sender] = distance
@@ -406,7 +406,7 @@ class NodeCore:
             )
             for sender, distance in distances.items()
         ]
-        shares = [self.progress.share(s, v, own) for s, v in others.items()]
+        shares = self.progress.shares(list(others), stacked.detach(), own)
         radii = [r * share for r, share in zip(trusted, shares, strict=True)]
         clipped, count = clip_around(own, list(others.values()), radii, list(distances.values()))
         self.stats.clipped += count
