@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pfl.learning.merge import clip_around, merge
+from p2pfl.learning.merge import clip_around, distances_to, merge
 from p2pfl.learning.rules import RULES, MergeRule
 from p2pfl.protocol.actions import ReplaceModel, Send
 from p2pfl.protocol.byzantine import ATTACKS, Attackers, ByzantineCore, parse_byzantine
@@ -333,10 +333,29 @@ def test_liars_that_are_most_of_a_nodes_peers_cannot_inflate_the_clip_bound():
     assert max(bounds) <= 3 * bounds[0] and bounds[-1] <= bounds[2] * 1.01
 
 
+def test_distances_in_one_operation_equal_each_pair_measured_alone():
+    """``distances_to`` stacks the pairs (or broadcasts one side): bit for bit the norms of
+    each pair on its own, so a merge's decisions do not change."""
+    gen = torch.Generator().manual_seed(5)
+    for size in (1, 7, 4810):
+        for count in range(1, 6):
+            vectors = list(torch.randn(count, size, generator=gen) * 3)
+            one = torch.randn(size, generator=gen)
+            for to in ([one], [one] * count, list(torch.randn(count, size, generator=gen))):
+                alone = [
+                    float(torch.linalg.vector_norm(v - t))
+                    for v, t in zip(vectors, to * count if len(to) == 1 else to, strict=True)
+                ]
+                assert distances_to(vectors, to) == alone
+            assert distances_to([one], vectors) == [
+                float(torch.linalg.vector_norm(one - v)) for v in vectors
+            ]
+
+
 # -- progress: a stale model earns no pull ----------------------------------------------------
 def share(progress: PeerProgress, peer: str, model: torch.Tensor, own: torch.Tensor) -> float:
     """One peer's share, asked alone."""
-    return progress.shares([peer], model[None].clone(), own)[0]
+    return progress.shares([peer], [model], own)[0]
 
 
 def test_a_peer_earns_its_radius_by_moving_as_we_do():
@@ -381,7 +400,7 @@ def test_progress_of_several_peers_at_once_equals_asking_one_by_one():
             if step % 4 != 3:  # sometimes our model does not move between two merges
                 own = own + torch.randn(DIM, generator=gen)
             one_by_one = [share(single, p, m, own) for p, m in zip(peers, models, strict=True)]
-            assert batched.shares(peers, models.clone(), own) == one_by_one
+            assert batched.shares(peers, list(models), own) == one_by_one
             assert list(batched._last) == list(single._last)
 
 

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from p2pfl.learning.compression import Compressed
-from p2pfl.learning.merge import clip_around, merge
+from p2pfl.learning.merge import clip_around, distances_to, merge
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection
 from p2pfl.protocol.config import ProtocolConfig
 from p2pfl.protocol.correction import DriftCorrection
@@ -380,9 +380,7 @@ class NodeCore:
         trusted share of τ times the share its progress earns (``p2pfl.protocol.trust``; a
         model beyond the full τ lowers its sender's trust first, a stale one earns no
         radius); their distances update the per-peer history that sizes τ."""
-        stacked = torch.stack(list(others.values()))  # all distances in one operation
-        norms = torch.linalg.vector_norm(stacked - own, dim=1).tolist()
-        distances = dict(zip(others, norms, strict=True))
+        distances = dict(zip(others, distances_to(list(others.values()), [own]), strict=True))
         for sender, distance in distances.items():
             self._peer_distances.pop(sender, None)
             self._peer_distances[sender] = distance
@@ -406,7 +404,7 @@ class NodeCore:
             )
             for sender, distance in distances.items()
         ]
-        shares = self.progress.shares(list(others), stacked.detach(), own)
+        shares = self.progress.shares(list(others), list(others.values()), own)
         radii = [r * share for r, share in zip(trusted, shares, strict=True)]
         clipped, count = clip_around(own, list(others.values()), radii, list(distances.values()))
         self.stats.clipped += count

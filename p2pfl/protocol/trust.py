@@ -35,6 +35,8 @@ from collections.abc import Sequence
 
 import torch
 
+from p2pfl.learning.merge import distances_to
+
 DECAY = 0.25
 """Factor on a peer's trust each time its model lies beyond the clip radius."""
 RECOVERY = 0.1
@@ -69,23 +71,25 @@ class PeerTrust:
 
 class PeerProgress:
     """Each peer's progress between the models it sends us, relative to ours (see the
-    module docstring). Keeps, for the last ``remembered`` peers, the last model each sent,
-    our own model at that time (one copy per merge) and the share it earned; a peer not
-    heard from yet is measured from ``origin``, where our own model started."""
+    module docstring). Keeps, for the last ``remembered`` peers, the last model each sent (the
+    tensor itself), our own model at that time (one copy per merge) and the share it earned;
+    a peer not heard from yet is measured from ``origin``, where our own model started."""
 
     def __init__(self, remembered: int, origin: torch.Tensor) -> None:
         self.remembered = remembered
         self.origin = origin.detach().clone()
         self._last: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, float]] = OrderedDict()
 
-    def shares(self, peers: Sequence[str], models: torch.Tensor, own: torch.Tensor) -> list[float]:
+    def shares(
+        self, peers: Sequence[str], models: Sequence[torch.Tensor], own: torch.Tensor
+    ) -> list[float]:
         """``min(1, ||model - model'|| / ||own - own'||)`` for each of ``peers`` and its model
-        (the rows of ``models``, a fresh tensor whose rows are kept), where ``model'`` is the
-        last model that peer sent and ``own'`` ours at that time: its first model is measured
-        from ``origin`` (a model replayed from the start of training earns nothing once we
-        moved on; an honest newcomer has moved about as far as we have, or started
-        elsewhere). All peers' distances are taken in one tensor operation; the result
-        equals asking for each peer in turn."""
+        in ``models``, where ``model'`` is the last model that peer sent and ``own'`` ours at
+        that time: its first model is measured from ``origin`` (a model replayed from the
+        start of training earns nothing once we moved on; an honest newcomer has moved about
+        as far as we have, or started elsewhere). The models are kept as they are (a model a
+        peer sent is never modified); all peers' distances are taken in one tensor operation,
+        and the result equals asking for each peer in turn."""
         if not peers:
             return []
         # The table in order first (which pair each peer is measured against, which entries
@@ -97,11 +101,9 @@ class PeerProgress:
             while len(table) > self.remembered:
                 table.popitem(last=False)
         origin = self.origin
-        befores = [origin if last is None else last[0] for last in pairs]
-        ours_before = [origin if last is None else last[1] for last in pairs]
-        theirs = torch.linalg.vector_norm(models - _stacked(befores), dim=1).tolist()
-        ours = torch.linalg.vector_norm(own - _stacked(ours_before), dim=-1).reshape(-1).tolist()
-        kept, rows = own.detach().clone(), models.unbind()
+        theirs = distances_to(models, [origin if last is None else last[0] for last in pairs])
+        ours = distances_to([own], [origin if last is None else last[1] for last in pairs])
+        kept = own.detach().clone()
         shares = []
         for row, (peer, last) in enumerate(zip(peers, pairs, strict=True)):
             moved = ours[row if len(ours) > 1 else 0]
@@ -111,12 +113,8 @@ class PeerProgress:
                 min(1.0, theirs[row] / moved) if moved > 0.0 else 1.0 if last is None else last[2]
             )
             if peer in table:
-                table[peer] = (rows[row], kept, share) if moved > 0.0 or last is None else last
+                table[peer] = (
+                    (models[row].detach(), kept, share) if moved > 0.0 or last is None else last
+                )
             shares.append(share)
         return shares
-
-
-def _stacked(vectors: list[torch.Tensor]) -> torch.Tensor:
-    """``vectors`` as rows; one vector (all the same tensor) as it is, to broadcast."""
-    first = vectors[0]
-    return first if all(v is first for v in vectors) else torch.stack(vectors)
