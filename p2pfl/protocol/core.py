@@ -188,6 +188,9 @@ class NodeCore:
         update there broke the corrections' zero sum (continuous on the demo fell from 0.969
         to 0.575). A model clipped only for its lack of progress (``PeerProgress``) counts
         as our own model in the merge: no poison in it."""
+        self.echo_base: torch.Tensor | None = None
+        """Set by ``_decoded`` for every message: for an average echoed on a lossy link, our
+        model as its sender decoded it (``CodecLinks.echo_base``), else None."""
         self.trust = PeerTrust()
         """How much of τ each peer's model may use (lowered for peers clipped again and
         again)."""
@@ -304,10 +307,11 @@ class NodeCore:
         that does not fit is refused (logged, counted): a reply or an average becomes
         ``Busy`` (the peer's share is missing), anything else None."""
         params = getattr(message, "params", None)
+        self.echo_base = None
         if not isinstance(params, Compressed):
             return message
         try:
-            return replace(message, params=self.links.decode(sender, params))  # type: ignore[type-var]
+            vector = self.links.decode(sender, params)
         except LinkError as exc:
             self.stats.refused_codec += 1
             log.warning(
@@ -316,6 +320,9 @@ class NodeCore:
             if isinstance(message, ModelReply | Average):
                 return Busy(message.session)
             return None
+        if params.echo:
+            self.echo_base = self.links.echo_base(sender, params)
+        return replace(message, params=vector)  # type: ignore[type-var]
 
     def _compressed(self, send: Send) -> Send:
         """``send`` with its parameters compressed for its peer (averages as echoes)."""
@@ -438,9 +445,11 @@ class NodeCore:
         sent: torch.Tensor,
         steps: int,
         current: torch.Tensor | None = None,
+        seen: torch.Tensor | None = None,
     ) -> list[Action]:
         """Take the result of a merge: learn the drift correction from ``sent`` (the model
-        this node contributed) and ``merged`` over ``steps`` shared local steps (not from a
+        this node contributed; ``seen``, the merge's copy of it, when a lossy link gave the
+        merge another one) and ``merged`` over ``steps`` shared local steps (not from a
         merge with a model beyond its trusted radius, see ``_poisoned_merge``), apply the
         outer optimizer, and replace the model keeping the local steps taken since ``sent``
         was handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge
@@ -453,7 +462,8 @@ class NodeCore:
         actions.append(ReplaceModel(new + (now - sent)))
         if steps > 0 and not (self._poisoned_merge and self._clip_floor() > 0):
             step_size = self.mean_step_size(steps)
-            actions += self.drift_correction.update(sent, merged, steps, step_size)
+            contributed = sent if seen is None else seen
+            actions += self.drift_correction.update(contributed, merged, steps, step_size)
         self._suspect_merge = self._poisoned_merge = False
         self.stats.syncs += 1
         return actions

@@ -429,13 +429,18 @@ class DynamicCore(NodeCore):
         # and correction, as if the coordinator had vanished (adopting even its clipped
         # remainder would count as a sync and reset our reference: a flood of such
         # sessions would keep us from ever syncing with honest peers).
-        self._clip(m.sent, {sender: msg.params})
+        # On a lossy link the average is a delta on the coordinator's copy of our reply
+        # (``echo_base``), not on what we sent: it is checked around that copy and teaches
+        # the correction from it; our reply's codec error, which no one in the group saw, is
+        # dropped with it (see ``p2pfl.protocol.links``).
+        seen = m.sent if self.echo_base is None else self.echo_base
+        self._clip(seen, {sender: msg.params})
         if self._suspect_merge:
             self._suspect_merge = self._poisoned_merge = False
             self.stats.refused_peer += 1
             log.debug("%s: refused the average of %s (beyond its radius)", self.node_id, sender)
             return []
-        return self._adopt(msg.params, m.sent, msg.steps)
+        return self._adopt(msg.params, m.sent, msg.steps, seen=seen)
 
     def _adopt(
         self,
@@ -443,10 +448,11 @@ class DynamicCore(NodeCore):
         sent: torch.Tensor,
         steps: int,
         current: torch.Tensor | None = None,
+        seen: torch.Tensor | None = None,
     ) -> list[Action]:
         """The shared merge (correction, outer step, kept progress); the result becomes the
         reference."""
-        actions = super()._adopt(merged, sent, steps, current)
+        actions = super()._adopt(merged, sent, steps, current, seen)
         self.reference = merged if self.outer is None else self.outer.anchor  # never modified
         if self._coherent:
             self._checked = next(a.params for a in actions if isinstance(a, ReplaceModel)).clone()
