@@ -23,6 +23,7 @@ from p2pfl.daemon.checkpoint import (
     restore_newest,
     write_atomically,
 )
+from p2pfl.daemon.logformat import LogFile
 from p2pfl.daemon.transport import check_can_listen
 from p2pfl.data import DataError
 from p2pfl.data.datasets import load_npz
@@ -183,3 +184,27 @@ def test_node_start_on_a_port_in_use_exits_2_with_the_fix(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "cannot listen on" in result.stderr and "port 0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_log_file_that_cannot_be_written_says_so_once_and_counts_the_lost_lines(tmp_path, capsys):
+    handler = LogFile(tmp_path / "node.log")
+    logger = logging.getLogger("p2pfl.test.logfile")
+    logger.addHandler(handler)
+    real_flush = handler.flush
+    try:
+
+        def full() -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        handler.flush = full  # type: ignore[method-assign]
+        for i in range(5):
+            logger.warning("line %d", i)
+        handler.flush = real_flush  # type: ignore[method-assign]
+        logger.warning("back")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    err = capsys.readouterr().err
+    assert err.count("cannot write") == 1 and "No space left on device" in err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert "5 line(s) of this log could not be written" in (tmp_path / "node.log").read_text()

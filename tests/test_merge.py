@@ -159,6 +159,36 @@ def test_member_refuses_an_average_beyond_what_it_and_the_protocol_vouch_for():
     torch.testing.assert_close(replaced(core.on_message(1.1, "c", Average(8, close, 3))), close)
 
 
+def test_a_coordinator_merges_replies_within_twice_the_radius_a_member_adopts_whole():
+    """τ = 3·√Δ = 0.3 here. A coordinator takes a reply 0.45 away (one model among the
+    group's moves the average by a third of that) whole and keeps trusting its sender; a
+    member refuses an ``Average`` 0.45 away from what it sent (it would move by all of it);
+    a reply beyond 2τ is clipped to 2τ."""
+    far = torch.zeros(DIM)
+    far[0] = 0.45
+    model = FakeModel(vec(1.0))
+    coordinator = make_core("c", parse_protocol("dynamic:delta=0.01,b=1,correction=0"), model, [])
+    coordinator.neighbors = {"a", "b"}
+    coordinator._start_session(0.0)
+    sid = coordinator.session.id
+    coordinator.on_message(0.1, "a", ModelReply(sid, vec(1.0) + far, 10, [], 3))
+    out = coordinator.on_message(0.1, "b", ModelReply(sid, vec(1.0), 10, [], 3))
+    average = next(a.message.params for a in out if isinstance(a, Send))
+    torch.testing.assert_close(average, vec(1.0) + far / 3)
+    assert coordinator.stats.clipped == 0 and coordinator.trust["a"] == 1.0
+    member = make_core("m", parse_protocol("dynamic:delta=0.01,b=1,correction=0"), model, ["c"])
+    member.on_message(0.0, "c", Pull(7))
+    assert member.on_message(0.1, "c", Average(7, vec(1.0) + far, 3)) == []
+    assert member.stats.refused_peer == 1
+    beyond = make_core("c", parse_protocol("dynamic:delta=0.01,b=1,correction=0"), model, [])
+    beyond.neighbors = {"a"}
+    beyond._start_session(0.0)
+    out = beyond.on_message(0.1, "a", ModelReply(beyond.session.id, vec(1.0) + 4 * far, 10, [], 3))
+    average = next(a.message.params for a in out if isinstance(a, Send))
+    torch.testing.assert_close(average, vec(1.0) + far / 0.45 * 0.6 / 2)
+    assert beyond.stats.clipped == 1
+
+
 def test_a_flooding_coordinator_is_refused_until_the_member_has_moved():
     model = FakeModel(vec(1.0))
     core = make_core("m", parse_protocol("dynamic:delta=0.04,b=1"), model, ["c"])

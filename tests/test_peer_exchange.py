@@ -140,6 +140,11 @@ def test_dialing_fills_the_room_bootstrap_first_and_is_paced():
         f"{ADDR.format(3)}/p2p/{PEERS[3]}"
     ]
     assert pex.to_dial({PEERS[1], PEERS[2], PEERS[3]}, now=1000.0) == []  # no room
+    # the bootstrap peer came back on another port and said so: dialed there
+    pex.heard(PEERS[1], ["/ip4/10.0.0.1/tcp/5001"], "itself")
+    assert pex.to_dial({PEERS[2], PEERS[3]}, now=2000.0) == [
+        f"/ip4/10.0.0.1/tcp/5001/p2p/{PEERS[1]}"
+    ]
 
 
 def test_three_transports_find_each_other_through_one_bootstrap_peer(tmp_path: Path):

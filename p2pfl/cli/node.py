@@ -139,7 +139,7 @@ def _print_listening(daemon: NodeDaemon, addrs: list[str], as_json: bool) -> Non
 def _setup_logging(home: Path) -> list[logging.Handler]:
     """Send INFO and above of p2pfl to stderr and DIR/node.log, and py-libp2p's warnings
     there too, one line each; return the new handlers."""
-    from p2pfl.daemon.logformat import condense_library_logs
+    from p2pfl.daemon.logformat import LogFile, condense_library_logs
 
     root = logging.getLogger("p2pfl")
     root.setLevel(logging.INFO)
@@ -147,7 +147,7 @@ def _setup_logging(home: Path) -> list[logging.Handler]:
     formatter = logging.Formatter(LOG_FORMAT)
     handlers: list[logging.Handler] = [
         logging.StreamHandler(sys.stderr),
-        logging.FileHandler(home / "node.log"),
+        LogFile(home / "node.log"),
     ]
     for handler in handlers:
         handler.setFormatter(formatter)

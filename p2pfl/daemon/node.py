@@ -189,8 +189,10 @@ class NodeDaemon:
                 "another program (or node) uses that port: stop it, pick a free port, or use "
                 "port 0 for any free port"
             ) from None
+        book = PeerBook(self.peer_id, self.config.home)
+        book.load()  # the peers heard of before a restart: found again if they moved
         self.peer_exchange = PeerExchange(
-            PeerBook(self.peer_id, self.config.home),
+            book,
             transport,
             self.ledger,
             self.config.bootstrap,
@@ -232,7 +234,7 @@ class NodeDaemon:
                     log.info("stopping at step %d", self.core.step)
                     with trio.CancelScope(shield=True):
                         await self.save_checkpoint()
-                        self.peer_exchange.book.save()
+                        self.peer_exchange.save_book()
                     nursery.cancel_scope.cancel()
         finally:
             control.close()

@@ -30,6 +30,7 @@ from multiaddr import Multiaddr
 from p2pfl.daemon.peers import PeerLedger
 from p2pfl.daemon.transport import Transport, TransportError
 from p2pfl.files import write_private_atomically
+from p2pfl.ratelog import RateLimitedLog
 
 log = logging.getLogger("p2pfl.peers")
 
@@ -216,6 +217,7 @@ class PeerExchange:
         self.target_degree = target_degree
         self._last_dial: dict[str, float] = {}
         self._nursery: trio.Nursery | None = None
+        self._failures = RateLimitedLog(log)
         for peer, addrs in self.bootstrap:
             self.book.add(peer, addrs, "bootstrap")
         for peer, addrs in self.book.candidates(set()):
@@ -250,7 +252,22 @@ class PeerExchange:
                 for peer in self.transport.peers():
                     sends.start_soon(self._send, peer)
             self.book.forget_stale()
-            await trio.to_thread.run_sync(self.book.save)
+            await trio.to_thread.run_sync(self.save_book)
+
+    def save_book(self) -> None:
+        """Save the book; a failed write (disk full, read-only home) is logged, rate-limited,
+        and tried again at the next exchange (the book stays in memory, the old file stays)."""
+        try:
+            self.book.save()
+        except OSError as exc:
+            self._failures.warning(
+                "save",
+                "peers not saved to %s (%s); retrying every %.0f s: free space or fix the "
+                "permissions of its directory",
+                self.book.path,
+                exc.strerror or exc,
+                EXCHANGE_EVERY_S,
+            )
 
     async def on_frame(self, peer: str, payload: bytes) -> None:
         """Handler of PEX_PROTOCOL: remember what ``peer`` says (or refuse it as a whole)."""
@@ -281,12 +298,15 @@ class PeerExchange:
 
     def to_dial(self, connected: set[str], now: float) -> list[str]:
         """Full addresses to dial now, up to the room below the target degree: bootstrap
-        peers (every REDIAL_EVERY_S), then peers of the book (every BOOK_REDIAL_EVERY_S)."""
+        peers (every REDIAL_EVERY_S), then peers of the book (every BOOK_REDIAL_EVERY_S).
+        Each at the newest address the book has for it: a bootstrap peer that came back on
+        another port is dialed where it (or a peer) last said it is."""
         room = self.target_degree - len(connected)
         exclude = connected | {self.transport.peer_id}
         picked: list[str] = []
         bootstrap = {p for p, _ in self.bootstrap}
-        for peer, addrs in self.bootstrap + self.book.candidates(exclude | bootstrap):
+        newest = [(self.book.entries([p]) or [(p, a)])[0] for p, a in self.bootstrap]
+        for peer, addrs in newest + self.book.candidates(exclude | bootstrap):
             if len(picked) >= room or peer in exclude:
                 continue
             wait = REDIAL_EVERY_S if peer in bootstrap else BOOK_REDIAL_EVERY_S
