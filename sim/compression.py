@@ -12,8 +12,14 @@ fair schedule* (if none reaches it, the most accurate one stands in and is marke
 every ``dynamic`` spec of ``--dynamic`` (default: its defaults; e.g. a sweep of ``rel``) and
 that best fair schedule each run with every codec of ``--codecs`` (float32 first), so a
 codec is offered to both sides: the fair schedule with the same codec shows what the codec
-buys, dynamic's row beside it what the trigger adds. Accuracy is the mean of
-the evaluations at prime steps in the last tenth; a run's cost is all the bytes it sent.
+buys, dynamic's row beside it what the trigger adds. With ``--codec-periods`` each codec
+also gets the schedule sweep again (the best fair schedule's variant at each of those
+periods, with the codec): the cheapest of them reaching the target (else the most
+accurate) is the *best fair schedule with that codec* (a coarse codec may need a shorter
+period, or afford a longer one), so the codec's share of the gain (best fair ÷ best fair
+with the codec) and the trigger's (best fair with the codec ÷ dynamic with it) are both
+measured. Accuracy is the mean of the evaluations at prime steps in the last tenth; a
+run's cost is all the bytes it sent.
 
 ``--reuse`` takes runs made before on the same scenario, seed and step count (a
 ``sim/pareto.py`` output's ``runs.jsonl``, a simulation's ``summary.json``, or this script's
@@ -57,6 +63,11 @@ def codec_name(codec: str) -> str:
     return codec.replace("codec=", "").replace(",", " ") or "float32"
 
 
+def uncoded(protocol: str, codec: str) -> str:
+    """``protocol`` without the keys of ``codec`` (a spec made by ``with_keys``)."""
+    return protocol.removesuffix("," + codec) if codec else protocol
+
+
 def run_scenario(
     path: Path,
     seed: int,
@@ -66,6 +77,7 @@ def run_scenario(
     codecs: list[str],
     dynamics: list[str],
     reused: dict[str, dict[str, Any]],
+    codec_periods: list[int] | None = None,
 ) -> dict[str, Any]:
     """Every run of one scenario and seed, the target and the best fair schedule; runs in
     ``reused`` (by protocol) are taken as they are."""
@@ -89,18 +101,31 @@ def run_scenario(
         return runs[protocol]
 
     target = TARGET * run(REFERENCE)["final_accuracy"]
-    schedules = [run(with_keys(f"periodic:b={b}", BASELINES[v])) for v in variants for b in periods]
+    variant_of = {with_keys(f"periodic:b={b}", BASELINES[v]): v for v in variants for b in periods}
+    schedules = [run(protocol) for protocol in variant_of]
     reaching = [r for r in schedules if r["final_accuracy"] >= target]
     best = (
         min(reaching, key=lambda r: r["bytes_sent"])
         if reaching
         else max(schedules, key=lambda r: r["final_accuracy"])
     )
+    keys = BASELINES[variant_of[best["protocol"]]]
     rows = []
     for codec in ("", *codecs):
         sides = [(d, d) for d in dynamics] + [("best fair", best["protocol"])]
+        if codec and codec_periods:
+            swept = [
+                run(with_keys(with_keys(f"periodic:b={b}", keys), codec)) for b in codec_periods
+            ]
+            good = [r for r in swept if r["final_accuracy"] >= target]
+            pick = (
+                min(good, key=lambda r: r["bytes_sent"])
+                if good
+                else max(swept, key=lambda r: r["final_accuracy"])
+            )
+            sides.append(("best fair with the codec", pick["protocol"]))
         for side, protocol in sides:
-            spec = with_keys(protocol, codec)
+            spec = protocol if side == "best fair with the codec" else with_keys(protocol, codec)
             r = runs.get(spec) or run(spec)
             rows.append(
                 {
@@ -110,7 +135,8 @@ def run_scenario(
                     "accuracy": r["final_accuracy"],
                     "bytes": r["bytes_sent"],
                     "reaches": r["final_accuracy"] >= target,
-                    "points_lost": 100 * (runs[protocol]["final_accuracy"] - r["final_accuracy"]),
+                    "points_lost": 100
+                    * (runs.get(uncoded(spec, codec), r)["final_accuracy"] - r["final_accuracy"]),
                     "points_below_best_fair": 100 * (best["final_accuracy"] - r["final_accuracy"]),
                     "best_fair_over_this": best["bytes_sent"] / max(r["bytes_sent"], 1),
                     "reused": r.get("reused", False),
@@ -202,6 +228,12 @@ def main() -> None:
     parser.add_argument(
         "--dynamic", default="dynamic", help="';'-separated dynamic specs, e.g. a rel sweep"
     )
+    parser.add_argument(
+        "--codec-periods",
+        default="",
+        help="comma list: sweep the best fair schedule's variant over these periods with each"
+        " codec (the best fair schedule with that codec)",
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument(
         "--reuse", type=Path, nargs="*", default=[], help="runs.jsonl / summary.json to reuse"
@@ -212,13 +244,24 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     codecs = [c for c in args.codecs.split(";") if c]
     dynamics = [d for d in args.dynamic.split(";") if d]
+    codec_periods = [int(b) for b in args.codec_periods.split(",") if b]
     results = []
     for path in args.scenarios:
         scenario = load_scenario(path, {} if args.steps is None else {"steps": args.steps})
         for seed in [int(s) for s in args.seeds.split(",") if s] or [scenario.seed]:
             reused = load_runs(args.reuse, scenario.steps, seed)
             results.append(
-                run_scenario(path, seed, args.steps, periods, variants, codecs, dynamics, reused)
+                run_scenario(
+                    path,
+                    seed,
+                    args.steps,
+                    periods,
+                    variants,
+                    codecs,
+                    dynamics,
+                    reused,
+                    codec_periods,
+                )
             )
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "compression.json").write_text(json.dumps(results, indent=1))

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from p2pfl.learning.compression import Compressed
-from p2pfl.learning.merge import clip_around, merge
+from p2pfl.learning.merge import clip_around, distances_to, merge
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection
 from p2pfl.protocol.config import ProtocolConfig
 from p2pfl.protocol.correction import DriftCorrection
@@ -190,6 +190,9 @@ class NodeCore:
         update there broke the corrections' zero sum (continuous on the demo fell from 0.969
         to 0.575). A model clipped only for its lack of progress (``PeerProgress``) counts
         as our own model in the merge: no poison in it."""
+        self.echo_base: torch.Tensor | None = None
+        """Set by ``_decoded`` for every message: for an average echoed on a lossy link, our
+        model as its sender decoded it (``CodecLinks.echo_base``), else None."""
         self.trust = PeerTrust()
         """How much of τ each peer's model may use (lowered for peers clipped again and
         again)."""
@@ -306,10 +309,11 @@ class NodeCore:
         that does not fit is refused (logged, counted): a reply or an average becomes
         ``Busy`` (the peer's share is missing), anything else None."""
         params = getattr(message, "params", None)
+        self.echo_base = None
         if not isinstance(params, Compressed):
             return message
         try:
-            return replace(message, params=self.links.decode(sender, params))  # type: ignore[type-var]
+            vector = self.links.decode(sender, params)
         except LinkError as exc:
             self.stats.refused_codec += 1
             log.warning(
@@ -318,6 +322,9 @@ class NodeCore:
             if isinstance(message, ModelReply | Average):
                 return Busy(message.session)
             return None
+        if params.echo:
+            self.echo_base = self.links.echo_base(sender, params)
+        return replace(message, params=vector)  # type: ignore[type-var]
 
     def _compressed(self, send: Send) -> Send:
         """``send`` with its parameters compressed for its peer (averages as echoes)."""
@@ -377,21 +384,22 @@ class NodeCore:
             return 0.0
         return (self._last_step_at - self._first_step_at) / (self.step - 1)
 
-    def _clip(self, own: torch.Tensor, others: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def _clip(
+        self, own: torch.Tensor, others: dict[str, torch.Tensor], widen: float = 1.0
+    ) -> list[torch.Tensor]:
         """The models of ``others`` (by sender) clipped around ``own``, each to its sender's
-        trusted share of τ times the share its progress earns (``p2pfl.protocol.trust``; a
-        model beyond the full τ lowers its sender's trust first, a stale one earns no
-        radius); their distances update the per-peer history that sizes τ."""
-        distances = {
-            sender: float(torch.linalg.vector_norm(v - own)) for sender, v in others.items()
-        }
+        trusted share of ``widen``·τ times the share its progress earns
+        (``p2pfl.protocol.trust``; a model beyond the full ``widen``·τ lowers its sender's
+        trust first, a stale one earns no radius); their distances update the per-peer
+        history that sizes τ."""
+        distances = dict(zip(others, distances_to(list(others.values()), [own]), strict=True))
         closing_in = {sender: self._closing_in(sender, d) for sender, d in distances.items()}
         for sender, distance in distances.items():
             self._peer_distances.pop(sender, None)
             self._peer_distances[sender] = distance
             while len(self._peer_distances) > DISTANCE_HISTORY:
                 self._peer_distances.popitem(last=False)
-        bound = self.clip_bound(own)
+        bound = self.clip_bound(own) * widen
         if math.isinf(bound):
             return list(others.values())
         # Trust is lowered only where the protocol itself bounds an honest peer's distance
@@ -412,7 +420,7 @@ class NodeCore:
             )
             for sender, distance in distances.items()
         ]
-        shares = [self.progress.share(s, v, own) for s, v in others.items()]
+        shares = self.progress.shares(list(others), list(others.values()), own)
         radii = [r * share for r, share in zip(trusted, shares, strict=True)]
         clipped, count = clip_around(own, list(others.values()), radii, list(distances.values()))
         self.stats.clipped += count
@@ -434,10 +442,15 @@ class NodeCore:
         return lately is None or distance < lately
 
     def _merge(
-        self, own: torch.Tensor, own_samples: int, others: dict[str, tuple[torch.Tensor, int]]
+        self,
+        own: torch.Tensor,
+        own_samples: int,
+        others: dict[str, tuple[torch.Tensor, int]],
+        widen: float = 1.0,
     ) -> torch.Tensor:
-        """Merge our own model with the peers' ones (by sender), each clipped first."""
-        clipped = self._clip(own, {peer: params for peer, (params, _) in others.items()})
+        """Merge our own model with the peers' ones (by sender), each clipped first (to
+        ``widen`` times its radius, see ``_clip``)."""
+        clipped = self._clip(own, {peer: params for peer, (params, _) in others.items()}, widen)
         samples = [own_samples] + [n for _, n in others.values()]
         return merge([own, *clipped], samples, self.config.merge)
 
@@ -447,9 +460,11 @@ class NodeCore:
         sent: torch.Tensor,
         steps: int,
         current: torch.Tensor | None = None,
+        seen: torch.Tensor | None = None,
     ) -> list[Action]:
         """Take the result of a merge: learn the drift correction from ``sent`` (the model
-        this node contributed) and ``merged`` over ``steps`` shared local steps (not from a
+        this node contributed; ``seen``, the merge's copy of it, when a lossy link gave the
+        merge another one) and ``merged`` over ``steps`` shared local steps (not from a
         merge with a model beyond its trusted radius, see ``_poisoned_merge``), apply the
         outer optimizer, and replace the model keeping the local steps taken since ``sent``
         was handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge
@@ -462,7 +477,8 @@ class NodeCore:
         actions.append(ReplaceModel(new + (now - sent)))
         if steps > 0 and not (self._poisoned_merge and self._clip_floor() > 0):
             step_size = self.mean_step_size(steps)
-            actions += self.drift_correction.update(sent, merged, steps, step_size)
+            contributed = sent if seen is None else seen
+            actions += self.drift_correction.update(contributed, merged, steps, step_size)
         self._suspect_merge = self._poisoned_merge = False
         self.stats.syncs += 1
         return actions
