@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pfl.learning.merge import clip_around, merge
+from p2pfl.learning.merge import clip_around, distances_to, merge
 from p2pfl.learning.rules import RULES, MergeRule
 from p2pfl.protocol.actions import ReplaceModel, Send
 from p2pfl.protocol.byzantine import ATTACKS, Attackers, ByzantineCore, parse_byzantine
@@ -157,6 +157,36 @@ def test_member_refuses_an_average_beyond_what_it_and_the_protocol_vouch_for():
     assert isinstance(core.on_message(1.0, "c", Pull(8))[0].message, ModelReply)
     close = model.w + 0.01
     torch.testing.assert_close(replaced(core.on_message(1.1, "c", Average(8, close, 3))), close)
+
+
+def test_a_coordinator_merges_replies_within_twice_the_radius_a_member_adopts_whole():
+    """τ = 3·√Δ = 0.3 here. A coordinator takes a reply 0.45 away (one model among the
+    group's moves the average by a third of that) whole and keeps trusting its sender; a
+    member refuses an ``Average`` 0.45 away from what it sent (it would move by all of it);
+    a reply beyond 2τ is clipped to 2τ."""
+    far = torch.zeros(DIM)
+    far[0] = 0.45
+    model = FakeModel(vec(1.0))
+    coordinator = make_core("c", parse_protocol("dynamic:delta=0.01,b=1,correction=0"), model, [])
+    coordinator.neighbors = {"a", "b"}
+    coordinator._start_session(0.0)
+    sid = coordinator.session.id
+    coordinator.on_message(0.1, "a", ModelReply(sid, vec(1.0) + far, 10, [], 3))
+    out = coordinator.on_message(0.1, "b", ModelReply(sid, vec(1.0), 10, [], 3))
+    average = next(a.message.params for a in out if isinstance(a, Send))
+    torch.testing.assert_close(average, vec(1.0) + far / 3)
+    assert coordinator.stats.clipped == 0 and coordinator.trust["a"] == 1.0
+    member = make_core("m", parse_protocol("dynamic:delta=0.01,b=1,correction=0"), model, ["c"])
+    member.on_message(0.0, "c", Pull(7))
+    assert member.on_message(0.1, "c", Average(7, vec(1.0) + far, 3)) == []
+    assert member.stats.refused_peer == 1
+    beyond = make_core("c", parse_protocol("dynamic:delta=0.01,b=1,correction=0"), model, [])
+    beyond.neighbors = {"a"}
+    beyond._start_session(0.0)
+    out = beyond.on_message(0.1, "a", ModelReply(beyond.session.id, vec(1.0) + 4 * far, 10, [], 3))
+    average = next(a.message.params for a in out if isinstance(a, Send))
+    torch.testing.assert_close(average, vec(1.0) + far / 0.45 * 0.6 / 2)
+    assert beyond.stats.clipped == 1
 
 
 def test_a_flooding_coordinator_is_refused_until_the_member_has_moved():
@@ -333,32 +363,75 @@ def test_liars_that_are_most_of_a_nodes_peers_cannot_inflate_the_clip_bound():
     assert max(bounds) <= 3 * bounds[0] and bounds[-1] <= bounds[2] * 1.01
 
 
+def test_distances_in_one_operation_equal_each_pair_measured_alone():
+    """``distances_to`` stacks the pairs (or broadcasts one side): bit for bit the norms of
+    each pair on its own, so a merge's decisions do not change."""
+    gen = torch.Generator().manual_seed(5)
+    for size in (1, 7, 4810):
+        for count in range(1, 6):
+            vectors = list(torch.randn(count, size, generator=gen) * 3)
+            one = torch.randn(size, generator=gen)
+            for to in ([one], [one] * count, list(torch.randn(count, size, generator=gen))):
+                alone = [
+                    float(torch.linalg.vector_norm(v - t))
+                    for v, t in zip(vectors, to * count if len(to) == 1 else to, strict=True)
+                ]
+                assert distances_to(vectors, to) == alone
+            assert distances_to([one], vectors) == [
+                float(torch.linalg.vector_norm(one - v)) for v in vectors
+            ]
+
+
 # -- progress: a stale model earns no pull ----------------------------------------------------
+def share(progress: PeerProgress, peer: str, model: torch.Tensor, own: torch.Tensor) -> float:
+    """One peer's share, asked alone."""
+    return progress.shares([peer], [model], own)[0]
+
+
 def test_a_peer_earns_its_radius_by_moving_as_we_do():
-    """``PeerProgress.share``: a peer's first model is measured from our origin, later ones
+    """``PeerProgress.shares``: a peer's first model is measured from our origin, later ones
     from its previous one; a replayed model earns nothing once we moved on, an honest peer
     moving as far as we do keeps its whole radius, one moving half as far half of it."""
     origin = vec(0.0)
     progress = PeerProgress(8, origin)
     own = vec(1.0)
-    assert progress.share("stale", origin + 0.01, own) == pytest.approx(0.01)
-    assert progress.share("honest", own + 0.1, own) == 1.0  # a newcomer as far on as we are
+    assert share(progress, "stale", origin + 0.01, own) == pytest.approx(0.01)
+    assert share(progress, "honest", own + 0.1, own) == 1.0  # a newcomer as far on as we are
     own = own + 0.5
-    assert progress.share("stale", origin + 0.01, own) == 0.0  # the same model again
-    assert progress.share("honest", own + 0.1, own) == 1.0
-    assert progress.share("slow", own, own) == 1.0
+    assert share(progress, "stale", origin + 0.01, own) == 0.0  # the same model again
+    assert share(progress, "honest", own + 0.1, own) == 1.0
+    assert share(progress, "slow", own, own) == 1.0
     own = own + 0.5
-    assert progress.share("slow", own - 0.25, own) == pytest.approx(0.5)
+    assert share(progress, "slow", own - 0.25, own) == pytest.approx(0.5)
     # two messages at one time (our model did not move since): the first verdict stands
-    assert progress.share("stale", origin + 0.01, own) == 0.0
-    assert progress.share("slow", own + 7.0, own) == pytest.approx(0.5)
+    assert share(progress, "stale", origin + 0.01, own) == 0.0
+    assert share(progress, "slow", own + 7.0, own) == pytest.approx(0.5)
 
 
 def test_progress_remembers_a_bounded_number_of_peers():
     progress = PeerProgress(2, vec(0.0))
     for peer in "abc":
-        progress.share(peer, vec(1.0), vec(1.0))
+        share(progress, peer, vec(1.0), vec(1.0))
     assert list(progress._last) == ["b", "c"]
+
+
+def test_progress_of_several_peers_at_once_equals_asking_one_by_one():
+    """A merge asks for all its peers' shares in one call: the same shares and the same
+    table (incl. which peers the bound drops within the call) as asking for each in turn."""
+    gen = torch.Generator().manual_seed(3)
+    for remembered in (2, 3, 8):
+        batched, single = PeerProgress(remembered, vec(0.0)), PeerProgress(remembered, vec(0.0))
+        own = vec(0.0)
+        for step in range(12):
+            peers = [f"p{(step * 2 + i) % 5}" for i in range(1 + step % 4)]
+            models = torch.randn(len(peers), DIM, generator=gen)
+            if step % 3 == 2:
+                models[0] = 0.0  # a model back at our origin
+            if step % 4 != 3:  # sometimes our model does not move between two merges
+                own = own + torch.randn(DIM, generator=gen)
+            one_by_one = [share(single, p, m, own) for p, m in zip(peers, models, strict=True)]
+            assert batched.shares(peers, list(models), own) == one_by_one
+            assert list(batched._last) == list(single._last)
 
 
 def test_a_replayed_model_never_pulls_a_merge_back():

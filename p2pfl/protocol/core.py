@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from p2pfl.learning.compression import Compressed
-from p2pfl.learning.merge import clip_around, merge
+from p2pfl.learning.merge import clip_around, distances_to, merge
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetCorrection
 from p2pfl.protocol.config import ProtocolConfig
 from p2pfl.protocol.correction import DriftCorrection
@@ -382,20 +382,21 @@ class NodeCore:
             return 0.0
         return (self._last_step_at - self._first_step_at) / (self.step - 1)
 
-    def _clip(self, own: torch.Tensor, others: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def _clip(
+        self, own: torch.Tensor, others: dict[str, torch.Tensor], widen: float = 1.0
+    ) -> list[torch.Tensor]:
         """The models of ``others`` (by sender) clipped around ``own``, each to its sender's
-        trusted share of τ times the share its progress earns (``p2pfl.protocol.trust``; a
-        model beyond the full τ lowers its sender's trust first, a stale one earns no
-        radius); their distances update the per-peer history that sizes τ."""
-        distances = {
-            sender: float(torch.linalg.vector_norm(v - own)) for sender, v in others.items()
-        }
+        trusted share of ``widen``·τ times the share its progress earns
+        (``p2pfl.protocol.trust``; a model beyond the full ``widen``·τ lowers its sender's
+        trust first, a stale one earns no radius); their distances update the per-peer
+        history that sizes τ."""
+        distances = dict(zip(others, distances_to(list(others.values()), [own]), strict=True))
         for sender, distance in distances.items():
             self._peer_distances.pop(sender, None)
             self._peer_distances[sender] = distance
             while len(self._peer_distances) > DISTANCE_HISTORY:
                 self._peer_distances.popitem(last=False)
-        bound = self.clip_bound(own)
+        bound = self.clip_bound(own) * widen
         if math.isinf(bound):
             return list(others.values())
         # Trust is lowered only where the protocol itself bounds an honest peer's distance
@@ -413,7 +414,7 @@ class NodeCore:
             )
             for sender, distance in distances.items()
         ]
-        shares = [self.progress.share(s, v, own) for s, v in others.items()]
+        shares = self.progress.shares(list(others), list(others.values()), own)
         radii = [r * share for r, share in zip(trusted, shares, strict=True)]
         clipped, count = clip_around(own, list(others.values()), radii, list(distances.values()))
         self.stats.clipped += count
@@ -424,10 +425,15 @@ class NodeCore:
         return clipped
 
     def _merge(
-        self, own: torch.Tensor, own_samples: int, others: dict[str, tuple[torch.Tensor, int]]
+        self,
+        own: torch.Tensor,
+        own_samples: int,
+        others: dict[str, tuple[torch.Tensor, int]],
+        widen: float = 1.0,
     ) -> torch.Tensor:
-        """Merge our own model with the peers' ones (by sender), each clipped first."""
-        clipped = self._clip(own, {peer: params for peer, (params, _) in others.items()})
+        """Merge our own model with the peers' ones (by sender), each clipped first (to
+        ``widen`` times its radius, see ``_clip``)."""
+        clipped = self._clip(own, {peer: params for peer, (params, _) in others.items()}, widen)
         samples = [own_samples] + [n for _, n in others.values()]
         return merge([own, *clipped], samples, self.config.merge)
 
