@@ -155,7 +155,7 @@ def simulator_path(prepared: Prepared, spec: str, script: list[tuple[Any, ...]])
             runtime.local_step(now)
         elif kind == "message":
             message = resolve(runtime.core, *event[1:])
-            push(now, int(event[2]), "msg", (0, int(event[2]), 0, message))
+            push(now, int(event[2]), "msg", (0, int(event[2]), 0, message, sim._finite(message)))
             sim.deliver(now)
         elif kind == "tick":
             now += TICK

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pfl.learning.merge import clip_around, merge
+from p2pfl.learning.merge import clip_around, distances_to, merge
 from p2pfl.learning.rules import RULES, MergeRule
 from p2pfl.protocol.actions import ReplaceModel, Send
 from p2pfl.protocol.byzantine import ATTACKS, Attackers, ByzantineCore, parse_byzantine
@@ -363,32 +363,94 @@ def test_liars_that_are_most_of_a_nodes_peers_cannot_inflate_the_clip_bound():
     assert max(bounds) <= 3 * bounds[0] and bounds[-1] <= bounds[2] * 1.01
 
 
+def test_a_lone_peer_is_judged_once_it_stops_closing_in():
+    """A node whose only peer is beyond τ has nobody vouched for to compare it with. A
+    peer that started elsewhere but comes closer model after model (an honest stranger)
+    keeps its trust; one whose distance does not shrink (a liar: ×1000 models) loses it
+    from its second model on."""
+    for peer, lie, kept in (("stranger", None, True), ("liar", 1e3, False)):
+        model = FakeModel(vec(1.0))
+        core = judged_periodic_core(model, [peer])
+        far = vec(40.0)
+        for step in range(1, 6):
+            model.w = model.w + 0.05  # a local step: the displacement that sizes τ
+            own = model.w.clone()
+            far = own * lie if lie else far + (own - far) * 0.2  # closing in on us
+            periodic_round(core, model, {peer: far}, step)
+        assert core.stats.clipped == 5
+        assert (core.trust[peer] == 1.0) is kept, (peer, core.trust[peer])
+    assert core.trust["liar"] <= 0.25**3
+
+
+def test_distances_in_one_operation_equal_each_pair_measured_alone():
+    """``distances_to`` stacks the pairs (or broadcasts one side): bit for bit the norms of
+    each pair on its own, so a merge's decisions do not change."""
+    gen = torch.Generator().manual_seed(5)
+    for size in (1, 7, 4810):
+        for count in range(1, 6):
+            vectors = list(torch.randn(count, size, generator=gen) * 3)
+            one = torch.randn(size, generator=gen)
+            for to in ([one], [one] * count, list(torch.randn(count, size, generator=gen))):
+                alone = [
+                    float(torch.linalg.vector_norm(v - t))
+                    for v, t in zip(vectors, to * count if len(to) == 1 else to, strict=True)
+                ]
+                assert distances_to(vectors, to) == alone
+            assert distances_to([one], vectors) == [
+                float(torch.linalg.vector_norm(one - v)) for v in vectors
+            ]
+
+
 # -- progress: a stale model earns no pull ----------------------------------------------------
+def share(progress: PeerProgress, peer: str, model: torch.Tensor, own: torch.Tensor) -> float:
+    """One peer's share, asked alone."""
+    return progress.shares([peer], [model], own)[0]
+
+
 def test_a_peer_earns_its_radius_by_moving_as_we_do():
-    """``PeerProgress.share``: a peer's first model is measured from our origin, later ones
+    """``PeerProgress.shares``: a peer's first model is measured from our origin, later ones
     from its previous one; a replayed model earns nothing once we moved on, an honest peer
     moving as far as we do keeps its whole radius, one moving half as far half of it."""
     origin = vec(0.0)
     progress = PeerProgress(8, origin)
     own = vec(1.0)
-    assert progress.share("stale", origin + 0.01, own) == pytest.approx(0.01)
-    assert progress.share("honest", own + 0.1, own) == 1.0  # a newcomer as far on as we are
+    assert share(progress, "stale", origin + 0.01, own) == pytest.approx(0.01)
+    assert share(progress, "honest", own + 0.1, own) == 1.0  # a newcomer as far on as we are
     own = own + 0.5
-    assert progress.share("stale", origin + 0.01, own) == 0.0  # the same model again
-    assert progress.share("honest", own + 0.1, own) == 1.0
-    assert progress.share("slow", own, own) == 1.0
+    assert share(progress, "stale", origin + 0.01, own) == 0.0  # the same model again
+    assert share(progress, "honest", own + 0.1, own) == 1.0
+    assert share(progress, "slow", own, own) == 1.0
     own = own + 0.5
-    assert progress.share("slow", own - 0.25, own) == pytest.approx(0.5)
+    assert share(progress, "slow", own - 0.25, own) == pytest.approx(0.5)
     # two messages at one time (our model did not move since): the first verdict stands
-    assert progress.share("stale", origin + 0.01, own) == 0.0
-    assert progress.share("slow", own + 7.0, own) == pytest.approx(0.5)
+    assert share(progress, "stale", origin + 0.01, own) == 0.0
+    assert share(progress, "slow", own + 7.0, own) == pytest.approx(0.5)
 
 
 def test_progress_remembers_a_bounded_number_of_peers():
     progress = PeerProgress(2, vec(0.0))
     for peer in "abc":
-        progress.share(peer, vec(1.0), vec(1.0))
+        share(progress, peer, vec(1.0), vec(1.0))
     assert list(progress._last) == ["b", "c"]
+
+
+def test_progress_of_several_peers_at_once_equals_asking_one_by_one():
+    """A merge asks for all its peers' shares in one call: the same shares and the same
+    table (incl. which peers the bound drops within the call) as asking for each in turn."""
+    gen = torch.Generator().manual_seed(3)
+    for remembered in (2, 3, 8):
+        batched, single = PeerProgress(remembered, vec(0.0)), PeerProgress(remembered, vec(0.0))
+        own = vec(0.0)
+        for step in range(12):
+            peers = [f"p{(step * 2 + i) % 5}" for i in range(1 + step % 4)]
+            models = torch.randn(len(peers), DIM, generator=gen)
+            if step % 3 == 2:
+                models[0] = 0.0  # a model back at our origin
+            if step % 4 != 3:  # sometimes our model does not move between two merges
+                own = own + torch.randn(DIM, generator=gen)
+            one_by_one = [share(single, p, m, own) for p, m in zip(peers, models, strict=True)]
+            assert batched.shares(peers, list(models), own) == one_by_one
+            assert list(batched._last) == list(single._last)
 
 
 def test_a_replayed_model_never_pulls_a_merge_back():

@@ -31,6 +31,21 @@ import torch
 from p2pfl.learning.rules import RULES, MergeRule
 
 
+def distances_to(vectors: Sequence[torch.Tensor], to: Sequence[torch.Tensor]) -> list[float]:
+    """``||vectors[i] - to[i]||`` for every ``i``, in one tensor operation; one vector (or
+    one ``to``, or several that are all the same tensor) stands for all of them. Equal, bit
+    for bit, to measuring each pair on its own."""
+    if not vectors or not to:
+        return []
+    if len(to) > 1 and all(t is to[0] for t in to):
+        to = to[:1]
+    if len(vectors) == 1 and len(to) == 1:
+        return [float(torch.linalg.vector_norm(vectors[0] - to[0]))]
+    a = vectors[0] if len(vectors) == 1 else torch.stack(list(vectors))
+    b = to[0] if len(to) == 1 else torch.stack(list(to))
+    return torch.linalg.vector_norm(a - b, dim=-1).tolist()
+
+
 def clip_around(
     own: torch.Tensor,
     others: Sequence[torch.Tensor],

@@ -77,7 +77,7 @@ class PeriodicCore(NodeCore):
         if self.open_round is None:
             return []
         got = self.inbox.get(self.open_round, {})
-        if all(peer in got for peer in self.live_neighbors):
+        if self.neighbors - self.down <= got.keys():
             return self._finish_round(current)
         return []
 

@@ -31,8 +31,11 @@ not counting our moves toward the peer's earlier model (honest Dirichlet 0.5, 3,
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
+
+from p2pfl.learning.merge import distances_to
 
 DECAY = 0.25
 """Factor on a peer's trust each time its model lies beyond the clip radius."""
@@ -68,30 +71,50 @@ class PeerTrust:
 
 class PeerProgress:
     """Each peer's progress between the models it sends us, relative to ours (see the
-    module docstring). Keeps, for the last ``remembered`` peers, the last model each sent,
-    our own model at that time and the share it earned (two model copies per peer); a peer not
-    heard from yet is measured from ``origin``, where our own model started."""
+    module docstring). Keeps, for the last ``remembered`` peers, the last model each sent (the
+    tensor itself), our own model at that time (one copy per merge) and the share it earned;
+    a peer not heard from yet is measured from ``origin``, where our own model started."""
 
     def __init__(self, remembered: int, origin: torch.Tensor) -> None:
         self.remembered = remembered
         self.origin = origin.detach().clone()
         self._last: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, float]] = OrderedDict()
 
-    def share(self, peer: str, model: torch.Tensor, own: torch.Tensor) -> float:
-        """``min(1, ||model - model'|| / ||own - own'||)``, where ``model'`` is the last model
-        ``peer`` sent and ``own'`` ours at that time: its first model is measured from
-        ``origin`` (a model replayed from the start of training earns nothing once we moved
-        on; an honest newcomer has moved about as far as we have, or started elsewhere)."""
-        last = self._last.pop(peer, None)
-        before, ours_before, verdict = (self.origin, self.origin, 1.0) if last is None else last
-        ours = float(torch.linalg.vector_norm(own - ours_before))
-        theirs = float(torch.linalg.vector_norm(model - before))
-        # Our model has not moved since the pair was taken (two messages at once): the
-        # verdict of that time stands.
-        share = min(1.0, theirs / ours) if ours > 0.0 else verdict
-        if ours > 0.0 or last is None:
-            last = (model.detach().clone(), own.detach().clone(), share)
-        self._last[peer] = last
-        while len(self._last) > self.remembered:
-            self._last.popitem(last=False)
-        return share
+    def shares(
+        self, peers: Sequence[str], models: Sequence[torch.Tensor], own: torch.Tensor
+    ) -> list[float]:
+        """``min(1, ||model - model'|| / ||own - own'||)`` for each of ``peers`` and its model
+        in ``models``, where ``model'`` is the last model that peer sent and ``own'`` ours at
+        that time: its first model is measured from ``origin`` (a model replayed from the
+        start of training earns nothing once we moved on; an honest newcomer has moved about
+        as far as we have, or started elsewhere). The models are kept as they are (a model a
+        peer sent is never modified); all peers' distances are taken in one tensor operation,
+        and the result equals asking for each peer in turn."""
+        if not peers:
+            return []
+        # The table in order first (which pair each peer is measured against, which entries
+        # the bound on remembered peers drops), then the distances, then the new entries.
+        table, pairs = self._last, []
+        for peer in peers:
+            pairs.append(table.pop(peer, None))
+            table[peer] = None  # type: ignore[assignment]  # filled in below
+            while len(table) > self.remembered:
+                table.popitem(last=False)
+        origin = self.origin
+        theirs = distances_to(models, [origin if last is None else last[0] for last in pairs])
+        ours = distances_to([own], [origin if last is None else last[1] for last in pairs])
+        kept = own.detach().clone()
+        shares = []
+        for row, (peer, last) in enumerate(zip(peers, pairs, strict=True)):
+            moved = ours[row if len(ours) > 1 else 0]
+            # Our model has not moved since the pair was taken (two messages at once): the
+            # verdict of that time stands.
+            share = (
+                min(1.0, theirs[row] / moved) if moved > 0.0 else 1.0 if last is None else last[2]
+            )
+            if peer in table:
+                table[peer] = (
+                    (models[row].detach(), kept, share) if moved > 0.0 or last is None else last
+                )
+            shares.append(share)
+        return shares

@@ -268,6 +268,7 @@ class Simulation:
         self.events: list[Event] = []
         self.outbox: list[Event] = []
         self._pushed = [0] * s.nodes
+        self._checked: tuple[Any, bool] = (None, True)  # the tensor _finite checked last
         self.x_test = prepared.dataset.x_test
         self.task = ChangingTask(prepared.dataset, local, bank, self.objectives)
         self.rejected = 0
@@ -316,7 +317,18 @@ class Simulation:
         self.channel_messages[channel] += 1
         arrival = self.net.transmit(now, src, dst, size)
         if arrival is not None:
-            self._push(arrival, src, "msg", (channel, src, dst, _snapshot(message)))
+            sent = _snapshot(message)
+            self._push(arrival, src, "msg", (channel, src, dst, sent, self._finite(sent)))
+
+    def _finite(self, message: Message) -> bool:
+        """Whether ``message``'s parameters are free of NaN/inf, checked once per tensor (a
+        core sends the same tensor to every peer of a round; sent tensors never change)."""
+        params = getattr(message, "params", None)
+        if not isinstance(params, torch.Tensor):
+            return True
+        if params is not self._checked[0]:
+            self._checked = (params, all_finite(params))
+        return self._checked[1]
 
     def _runtime(self, channel: int, node: int) -> CoreRuntime:
         """The runtime of ``node``'s core in ``channel``, its core up to date for a call (on
@@ -359,7 +371,7 @@ class Simulation:
                 channel, node, key = payload
                 self._runtime(channel, node).timer(at, key)
                 continue
-            channel, src, dst, message = payload
+            channel, src, dst, message, finite = payload
             if not online[dst]:
                 self.net.lost += 1
                 continue
@@ -369,8 +381,7 @@ class Simulation:
             if self.gates.frame(at, channel, src, dst) is not None:
                 self.gates.refused[channel] += 1
                 continue
-            params = getattr(message, "params", None)
-            if isinstance(params, torch.Tensor) and not all_finite(params):
+            if not finite:
                 self.rejected += 1
                 log.warning("node %d rejected a message from %d: params contain NaN/inf", dst, src)
                 continue
@@ -405,7 +416,7 @@ class Simulation:
     def send_hello(self, now: float, channel: int, src: int, dst: int, hello: Hello) -> None:
         arrival = self.net.transmit(now, src, dst, len(hello.to_bytes()))
         if arrival is not None:
-            self._push(arrival, src, "hello", (channel, src, dst, hello))
+            self._push(arrival, src, "hello", (channel, src, dst, hello, True))
 
     def train(self, now: float) -> None:
         """Every online node whose speed gives it a step in this tick takes one (one batched
