@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 NODES = 3
 STEPS = 600
 DATA = "digits:part={i}/{n},alpha=0.1,seed=1"
+FLOOD = 400
+"""Malformed frames one peer floods a node with."""
 
 
 class Daemon:
@@ -209,6 +211,16 @@ async def _send_bad_frames(target: Daemon, caplog_marks: list[str]) -> None:
             caplog_marks.append(reason)
 
 
+async def _flood(target: Daemon, frames: int) -> str:
+    """Send ``frames`` malformed sync frames from one new peer as fast as the node takes
+    them; that peer's id."""
+    async with Transport(create_new_key_pair()) as evil:
+        peer = await evil.connect(target.addr)
+        for _ in range(frames):
+            await evil.send(peer, SYNC_PROTOCOL, sync_frame(WHOLE_MODEL, b"\xc1garbage"))
+        return evil.peer_id
+
+
 async def _plaintext_dial(target: Daemon) -> bool:
     key_pair = create_new_key_pair()
     host = new_host(
@@ -259,6 +271,15 @@ def test_bad_peers_are_refused_and_the_node_keeps_serving(tmp_path):
         # repeats within 10 s are counted (rejected == 3 above), not logged one by one.
         assert "refused sync frame from peer" in log and sent[0] in log, sent[0]
         assert sum(reason in log for reason in sent) < len(sent)
+        # a flood: each frame refused and counted, the log says so every 10 s at most
+        started = time.monotonic()
+        flooder = trio.run(_flood, node, FLOOD)
+        node.wait_status(lambda s: s["rejected"] == 3 + FLOOD, timeout=60)
+        seconds = time.monotonic() - started
+        lines = [x for x in node.log().splitlines() if flooder in x and "refused" in x]
+        print(f"flood of {FLOOD} frames in {seconds:.1f} s: {len(lines)} refusal lines")
+        assert 1 <= len(lines) <= 2 + seconds / 10, lines
+        assert len(lines) == 1 or "more like this in the last" in lines[-1], lines
     finally:
         node.stop()
     assert node.proc is not None and node.proc.returncode == 0

@@ -363,6 +363,25 @@ def test_liars_that_are_most_of_a_nodes_peers_cannot_inflate_the_clip_bound():
     assert max(bounds) <= 3 * bounds[0] and bounds[-1] <= bounds[2] * 1.01
 
 
+def test_a_lone_peer_is_judged_once_it_stops_closing_in():
+    """A node whose only peer is beyond τ has nobody vouched for to compare it with. A
+    peer that started elsewhere but comes closer model after model (an honest stranger)
+    keeps its trust; one whose distance does not shrink (a liar: ×1000 models) loses it
+    from its second model on."""
+    for peer, lie, kept in (("stranger", None, True), ("liar", 1e3, False)):
+        model = FakeModel(vec(1.0))
+        core = judged_periodic_core(model, [peer])
+        far = vec(40.0)
+        for step in range(1, 6):
+            model.w = model.w + 0.05  # a local step: the displacement that sizes τ
+            own = model.w.clone()
+            far = own * lie if lie else far + (own - far) * 0.2  # closing in on us
+            periodic_round(core, model, {peer: far}, step)
+        assert core.stats.clipped == 5
+        assert (core.trust[peer] == 1.0) is kept, (peer, core.trust[peer])
+    assert core.trust["liar"] <= 0.25**3
+
+
 def test_distances_in_one_operation_equal_each_pair_measured_alone():
     """``distances_to`` stacks the pairs (or broadcasts one side): bit for bit the norms of
     each pair on its own, so a merge's decisions do not change."""

@@ -1,9 +1,13 @@
-"""A lying peer over the real transport. A daemon configured with ``byzantine = ATTACK``
+"""Lying peers over the real transport. A daemon configured with ``byzantine = ATTACK``
 speaks ``/p2pfl/sync/2.0.0`` with the project's codec exactly as an honest one does, but
 every model it sends lies as the simulator's attackers do (``p2pfl.protocol.byzantine``).
-An honest daemon paired with it ends within 3 points of the same daemon paired with an
-honest peer. Only ``signflip`` runs here (each pair costs a minute or two on a shared
-machine); the simulator's table covers every attack."""
+
+An honest daemon whose only peer lies ends within 3 points of the same daemon trained alone
+(same data, init and sampling): the liar's half of the data is lost to it either way, so
+that is the best it can do, and what a lie that steered it would lose on. Measured with
+the peer honest instead: a pair syncs (a lone liar used to steer its peer: 0.805 against
+0.958 honest, in a fresh-clone CI run). The pairs run side by side, ``AT_ONCE`` at a time
+(each costs two process start-ups; one after the other they took a minute each)."""
 
 from __future__ import annotations
 
@@ -12,12 +16,16 @@ from pathlib import Path
 
 import pytest
 from kit import free_ports
-from test_daemon_network import Daemon
+from test_daemon_network import Daemon, alone_accuracy
 
 from p2pfl.daemon.config import CONFIG_FILE
+from p2pfl.protocol.byzantine import ATTACKS
 
 STEPS = 300
 TOLERANCE = 0.03
+AT_ONCE = 7
+"""Pairs running at the same time: all of them (fourteen processes; in two waves of four
+they took 5 min on a loaded 2-core machine, in one 3 min)."""
 DATA = "digits:part={i}/2,alpha=10,seed=1"
 """Near-IID halves: the honest node loses no class it cannot learn alone by shutting the
 liar out, so the comparison measures the attack, not the lost data."""
@@ -40,43 +48,66 @@ def pair(tmp_path: Path, attack: str) -> list[Daemon]:
     return daemons
 
 
-def final_status(tmp_path: Path, attack: str) -> dict:
-    """Run the pair to the end; the honest daemon's last status."""
-    honest, peer = pair(tmp_path, attack)
+def final_statuses(tmp_path: Path, attacks: list[str]) -> dict[str, dict]:
+    """Run one pair per attack ("" for an honest peer) side by side to the end; the honest
+    daemon's last status by attack, with its accuracy trained alone as ``alone``."""
+    pairs = {attack: pair(tmp_path, attack) for attack in attacks}
     try:
-        peer.start()  # the peer first: the honest node's whole run overlaps with it
-        peer.wait_status(lambda s: s["step"] > 0, timeout=120)
-        honest.start()
-        honest.wait_status(lambda s: s["done"], timeout=240)
+        # the peers first, so the honest node's whole run overlaps with them; at once, so
+        # neither trains far alone (a peer far ahead is a stranger: its models are clipped
+        # and the pair hardly syncs, honest or not)
+        for daemons in pairs.values():
+            for d in reversed(daemons):
+                d.start()
+        for honest, _ in pairs.values():
+            honest.wait_status(lambda s: s["done"], timeout=300)
         time.sleep(0.5)  # let a session in flight settle
-        status = honest.status()
-        if attack:
-            assert "this node lies to its peers" in peer.log()
+        statuses = {attack: honest.status() for attack, (honest, _) in pairs.items()}
+        for attack, (_, peer) in pairs.items():
+            assert not attack or "this node lies to its peers" in peer.log()
     finally:
-        for d in (honest, peer):
-            d.stop()
-    print(f"{attack or 'honest'}: {status['test_accuracy']:.3f} {status['core_stats']}")
-    return status
+        for daemons in pairs.values():
+            for d in daemons:
+                d.stop()
+    for attack, status in statuses.items():
+        status["alone"] = alone_accuracy(pairs[attack][0], STEPS)
+        print(
+            f"{attack or 'honest'}: {status['test_accuracy']:.3f} (alone {status['alone']:.3f}) "
+            f"{status['core_stats']}"
+        )
+    return statuses
 
 
 @pytest.fixture(scope="module")
-def honest_accuracy(tmp_path_factory) -> float:
-    status = final_status(tmp_path_factory.mktemp("honest"), "")
-    assert status["syncs"] > 0
-    return status["test_accuracy"]
+def statuses(tmp_path_factory) -> dict[str, dict]:
+    runs = ["", *ATTACKS]
+    found: dict[str, dict] = {}
+    for first in range(0, len(runs), AT_ONCE):
+        batch = runs[first : first + AT_ONCE]
+        found.update(final_statuses(tmp_path_factory.mktemp("pairs"), batch))
+    honest = found[""]  # an honest pair syncs, and is no worse for it
+    assert honest["syncs"] >= 5 and honest["test_accuracy"] >= honest["alone"] - TOLERANCE
+    return found
+
+
+SIGNFLIP_OPEN = pytest.mark.xfail(
+    reason="not always met (issue 11): a sign-flipping lone liar first drags both models "
+    "toward zero, so its distance shrinks as an honest stranger's does and it is judged "
+    "only once that stops; measured 0.911/0.922/0.916 against alone 0.91-0.92 in three "
+    "runs, 0.864 against 0.922 in a fourth (before the closing-in rule: 0.805 vs 0.958)",
+    strict=False,
+)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="not met yet (issue 11): a node whose only peer lies has no vouched peer to judge "
-    "it against, so its trust is never lowered and the clipped lies still steer it; a "
-    "fresh-clone CI run measured 0.852 against 0.944 honest (an earlier run 0.914 vs 0.905)",
-    strict=False,
+@pytest.mark.parametrize(
+    "attack", [pytest.param(a, marks=SIGNFLIP_OPEN) if a == "signflip" else a for a in ATTACKS]
 )
-@pytest.mark.parametrize("attack", ["signflip"])
-def test_a_lying_peer_cannot_move_an_honest_daemon_by_more_than_3_points(
-    tmp_path, honest_accuracy, attack
-):
-    status = final_status(tmp_path, attack)
-    assert status["test_accuracy"] >= honest_accuracy - TOLERANCE, (attack, honest_accuracy)
-    assert status["core_stats"]["clipped"] > 0  # the lies were seen and bounded, not missed
+def test_a_lying_peer_cannot_move_an_honest_daemon_by_more_than_3_points(statuses, attack):
+    status = statuses[attack]
+    assert status["test_accuracy"] >= status["alone"] - TOLERANCE, (attack, status)
+    stats = status["core_stats"]
+    if attack in ("signflip", "scale", "noise"):
+        assert stats["clipped"] > 0  # the lies were seen and bounded, not missed
+    if attack in ("flood", "fake-average"):
+        assert stats["refused_peer"] > 0  # its flood of sessions was refused

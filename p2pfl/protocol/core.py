@@ -175,6 +175,8 @@ class NodeCore:
         bound."""
         self._last_session: dict[str, float] = {}
         self._peer_distances: OrderedDict[str, float] = OrderedDict()
+        self._distance_trend: OrderedDict[str, float] = OrderedDict()
+        """Each peer's distance lately (see ``_closing_in``)."""
         self._suspect_merge = False
         """Set by ``_clip`` when it had to clip a model (a dynamic member then refuses the
         average)."""
@@ -391,6 +393,7 @@ class NodeCore:
         trust first, a stale one earns no radius); their distances update the per-peer
         history that sizes τ."""
         distances = dict(zip(others, distances_to(list(others.values()), [own]), strict=True))
+        closing_in = {sender: self._closing_in(sender, d) for sender, d in distances.items()}
         for sender, distance in distances.items():
             self._peer_distances.pop(sender, None)
             self._peer_distances[sender] = distance
@@ -401,15 +404,18 @@ class NodeCore:
             return list(others.values())
         # Trust is lowered only where the protocol itself bounds an honest peer's distance
         # (√Δ for dynamic; gossip's slow mixing and periodic rounds give no such bound, so a
-        # model beyond τ may be honest there: it is only clipped), and only once some peer
-        # is vouched for (two community members that started from different models cannot
-        # tell a liar from a peer that is simply far yet).
-        judging = self._clip_floor() > 0 and any(map(self.trust.vouched, self._peer_distances))
+        # model beyond τ may be honest there: it is only clipped). Until some peer is vouched
+        # for, a peer beyond τ is judged only if it is not closing in (``_closing_in``): two
+        # honest nodes that started from different models merge toward each other, so their
+        # distance shrinks until they are within τ; a liar that is a node's only peer keeps
+        # its distance (or widens it), and was never judged before (nobody vouched).
+        judged = self._clip_floor() > 0
+        vouched = judged and any(map(self.trust.vouched, self._peer_distances))
         trusted = [
             bound
             * (
                 self.trust.judge(sender, distance <= bound)
-                if judging or distance <= bound
+                if vouched or distance <= bound or (judged and not closing_in[sender])
                 else self.trust[sender]
             )
             for sender, distance in distances.items()
@@ -423,6 +429,17 @@ class NodeCore:
         # stale one clipped for its lack of progress counts as our own model in the merge.
         self._poisoned_merge = any(d > r for d, r in zip(distances.values(), trusted, strict=True))
         return clipped
+
+    def _closing_in(self, sender: str, distance: float) -> bool:
+        """Whether ``sender``'s model, at ``distance`` from ours, is closer than its models
+        were lately (their running mean, halved each model, over the last
+        ``DISTANCE_HISTORY`` peers heard): true for a peer's first model, and for one that
+        merges its way toward us, through the noise of both sides' local steps."""
+        lately = self._distance_trend.pop(sender, None)
+        self._distance_trend[sender] = distance if lately is None else (lately + distance) / 2
+        while len(self._distance_trend) > DISTANCE_HISTORY:
+            self._distance_trend.popitem(last=False)
+        return lately is None or distance < lately
 
     def _merge(
         self,
