@@ -484,11 +484,11 @@ def test_compressed_dynamic_keeps_the_global_mean_up_to_held_residuals(spec, mon
     dropped = torch.zeros(DIM)
     adopt = DynamicCore._adopt
 
-    def counting(self, merged, sent, steps, current=None, seen=None):
+    def counting(self, merged, sent, steps, current=None, seen=None, poisoned=False):
         nonlocal dropped
         if seen is not None:
             dropped = dropped + (sent - seen)
-        return adopt(self, merged, sent, steps, current, seen)
+        return adopt(self, merged, sent, steps, current, seen, poisoned)
 
     monkeypatch.setattr(DynamicCore, "_adopt", counting)
     n, seed = 10, 3

@@ -116,6 +116,24 @@ def _through_links(method: Any) -> Any:
     return entry
 
 
+@dataclass(frozen=True)
+class Clipped:
+    """Peers' models clipped around ours (``NodeCore._clip``), with the verdict."""
+
+    models: list[torch.Tensor]
+    suspect: bool
+    """A model had to be clipped (a dynamic member then refuses the average)."""
+    poisoned: bool
+    """A model lay beyond its sender's trusted radius: the merge then teaches the drift
+    correction nothing (``NodeCore._adopt``). The correction is an integrator, and a lie that
+    pulls every node alike (each a little, within its clip radius) would be learned by all
+    of them and never unlearned, since their later merges agree with one another; this holds
+    where the protocol bounds honest peers (dynamic's √Δ): on a fixed schedule an honest
+    merge may clip, and skipping its update there broke the corrections' zero sum
+    (continuous on the demo fell from 0.969 to 0.575). A model clipped only for its lack of
+    progress (``PeerProgress``) counts as our own model in the merge: no poison in it."""
+
+
 class NodeCore:
     """Base core: ``none`` protocol (trains alone, ignores every message).
 
@@ -177,19 +195,6 @@ class NodeCore:
         self._peer_distances: OrderedDict[str, float] = OrderedDict()
         self._distance_trend: OrderedDict[str, float] = OrderedDict()
         """Each peer's distance lately (see ``_closing_in``)."""
-        self._suspect_merge = False
-        """Set by ``_clip`` when it had to clip a model (a dynamic member then refuses the
-        average)."""
-        self._poisoned_merge = False
-        """Set by ``_clip`` when a model lay beyond its sender's trusted radius, read by the
-        next ``_adopt``: the drift correction is an integrator, and a lie that pulls every
-        node alike (each a little, within its clip radius) would be learned by all of them
-        and never unlearned, since their later merges agree with one another; so such a
-        merge teaches the correction nothing, where the protocol bounds honest peers
-        (dynamic's √Δ): on a fixed schedule an honest merge may clip, and skipping its
-        update there broke the corrections' zero sum (continuous on the demo fell from 0.969
-        to 0.575). A model clipped only for its lack of progress (``PeerProgress``) counts
-        as our own model in the merge: no poison in it."""
         self.echo_base: torch.Tensor | None = None
         """Set by ``_decoded`` for every message: for an average echoed on a lossy link, our
         model as its sender decoded it (``CodecLinks.echo_base``), else None."""
@@ -386,12 +391,12 @@ class NodeCore:
 
     def _clip(
         self, own: torch.Tensor, others: dict[str, torch.Tensor], widen: float = 1.0
-    ) -> list[torch.Tensor]:
+    ) -> Clipped:
         """The models of ``others`` (by sender) clipped around ``own``, each to its sender's
         trusted share of ``widen``·τ times the share its progress earns
         (``p2pfl.protocol.trust``; a model beyond the full ``widen``·τ lowers its sender's
-        trust first, a stale one earns no radius); their distances update the per-peer
-        history that sizes τ."""
+        trust first, a stale one earns no radius), with the verdict (see ``Clipped``); their
+        distances update the per-peer history that sizes τ."""
         distances = dict(zip(others, distances_to(list(others.values()), [own]), strict=True))
         closing_in = {sender: self._closing_in(sender, d) for sender, d in distances.items()}
         for sender, distance in distances.items():
@@ -401,7 +406,7 @@ class NodeCore:
                 self._peer_distances.popitem(last=False)
         bound = self.clip_bound(own) * widen
         if math.isinf(bound):
-            return list(others.values())
+            return Clipped(list(others.values()), suspect=False, poisoned=False)
         # Trust is lowered only where the protocol itself bounds an honest peer's distance
         # (√Δ for dynamic; gossip's slow mixing and periodic rounds give no such bound, so a
         # model beyond τ may be honest there: it is only clipped). Until some peer is vouched
@@ -424,11 +429,10 @@ class NodeCore:
         radii = [r * share for r, share in zip(trusted, shares, strict=True)]
         clipped, count = clip_around(own, list(others.values()), radii, list(distances.values()))
         self.stats.clipped += count
-        self._suspect_merge = count > 0
         # Only a model beyond its trusted radius is poison the correction must not learn; a
         # stale one clipped for its lack of progress counts as our own model in the merge.
-        self._poisoned_merge = any(d > r for d, r in zip(distances.values(), trusted, strict=True))
-        return clipped
+        poisoned = any(d > r for d, r in zip(distances.values(), trusted, strict=True))
+        return Clipped(clipped, suspect=count > 0, poisoned=poisoned)
 
     def _closing_in(self, sender: str, distance: float) -> bool:
         """Whether ``sender``'s model, at ``distance`` from ours, is closer than its models
@@ -447,12 +451,13 @@ class NodeCore:
         own_samples: int,
         others: dict[str, tuple[torch.Tensor, int]],
         widen: float = 1.0,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, bool]:
         """Merge our own model with the peers' ones (by sender), each clipped first (to
-        ``widen`` times its radius, see ``_clip``)."""
+        ``widen`` times its radius, see ``_clip``); returns the merged model and whether a
+        peer's model lay beyond its trusted radius (``Clipped.poisoned``, for ``_adopt``)."""
         clipped = self._clip(own, {peer: params for peer, (params, _) in others.items()}, widen)
         samples = [own_samples] + [n for _, n in others.values()]
-        return merge([own, *clipped], samples, self.config.merge)
+        return merge([own, *clipped.models], samples, self.config.merge), clipped.poisoned
 
     def _adopt(
         self,
@@ -461,11 +466,12 @@ class NodeCore:
         steps: int,
         current: torch.Tensor | None = None,
         seen: torch.Tensor | None = None,
+        poisoned: bool = False,
     ) -> list[Action]:
         """Take the result of a merge: learn the drift correction from ``sent`` (the model
         this node contributed; ``seen``, the merge's copy of it, when a lossy link gave the
         merge another one) and ``merged`` over ``steps`` shared local steps (not from a
-        merge with a model beyond its trusted radius, see ``_poisoned_merge``), apply the
+        ``poisoned`` merge, see ``Clipped.poisoned``), apply the
         outer optimizer, and replace the model keeping the local steps taken since ``sent``
         was handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge
         is in flight (``current`` stands for ``w_now`` when an earlier replacement is not
@@ -475,11 +481,10 @@ class NodeCore:
         now = self.model.read() if current is None else current
         self.anchor = new  # merge results are fresh tensors no one modifies in place
         actions.append(ReplaceModel(new + (now - sent)))
-        if steps > 0 and not (self._poisoned_merge and self._clip_floor() > 0):
+        if steps > 0 and not (poisoned and self._clip_floor() > 0):
             step_size = self.mean_step_size(steps)
             contributed = sent if seen is None else seen
             actions += self.drift_correction.update(contributed, merged, steps, step_size)
-        self._suspect_merge = self._poisoned_merge = False
         self.stats.syncs += 1
         return actions
 

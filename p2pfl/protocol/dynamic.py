@@ -354,7 +354,7 @@ class DynamicCore(NodeCore):
             self.quiet_until = self.step + self.config.b * self.rng.randint(1, 4)
             return []
         replies = {peer: (r.params, r.samples) for peer, r in s.replies.items()}
-        average = self._merge(s.sent, self.model.samples, replies, MERGED_RADIUS)
+        average, poisoned = self._merge(s.sent, self.model.samples, replies, MERGED_RADIUS)
         if float((average - self.reference).square().sum()) > self._delta:
             wider = self._widen()
             if wider:
@@ -372,7 +372,7 @@ class DynamicCore(NodeCore):
         # Peers that never answered (timed out) are released instead of waiting for us.
         actions += [Send(p, Busy(s.id)) for p in sorted(s.asked - set(s.replies) - s.refused)]
         self.session = None
-        return actions + self._adopt(average, s.sent, group_steps)
+        return actions + self._adopt(average, s.sent, group_steps, poisoned=poisoned)
 
     def _widen(self) -> list[str]:
         """Up to as many new peers as the group has (doubling it), drawn from the members'
@@ -434,9 +434,7 @@ class DynamicCore(NodeCore):
         # the correction from it; our reply's codec error, which no one in the group saw, is
         # dropped with it (see ``p2pfl.protocol.links``).
         seen = m.sent if self.echo_base is None else self.echo_base
-        self._clip(seen, {sender: msg.params})
-        if self._suspect_merge:
-            self._suspect_merge = self._poisoned_merge = False
+        if self._clip(seen, {sender: msg.params}).suspect:
             self.stats.refused_peer += 1
             log.debug("%s: refused the average of %s (beyond its radius)", self.node_id, sender)
             return []
@@ -449,10 +447,11 @@ class DynamicCore(NodeCore):
         steps: int,
         current: torch.Tensor | None = None,
         seen: torch.Tensor | None = None,
+        poisoned: bool = False,
     ) -> list[Action]:
         """The shared merge (correction, outer step, kept progress); the result becomes the
         reference."""
-        actions = super()._adopt(merged, sent, steps, current, seen)
+        actions = super()._adopt(merged, sent, steps, current, seen, poisoned)
         self.reference = merged if self.outer is None else self.outer.anchor  # never modified
         if self._coherent:
             self._checked = next(a.params for a in actions if isinstance(a, ReplaceModel)).clone()

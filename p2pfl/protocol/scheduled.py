@@ -90,8 +90,8 @@ class PeriodicCore(NodeCore):
         sent, self.open_round, self.sent = self.sent, None, None
         if not got:
             return []
-        merged = self._merge(sent, self.model.samples, got)
-        return self._adopt(merged, sent, self.config.b, current)
+        merged, poisoned = self._merge(sent, self.model.samples, got)
+        return self._adopt(merged, sent, self.config.b, current, poisoned=poisoned)
 
 
 class GossipCore(NodeCore):
@@ -146,9 +146,11 @@ class GossipCore(NodeCore):
                 return []
             own = self.model.read().clone()
             offer = {sender: (message.params, message.samples)}
-            merged = self._merge(own, self.model.samples, offer)
+            merged, poisoned = self._merge(own, self.model.samples, offer)
             reply = ModelReply(-message.round, own, self.model.samples)
-            return [Send(sender, reply)] + self._adopt(merged, own, self.config.b)
+            return [Send(sender, reply)] + self._adopt(
+                merged, own, self.config.b, poisoned=poisoned
+            )
         if (
             isinstance(message, ModelReply)
             and self.exchanges.get(message.session, ("",))[0] == sender
@@ -156,7 +158,8 @@ class GossipCore(NodeCore):
             _, sent, asked_at = self.exchanges.pop(message.session)
             self.round_trip.sample(now - asked_at)
             answer = {sender: (message.params, message.samples)}
-            return self._adopt(self._merge(sent, self.model.samples, answer), sent, self.config.b)
+            merged, poisoned = self._merge(sent, self.model.samples, answer)
+            return self._adopt(merged, sent, self.config.b, poisoned=poisoned)
         return super().on_message(now, sender, message)
 
     def on_timer(self, now: float, key: Hashable) -> list[Action]:
