@@ -475,7 +475,13 @@ class Transport:
         peer = str(stream.muxed_conn.peer_id)
         refusal = self._admit(peer)
         if refusal is not None:
-            log.warning("refused message from peer %s on %s: %s", peer, route.protocol, refusal)
+            self._refusals.warning(
+                ("refused", peer, route.protocol),
+                "refused message from peer %s on %s: %s",
+                peer,
+                route.protocol,
+                refusal,
+            )
             self.ledger.refused(peer, refusal)
             await cleanup(stream.reset)
             return
