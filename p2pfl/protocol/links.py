@@ -70,8 +70,8 @@ class _Outgoing:
     acked: int = 0
     floor: int = 0
     """Our last key frame: the receiver dropped everything before it."""
-    sent: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    """seq -> (the receiver's reconstruction, the exact vector we meant)."""
+    sent: dict[int, torch.Tensor] = field(default_factory=dict)
+    """seq -> the receiver's reconstruction of our message seq."""
     residual: torch.Tensor | None = None
     """Error feedback of echoed averages: what they left out so far."""
     echoed: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -129,7 +129,7 @@ class CodecLinks:
                 c.base, c.base_kind = number, kind
             out.seq += 1
             c.seq = out.seq
-            out.sent[out.seq] = (mirror, x.clone())
+            out.sent[out.seq] = mirror
             _prune(out.sent, out.acked)
         c.ack, c.resync, inn.refused = inn.last, inn.refused, False
         inn.acked = inn.last
@@ -150,7 +150,7 @@ class CodecLinks:
             held = out.sent.get(c.base)
             if held is None:
                 raise LinkError(f"an average on our message {c.base}, which we do not hold")
-            vector = held[0] + decompress(c)
+            vector = held + decompress(c)
             out.echoed[c.base] = vector
             _keep_newest(out.echoed)
         else:
@@ -174,7 +174,7 @@ class CodecLinks:
     def echo_base(self, peer: str, c: Compressed) -> torch.Tensor:
         """The vector the echo ``c`` from ``peer`` (just decoded) is a delta on: our message
         as ``peer`` decoded it, i.e. what its group saw of our model."""
-        return self._out[peer].sent[c.base][0]
+        return self._out[peer].sent[c.base]
 
     def _closest_base(
         self, x: torch.Tensor, out: _Outgoing, inn: _Incoming
@@ -182,7 +182,7 @@ class CodecLinks:
         """``(base_kind, base, vector)`` of the base a message of ``x`` is a delta on: our
         acknowledged message, or with ``delta=shared`` the closest of it and the newest
         vectors the peer holds as well (see ``BASE_KINDS``)."""
-        candidates = [(0, out.acked, out.sent[out.acked][0])]
+        candidates = [(0, out.acked, out.sent[out.acked])]
         if self.config.base == "shared":
             if out.echoed:
                 candidates.append((1, max(out.echoed), out.echoed[max(out.echoed)]))
@@ -196,11 +196,10 @@ class CodecLinks:
     def _held_base(c: Compressed, out: _Outgoing, inn: _Incoming) -> torch.Tensor:
         """The vector ``c`` is a delta on, as this end holds it; ``LinkError`` (and a key
         frame asked for) if it holds none."""
-        sent = out.sent.get(c.base)
         held = (
             inn.mirrors.get(c.base),
             inn.echoed.get(c.base),
-            None if sent is None else sent[0],
+            out.sent.get(c.base),
             out.echoed.get(c.base),
         )[c.base_kind]
         if held is None:
