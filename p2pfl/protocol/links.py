@@ -117,16 +117,9 @@ class CodecLinks:
             inn.echoed[inn.last] = inn.mirrors[inn.last] + decoded
             _keep_newest(inn.echoed)
         else:
-            held = out.sent.get(out.acked)
-            if held is None:
-                c = compress(x, self.key_config)
-                mirror = decompress(c)
+            c, mirror = self._chain_message(x, out, inn)
+            if c.base == 0:
                 out.floor = out.acked = out.seq + 1
-            else:
-                kind, number, base = self._closest_base(x, out, inn)
-                c = compress(x - base, self.config)
-                mirror = base + decompress(c)
-                c.base, c.base_kind = number, kind
             out.seq += 1
             c.seq = out.seq
             out.sent[out.seq] = mirror
@@ -134,6 +127,28 @@ class CodecLinks:
         c.ack, c.resync, inn.refused = inn.last, inn.refused, False
         inn.acked = inn.last
         return c
+
+    def copy_of(self, peer: str, x: torch.Tensor) -> torch.Tensor:
+        """What ``peer`` will hold of ``x`` once ``encode(peer, x)`` (not an echo) is sent
+        next: the reconstruction its delta chain yields (``x`` itself minus what the codec
+        leaves out now). Changes nothing; a merge on a lossy link mixes these copies, not
+        the exact models (see the module docstring)."""
+        out = self._out.get(peer, _Outgoing())
+        inn = self._in.get(peer, _Incoming())
+        return self._chain_message(x.detach().to(torch.float32), out, inn)[1]
+
+    def _chain_message(
+        self, x: torch.Tensor, out: _Outgoing, inn: _Incoming
+    ) -> tuple[Compressed, torch.Tensor]:
+        """The next delta-chain message of ``x`` on this link and the receiver's
+        reconstruction of it (a key frame, ``base`` 0, if the acknowledged base is gone)."""
+        if out.sent.get(out.acked) is None:
+            c = compress(x, self.key_config)
+            return c, decompress(c)
+        kind, number, base = self._closest_base(x, out, inn)
+        c = compress(x - base, self.config)
+        c.base, c.base_kind = number, kind
+        return c, base + decompress(c)
 
     def decode(self, peer: str, c: Compressed) -> torch.Tensor:
         """The vector ``c`` from ``peer`` stands for; ``LinkError`` if it does not fit."""
