@@ -230,6 +230,20 @@ def test_copy_of_is_what_the_peer_will_decode_and_changes_nothing(config):
     assert CodecLinks(config).copy_of("b", x).shape == x.shape  # a key frame's copy
 
 
+def test_key_frames_travel_in_the_key_codec():
+    """A link's first message is the vector itself in ``key_codec`` (int8 for int2 unless
+    ``key=`` says otherwise), later ones deltas in the link's codec."""
+    for config, key in ((CodecConfig("int2"), "int8"), (CodecConfig("int2", key="int4"), "int4")):
+        a, b = CodecLinks(config), CodecLinks(config)
+        first = a.encode("b", randn(N, 1))
+        b.decode("a", first)
+        a.decode("b", b.encode("a", randn(N, 2)))  # acknowledges the key frame
+        second = a.encode("b", randn(N, 3))
+        assert (first.codec, first.base, second.codec, second.base) == (key, 0, "int2", 1)
+        error = (decompress(first) - randn(N, 1)).abs().max()
+        assert float(error) <= float(first.scales.max()) / 2 * (1 + 1e-5)  # its stated error
+
+
 def test_lost_messages_and_restarts_recover_with_a_reason():
     a, b = CodecLinks(CodecConfig("int8")), CodecLinks(CodecConfig("int8"))
     x = randn(N, 0)
@@ -470,6 +484,15 @@ def test_codec_keys_in_protocol_specs():
     assert parse_protocol("dynamic:codec=int2,base=shared,delta=0.5").codec == CodecConfig(
         "int2", base="shared"
     )
+    assert parse_protocol("gossip:codec=topk,topk=0.1,mix=0.5,key=int4").codec == CodecConfig(
+        "topk", fraction=0.1, mix=0.5, key="int4"
+    )
+    assert CodecConfig("topk", fraction=0.1).consensus_step == pytest.approx(0.25)
+    assert CodecConfig("int2").consensus_step == 1.0
+    assert (CodecConfig("int2").key_codec, CodecConfig("int2", key="int4").key_codec) == (
+        "int8",
+        "int4",
+    )
     assert parse_protocol("dynamic").codec is None
     for bad, fragment in [
         ("dynamic:codec=zip", "codec must be one of fp16, int8, int4, int2, sign, topk"),
@@ -482,6 +505,9 @@ def test_codec_keys_in_protocol_specs():
         ("dynamic:codec=fp16,block=3", "'block' does not apply to codec=fp16"),
         ("dynamic:codec=topk,topk=0", "kept fraction must be in (0, 1]"),
         ("dynamic:codec=int8,block=-1", "must be >= 0"),
+        ("gossip:codec=topk,mix=0", "the consensus step must be in (0, 1]"),
+        ("gossip:codec=int2,key=sign", "choose one of fp16, int8, int4, int2"),
+        ("gossip:mix=0.5", "add codec=int8 or codec=topk"),
     ]:
         with pytest.raises(SpecError, match=re.escape(fragment)):
             parse_protocol(bad)

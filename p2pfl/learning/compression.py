@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 CODECS = ("fp16", "int8", "int4", "int2", "sign", "topk")
 TOPK_VALUES = ("fp16", "int8")
+KEY_CODECS = ("fp16", "int8", "int4", "int2")
+"""Codecs a key frame may travel in (``CodecConfig.key``)."""
 FP16_MAX = 65504.0
 LEVELS = {"int8": 127, "int4": 7}
 """Largest quantization level of each integer codec (``scale = max|block| / L``)."""
@@ -86,6 +88,18 @@ class CodecConfig:
     mix: float | None = None
     """The consensus step of a fixed schedule's merge on lossy copies (None: the codec's
     default, ``consensus_step``)."""
+    key: str | None = None
+    """The codec of key frames (a link's first message, the vector itself; one of
+    ``KEY_CODECS``); None: ``key_codec``'s default."""
+
+    @property
+    def key_codec(self) -> str:
+        """How key frames travel: ``key`` if set, else int8 for the codecs coarser than int8
+        (a whole model in int2 or sign loses about a third of its norm, and a dynamic member
+        adopts the average on that copy of its reply), else the codec itself."""
+        if self.key is not None:
+            return self.key
+        return "int8" if self.name in ("int4", "int2", "sign", "topk") else self.name
 
     @property
     def consensus_step(self) -> float:
@@ -104,6 +118,7 @@ class CodecConfig:
     def label(self) -> str:
         shared = "" if self.base == "chain" else f",base={self.base}"
         shared += "" if self.mix is None else f",mix={self.mix:g}"
+        shared += "" if self.key is None else f",key={self.key}"
         if self.name in BITS:
             return f"{self.name}:block={self.block}{shared}"
         if self.name == "topk":

@@ -11,7 +11,8 @@ A lossy codec sends deltas, not models, and keeps what it left out (error feedba
   compressed message carries ``ack``, the last one its sender decoded from the receiver),
   so a lost message costs a larger delta, not a broken chain. The first message, and the
   first after a peer came back or asked for it (``resync``), is a key frame: the vector
-  itself (as int8 for the coarser codecs, ``KEY_FRAME_INT8``).
+  itself (in ``CodecConfig.key_codec``: int8 for the codecs coarser than int8 unless the
+  spec's ``key=`` says otherwise).
 * **Echo** (a session's average back to a member): the average is sent as
   ``compress(average - x̂_member + e)``, a delta on the member's own reply ``x̂_member`` as the
   coordinator decoded it; ``e`` is what earlier averages to that member left out (classic
@@ -54,8 +55,6 @@ from p2pfl.learning.compression import (
 )
 
 _Held = TypeVar("_Held")
-KEY_FRAME_INT8 = ("int4", "int2", "sign", "topk")
-"""Codecs too coarse for a whole model: their key frames travel as int8."""
 HISTORY = 4
 """Messages a link keeps per direction (the acknowledged base and the newest ones)."""
 
@@ -95,8 +94,10 @@ class CodecLinks:
     def __init__(self, config: CodecConfig | None) -> None:
         """``config`` None: the node sends float32 and only decodes what peers compress."""
         self.config = config or CodecConfig("fp16")
-        coarse = self.config.name in KEY_FRAME_INT8
-        self.key_config = CodecConfig("int8", self.config.block) if coarse else self.config
+        key = self.config.key_codec
+        self.key_config = (
+            self.config if key == self.config.name else CodecConfig(key, self.config.block)
+        )
         self._out: dict[str, _Outgoing] = {}
         self._in: dict[str, _Incoming] = {}
 
