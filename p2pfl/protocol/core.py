@@ -468,7 +468,8 @@ class NodeCore:
         a uniform merge between copies keeps the models' sum, and the correction
         (``own - merged = γ·(copy - merge(copy, peers))``) learns from what the group saw."""
         base = own
-        held = [copies[peer] for peer in others if copies is not None and peer in copies]
+        lossy = copies if self.config.codec is not None else None
+        held = [lossy[peer] for peer in others if lossy is not None and peer in lossy]
         if held:
             base = torch.stack(held).mean(0) if len(held) > 1 else held[0]
         clipped = self._clip(base, {peer: params for peer, (params, _) in others.items()}, widen)
@@ -476,7 +477,7 @@ class NodeCore:
         merged = merge([base, *clipped.models], samples, self.config.merge)
         if base is own:
             return merged, clipped.poisoned
-        assert self.config.codec is not None  # copies differ from ``own`` on lossy links only
+        assert self.config.codec is not None
         return own + self.config.codec.consensus_step * (merged - base), clipped.poisoned
 
     def copy_for(self, peer: str, x: torch.Tensor) -> torch.Tensor:
