@@ -340,7 +340,7 @@ class NodeCore:
         return Send(send.to, replace(send.message, params=coded))  # type: ignore[type-var]
 
     # -- what a peer may do to this node -------------------------------------------------
-    def clip_bound(self, own: torch.Tensor) -> float:
+    def clip_bound(self, own: torch.Tensor, displacement: float | None = None) -> float:
         """τ: the farthest an incoming model may sit from ``own`` before it is clipped.
 
         ``κ·max(s, floor, m)``: ``κ`` the spec's ``clip`` (see ``CLIP_FACTOR``); ``s`` this
@@ -355,10 +355,12 @@ class NodeCore:
         has to be within τ, and stay there, before its distance counts: liars that are most
         of a node's peers cannot inflate τ. Where the protocol gives no floor (gossip,
         periodic) trust is not judged and ``m`` counts every peer. Infinite when clipping
-        is off."""
+        is off. ``displacement``: ``||own - anchor||`` if the caller measured it already."""
         if not self.config.merge.clip:
             return math.inf
-        s = float(torch.linalg.vector_norm(own - self.anchor))
+        s = displacement
+        if s is None:
+            s = float(torch.linalg.vector_norm(own - self.anchor))
         judged = self._clip_floor() > 0  # trust is judged (see ``_clip``): vouched peers only
         seen = sorted(
             d for p, d in self._peer_distances.items() if not judged or self.trust.vouched(p)
@@ -397,16 +399,33 @@ class NodeCore:
         (``p2pfl.protocol.trust``; a model beyond the full ``widen``·τ lowers its sender's
         trust first, a stale one earns no radius), with the verdict (see ``Clipped``); their
         distances update the per-peer history that sizes τ."""
-        distances = dict(zip(others, distances_to(list(others.values()), [own]), strict=True))
+        # Every distance the verdict needs, in one tensor operation (bit for bit each pair
+        # measured alone): each peer's from us, and with clipping on, our displacement (τ)
+        # and each peer's progress and ours since its baseline (``PeerProgress``).
+        peers, models = list(others), list(others.values())
+        clipping = bool(self.config.merge.clip)
+        lasts = self.progress.baselines(peers) if clipping else []
+        references = [self.progress.references(last) for last in lasts]
+        k = len(peers)
+        measured = distances_to(
+            [*models, *models[: len(lasts)], *[own] * len(lasts), *[own][: int(clipping)]],
+            [
+                *[own] * k,
+                *(r[0] for r in references),
+                *(r[1] for r in references),
+                *[self.anchor][: int(clipping)],
+            ],
+        )
+        distances = dict(zip(peers, measured[:k], strict=True))
         closing_in = {sender: self._closing_in(sender, d) for sender, d in distances.items()}
         for sender, distance in distances.items():
             self._peer_distances.pop(sender, None)
             self._peer_distances[sender] = distance
             while len(self._peer_distances) > DISTANCE_HISTORY:
                 self._peer_distances.popitem(last=False)
-        bound = self.clip_bound(own) * widen
-        if math.isinf(bound):
-            return Clipped(list(others.values()), suspect=False, poisoned=False)
+        if not clipping:
+            return Clipped(models, suspect=False, poisoned=False)
+        bound = self.clip_bound(own, displacement=measured[-1]) * widen
         # Trust is lowered only where the protocol itself bounds an honest peer's distance
         # (√Δ for dynamic; gossip's slow mixing and periodic rounds give no such bound, so a
         # model beyond τ may be honest there: it is only clipped). Until some peer is vouched
@@ -425,9 +444,10 @@ class NodeCore:
             )
             for sender, distance in distances.items()
         ]
-        shares = self.progress.shares(list(others), list(others.values()), own)
+        theirs, ours = measured[k : 2 * k], measured[2 * k : 3 * k]
+        shares = self.progress.record(peers, models, own, lasts, theirs, ours)
         radii = [r * share for r, share in zip(trusted, shares, strict=True)]
-        clipped, count = clip_around(own, list(others.values()), radii, list(distances.values()))
+        clipped, count = clip_around(own, models, radii, measured[:k])
         self.stats.clipped += count
         # Only a model beyond its trusted radius is poison the correction must not learn; a
         # stale one clipped for its lack of progress counts as our own model in the merge.
