@@ -624,6 +624,17 @@ def test_lossy_periodic_merges_the_copies_its_neighbours_hold():
     torch.testing.assert_close(corrections[-1] - corrections[-2], 0.5 * (copy - held) / 2 * gain)
 
 
+def test_exact_links_merge_the_exact_models():
+    """Without a codec a periodic round is the plain mean of the closed neighbourhood."""
+    box = {"w": randn(N, 0)}
+    node = make_core("n", parse_protocol("periodic:b=1,correction=0"), BoxedModel(box), "pq")
+    node.on_local_step(1.0)
+    theirs = {p: randn(N, i) for i, p in enumerate("pq", 1)}
+    actions = [a for p, w in theirs.items() for a in node.on_message(1.0, p, Push(1, w, 1))]
+    replaced = next(a.params for a in actions if isinstance(a, ReplaceModel))
+    torch.testing.assert_close(replaced, (box["w"] + theirs["p"] + theirs["q"]) / 3)
+
+
 def test_a_member_adopts_the_average_on_the_coordinators_copy_of_its_reply():
     """int2 drops about a third of a reply's delta. The member adopts the echoed average on
     the coordinator's copy ``x̂`` of its reply, not on its exact model, and its drift
