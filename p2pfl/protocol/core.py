@@ -471,13 +471,39 @@ class NodeCore:
         own_samples: int,
         others: dict[str, tuple[torch.Tensor, int]],
         widen: float = 1.0,
+        copies: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, bool]:
         """Merge our own model with the peers' ones (by sender), each clipped first (to
         ``widen`` times its radius, see ``_clip``); returns the merged model and whether a
-        peer's model lay beyond its trusted radius (``Clipped.poisoned``, for ``_adopt``)."""
-        clipped = self._clip(own, {peer: params for peer, (params, _) in others.items()}, widen)
+        peer's model lay beyond its trusted radius (``Clipped.poisoned``, for ``_adopt``).
+
+        ``copies``: what each peer holds of ``own`` (``copy_for``), when we sent it to them
+        over a lossy link. The merge then mixes what the group holds, our copy (their mean)
+        among the peers' decoded ones, and keeps what our messages left out so far:
+        ``own + γ·(merge(copy, peers) - copy)``, ``γ`` the codec's ``consensus_step`` (1:
+        ``merge(copy, peers) + (own - copy)``). Mixing our exact model with peers' lossy ones
+        would pull it toward what their codecs have not delivered yet (a 1 % ``topk`` copy
+        lags by most of what its sender moved) and teach the drift correction that lag;
+        this way the merge moves each model by differences of copies, as Choco-SGD does, so
+        a uniform merge between copies keeps the models' sum, and the correction
+        (``own - merged = γ·(copy - merge(copy, peers))``) learns from what the group saw."""
+        base = own
+        lossy = copies if self.config.codec is not None else None
+        held = [lossy[peer] for peer in others if lossy is not None and peer in lossy]
+        if held:
+            base = torch.stack(held).mean(0) if len(held) > 1 else held[0]
+        clipped = self._clip(base, {peer: params for peer, (params, _) in others.items()}, widen)
         samples = [own_samples] + [n for _, n in others.values()]
-        return merge([own, *clipped.models], samples, self.config.merge), clipped.poisoned
+        merged = merge([base, *clipped.models], samples, self.config.merge)
+        if base is own:
+            return merged, clipped.poisoned
+        assert self.config.codec is not None
+        return own + self.config.codec.consensus_step * (merged - base), clipped.poisoned
+
+    def copy_for(self, peer: str, x: torch.Tensor) -> torch.Tensor:
+        """What ``peer`` will hold of ``x`` once we send it (``CodecLinks.copy_of``): ``x``
+        itself on an exact link."""
+        return x if self.config.codec is None else self.links.copy_of(peer, x)
 
     def _adopt(
         self,
