@@ -42,6 +42,9 @@ MAJORITY_PEERS = 2
 """Peers the distance history needs before its (lower) median counts: with one, that peer
 alone would set it (a node with one peer trusts only its own displacement and the protocol);
 with two, one liar cannot raise the lower of the two."""
+UNBOUNDED_VERDICT = 2.0
+"""Where the protocol gives no bound on an honest peer's distance (fixed schedules), how many
+times τ a model must lie from ours before its sender's trust is lowered (PLACEHOLDER)."""
 PEER_SPEED_ALLOWANCE = 2.0
 """How much faster than this node a peer's machine may be before its sessions are refused."""
 
@@ -123,15 +126,17 @@ class Clipped:
     models: list[torch.Tensor]
     suspect: bool
     """A model had to be clipped (a dynamic member then refuses the average)."""
-    poisoned: bool
-    """A model lay beyond its sender's trusted radius: the merge then teaches the drift
-    correction nothing (``NodeCore._adopt``). The correction is an integrator, and a lie that
-    pulls every node alike (each a little, within its clip radius) would be learned by all
-    of them and never unlearned, since their later merges agree with one another; this holds
-    where the protocol bounds honest peers (dynamic's √Δ): on a fixed schedule an honest
-    merge may clip, and skipping its update there broke the corrections' zero sum
-    (continuous on the demo fell from 0.969 to 0.575). A model clipped only for its lack of
-    progress (``PeerProgress``) counts as our own model in the merge: no poison in it."""
+    lesson: list[torch.Tensor] | None
+    """The peers' models the drift correction learns from (``NodeCore._adopt``); None: it
+    learns nothing from this merge. The correction is an integrator, and a lie that pulls
+    every node alike (each a little, within its clip radius) would be learned by all of them
+    and never unlearned, since their later merges agree with one another. Where the protocol
+    bounds honest peers (dynamic's √Δ), a merge with a model beyond its sender's trusted
+    radius teaches nothing. On a fixed schedule every merge teaches (an honest merge may
+    clip, and skipping its update broke the corrections' zero sum: continuous on the demo
+    fell from 0.969 to 0.575), but a model beyond its sender's judging radius stands at our
+    own model in the lesson. A model clipped only for its lack of progress
+    (``PeerProgress``) counts as our own model in the merge: no poison in it."""
 
 
 class NodeCore:
@@ -405,34 +410,54 @@ class NodeCore:
             while len(self._peer_distances) > DISTANCE_HISTORY:
                 self._peer_distances.popitem(last=False)
         bound = self.clip_bound(own) * widen
+        models = list(others.values())
         if math.isinf(bound):
-            return Clipped(list(others.values()), suspect=False, poisoned=False)
-        # Trust is lowered only where the protocol itself bounds an honest peer's distance
-        # (√Δ for dynamic; gossip's slow mixing and periodic rounds give no such bound, so a
-        # model beyond τ may be honest there: it is only clipped). Until some peer is vouched
-        # for, a peer beyond τ is judged only if it is not closing in (``_closing_in``): two
-        # honest nodes that started from different models merge toward each other, so their
-        # distance shrinks until they are within τ; a liar that is a node's only peer keeps
-        # its distance (or widens it), and was never judged before (nobody vouched).
-        judged = self._clip_floor() > 0
-        vouched = judged and any(map(self.trust.vouched, self._peer_distances))
-        trusted = [
+            return Clipped(models, suspect=False, lesson=models)
+        if self._clip_floor() > 0:
+            trusted = self._judge_bounded(distances, closing_in, bound)
+        else:
+            verdict = bound * UNBOUNDED_VERDICT
+            trusted = [
+                bound * self.trust.judge(sender, distance <= verdict)
+                for sender, distance in distances.items()
+            ]
+        shares = self.progress.shares(list(others), models, own)
+        radii = [r * share for r, share in zip(trusted, shares, strict=True)]
+        clipped, count = clip_around(own, models, radii, list(distances.values()))
+        self.stats.clipped += count
+        # Only a model beyond its trusted radius is poison the correction must not learn; a
+        # stale one clipped for its lack of progress counts as our own model in the merge.
+        if self._clip_floor() > 0:
+            poisoned = any(d > r for d, r in zip(distances.values(), trusted, strict=True))
+            return Clipped(clipped, suspect=count > 0, lesson=None if poisoned else clipped)
+        beyond = [d > bound * UNBOUNDED_VERDICT for d in distances.values()]
+        lesson = (
+            [own if far else model for far, model in zip(beyond, clipped, strict=True)]
+            if any(beyond)
+            else clipped
+        )
+        return Clipped(clipped, suspect=count > 0, lesson=lesson)
+
+    def _judge_bounded(
+        self, distances: dict[str, float], closing_in: dict[str, bool], bound: float
+    ) -> list[float]:
+        """Each sender's trusted radius where the protocol bounds an honest peer's distance
+        (√Δ for dynamic): a model beyond τ lowers its sender's trust. Until some peer is
+        vouched for, a peer beyond τ is judged only if it is not closing in
+        (``_closing_in``): two honest nodes that started from different models merge toward
+        each other, so their distance shrinks until they are within τ; a liar that is a
+        node's only peer keeps its distance (or widens it), and was never judged before
+        (nobody vouched)."""
+        vouched = any(map(self.trust.vouched, self._peer_distances))
+        return [
             bound
             * (
                 self.trust.judge(sender, distance <= bound)
-                if vouched or distance <= bound or (judged and not closing_in[sender])
+                if vouched or distance <= bound or not closing_in[sender]
                 else self.trust[sender]
             )
             for sender, distance in distances.items()
         ]
-        shares = self.progress.shares(list(others), list(others.values()), own)
-        radii = [r * share for r, share in zip(trusted, shares, strict=True)]
-        clipped, count = clip_around(own, list(others.values()), radii, list(distances.values()))
-        self.stats.clipped += count
-        # Only a model beyond its trusted radius is poison the correction must not learn; a
-        # stale one clipped for its lack of progress counts as our own model in the merge.
-        poisoned = any(d > r for d, r in zip(distances.values(), trusted, strict=True))
-        return Clipped(clipped, suspect=count > 0, poisoned=poisoned)
 
     def _closing_in(self, sender: str, distance: float) -> bool:
         """Whether ``sender``'s model, at ``distance`` from ours, is closer than its models
@@ -451,13 +476,16 @@ class NodeCore:
         own_samples: int,
         others: dict[str, tuple[torch.Tensor, int]],
         widen: float = 1.0,
-    ) -> tuple[torch.Tensor, bool]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Merge our own model with the peers' ones (by sender), each clipped first (to
-        ``widen`` times its radius, see ``_clip``); returns the merged model and whether a
-        peer's model lay beyond its trusted radius (``Clipped.poisoned``, for ``_adopt``)."""
+        ``widen`` times its radius, see ``_clip``); returns the merged model and the merge the
+        drift correction learns from (``Clipped.lesson``; None: nothing)."""
         clipped = self._clip(own, {peer: params for peer, (params, _) in others.items()}, widen)
         samples = [own_samples] + [n for _, n in others.values()]
-        return merge([own, *clipped.models], samples, self.config.merge), clipped.poisoned
+        merged = merge([own, *clipped.models], samples, self.config.merge)
+        if clipped.lesson is None or clipped.lesson is clipped.models:
+            return merged, None if clipped.lesson is None else merged
+        return merged, merge([own, *clipped.lesson], samples, self.config.merge)
 
     def _adopt(
         self,
@@ -466,25 +494,26 @@ class NodeCore:
         steps: int,
         current: torch.Tensor | None = None,
         seen: torch.Tensor | None = None,
-        poisoned: bool = False,
+        *,
+        lesson: torch.Tensor | None,
     ) -> list[Action]:
         """Take the result of a merge: learn the drift correction from ``sent`` (the model
         this node contributed; ``seen``, the merge's copy of it, when a lossy link gave the
-        merge another one) and ``merged`` over ``steps`` shared local steps (not from a
-        ``poisoned`` merge, see ``Clipped.poisoned``), apply the
-        outer optimizer, and replace the model keeping the local steps taken since ``sent``
-        was handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge
-        is in flight (``current`` stands for ``w_now`` when an earlier replacement is not
-        applied yet). The ``ReplaceModel`` comes first; returns the actions."""
+        merge another one) and ``lesson`` (the merge as the correction may learn it, see
+        ``Clipped.lesson``; None: nothing) over ``steps`` shared local steps, apply the outer
+        optimizer, and replace the model keeping the local steps taken since ``sent`` was
+        handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge is in
+        flight (``current`` stands for ``w_now`` when an earlier replacement is not applied
+        yet). The ``ReplaceModel`` comes first; returns the actions."""
         actions: list[Action] = []
         new = merged if self.outer is None else self.outer.step(merged)
         now = self.model.read() if current is None else current
         self.anchor = new  # merge results are fresh tensors no one modifies in place
         actions.append(ReplaceModel(new + (now - sent)))
-        if steps > 0 and not (poisoned and self._clip_floor() > 0):
+        if steps > 0 and lesson is not None:
             step_size = self.mean_step_size(steps)
             contributed = sent if seen is None else seen
-            actions += self.drift_correction.update(contributed, merged, steps, step_size)
+            actions += self.drift_correction.update(contributed, lesson, steps, step_size)
         self.stats.syncs += 1
         return actions
 

@@ -90,8 +90,8 @@ class PeriodicCore(NodeCore):
         sent, self.open_round, self.sent = self.sent, None, None
         if not got:
             return []
-        merged, poisoned = self._merge(sent, self.model.samples, got)
-        return self._adopt(merged, sent, self.config.b, current, poisoned=poisoned)
+        merged, lesson = self._merge(sent, self.model.samples, got)
+        return self._adopt(merged, sent, self.config.b, current, lesson=lesson)
 
 
 class GossipCore(NodeCore):
@@ -146,11 +146,9 @@ class GossipCore(NodeCore):
                 return []
             own = self.model.read().clone()
             offer = {sender: (message.params, message.samples)}
-            merged, poisoned = self._merge(own, self.model.samples, offer)
+            merged, lesson = self._merge(own, self.model.samples, offer)
             reply = ModelReply(-message.round, own, self.model.samples)
-            return [Send(sender, reply)] + self._adopt(
-                merged, own, self.config.b, poisoned=poisoned
-            )
+            return [Send(sender, reply)] + self._adopt(merged, own, self.config.b, lesson=lesson)
         if (
             isinstance(message, ModelReply)
             and self.exchanges.get(message.session, ("",))[0] == sender
@@ -158,8 +156,8 @@ class GossipCore(NodeCore):
             _, sent, asked_at = self.exchanges.pop(message.session)
             self.round_trip.sample(now - asked_at)
             answer = {sender: (message.params, message.samples)}
-            merged, poisoned = self._merge(sent, self.model.samples, answer)
-            return self._adopt(merged, sent, self.config.b, poisoned=poisoned)
+            merged, lesson = self._merge(sent, self.model.samples, answer)
+            return self._adopt(merged, sent, self.config.b, lesson=lesson)
         return super().on_message(now, sender, message)
 
     def on_timer(self, now: float, key: Hashable) -> list[Action]:
