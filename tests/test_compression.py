@@ -29,7 +29,7 @@ from p2pfl.learning.compression import (
     encode_positions,
 )
 from p2pfl.learning.params import ParamSchema, ParamSpec
-from p2pfl.protocol.actions import ReplaceModel, SetCorrection
+from p2pfl.protocol.actions import ReplaceModel, Send, SetCorrection
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import make_core
 from p2pfl.protocol.correction import correction_gain
@@ -213,6 +213,35 @@ def test_a_lossy_average_moves_the_reference_by_the_stated_codec_errors(config):
             width = payload.block or N
             bound = payload.scales.repeat_interleave(width)[:N] / 2 * (1 + 1e-5) + 1e-6
             assert (error.abs() <= bound).all()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label)
+def test_copy_of_is_what_the_peer_will_decode_and_changes_nothing(config):
+    """A fixed schedule's merge mixes what its peers hold of its model (``copy_of``): bit
+    for bit the vector the peer decodes from the next message, asked before it is sent."""
+    a, b = CodecLinks(config), CodecLinks(config)
+    for i in range(6):
+        x = randn(N, i) + 0.1 * i
+        copy = a.copy_of("b", x)
+        torch.testing.assert_close(a.copy_of("b", x), copy, rtol=0, atol=0)
+        torch.testing.assert_close(b.decode("a", a.encode("b", x)), copy, rtol=0, atol=0)
+        if i % 2:  # the peer answers: its ack moves our chain's base
+            a.decode("b", b.encode("a", randn(N, 50 + i)))
+    assert CodecLinks(config).copy_of("b", x).shape == x.shape  # a key frame's copy
+
+
+def test_key_frames_travel_in_the_key_codec():
+    """A link's first message is the vector itself in ``key_codec`` (int8 for int2 unless
+    ``key=`` says otherwise), later ones deltas in the link's codec."""
+    for config, key in ((CodecConfig("int2"), "int8"), (CodecConfig("int2", key="int4"), "int4")):
+        a, b = CodecLinks(config), CodecLinks(config)
+        first = a.encode("b", randn(N, 1))
+        b.decode("a", first)
+        a.decode("b", b.encode("a", randn(N, 2)))  # acknowledges the key frame
+        second = a.encode("b", randn(N, 3))
+        assert (first.codec, first.base, second.codec, second.base) == (key, 0, "int2", 1)
+        error = (decompress(first) - randn(N, 1)).abs().max()
+        assert float(error) <= float(first.scales.max()) / 2 * (1 + 1e-5)  # its stated error
 
 
 def test_lost_messages_and_restarts_recover_with_a_reason():
@@ -455,6 +484,15 @@ def test_codec_keys_in_protocol_specs():
     assert parse_protocol("dynamic:codec=int2,base=shared,delta=0.5").codec == CodecConfig(
         "int2", base="shared"
     )
+    assert parse_protocol("gossip:codec=topk,topk=0.1,mix=0.5,key=int4").codec == CodecConfig(
+        "topk", fraction=0.1, mix=0.5, key="int4"
+    )
+    assert CodecConfig("topk", fraction=0.1).consensus_step == pytest.approx(0.25)
+    assert CodecConfig("int2").consensus_step == 1.0
+    assert (CodecConfig("int2").key_codec, CodecConfig("int2", key="int4").key_codec) == (
+        "int8",
+        "int4",
+    )
     assert parse_protocol("dynamic").codec is None
     for bad, fragment in [
         ("dynamic:codec=zip", "codec must be one of fp16, int8, int4, int2, sign, topk"),
@@ -467,12 +505,27 @@ def test_codec_keys_in_protocol_specs():
         ("dynamic:codec=fp16,block=3", "'block' does not apply to codec=fp16"),
         ("dynamic:codec=topk,topk=0", "kept fraction must be in (0, 1]"),
         ("dynamic:codec=int8,block=-1", "must be >= 0"),
+        ("gossip:codec=topk,mix=0", "the consensus step must be in (0, 1]"),
+        ("gossip:codec=int2,key=sign", "choose one of fp16, int8, int4, int2"),
+        ("gossip:mix=0.5", "add codec=int8 or codec=topk"),
     ]:
         with pytest.raises(SpecError, match=re.escape(fragment)):
             parse_protocol(bad)
 
 
 # -- merges of compressed models --
+class BoxedModel:
+    """A core's model access to ``box["w"]``, which the test replaces between events."""
+
+    samples = 1
+
+    def __init__(self, box: dict[str, torch.Tensor]) -> None:
+        self.box = box
+
+    def read(self) -> torch.Tensor:
+        return self.box["w"]
+
+
 @pytest.mark.parametrize(
     "spec", ["dynamic:codec=int8", "dynamic:codec=int4", "dynamic:codec=topk,topk=0.1"]
 )
@@ -484,11 +537,11 @@ def test_compressed_dynamic_keeps_the_global_mean_up_to_held_residuals(spec, mon
     dropped = torch.zeros(DIM)
     adopt = DynamicCore._adopt
 
-    def counting(self, merged, sent, steps, current=None, seen=None, poisoned=False):
+    def counting(self, merged, sent, steps, current=None, seen=None, *, lesson):
         nonlocal dropped
         if seen is not None:
             dropped = dropped + (sent - seen)
-        return adopt(self, merged, sent, steps, current, seen, poisoned)
+        return adopt(self, merged, sent, steps, current, seen, lesson=lesson)
 
     monkeypatch.setattr(DynamicCore, "_adopt", counting)
     n, seed = 10, 3
@@ -518,6 +571,70 @@ def test_compressed_dynamic_keeps_the_global_mean_up_to_held_residuals(spec, mon
     assert net.spread() < 0.1 * net.spread(alone=True)  # topk: 0.07 with clipped merges
 
 
+@pytest.mark.parametrize(
+    "spec",
+    ["gossip:b=2,codec=topk,topk=0.05", "gossip:b=2,codec=sign", "gossip:b=2,codec=int2"],
+)
+def test_lossy_gossip_merges_copies_keeping_the_sum_and_mixing(spec):
+    """Both ends of an exchange move by half the difference of the two copies their link
+    carried (``NodeCore._merge`` with ``copies``), so the sum of all models moves only by
+    the local steps, whatever the codec leaves out; and the models still mix. Merging the
+    exact model with a 5 % ``topk`` copy (most of it the first key frame) instead pulled
+    every model back toward where its peers started."""
+    n, seed = 8, 5
+    gen = torch.Generator().manual_seed(seed)
+    graph = random_graph(n, seed)
+    adjacency = {str(i): {str(j) for j in graph[i]} for i in graph}
+    start = {str(i): torch.randn(DIM, generator=gen) for i in range(n)}
+    net = VirtualNet(spec, adjacency, start, seed=seed, latency=0.002, dim=DIM)
+    before = net.mean()
+    for _ in range(400):
+        net.advance(net.now + TICK)
+        for node in net.cores:
+            net.step(node, 0.01 * torch.randn(DIM, generator=gen) + 0.002 * (int(node) - n / 2))
+    net.settle()
+    assert net.stat("syncs") >= 500 and net.stat("refused_codec") == 0
+    coded = [m for _, _, _, m in net.log if isinstance(getattr(m, "params", None), Compressed)]
+    assert sum(m.params.codec == spec.split("codec=")[1].split(",")[0] for m in coded) > 500
+    torch.testing.assert_close(net.mean(), before + net.added / n, atol=1e-4, rtol=0)
+    assert net.spread() < 0.2 * net.spread(alone=True)
+
+
+def test_lossy_periodic_merges_the_copies_its_neighbours_hold():
+    """A periodic round mixes the node's copy as its neighbours hold it (``sent_copies``)
+    with theirs and keeps what its own message left out, moving by the consensus step
+    ``mix``: the result is ``sent + γ·(merge(copies) - copy)``, and the drift correction
+    learns ``γ·(copy - merge)``."""
+    config = parse_protocol("periodic:b=1,codec=topk,topk=0.05,mix=0.5,correction=0.5")
+    model = {"w": randn(N, 0)}
+    node, peer = make_core("n", config, BoxedModel(model), ["p"]), CodecLinks(config.codec)
+    corrections = [torch.zeros(N)]
+    for rnd in (1, 2):
+        model["w"] = model["w"] + randn(N, 10 + rnd)
+        push = next(a for a in node.on_local_step(float(rnd)) if isinstance(a, Send))
+        copy = peer.decode("n", push.message.params)
+        theirs = peer.encode("n", randn(N, 20 + rnd))
+        actions = node.on_message(float(rnd), "p", Push(rnd, theirs, 1))
+        corrections += [a.vector for a in actions if isinstance(a, SetCorrection)]
+    sent, held = model["w"], node.links._in["p"].mirrors[theirs.seq]  # their copy, decoded
+    replaced = next(a.params for a in actions if isinstance(a, ReplaceModel))
+    assert float((sent - copy).norm()) > 0.3 * float(sent.norm())  # 5 % topk: a poor copy
+    torch.testing.assert_close(replaced, sent + 0.5 * ((copy + held) / 2 - copy))
+    gain = correction_gain(0.5, 1) / node.step_size
+    torch.testing.assert_close(corrections[-1] - corrections[-2], 0.5 * (copy - held) / 2 * gain)
+
+
+def test_exact_links_merge_the_exact_models():
+    """Without a codec a periodic round is the plain mean of the closed neighbourhood."""
+    box = {"w": randn(N, 0)}
+    node = make_core("n", parse_protocol("periodic:b=1,correction=0"), BoxedModel(box), "pq")
+    node.on_local_step(1.0)
+    theirs = {p: randn(N, i) for i, p in enumerate("pq", 1)}
+    actions = [a for p, w in theirs.items() for a in node.on_message(1.0, p, Push(1, w, 1))]
+    replaced = next(a.params for a in actions if isinstance(a, ReplaceModel))
+    torch.testing.assert_close(replaced, (box["w"] + theirs["p"] + theirs["q"]) / 3)
+
+
 def test_a_member_adopts_the_average_on_the_coordinators_copy_of_its_reply():
     """int2 drops about a third of a reply's delta. The member adopts the echoed average on
     the coordinator's copy ``x̂`` of its reply, not on its exact model, and its drift
@@ -526,14 +643,7 @@ def test_a_member_adopts_the_average_on_the_coordinators_copy_of_its_reply():
     at the next sessions until int2 runs diverged)."""
     config = parse_protocol("dynamic:codec=int2,correction=0.5")
     model = {"w": randn(N, 0)}
-
-    class Model:
-        samples = 1
-
-        def read(self) -> torch.Tensor:
-            return model["w"]
-
-    member, coordinator = make_core("m", config, Model(), ["c"]), CodecLinks(config.codec)
+    member, coordinator = make_core("m", config, BoxedModel(model), ["c"]), CodecLinks(config.codec)
     for session, steps in ((1, 0), (2, 4)):
         model["w"] = model["w"] + randn(N, 10 + session)  # a long move: a coarse delta
         (send, _timer) = member.on_message(float(session), "c", Pull(session))

@@ -500,3 +500,50 @@ def test_a_member_refuses_a_replayed_average_but_learns_from_a_merge_with_a_stal
     out = core.on_message(5.1, "c", ModelReply(sid, stale, 10, [], 3))
     assert core.stats.clipped == 2 and core.correction is not None
     assert any(isinstance(a, Send) and isinstance(a.message, Average) for a in out)
+
+
+def test_a_merge_measured_in_one_operation_decides_as_one_measured_pair_by_pair(monkeypatch):
+    """``NodeCore._clip`` measures every distance of a merge (each peer's, our displacement,
+    the peers' progress and ours) in one tensor operation: the same merged models, clip
+    counts, trust and progress tables as measuring each pair alone, for a dynamic core
+    (trust judged, liars among honest peers, peers coming and going) and a periodic one."""
+    import p2pfl.protocol.core as core_module
+
+    def pair_by_pair(vectors, to):
+        to = list(to) * len(vectors) if len(to) == 1 else list(to)
+        vectors = list(vectors) * len(to) if len(vectors) == 1 else list(vectors)
+        return [float(torch.linalg.vector_norm(v - t)) for v, t in zip(vectors, to, strict=True)]
+
+    gen = torch.Generator().manual_seed(11)
+    for spec in ("dynamic:delta=0.5,b=1,correction=0", "periodic:b=1,correction=0"):
+        runs = []
+        for measure in (core_module.distances_to, pair_by_pair):
+            monkeypatch.setattr(core_module, "distances_to", measure)
+            gen.manual_seed(11)
+            own = torch.randn(DIM, generator=gen)
+            core = make_core("0", parse_protocol(spec), FakeModel(own), list("abcdz"))
+            merged = []
+            for step in range(30):
+                own = own + 0.1 * torch.randn(DIM, generator=gen)
+                peers = list("abcdz")[step % 3 : 2 + step % 4]
+                models = {p: own + 0.2 * torch.randn(DIM, generator=gen) for p in peers}
+                if "z" in models:
+                    models["z"] = -50.0 * own  # a liar
+                got, lesson = core._merge(own, 10, {p: (m, 10) for p, m in models.items()})
+                merged.append((got, lesson))
+            progress = [(p, float(last[2])) for p, last in core.progress._last.items()]
+            runs.append((merged, core.stats.clipped, dict(core.trust._trust), progress))
+        (merged_a, *rest_a), (merged_b, *rest_b) = runs
+        assert rest_a == rest_b and rest_a[0] > 0
+        for (a, la), (b, lb) in zip(merged_a, merged_b, strict=True):
+            assert torch.equal(a, b) and (la is None) == (lb is None)
+            assert la is None or torch.equal(la, lb)
+
+
+def test_the_mean_of_a_pair_is_the_stacked_mean_bit_for_bit():
+    """``merge`` averages a pair (gossip) without stacking it: bit for bit the same."""
+    gen = torch.Generator().manual_seed(2)
+    for size in (1, 7, 4810):
+        for scale in (1e-3, 1.0, 1e3):
+            a, b = torch.randn(2, size, generator=gen) * scale
+            assert torch.equal(merge([a, b], [1, 1]), torch.stack([a, b]).mean(0))

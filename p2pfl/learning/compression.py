@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 CODECS = ("fp16", "int8", "int4", "int2", "sign", "topk")
 TOPK_VALUES = ("fp16", "int8")
+KEY_CODECS = ("fp16", "int8", "int4", "int2")
+"""Codecs a key frame may travel in (``CodecConfig.key``)."""
 FP16_MAX = 65504.0
 LEVELS = {"int8": 127, "int4": 7}
 """Largest quantization level of each integer codec (``scale = max|block| / L``)."""
@@ -50,6 +52,8 @@ MAX_DECODED = 3.0e38
 INT2_TOP = 1.5
 """int2's outer level, in scales (the levels are ±0.5 and ±1.5 scales)."""
 BASES = ("chain", "shared")
+TOPK_MIX = 2.5
+"""``topk``'s default consensus step per kept fraction (``CodecConfig.consensus_step``)."""
 BASE_KINDS = (
     "sender's message",
     "average on sender's",
@@ -81,10 +85,40 @@ class CodecConfig:
     fraction: float = 0.01
     values: str = "fp16"
     base: str = "chain"
+    mix: float | None = None
+    """The consensus step of a fixed schedule's merge on lossy copies (None: the codec's
+    default, ``consensus_step``)."""
+    key: str | None = None
+    """The codec of key frames (a link's first message, the vector itself; one of
+    ``KEY_CODECS``); None: ``key_codec``'s default."""
+
+    @property
+    def key_codec(self) -> str:
+        """How key frames travel: ``key`` if set, else int8 for the codecs coarser than int8
+        (a whole model in int2 or sign loses about a third of its norm, and a dynamic member
+        adopts the average on that copy of its reply), else the codec itself."""
+        if self.key is not None:
+            return self.key
+        return "int8" if self.name in ("int4", "int2", "sign", "topk") else self.name
+
+    @property
+    def consensus_step(self) -> float:
+        """How far a merge of lossy copies moves a model toward their merge (Choco-SGD's
+        ``γ``; see ``NodeCore._merge``): ``mix`` if set, else 1 for the dense codecs and
+        ``min(1, TOPK_MIX · fraction)`` for ``topk``. A copy delivers about ``fraction`` of
+        what its sender moved per message, and a merge that moves further than its copies
+        keep up with oscillates and grows (2 nodes' copies lag, each overshoots toward the
+        other's stale copy): ``gossip:codec=topk,topk=0.1`` at ``γ = 1`` reached 0.17,
+        at 0.25 0.93 (Dirichlet 0.1, 400 steps)."""
+        if self.mix is not None:
+            return self.mix
+        return min(1.0, TOPK_MIX * self.fraction) if self.name == "topk" else 1.0
 
     @property
     def label(self) -> str:
         shared = "" if self.base == "chain" else f",base={self.base}"
+        shared += "" if self.mix is None else f",mix={self.mix:g}"
+        shared += "" if self.key is None else f",key={self.key}"
         if self.name in BITS:
             return f"{self.name}:block={self.block}{shared}"
         if self.name == "topk":

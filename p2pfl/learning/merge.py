@@ -113,6 +113,8 @@ def merge(
         if rule not in RULES:
             raise ValueError(f"unknown merge rule {rule!r}")
         rule = MergeRule(rule)
+    if rule.rule == "uniform" and len(vectors) == 2:  # a pair (gossip): no stack needed
+        return (vectors[0] + vectors[1]) / 2  # bit for bit ``stack(vectors).mean(0)``
     stacked = torch.stack(list(vectors))
     n = stacked.shape[0]
     if rule.rule == "uniform" or n == 1:

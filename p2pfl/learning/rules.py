@@ -26,11 +26,6 @@ class MergeRule:
     f: int = 1
     clip: float = CLIP_FACTOR
 
-    @property
-    def robust(self) -> bool:
-        """True if the rule itself resists outliers (not a plain mean)."""
-        return self.rule not in ("uniform", "samples")
-
 
 def parse_merge(spec: Spec) -> MergeRule:
     """Take ``merge``, ``trim``, ``f`` and ``clip`` out of a protocol spec."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from p2pfl.learning.compression import BASES, BITS, CODECS, TOPK_VALUES, CodecConfig
+from p2pfl.learning.compression import BASES, BITS, CODECS, KEY_CODECS, TOPK_VALUES, CodecConfig
 from p2pfl.learning.rules import MERGE_KEYS, MergeRule, parse_merge
 from p2pfl.spec import (
     Spec,
@@ -28,7 +28,7 @@ from p2pfl.spec import (
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 CONDITIONS = ("distance", "coherent", "smoothed")
-CODEC_KEYS = {"codec", "block", "topk", "values", "base"}
+CODEC_KEYS = {"codec", "block", "topk", "values", "base", "mix", "key"}
 LOCAL_KINDS = ("bn",)
 
 
@@ -66,10 +66,10 @@ class ProtocolConfig:
 CORRECTION_DEFAULT = 0.1
 DYNAMIC_DEFAULTS: dict[str, Any] = {
     "b": 2,
-    "rel": 0.002,
+    "rel": 0.001,
     "correction": CORRECTION_DEFAULT,
-    "cap": 0,
-    "group": 0,
+    "cap": 3,
+    "group": 2,
     "condition": "smoothed",
     "smoothing": 16,
     "outer": None,
@@ -154,11 +154,13 @@ def _codec(spec: Spec) -> CodecConfig | None:
     """``codec=fp16|int8|int4|int2|sign|topk`` with ``block=N`` (entries per scale of the
     block-scaled codecs, 0 for one scale) or ``topk=R`` (the kept fraction) and
     ``values=fp16|int8`` (how topk's kept values travel; int8 takes ``block`` too), and
-    ``base=chain|shared`` (what a message is a delta on, see ``p2pfl.protocol.links``), or
-    None (float32 on the wire)."""
+    ``base=chain|shared`` (what a message is a delta on, see ``p2pfl.protocol.links``) and
+    ``mix=G`` (the consensus step of a fixed schedule's merge on lossy copies,
+    ``CodecConfig.consensus_step``) and ``key=fp16|int8|int4|int2`` (how key frames
+    travel, ``CodecConfig.key_codec``), or None (float32 on the wire)."""
     name = spec.take("codec", str, None)
     if name is None:
-        for key in ("block", "topk", "values", "base"):
+        for key in ("block", "topk", "values", "base", "mix", "key"):
             if key in spec.args:
                 raise SpecError(
                     f"{spec.text!r}: {key!r} sets up a codec; add codec=int8 or codec=topk"
@@ -177,12 +179,20 @@ def _codec(spec: Spec) -> CodecConfig | None:
     block = spec.take("block", non_negative_int, CodecConfig.block)
     fraction = spec.take("topk", _fraction, CodecConfig.fraction)
     base = spec.take("base", _base, CodecConfig.base)
-    return CodecConfig(name, block=block, fraction=fraction, values=values, base=base)
+    mix = spec.take("mix", _mix, None)
+    key = spec.take("key", _key, None)
+    return CodecConfig(name, block, fraction, values, base, mix, key)
 
 
 def _base(raw: str) -> str:
     if raw not in BASES:
         raise ValueError(f"choose one of {', '.join(BASES)}")
+    return raw
+
+
+def _key(raw: str) -> str:
+    if raw not in KEY_CODECS:
+        raise ValueError(f"choose one of {', '.join(KEY_CODECS)}")
     return raw
 
 
@@ -202,7 +212,15 @@ def _local(raw: str) -> str:
 
 
 def _fraction(raw: str) -> float:
+    return _unit(raw, "the kept fraction")
+
+
+def _mix(raw: str) -> float:
+    return _unit(raw, "the consensus step")
+
+
+def _unit(raw: str, what: str) -> float:
     value = float(raw)
     if not 0.0 < value <= 1.0:
-        raise ValueError("the kept fraction must be in (0, 1]")
+        raise ValueError(f"{what} must be in (0, 1]")
     return value

@@ -360,7 +360,7 @@ class NodeCore:
         return Send(send.to, replace(send.message, params=coded))  # type: ignore[type-var]
 
     # -- what a peer may do to this node -------------------------------------------------
-    def clip_bound(self, own: torch.Tensor) -> float:
+    def clip_bound(self, own: torch.Tensor, displacement: float | None = None) -> float:
         """τ: the farthest an incoming model may sit from ``own`` before it is clipped.
 
         ``κ·max(s, floor, m)``: ``κ`` the spec's ``clip`` (see ``CLIP_FACTOR``); ``s`` this
@@ -376,10 +376,13 @@ class NodeCore:
         of a node's peers cannot inflate τ. Where the protocol gives no floor (gossip,
         periodic) ``m`` counts every peer: trust is judged there only far beyond τ
         (``VERDICT_RADIUS``), and a median of the vouched peers shrank as honest peers were
-        judged, judging more. Infinite when clipping is off."""
+        judged, judging more. Infinite when clipping is off. ``displacement``:
+        ``||own - anchor||`` if the caller measured it already."""
         if not self.config.merge.clip:
             return math.inf
-        s = float(torch.linalg.vector_norm(own - self.anchor))
+        s = displacement
+        if s is None:
+            s = float(torch.linalg.vector_norm(own - self.anchor))
         judged = self._clip_floor() > 0  # trust is judged at τ (see ``_judge``): vouched only
         seen = sorted(
             d for p, d in self._peer_distances.items() if not judged or self.trust.vouched(p)
@@ -418,23 +421,40 @@ class NodeCore:
         (``p2pfl.protocol.trust``; a model beyond its verdict radius, ``_judge``, lowers its
         sender's trust first, a stale one earns no radius), with the verdict (see
         ``Clipped``); their distances update the per-peer history that sizes τ."""
-        distances = dict(zip(others, distances_to(list(others.values()), [own]), strict=True))
+        # Every distance the verdict needs, in one tensor operation (bit for bit each pair
+        # measured alone): each peer's from us, and with clipping on, our displacement (τ)
+        # and each peer's progress and ours since its baseline (``PeerProgress``).
+        peers, models = list(others), list(others.values())
+        clipping = bool(self.config.merge.clip)
+        lasts = self.progress.baselines(peers) if clipping else []
+        references = [self.progress.references(last) for last in lasts]
+        k = len(peers)
+        measured = distances_to(
+            [*models, *models[: len(lasts)], *[own] * len(lasts), *[own][: int(clipping)]],
+            [
+                *[own] * k,
+                *(r[0] for r in references),
+                *(r[1] for r in references),
+                *[self.anchor][: int(clipping)],
+            ],
+        )
+        distances = dict(zip(peers, measured[:k], strict=True))
         closing_in = {sender: self._closing_in(sender, d) for sender, d in distances.items()}
         for sender, distance in distances.items():
             self._peer_distances.pop(sender, None)
             self._peer_distances[sender] = distance
             while len(self._peer_distances) > DISTANCE_HISTORY:
                 self._peer_distances.popitem(last=False)
-        bound = self.clip_bound(own) * widen
-        models = list(others.values())
-        if math.isinf(bound):
+        if not clipping:
             return Clipped(models, suspect=False, lesson=models)
+        bound = self.clip_bound(own, displacement=measured[-1]) * widen
         bounded = self._clip_floor() > 0
         verdicts = {sender: bound * self._verdict(sender, bounded) for sender in distances}
         trusted = [bound * t for t in self._judge(distances, closing_in, verdicts, bounded)]
-        shares = self.progress.shares(list(others), models, own)
+        theirs, ours = measured[k : 2 * k], measured[2 * k : 3 * k]
+        shares = self.progress.record(peers, models, own, lasts, theirs, ours)
         radii = [r * share for r, share in zip(trusted, shares, strict=True)]
-        clipped, count = clip_around(own, models, radii, list(distances.values()))
+        clipped, count = clip_around(own, models, radii, measured[:k])
         self.stats.clipped += count
         # Only a model beyond its trusted radius is poison the correction must not learn; a
         # stale one clipped for its lack of progress counts as our own model in the merge.
@@ -500,16 +520,47 @@ class NodeCore:
         own_samples: int,
         others: dict[str, tuple[torch.Tensor, int]],
         widen: float = 1.0,
+        copies: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Merge our own model with the peers' ones (by sender), each clipped first (to
         ``widen`` times its radius, see ``_clip``); returns the merged model and the merge the
-        drift correction learns from (``Clipped.lesson``; None: nothing)."""
-        clipped = self._clip(own, {peer: params for peer, (params, _) in others.items()}, widen)
+        drift correction learns from (``Clipped.lesson``; None: nothing).
+
+        ``copies``: what each peer holds of ``own`` (``copy_for``), when we sent it to them
+        over a lossy link. The merge then mixes what the group holds, our copy (their mean)
+        among the peers' decoded ones, and keeps what our messages left out so far:
+        ``own + γ·(merge(copy, peers) - copy)``, ``γ`` the codec's ``consensus_step`` (1:
+        ``merge(copy, peers) + (own - copy)``). Mixing our exact model with peers' lossy ones
+        would pull it toward what their codecs have not delivered yet (a 1 % ``topk`` copy
+        lags by most of what its sender moved) and teach the drift correction that lag;
+        this way the merge moves each model by differences of copies, as Choco-SGD does, so
+        a uniform merge between copies keeps the models' sum, and the correction
+        (``own - merged = γ·(copy - merge(copy, peers))``) learns from what the group saw."""
+        base = own
+        lossy = copies if self.config.codec is not None else None
+        held = [lossy[peer] for peer in others if lossy is not None and peer in lossy]
+        if held:
+            base = torch.stack(held).mean(0) if len(held) > 1 else held[0]
+        clipped = self._clip(base, {peer: params for peer, (params, _) in others.items()}, widen)
         samples = [own_samples] + [n for _, n in others.values()]
-        merged = merge([own, *clipped.models], samples, self.config.merge)
+        merged = self._mixed(own, base, merge([base, *clipped.models], samples, self.config.merge))
         if clipped.lesson is None or clipped.lesson is clipped.models:
             return merged, None if clipped.lesson is None else merged
-        return merged, merge([own, *clipped.lesson], samples, self.config.merge)
+        lesson = merge([base, *clipped.lesson], samples, self.config.merge)
+        return merged, self._mixed(own, base, lesson)
+
+    def _mixed(self, own: torch.Tensor, base: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+        """``merged`` (a merge around ``base``, our copy as the group holds it) moved onto
+        ``own``: itself where ``base`` is ``own``, else ``own + γ·(merged - base)``."""
+        if base is own:
+            return merged
+        assert self.config.codec is not None
+        return own + self.config.codec.consensus_step * (merged - base)
+
+    def copy_for(self, peer: str, x: torch.Tensor) -> torch.Tensor:
+        """What ``peer`` will hold of ``x`` once we send it (``CodecLinks.copy_of``): ``x``
+        itself on an exact link."""
+        return x if self.config.codec is None else self.links.copy_of(peer, x)
 
     def _adopt(
         self,

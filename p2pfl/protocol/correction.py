@@ -67,9 +67,11 @@ class DriftCorrection:
         if not self.lam or steps <= 0:
             return []
         gain = correction_gain(self.lam, steps)
-        change = (sent - merged) * (gain / (step_size * steps))
+        change = (sent - merged).mul_(gain / (step_size * steps))  # scaled in place: fresh
+        # A new tensor each time, never modified in place: the learner copies what it is
+        # handed, so the action may share it.
         self.vector = change if self.vector is None else self.vector + change
-        return [SetCorrection(self.vector.clone())]
+        return [SetCorrection(self.vector)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"correction": None if self.vector is None else self.vector.clone()}

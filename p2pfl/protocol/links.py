@@ -11,7 +11,8 @@ A lossy codec sends deltas, not models, and keeps what it left out (error feedba
   compressed message carries ``ack``, the last one its sender decoded from the receiver),
   so a lost message costs a larger delta, not a broken chain. The first message, and the
   first after a peer came back or asked for it (``resync``), is a key frame: the vector
-  itself (as int8 for the coarser codecs, ``KEY_FRAME_INT8``).
+  itself (in ``CodecConfig.key_codec``: int8 for the codecs coarser than int8 unless the
+  spec's ``key=`` says otherwise).
 * **Echo** (a session's average back to a member): the average is sent as
   ``compress(average - x̂_member + e)``, a delta on the member's own reply ``x̂_member`` as the
   coordinator decoded it; ``e`` is what earlier averages to that member left out (classic
@@ -54,8 +55,6 @@ from p2pfl.learning.compression import (
 )
 
 _Held = TypeVar("_Held")
-KEY_FRAME_INT8 = ("int4", "int2", "sign", "topk")
-"""Codecs too coarse for a whole model: their key frames travel as int8."""
 HISTORY = 4
 """Messages a link keeps per direction (the acknowledged base and the newest ones)."""
 
@@ -95,8 +94,10 @@ class CodecLinks:
     def __init__(self, config: CodecConfig | None) -> None:
         """``config`` None: the node sends float32 and only decodes what peers compress."""
         self.config = config or CodecConfig("fp16")
-        coarse = self.config.name in KEY_FRAME_INT8
-        self.key_config = CodecConfig("int8", self.config.block) if coarse else self.config
+        key = self.config.key_codec
+        self.key_config = (
+            self.config if key == self.config.name else CodecConfig(key, self.config.block)
+        )
         self._out: dict[str, _Outgoing] = {}
         self._in: dict[str, _Incoming] = {}
 
@@ -117,16 +118,9 @@ class CodecLinks:
             inn.echoed[inn.last] = inn.mirrors[inn.last] + decoded
             _keep_newest(inn.echoed)
         else:
-            held = out.sent.get(out.acked)
-            if held is None:
-                c = compress(x, self.key_config)
-                mirror = decompress(c)
+            c, mirror = self._chain_message(x, out, inn)
+            if c.base == 0:
                 out.floor = out.acked = out.seq + 1
-            else:
-                kind, number, base = self._closest_base(x, out, inn)
-                c = compress(x - base, self.config)
-                mirror = base + decompress(c)
-                c.base, c.base_kind = number, kind
             out.seq += 1
             c.seq = out.seq
             out.sent[out.seq] = mirror
@@ -134,6 +128,28 @@ class CodecLinks:
         c.ack, c.resync, inn.refused = inn.last, inn.refused, False
         inn.acked = inn.last
         return c
+
+    def copy_of(self, peer: str, x: torch.Tensor) -> torch.Tensor:
+        """What ``peer`` will hold of ``x`` once ``encode(peer, x)`` (not an echo) is sent
+        next: the reconstruction its delta chain yields (``x`` itself minus what the codec
+        leaves out now). Changes nothing; a merge on a lossy link mixes these copies, not
+        the exact models (see the module docstring)."""
+        out = self._out.get(peer, _Outgoing())
+        inn = self._in.get(peer, _Incoming())
+        return self._chain_message(x.detach().to(torch.float32), out, inn)[1]
+
+    def _chain_message(
+        self, x: torch.Tensor, out: _Outgoing, inn: _Incoming
+    ) -> tuple[Compressed, torch.Tensor]:
+        """The next delta-chain message of ``x`` on this link and the receiver's
+        reconstruction of it (a key frame, ``base`` 0, if the acknowledged base is gone)."""
+        if out.sent.get(out.acked) is None:
+            c = compress(x, self.key_config)
+            return c, decompress(c)
+        kind, number, base = self._closest_base(x, out, inn)
+        c = compress(x - base, self.config)
+        c.base, c.base_kind = number, kind
+        return c, base + decompress(c)
 
     def decode(self, peer: str, c: Compressed) -> torch.Tensor:
         """The vector ``c`` from ``peer`` stands for; ``LinkError`` if it does not fit."""

@@ -26,6 +26,8 @@ class PeriodicCore(NodeCore):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.inbox: dict[int, dict[str, tuple[torch.Tensor, int]]] = {}
+        self.sent_copies: dict[str, torch.Tensor] = {}
+        """What each neighbour holds of ``sent`` (``copy_for``): the round's merge mixes these."""
 
     @classmethod
     def which_act(
@@ -47,6 +49,7 @@ class PeriodicCore(NodeCore):
         current = replaced[0] if replaced else self.model.read()
         rnd = self.step // self.config.b
         self.open_round, self.sent = rnd, current.clone()
+        self.sent_copies = {peer: self.copy_for(peer, self.sent) for peer in self.live_neighbors}
         for peer in self.live_neighbors:
             actions.append(Send(peer, Push(rnd, self.sent, self.model.samples)))
         self.round_opened_at = now
@@ -90,7 +93,7 @@ class PeriodicCore(NodeCore):
         sent, self.open_round, self.sent = self.sent, None, None
         if not got:
             return []
-        merged, lesson = self._merge(sent, self.model.samples, got)
+        merged, lesson = self._merge(sent, self.model.samples, got, copies=self.sent_copies)
         return self._adopt(merged, sent, self.config.b, current, lesson=lesson)
 
 
@@ -106,8 +109,8 @@ class GossipCore(NodeCore):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.exchanges: dict[int, tuple[str, torch.Tensor, float]] = {}
-        """Open exchanges by id: the peer, what we sent, when."""
+        self.exchanges: dict[int, tuple[str, torch.Tensor, torch.Tensor, float]] = {}
+        """Open exchanges by id: the peer, what we sent, the peer's copy of it, when."""
         self.next_exchange = 1
 
     step_fields = ("has_live_neighbors",)
@@ -134,7 +137,7 @@ class GossipCore(NodeCore):
         peer = self.rng.choice(peers)
         exchange, self.next_exchange = self.next_exchange, self.next_exchange + 1
         sent = self.model.read().clone()
-        self.exchanges[exchange] = (peer, sent, now)
+        self.exchanges[exchange] = (peer, sent, self.copy_for(peer, sent), now)
         return [
             Send(peer, Push(-exchange, sent, self.model.samples)),
             SetTimer(now + self.round_trip.wait, ("exchange", exchange)),
@@ -146,17 +149,19 @@ class GossipCore(NodeCore):
                 return []
             own = self.model.read().clone()
             offer = {sender: (message.params, message.samples)}
-            merged, lesson = self._merge(own, self.model.samples, offer)
+            copies = {sender: self.copy_for(sender, own)}  # our reply, as the peer will hold it
+            merged, lesson = self._merge(own, self.model.samples, offer, copies=copies)
             reply = ModelReply(-message.round, own, self.model.samples)
             return [Send(sender, reply)] + self._adopt(merged, own, self.config.b, lesson=lesson)
         if (
             isinstance(message, ModelReply)
             and self.exchanges.get(message.session, ("",))[0] == sender
         ):
-            _, sent, asked_at = self.exchanges.pop(message.session)
+            _, sent, copy, asked_at = self.exchanges.pop(message.session)
             self.round_trip.sample(now - asked_at)
             answer = {sender: (message.params, message.samples)}
-            merged, lesson = self._merge(sent, self.model.samples, answer)
+            copies = {sender: copy}
+            merged, lesson = self._merge(sent, self.model.samples, answer, copies=copies)
             return self._adopt(merged, sent, self.config.b, lesson=lesson)
         return super().on_message(now, sender, message)
 

@@ -69,6 +69,10 @@ class PeerTrust:
         return new
 
 
+Baseline = tuple[torch.Tensor, torch.Tensor, float]
+"""A peer's entry in ``PeerProgress``: the last model it sent, ours then, the share it earned."""
+
+
 class PeerProgress:
     """Each peer's progress between the models it sends us, relative to ours (see the
     module docstring). Keeps, for the last ``remembered`` peers, the last model each sent (the
@@ -78,7 +82,7 @@ class PeerProgress:
     def __init__(self, remembered: int, origin: torch.Tensor) -> None:
         self.remembered = remembered
         self.origin = origin.detach().clone()
-        self._last: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, float]] = OrderedDict()
+        self._last: OrderedDict[str, Baseline] = OrderedDict()
 
     def shares(
         self, peers: Sequence[str], models: Sequence[torch.Tensor], own: torch.Tensor
@@ -89,23 +93,49 @@ class PeerProgress:
         start of training earns nothing once we moved on; an honest newcomer has moved about
         as far as we have, or started elsewhere). The models are kept as they are (a model a
         peer sent is never modified); all peers' distances are taken in one tensor operation,
-        and the result equals asking for each peer in turn."""
+        and the result equals asking for each peer in turn. A caller that measures more
+        distances at once (``NodeCore._clip``) runs its three parts itself: ``baselines``,
+        the distances to ``references``, ``record``."""
         if not peers:
             return []
-        # The table in order first (which pair each peer is measured against, which entries
-        # the bound on remembered peers drops), then the distances, then the new entries.
-        table, pairs = self._last, []
+        lasts = self.baselines(peers)
+        theirs, ours = zip(*(self.references(last) for last in lasts), strict=True)
+        return self.record(
+            peers, models, own, lasts, distances_to(models, theirs), distances_to([own], ours)
+        )
+
+    def baselines(self, peers: Sequence[str]) -> list[Baseline | None]:
+        """What each of ``peers`` is measured against (None: from ``origin``), taken from the
+        table in order (which entries the bound on remembered peers drops within one merge
+        included); ``record`` then fills the table in."""
+        table, lasts = self._last, []
         for peer in peers:
-            pairs.append(table.pop(peer, None))
-            table[peer] = None  # type: ignore[assignment]  # filled in below
+            lasts.append(table.pop(peer, None))
+            table[peer] = None  # type: ignore[assignment]  # filled in by ``record``
             while len(table) > self.remembered:
                 table.popitem(last=False)
-        origin = self.origin
-        theirs = distances_to(models, [origin if last is None else last[0] for last in pairs])
-        ours = distances_to([own], [origin if last is None else last[1] for last in pairs])
-        kept = own.detach().clone()
-        shares = []
-        for row, (peer, last) in enumerate(zip(peers, pairs, strict=True)):
+        return lasts
+
+    def references(self, last: Baseline | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The peer's earlier model and ours then, for a peer's ``baselines`` entry."""
+        return (self.origin, self.origin) if last is None else (last[0], last[1])
+
+    def record(
+        self,
+        peers: Sequence[str],
+        models: Sequence[torch.Tensor],
+        own: torch.Tensor,
+        lasts: Sequence[Baseline | None],
+        theirs: Sequence[float],
+        ours: Sequence[float],
+    ) -> list[float]:
+        """The shares from each peer's distance to its reference (``theirs``) and ours to
+        our reference (``ours``, one for all peers or one each), stored in the table."""
+        # A model a core merges is never modified in place; only a live view of the model
+        # (``ModelAccess.read``) can change under us.
+        kept = own.detach() if own._base is None else own.detach().clone()
+        table, shares = self._last, []
+        for row, (peer, last) in enumerate(zip(peers, lasts, strict=True)):
             moved = ours[row if len(ours) > 1 else 0]
             # Our model has not moved since the pair was taken (two messages at once): the
             # verdict of that time stands.
