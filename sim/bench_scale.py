@@ -20,6 +20,10 @@ memory. ``--large 10000x1000`` adds a larger sharded run. With ``--breakdown`` a
 instrumented one-process run splits the time over learner, protocol cores, wire sizes,
 network model, evaluation and the engine loop itself.
 
+``--child e2e --nodes N --steps S --protocol P`` runs one configuration and prints its JSON
+(CPU and wall of the run and of start-up, peak memory, messages, syncs, accuracy and
+``summary_sha256``, which two code trees taking the same decisions share).
+
 Digits has 1,438 training samples. Sizes above that cannot be split; there, node ``i`` trains
 on part ``i mod 1024`` of a 1,024-way split (the output says so).
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import resource
@@ -205,6 +210,14 @@ def clocks() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
+def summary_sha256(summary: dict[str, Any]) -> str:
+    """The run's summary, metrics included and wall time left out, as sha256 (its first 16
+    hex digits): two code trees that take the same decisions print the same."""
+    decisions = {k: v for k, v in summary.items() if k != "wall_seconds"}
+    blob = json.dumps(decisions, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One configuration; returns its measurements. Start-up (data, learner, cores) counts
     into ``total_wall``/``total_cpu``; ``wall``/``cpu`` are the run alone."""
@@ -253,6 +266,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "messages": summary["messages"],
         "syncs": summary["syncs"],
         "accuracy": summary["final_accuracy"],
+        "summary_sha256": summary_sha256(summary),
         "seconds": dict(timers.seconds),
         "calls": dict(timers.calls),
         "sessions": {k: summary.get(k, 0) for k in SESSION_STATS},

@@ -360,6 +360,7 @@ def main() -> None:
             args.baselines.split(","),
             args.dynamic_keys,
         )
+        + [f"gossip:b={b}" for b in args.gossip.split(",") if b]
         + args.extra
     )
     scenario = load_scenario(

@@ -198,7 +198,10 @@ def test_default_dynamic_traffic_rises_after_concept_drift():
     sent = {r["step"]: r["bytes"] for r in rows}
     before = sent[drift_at] - sent[drift_at - window]
     after = sent[drift_at + window] - sent[drift_at]
-    assert after > 3 * before, (before, after)
+    # Measured (seed 1): 0.88 MB before, 2.50 MB after (2.8×); before the default group of 3
+    # nodes (every neighbour, widened while the average was far: rel=0.002) 0.78 / 3.73 MB
+    # (4.8×): the bounded group caps the burst after a drift.
+    assert after > 2 * before, (before, after)
 
 
 # -- the coherent condition: SGD noise alone is not a violation, a moving optimum is --

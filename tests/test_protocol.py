@@ -72,14 +72,14 @@ def test_defaults_of_each_kind():
     gossip = parse_protocol("gossip")
     assert (gossip.kind, gossip.b, gossip.merge.rule) == ("gossip", 1, "uniform")
     dyn = parse_protocol("dynamic")
-    assert (dyn.kind, dyn.b, dyn.delta, dyn.rel) == ("dynamic", 2, None, 0.002)
+    assert (dyn.kind, dyn.b, dyn.delta, dyn.rel) == ("dynamic", 2, None, 0.001)
     assert (dyn.condition, dyn.outer) == ("smoothed", None)
     assert parse_protocol("dynamic:outer_momentum=0.9").outer == (1.0, 0.9)
     assert parse_protocol("periodic:outer_lr=0.5").outer == (0.5, 0.0)
     assert parse_protocol("periodic").outer is None
     assert (dyn.group, dyn.cap, dyn.correction, dyn.merge.rule, dyn.timeout) == (
-        0,
-        0,
+        2,
+        3,
         0.1,
         "uniform",
         0.5,
@@ -371,7 +371,7 @@ def test_relative_delta_scales_with_the_reference():
 
 def test_widening_doubles_the_group_through_members_neighbours():
     models = {str(i): vec(0.0) for i in range(4)}
-    driver = classic_net("dynamic:delta=1,b=1", line(4), models)
+    driver = classic_net("dynamic:delta=1,b=1,group=0,cap=0", line(4), models)
     driver.step("0", vec(10.0))
     driver.settle()
     # 0 asks 1; the mean of {0, 1} is still far from 0's reference, so it asks 2 (a
@@ -402,10 +402,31 @@ def test_group_limits_the_first_pull():
     assert len(driver.sends(Pull, src="0")) == 2
 
 
+def test_default_session_is_at_most_three_nodes():
+    """By default (``group=2,cap=3``) a coordinator pulls 2 of its neighbours and its group
+    never grows past 3 nodes, even when the average is still far from its reference; a
+    group short of 3 (a node with one live neighbour) is filled up through a member."""
+    models = {str(i): vec(0.0) for i in range(6)}
+    driver = classic_net("dynamic:delta=1,b=1", complete(6), models, seed=1)
+    driver.step("0", vec(12.0))
+    driver.settle()
+    asked = [d for _, _, d, _ in driver.sends(Pull, src="0")]
+    assert len(asked) == 2
+    for node in ["0", *asked]:
+        torch.testing.assert_close(driver.models[node].w, vec(4.0))
+    assert driver.stat("syncs") == 3
+    models = {str(i): vec(0.0) for i in range(4)}
+    driver = classic_net("dynamic:delta=1,b=1", line(4), models)
+    driver.step("0", vec(12.0))
+    driver.settle()
+    assert [d for _, _, d, _ in driver.sends(Pull, src="0")] == ["1", "2"]
+    torch.testing.assert_close(driver.models["3"].w, vec(0.0))
+
+
 def test_widening_stops_after_the_round_limit():
     n = MAX_WIDENING_ROUNDS + 4
     models = {str(i): vec(0.0) for i in range(n)}
-    driver = classic_net("dynamic:delta=0.001,b=1", line(n), models, wire=False)
+    driver = classic_net("dynamic:delta=0.001,b=1,group=0,cap=0", line(n), models, wire=False)
     driver.step("0", vec(1000.0))
     driver.settle()
     # on a line the group grows by one per round: first pull plus MAX_WIDENING_ROUNDS rounds

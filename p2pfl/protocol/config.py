@@ -66,10 +66,10 @@ class ProtocolConfig:
 CORRECTION_DEFAULT = 0.1
 DYNAMIC_DEFAULTS: dict[str, Any] = {
     "b": 2,
-    "rel": 0.002,
+    "rel": 0.001,
     "correction": CORRECTION_DEFAULT,
-    "cap": 0,
-    "group": 0,
+    "cap": 3,
+    "group": 2,
     "condition": "smoothed",
     "smoothing": 16,
     "outer": None,
