@@ -12,9 +12,9 @@ import pytest
 import torch
 from kit import DIM, FakeModel, VirtualNet, complete, line, ring, star
 
-from p2pfl.protocol.actions import Send, SetCorrection
+from p2pfl.protocol.actions import ReplaceModel, Send, SetCorrection
 from p2pfl.protocol.config import parse_protocol
-from p2pfl.protocol.core import make_core
+from p2pfl.protocol.core import NodeCore, make_core
 from p2pfl.protocol.outer import OuterOptimizer
 from p2pfl.wire.messages import Average, ModelReply, Pull, Push
 
@@ -72,7 +72,9 @@ def test_a_clipped_merge_teaches_the_correction_only_where_trust_is_judged():
     """On a fixed schedule an honest peer may lie beyond τ (the protocol gives no bound): a
     merge that clipped it still updates the correction, else the corrections stop summing
     to zero (continuous on the demo fell from 0.969 to 0.575 when such merges taught
-    nothing). Dynamic, which bounds honest peers by √Δ, learns nothing from one."""
+    nothing); a model beyond its verdict radius stands at our own in what it learns
+    (``test_a_judged_model_teaches_the_correction_nothing_on_a_fixed_schedule``). Dynamic,
+    which bounds honest peers by √Δ, learns nothing from a merge with a clipped model."""
     core = make_core("a", parse_protocol("periodic:b=1,correction=0.5"), FakeModel(vec(0)), "bc")
     actions = core.on_local_step(0.0)
     actions += core.on_message(0.0, "b", Push(1, vec(0.1), 10))
@@ -100,6 +102,34 @@ def test_a_clipped_merge_teaches_the_correction_only_where_trust_is_judged():
     member.on_message(0.1, "k", Pull(sid))
     assert any(isinstance(a, SetCorrection) for a in member.on_message(0.2, "k", average))
     assert member.stats.syncs == 1
+
+
+def test_a_judged_model_teaches_the_correction_nothing_on_a_fixed_schedule():
+    """A periodic round with two honest peers and a liar far beyond its verdict radius: the
+    merge takes the liar's model clipped to its trusted radius, but the correction learns as
+    if the liar had sent our own model (learned, its first pull would be integrated by every
+    node next to a liar and never unlearned), and the liar loses its trust."""
+    steps = 5
+
+    def merge_with(liar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, NodeCore]:
+        spec = parse_protocol(f"periodic:b={steps},correction=0.5")
+        core = make_core("a", spec, FakeModel(vec(0)), "bcz")
+        for _ in range(steps):
+            core.on_local_step(0.0)
+        core.on_message(0.0, "b", Push(1, vec(0.3), 10))
+        core.on_message(0.0, "c", Push(1, vec(-0.1), 10))
+        actions = core.on_message(0.0, "z", Push(1, liar, 10))
+        assert core.stats.syncs == 1
+        (merged,) = [a.params for a in actions if isinstance(a, ReplaceModel)]
+        (learned,) = [a.vector for a in actions if isinstance(a, SetCorrection)]
+        return merged, learned, core
+
+    merged, learned, core = merge_with(vec(-30.0))
+    assert core.stats.clipped == 1 and core.stats.distrusted == 1 and core.trust["z"] < 1
+    clean_merge, without_the_liar, clean = merge_with(vec(0))  # the liar's model at ours
+    assert clean.stats.distrusted == 0 and float(without_the_liar.abs().min()) > 0
+    assert float((merged - clean_merge).abs().min()) > 0  # the merge took its clipped pull
+    torch.testing.assert_close(learned, without_the_liar)
 
 
 def vec(x: float) -> torch.Tensor:

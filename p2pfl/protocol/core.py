@@ -42,6 +42,22 @@ MAJORITY_PEERS = 2
 """Peers the distance history needs before its (lower) median counts: with one, that peer
 alone would set it (a node with one peer trusts only its own displacement and the protocol);
 with two, one liar cannot raise the lower of the two."""
+VERDICT_RADIUS = 2.0
+"""Where the protocol gives no floor on an honest peer's distance (the fixed schedules:
+periodic, continuous, gossip), how many times τ a model may lie from ours before its sender's
+trust is lowered, for a peer not vouched for (its first model, or one judged lately); between
+τ and there it is only clipped. A sign-flipped model lies 8-18 times ``max(s, m)`` from its
+receiver in the first rounds of periodic b=10 (Dirichlet 0.5), before it has dragged its
+neighbours toward zero: judged at 4τ (12 times) it was not judged in time and the honest
+nodes fell to 0.174. Honest models lay within 3.2 (periodic b=10), 6.0 (continuous) and
+11.1 (gossip) times ``max(s, m)`` (3,000 steps, Dirichlet 0.5; τ is 3 times that)."""
+VOUCHED_VERDICT_RADIUS = 5.0
+"""The verdict radius (in τ) for a peer vouched for (``PeerTrust.vouched``: every model
+within its verdict lately): honest peers that drift far apart late in training under label
+skew (gossip's slow mixing) keep their trust, while a liar, judged at its first model, stays
+at ``VERDICT_RADIUS``. Judged at 2τ when vouched for too, 170 honest gossip models were
+judged over 3,000 steps of Dirichlet 0.1 and the honest network fell from 0.929 to 0.842
+(none at 5τ: 0.929)."""
 PEER_SPEED_ALLOWANCE = 2.0
 """How much faster than this node a peer's machine may be before its sessions are refused."""
 
@@ -73,6 +89,8 @@ class CoreStats:
     refused_codec: int = 0
     clipped: int = 0
     refused_peer: int = 0
+    distrusted: int = 0
+    """Models that lay beyond their sender's verdict radius (its trust lowered)."""
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -123,15 +141,17 @@ class Clipped:
     models: list[torch.Tensor]
     suspect: bool
     """A model had to be clipped (a dynamic member then refuses the average)."""
-    poisoned: bool
-    """A model lay beyond its sender's trusted radius: the merge then teaches the drift
-    correction nothing (``NodeCore._adopt``). The correction is an integrator, and a lie that
-    pulls every node alike (each a little, within its clip radius) would be learned by all
-    of them and never unlearned, since their later merges agree with one another; this holds
-    where the protocol bounds honest peers (dynamic's √Δ): on a fixed schedule an honest
-    merge may clip, and skipping its update there broke the corrections' zero sum
-    (continuous on the demo fell from 0.969 to 0.575). A model clipped only for its lack of
-    progress (``PeerProgress``) counts as our own model in the merge: no poison in it."""
+    lesson: list[torch.Tensor] | None
+    """The peers' models the drift correction learns from (``NodeCore._adopt``); None: it
+    learns nothing from this merge. The correction is an integrator, and a lie that pulls
+    every node alike (each a little, within its clip radius) would be learned by all of them
+    and never unlearned, since their later merges agree with one another. Where the protocol
+    bounds honest peers (dynamic's √Δ), a merge with a model beyond its sender's trusted
+    radius teaches nothing. On a fixed schedule every merge teaches (an honest merge may
+    clip, and skipping its update broke the corrections' zero sum: continuous on the demo
+    fell from 0.969 to 0.575), but a model beyond its sender's judging radius stands at our
+    own model in the lesson. A model clipped only for its lack of progress
+    (``PeerProgress``) counts as our own model in the merge: no poison in it."""
 
 
 class NodeCore:
@@ -354,14 +374,16 @@ class NodeCore:
         nodes that drifted apart); a peer counts once however often it sends, and a liar
         has to be within τ, and stay there, before its distance counts: liars that are most
         of a node's peers cannot inflate τ. Where the protocol gives no floor (gossip,
-        periodic) trust is not judged and ``m`` counts every peer. Infinite when clipping
-        is off. ``displacement``: ``||own - anchor||`` if the caller measured it already."""
+        periodic) ``m`` counts every peer: trust is judged there only far beyond τ
+        (``VERDICT_RADIUS``), and a median of the vouched peers shrank as honest peers were
+        judged, judging more. Infinite when clipping is off. ``displacement``:
+        ``||own - anchor||`` if the caller measured it already."""
         if not self.config.merge.clip:
             return math.inf
         s = displacement
         if s is None:
             s = float(torch.linalg.vector_norm(own - self.anchor))
-        judged = self._clip_floor() > 0  # trust is judged (see ``_clip``): vouched peers only
+        judged = self._clip_floor() > 0  # trust is judged at τ (see ``_judge``): vouched only
         seen = sorted(
             d for p, d in self._peer_distances.items() if not judged or self.trust.vouched(p)
         )
@@ -396,9 +418,9 @@ class NodeCore:
     ) -> Clipped:
         """The models of ``others`` (by sender) clipped around ``own``, each to its sender's
         trusted share of ``widen``·τ times the share its progress earns
-        (``p2pfl.protocol.trust``; a model beyond the full ``widen``·τ lowers its sender's
-        trust first, a stale one earns no radius), with the verdict (see ``Clipped``); their
-        distances update the per-peer history that sizes τ."""
+        (``p2pfl.protocol.trust``; a model beyond its verdict radius, ``_judge``, lowers its
+        sender's trust first, a stale one earns no radius), with the verdict (see
+        ``Clipped``); their distances update the per-peer history that sizes τ."""
         # Every distance the verdict needs, in one tensor operation (bit for bit each pair
         # measured alone): each peer's from us, and with clipping on, our displacement (τ)
         # and each peer's progress and ours since its baseline (``PeerProgress``).
@@ -424,26 +446,11 @@ class NodeCore:
             while len(self._peer_distances) > DISTANCE_HISTORY:
                 self._peer_distances.popitem(last=False)
         if not clipping:
-            return Clipped(models, suspect=False, poisoned=False)
+            return Clipped(models, suspect=False, lesson=models)
         bound = self.clip_bound(own, displacement=measured[-1]) * widen
-        # Trust is lowered only where the protocol itself bounds an honest peer's distance
-        # (√Δ for dynamic; gossip's slow mixing and periodic rounds give no such bound, so a
-        # model beyond τ may be honest there: it is only clipped). Until some peer is vouched
-        # for, a peer beyond τ is judged only if it is not closing in (``_closing_in``): two
-        # honest nodes that started from different models merge toward each other, so their
-        # distance shrinks until they are within τ; a liar that is a node's only peer keeps
-        # its distance (or widens it), and was never judged before (nobody vouched).
-        judged = self._clip_floor() > 0
-        vouched = judged and any(map(self.trust.vouched, self._peer_distances))
-        trusted = [
-            bound
-            * (
-                self.trust.judge(sender, distance <= bound)
-                if vouched or distance <= bound or (judged and not closing_in[sender])
-                else self.trust[sender]
-            )
-            for sender, distance in distances.items()
-        ]
+        bounded = self._clip_floor() > 0
+        verdicts = {sender: bound * self._verdict(sender, bounded) for sender in distances}
+        trusted = [bound * t for t in self._judge(distances, closing_in, verdicts, bounded)]
         theirs, ours = measured[k : 2 * k], measured[2 * k : 3 * k]
         shares = self.progress.record(peers, models, own, lasts, theirs, ours)
         radii = [r * share for r, share in zip(trusted, shares, strict=True)]
@@ -451,8 +458,50 @@ class NodeCore:
         self.stats.clipped += count
         # Only a model beyond its trusted radius is poison the correction must not learn; a
         # stale one clipped for its lack of progress counts as our own model in the merge.
-        poisoned = any(d > r for d, r in zip(distances.values(), trusted, strict=True))
-        return Clipped(clipped, suspect=count > 0, poisoned=poisoned)
+        if bounded:
+            poisoned = any(d > r for d, r in zip(distances.values(), trusted, strict=True))
+            return Clipped(clipped, suspect=count > 0, lesson=None if poisoned else clipped)
+        beyond = [d > verdicts[sender] for sender, d in distances.items()]
+        lesson = (
+            [own if far else model for far, model in zip(beyond, clipped, strict=True)]
+            if any(beyond)
+            else clipped
+        )
+        return Clipped(clipped, suspect=count > 0, lesson=lesson)
+
+    def _verdict(self, sender: str, bounded: bool) -> float:
+        """How many times τ ``sender``'s model may lie from ours before its trust is lowered:
+        1 where the protocol bounds an honest peer's distance (``bounded``), else
+        ``VERDICT_RADIUS``, or ``VOUCHED_VERDICT_RADIUS`` for a peer vouched for."""
+        if bounded:
+            return 1.0
+        return VOUCHED_VERDICT_RADIUS if self.trust.vouched(sender) else VERDICT_RADIUS
+
+    def _judge(
+        self,
+        distances: dict[str, float],
+        closing_in: dict[str, bool],
+        verdicts: dict[str, float],
+        bounded: bool,
+    ) -> list[float]:
+        """Each sender's trust after its model at ``distances[sender]``: lowered beyond
+        ``verdicts[sender]``, raised within it. Where the protocol bounds an honest peer's
+        distance (``bounded``: √Δ for dynamic), until some peer is vouched for, a peer beyond
+        its verdict is judged only if it is not closing in (``_closing_in``): two honest
+        nodes that started from different models merge toward each other, so their distance
+        shrinks until they are within τ; a liar that is a node's only peer keeps its
+        distance (or widens it), and was never judged before (nobody vouched). On a fixed
+        schedule every model is judged."""
+        vouched = not bounded or any(map(self.trust.vouched, self._peer_distances))
+        trust = []
+        for sender, distance in distances.items():
+            within = distance <= verdicts[sender]
+            if vouched or within or not closing_in[sender]:
+                self.stats.distrusted += not within
+                trust.append(self.trust.judge(sender, within))
+            else:
+                trust.append(self.trust[sender])
+        return trust
 
     def _closing_in(self, sender: str, distance: float) -> bool:
         """Whether ``sender``'s model, at ``distance`` from ours, is closer than its models
@@ -472,10 +521,10 @@ class NodeCore:
         others: dict[str, tuple[torch.Tensor, int]],
         widen: float = 1.0,
         copies: Mapping[str, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, bool]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Merge our own model with the peers' ones (by sender), each clipped first (to
-        ``widen`` times its radius, see ``_clip``); returns the merged model and whether a
-        peer's model lay beyond its trusted radius (``Clipped.poisoned``, for ``_adopt``).
+        ``widen`` times its radius, see ``_clip``); returns the merged model and the merge the
+        drift correction learns from (``Clipped.lesson``; None: nothing).
 
         ``copies``: what each peer holds of ``own`` (``copy_for``), when we sent it to them
         over a lossy link. The merge then mixes what the group holds, our copy (their mean)
@@ -494,11 +543,19 @@ class NodeCore:
             base = torch.stack(held).mean(0) if len(held) > 1 else held[0]
         clipped = self._clip(base, {peer: params for peer, (params, _) in others.items()}, widen)
         samples = [own_samples] + [n for _, n in others.values()]
-        merged = merge([base, *clipped.models], samples, self.config.merge)
+        merged = self._mixed(own, base, merge([base, *clipped.models], samples, self.config.merge))
+        if clipped.lesson is None or clipped.lesson is clipped.models:
+            return merged, None if clipped.lesson is None else merged
+        lesson = merge([base, *clipped.lesson], samples, self.config.merge)
+        return merged, self._mixed(own, base, lesson)
+
+    def _mixed(self, own: torch.Tensor, base: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+        """``merged`` (a merge around ``base``, our copy as the group holds it) moved onto
+        ``own``: itself where ``base`` is ``own``, else ``own + γ·(merged - base)``."""
         if base is own:
-            return merged, clipped.poisoned
+            return merged
         assert self.config.codec is not None
-        return own + self.config.codec.consensus_step * (merged - base), clipped.poisoned
+        return own + self.config.codec.consensus_step * (merged - base)
 
     def copy_for(self, peer: str, x: torch.Tensor) -> torch.Tensor:
         """What ``peer`` will hold of ``x`` once we send it (``CodecLinks.copy_of``): ``x``
@@ -512,25 +569,26 @@ class NodeCore:
         steps: int,
         current: torch.Tensor | None = None,
         seen: torch.Tensor | None = None,
-        poisoned: bool = False,
+        *,
+        lesson: torch.Tensor | None,
     ) -> list[Action]:
         """Take the result of a merge: learn the drift correction from ``sent`` (the model
         this node contributed; ``seen``, the merge's copy of it, when a lossy link gave the
-        merge another one) and ``merged`` over ``steps`` shared local steps (not from a
-        ``poisoned`` merge, see ``Clipped.poisoned``), apply the
-        outer optimizer, and replace the model keeping the local steps taken since ``sent``
-        was handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge
-        is in flight (``current`` stands for ``w_now`` when an earlier replacement is not
-        applied yet). The ``ReplaceModel`` comes first; returns the actions."""
+        merge another one) and ``lesson`` (the merge as the correction may learn it, see
+        ``Clipped.lesson``; None: nothing) over ``steps`` shared local steps, apply the outer
+        optimizer, and replace the model keeping the local steps taken since ``sent`` was
+        handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge is in
+        flight (``current`` stands for ``w_now`` when an earlier replacement is not applied
+        yet). The ``ReplaceModel`` comes first; returns the actions."""
         actions: list[Action] = []
         new = merged if self.outer is None else self.outer.step(merged)
         now = self.model.read() if current is None else current
         self.anchor = new  # merge results are fresh tensors no one modifies in place
         actions.append(ReplaceModel(new + (now - sent)))
-        if steps > 0 and not (poisoned and self._clip_floor() > 0):
+        if steps > 0 and lesson is not None:
             step_size = self.mean_step_size(steps)
             contributed = sent if seen is None else seen
-            actions += self.drift_correction.update(contributed, merged, steps, step_size)
+            actions += self.drift_correction.update(contributed, lesson, steps, step_size)
         self.stats.syncs += 1
         return actions
 

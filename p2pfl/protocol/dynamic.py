@@ -365,7 +365,7 @@ class DynamicCore(NodeCore):
             self.quiet_until = self.step + self.config.b * self.rng.randint(1, 4)
             return []
         replies = {peer: (r.params, r.samples) for peer, r in s.replies.items()}
-        average, poisoned = self._merge(s.sent, self.model.samples, replies, MERGED_RADIUS)
+        average, lesson = self._merge(s.sent, self.model.samples, replies, MERGED_RADIUS)
         if float((average - self.reference).square().sum()) > self._delta:
             wider = self._widen()
             if wider:
@@ -383,7 +383,7 @@ class DynamicCore(NodeCore):
         # Peers that never answered (timed out) are released instead of waiting for us.
         actions += [Send(p, Busy(s.id)) for p in sorted(s.asked - set(s.replies) - s.refused)]
         self.session = None
-        return actions + self._adopt(average, s.sent, group_steps, poisoned=poisoned)
+        return actions + self._adopt(average, s.sent, group_steps, lesson=lesson)
 
     def _widen(self) -> list[str]:
         """Up to as many new peers as the group has (doubling it), drawn from the members'
@@ -449,7 +449,7 @@ class DynamicCore(NodeCore):
             self.stats.refused_peer += 1
             log.debug("%s: refused the average of %s (beyond its radius)", self.node_id, sender)
             return []
-        return self._adopt(msg.params, m.sent, msg.steps, seen=seen)
+        return self._adopt(msg.params, m.sent, msg.steps, seen=seen, lesson=msg.params)
 
     def _adopt(
         self,
@@ -458,11 +458,12 @@ class DynamicCore(NodeCore):
         steps: int,
         current: torch.Tensor | None = None,
         seen: torch.Tensor | None = None,
-        poisoned: bool = False,
+        *,
+        lesson: torch.Tensor | None,
     ) -> list[Action]:
         """The shared merge (correction, outer step, kept progress); the result becomes the
         reference."""
-        actions = super()._adopt(merged, sent, steps, current, seen, poisoned)
+        actions = super()._adopt(merged, sent, steps, current, seen, lesson=lesson)
         self.reference = merged if self.outer is None else self.outer.anchor  # never modified
         if self._coherent:
             self._checked = next(a.params for a in actions if isinstance(a, ReplaceModel)).clone()

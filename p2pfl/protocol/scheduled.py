@@ -93,8 +93,8 @@ class PeriodicCore(NodeCore):
         sent, self.open_round, self.sent = self.sent, None, None
         if not got:
             return []
-        merged, poisoned = self._merge(sent, self.model.samples, got, copies=self.sent_copies)
-        return self._adopt(merged, sent, self.config.b, current, poisoned=poisoned)
+        merged, lesson = self._merge(sent, self.model.samples, got, copies=self.sent_copies)
+        return self._adopt(merged, sent, self.config.b, current, lesson=lesson)
 
 
 class GossipCore(NodeCore):
@@ -150,11 +150,9 @@ class GossipCore(NodeCore):
             own = self.model.read().clone()
             offer = {sender: (message.params, message.samples)}
             copies = {sender: self.copy_for(sender, own)}  # our reply, as the peer will hold it
-            merged, poisoned = self._merge(own, self.model.samples, offer, copies=copies)
+            merged, lesson = self._merge(own, self.model.samples, offer, copies=copies)
             reply = ModelReply(-message.round, own, self.model.samples)
-            return [Send(sender, reply)] + self._adopt(
-                merged, own, self.config.b, poisoned=poisoned
-            )
+            return [Send(sender, reply)] + self._adopt(merged, own, self.config.b, lesson=lesson)
         if (
             isinstance(message, ModelReply)
             and self.exchanges.get(message.session, ("",))[0] == sender
@@ -163,8 +161,8 @@ class GossipCore(NodeCore):
             self.round_trip.sample(now - asked_at)
             answer = {sender: (message.params, message.samples)}
             copies = {sender: copy}
-            merged, poisoned = self._merge(sent, self.model.samples, answer, copies=copies)
-            return self._adopt(merged, sent, self.config.b, poisoned=poisoned)
+            merged, lesson = self._merge(sent, self.model.samples, answer, copies=copies)
+            return self._adopt(merged, sent, self.config.b, lesson=lesson)
         return super().on_message(now, sender, message)
 
     def on_timer(self, now: float, key: Hashable) -> list[Action]:
