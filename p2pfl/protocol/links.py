@@ -34,6 +34,11 @@ A lossy codec sends deltas, not models, and keeps what it left out (error feedba
   the delta shrinks from everything the node moved since it last wrote on the link to what
   it moved since that average.
 
+* **Copies** (fixed schedules): ``copy_of`` says what a peer will hold of a vector once it
+  is sent on the chain; ``periodic`` and ``gossip`` merge these copies, their own among
+  the peers' decoded ones, and keep what their own messages left out
+  (``NodeCore._merge``), as Choco-SGD does.
+
 A payload that does not fit the link (a delta on a message we do not hold, an echo of a
 reply we never sent, NaN/inf after decoding) raises ``LinkError`` with the reason; the node
 asks the peer for a key frame in its next message to it.
