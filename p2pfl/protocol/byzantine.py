@@ -10,7 +10,10 @@ network), but every model it sends is replaced as the attack says:
 * ``replay``: the first model it ever sent, again and again (a stale model);
 * ``flood``: honest models, but it always claims a violation (dynamic: a session at every
   check; gossip: a push to every neighbour at every step) to keep its peers busy;
-* ``fake-average``: floods, and the averages it returns as coordinator are sign-flipped.
+* ``fake-average``: floods, and the averages it returns as coordinator are sign-flipped;
+* ``silent``: sends nothing at all, neither models nor refusals (a peer crashed behind a
+  connection that stays open, or one that withholds on purpose): whoever waits for it waits
+  in vain.
 
 The wrapper is sans-I/O like the core it wraps, so the simulator and a daemon can run it.
 """
@@ -32,7 +35,7 @@ from p2pfl.protocol.scheduled import GossipCore
 from p2pfl.spec import SpecError
 from p2pfl.wire.messages import Average, Push
 
-ATTACKS = ("signflip", "scale", "noise", "replay", "flood", "fake-average")
+ATTACKS = ("signflip", "scale", "noise", "replay", "flood", "fake-average", "silent")
 SCALE = 1000.0
 FLOODING = ("flood", "fake-average")
 
@@ -111,6 +114,8 @@ class ByzantineCore:
         return self._lie(actions)
 
     def _lie(self, actions: list[Action]) -> list[Action]:
+        if self.attack == "silent":
+            return [a for a in actions if not isinstance(a, Send)]
         return [self._lie_in(a) if isinstance(a, Send) else a for a in actions]
 
     def _lie_in(self, send: Send) -> Send:
