@@ -6,22 +6,12 @@ undefended network)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from p2pfl.protocol.trust import PeerTrust
 from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.scenario import load_scenario
 
 FIXED = ("periodic:b=5", "gossip", "continuous")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models: one thread is much faster, above all on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def simulate(
