@@ -239,11 +239,12 @@ def test_a_node_back_on_another_port_from_its_previous_checkpoint_is_found_again
         assert f"resumed from checkpoint at step {previous}" in log
         assert (b.home / "ckpt.unusable").exists()
         # A heard B's new address from B itself (peer exchange) and keeps it, newest first
+        book = a.home / "peers.json"  # not there until A first saves its peer book
         wait_for(
-            lambda: moved in (a.home / "peers.json").read_text(),
+            lambda: book.exists() and moved in book.read_text(),
             a.proc,
             30,
-            lambda: (a.home / "peers.json").read_text(),
+            lambda: book.read_text() if book.exists() else "no peers.json yet",
         )
         assert json.loads((a.home / "peers.json").read_text())[b.peer_id]["addrs"][0] == moved
     finally:
