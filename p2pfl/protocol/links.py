@@ -201,7 +201,7 @@ class CodecLinks:
         self, x: torch.Tensor, out: _Outgoing, inn: _Incoming
     ) -> tuple[int, int, torch.Tensor]:
         """``(base_kind, base, vector)`` of the base a message of ``x`` is a delta on: our
-        acknowledged message, or with ``delta=shared`` the closest of it and the newest
+        acknowledged message, or with ``base=shared`` the closest of it and the newest
         vectors the peer holds as well (see ``BASE_KINDS``)."""
         candidates = [(0, out.acked, out.sent[out.acked])]
         if self.config.base == "shared":
