@@ -90,6 +90,10 @@ class CodecConfig:
     key: str | None = None
     """The codec of key frames (a link's first message, the vector itself; one of
     ``KEY_CODECS``); None: ``key_codec``'s default."""
+    tol: float | None = None
+    """``dynamic`` only: the largest error a reply may carry in the codec, in units of √Δ;
+    one that would carry more travels in the key codec instead (None: no limit; see
+    ``p2pfl.protocol.links``)."""
 
     @property
     def key_codec(self) -> str:
@@ -118,6 +122,7 @@ class CodecConfig:
         shared = "" if self.base == "chain" else f",base={self.base}"
         shared += "" if self.mix is None else f",mix={self.mix:g}"
         shared += "" if self.key is None else f",key={self.key}"
+        shared += "" if self.tol is None else f",tol={self.tol:g}"
         if self.name in BITS:
             return f"{self.name}:block={self.block}{shared}"
         if self.name == "topk":

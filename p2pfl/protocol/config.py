@@ -28,7 +28,7 @@ from p2pfl.spec import (
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 CONDITIONS = ("distance", "coherent", "smoothed")
-CODEC_KEYS = {"codec", "block", "topk", "values", "base", "mix", "key"}
+CODEC_KEYS = {"codec", "block", "topk", "values", "base", "mix", "key", "tol"}
 LOCAL_KINDS = ("bn",)
 
 
@@ -157,10 +157,12 @@ def _codec(spec: Spec) -> CodecConfig | None:
     ``base=chain|shared`` (what a message is a delta on, see ``p2pfl.protocol.links``) and
     ``mix=G`` (the consensus step of a fixed schedule's merge on lossy copies,
     ``CodecConfig.consensus_step``) and ``key=fp16|int8|int4|int2`` (how key frames
-    travel, ``CodecConfig.key_codec``), or None (float32 on the wire)."""
+    travel, ``CodecConfig.key_codec``) and, for ``dynamic``, ``tol=T`` (a reply whose codec
+    error would exceed T·√Δ travels in the key codec, ``CodecConfig.tol``), or None (float32
+    on the wire)."""
     name = spec.take("codec", str, None)
     if name is None:
-        for key in ("block", "topk", "values", "base", "mix", "key"):
+        for key in ("block", "topk", "values", "base", "mix", "key", "tol"):
             if key in spec.args:
                 raise SpecError(
                     f"{spec.text!r}: {key!r} sets up a codec; add codec=int8 or codec=topk"
@@ -181,7 +183,12 @@ def _codec(spec: Spec) -> CodecConfig | None:
     base = spec.take("base", _base, CodecConfig.base)
     mix = spec.take("mix", _mix, None)
     key = spec.take("key", _key, None)
-    return CodecConfig(name, block, fraction, values, base, mix, key)
+    if "tol" in spec.args and spec.kind != "dynamic":
+        raise SpecError(
+            f"{spec.text!r}: tol is measured in dynamic's √Δ; {spec.kind} has no Δ (drop tol)"
+        )
+    tol = spec.take("tol", positive_float, None)
+    return CodecConfig(name, block, fraction, values, base, mix, key, tol)
 
 
 def _base(raw: str) -> str:

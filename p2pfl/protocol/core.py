@@ -356,8 +356,14 @@ class NodeCore:
         params = getattr(send.message, "params", None)
         if params is None or isinstance(params, Compressed):
             return send
-        coded = self.links.encode(send.to, params, echo=isinstance(send.message, Average))
+        echo = isinstance(send.message, Average)
+        coded = self.links.encode(send.to, params, echo, self._codec_tolerance())
         return Send(send.to, replace(send.message, params=coded))  # type: ignore[type-var]
+
+    def _codec_tolerance(self) -> float | None:
+        """The largest codec error a message may carry before it travels in the key codec
+        (``CodecConfig.tol``; None: no limit): only ``dynamic`` has a scale for it."""
+        return None
 
     # -- what a peer may do to this node -------------------------------------------------
     def clip_bound(self, own: torch.Tensor, displacement: float | None = None) -> float:

@@ -215,6 +215,14 @@ class DynamicCore(NodeCore):
         """An honest peer may be up to √Δ from its reference without violating."""
         return math.sqrt(self._delta) if math.isfinite(self._delta) else 0.0
 
+    def _codec_tolerance(self) -> float | None:
+        """``tol·√Δ``: a reply off by more than that in the codec (by a good part of what the
+        Δ test allows) travels in the key codec (``CodecConfig.tol``)."""
+        codec = self.config.codec
+        if codec is None or codec.tol is None:
+            return None
+        return codec.tol * self._clip_floor()
+
     def _admit_session(self, peer: str, now: float) -> bool:
         """A coordinator may pull us again only once we moved at least
         ``√Δ / PEER_SPEED_ALLOWANCE`` since our last session with it: an honest one has to
