@@ -28,7 +28,9 @@ from p2pfl.spec import (
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 CONDITIONS = ("distance", "coherent", "smoothed")
-CODEC_KEYS = {"codec", "block", "topk", "values", "base", "mix", "key", "tol"}
+CODEC_KEYS = {"codec", "block", "topk", "values", "base", "mix", "key"}
+DYNAMIC_CODEC_KEYS = {"tol"}
+"""Codec keys measured in dynamic's Δ (``CodecConfig.tol``)."""
 LOCAL_KINDS = ("bn",)
 
 
@@ -99,7 +101,8 @@ def parse_protocol(text: str) -> ProtocolConfig:
     if spec.kind in ("periodic", "gossip"):
         spec.check_keys(common | {"b"})
         return ProtocolConfig(kind=spec.kind, b=spec.take("b", positive_int, 1), **base)
-    spec.check_keys(common | {"b", "delta", "rel", "group", "cap", "condition", "smoothing"})
+    dynamic = {"b", "delta", "rel", "group", "cap", "condition", "smoothing"}
+    spec.check_keys(common | DYNAMIC_CODEC_KEYS | dynamic)
     d = DYNAMIC_DEFAULTS
     delta = spec.take("delta", non_negative_float, None)
     rel = spec.take("rel", non_negative_float, d["rel"])
