@@ -562,13 +562,20 @@ class BoxedModel:
 
 
 @pytest.mark.parametrize(
-    "spec", ["dynamic:codec=int8", "dynamic:codec=int4", "dynamic:codec=topk,topk=0.1"]
+    "spec",
+    [
+        "dynamic:codec=int8",
+        "dynamic:codec=int4",
+        "dynamic:codec=topk,topk=0.1",
+        "dynamic:codec=sign,tol=1",
+    ],
 )
 def test_compressed_dynamic_keeps_the_global_mean_up_to_held_residuals(spec, monkeypatch):
     """Members adopt the average as echoed on the coordinator's copy of their reply (computed
     from the decoded replies), the coordinator the average itself: the sum of all models
     moves by the local steps minus exactly the error-feedback residuals coordinators still
-    hold and the members' reply errors ``x - x̂`` dropped on adopting."""
+    hold and the members' reply errors ``x - x̂`` dropped on adopting. With ``tol`` replies
+    beyond it travel in the key codec (int8), the rest and every echo in the codec."""
     dropped = torch.zeros(DIM)
     adopt = DynamicCore._adopt
 
@@ -595,7 +602,11 @@ def test_compressed_dynamic_keeps_the_global_mean_up_to_held_residuals(spec, mon
     net.settle()
     assert net.stat("sessions") >= 50 and net.stat("refused_codec") == 0
     coded = [m for _, _, _, m in net.log if isinstance(getattr(m, "params", None), Compressed)]
-    assert coded and all(m.params.codec in ("int8", "int4", "topk", "fp16") for m in coded)
+    assert coded and all(m.params.codec in ("int8", "int4", "topk", "sign") for m in coded)
+    if "tol" in spec:  # both: replies that fell back, and echoes and small replies in sign
+        replies = {m.params.codec for m in coded if isinstance(m, ModelReply) and m.params.base}
+        assert replies == {"int8", "sign"}
+        assert {m.params.codec for m in coded if isinstance(m, Average)} == {"sign"}
     held = sum(
         (r for c in net.cores.values() for r in c.links.residuals().values()), torch.zeros(DIM)
     )
