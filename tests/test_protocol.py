@@ -23,6 +23,7 @@ from p2pfl.protocol.actions import ReplaceModel, Send, SetTimer
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import NodeCore, make_core
 from p2pfl.protocol.dynamic import MAX_WIDENING_ROUNDS, DynamicCore
+from p2pfl.protocol.round_trip import STRAGGLER_FACTOR
 from p2pfl.protocol.scheduled import GossipCore, PeriodicCore
 from p2pfl.spec import SpecError
 from p2pfl.wire.messages import Average, Busy, ModelReply, Pull, Push
@@ -435,19 +436,21 @@ def test_widening_stops_after_the_round_limit():
 
 
 # -- dynamic: busy, offline, slow and vanished peers --
-def test_coordinator_resolves_at_timeout_without_a_silent_neighbour():
+def test_coordinator_resolves_without_a_silent_neighbour_once_it_is_a_straggler():
+    """1 answers within a round trip of 2 ms; 2 never will: the session is resolved once 2
+    is ``STRAGGLER_FACTOR`` round trips late, not at the timeout (1 s)."""
     models = {"0": vec(0.0), "1": vec(2.0), "2": vec(5.0)}
     graph = {"0": {"1", "2"}, "1": {"0"}, "2": {"0"}}
     driver = classic_net("dynamic:delta=0.01,b=1,timeout=1", graph, models)
     driver.offline.add("2")
     driver.step("0", vec(4.0))
     a = driver.cores["0"]
-    driver.advance(0.5)
+    driver.advance(0.005)
     assert a.busy and driver.cores["1"].busy  # 1 answered; 2 never will
     torch.testing.assert_close(driver.models["0"].w, vec(4.0))
-    driver.advance(1.01)  # the session timer, then the average reaches 1
+    driver.advance(0.002 * STRAGGLER_FACTOR + 0.002)  # the cut-off, then the average reaches 1
     assert not a.busy and not driver.cores["1"].busy
-    assert a.stats.timeouts == 1
+    assert a.stats.timeouts == 0 and a.stats.stragglers == 1
     torch.testing.assert_close(driver.models["0"].w, vec(3.0))
     torch.testing.assert_close(driver.models["1"].w, vec(3.0))
     torch.testing.assert_close(driver.models["2"].w, vec(5.0))
@@ -538,11 +541,12 @@ def test_coordinator_stops_waiting_for_a_neighbour_that_goes_down():
     driver = classic_net("dynamic:delta=0.01,b=1", graph, models)
     driver.offline.add("2")
     driver.step("0", vec(4.0))
-    driver.advance(0.01)
+    driver.advance(0.005)  # 1 answered; 2 is not a straggler yet
     coordinator = driver.cores["0"]
     assert coordinator.busy
     driver.peer_down("0", "2")
     assert not coordinator.busy and coordinator.stats.timeouts == 0
+    assert coordinator.stats.stragglers == 0
     driver.advance(driver.now + 0.01)
     torch.testing.assert_close(driver.models["1"].w, vec(3.0))
     # the next session does not ask the peer that is down
@@ -743,7 +747,11 @@ def test_periodic_round_completes_when_all_live_neighbours_arrived():
     assert sorted(p.to for p in pushes) == ["1", "2"]
     assert {p.message.round for p in pushes} == {1}
     assert [a.key for a in actions if isinstance(a, SetTimer)] == [("round", 1)]
-    assert core.on_message(0.02, "1", Push(1, vec(6.0), 10)) == []
+    # 2 is not late yet: it is a straggler only 4 times the lag of 1's model after the push
+    assert core.on_message(0.02, "1", Push(1, vec(6.0), 10)) == [
+        SetTimer(0.01 + STRAGGLER_FACTOR * 0.01, ("straggler", 1))
+    ]
+    assert core.on_timer(0.04, ("straggler", 1)) == []  # too early (another answer's timer)
     model.w = model.w + vec(0.0, 1.0)  # a local step while the round is open is kept
     got = replaced(core.on_message(0.03, "2", Push(1, vec(0.0, 3.0), 10)))
     torch.testing.assert_close(got, vec(3.0, 2.0))
@@ -869,12 +877,24 @@ def test_periodic_ring_with_an_offline_node_completes_on_timers():
     driver.step("1")
     driver.step("3")
     driver.step("0")
-    driver.advance(0.1)
+    driver.advance(0.002)
     assert driver.cores["0"].stats.syncs == 1  # got both 1 and 3
-    assert driver.cores["1"].stats.syncs == 0  # waits for 2
-    driver.advance(0.6)
+    assert driver.cores["1"].stats.syncs == 0  # waits for 2 (0 answered 1 ms after its push)
+    driver.advance(0.1)  # 2 is a straggler 4 ms after the push, long before the 0.5 s timeout
     assert driver.cores["1"].stats.syncs == driver.cores["3"].stats.syncs == 1
-    assert driver.cores["1"].stats.timeouts == 1
+    assert driver.cores["1"].stats.stragglers == 1 and driver.cores["1"].stats.timeouts == 0
+
+
+def test_periodic_round_nobody_answers_ends_at_the_timeout():
+    driver = classic_net("periodic:b=1,timeout=0.5", line(2), seed=0)
+    driver.offline.add("1")
+    driver.step("0")
+    driver.advance(0.49)
+    assert driver.cores["0"].open_round is not None  # no answer in hand: nothing to time
+    driver.advance(0.51)
+    core = driver.cores["0"]
+    assert core.open_round is None and core.stats.timeouts == 1 and core.stats.syncs == 0
+    assert core.round_trip.wait == 1.0  # nobody answered: the links may be slow
 
 
 # -- gossip and none --
