@@ -12,15 +12,21 @@ from test_daemon_network import make_network
 from p2pfl.daemon.config import CONFIG_FILE
 
 STEPS = 300
+PROTOCOL = "dynamic:timeout=5"
+"""A wait of 5 s, as on a loaded machine's first contacts: a session that waited it out for
+the silent peer held the pair for 100 steps."""
 
 
 @pytest.mark.slow
 def test_honest_daemons_sync_past_a_silent_peer(tmp_path):
-    daemons = make_network(tmp_path, 3, STEPS, protocol="dynamic")
+    daemons = make_network(tmp_path, 3, STEPS, protocol=PROTOCOL)
+    for d in daemons:
+        config = d.home / CONFIG_FILE
+        text = config.read_text().replace("step_interval = 0.01", "step_interval = 0.05")
+        if d.index == 2:
+            text = text.replace(f"steps = {STEPS}", "steps = 0") + 'byzantine = "silent"\n'
+        config.write_text(text)
     silent = daemons[2]
-    config = silent.home / CONFIG_FILE
-    config.write_text(config.read_text().replace(f"steps = {STEPS}", "steps = 0"))
-    config.write_text(config.read_text() + 'byzantine = "silent"\n')
     try:
         for d in reversed(daemons):
             d.start()
@@ -32,6 +38,6 @@ def test_honest_daemons_sync_past_a_silent_peer(tmp_path):
     for status in statuses:
         stats = status["core_stats"]
         print(stats)
-        # the silent peer was given up on, and the honest pair still synced
-        assert stats["stragglers"] + stats["timeouts"] > 0
+        # the silent peer was cut off as a straggler, never waited out, and the pair synced
+        assert stats.get("stragglers", 0) > 0 and stats["timeouts"] == 0, stats
         assert stats["syncs"] >= 5, stats
