@@ -359,7 +359,7 @@ class DynamicCore(NodeCore):
         actions: list[Action] = [Send(p, Pull(s.id)) for p in peers]
         actions.append(SetTimer(now + self.round_trip.wait, ("session", s.id, s.round)))
         if s.slowest is not None:  # a wider round: its round trips are known already
-            actions.append(SetTimer(self._cut_off_at(s), ("straggler", s.id, s.round)))
+            actions += self._straggler_timer(s)
         return actions
 
     def _on_reply(self, now: float, sender: str, msg: ModelReply) -> list[Action]:
@@ -384,11 +384,15 @@ class DynamicCore(NodeCore):
         s.slowest = max(trip, s.slowest or 0.0)
         if s.answered:
             return self._resolve(now)
-        return [SetTimer(self._cut_off_at(s), ("straggler", s.id, s.round))]
+        return self._straggler_timer(s)
 
     def _cut_off_at(self, s: Session) -> float:
         assert s.slowest is not None
         return s.asked_at + self.peer_waits.cut_off(s.slowest, s.pending)
+
+    def _straggler_timer(self, s: Session) -> list[Action]:
+        at = self._cut_off_at(s)
+        return [SetTimer(at, ("straggler", s.id, s.round))] if math.isfinite(at) else []
 
     def _give_up(self, now: float, s: Session) -> list[Action]:
         """Resolve without the peers still pending: they missed this session, unless nobody

@@ -158,12 +158,22 @@ class PeerWaits:
             if record.trip is not None:
                 record.trip.expired()
 
-    def cut_off(self, slowest: float, pending: Iterable[str]) -> float:
+    def cut_off(self, slowest: float, pending: Iterable[str], *, unknown: bool = True) -> float:
         """How long after a request its ``pending`` peers are stragglers, the slowest answer
-        in hand having taken ``slowest`` seconds."""
+        in hand having taken ``slowest`` seconds. Infinite while one of them missed no
+        request since it last answered: it is waited for as long as the node-wide wait
+        allows (once it lets a request go unanswered it is judged as the others). A peer
+        never heard from is a straggler if ``unknown`` (answers come at once: its lateness
+        is the network's), else waited for too (a push comes on its sender's own schedule:
+        a slower honest node pushes its rounds later)."""
         waits = [STRAGGLER_FACTOR * slowest]
         for peer in pending:
             record = self._peers.get(peer)
-            if record is not None and record.trip is not None:
+            if record is None:
+                if not unknown:
+                    return math.inf
+            elif record.missed == 0:
+                return math.inf
+            elif record.trip is not None:
                 waits.append(record.trip.wait)
         return max(waits)

@@ -4,6 +4,7 @@ is ``periodic`` with b=1) and pairwise gossip averaging. Both merge through
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
 
 import torch
@@ -68,27 +69,35 @@ class PeriodicCore(NodeCore):
         if not isinstance(message, Push) or message.round < 0 or sender not in self.neighbors:
             return super().on_message(now, sender, message)
         oldest = self.open_round if self.open_round is not None else self.step // self.config.b
-        if message.round < oldest or message.round > oldest + 2:
+        if message.round > oldest + 2:
             self.stats.ignored += 1
             log.debug("%s: round %d from %s outside window", self.node_id, message.round, sender)
             return []
+        # A model of a round we opened (even closed) times how long the peer lags our push;
+        # one of a round we did not open yet (a peer ahead of us) proves it alive.
+        timed = self.peer_waits.answered(sender, message.round, now) is not None
+        if not timed and message.round >= oldest:
+            self.peer_waits.heard(sender)
+        if timed or message.round >= oldest:
+            self.awaited.add(sender)  # a peer that answers again is waited for again
+        if message.round < oldest:
+            self.stats.ignored += 1
+            log.debug("%s: round %d from %s came late", self.node_id, message.round, sender)
+            return []
         self.inbox.setdefault(message.round, {})[sender] = (message.params, message.samples)
-        # A model of a round we opened (even closed) times how long the peer lags our push.
-        lag = self.peer_waits.answered(sender, message.round, now)
-        if lag is None:
-            self.peer_waits.heard(sender)  # ahead of us: restored, nothing to time
         if message.round != self.open_round:
             return []
         self.round_trip.sample(now - self.round_opened_at)
         self.slowest = max(now - self.round_opened_at, self.slowest or 0.0)
         actions = self._finish_if_complete()
-        if self.open_round is not None:  # stragglers left: cut off once they are late
-            actions.append(SetTimer(self._cut_off_at(), ("straggler", self.open_round)))
+        if self.open_round is not None and math.isfinite(at := self._cut_off_at()):
+            actions.append(SetTimer(at, ("straggler", self.open_round)))  # stragglers left
         return actions
 
     def _cut_off_at(self) -> float:
         assert self.slowest is not None
-        return self.round_opened_at + self.peer_waits.cut_off(self.slowest, self._missing())
+        missing = self._missing()
+        return self.round_opened_at + self.peer_waits.cut_off(self.slowest, missing, unknown=False)
 
     def _missing(self) -> set[str]:
         """The awaited live neighbours whose model of the open round has not arrived."""
