@@ -298,7 +298,7 @@ def _check_neighbors_to_send(neighbors: list[str]) -> None:
     if len(neighbors) > MAX_NEIGHBORS:
         raise ValueError(f"{len(neighbors)} neighbors exceed the wire limit of {MAX_NEIGHBORS}")
     lengths = list(map(len, neighbors))
-    if not lengths or 0 < min(lengths) and max(lengths) <= MAX_PEER_ID_CHARS:
+    if not lengths or min(lengths) > 0 and max(lengths) <= MAX_PEER_ID_CHARS:
         return
     for peer in neighbors:
         if not 0 < len(peer) <= MAX_PEER_ID_CHARS:
