@@ -413,8 +413,9 @@ def test_distances_in_one_operation_equal_each_pair_measured_alone():
 
 def test_distances_of_many_pairs_with_shared_sides_equal_each_pair_alone():
     """Beyond ``FEW_PAIRS`` pairs, runs that share a side are subtracted with it broadcast
-    (a merge's pairs: each peer from us, each peer's progress, ours, our displacement): bit
-    for bit each pair on its own, whatever the runs, and mixed dtypes still measured."""
+    (a merge's pairs: each peer from us, each peer's progress, ours, our displacement) and a
+    pair that repeats is measured once: bit for bit each pair on its own, whatever the runs,
+    and mixed dtypes still measured."""
     gen = torch.Generator().manual_seed(6)
     for size, k in ((1, 4), (7, 5), (4810, 6), (4810, 12)):
         peers = list(torch.randn(k, size, generator=gen))
@@ -426,6 +427,8 @@ def test_distances_of_many_pairs_with_shared_sides_equal_each_pair_alone():
             ([*peers, own, *peers], [*theirs, anchor, *[anchor] * k]),
             ([own, *peers, own, own], [anchor, *theirs, *ours[:2]]),
             (peers + theirs, ours + ours),
+            ([*peers, *[own] * k], [*theirs, *([ours[0], ours[1]] * k)[:k]]),  # repeated pairs
+            (peers + peers, theirs + theirs),
             ([p.half() for p in peers] + theirs, ours + ours),  # mixed dtypes: stacked
         ]
         for vectors, to in cases:

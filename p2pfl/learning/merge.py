@@ -42,7 +42,7 @@ def distances_to(vectors: Sequence[torch.Tensor], to: Sequence[torch.Tensor]) ->
     if len(vectors) == 1 and len(to) == 1:
         return [float(torch.linalg.vector_norm(vectors[0] - to[0]))]
     if len(vectors) == len(to) > FEW_PAIRS and _alike([*vectors, *to]):
-        return torch.linalg.vector_norm(_differences(vectors, to), dim=-1).tolist()
+        return _distinct_distances(vectors, to)
     a = vectors[0] if len(vectors) == 1 else torch.stack(list(vectors))
     b = to[0] if len(to) == 1 else torch.stack(list(to))
     return torch.linalg.vector_norm(a - b, dim=-1).tolist()
@@ -50,7 +50,24 @@ def distances_to(vectors: Sequence[torch.Tensor], to: Sequence[torch.Tensor]) ->
 
 FEW_PAIRS = 6
 """Up to this many pairs ``distances_to`` stacks both sides (fewest calls); beyond, it
-subtracts run by run into one buffer (fewest copies: a merge's pairs share sides)."""
+measures each distinct pair once, subtracting run by run into one buffer (fewest copies: a
+merge's pairs share sides)."""
+
+
+def _distinct_distances(vectors: Sequence[torch.Tensor], to: Sequence[torch.Tensor]) -> list[float]:
+    """``distances_to`` of many pairs, each distinct pair of tensors measured once (a merge
+    asks for our distance to one earlier model of ours for every peer recorded with it)."""
+    index: dict[tuple[int, int], int] = {}
+    slots, rows = [], []  # each pair's distinct pair; each distinct pair's first row
+    for row, (v, t) in enumerate(zip(vectors, to, strict=True)):
+        slot = index.setdefault((id(v), id(t)), len(index))
+        if slot == len(rows):
+            rows.append(row)
+        slots.append(slot)
+    if len(rows) < len(slots):
+        vectors, to = [vectors[r] for r in rows], [to[r] for r in rows]
+    distinct = torch.linalg.vector_norm(_differences(vectors, to), dim=-1).tolist()
+    return [distinct[slot] for slot in slots]
 
 
 def _alike(tensors: Sequence[torch.Tensor]) -> bool:
