@@ -76,10 +76,11 @@ def sweep_protocols(
     bs: list[int],
     baselines: list[str],
     dynamic_keys: str = "",
+    ablation: bool = True,
 ) -> list[str]:
     """Both continuous (with and without correction); every baseline variant at every
     period; the default ``dynamic``, dynamic at each (rel, b) that differs from the default;
-    the same dynamic runs without correction (the ablation); and ``none``."""
+    if ``ablation``, the same dynamic runs without correction; and ``none``."""
     protocols = [REFERENCE, "continuous"]
     protocols += [with_keys(f"periodic:b={b}", BASELINES[v]) for v in baselines for b in periods]
     dynamic = ["dynamic"]
@@ -89,7 +90,8 @@ def sweep_protocols(
                 continue
             dynamic.append(f"dynamic:rel={rel}" + (f",b={b}" if b != DYNAMIC_DEFAULTS["b"] else ""))
     dynamic = [with_keys(d, dynamic_keys) for d in dynamic]
-    return protocols + dynamic + [with_keys(d, "correction=0") for d in dynamic] + ["none"]
+    ablated = [with_keys(d, "correction=0") for d in dynamic] if ablation else []
+    return protocols + dynamic + ablated + ["none"]
 
 
 def cheapest(
@@ -345,6 +347,17 @@ def main() -> None:
         default="",
         help="keys added to every dynamic spec, e.g. condition=coherent",
     )
+    parser.add_argument(
+        "--no-ablation",
+        action="store_true",
+        help="skip the dynamic runs without correction (the ablation's column)",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        default=None,
+        help="learning-rate schedule for every run alike, e.g. cosine:min=0.1 "
+        "(default: the scenario's)",
+    )
     parser.add_argument("--gossip", default="", help="also gossip:b=B for these B (comma list)")
     parser.add_argument("--extra", action="append", default=[], help="more protocols to run")
     parser.add_argument("--steps", type=int, default=None)
@@ -361,12 +374,19 @@ def main() -> None:
             [int(b) for b in args.bs.split(",")],
             args.baselines.split(","),
             args.dynamic_keys,
+            not args.no_ablation,
         )
         + [f"gossip:b={b}" for b in args.gossip.split(",") if b]
         + args.extra
     )
     scenario = load_scenario(
-        args.scenario, {"protocols": tuple(protocols), "steps": args.steps, "seed": args.seed}
+        args.scenario,
+        {
+            "protocols": tuple(protocols),
+            "steps": args.steps,
+            "seed": args.seed,
+            "lr_schedule": args.lr_schedule,
+        },
     )
     prepared = prepare(scenario)
     drift = prepared.dataset.drift
@@ -391,7 +411,7 @@ def main() -> None:
     reference = next(r["final_accuracy"] for r in runs if r["protocol"] == REFERENCE)
     table = frontier_table(runs, reference)
     print_table(table, reference)
-    title = f"{scenario.dataset} · {scenario.partition}"
+    title = f"{scenario.dataset} · {scenario.partition} · lr {scenario.lr_schedule}"
     every = scenario.eval_every
     window = max(every, scenario.steps // 30 // every * every)  # traffic-over-time windows
     summary: dict[str, Any] = {"scenario": scenario.to_dict(), "runs": runs, "frontier": table}
