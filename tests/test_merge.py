@@ -13,7 +13,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from p2pfl.learning.merge import clip_around, distances_to, merge
+from p2pfl.learning.merge import FEW_PAIRS, clip_around, distances_to, merge
 from p2pfl.learning.rules import RULES, MergeRule
 from p2pfl.protocol.actions import ReplaceModel, Send
 from p2pfl.protocol.byzantine import ATTACKS, Attackers, ByzantineCore, parse_byzantine
@@ -409,6 +409,34 @@ def test_distances_in_one_operation_equal_each_pair_measured_alone():
             assert distances_to([one], vectors) == [
                 float(torch.linalg.vector_norm(one - v)) for v in vectors
             ]
+
+
+def test_distances_of_many_pairs_with_shared_sides_equal_each_pair_alone():
+    """Beyond ``FEW_PAIRS`` pairs, runs that share a side are subtracted with it broadcast
+    (a merge's pairs: each peer from us, each peer's progress, ours, our displacement) and a
+    pair that repeats is measured once: bit for bit each pair on its own, whatever the runs,
+    and mixed dtypes still measured."""
+    gen = torch.Generator().manual_seed(6)
+    for size, k in ((1, 4), (7, 5), (4810, 6), (4810, 12)):
+        peers = list(torch.randn(k, size, generator=gen))
+        own, anchor = torch.randn(size, generator=gen), torch.randn(size, generator=gen)
+        theirs = list(torch.randn(k, size, generator=gen))
+        ours = list(torch.randn(k, size, generator=gen))
+        cases = [
+            ([*peers, *peers, *[own] * k, own], [*[own] * k, *theirs, *ours, anchor]),
+            ([*peers, own, *peers], [*theirs, anchor, *[anchor] * k]),
+            ([own, *peers, own, own], [anchor, *theirs, *ours[:2]]),
+            (peers + theirs, ours + ours),
+            ([*peers, *[own] * k], [*theirs, *([ours[0], ours[1]] * k)[:k]]),  # repeated pairs
+            (peers + peers, theirs + theirs),
+            ([p.half() for p in peers] + theirs, ours + ours),  # mixed dtypes: stacked
+        ]
+        for vectors, to in cases:
+            alone = [
+                float(torch.linalg.vector_norm(v - t)) for v, t in zip(vectors, to, strict=True)
+            ]
+            assert len(vectors) > FEW_PAIRS
+            assert distances_to(vectors, to) == alone
 
 
 # -- progress: a stale model earns no pull ----------------------------------------------------

@@ -58,7 +58,9 @@ def final_statuses(tmp_path: Path, attacks: list[str]) -> dict[str, dict]:
             for d in reversed(daemons):
                 d.start()
         for honest, _ in pairs.values():
-            honest.wait_status(lambda s: s["done"], timeout=300)
+            # 600 s: 16 processes start at once; a fresh-clone CI at load 10-12 had one still
+            # without its control socket after 300 s
+            honest.wait_status(lambda s: s["done"], timeout=600)
         time.sleep(0.5)  # let a session in flight settle
         statuses = {attack: honest.status() for attack, (honest, _) in pairs.items()}
         for attack, (_, peer) in pairs.items():

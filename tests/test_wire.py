@@ -195,6 +195,9 @@ def test_encoded_size_refuses_what_encode_refuses() -> None:
             encoder(Pull(2**64), SCHEMA)
         with pytest.raises(ValueError, match="neighbors exceed"):
             encoder(ModelReply(1, vector(), 1, ["p"] * (MAX_NEIGHBORS + 1)), SCHEMA)
+        for bad in ("", "p" * (MAX_PEER_ID_CHARS + 1)):
+            with pytest.raises(ValueError, match="must have 1"):
+                encoder(ModelReply(1, vector(), 1, ["a", bad, "b"]), SCHEMA)
 
 
 def test_encoded_size_checks_params_like_encode() -> None:

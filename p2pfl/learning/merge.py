@@ -41,9 +41,75 @@ def distances_to(vectors: Sequence[torch.Tensor], to: Sequence[torch.Tensor]) ->
         to = to[:1]
     if len(vectors) == 1 and len(to) == 1:
         return [float(torch.linalg.vector_norm(vectors[0] - to[0]))]
+    if len(vectors) == len(to) > FEW_PAIRS and _alike([*vectors, *to]):
+        return _distinct_distances(vectors, to)
     a = vectors[0] if len(vectors) == 1 else torch.stack(list(vectors))
     b = to[0] if len(to) == 1 else torch.stack(list(to))
     return torch.linalg.vector_norm(a - b, dim=-1).tolist()
+
+
+FEW_PAIRS = 6
+"""Up to this many pairs ``distances_to`` stacks both sides (fewest calls); beyond, it
+measures each distinct pair once, subtracting run by run into one buffer (fewest copies: a
+merge's pairs share sides)."""
+
+
+def _distinct_distances(vectors: Sequence[torch.Tensor], to: Sequence[torch.Tensor]) -> list[float]:
+    """``distances_to`` of many pairs, each distinct pair of tensors measured once (a merge
+    asks for our distance to one earlier model of ours for every peer recorded with it)."""
+    index: dict[tuple[int, int], int] = {}
+    slots, rows = [], []  # each pair's distinct pair; each distinct pair's first row
+    for row, (v, t) in enumerate(zip(vectors, to, strict=True)):
+        slot = index.setdefault((id(v), id(t)), len(index))
+        if slot == len(rows):
+            rows.append(row)
+        slots.append(slot)
+    if len(rows) < len(slots):
+        vectors, to = [vectors[r] for r in rows], [to[r] for r in rows]
+    distinct = torch.linalg.vector_norm(_differences(vectors, to), dim=-1).tolist()
+    return [distinct[slot] for slot in slots]
+
+
+def _alike(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether all ``tensors`` are flat vectors of one size and dtype."""
+    first = tensors[0]
+    return first.dim() == 1 and all(
+        t.shape == first.shape and t.dtype == first.dtype for t in tensors
+    )
+
+
+def _differences(vectors: Sequence[torch.Tensor], to: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``vectors[i] - to[i]`` as the rows of one tensor. A run of pairs with one side the
+    same tensor subtracts that side broadcast, not a copy of it per row; the other pairs are
+    stacked. Elementwise, bit for bit ``stack(vectors) - stack(to)``."""
+    n = len(vectors)
+    out = torch.empty(n, vectors[0].shape[-1], dtype=vectors[0].dtype)
+    i = 0
+    while i < n:
+        j = _run_end(to, i)
+        if j - i > 1:
+            torch.stack(vectors[i:j], out=out[i:j]).sub_(to[i])
+            i = j
+            continue
+        j = _run_end(vectors, i)
+        if j - i > 1:
+            torch.sub(vectors[i], torch.stack(to[i:j], out=out[i:j]), out=out[i:j])
+            i = j
+            continue
+        j = i + 1
+        while j < n and _run_end(to, j) == _run_end(vectors, j) == j + 1:
+            j += 1
+        torch.stack(vectors[i:j], out=out[i:j]).sub_(torch.stack(to[i:j]))
+        i = j
+    return out
+
+
+def _run_end(tensors: Sequence[torch.Tensor], start: int) -> int:
+    """End of the run of entries from ``start`` that are the same tensor as ``tensors[start]``."""
+    end = start + 1
+    while end < len(tensors) and tensors[end] is tensors[start]:
+        end += 1
+    return end
 
 
 def clip_around(

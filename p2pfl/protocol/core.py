@@ -18,7 +18,7 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -98,6 +98,15 @@ class CoreStats:
 
 RowReader = Callable[[torch.Tensor], torch.Tensor]
 """``read(rows)``: the current parameters ``[k, params]`` of the stacked cores at ``rows``."""
+
+
+@dataclass
+class EchoedAverage(Average):
+    """An ``Average`` decoded from an echo on a lossy link (never on the wire): ``base`` is
+    our reply as its sender decoded it (``CodecLinks.echo_base``), what the group saw of our
+    model and what the average is a delta on."""
+
+    base: torch.Tensor = field(kw_only=True)
 
 
 _ENTRY_POINTS = (
@@ -215,9 +224,6 @@ class NodeCore:
         self._peer_distances: OrderedDict[str, float] = OrderedDict()
         self._distance_trend: OrderedDict[str, float] = OrderedDict()
         """Each peer's distance lately (see ``_closing_in``)."""
-        self.echo_base: torch.Tensor | None = None
-        """Set by ``_decoded`` for every message: for an average echoed on a lossy link, our
-        model as its sender decoded it (``CodecLinks.echo_base``), else None."""
         self.trust = PeerTrust()
         """How much of τ each peer's model may use (lowered for peers clipped again and
         again)."""
@@ -332,9 +338,9 @@ class NodeCore:
     def _decoded(self, sender: str, message: Message) -> Message | None:
         """``message`` with its compressed parameters decoded on ``sender``'s link; a payload
         that does not fit is refused (logged, counted): a reply or an average becomes
-        ``Busy`` (the peer's share is missing), anything else None."""
+        ``Busy`` (the peer's share is missing), anything else None. An average echoed on a
+        lossy link becomes an ``EchoedAverage``."""
         params = getattr(message, "params", None)
-        self.echo_base = None
         if not isinstance(params, Compressed):
             return message
         try:
@@ -347,8 +353,9 @@ class NodeCore:
             if isinstance(message, ModelReply | Average):
                 return Busy(message.session)
             return None
-        if params.echo:
-            self.echo_base = self.links.echo_base(sender, params)
+        if params.echo and isinstance(message, Average):
+            base = self.links.echo_base(sender, params)
+            return EchoedAverage(message.session, vector, message.steps, base=base)
         return replace(message, params=vector)  # type: ignore[type-var]
 
     def _compressed(self, send: Send) -> Send:

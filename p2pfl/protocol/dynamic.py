@@ -69,6 +69,7 @@ from p2pfl.protocol.config import ProtocolConfig
 from p2pfl.protocol.core import (
     DISTANCE_HISTORY,
     PEER_SPEED_ALLOWANCE,
+    EchoedAverage,
     NodeCore,
     RowReader,
     log,
@@ -456,10 +457,10 @@ class DynamicCore(NodeCore):
         # remainder would count as a sync and reset our reference: a flood of such
         # sessions would keep us from ever syncing with honest peers).
         # On a lossy link the average is a delta on the coordinator's copy of our reply
-        # (``echo_base``), not on what we sent: it is checked around that copy and teaches
+        # (``EchoedAverage.base``), not on what we sent: it is checked around that copy and teaches
         # the correction from it; our reply's codec error, which no one in the group saw, is
         # dropped with it (see ``p2pfl.protocol.links``).
-        seen = m.sent if self.echo_base is None else self.echo_base
+        seen = msg.base if isinstance(msg, EchoedAverage) else m.sent
         if self._clip(seen, {sender: msg.params}).suspect:
             self.stats.refused_peer += 1
             log.debug("%s: refused the average of %s (beyond its radius)", self.node_id, sender)

@@ -109,9 +109,10 @@ class StackedCores:
         core = self.cores[row]
         if row not in self._synced:
             for name, column in self._written.items():
-                setattr(core, name, column[row].item())
+                setattr(core, name, column.item(row))
             for name, clock in self.clocks.items():
-                setattr(core, name, None if np.isnan(clock[row]) else float(clock[row]))
+                at = clock.item(row)
+                setattr(core, name, None if at != at else at)  # NaN: None
             self._synced.add(row)
         self._touched.add(row)
         return core
