@@ -22,7 +22,10 @@ network model, evaluation and the engine loop itself.
 
 ``--child e2e --nodes N --steps S --protocol P`` runs one configuration and prints its JSON
 (CPU and wall of the run and of start-up, peak memory, messages, syncs, accuracy and
-``summary_sha256``, which two code trees taking the same decisions share).
+``summary_sha256``, which two code trees taking the same decisions share). With
+``--count-ops`` it also counts the torch (aten) operations run while delivering messages and
+while training, and the delivery's ops per message: a cost that, unlike time, does not depend
+on the machine's load (the counting makes the run several times slower).
 
 Digits has 1,438 training samples. Sizes above that cannot be split; there, node ``i`` trains
 on part ``i mod 1024`` of a 1,024-way split (the output says so).
@@ -35,6 +38,7 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -50,6 +54,7 @@ from typing import Any
 import torch
 from bench_setup import add_threads_option, prepared_scenario, set_threads
 from bench_sim import plain_loop
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from p2pfl.simulator import engine
 from p2pfl.simulator.engine import Prepared, Simulation
@@ -116,6 +121,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--nodes", type=int, help=argparse.SUPPRESS)
     p.add_argument("--learner", default="batched", help=argparse.SUPPRESS)
     p.add_argument("--per-node-protocol", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--count-ops", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.protocols = args.protocols or ["dynamic"]
     args.protocol = args.protocols[0]
@@ -206,6 +212,44 @@ def instrument(sim: Simulation, timers: Timers, breakdown: bool) -> None:
     engine.encoded_size = timed_encoded_size  # type: ignore[assignment]
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations a simulation runs, by phase: delivering messages (the
+    protocol's cores handling them), training (the learner and the vectorised local step)."""
+
+    def __init__(self, sim: Simulation) -> None:
+        super().__init__()
+        self.ops: dict[tuple[str, str], int] = defaultdict(int)
+        self.phase = "other"
+        for phase, name in (("deliver", "deliver"), ("train", "train")):
+            setattr(sim, name, self._in_phase(phase, getattr(sim, name)))
+
+    def _in_phase(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*a: Any, **kw: Any) -> Any:
+            self.phase = phase
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.phase = "other"
+
+        return counted
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops[self.phase, func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def report(self, messages: int) -> dict[str, Any]:
+        """Ops per phase, the delivery's ops per message and its most frequent ops."""
+        phases: dict[str, int] = defaultdict(int)
+        for (phase, _), n in self.ops.items():
+            phases[phase] += n
+        delivery = sorted(((n, op) for (ph, op), n in self.ops.items() if ph == "deliver"))
+        return {
+            "ops": dict(phases),
+            "ops_per_message": phases["deliver"] / max(1, messages),
+            "delivery_ops": {op: n for n, op in reversed(delivery[-12:])},
+        }
+
+
 def clocks() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
@@ -245,10 +289,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     sim = Simulation(prepared, args.protocol, vectorised=not args.per_node_protocol)
     timers = Timers()
     instrument(sim, timers, breakdown=args.child == "breakdown")
+    ops = OpCounter(sim) if args.count_ops else None
     wall1, cpu1 = clocks()
-    summary = sim.run()
+    with ops or contextlib.nullcontext():
+        summary = sim.run()
     wall2, cpu2 = clocks()
     return {
+        **({} if ops is None else ops.report(summary["messages"])),
         "nodes": args.nodes,
         "learner": args.learner,
         "steps": steps,
