@@ -7,14 +7,16 @@ scenarios (the README's compression table).
 For each scenario and seed: ``continuous:correction=0`` sets the target (99 % of its
 accuracy, as ``sim/pareto.py``); every periodic variant of ``--variants`` (the shared
 mechanisms: drift correction, outer step; see ``pareto.BASELINES``) at every period of
-``--periods`` runs without a codec, and the cheapest one reaching the target is the *best
-fair schedule* (if none reaches it, the most accurate one stands in and is marked). Then
-every ``dynamic`` spec of ``--dynamic`` (default: its defaults; e.g. a sweep of ``rel``) and
-that best fair schedule each run with every codec of ``--codecs`` (float32 first), so a
-codec is offered to both sides: the fair schedule with the same codec shows what the codec
-buys, dynamic's row beside it what the trigger adds. With ``--codec-periods`` each codec
-also gets the schedule sweep again (the best fair schedule's variant at each of those
-periods, with the codec): the cheapest of them reaching the target (else the most
+``--periods``, and gossip (with the drift correction) at every ``b`` of ``--gossip``, run
+without a codec; the cheapest of them reaching the target (``pareto.cheapest``, as table 1
+picks it) is the *best fair schedule* (if none reaches it, the most accurate one stands in
+and is marked). Then every ``dynamic`` spec of ``--dynamic`` (default: its defaults; e.g. a
+sweep of ``rel``) and that best fair schedule each run with every codec of ``--codecs``
+(float32 first), so a codec is offered to both sides: the fair schedule with the same codec
+shows what the codec buys, dynamic's row beside it what the trigger adds. With
+``--codec-periods`` / ``--codec-gossip`` each codec also gets the schedule sweep again, with
+the codec: the cheapest periodic variant of the float32 sweep at each of those periods, and
+gossip at each of those ``b``. The cheapest of these reaching the target (else the most
 accurate) is the *best fair schedule with that codec* (a coarse codec may need a shorter
 period, or afford a longer one), so the codec's share of the gain (best fair ÷ best fair
 with the codec) and the trigger's (best fair with the codec ÷ dynamic with it) are both
@@ -34,6 +36,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +46,12 @@ from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.scenario import load_scenario
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pareto import BASELINES, REFERENCE, with_keys  # noqa: E402
+from pareto import BASELINES, REFERENCE, cheapest, with_keys  # noqa: E402
 
 PERIODS = (20, 50, 100, 200, 500)
+GOSSIP = (20, 50, 100, 200, 500)
+FIXED = ("periodic", "gossip")
+"""The fixed schedules a best fair baseline is chosen from."""
 VARIANTS = ("plain", "correction", "correction+outer")
 CODECS = (
     "codec=fp16",
@@ -64,12 +70,17 @@ def codec_name(codec: str) -> str:
 
 
 def cheapest_reaching(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
-    """The run of ``runs`` with the fewest bytes among those reaching ``target``; if none
-    does, the most accurate one."""
-    reaching = [r for r in runs if r["final_accuracy"] >= target]
-    if reaching:
-        return min(reaching, key=lambda r: r["bytes_sent"])
-    return max(runs, key=lambda r: r["final_accuracy"])
+    """The fixed schedule of ``runs`` with the fewest bytes among those reaching ``target``
+    (``pareto.cheapest``); if none does, the most accurate one."""
+    best = cheapest(runs, target, FIXED)
+    return best or max(runs, key=lambda r: r["final_accuracy"])
+
+
+def schedules(periods: Sequence[int], keys: str, gossips: Sequence[int]) -> dict[str, str]:
+    """Fixed schedules, each with its periodic variant's keys: periodic with ``keys`` at each
+    period, and gossip (drift correction on, its default) at each ``b`` of ``gossips``."""
+    periodic = {with_keys(f"periodic:b={b}", keys): keys for b in periods}
+    return periodic | {f"gossip:b={b}": "" for b in gossips}
 
 
 def run_scenario(
@@ -81,7 +92,9 @@ def run_scenario(
     codecs: list[str],
     dynamics: list[str],
     reused: dict[str, dict[str, Any]],
-    codec_periods: list[int] | None = None,
+    gossips: Sequence[int] = (),
+    codec_periods: Sequence[int] = (),
+    codec_gossips: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Every run of one scenario and seed, the target and the best fair schedule; runs in
     ``reused`` (by protocol) are taken as they are."""
@@ -108,19 +121,23 @@ def run_scenario(
         return runs[protocol]
 
     target = TARGET * run(REFERENCE)["final_accuracy"]
-    variant_of = {with_keys(f"periodic:b={b}", BASELINES[v]): v for v in variants for b in periods}
-    schedules = [run(protocol) for protocol in variant_of]
-    best = cheapest_reaching(schedules, target)
-    keys = BASELINES[variant_of[best["protocol"]]]
+    variant_of: dict[str, str] = {}
+    for v in variants:
+        variant_of |= schedules(periods, BASELINES[v], [])
+    fixed = [run(p) for p in [*variant_of, *schedules([], "", gossips)]]
+    best = cheapest_reaching(fixed, target)
+    # The codec sweeps take the periodic variant that did best in float32.
+    keys = variant_of[cheapest_reaching([run(p) for p in variant_of], target)["protocol"]]
     rows = []
     for codec in ("", *codecs):
         # (side, its protocol without the codec: the float32 run it loses points to)
         sides = [(d, d) for d in dynamics] + [("best fair", best["protocol"])]
-        if codec and codec_periods:
-            plain = [with_keys(f"periodic:b={b}", keys) for b in codec_periods]
+        with_codec = None
+        if codec and (codec_periods or codec_gossips):
+            plain = list(schedules(codec_periods, keys, codec_gossips))
             swept = [run(with_keys(p, codec)) for p in plain]
-            pick = cheapest_reaching(swept, target)
-            chosen = next(p for p, r in zip(plain, swept, strict=True) if r is pick)
+            with_codec = cheapest_reaching(swept, target)
+            chosen = next(p for p, r in zip(plain, swept, strict=True) if r is with_codec)
             sides.append(("best fair with the codec", chosen))
         for side, protocol in sides:
             spec = with_keys(protocol, codec)
@@ -136,6 +153,11 @@ def run_scenario(
                     "points_lost": 100 * (run(protocol)["final_accuracy"] - r["final_accuracy"]),
                     "points_below_best_fair": 100 * (best["final_accuracy"] - r["final_accuracy"]),
                     "best_fair_over_this": best["bytes_sent"] / max(r["bytes_sent"], 1),
+                    "best_fair_with_codec_over_this": (
+                        with_codec["bytes_sent"] / max(r["bytes_sent"], 1)
+                        if with_codec and with_codec["final_accuracy"] >= target
+                        else None
+                    ),
                     "reused": r.get("reused", False),
                 }
             )
@@ -169,9 +191,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
         )
         print(
             "| side | codec | accuracy | MB | reaches | points lost to float32"
-            " | points below best fair | best fair / this |"
+            " | points below best fair | best fair / this | best fair with the codec / this |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for i, row in enumerate(group[0]["rows"]):
             cells = [g["rows"][i] for g in group]
             print(
@@ -180,9 +202,16 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 f" | {sum(c['reaches'] for c in cells)}/{len(cells)}"
                 f" | {_spread([c['points_lost'] for c in cells], 1, sign=True)}"
                 f" | {_spread([c['points_below_best_fair'] for c in cells], 1, sign=True)}"
-                f" | {_spread([c['best_fair_over_this'] for c in cells], 1)}x |"
+                f" | {_spread([c['best_fair_over_this'] for c in cells], 1)}x"
+                f" | {_ratios([c['best_fair_with_codec_over_this'] for c in cells])} |"
                 + (" (reused)" if any(c["reused"] for c in cells) else "")
             )
+
+
+def _ratios(values: list[float | None]) -> str:
+    """Ratios against the best fair schedule with a codec, ``-`` where it missed the target
+    (or was not swept)."""
+    return ", ".join("-" if v is None else f"{v:.1f}x" for v in values)
 
 
 def _spread(values: list[float], digits: int, sign: bool = False) -> str:
@@ -221,6 +250,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="", help="comma list (default: each scenario's)")
     parser.add_argument("--periods", default=",".join(map(str, PERIODS)))
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {list(BASELINES)}")
+    parser.add_argument(
+        "--gossip", default=",".join(map(str, GOSSIP)), help="gossip b values of the baselines"
+    )
     parser.add_argument("--codecs", default=";".join(CODECS), help="';'-separated codec keys")
     parser.add_argument(
         "--dynamic", default="dynamic", help="';'-separated dynamic specs, e.g. a rel sweep"
@@ -228,8 +260,11 @@ def main() -> None:
     parser.add_argument(
         "--codec-periods",
         default="",
-        help="comma list: sweep the best fair schedule's variant over these periods with each"
-        " codec (the best fair schedule with that codec)",
+        help="comma list: sweep the best periodic variant over these periods with each codec"
+        " (for the best fair schedule with that codec)",
+    )
+    parser.add_argument(
+        "--codec-gossip", default="", help="comma list: gossip b values swept with each codec"
     )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument(
@@ -242,6 +277,8 @@ def main() -> None:
     codecs = [c for c in args.codecs.split(";") if c]
     dynamics = [d for d in args.dynamic.split(";") if d]
     codec_periods = [int(b) for b in args.codec_periods.split(",") if b]
+    codec_gossips = [int(b) for b in args.codec_gossip.split(",") if b]
+    gossips = [int(b) for b in args.gossip.split(",") if b]
     results = []
     for path in args.scenarios:
         scenario = load_scenario(path, {} if args.steps is None else {"steps": args.steps})
@@ -257,7 +294,9 @@ def main() -> None:
                     codecs,
                     dynamics,
                     reused,
+                    gossips,
                     codec_periods,
+                    codec_gossips,
                 )
             )
             args.out.mkdir(parents=True, exist_ok=True)

@@ -244,6 +244,36 @@ def test_key_frames_travel_in_the_key_codec():
         assert float(error) <= float(first.scales.max()) / 2 * (1 + 1e-5)  # its stated error
 
 
+@pytest.mark.parametrize("config", [CodecConfig("sign"), CodecConfig("topk", fraction=0.05)])
+def test_a_delta_beyond_the_tolerance_travels_in_the_key_codec(config):
+    """With a tolerance, a chain delta the codec would leave off by more than it (a rarely
+    used link's large move) travels in the key codec, within that codec's stated error, and
+    both ends still agree on the reconstruction; a small one, and any echo, stay in the
+    codec."""
+    a, b = CodecLinks(config), CodecLinks(config)
+    x = randn(N, 1)
+    b.decode("a", a.encode("b", x))
+    a.decode("b", b.encode("a", randn(N, 2)))  # acknowledges the key frame
+    for scale, codec in ((1e-3, config.name), (1.0, "int8")):
+        held = a._out["b"].sent[a._out["b"].acked]  # what b holds: the delta's base
+        y = held + scale * randn(N, 3)
+        tolerance = 1e-3 * float(randn(N, 3).norm())  # more than either codec leaves off 1e-3
+        c = a.encode("b", y, tolerance=tolerance)
+        decoded = b.decode("a", c)
+        assert c.codec == codec and c.base >= 1  # a delta either way, not a key frame
+        assert torch.equal(decoded, a._out["b"].sent[c.seq])  # both ends hold the same copy
+        error = (decoded - y).abs().max()
+        if codec == "int8":  # the key codec's stated error on the delta
+            assert float(error) <= float(c.scales.max()) / 2 * (1 + 1e-5)
+            assert float((decoded - y).norm()) < 0.1 * float((y - held).norm())
+        a.decode("b", b.encode("a", randn(N, 5)))  # acknowledges it
+    assert a.fallbacks == 1
+    held = a._out["b"].sent[a._out["b"].acked]
+    assert a.encode("b", held + randn(N, 6)).codec == config.name  # no tolerance: no limit
+    echo = b.encode("a", x + randn(N, 7), echo=True, tolerance=1e-9)
+    assert echo.echo and echo.codec == config.name  # an echo's error returns in the next one
+
+
 def test_lost_messages_and_restarts_recover_with_a_reason():
     a, b = CodecLinks(CodecConfig("int8")), CodecLinks(CodecConfig("int8"))
     x = randn(N, 0)
@@ -493,6 +523,8 @@ def test_codec_keys_in_protocol_specs():
         "int8",
         "int4",
     )
+    assert parse_protocol("dynamic:codec=sign,tol=0.5").codec == CodecConfig("sign", tol=0.5)
+    assert parse_protocol("dynamic:codec=sign,tol=0.5").codec.label == "sign:block=256,tol=0.5"
     assert parse_protocol("dynamic").codec is None
     for bad, fragment in [
         ("dynamic:codec=zip", "codec must be one of fp16, int8, int4, int2, sign, topk"),
@@ -508,6 +540,9 @@ def test_codec_keys_in_protocol_specs():
         ("gossip:codec=topk,mix=0", "the consensus step must be in (0, 1]"),
         ("gossip:codec=int2,key=sign", "choose one of fp16, int8, int4, int2"),
         ("gossip:mix=0.5", "add codec=int8 or codec=topk"),
+        ("periodic:codec=sign,tol=0.5", "periodic has no Δ (drop tol)"),
+        ("dynamic:codec=sign,tol=0", "must be a positive number"),
+        ("dynamic:tol=0.5", "add codec=int8 or codec=topk"),
     ]:
         with pytest.raises(SpecError, match=re.escape(fragment)):
             parse_protocol(bad)
@@ -527,13 +562,20 @@ class BoxedModel:
 
 
 @pytest.mark.parametrize(
-    "spec", ["dynamic:codec=int8", "dynamic:codec=int4", "dynamic:codec=topk,topk=0.1"]
+    "spec",
+    [
+        "dynamic:codec=int8",
+        "dynamic:codec=int4",
+        "dynamic:codec=topk,topk=0.1",
+        "dynamic:codec=sign,tol=1",
+    ],
 )
 def test_compressed_dynamic_keeps_the_global_mean_up_to_held_residuals(spec, monkeypatch):
     """Members adopt the average as echoed on the coordinator's copy of their reply (computed
     from the decoded replies), the coordinator the average itself: the sum of all models
     moves by the local steps minus exactly the error-feedback residuals coordinators still
-    hold and the members' reply errors ``x - x̂`` dropped on adopting."""
+    hold and the members' reply errors ``x - x̂`` dropped on adopting. With ``tol`` replies
+    beyond it travel in the key codec (int8), the rest and every echo in the codec."""
     dropped = torch.zeros(DIM)
     adopt = DynamicCore._adopt
 
@@ -560,7 +602,11 @@ def test_compressed_dynamic_keeps_the_global_mean_up_to_held_residuals(spec, mon
     net.settle()
     assert net.stat("sessions") >= 50 and net.stat("refused_codec") == 0
     coded = [m for _, _, _, m in net.log if isinstance(getattr(m, "params", None), Compressed)]
-    assert coded and all(m.params.codec in ("int8", "int4", "topk", "fp16") for m in coded)
+    assert coded and all(m.params.codec in ("int8", "int4", "topk", "sign") for m in coded)
+    if "tol" in spec:  # both: replies that fell back, and echoes and small replies in sign
+        replies = {m.params.codec for m in coded if isinstance(m, ModelReply) and m.params.base}
+        assert replies == {"int8", "sign"}
+        assert {m.params.codec for m in coded if isinstance(m, Average)} == {"sign"}
     held = sum(
         (r for c in net.cores.values() for r in c.links.residuals().values()), torch.zeros(DIM)
     )

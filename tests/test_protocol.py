@@ -23,6 +23,7 @@ from p2pfl.protocol.actions import ReplaceModel, Send, SetTimer
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import NodeCore, make_core
 from p2pfl.protocol.dynamic import MAX_WIDENING_ROUNDS, DynamicCore
+from p2pfl.protocol.round_trip import STRAGGLER_FACTOR
 from p2pfl.protocol.scheduled import GossipCore, PeriodicCore
 from p2pfl.spec import SpecError
 from p2pfl.wire.messages import Average, Busy, ModelReply, Pull, Push
@@ -466,19 +467,21 @@ def test_widening_stops_after_the_round_limit():
 
 
 # -- dynamic: busy, offline, slow and vanished peers --
-def test_coordinator_resolves_at_timeout_without_a_silent_neighbour():
+def test_coordinator_resolves_without_a_silent_neighbour_once_it_is_a_straggler():
+    """1 answers within a round trip of 2 ms; 2 never will: the session is resolved once 2
+    is ``STRAGGLER_FACTOR`` round trips late, not at the timeout (1 s)."""
     models = {"0": vec(0.0), "1": vec(2.0), "2": vec(5.0)}
     graph = {"0": {"1", "2"}, "1": {"0"}, "2": {"0"}}
     driver = classic_net("dynamic:delta=0.01,b=1,timeout=1", graph, models)
     driver.offline.add("2")
     driver.step("0", vec(4.0))
     a = driver.cores["0"]
-    driver.advance(0.5)
+    driver.advance(0.005)
     assert a.busy and driver.cores["1"].busy  # 1 answered; 2 never will
     torch.testing.assert_close(driver.models["0"].w, vec(4.0))
-    driver.advance(1.01)  # the session timer, then the average reaches 1
+    driver.advance(0.002 * STRAGGLER_FACTOR + 0.002)  # the cut-off, then the average reaches 1
     assert not a.busy and not driver.cores["1"].busy
-    assert a.stats.timeouts == 1
+    assert a.stats.timeouts == 0 and a.stats.stragglers == 1
     torch.testing.assert_close(driver.models["0"].w, vec(3.0))
     torch.testing.assert_close(driver.models["1"].w, vec(3.0))
     torch.testing.assert_close(driver.models["2"].w, vec(5.0))
@@ -569,11 +572,12 @@ def test_coordinator_stops_waiting_for_a_neighbour_that_goes_down():
     driver = classic_net("dynamic:delta=0.01,b=1", graph, models)
     driver.offline.add("2")
     driver.step("0", vec(4.0))
-    driver.advance(0.01)
+    driver.advance(0.005)  # 1 answered; 2 is not a straggler yet
     coordinator = driver.cores["0"]
     assert coordinator.busy
     driver.peer_down("0", "2")
     assert not coordinator.busy and coordinator.stats.timeouts == 0
+    assert coordinator.stats.stragglers == 0
     driver.advance(driver.now + 0.01)
     torch.testing.assert_close(driver.models["1"].w, vec(3.0))
     # the next session does not ask the peer that is down
@@ -906,6 +910,45 @@ def test_periodic_ring_with_an_offline_node_completes_on_timers():
     driver.advance(0.6)
     assert driver.cores["1"].stats.syncs == driver.cores["3"].stats.syncs == 1
     assert driver.cores["1"].stats.timeouts == 1
+
+
+def test_periodic_neighbour_that_missed_a_round_is_then_cut_off_as_a_straggler():
+    """A push comes on its sender's schedule (a slower node pushes later): a neighbour is
+    waited for until it lets a round go by; then it sits out a round and, waited for
+    again, is a straggler ``STRAGGLER_FACTOR`` times the lag of the models in hand."""
+    core, model = periodic_core("periodic:b=1")
+    core.on_local_step(0.0)  # round 1
+    core.on_message(0.002, "1", Push(1, vec(1.0), 10))  # 2 never pushes
+    core.on_local_step(0.01)  # round 2 closes round 1 without 2: it missed one
+    assert core.stats.syncs == 1 and core.stats.stragglers == 0
+    replaced(core.on_message(0.012, "1", Push(2, vec(1.0), 10)))  # 2 sits round 2 out
+    assert core.stats.syncs == 2 and core.open_round is None
+    core.on_local_step(0.02)  # round 3 waits for 2 again, but only so long
+    actions = core.on_message(0.022, "1", Push(3, vec(1.0), 10))
+    (timer,) = [a for a in actions if isinstance(a, SetTimer)]
+    cut = 0.02 + STRAGGLER_FACTOR * 0.002
+    assert timer.key == ("straggler", 3) and timer.at == pytest.approx(cut)
+    assert core.on_timer(cut - 0.001, ("straggler", 3)) == []  # not yet
+    cut = timer.at
+    assert core.on_timer(cut, ("straggler", 3)) and core.stats.stragglers == 1
+    assert core.stats.syncs == 3 and core.stats.timeouts == 0
+    # a model from 2 again (even a late one) restores it: waited for in full
+    core.on_message(0.025, "2", Push(3, vec(1.0), 10))
+    core.on_local_step(0.03)
+    core.on_message(0.032, "1", Push(4, vec(1.0), 10))
+    assert core.open_round == 4  # waits for 2
+
+
+def test_periodic_round_nobody_answers_ends_at_the_timeout():
+    driver = classic_net("periodic:b=1,timeout=0.5", line(2), seed=0)
+    driver.offline.add("1")
+    driver.step("0")
+    driver.advance(0.49)
+    assert driver.cores["0"].open_round is not None  # no answer in hand: nothing to time
+    driver.advance(0.51)
+    core = driver.cores["0"]
+    assert core.open_round is None and core.stats.timeouts == 1 and core.stats.syncs == 0
+    assert core.round_trip.wait == 1.0  # nobody answered: the links may be slow
 
 
 # -- gossip and none --

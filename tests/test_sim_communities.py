@@ -141,8 +141,11 @@ def test_shared_entries_agree_private_entries_stay_own():
 # and back when that rule was kept to dynamic (it broke continuous: 0.969 -> 0.575); and when
 # a peer's radius became scaled by its progress (issue 11, replay: 0.7118 -> 0.7022).
 # Accuracy was a float32 mean over nodes then and is an exactly rounded one now (1e-7 apart).
+# Periodic re-recorded when a neighbour that let a round go by became a straggler (issue 11,
+# silent peers: with speed_spread a neighbour far ahead pushes outside the round window, and
+# is no longer waited for round after round: 3 more syncs, same bytes, 0.5061 -> 0.5064).
 PINNED = {
-    "periodic:b=5": (0.5061281301081181, 1.6826566368341447, 6023460, 310, 134),
+    "periodic:b=5": (0.5064066857099533, 1.672340026497841, 6023460, 310, 137),
     "dynamic": (0.6140668511390686, 1.3707069367170335, 3545008, 332, 109),
     "gossip": (0.7021587744355202, 1.3461494207382203, 30542290, 1571, 1565),
 }

@@ -44,7 +44,6 @@ KEY_CODECS = ("fp16", "int8", "int4", "int2")
 FP16_MAX = 65504.0
 LEVELS = {"int8": 127, "int4": 7}
 """Largest quantization level of each integer codec (``scale = max|block| / L``)."""
-INT8_LEVELS = LEVELS["int8"]
 BITS = {"int8": 8, "int4": 4, "int2": 2, "sign": 1}
 """Bits per entry of the block-scaled codecs."""
 MAX_DECODED = 3.0e38
@@ -52,6 +51,8 @@ MAX_DECODED = 3.0e38
 INT2_TOP = 1.5
 """int2's outer level, in scales (the levels are ±0.5 and ±1.5 scales)."""
 BASES = ("chain", "shared")
+"""What a compressed message is a delta on (see ``p2pfl.protocol.links``): ``chain``, the
+sender's last acknowledged message; ``shared``, the closest vector both ends hold."""
 TOPK_MIX = 2.5
 """``topk``'s default consensus step per kept fraction (``CodecConfig.consensus_step``)."""
 BASE_KINDS = (
@@ -63,8 +64,6 @@ BASE_KINDS = (
 """What a payload's ``base`` numbers (``Compressed.base_kind`` indexes this): a message of the
 sender, the average the receiver returned on it, a message of the receiver (as the sender
 decoded it), or the average the sender returned on that one."""
-"""What a compressed message is a delta on (see ``p2pfl.protocol.links``): ``chain``, the
-sender's last acknowledged message; ``shared``, the closest vector both ends hold."""
 
 
 def max_scale(codec: str) -> float:
@@ -91,6 +90,10 @@ class CodecConfig:
     key: str | None = None
     """The codec of key frames (a link's first message, the vector itself; one of
     ``KEY_CODECS``); None: ``key_codec``'s default."""
+    tol: float | None = None
+    """``dynamic`` only: the largest error a reply may carry in the codec, in units of √Δ;
+    one that would carry more travels in the key codec instead (None: no limit; see
+    ``p2pfl.protocol.links``)."""
 
     @property
     def key_codec(self) -> str:
@@ -119,6 +122,7 @@ class CodecConfig:
         shared = "" if self.base == "chain" else f",base={self.base}"
         shared += "" if self.mix is None else f",mix={self.mix:g}"
         shared += "" if self.key is None else f",key={self.key}"
+        shared += "" if self.tol is None else f",tol={self.tol:g}"
         if self.name in BITS:
             return f"{self.name}:block={self.block}{shared}"
         if self.name == "topk":

@@ -29,6 +29,8 @@ from p2pfl.spec import (
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 CONDITIONS = ("distance", "coherent", "smoothed")
 CODEC_KEYS = {"codec", "block", "topk", "values", "base", "mix", "key"}
+DYNAMIC_CODEC_KEYS = {"tol"}
+"""Codec keys measured in dynamic's Δ (``CodecConfig.tol``)."""
 LOCAL_KINDS = ("bn",)
 
 
@@ -101,9 +103,8 @@ def parse_protocol(text: str) -> ProtocolConfig:
     if spec.kind in ("periodic", "gossip"):
         spec.check_keys(common | {"b"})
         return ProtocolConfig(kind=spec.kind, b=spec.take("b", positive_int, 1), **base)
-    spec.check_keys(
-        common | {"b", "delta", "rel", "group", "cap", "condition", "smoothing", "lr_power"}
-    )
+    dynamic = {"b", "delta", "rel", "group", "cap", "condition", "smoothing", "lr_power"}
+    spec.check_keys(common | DYNAMIC_CODEC_KEYS | dynamic)
     d = DYNAMIC_DEFAULTS
     delta = spec.take("delta", non_negative_float, None)
     rel = spec.take("rel", non_negative_float, d["rel"])
@@ -172,10 +173,12 @@ def _codec(spec: Spec) -> CodecConfig | None:
     ``base=chain|shared`` (what a message is a delta on, see ``p2pfl.protocol.links``) and
     ``mix=G`` (the consensus step of a fixed schedule's merge on lossy copies,
     ``CodecConfig.consensus_step``) and ``key=fp16|int8|int4|int2`` (how key frames
-    travel, ``CodecConfig.key_codec``), or None (float32 on the wire)."""
+    travel, ``CodecConfig.key_codec``) and, for ``dynamic``, ``tol=T`` (a reply whose codec
+    error would exceed T·√Δ travels in the key codec, ``CodecConfig.tol``), or None (float32
+    on the wire)."""
     name = spec.take("codec", str, None)
     if name is None:
-        for key in ("block", "topk", "values", "base", "mix", "key"):
+        for key in ("block", "topk", "values", "base", "mix", "key", "tol"):
             if key in spec.args:
                 raise SpecError(
                     f"{spec.text!r}: {key!r} sets up a codec; add codec=int8 or codec=topk"
@@ -196,7 +199,12 @@ def _codec(spec: Spec) -> CodecConfig | None:
     base = spec.take("base", _base, CodecConfig.base)
     mix = spec.take("mix", _mix, None)
     key = spec.take("key", _key, None)
-    return CodecConfig(name, block, fraction, values, base, mix, key)
+    if "tol" in spec.args and spec.kind != "dynamic":
+        raise SpecError(
+            f"{spec.text!r}: tol is measured in dynamic's √Δ; {spec.kind} has no Δ (drop tol)"
+        )
+    tol = spec.take("tol", positive_float, None)
+    return CodecConfig(name, block, fraction, values, base, mix, key, tol)
 
 
 def _base(raw: str) -> str:

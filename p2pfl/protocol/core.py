@@ -30,7 +30,7 @@ from p2pfl.protocol.config import ProtocolConfig
 from p2pfl.protocol.correction import DriftCorrection
 from p2pfl.protocol.links import CodecLinks, LinkError
 from p2pfl.protocol.outer import OuterOptimizer
-from p2pfl.protocol.round_trip import RoundTrip
+from p2pfl.protocol.round_trip import PeerWaits, RoundTrip
 from p2pfl.protocol.trust import PeerProgress, PeerTrust
 from p2pfl.wire.messages import Average, Busy, Message, ModelReply
 
@@ -85,6 +85,8 @@ class CoreStats:
     refused_busy: int = 0
     gave_way: int = 0
     timeouts: int = 0
+    stragglers: int = 0
+    """Answers a request was resolved without, cut off as stragglers (``PeerWaits``)."""
     ignored: int = 0
     refused_codec: int = 0
     clipped: int = 0
@@ -217,6 +219,8 @@ class NodeCore:
         self.links = CodecLinks(config.codec)
         self.round_trip = RoundTrip(config.timeout)
         """How long to wait for peers' answers (learnt from their round trips)."""
+        self.peer_waits = PeerWaits()
+        """Each peer's own round trip and missed answers (who to wait for, how long)."""
         self.anchor = model.read().clone()
         """The model right after the last merge: our displacement since then sizes the clip
         bound."""
@@ -363,8 +367,14 @@ class NodeCore:
         params = getattr(send.message, "params", None)
         if params is None or isinstance(params, Compressed):
             return send
-        coded = self.links.encode(send.to, params, echo=isinstance(send.message, Average))
+        echo = isinstance(send.message, Average)
+        coded = self.links.encode(send.to, params, echo, self._codec_tolerance())
         return Send(send.to, replace(send.message, params=coded))  # type: ignore[type-var]
+
+    def _codec_tolerance(self) -> float | None:
+        """The largest codec error a message may carry before it travels in the key codec
+        (``CodecConfig.tol``; None: no limit): only ``dynamic`` has a scale for it."""
+        return None
 
     # -- what a peer may do to this node -------------------------------------------------
     def clip_bound(self, own: torch.Tensor, displacement: float | None = None) -> float:

@@ -27,7 +27,9 @@ Decisions that matter on a real network:
 * Members keep training while the session runs. When the average arrives they adopt
   ``average + (w_now - w_sent)``: local steps taken meanwhile are kept, none is lost.
 * Every wait is bounded by the core's round-trip wait (``timeout`` at least, see
-  ``p2pfl.protocol.round_trip``). A coordinator resolves with whoever answered and
+  ``p2pfl.protocol.round_trip``). Once some peers answered, the missing ones are cut off as
+  stragglers at a multiple of the round trips in hand (``PeerWaits``), and a peer that
+  missed answers is asked less often. A coordinator resolves with whoever answered and
   releases the others (``Busy`` sent back); a member whose coordinator vanished drops out of
   the session and keeps its own model.
 * Δ: absolute ``delta``, or ``rel * ||r||²`` (default), i.e. a violation when the model has
@@ -88,10 +90,18 @@ class Session:
     asked_at: float = 0.0
     replies: dict[str, ModelReply] = field(default_factory=dict)
     refused: set[str] = field(default_factory=set)
+    cut: set[str] = field(default_factory=set)
+    """Peers given up on (stragglers, or the round's wait expired)."""
+    slowest: float | None = None
+    """The slowest answer of the session so far (None: none yet)."""
+
+    @property
+    def pending(self) -> set[str]:
+        return self.asked - set(self.replies) - self.refused - self.cut
 
     @property
     def answered(self) -> bool:
-        return self.asked <= set(self.replies) | self.refused
+        return not self.pending
 
 
 @dataclass
@@ -230,6 +240,14 @@ class DynamicCore(NodeCore):
         """An honest peer may be up to √Δ from its reference without violating."""
         return math.sqrt(self._delta) if math.isfinite(self._delta) else 0.0
 
+    def _codec_tolerance(self) -> float | None:
+        """``tol·√Δ``: a reply off by more than that in the codec (by a good part of what the
+        Δ test allows) travels in the key codec (``CodecConfig.tol``)."""
+        codec = self.config.codec
+        if codec is None or codec.tol is None:
+            return None
+        return codec.tol * self._clip_floor()
+
     def _admit_session(self, peer: str, now: float) -> bool:
         """A coordinator may pull us again only once we moved at least
         ``√Δ / PEER_SPEED_ALLOWANCE`` since our last session with it: an honest one has to
@@ -344,7 +362,7 @@ class DynamicCore(NodeCore):
 
     # -- coordinator -----------------------------------------------------------------------
     def _start_session(self, now: float) -> list[Action]:
-        peers = self.live_neighbors
+        peers = self.peer_waits.expected(self.live_neighbors)
         if self.config.group and len(peers) > self.config.group:
             peers = self.rng.sample(peers, self.config.group)
         if not peers:
@@ -358,19 +376,53 @@ class DynamicCore(NodeCore):
         assert self.session is not None
         s = self.session
         s.asked_at = now
+        for peer in peers:
+            self.peer_waits.asked(peer, s.id, now)
         actions: list[Action] = [Send(p, Pull(s.id)) for p in peers]
         actions.append(SetTimer(now + self.round_trip.wait, ("session", s.id, s.round)))
+        if s.slowest is not None:  # a wider round: its round trips are known already
+            actions += self._straggler_timer(s)
         return actions
 
     def _on_reply(self, now: float, sender: str, msg: ModelReply) -> list[Action]:
         s = self.session
         if s is None or s.id != msg.session or sender not in s.asked or sender in s.replies:
-            # A late reply to a session already resolved: let the peer go at once.
+            # A late reply to a session already resolved: let the peer go at once (it was
+            # slow, not silent: restored, and its round trip learnt).
             self.stats.ignored += 1
+            self.peer_waits.answered(sender, msg.session, now)
             return [Send(sender, Busy(msg.session))]
         s.replies[sender] = msg
-        self.round_trip.sample(now - s.asked_at)
-        return self._resolve(now) if s.answered else []
+        return self._on_answer(now, sender)
+
+    def _on_answer(self, now: float, sender: str) -> list[Action]:
+        """``sender`` answered the session (reply or ``Busy``): resolve it once every peer
+        has, else (re)arm the cut-off for the stragglers."""
+        s = self.session
+        assert s is not None
+        trip = now - s.asked_at
+        self.round_trip.sample(trip)
+        self.peer_waits.answered(sender, s.id, now)
+        s.slowest = max(trip, s.slowest or 0.0)
+        if s.answered:
+            return self._resolve(now)
+        return self._straggler_timer(s)
+
+    def _cut_off_at(self, s: Session) -> float:
+        assert s.slowest is not None
+        return s.asked_at + self.peer_waits.cut_off(s.slowest, s.pending)
+
+    def _straggler_timer(self, s: Session) -> list[Action]:
+        at = self._cut_off_at(s)
+        return [SetTimer(at, ("straggler", s.id, s.round))] if math.isfinite(at) else []
+
+    def _give_up(self, now: float, s: Session) -> list[Action]:
+        """Resolve without the peers still pending: they missed this session, unless nobody
+        answered (then the links are slow: the node-wide wait backs off instead)."""
+        if s.slowest is not None:
+            self.peer_waits.missed(sorted(s.pending))
+        s.cut |= s.pending
+        return self._resolve(now)
 
     def _resolve(self, now: float) -> list[Action]:
         s = self.session
@@ -411,7 +463,7 @@ class DynamicCore(NodeCore):
         if room <= 0 or s.round >= MAX_WIDENING_ROUNDS:
             return []
         known = {n for r in s.replies.values() for n in r.neighbors}
-        fresh = sorted(known - s.asked - {self.node_id})
+        fresh = self.peer_waits.expected(sorted(known - s.asked - {self.node_id}))
         return self.rng.sample(fresh, min(room, len(fresh)))
 
     # -- member ------------------------------------------------------------------------------
@@ -499,20 +551,30 @@ class DynamicCore(NodeCore):
         if isinstance(message, Busy):
             s, m = self.session, self.membership
             if s is not None and s.id == message.session and sender in s.asked:
+                if sender in s.refused or sender in s.replies:
+                    return []
                 s.refused.add(sender)
-                self.round_trip.sample(now - s.asked_at)
-                return self._resolve(now) if s.answered else []
+                return self._on_answer(now, sender)
             if m is not None and m.id == message.session and m.coordinator == sender:
                 self.membership = None  # released: the session went on without us
+            else:
+                self.peer_waits.answered(sender, message.session, now)  # late, not silent
             return []
         return super().on_message(now, sender, message)
 
     def on_timer(self, now: float, key: Hashable) -> list[Action]:
         s, m = self.session, self.membership
         if s is not None and key == ("session", s.id, s.round):
+            # Reached only if the answers in hand (if any) were too slow for a cut-off before
+            # it: the links are slow, the next wait doubles.
             self.stats.timeouts += 1
             self.round_trip.expired()
-            return self._resolve(now)
+            return self._give_up(now, s)
+        if s is not None and key == ("straggler", s.id, s.round):
+            if s.answered or now < self._cut_off_at(s):
+                return []  # resolved, or a later answer moved the cut-off (its own timer)
+            self.stats.stragglers += len(s.pending)
+            return self._give_up(now, s)
         if m is not None and key == ("member", m.id):
             self.stats.timeouts += 1
             self.membership = None

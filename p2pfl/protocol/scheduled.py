@@ -4,6 +4,7 @@ is ``periodic`` with b=1) and pairwise gossip averaging. Both merge through
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
 
 import torch
@@ -16,16 +17,22 @@ from p2pfl.wire.messages import Message, ModelReply, Push
 
 class PeriodicCore(NodeCore):
     """Every ``b`` steps a node sends its model to all neighbours (round ``step // b``) and,
-    once it holds every live neighbour's model of that round (or the round times out, or the
-    next round starts), replaces its model by the mean of its closed neighbourhood."""
+    once it holds the model of that round of every live neighbour it waits for (or the
+    missing ones are stragglers, or the round times out, or the next round starts), replaces
+    its model by the mean of its closed neighbourhood. A neighbour that missed rounds is
+    waited for less often (``PeerWaits``); its model is merged whenever it arrives in time."""
 
     open_round: int | None = None
     round_opened_at = 0.0
     sent: torch.Tensor | None = None
+    slowest: float | None = None
+    """The latest push of the open round so far, after the round opened (None: none yet)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.inbox: dict[int, dict[str, tuple[torch.Tensor, int]]] = {}
+        self.awaited: set[str] = set()
+        """The neighbours whose model of the open round it waits for."""
         self.sent_copies: dict[str, torch.Tensor] = {}
         """What each neighbour holds of ``sent`` (``copy_for``): the round's merge mixes these."""
 
@@ -48,10 +55,12 @@ class PeriodicCore(NodeCore):
         replaced = [a.params for a in actions if isinstance(a, ReplaceModel)]
         current = replaced[0] if replaced else self.model.read()
         rnd = self.step // self.config.b
-        self.open_round, self.sent = rnd, current.clone()
+        self.open_round, self.sent, self.slowest = rnd, current.clone(), None
         self.sent_copies = {peer: self.copy_for(peer, self.sent) for peer in self.live_neighbors}
         for peer in self.live_neighbors:
             actions.append(Send(peer, Push(rnd, self.sent, self.model.samples)))
+            self.peer_waits.asked(peer, rnd, now)
+        self.awaited = set(self.peer_waits.expected(self.live_neighbors))
         self.round_opened_at = now
         actions.append(SetTimer(now + self.round_trip.wait, ("round", rnd)))
         return actions + self._finish_if_complete(current)
@@ -60,34 +69,63 @@ class PeriodicCore(NodeCore):
         if not isinstance(message, Push) or message.round < 0 or sender not in self.neighbors:
             return super().on_message(now, sender, message)
         oldest = self.open_round if self.open_round is not None else self.step // self.config.b
-        if message.round < oldest or message.round > oldest + 2:
+        if message.round > oldest + 2:
             self.stats.ignored += 1
             log.debug("%s: round %d from %s outside window", self.node_id, message.round, sender)
             return []
+        # A model of a round we opened (even closed) times how long the peer lags our push;
+        # one of a round we did not open yet (a peer ahead of us) proves it alive.
+        timed = self.peer_waits.answered(sender, message.round, now) is not None
+        if not timed and message.round >= oldest:
+            self.peer_waits.heard(sender)
+        if timed or message.round >= oldest:
+            self.awaited.add(sender)  # a peer that answers again is waited for again
+        if message.round < oldest:
+            self.stats.ignored += 1
+            log.debug("%s: round %d from %s came late", self.node_id, message.round, sender)
+            return []
         self.inbox.setdefault(message.round, {})[sender] = (message.params, message.samples)
-        if message.round == self.open_round:
-            self.round_trip.sample(now - self.round_opened_at)  # how long peers lag our push
-        return self._finish_if_complete()
+        if message.round != self.open_round:
+            return []
+        self.round_trip.sample(now - self.round_opened_at)
+        self.slowest = max(now - self.round_opened_at, self.slowest or 0.0)
+        actions = self._finish_if_complete()
+        if self.open_round is not None and math.isfinite(at := self._cut_off_at()):
+            actions.append(SetTimer(at, ("straggler", self.open_round)))  # stragglers left
+        return actions
+
+    def _cut_off_at(self) -> float:
+        assert self.slowest is not None
+        missing = self._missing()
+        return self.round_opened_at + self.peer_waits.cut_off(self.slowest, missing, unknown=False)
+
+    def _missing(self) -> set[str]:
+        """The awaited live neighbours whose model of the open round has not arrived."""
+        assert self.open_round is not None
+        return self.awaited - self.down - self.inbox.get(self.open_round, {}).keys()
 
     def on_timer(self, now: float, key: Hashable) -> list[Action]:
         if key == ("round", self.open_round):
-            self.stats.timeouts += 1
+            self.stats.timeouts += 1  # the models in hand (if any) were too slow for a cut-off
             self.round_trip.expired()
+            return self._finish_round()
+        if key == ("straggler", self.open_round) and now >= self._cut_off_at():
+            self.stats.stragglers += len(self._missing())
             return self._finish_round()
         return []
 
     def _finish_if_complete(self, current: torch.Tensor | None = None) -> list[Action]:
-        if self.open_round is None:
+        if self.open_round is None or self._missing():
             return []
-        got = self.inbox.get(self.open_round, {})
-        if self.neighbors - self.down <= got.keys():
-            return self._finish_round(current)
-        return []
+        return self._finish_round(current)
 
     def _finish_round(self, current: torch.Tensor | None = None) -> list[Action]:
         """Merge the open round; ``current`` is the model if a replacement is still pending."""
         assert self.open_round is not None and self.sent is not None
+        missing = self._missing()
         got = self.inbox.pop(self.open_round, {})
+        if got:  # else nobody answered: the links are slow, not these peers
+            self.peer_waits.missed(sorted(missing))
         for old in [r for r in self.inbox if r < self.open_round]:
             del self.inbox[old]
         sent, self.open_round, self.sent = self.sent, None, None
@@ -105,7 +143,8 @@ class GossipCore(NodeCore):
     merges too. Both ends merge the same two vectors, so an exchange moves ``(w_j - w_i) / 2``
     from one to the other: the global mean is kept and the two drift-correction updates
     (``K = b``) cancel, however exchanges interleave (uniform merge, nothing clipped). A reply
-    after the round-trip wait is ignored (the receiver's half of that exchange stays done)."""
+    after the round-trip wait is ignored (the receiver's half of that exchange stays done); a
+    neighbour that let offers go unanswered is offered less often (``PeerWaits``)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -134,10 +173,11 @@ class GossipCore(NodeCore):
         peers = self.live_neighbors
         if self.step % self.config.b or not peers:
             return []
-        peer = self.rng.choice(peers)
+        peer = self.rng.choice(self.peer_waits.expected(peers) or peers)
         exchange, self.next_exchange = self.next_exchange, self.next_exchange + 1
         sent = self.model.read().clone()
         self.exchanges[exchange] = (peer, sent, self.copy_for(peer, sent), now)
+        self.peer_waits.asked(peer, exchange, now)
         return [
             Send(peer, Push(-exchange, sent, self.model.samples)),
             SetTimer(now + self.round_trip.wait, ("exchange", exchange)),
@@ -153,6 +193,8 @@ class GossipCore(NodeCore):
             merged, lesson = self._merge(own, self.model.samples, offer, copies=copies)
             reply = ModelReply(-message.round, own, self.model.samples)
             return [Send(sender, reply)] + self._adopt(merged, own, self.config.b, lesson=lesson)
+        if isinstance(message, ModelReply):
+            self.peer_waits.answered(sender, message.session, now)  # late ones too
         if (
             isinstance(message, ModelReply)
             and self.exchanges.get(message.session, ("",))[0] == sender
@@ -166,7 +208,8 @@ class GossipCore(NodeCore):
         return super().on_message(now, sender, message)
 
     def on_timer(self, now: float, key: Hashable) -> list[Action]:
-        if isinstance(key, tuple) and key[0] == "exchange" and self.exchanges.pop(key[1], None):
+        if isinstance(key, tuple) and key[0] == "exchange" and key[1] in self.exchanges:
             self.stats.timeouts += 1
             self.round_trip.expired()
+            self.peer_waits.missed([self.exchanges.pop(key[1])[0]])
         return []
