@@ -11,6 +11,7 @@ fewest bytes ``dynamic`` (default mechanisms, Δ swept) needed, the fewest of th
 baseline (and of plain periodic averaging) and their ratios, and the 2×2 ablation trigger
 (periodic / dynamic) × drift correction (off / on). Accuracy is measured fairly: the mean of
 evaluations at prime-numbered steps in the last tenth of the run (no period divides them).
+``--lr-schedule`` gives every run the same learning-rate schedule (README, table 1b).
 
 With concept drift in the scenario it also runs the periodic schedule whose traffic matches
 the default ``dynamic`` and writes ``drift.png`` (accuracy, cumulative bytes and bytes per
@@ -76,10 +77,11 @@ def sweep_protocols(
     bs: list[int],
     baselines: list[str],
     dynamic_keys: str = "",
+    ablation: bool = True,
 ) -> list[str]:
     """Both continuous (with and without correction); every baseline variant at every
     period; the default ``dynamic``, dynamic at each (rel, b) that differs from the default;
-    the same dynamic runs without correction (the ablation); and ``none``."""
+    if ``ablation``, the same dynamic runs without correction; and ``none``."""
     protocols = [REFERENCE, "continuous"]
     protocols += [with_keys(f"periodic:b={b}", BASELINES[v]) for v in baselines for b in periods]
     dynamic = ["dynamic"]
@@ -89,7 +91,8 @@ def sweep_protocols(
                 continue
             dynamic.append(f"dynamic:rel={rel}" + (f",b={b}" if b != DYNAMIC_DEFAULTS["b"] else ""))
     dynamic = [with_keys(d, dynamic_keys) for d in dynamic]
-    return protocols + dynamic + [with_keys(d, "correction=0") for d in dynamic] + ["none"]
+    ablated = [with_keys(d, "correction=0") for d in dynamic] if ablation else []
+    return protocols + dynamic + ablated + ["none"]
 
 
 def cheapest(
@@ -345,6 +348,17 @@ def main() -> None:
         default="",
         help="keys added to every dynamic spec, e.g. condition=coherent",
     )
+    parser.add_argument(
+        "--no-ablation",
+        action="store_true",
+        help="skip the dynamic runs without correction (the ablation's column)",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        default=None,
+        help="learning-rate schedule for every run alike, e.g. cosine:min=0.1 "
+        "(default: the scenario's)",
+    )
     parser.add_argument("--gossip", default="", help="also gossip:b=B for these B (comma list)")
     parser.add_argument("--extra", action="append", default=[], help="more protocols to run")
     parser.add_argument("--steps", type=int, default=None)
@@ -361,12 +375,19 @@ def main() -> None:
             [int(b) for b in args.bs.split(",")],
             args.baselines.split(","),
             args.dynamic_keys,
+            not args.no_ablation,
         )
         + [f"gossip:b={b}" for b in args.gossip.split(",") if b]
         + args.extra
     )
     scenario = load_scenario(
-        args.scenario, {"protocols": tuple(protocols), "steps": args.steps, "seed": args.seed}
+        args.scenario,
+        {
+            "protocols": tuple(protocols),
+            "steps": args.steps,
+            "seed": args.seed,
+            "lr_schedule": args.lr_schedule,
+        },
     )
     prepared = prepare(scenario)
     drift = prepared.dataset.drift
@@ -391,7 +412,7 @@ def main() -> None:
     reference = next(r["final_accuracy"] for r in runs if r["protocol"] == REFERENCE)
     table = frontier_table(runs, reference)
     print_table(table, reference)
-    title = f"{scenario.dataset} · {scenario.partition}"
+    title = f"{scenario.dataset} · {scenario.partition} · lr {scenario.lr_schedule}"
     every = scenario.eval_every
     window = max(every, scenario.steps // 30 // every * every)  # traffic-over-time windows
     summary: dict[str, Any] = {"scenario": scenario.to_dict(), "runs": runs, "frontier": table}

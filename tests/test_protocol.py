@@ -148,6 +148,8 @@ def test_make_core_builds_the_right_policy(spec, cls):
         ("gossip:f=x", ["bad value 'x' for 'f'"]),
         ("dynamic:correction=2", ["correction is a damping factor between 0 and 1"]),
         ("dynamic:smoothing=0", ["'smoothing'", "must be >= 1"]),
+        ("dynamic:lr_power=5", ["'lr_power'", "between -4 and 4"]),
+        ("periodic:lr_power=2", ["unknown argument(s) ['lr_power']"]),
         ("periodic:timeout=0", ["'timeout'", "positive"]),
         ("dynamic:timeout=nan", ["'timeout'", "positive"]),
         ("dynamic:b", ["expected key=value"]),
@@ -368,6 +370,35 @@ def test_relative_delta_scales_with_the_reference():
     assert core.on_local_step(0.0) == []
     model.w = model.w + 0.125
     assert [type(a.message) for a in sends_of(core.on_local_step(0.0))] == [Pull]
+
+
+def test_lr_power_scales_delta_by_the_step_size_against_its_peak():
+    model = FakeModel(torch.full((DIM,), 2.0))
+    spec = classic("dynamic:rel=0.015625,b=1,lr_power=2")
+    core = make_core("0", unclipped(parse_protocol(spec)), model, ["1"], step_size=0.1)
+    assert core.delta == 0.5  # at the peak step size: the default's Δ
+    core.step_size = 0.05  # the schedule halved the rate; Δ follows at the next agreement
+    assert core.delta == 0.5
+    core._adopt(model.read().clone(), model.read().clone(), 1, lesson=None)
+    assert core.delta == pytest.approx(0.5 * 0.25)  # (0.05 / 0.1)²
+    core.step_size = 0.2  # a restart above the old peak: that is the new peak
+    core._adopt(model.read().clone(), model.read().clone(), 1, lesson=None)
+    assert core.delta == 0.5 and core.peak_step_size == 0.2
+    core.step_size = 0.1
+    again = make_core("0", unclipped(parse_protocol(spec)), FakeModel(model.read()), ["1"])
+    again.load_state_dict(core.state_dict())  # the peak survives a restart
+    assert again.peak_step_size == 0.2 and again.delta == pytest.approx(0.5 * 0.25)
+
+
+def test_lr_power_changes_nothing_at_a_constant_rate():
+    model = FakeModel(torch.full((DIM,), 2.0))
+    cores = [
+        make_core("0", unclipped(parse_protocol(classic(s))), model, ["1"], step_size=0.1)
+        for s in ("dynamic:rel=0.01,b=1", "dynamic:rel=0.01,b=1,lr_power=2")
+    ]
+    for core in cores:
+        core._adopt(model.read() + 1.0, model.read().clone(), 1, lesson=None)
+    assert cores[0].delta == cores[1].delta
 
 
 def test_widening_doubles_the_group_through_members_neighbours():

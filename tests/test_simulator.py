@@ -294,6 +294,21 @@ def test_lr_schedule_reaches_learner_and_cores():
     assert cosine.learner.lr(0) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 59 / 60)))
 
 
+def test_lr_power_delta_follows_the_schedule_in_the_simulator():
+    """Each core's Δ is the default's times (η/η_peak)² at its latest agreement: the step
+    schedule halves η twice, so the factor is 1, 1/4 or 1/16, and syncs after the first
+    halving have the smaller ones."""
+    scenario = small(steps=60, lr_schedule="step:every=20,gamma=0.5")
+    sim = Simulation(prepare(scenario), "dynamic:lr_power=2")
+    sim.run()
+    factors = []
+    for core in sim.cores:
+        assert core.peak_step_size == 0.1
+        factors.append(core.delta / (core.config.rel * float(core.reference.dot(core.reference))))
+    assert all(any(f == pytest.approx(k) for k in (1.0, 0.25, 0.0625)) for f in factors)
+    assert min(factors) < 1.0, factors
+
+
 def test_churn(tmp_path):
     network = {"churn": 0.02, "rejoin": 0.2}  # no random loss: only offline nodes lose messages
     scenario = small(protocols=("dynamic", "periodic:b=5"), steps=200, network=network)

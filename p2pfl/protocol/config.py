@@ -40,8 +40,8 @@ class ProtocolConfig:
 
     ``delta`` is absolute when given; otherwise the dynamic protocol uses
     ``rel * ||reference||²`` (see ``DynamicCore``), which makes the default independent of
-    the model's size and scale. ``outer`` is ``(lr, momentum)`` of the outer optimizer, or
-    None for plain merging.
+    the model's size and scale; ``lr_power`` makes it follow the learning rate. ``outer``
+    is ``(lr, momentum)`` of the outer optimizer, or None for plain merging.
     """
 
     kind: str
@@ -54,6 +54,7 @@ class ProtocolConfig:
     outer: tuple[float, float] | None = None
     condition: str = "distance"
     smoothing: int = 16
+    lr_power: float = 0.0
     merge: MergeRule = MergeRule()
     timeout: float = 0.5
     codec: CodecConfig | None = None
@@ -74,6 +75,7 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "group": 0,
     "condition": "smoothed",
     "smoothing": 16,
+    "lr_power": 0.0,
     "outer": None,
 }
 MECHANISM_KEYS = {"correction", "outer_lr", "outer_momentum"}
@@ -101,7 +103,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
     if spec.kind in ("periodic", "gossip"):
         spec.check_keys(common | {"b"})
         return ProtocolConfig(kind=spec.kind, b=spec.take("b", positive_int, 1), **base)
-    dynamic = {"b", "delta", "rel", "group", "cap", "condition", "smoothing"}
+    dynamic = {"b", "delta", "rel", "group", "cap", "condition", "smoothing", "lr_power"}
     spec.check_keys(common | DYNAMIC_CODEC_KEYS | dynamic)
     d = DYNAMIC_DEFAULTS
     delta = spec.take("delta", non_negative_float, None)
@@ -117,6 +119,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
         cap=spec.take("cap", non_negative_int, d["cap"]),
         condition=spec.take("condition", _condition, d["condition"]),
         smoothing=spec.take("smoothing", positive_int, d["smoothing"]),
+        lr_power=spec.take("lr_power", _lr_power, d["lr_power"]),
         **base,
     )
 
@@ -137,6 +140,16 @@ def _condition(raw: str) -> str:
     if raw not in CONDITIONS:
         raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}")
     return raw
+
+
+def _lr_power(raw: str) -> float:
+    value = float(raw)
+    if not -4.0 <= value <= 4.0:
+        raise ValueError(
+            "lr_power is the exponent of Δ's learning-rate factor, between -4 and 4 "
+            "(0: Δ ignores the learning rate; 2: √Δ shrinks with it)"
+        )
+    return value
 
 
 def _damping(raw: str) -> float:

@@ -34,7 +34,12 @@ Decisions that matter on a real network:
   the session and keeps its own model.
 * Δ: absolute ``delta``, or ``rel * ||r||²`` (default), i.e. a violation when the model has
   moved by more than √rel of its own norm. This scale-free rule works unchanged across the
-  built-in models and data sets.
+  built-in models and data sets. With ``lr_power=p`` Δ is multiplied by ``(η/η_peak)^p``,
+  η the step size of the node's latest step and η_peak the largest it has taken (so a
+  warm-up counts as the peak): under a decaying learning-rate schedule SGD noise moves a
+  model by about η per step, so ``p=2`` keeps Δ in proportion to it. The factor is taken
+  whenever the reference changes (at every session the node joins); at a constant rate
+  it is 1 and the protocol is the default's.
 * ``condition=coherent`` tests only the *coherent* part of the motion. At a constant learning
   rate SGD noise moves a model forever: with the moves ``v_1..v_n`` between checks since the
   last sync, ``||w − r||² = Σ ||v_j||² + Σ_{j≠k} v_j·v_k``; for independent noise the cross
@@ -192,6 +197,8 @@ class DynamicCore(NodeCore):
         self._session_models: OrderedDict[str, tuple[torch.Tensor, float, float]] = OrderedDict()
         """Per peer: our model at our last session with it (``snapshot``), the norm of that
         snapshot's rounding error, and the session's time."""
+        self.peak_step_size = self.step_size
+        """The largest step size so far (``lr_power``'s reference)."""
         self._delta = self._compute_delta()
         self._coherent = self.config.condition != "distance"
         self._checked = self.reference.clone() if self._coherent else None
@@ -202,6 +209,7 @@ class DynamicCore(NodeCore):
         return super().state_dict() | {
             "reference": self.reference.clone(),
             "steps_since_sync": self.steps_since_sync,
+            "peak_step_size": self.peak_step_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -209,6 +217,7 @@ class DynamicCore(NodeCore):
         if "reference" in state:
             self.reference = state["reference"].clone()
             self.steps_since_sync = int(state["steps_since_sync"])
+            self.peak_step_size = float(state.get("peak_step_size", self.step_size))
             self._delta = self._compute_delta()
 
     # -- the local condition -------------------------------------------------------------
@@ -219,8 +228,13 @@ class DynamicCore(NodeCore):
 
     def _compute_delta(self) -> float:
         if self.config.delta is not None:
-            return self.config.delta
-        return self.config.rel * float(self.reference.dot(self.reference))
+            delta = self.config.delta
+        else:
+            delta = self.config.rel * float(self.reference.dot(self.reference))
+        if self.config.lr_power:
+            self.peak_step_size = max(self.peak_step_size, self.step_size)
+            delta *= (self.step_size / self.peak_step_size) ** self.config.lr_power
+        return delta
 
     def _clip_floor(self) -> float:
         """An honest peer may be up to √Δ from its reference without violating."""
