@@ -21,6 +21,8 @@ from p2pfl.protocol.config import ProtocolConfig, parse_protocol
 from p2pfl.protocol.core import NodeCore
 from p2pfl.runtime import CoreRuntime, NodeModel, open_core
 from p2pfl.runtime.model import Models
+from p2pfl.simulator.engine import Simulation, prepare
+from p2pfl.simulator.scenario import load_scenario
 from p2pfl.wire.codec import decode, encode
 from p2pfl.wire.messages import Message
 
@@ -360,6 +362,30 @@ MSGPACK_VALUES = st.recursive(
     max_leaves=16,
 )
 """Anything msgpack can carry: what a hostile peer can put in a frame."""
+
+
+def small_digits_run(
+    protocol: str, byzantine: str = "", steps: int = 150, alpha: float = 0.5
+) -> Simulation:
+    """A finished simulation of 8 nodes on digits (small world, Dirichlet ``alpha``), with
+    ``byzantine`` attackers if given; its summary in ``sim.summary``."""
+    scenario = load_scenario(
+        None,
+        {
+            "nodes": 8,
+            "steps": steps,
+            "topology": "small-world:k=4,p=0.2",
+            "dataset": "digits",
+            "partition": f"dirichlet:alpha={alpha}",
+            "model": "mlp",
+            "eval_every": 25,
+            "seed": 1,
+            "byzantine": byzantine,
+        },
+    )
+    sim = Simulation(prepare(scenario), protocol)
+    sim.summary = sim.run()
+    return sim
 
 
 def random_payloads(max_size: int = 300) -> st.SearchStrategy[bytes]:

@@ -6,34 +6,12 @@ undefended network)."""
 from __future__ import annotations
 
 import pytest
+from kit import small_digits_run
 
 from p2pfl.protocol.trust import PeerTrust
-from p2pfl.simulator.engine import Simulation, prepare
-from p2pfl.simulator.scenario import load_scenario
+from p2pfl.simulator.engine import Simulation
 
 FIXED = ("periodic:b=5", "gossip", "continuous")
-
-
-def simulate(
-    protocol: str, byzantine: str = "", steps: int = 150, alpha: float = 0.5
-) -> Simulation:
-    scenario = load_scenario(
-        None,
-        {
-            "nodes": 8,
-            "steps": steps,
-            "topology": "small-world:k=4,p=0.2",
-            "dataset": "digits",
-            "partition": f"dirichlet:alpha={alpha}",
-            "model": "mlp",
-            "eval_every": 25,
-            "seed": 1,
-            "byzantine": byzantine,
-        },
-    )
-    sim = Simulation(prepare(scenario), protocol)
-    sim.summary = sim.run()
-    return sim
 
 
 def lowered(sim: Simulation) -> dict[str, dict[str, float]]:
@@ -54,8 +32,8 @@ def test_a_sign_flipping_neighbour_cannot_steer_a_fixed_schedule(protocol):
     (measured 5 on each schedule: the liar's eighth of the data is lost to them either way;
     with trust judged only where the protocol bounds honest peers, as before, they fell to
     0.10-0.19); the liar, and only the liar, lost its trust."""
-    honest = simulate(protocol)
-    attacked = simulate(protocol, "1:signflip")
+    honest = small_digits_run(protocol)
+    attacked = small_digits_run(protocol, "1:signflip")
     (liar,) = [str(node) for node in sorted(attacked.attackers.nodes)]
     assert attacked.summary["honest_accuracy"] >= (honest.summary["honest_accuracy"] - 0.08)
     assert attacked.summary["distrusted"] > 0 and honest.summary["distrusted"] == 0
@@ -72,6 +50,6 @@ def test_an_honest_network_on_a_fixed_schedule_is_never_judged(protocol):
     (5 honest models here), neighbours were clipped apart and the correction learned the
     mismatch: continuous 0.966 → 0.439 over 3,000 steps on Dirichlet 0.5; gossip judged at
     2τ even when vouched for fell from 0.929 to 0.842 on Dirichlet 0.1."""
-    sim = simulate(protocol, steps=300, alpha=0.1)
+    sim = small_digits_run(protocol, steps=300, alpha=0.1)
     assert sim.summary["clipped"] > 0  # τ alone is not what holds
     assert sim.summary["distrusted"] == 0 and lowered(sim) == {}

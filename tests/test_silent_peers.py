@@ -6,29 +6,9 @@ stragglers (``p2pfl.protocol.round_trip.PeerWaits``)."""
 from __future__ import annotations
 
 import pytest
+from kit import small_digits_run
 
-from p2pfl.simulator.engine import Simulation, prepare
-from p2pfl.simulator.scenario import load_scenario
-
-
-def simulate(protocol: str, byzantine: str = "") -> Simulation:
-    scenario = load_scenario(
-        None,
-        {
-            "nodes": 8,
-            "steps": 150,
-            "topology": "small-world:k=4,p=0.2",
-            "dataset": "digits",
-            "partition": "dirichlet:alpha=0.5",
-            "model": "mlp",
-            "eval_every": 25,
-            "seed": 1,
-            "byzantine": byzantine,
-        },
-    )
-    sim = Simulation(prepare(scenario), protocol)
-    sim.summary = sim.run()
-    return sim
+from p2pfl.simulator.engine import Simulation
 
 
 def honest_stat(sim: Simulation, name: str) -> int:
@@ -45,8 +25,8 @@ def test_silent_peers_do_not_stall_the_honest_ones(protocol, cost):
     honest nodes of dynamic sync about as often as in the honest network, and what they
     lose is about the silent quarter's data (gossip, which never waits: 0.758 against
     0.872)."""
-    honest = simulate(protocol)
-    silent = simulate(protocol, "2:silent")
+    honest = small_digits_run(protocol)
+    silent = small_digits_run(protocol, "2:silent")
     assert honest_stat(silent, "timeouts") == 0 and honest_stat(silent, "stragglers") > 0
     assert honest.summary["stragglers"] == 0
     # per honest node, at least 3/4 of the honest network's syncs (6 of its 8 nodes)
