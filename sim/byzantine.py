@@ -18,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+from p2pfl.cli.exits import run_script
 from p2pfl.protocol.byzantine import ATTACKS
 from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.scenario import load_scenario
@@ -114,4 +115,4 @@ def table(results: dict[str, dict[str, float]], attacks: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from p2pfl.cli.exits import run_script
 from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.scenario import load_scenario
 
@@ -305,4 +306,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

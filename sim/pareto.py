@@ -32,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from p2pfl.cli.exits import run_script
 from p2pfl.protocol.config import DYNAMIC_DEFAULTS, parse_protocol  # noqa: E402
 from p2pfl.simulator.engine import Simulation, prepare  # noqa: E402
 from p2pfl.simulator.scenario import load_scenario  # noqa: E402
@@ -464,4 +465,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

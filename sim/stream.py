@@ -37,6 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from pareto import BASELINES, RunLog, mechanisms, per_window, with_keys  # noqa: E402
 
+from p2pfl.cli.exits import run_script  # noqa: E402
 from p2pfl.simulator.engine import prepare  # noqa: E402
 from p2pfl.simulator.scenario import load_scenario  # noqa: E402
 from p2pfl.simulator.stream import (  # noqa: E402
@@ -250,4 +251,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -9,6 +9,7 @@ tests call directly) ends its commands the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -25,6 +26,16 @@ def report_error(exc: P2pflError | OSError) -> typer.Exit:
         f"[red]error:[/red] {escape(str(exc))}"
     )
     return typer.Exit(exc.exit_code if isinstance(exc, P2pflError) else EXIT_FAILED)
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """Run a ``sim/`` script's ``main`` with the commands' error handling: a ``P2pflError``
+    (a bad scenario, spec or schedule) or ``OSError`` is printed without a traceback and
+    the script exits with its code."""
+    try:
+        main()
+    except (P2pflError, OSError) as exc:
+        raise SystemExit(report_error(exc).exit_code) from None
 
 
 class _Commands(TyperGroup):
