@@ -126,6 +126,10 @@ nodes fell far behind (Dirichlet 0.5, ``rel=0.005``, 3,000 steps: 0.916 at 1, 0.
 whose stale averages then fit the radius their first message earned cost 56 points instead
 of 3."""
 IDLE_SESSION_WAITS = 2  # a node that stopped training admits a peer once per this many waits
+ANSWERABLE_SESSIONS = 4
+"""Sessions a coordinator remembers after sending their average, so that a member that
+refuses or misses it (and says so with ``Busy``) has its correction update learnt by the
+coordinator instead (``DynamicCore._take_over``)."""
 
 
 DISTANCE_BLOCK = 64
@@ -203,6 +207,11 @@ class DynamicCore(NodeCore):
         self._coherent = self.config.condition != "distance"
         self._checked = self.reference.clone() if self._coherent else None
         self._coherence = 0.0
+        self._averaged: OrderedDict[int, tuple[torch.Tensor, dict[str, torch.Tensor], int]] = (
+            OrderedDict()
+        )
+        """Per recent session we coordinated: its average, the members' models in it (by
+        member, until it adopted or not) and the shared step count (``_take_over``)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Base state plus reference and steps since the last sync."""
@@ -451,7 +460,27 @@ class DynamicCore(NodeCore):
         # Peers that never answered (timed out) are released instead of waiting for us.
         actions += [Send(p, Busy(s.id)) for p in sorted(s.asked - set(s.replies) - s.refused)]
         self.session = None
+        if lesson is not None and self.drift_correction.lam:
+            members = {peer: r.params for peer, r in s.replies.items()}
+            self._averaged[s.id] = (average, members, group_steps)
+            while len(self._averaged) > ANSWERABLE_SESSIONS:
+                self._averaged.popitem(last=False)
         return actions + self._adopt(average, s.sent, group_steps, lesson=lesson)
+
+    def _take_over(self, session: int, member: str) -> list[Action]:
+        """``member`` did not adopt the average of our ``session`` (refused it, or left the
+        session before it arrived): learn its correction update in its place, so that the
+        session's updates still sum to zero (``p2pfl.protocol.correction``, "What it
+        preserves"). Only a session whose merge taught our own correction anything is
+        remembered (no model in it lay beyond its trusted radius), so what is learnt here is
+        bounded by the merge's clip radius; once per member."""
+        average, members, steps = self._averaged[session]
+        model = members.pop(member)
+        if not members:
+            del self._averaged[session]
+        self.stats.taken_over += 1
+        step_size = self.mean_step_size(steps)
+        return self.drift_correction.update(model, average, steps, step_size)
 
     def _widen(self) -> list[str]:
         """Up to as many new peers as the group has (doubling it), drawn from the members'
@@ -513,10 +542,11 @@ class DynamicCore(NodeCore):
         # the correction from it; our reply's codec error, which no one in the group saw, is
         # dropped with it (see ``p2pfl.protocol.links``).
         seen = msg.base if isinstance(msg, EchoedAverage) else m.sent
+        # The coordinator is told (``Busy``): it learns our correction update in our place.
         if self._clip(seen, {sender: msg.params}).suspect:
             self.stats.refused_peer += 1
             log.debug("%s: refused the average of %s (beyond its radius)", self.node_id, sender)
-            return []
+            return [Send(sender, Busy(msg.session))]
         return self._adopt(msg.params, m.sent, msg.steps, seen=seen, lesson=msg.params)
 
     def _adopt(
@@ -551,12 +581,17 @@ class DynamicCore(NodeCore):
         if isinstance(message, Busy):
             s, m = self.session, self.membership
             if s is not None and s.id == message.session and sender in s.asked:
-                if sender in s.refused or sender in s.replies:
+                if sender in s.replies:  # a member that left: its model stays out
+                    del s.replies[sender]
+                    s.refused.add(sender)
+                if sender in s.refused:
                     return []
                 s.refused.add(sender)
                 return self._on_answer(now, sender)
             if m is not None and m.id == message.session and m.coordinator == sender:
                 self.membership = None  # released: the session went on without us
+            elif sender in self._averaged.get(message.session, (None, {}))[1]:
+                return self._take_over(message.session, sender)  # refused or missed it
             else:
                 self.peer_waits.answered(sender, message.session, now)  # late, not silent
             return []
@@ -576,8 +611,10 @@ class DynamicCore(NodeCore):
             self.stats.stragglers += len(s.pending)
             return self._give_up(now, s)
         if m is not None and key == ("member", m.id):
+            # We leave the session: the coordinator is told, as for a refused average.
             self.stats.timeouts += 1
             self.membership = None
+            return [Send(m.coordinator, Busy(m.id))]
         return []
 
     def on_peer_down(self, now: float, peer: str) -> list[Action]:
