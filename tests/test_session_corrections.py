@@ -1,9 +1,9 @@
-"""The drift corrections of a ``dynamic`` session sum to zero even when a member does not
-adopt the average: one that refuses it (beyond its coordinator's trusted radius) or leaves
-the session before it arrives tells its coordinator (``Busy``), which learns that member's
-update in its place. Without it the members that adopted learnt one-sided updates, and on
-a stream with thousands of refusals the integrator summed them into a bias that dragged
-every model (README, "Long changing streams").
+"""With ``dynamic:stand_in=1`` the drift corrections of a session sum to zero even when a
+member does not adopt the average: one that refuses it (beyond its coordinator's trusted
+radius) or leaves the session before it arrives tells its coordinator (``Busy``), which
+learns that member's update in its place. Without it the members that adopted learnt
+one-sided updates, and on a stream with thousands of refusals the integrator summed them
+into a bias that dragged every model (README, "Long changing streams").
 
 Runs the cores in the kit's ``VirtualNet`` on a path 0 - 1 - 2: node 1 violates and pulls
 both neighbours."""
@@ -13,13 +13,16 @@ from __future__ import annotations
 import dataclasses
 
 import networkx as nx
+import pytest
 import torch
 from kit import VirtualNet
 
+from p2pfl.protocol.config import parse_protocol
+from p2pfl.spec import SpecError
 from p2pfl.wire.messages import Average, Busy
 
 DIM = 32
-SPEC = "dynamic:condition=distance"
+SPEC = "dynamic:condition=distance,stand_in=1"
 
 
 def session(*, clip_member: bool = False, late_average: bool = False) -> VirtualNet:
@@ -81,3 +84,12 @@ def test_corrections_sum_to_zero_when_a_member_misses_the_average():
     assert "2" not in net.corrections and net.stat("syncs") == 2
     torch.testing.assert_close(total(net), torch.zeros(DIM), atol=1e-6, rtol=0)
     assert net.stat("taken_over") == 1
+
+
+def test_stand_in_is_a_switch():
+    assert not parse_protocol("dynamic").stand_in  # off by default
+    assert parse_protocol("dynamic:stand_in=1").stand_in
+    with pytest.raises(SpecError, match="stand_in"):
+        parse_protocol("dynamic:stand_in=yes")
+    with pytest.raises(SpecError, match="unknown argument"):
+        parse_protocol("periodic:b=5,stand_in=1")

@@ -55,6 +55,9 @@ class ProtocolConfig:
     condition: str = "distance"
     smoothing: int = 16
     lr_power: float = 0.0
+    stand_in: bool = False
+    """``dynamic``: a coordinator learns the drift-correction update of a member that did
+    not adopt its average (``DynamicCore._take_over``)."""
     merge: MergeRule = MergeRule()
     timeout: float = 0.5
     codec: CodecConfig | None = None
@@ -76,6 +79,7 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "condition": "smoothed",
     "smoothing": 16,
     "lr_power": 0.0,
+    "stand_in": False,
     "outer": None,
 }
 MECHANISM_KEYS = {"correction", "outer_lr", "outer_momentum"}
@@ -104,6 +108,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
         spec.check_keys(common | {"b"})
         return ProtocolConfig(kind=spec.kind, b=spec.take("b", positive_int, 1), **base)
     dynamic = {"b", "delta", "rel", "group", "cap", "condition", "smoothing", "lr_power"}
+    dynamic |= {"stand_in"}
     spec.check_keys(common | DYNAMIC_CODEC_KEYS | dynamic)
     d = DYNAMIC_DEFAULTS
     delta = spec.take("delta", non_negative_float, None)
@@ -120,6 +125,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
         condition=spec.take("condition", _condition, d["condition"]),
         smoothing=spec.take("smoothing", positive_int, d["smoothing"]),
         lr_power=spec.take("lr_power", _lr_power, d["lr_power"]),
+        stand_in=spec.take("stand_in", _switch, d["stand_in"]),
         **base,
     )
 
@@ -150,6 +156,12 @@ def _lr_power(raw: str) -> float:
             "(0: Δ ignores the learning rate; 2: √Δ shrinks with it)"
         )
     return value
+
+
+def _switch(raw: str) -> bool:
+    if raw not in ("0", "1"):
+        raise ValueError("must be 1 (on) or 0 (off)")
+    return raw == "1"
 
 
 def _damping(raw: str) -> float:

@@ -460,7 +460,7 @@ class DynamicCore(NodeCore):
         # Peers that never answered (timed out) are released instead of waiting for us.
         actions += [Send(p, Busy(s.id)) for p in sorted(s.asked - set(s.replies) - s.refused)]
         self.session = None
-        if lesson is not None and self.drift_correction.lam:
+        if self.config.stand_in and lesson is not None and self.drift_correction.lam:
             members = {peer: r.params for peer, r in s.replies.items()}
             self._averaged[s.id] = (average, members, group_steps)
             while len(self._averaged) > ANSWERABLE_SESSIONS:
@@ -542,12 +542,18 @@ class DynamicCore(NodeCore):
         # the correction from it; our reply's codec error, which no one in the group saw, is
         # dropped with it (see ``p2pfl.protocol.links``).
         seen = msg.base if isinstance(msg, EchoedAverage) else m.sent
-        # The coordinator is told (``Busy``): it learns our correction update in our place.
+        # With ``stand_in`` the coordinator is told (``Busy``): it learns our correction
+        # update in our place.
         if self._clip(seen, {sender: msg.params}).suspect:
             self.stats.refused_peer += 1
             log.debug("%s: refused the average of %s (beyond its radius)", self.node_id, sender)
-            return [Send(sender, Busy(msg.session))]
+            return self._leave(msg.session, sender)
         return self._adopt(msg.params, m.sent, msg.steps, seen=seen, lesson=msg.params)
+
+    def _leave(self, session: int, coordinator: str) -> list[Action]:
+        """We do not adopt the average of ``coordinator``'s ``session``: with ``stand_in``
+        it is told (``Busy``; it leaves our model out, or learns our update in our place)."""
+        return [Send(coordinator, Busy(session))] if self.config.stand_in else []
 
     def _adopt(
         self,
@@ -611,10 +617,9 @@ class DynamicCore(NodeCore):
             self.stats.stragglers += len(s.pending)
             return self._give_up(now, s)
         if m is not None and key == ("member", m.id):
-            # We leave the session: the coordinator is told, as for a refused average.
             self.stats.timeouts += 1
             self.membership = None
-            return [Send(m.coordinator, Busy(m.id))]
+            return self._leave(m.id, m.coordinator)  # as for a refused average
         return []
 
     def on_peer_down(self, now: float, peer: str) -> list[Action]:
