@@ -73,8 +73,9 @@ def test_daemon_runs_the_growth_condition(tmp_path):
     for step in range(1, 6):
         model.w = torch.full((4,), 0.1 * step**2)  # D = 0.04 t⁴: faster than linear
         fired.append(bool(core.on_local_step(0.0)))
-        assert core._noise_rate == pytest.approx(0.04 * min(step, 4) ** 3)
-    assert fired == [False] * 4 + [True]  # at 5: D − 2.56·5 = 12.2 > Δ = 1: a session
+        # the noise rate: the largest squared move per step, 4 · (0.1 (2t − 1))² by t = 4
+        assert core._noise_rate == pytest.approx(0.04 * (2 * min(step, 4) - 1) ** 2)
+    assert fired == [False] * 4 + [True]  # at 5: D − 1.96·5 = 15.2 > Δ = 1: a session
 
 
 @pytest.mark.parametrize(

@@ -56,12 +56,15 @@ Decisions that matter on a real network:
   ``||w − r||² > Δ``.
 * ``condition=growth`` tests how much faster than linearly ``D = ||w − r||²`` grows since
   the last sync. Over the first ``window`` steps after a sync the node only measures its
-  noise rate ``s``, the largest ``D / n`` at its checks (``n`` steps since the sync; SGD
-  noise makes ``D`` grow about linearly, then level off near an optimum, so the earliest
-  slope is the steepest; a real change grows quadratically); after that it keeps a CUSUM
-  of the excess over that floor, ``C ← max(0, C + Δe)`` with ``e = D − s·n``, and violates
-  when ``C > Δ``. The clamp at zero drops the deficit of a model that settled (``D``
-  levelling off below ``s·n``), so a drift after a long quiet phase is not held back by it.
+  noise rate ``s``: the largest squared move per step between its checks (``||v||² / b``).
+  Noise moves a model by about that much every step, so it makes ``D`` grow at most
+  linearly, ``D ≲ s·n`` (``n`` steps since the sync; it levels off near an optimum), while
+  a real change of speed ``g`` adds only ``g²b`` to ``s`` but ``g²n²`` to ``D``. After the
+  window the node keeps a CUSUM of the excess over that floor, ``C ← max(0, C + Δe)`` with
+  ``e = D − s·n``, and violates when ``C > Δ``. The clamp at zero drops the deficit of a
+  model that settled (``D`` levelling off below ``s·n``), so a drift after a long quiet
+  phase is not held back by it. (A rate taken from ``D / n`` itself counts a change under
+  way during the window as noise: measured, it then missed a drift.)
 """
 
 from __future__ import annotations
@@ -219,12 +222,13 @@ class DynamicCore(NodeCore):
         self.peak_step_size = self.step_size
         """The largest step size so far (``lr_power``'s reference)."""
         self._delta = self._compute_delta()
-        self._coherent = self.config.condition in ("coherent", "smoothed")
+        self._coherent = self.config.condition != "distance"
         self._checked = self.reference.clone() if self._coherent else None
         self._coherence = 0.0
         growth = self.config.condition == "growth"
         self._noise_rate: float | None = UNCALIBRATED if growth else None
-        """``growth``: the largest ``D / n`` at a check within ``window`` steps of the sync."""
+        """``growth``: the largest ``||v||² / b`` at a check within ``window`` steps of the
+        sync (``v`` the move since the previous check, over ``n`` steps for the first)."""
         self._excess: float | None = 0.0 if growth else None
         """``growth``: ``e = D − s·n`` at the last check."""
 
@@ -371,7 +375,8 @@ class DynamicCore(NodeCore):
         n = state["steps_since_sync"][due] + 1
         rate = state["_noise_rate"][due]
         calibrating = (n <= config.window) | (rate == UNCALIBRATED)
-        measured = drift / n
+        checked = state["_checked"].index_select(0, due)
+        measured = squared_distances(w, checked).double() / n.clamp(max=config.b)
         rate = torch.where(calibrating & (measured > rate), measured, rate)
         excess = drift - rate * n
         sums = state["_coherence"][due] + (excess - state["_excess"][due])
@@ -380,16 +385,21 @@ class DynamicCore(NodeCore):
         violated = ~(value <= delta)
         for name, column in (("_noise_rate", rate), ("_excess", excess), ("_coherence", value)):
             _store_kept(state[name], due, column, violated)
+        _store_kept(state["_checked"], due, w, violated | ~calibrating)
         return violated
 
     def _growth(self) -> float:
         """``condition=growth`` at a check: 0 while measuring the noise rate, then the CUSUM
         of the distance's excess over it (see the module)."""
         assert self._noise_rate is not None and self._excess is not None
-        drift = float(squared_distances(self.model.read()[None], self.reference[None])[0])
+        assert self._checked is not None
+        now = self.model.read()
+        drift = float(squared_distances(now[None], self.reference[None])[0])
         n = self.steps_since_sync
         if n <= self.config.window or self._noise_rate == UNCALIBRATED:
-            self._noise_rate = max(self._noise_rate, drift / n)
+            move = float(squared_distances(now[None], self._checked[None])[0])
+            self._noise_rate = max(self._noise_rate, move / min(n, self.config.b))
+            self._checked = now.clone()
             self._excess, self._coherence = 0.0, 0.0
             return 0.0
         excess = drift - self._noise_rate * n
