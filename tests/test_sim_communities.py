@@ -143,9 +143,12 @@ def test_shared_entries_agree_private_entries_stay_own():
 # Accuracy was a float32 mean over nodes then and is an exactly rounded one now (1e-7 apart).
 # Periodic re-recorded when a neighbour that let a round go by became a straggler (issue 11,
 # silent peers: with speed_spread a neighbour far ahead pushes outside the round window, and
-# is no longer waited for round after round: 3 more syncs, same bytes, 0.5061 -> 0.5064).
+# is no longer waited for round after round: 3 more syncs, same bytes, 0.5061 -> 0.5064);
+# and when a push of a round that could not be matched (101 of its 310 here: nodes of other
+# speeds count other rounds) became its sender's fallback instead of being dropped: 9 more
+# syncs, same bytes, 0.5064 -> 0.5311, loss 1.672 -> 1.527.
 PINNED = {
-    "periodic:b=5": (0.5064066857099533, 1.672340026497841, 6023460, 310, 137),
+    "periodic:b=5": (0.5310584917664528, 1.527215266227722, 6023460, 310, 146),
     "dynamic": (0.6140668511390686, 1.3707069367170335, 3545008, 332, 109),
     "gossip": (0.7021587744355202, 1.3461494207382203, 30542290, 1571, 1565),
 }

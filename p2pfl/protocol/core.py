@@ -88,6 +88,9 @@ class CoreStats:
     stragglers: int = 0
     """Answers a request was resolved without, cut off as stragglers (``PeerWaits``)."""
     ignored: int = 0
+    unmatched: int = 0
+    """Pushes of a round that could not be matched, kept as their sender's fallback
+    (``PeriodicCore``)."""
     refused_codec: int = 0
     clipped: int = 0
     refused_peer: int = 0

@@ -20,7 +20,15 @@ class PeriodicCore(NodeCore):
     once it holds the model of that round of every live neighbour it waits for (or the
     missing ones are stragglers, or the round times out, or the next round starts), replaces
     its model by the mean of its closed neighbourhood. A neighbour that missed rounds is
-    waited for less often (``PeerWaits``); its model is merged whenever it arrives in time."""
+    waited for less often (``PeerWaits``); its model is merged whenever it arrives in time.
+
+    Round numbers are local step counts, so they match only between nodes that started
+    together (the simulator's): daemons started apart count other numbers, and one a few
+    steps ahead opens the next round before its neighbour's push of the last one arrives (at
+    load, a pair of daemons 30 steps apart with ``b=20``: the faster one merged twice in
+    6,000 steps). A push whose round cannot be matched (older than the open round, or more
+    than two ahead) is its sender's *fallback*: its latest such model, merged in its place
+    when a round closes without its model of that round (a push of the round supersedes it)."""
 
     open_round: int | None = None
     round_opened_at = 0.0
@@ -35,6 +43,8 @@ class PeriodicCore(NodeCore):
         """The neighbours whose model of the open round it waits for."""
         self.sent_copies: dict[str, torch.Tensor] = {}
         """What each neighbour holds of ``sent`` (``copy_for``): the round's merge mixes these."""
+        self.fallback: dict[str, tuple[torch.Tensor, int]] = {}
+        """Each neighbour's latest push of a round we could not match (see the class)."""
 
     @classmethod
     def which_act(
@@ -69,20 +79,19 @@ class PeriodicCore(NodeCore):
         if not isinstance(message, Push) or message.round < 0 or sender not in self.neighbors:
             return super().on_message(now, sender, message)
         oldest = self.open_round if self.open_round is not None else self.step // self.config.b
-        if message.round > oldest + 2:
-            self.stats.ignored += 1
-            log.debug("%s: round %d from %s outside window", self.node_id, message.round, sender)
-            return []
         # A model of a round we opened (even closed) times how long the peer lags our push;
-        # one of a round we did not open yet (a peer ahead of us) proves it alive.
+        # any other proves it alive.
         timed = self.peer_waits.answered(sender, message.round, now) is not None
-        if not timed and message.round >= oldest:
+        if not timed:
             self.peer_waits.heard(sender)
         if timed or message.round >= oldest:
             self.awaited.add(sender)  # a peer that answers again is waited for again
-        if message.round < oldest:
-            self.stats.ignored += 1
-            log.debug("%s: round %d from %s came late", self.node_id, message.round, sender)
+        if not oldest <= message.round <= oldest + 2:
+            self.stats.unmatched += 1
+            self.fallback[sender] = (message.params, message.samples)
+            log.debug(
+                "%s: round %d from %s kept as a fallback", self.node_id, message.round, sender
+            )
             return []
         self.inbox.setdefault(message.round, {})[sender] = (message.params, message.samples)
         if message.round != self.open_round:
@@ -122,8 +131,11 @@ class PeriodicCore(NodeCore):
     def _finish_round(self, current: torch.Tensor | None = None) -> list[Action]:
         """Merge the open round; ``current`` is the model if a replacement is still pending."""
         assert self.open_round is not None and self.sent is not None
-        missing = self._missing()
         got = self.inbox.pop(self.open_round, {})
+        for peer, pushed in self.fallback.items():
+            got.setdefault(peer, pushed)  # a push of the round supersedes the fallback
+        self.fallback.clear()
+        missing = self._missing() - got.keys()
         if got:  # else nobody answered: the links are slow, not these peers
             self.peer_waits.missed(sorted(missing))
         for old in [r for r in self.inbox if r < self.open_round]:
