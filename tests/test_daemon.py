@@ -59,6 +59,25 @@ def test_flags_override_the_file(tmp_path):
     assert load_config(tmp_path, {"protocol": "periodic:b=5"}).protocol_config.b == 5
 
 
+def test_daemon_runs_the_growth_condition(tmp_path):
+    """The daemon builds its core from the same spec: ``condition=growth,window=W`` parses
+    (a bad window is a config error naming the key) and its core measures the noise rate
+    for ``window`` steps after the sync, then fires once the distance grows faster."""
+    config = load_config(tmp_path, {"protocol": "dynamic:delta=1,b=1,condition=growth,window=4"})
+    assert (config.protocol_config.condition, config.protocol_config.window) == ("growth", 4)
+    with pytest.raises(ConfigError, match="window"):
+        load_config(tmp_path, {"protocol": "dynamic:condition=growth,window=0"})
+    model = FakeModel(torch.zeros(4))
+    core = make_core("a", config.protocol_config, model, ["b"])
+    fired = []
+    for step in range(1, 6):
+        model.w = torch.full((4,), 0.1 * step**2)  # D = 0.04 t⁴: faster than linear
+        fired.append(bool(core.on_local_step(0.0)))
+        # the noise rate: the largest squared move per step, 4 · (0.1 (2t − 1))² by t = 4
+        assert core._noise_rate == pytest.approx(0.04 * (2 * min(step, 4) - 1) ** 2)
+    assert fired == [False] * 4 + [True]  # at 5: D − 1.96·5 = 15.2 > Δ = 1: a session
+
+
 @pytest.mark.parametrize(
     ("text", "flags", "expected"),
     [

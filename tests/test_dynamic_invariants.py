@@ -203,7 +203,8 @@ def test_default_dynamic_traffic_rises_after_concept_drift():
 
 # -- the coherent condition: SGD noise alone is not a violation, a moving optimum is --
 @pytest.mark.parametrize(
-    ("condition", "noise_violations"), [("distance", True), ("coherent", False)]
+    ("condition", "noise_violations"),
+    [("distance", True), ("coherent", False), ("growth", False)],
 )
 def test_coherent_condition_ignores_noise_but_not_drift(condition, noise_violations):
     """A model jittering around its optimum (SGD at a constant rate: pulled back by 10 % per

@@ -13,7 +13,7 @@ import torch
 
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import make_core
-from p2pfl.protocol.dynamic import DynamicCore, squared_distances
+from p2pfl.protocol.dynamic import UNCALIBRATED, DynamicCore, squared_distances
 from p2pfl.simulator.batched_protocol import StackedCores
 from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.scenario import ScenarioError, load_scenario
@@ -26,6 +26,7 @@ PROTOCOLS = (
     "gossip:b=2",
     "dynamic:rel=0.0005,b=2",
     "dynamic:rel=0.0005,b=2,condition=coherent",
+    "dynamic:rel=0.0005,b=2,condition=growth,window=4",
     "dynamic:rel=0.0005,b=2,condition=distance",
 )
 
@@ -104,7 +105,8 @@ def test_which_act_equals_calling_each_core(spec, seed):
 
 
 def with_check_state(cores: list, seed: int) -> list:
-    """Dynamic cores whose smoothed model / coherent sum are somewhere between checks."""
+    """Dynamic cores whose smoothed model / coherent sum / growth's noise rate and CUSUM are
+    somewhere between checks."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     for core in cores:
@@ -112,11 +114,23 @@ def with_check_state(cores: list, seed: int) -> list:
             core._checked = core.reference + rng.choice([0.0, 0.02, 0.2]) * torch.randn(
                 40, generator=gen
             )
-            core._coherence = rng.choice([0.0, 0.005, 0.05, 0.5])
+        if core._noise_rate is not None:
+            core._noise_rate = rng.choice([UNCALIBRATED, 0.0, 0.0005, 0.005, 0.05])
+            core._excess = rng.choice([0.0, -0.05, 0.01])
+        core._coherence = rng.choice([0.0, 0.005, 0.05, 0.5])
     return cores
 
 
-@pytest.mark.parametrize("condition", ["distance", "smoothed", "coherent"])
+def check_state(core) -> tuple:
+    """The state a dynamic condition keeps from check to check."""
+    return (copy.deepcopy(core._checked), core._coherence, core._noise_rate, core._excess)
+
+
+def same_check_state(a: tuple, b: tuple) -> bool:
+    return all(_same(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("condition", ["distance", "smoothed", "coherent", "growth,window=4"])
 @pytest.mark.parametrize(
     "spec", ["dynamic:rel=0.0005,b=2", "dynamic:delta=0.05,b=1", "dynamic:b=3"]
 )
@@ -127,7 +141,7 @@ def test_dynamic_condition_vectorised_equals_per_node(spec, condition, seed):
     for rows in (torch.arange(80), torch.arange(0, 80, 3)):
         cores = with_check_state(random_cores(f"{spec},condition={condition}", 80, seed), seed)
         probes = [copy.deepcopy(core) for core in cores]
-        before = [(copy.deepcopy(c._checked), c._coherence) for c in cores]
+        before = [check_state(c) for c in cores]
         violated = []
         for r in rows.tolist():
             count = probes[r].stats.violations
@@ -140,8 +154,9 @@ def test_dynamic_condition_vectorised_equals_per_node(spec, condition, seed):
             assert any(violated) and not all(violated)  # both outcomes are exercised
         for r, acted in zip(rows.tolist(), violated, strict=True):
             core = stacked.core(r)
-            checked, coherence = before[r] if acted else (probes[r]._checked, probes[r]._coherence)
-            assert _same(core._checked, checked) and core._coherence == coherence
+            assert same_check_state(
+                check_state(core), before[r] if acted else check_state(probes[r])
+            )
 
 
 def test_dynamic_threshold_exactly_at_delta_agrees():

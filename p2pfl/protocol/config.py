@@ -27,7 +27,7 @@ from p2pfl.spec import (
 )
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
-CONDITIONS = ("distance", "coherent", "smoothed")
+CONDITIONS = ("distance", "coherent", "smoothed", "growth")
 CODEC_KEYS = {"codec", "block", "topk", "values", "base", "mix", "key"}
 DYNAMIC_CODEC_KEYS = {"tol"}
 """Codec keys measured in dynamic's Δ (``CodecConfig.tol``)."""
@@ -54,7 +54,11 @@ class ProtocolConfig:
     outer: tuple[float, float] | None = None
     condition: str = "distance"
     smoothing: int = 16
+    window: int = 16
     lr_power: float = 0.0
+    stand_in: bool = False
+    """``dynamic``: a coordinator learns the drift-correction update of a member that did
+    not adopt its average (``DynamicCore._take_over``)."""
     merge: MergeRule = MergeRule()
     timeout: float = 0.5
     codec: CodecConfig | None = None
@@ -75,7 +79,9 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "group": 0,
     "condition": "smoothed",
     "smoothing": 16,
+    "window": 16,
     "lr_power": 0.0,
+    "stand_in": False,
     "outer": None,
 }
 MECHANISM_KEYS = {"correction", "outer_lr", "outer_momentum"}
@@ -103,7 +109,8 @@ def parse_protocol(text: str) -> ProtocolConfig:
     if spec.kind in ("periodic", "gossip"):
         spec.check_keys(common | {"b"})
         return ProtocolConfig(kind=spec.kind, b=spec.take("b", positive_int, 1), **base)
-    dynamic = {"b", "delta", "rel", "group", "cap", "condition", "smoothing", "lr_power"}
+    dynamic = {"b", "delta", "rel", "group", "cap", "condition", "smoothing", "window", "lr_power"}
+    dynamic |= {"stand_in"}
     spec.check_keys(common | DYNAMIC_CODEC_KEYS | dynamic)
     d = DYNAMIC_DEFAULTS
     delta = spec.take("delta", non_negative_float, None)
@@ -119,7 +126,9 @@ def parse_protocol(text: str) -> ProtocolConfig:
         cap=spec.take("cap", non_negative_int, d["cap"]),
         condition=spec.take("condition", _condition, d["condition"]),
         smoothing=spec.take("smoothing", positive_int, d["smoothing"]),
+        window=spec.take("window", positive_int, d["window"]),
         lr_power=spec.take("lr_power", _lr_power, d["lr_power"]),
+        stand_in=spec.take("stand_in", _switch, d["stand_in"]),
         **base,
     )
 
@@ -150,6 +159,12 @@ def _lr_power(raw: str) -> float:
             "(0: Δ ignores the learning rate; 2: √Δ shrinks with it)"
         )
     return value
+
+
+def _switch(raw: str) -> bool:
+    if raw not in ("0", "1"):
+        raise ValueError("must be 1 (on) or 0 (off)")
+    return raw == "1"
 
 
 def _damping(raw: str) -> float:

@@ -96,6 +96,9 @@ class CoreStats:
     refused_peer: int = 0
     distrusted: int = 0
     """Models that lay beyond their sender's verdict radius (its trust lowered)."""
+    taken_over: int = 0
+    """Correction updates a coordinator learnt for a member that did not adopt its average
+    (``dynamic``)."""
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -22,7 +22,16 @@ and a uniform merge, the updates of a group sum to ``g/(ηK) · Σ (w_i − mean
 gradient stays unbiased. Per schedule:
 
 * ``dynamic``: a session's members all adopt the same average with the group's mean step
-  count sent along: the updates sum to zero over every session.
+  count sent along: the updates sum to zero over every session in which every member adopts
+  it. A member that does not (it refused the average as beyond its coordinator's trusted
+  radius, or left the session before it came) keeps its correction while the others learn
+  theirs: on the fresh stream at ``rel=0.0002`` the corrections' sum grew to a third of
+  their summed norms within 1,000 steps, all of it the refusers' missing updates, and
+  dragged every model (README, "Long changing streams"). With ``dynamic:stand_in=1`` such a
+  member tells its coordinator (``Busy``), which learns that member's update in its place
+  (``DynamicCore._take_over``): the sum stays zero. (A coordinator whose merge had a model
+  beyond its trusted radius learns nothing from the session, nor in a refuser's place; the
+  members still learn theirs.)
 * ``gossip`` (pairwise exchange): both ends of an exchange merge the same two vectors with
   ``K = b``: the two updates cancel exactly, on any graph.
 * ``periodic``/``continuous``: every node merges its own closed neighbourhood (``K = b``).

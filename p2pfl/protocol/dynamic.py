@@ -54,6 +54,17 @@ Decisions that matter on a real network:
   while both a drift and a model that settled away from ``r`` (e.g. on a stale drift
   correction after the task changed) still violate. ``condition=distance`` is the paper's
   ``||w − r||² > Δ``.
+* ``condition=growth`` tests how much faster than linearly ``D = ||w − r||²`` grows since
+  the last sync. Over the first ``window`` steps after a sync the node only measures its
+  noise rate ``s``: the largest squared move per step between its checks (``||v||² / b``).
+  Noise moves a model by about that much every step, so it makes ``D`` grow at most
+  linearly, ``D ≲ s·n`` (``n`` steps since the sync; it levels off near an optimum), while
+  a real change of speed ``g`` adds only ``g²b`` to ``s`` but ``g²n²`` to ``D``. After the
+  window the node keeps a CUSUM of the excess over that floor, ``C ← max(0, C + Δe)`` with
+  ``e = D − s·n``, and violates when ``C > Δ``. The clamp at zero drops the deficit of a
+  model that settled (``D`` levelling off below ``s·n``), so a drift after a long quiet
+  phase is not held back by it. (A rate taken from ``D / n`` itself counts a change under
+  way during the window as noise: measured, it then missed a drift.)
 """
 
 from __future__ import annotations
@@ -126,9 +137,15 @@ nodes fell far behind (Dirichlet 0.5, ``rel=0.005``, 3,000 steps: 0.916 at 1, 0.
 whose stale averages then fit the radius their first message earned cost 56 points instead
 of 3."""
 IDLE_SESSION_WAITS = 2  # a node that stopped training admits a peer once per this many waits
+ANSWERABLE_SESSIONS = 4
+"""Sessions a coordinator remembers after sending their average, so that a member that
+refuses or misses it (and says so with ``Busy``) has its correction update learnt by the
+coordinator instead (``DynamicCore._take_over``)."""
 
 
 DISTANCE_BLOCK = 64
+UNCALIBRATED = -1.0
+"""``growth``'s noise rate before a check has measured it (rates are never negative)."""
 
 
 def squared_distances(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -184,8 +201,17 @@ class DynamicCore(NodeCore):
     """Dynamic averaging; see the module docstring."""
 
     step_counters = ("step", "steps_since_sync")
-    step_fields = ("busy", "quiet_until", "delta", "reference", "_checked", "_coherence")
-    step_state = ("_coherence",)
+    step_fields = (
+        "busy",
+        "quiet_until",
+        "delta",
+        "reference",
+        "_checked",
+        "_coherence",
+        "_noise_rate",
+        "_excess",
+    )
+    step_state = ("_coherence", "_noise_rate", "_excess")
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -203,6 +229,17 @@ class DynamicCore(NodeCore):
         self._coherent = self.config.condition != "distance"
         self._checked = self.reference.clone() if self._coherent else None
         self._coherence = 0.0
+        growth = self.config.condition == "growth"
+        self._noise_rate: float | None = UNCALIBRATED if growth else None
+        """``growth``: the largest ``||v||² / b`` at a check within ``window`` steps of the
+        sync (``v`` the move since the previous check, over ``n`` steps for the first)."""
+        self._excess: float | None = 0.0 if growth else None
+        """``growth``: ``e = D − s·n`` at the last check."""
+        self._averaged: OrderedDict[int, tuple[torch.Tensor, dict[str, torch.Tensor], int]] = (
+            OrderedDict()
+        )
+        """Per recent session we coordinated: its average, the members' models in it (by
+        member, until it adopted or not) and the shared step count (``_take_over``)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Base state plus reference and steps since the last sync."""
@@ -317,6 +354,8 @@ class DynamicCore(NodeCore):
         delta = state["delta"][due]
         if config.condition == "distance":
             return ~(squared_distances(w, reference).double() <= delta)
+        if config.condition == "growth":
+            return DynamicCore._check_growth(config, state, due, w, reference, delta)
         checked = state["_checked"].index_select(0, due)
         if config.condition == "smoothed":
             move = torch.sub(w, checked)  # checked += (w - checked) * a, in fewer temporaries
@@ -331,9 +370,57 @@ class DynamicCore(NodeCore):
         _store_kept(state["_coherence"], due, value, violated)
         return violated
 
+    @staticmethod
+    def _check_growth(
+        config: ProtocolConfig,
+        state: Mapping[str, torch.Tensor],
+        due: torch.Tensor,
+        w: torch.Tensor,
+        reference: torch.Tensor,
+        delta: torch.Tensor,
+    ) -> torch.Tensor:
+        """``_check`` for ``condition=growth``: the operations of ``_growth`` on every row."""
+        drift = squared_distances(w, reference).double()
+        n = state["steps_since_sync"][due] + 1
+        rate = state["_noise_rate"][due]
+        calibrating = (n <= config.window) | (rate == UNCALIBRATED)
+        checked = state["_checked"].index_select(0, due)
+        measured = squared_distances(w, checked).double() / n.clamp(max=config.b)
+        rate = torch.where(calibrating & (measured > rate), measured, rate)
+        excess = drift - rate * n
+        sums = state["_coherence"][due] + (excess - state["_excess"][due])
+        value = torch.where(calibrating, 0.0, torch.where(sums > 0.0, sums, 0.0))
+        excess = torch.where(calibrating, 0.0, excess)
+        violated = ~(value <= delta)
+        for name, column in (("_noise_rate", rate), ("_excess", excess), ("_coherence", value)):
+            _store_kept(state[name], due, column, violated)
+        _store_kept(state["_checked"], due, w, violated | ~calibrating)
+        return violated
+
+    def _growth(self) -> float:
+        """``condition=growth`` at a check: 0 while measuring the noise rate, then the CUSUM
+        of the distance's excess over it (see the module)."""
+        assert self._noise_rate is not None and self._excess is not None
+        assert self._checked is not None
+        now = self.model.read()
+        drift = float(squared_distances(now[None], self.reference[None])[0])
+        n = self.steps_since_sync
+        if n <= self.config.window or self._noise_rate == UNCALIBRATED:
+            move = float(squared_distances(now[None], self._checked[None])[0])
+            self._noise_rate = max(self._noise_rate, move / min(n, self.config.b))
+            self._checked = now.clone()
+            self._excess, self._coherence = 0.0, 0.0
+            return 0.0
+        excess = drift - self._noise_rate * n
+        self._coherence = max(0.0, self._coherence + (excess - self._excess))
+        self._excess = excess
+        return self._coherence
+
     def _condition(self) -> float:
         """What is compared with Δ at a check: ``||w − r||²``, or with the coherent condition
         the CUSUM of the cross terms of the moves between checks (see the module)."""
+        if self._noise_rate is not None:
+            return self._growth()
         if not self._coherent:
             return self.drift()
         assert self._checked is not None
@@ -451,7 +538,27 @@ class DynamicCore(NodeCore):
         # Peers that never answered (timed out) are released instead of waiting for us.
         actions += [Send(p, Busy(s.id)) for p in sorted(s.asked - set(s.replies) - s.refused)]
         self.session = None
+        if self.config.stand_in and lesson is not None and self.drift_correction.lam:
+            members = {peer: r.params for peer, r in s.replies.items()}
+            self._averaged[s.id] = (average, members, group_steps)
+            while len(self._averaged) > ANSWERABLE_SESSIONS:
+                self._averaged.popitem(last=False)
         return actions + self._adopt(average, s.sent, group_steps, lesson=lesson)
+
+    def _take_over(self, session: int, member: str) -> list[Action]:
+        """``member`` did not adopt the average of our ``session`` (refused it, or left the
+        session before it arrived): learn its correction update in its place, so that the
+        session's updates still sum to zero (``p2pfl.protocol.correction``, "What it
+        preserves"). Only a session whose merge taught our own correction anything is
+        remembered (no model in it lay beyond its trusted radius), so what is learnt here is
+        bounded by the merge's clip radius; once per member."""
+        average, members, steps = self._averaged[session]
+        model = members.pop(member)
+        if not members:
+            del self._averaged[session]
+        self.stats.taken_over += 1
+        step_size = self.mean_step_size(steps)
+        return self.drift_correction.update(model, average, steps, step_size)
 
     def _widen(self) -> list[str]:
         """Up to as many new peers as the group has (doubling it), drawn from the members'
@@ -513,11 +620,18 @@ class DynamicCore(NodeCore):
         # the correction from it; our reply's codec error, which no one in the group saw, is
         # dropped with it (see ``p2pfl.protocol.links``).
         seen = msg.base if isinstance(msg, EchoedAverage) else m.sent
+        # With ``stand_in`` the coordinator is told (``Busy``): it learns our correction
+        # update in our place.
         if self._clip(seen, {sender: msg.params}).suspect:
             self.stats.refused_peer += 1
             log.debug("%s: refused the average of %s (beyond its radius)", self.node_id, sender)
-            return []
+            return self._leave(msg.session, sender)
         return self._adopt(msg.params, m.sent, msg.steps, seen=seen, lesson=msg.params)
+
+    def _leave(self, session: int, coordinator: str) -> list[Action]:
+        """We do not adopt the average of ``coordinator``'s ``session``: with ``stand_in``
+        it is told (``Busy``; it leaves our model out, or learns our update in our place)."""
+        return [Send(coordinator, Busy(session))] if self.config.stand_in else []
 
     def _adopt(
         self,
@@ -536,6 +650,8 @@ class DynamicCore(NodeCore):
         if self._coherent:
             self._checked = next(a.params for a in actions if isinstance(a, ReplaceModel)).clone()
             self._coherence = 0.0
+        if self._noise_rate is not None:
+            self._noise_rate, self._excess, self._coherence = UNCALIBRATED, 0.0, 0.0
         self._delta = self._compute_delta()
         self.steps_since_sync = 0
         return actions
@@ -551,12 +667,17 @@ class DynamicCore(NodeCore):
         if isinstance(message, Busy):
             s, m = self.session, self.membership
             if s is not None and s.id == message.session and sender in s.asked:
-                if sender in s.refused or sender in s.replies:
+                if sender in s.replies:  # a member that left: its model stays out
+                    del s.replies[sender]
+                    s.refused.add(sender)
+                if sender in s.refused:
                     return []
                 s.refused.add(sender)
                 return self._on_answer(now, sender)
             if m is not None and m.id == message.session and m.coordinator == sender:
                 self.membership = None  # released: the session went on without us
+            elif sender in self._averaged.get(message.session, (None, {}))[1]:
+                return self._take_over(message.session, sender)  # refused or missed it
             else:
                 self.peer_waits.answered(sender, message.session, now)  # late, not silent
             return []
@@ -578,6 +699,7 @@ class DynamicCore(NodeCore):
         if m is not None and key == ("member", m.id):
             self.stats.timeouts += 1
             self.membership = None
+            return self._leave(m.id, m.coordinator)  # as for a refused average
         return []
 
     def on_peer_down(self, now: float, peer: str) -> list[Action]:
