@@ -535,6 +535,22 @@ def test_a_member_refuses_a_replayed_average_but_learns_from_a_merge_with_a_stal
     assert any(isinstance(a, Send) and isinstance(a.message, Average) for a in out)
 
 
+def test_a_dynamic_merge_with_a_liar_teaches_the_correction_with_the_liar_at_our_model():
+    """A dynamic coordinator's merge with a model far beyond its sender's trusted radius
+    still teaches the drift correction, the lie standing at our own model in the lesson
+    (its members learn theirs from the average: a merge that taught the coordinator nothing
+    broke the session's zero sum, 3 noise liars of 16 then cost 12.5 points at 1,000 steps
+    instead of 5.1); the honest peer's model stays in it."""
+    own = torch.linspace(-1.0, 1.0, DIM)
+    core = make_core("0", parse_protocol("dynamic:delta=0.5,b=1"), FakeModel(own), ["a", "z"])
+    honest = own + 0.01
+    merged, lesson = core._merge(own, 10, {"a": (honest, 10), "z": (-50.0 * own, 10)})
+    assert core.stats.clipped == 1
+    assert lesson is not None
+    torch.testing.assert_close(lesson, merge([own, honest, own], [10, 10, 10]))
+    assert not torch.equal(lesson, merged)  # the merge itself took the clipped lie
+
+
 def test_a_merge_measured_in_one_operation_decides_as_one_measured_pair_by_pair(monkeypatch):
     """``NodeCore._clip`` measures every distance of a merge (each peer's, our displacement,
     the peers' progress and ours) in one tensor operation: the same merged models, clip
