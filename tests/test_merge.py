@@ -546,7 +546,6 @@ def test_a_dynamic_merge_with_a_liar_teaches_the_correction_with_the_liar_at_our
     honest = own + 0.01
     merged, lesson = core._merge(own, 10, {"a": (honest, 10), "z": (-50.0 * own, 10)})
     assert core.stats.clipped == 1
-    assert lesson is not None
     torch.testing.assert_close(lesson, merge([own, honest, own], [10, 10, 10]))
     assert not torch.equal(lesson, merged)  # the merge itself took the clipped lie
 

@@ -379,10 +379,12 @@ def test_lr_power_scales_delta_by_the_step_size_against_its_peak():
     assert core.delta == 0.5  # at the peak step size: the default's Δ
     core.step_size = 0.05  # the schedule halved the rate; Δ follows at the next agreement
     assert core.delta == 0.5
-    core._adopt(model.read().clone(), model.read().clone(), 1, lesson=None)
+    agreed = model.read().clone()
+    core._adopt(agreed, model.read().clone(), 1, lesson=agreed)
     assert core.delta == pytest.approx(0.5 * 0.25)  # (0.05 / 0.1)²
     core.step_size = 0.2  # a restart above the old peak: that is the new peak
-    core._adopt(model.read().clone(), model.read().clone(), 1, lesson=None)
+    agreed = model.read().clone()
+    core._adopt(agreed, model.read().clone(), 1, lesson=agreed)
     assert core.delta == 0.5 and core.peak_step_size == 0.2
     core.step_size = 0.1
     again = make_core("0", unclipped(parse_protocol(spec)), FakeModel(model.read()), ["1"])
@@ -397,7 +399,8 @@ def test_lr_power_changes_nothing_at_a_constant_rate():
         for s in ("dynamic:rel=0.01,b=1", "dynamic:rel=0.01,b=1,lr_power=2")
     ]
     for core in cores:
-        core._adopt(model.read() + 1.0, model.read().clone(), 1, lesson=None)
+        agreed = model.read() + 1.0
+        core._adopt(agreed, model.read().clone(), 1, lesson=agreed)
     assert cores[0].delta == cores[1].delta
 
 

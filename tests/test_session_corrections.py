@@ -25,16 +25,24 @@ DIM = 32
 SPEC = "dynamic:condition=distance,stand_in=1"
 
 
-def session(*, clip_member: bool = False, late_average: bool = False) -> VirtualNet:
+def session(
+    *, clip_member: bool = False, late_average: bool = False, liar: bool = False
+) -> VirtualNet:
     """Node 1 coordinates a session with 0 and 2 after 8 steps. ``clip_member``: node 2
     clips (so it refuses an average far from its model); ``late_average``: the average
-    reaches node 2 after its membership timed out."""
+    reaches node 2 after its membership timed out; ``liar``: node 1 clips and node 2 replies
+    with a model far beyond its radius."""
     graph = nx.path_graph(3)
     adjacency = {str(i): {str(j) for j in graph[i]} for i in graph}
     start = {str(i): torch.ones(DIM) for i in graph}
     net = VirtualNet(SPEC, adjacency, start, seed=0, latency=0.002, dim=DIM)
     if clip_member:
         core = net.cores["2"]
+        core.config = dataclasses.replace(
+            core.config, merge=dataclasses.replace(core.config.merge, clip=3.0)
+        )
+    if liar:
+        core = net.cores["1"]
         core.config = dataclasses.replace(
             core.config, merge=dataclasses.replace(core.config.merge, clip=3.0)
         )
@@ -46,6 +54,8 @@ def session(*, clip_member: bool = False, late_average: bool = False) -> Virtual
             tiny[step] = 1e-3 * sign
             net.step(node, tiny.clone())
             tiny[step] = 0.0
+        if liar and step == 7:
+            net.models["2"].w = 1e3 * torch.ones(DIM)  # its reply lies (no check of its own)
         net.step("1", torch.ones(DIM) if step == 7 else 2e-4 * torch.ones(DIM))
     net.settle()
     assert net.stat("sessions") == 1
@@ -93,3 +103,16 @@ def test_stand_in_is_a_switch():
         parse_protocol("dynamic:stand_in=yes")
     with pytest.raises(SpecError, match="unknown argument"):
         parse_protocol("periodic:b=5,stand_in=1")
+
+
+def test_a_liar_that_refuses_its_average_teaches_the_coordinator_nothing():
+    """A session whose merge had a model beyond its sender's trusted radius is not one a
+    coordinator stands in for: a liar that answers the average with ``Busy`` must not get
+    its lie learnt into the coordinator's correction."""
+    net = session(liar=True)
+    assert net.cores["1"].stats.clipped >= 1
+    before = net.corrections["1"].clone()
+    sid = next(m.session for _, _, _, m in net.sends(Average, src="1", dst="2"))
+    net.runtimes["1"].message(net.now, "2", Busy(sid))
+    torch.testing.assert_close(net.corrections["1"], before, atol=0, rtol=0)
+    assert net.stat("taken_over") == 0

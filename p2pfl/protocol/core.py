@@ -158,16 +158,16 @@ class Clipped:
     models: list[torch.Tensor]
     suspect: bool
     """A model had to be clipped (a dynamic member then refuses the average)."""
-    lesson: list[torch.Tensor] | None
-    """The peers' models the drift correction learns from (``NodeCore._adopt``); None: it
-    learns nothing from this merge. The correction is an integrator, and a lie that pulls
-    every node alike (each a little, within its clip radius) would be learned by all of them
-    and never unlearned, since their later merges agree with one another. So a model beyond
-    its sender's trusted radius (dynamic, whose √Δ bounds honest peers) or judging radius
-    (the fixed schedules) stands at our own model in the lesson. Every merge still teaches:
-    skipping its update broke the corrections' zero sum (continuous on the demo fell from
-    0.969 to 0.575; a dynamic coordinator whose members learn theirs: 3 noise liars of 16
-    cost 12.5 points at 1,000 steps instead of 5.1). A model clipped only for its lack of
+    lesson: list[torch.Tensor]
+    """The peers' models the drift correction learns from (``NodeCore._adopt``): ``models``
+    itself when none lay beyond its sender's radius. The correction is an integrator, and a
+    lie that pulls every node alike (each a little, within its clip radius) would be learned
+    by all of them and never unlearned, since their later merges agree with one another. So a
+    model beyond its sender's trusted radius (dynamic, whose √Δ bounds honest peers) or
+    judging radius (the fixed schedules) stands at our own model in the lesson. Every merge
+    still teaches: skipping its update broke the corrections' zero sum (continuous on the demo
+    fell from 0.969 to 0.575; a dynamic coordinator whose members learn theirs: 3 noise liars
+    of 16 cost 12.5 points at 1,000 steps instead of 5.1). A model clipped only for its lack of
     progress (``PeerProgress``) counts as our own model in the merge: no poison in it."""
 
 
@@ -544,10 +544,11 @@ class NodeCore:
         others: dict[str, tuple[torch.Tensor, int]],
         widen: float = 1.0,
         copies: Mapping[str, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge our own model with the peers' ones (by sender), each clipped first (to
         ``widen`` times its radius, see ``_clip``); returns the merged model and the merge the
-        drift correction learns from (``Clipped.lesson``; None: nothing).
+        drift correction learns from (``Clipped.lesson``: the merged model itself, the same
+        tensor, when no model lay beyond its sender's radius).
 
         ``copies``: what each peer holds of ``own`` (``copy_for``), when we sent it to them
         over a lossy link. The merge then mixes what the group holds, our copy (their mean)
@@ -567,8 +568,8 @@ class NodeCore:
         clipped = self._clip(base, {peer: params for peer, (params, _) in others.items()}, widen)
         samples = [own_samples] + [n for _, n in others.values()]
         merged = self._mixed(own, base, merge([base, *clipped.models], samples, self.config.merge))
-        if clipped.lesson is None or clipped.lesson is clipped.models:
-            return merged, None if clipped.lesson is None else merged
+        if clipped.lesson is clipped.models:
+            return merged, merged
         lesson = merge([base, *clipped.lesson], samples, self.config.merge)
         return merged, self._mixed(own, base, lesson)
 
@@ -593,12 +594,12 @@ class NodeCore:
         current: torch.Tensor | None = None,
         seen: torch.Tensor | None = None,
         *,
-        lesson: torch.Tensor | None,
+        lesson: torch.Tensor,
     ) -> list[Action]:
         """Take the result of a merge: learn the drift correction from ``sent`` (the model
         this node contributed; ``seen``, the merge's copy of it, when a lossy link gave the
         merge another one) and ``lesson`` (the merge as the correction may learn it, see
-        ``Clipped.lesson``; None: nothing) over ``steps`` shared local steps, apply the outer
+        ``Clipped.lesson``) over ``steps`` shared local steps, apply the outer
         optimizer, and replace the model keeping the local steps taken since ``sent`` was
         handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge is in
         flight (``current`` stands for ``w_now`` when an earlier replacement is not applied
@@ -608,7 +609,7 @@ class NodeCore:
         now = self.model.read() if current is None else current
         self.anchor = new  # merge results are fresh tensors no one modifies in place
         actions.append(ReplaceModel(new + (now - sent)))
-        if steps > 0 and lesson is not None:
+        if steps > 0:
             step_size = self.mean_step_size(steps)
             contributed = sent if seen is None else seen
             actions += self.drift_correction.update(contributed, lesson, steps, step_size)

@@ -30,8 +30,7 @@ gradient stays unbiased. Per schedule:
   dragged every model (README, "Long changing streams"). With ``dynamic:stand_in=1`` such a
   member tells its coordinator (``Busy``), which learns that member's update in its place
   (``DynamicCore._take_over``): the sum stays zero. (A coordinator whose merge had a model
-  beyond its trusted radius learns nothing from the session, nor in a refuser's place; the
-  members still learn theirs.)
+  beyond its trusted radius learns with that model at its own, and stands in for nobody.)
 * ``gossip`` (pairwise exchange): both ends of an exchange merge the same two vectors with
   ``K = b``: the two updates cancel exactly, on any graph.
 * ``periodic``/``continuous``: every node merges its own closed neighbourhood (``K = b``).

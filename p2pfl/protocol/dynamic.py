@@ -529,16 +529,16 @@ class DynamicCore(NodeCore):
                 return self._ask(now, wider)
         steps = [self.steps_since_sync] + [r.steps for r in s.replies.values()]
         group_steps = max(1, round(sum(steps) / len(steps)))
-        # A merge with a model beyond its trusted radius teaches our own correction nothing
-        # (``_adopt``), but the members (who checked the average against what they sent)
-        # still learn theirs: giving them 0 shared steps too kept the session's corrections
-        # summing to zero but cost more than it saved (Dirichlet 0.5, 3,000 steps: average
-        # model 0.843 vs 0.978; signflip 3/16 at 200 steps 0.735 vs 0.825).
+        # A model beyond its trusted radius stands at our own model in what our correction
+        # learns (``Clipped.lesson``); the members learn theirs from the average they checked
+        # against what they sent.
         actions: list[Action] = [Send(p, Average(s.id, average, group_steps)) for p in s.replies]
         # Peers that never answered (timed out) are released instead of waiting for us.
         actions += [Send(p, Busy(s.id)) for p in sorted(s.asked - set(s.replies) - s.refused)]
         self.session = None
-        if self.config.stand_in and lesson is not None and self.drift_correction.lam:
+        # Stand in only where no model lay beyond its trusted radius (``lesson is average``,
+        # ``NodeCore._merge``): a liar that refused must not have its lie learnt in its place.
+        if self.config.stand_in and lesson is average and self.drift_correction.lam:
             members = {peer: r.params for peer, r in s.replies.items()}
             self._averaged[s.id] = (average, members, group_steps)
             while len(self._averaged) > ANSWERABLE_SESSIONS:
@@ -549,9 +549,8 @@ class DynamicCore(NodeCore):
         """``member`` did not adopt the average of our ``session`` (refused it, or left the
         session before it arrived): learn its correction update in its place, so that the
         session's updates still sum to zero (``p2pfl.protocol.correction``, "What it
-        preserves"). Only a session whose merge taught our own correction anything is
-        remembered (no model in it lay beyond its trusted radius), so what is learnt here is
-        bounded by the merge's clip radius; once per member."""
+        preserves"). Only a session in which no model lay beyond its trusted radius is
+        remembered, so what is learnt here is bounded by that radius; once per member."""
         average, members, steps = self._averaged[session]
         model = members.pop(member)
         if not members:
@@ -641,7 +640,7 @@ class DynamicCore(NodeCore):
         current: torch.Tensor | None = None,
         seen: torch.Tensor | None = None,
         *,
-        lesson: torch.Tensor | None,
+        lesson: torch.Tensor,
     ) -> list[Action]:
         """The shared merge (correction, outer step, kept progress); the result becomes the
         reference."""
