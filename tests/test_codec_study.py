@@ -2,8 +2,9 @@
 their form (rank-r factors exact on a rank-r matrix, outliers kept, the library's codecs
 bit for bit)."""
 
-import importlib.util
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -21,12 +22,8 @@ SCHEMA = ParamSchema(
 )
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("codec_study_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_script() -> SimpleNamespace:
+    return SimpleNamespace(**runpy.run_path(str(SCRIPT), run_name="codec_study"))
 
 
 def test_rank_r_factors_are_exact_on_rank_r_weights_and_cost_what_they_carry():
