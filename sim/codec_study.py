@@ -149,7 +149,9 @@ def message_kind(message: object) -> str:
     return kind
 
 
-def study(scenario: Path, protocol: str, sample: int) -> None:
+def study(
+    scenario: Path, protocol: str, sample: int, overrides: dict[str, int] | None = None
+) -> None:
     """Run ``protocol`` on ``scenario`` instrumented, print the bytes and the codecs' table."""
     if "codec=" not in protocol:
         raise P2pflError(f"{protocol!r} names no codec: add codec=int2 (or another) to it")
@@ -186,7 +188,7 @@ def study(scenario: Path, protocol: str, sample: int) -> None:
     engine.encoded_size, links.CodecLinks._lossy = counted, kept  # type: ignore[method-assign]
     links.CodecLinks.encode = encoding  # type: ignore[method-assign]
     try:
-        summary = Simulation(prepare(load_scenario(scenario)), protocol).run()
+        summary = Simulation(prepare(load_scenario(scenario, overrides or {})), protocol).run()
     finally:
         engine.encoded_size, links.CodecLinks._lossy = sized, lossy  # type: ignore[method-assign]
         links.CodecLinks.encode = encode  # type: ignore[method-assign]
@@ -224,9 +226,12 @@ def main() -> None:
     parser.add_argument("scenario", type=Path)
     parser.add_argument("--protocol", required=True, help="a spec with a codec")
     parser.add_argument("--sample", type=int, default=SAMPLE, help="vectors kept per kind")
+    parser.add_argument("--seed", type=int, help="default: the scenario's")
+    parser.add_argument("--steps", type=int, help="default: the scenario's")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    study(args.scenario, args.protocol, args.sample)
+    overrides = {k: v for k, v in (("seed", args.seed), ("steps", args.steps)) if v is not None}
+    study(args.scenario, args.protocol, args.sample, overrides)
 
 
 if __name__ == "__main__":
