@@ -168,7 +168,11 @@ class Clipped:
     still teaches: skipping its update broke the corrections' zero sum (continuous on the demo
     fell from 0.969 to 0.575; a dynamic coordinator whose members learn theirs: 3 noise liars
     of 16 cost 12.5 points at 1,000 steps instead of 5.1). A model clipped only for its lack of
-    progress (``PeerProgress``) counts as our own model in the merge: no poison in it."""
+    progress (``PeerProgress``) counts as our own model in the merge: no poison in it.
+    Where a session's members learn from its merge itself (dynamic, see ``NodeCore._merge``)
+    the coordinator's lesson is not this list's merge but takes the liars' updates."""
+    beyond: list[bool] = field(default_factory=list)
+    """Per model: it lay beyond its sender's trusted (dynamic) or verdict radius."""
 
 
 class NodeCore:
@@ -494,7 +498,7 @@ class NodeCore:
             if any(beyond)
             else clipped
         )
-        return Clipped(clipped, suspect=count > 0, lesson=lesson)
+        return Clipped(clipped, suspect=count > 0, lesson=lesson, beyond=beyond)
 
     def _verdict(self, sender: str, bounded: bool) -> float:
         """How many times τ ``sender``'s model may lie from ours before its trust is lowered:
@@ -571,10 +575,20 @@ class NodeCore:
             base = torch.stack(held).mean(0) if len(held) > 1 else held[0]
         clipped = self._clip(base, {peer: params for peer, (params, _) in others.items()}, widen)
         samples = [own_samples] + [n for _, n in others.values()]
-        merged = self._mixed(own, base, merge([base, *clipped.models], samples, self.config.merge))
+        mean = merge([base, *clipped.models], samples, self.config.merge)
+        merged = self._mixed(own, base, mean)
         if clipped.lesson is clipped.models:
             return merged, merged
-        lesson = merge([base, *clipped.lesson], samples, self.config.merge)
+        if self._clip_floor() > 0:
+            # A dynamic session's members each learn ``sent - average`` from the average
+            # itself, and the liar's update is lost: the coordinator learns the liars'
+            # (clipped) updates in their place, so the honest ones sum to zero.
+            lesson = mean.clone()
+            for model, far in zip(clipped.models, clipped.beyond, strict=True):
+                if far:
+                    lesson -= model - mean
+        else:
+            lesson = merge([base, *clipped.lesson], samples, self.config.merge)
         return merged, self._mixed(own, base, lesson)
 
     def _mixed(self, own: torch.Tensor, base: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
