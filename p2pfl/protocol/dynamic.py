@@ -531,9 +531,9 @@ class DynamicCore(NodeCore):
                 return self._ask(now, wider)
         steps = [self.steps_since_sync] + [r.steps for r in s.replies.values()]
         group_steps = max(1, round(sum(steps) / len(steps)))
-        # A model beyond its trusted radius stands at our own model in what our correction
-        # learns (``Clipped.lesson``); the members learn theirs from the average they checked
-        # against what they sent.
+        # The members learn theirs from the average they checked against what they sent;
+        # our lesson takes the update of a model beyond its trusted radius in its sender's
+        # place (``NodeCore._merge``), so the honest updates sum to zero.
         actions: list[Action] = [Send(p, Average(s.id, average, group_steps)) for p in s.replies]
         # Peers that never answered (timed out) are released instead of waiting for us.
         actions += [Send(p, Busy(s.id)) for p in sorted(s.asked - set(s.replies) - s.refused)]
