@@ -51,6 +51,8 @@ class ProtocolConfig:
     group: int = 0
     cap: int = 0
     correction: float = 0.0
+    agreement: int = 0
+    """Memory (merges) of the drift correction's lesson agreement; 0: fixed gain."""
     outer: tuple[float, float] | None = None
     condition: str = "distance"
     smoothing: int = 16
@@ -84,7 +86,7 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "stand_in": False,
     "outer": None,
 }
-MECHANISM_KEYS = {"correction", "outer_lr", "outer_momentum"}
+MECHANISM_KEYS = {"correction", "agreement", "outer_lr", "outer_momentum"}
 
 
 def parse_protocol(text: str) -> ProtocolConfig:
@@ -100,6 +102,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
         "codec": _codec(spec),
         "local": spec.take("local", _local, ""),
         "correction": spec.take("correction", _damping, CORRECTION_DEFAULT),
+        "agreement": spec.take("agreement", non_negative_int, 0),
         "outer": _outer(spec, DYNAMIC_DEFAULTS["outer"] if spec.kind == "dynamic" else None),
         "text": spec.text,
     }
