@@ -3,11 +3,13 @@
 
 Every protocol that merges also takes the keys of the mechanisms shared by all of them:
 ``correction=λ`` (drift correction, ``p2pfl.protocol.correction``; default
-``CORRECTION_DEFAULT``, 0 turns it off) and ``outer_lr=L,outer_momentum=M`` (an outer
-Nesterov step on every merge, ``p2pfl.protocol.outer``; off by default: it halved dynamic's
-bytes on fixed data but made it collapse on a changing stream, and it measured worse for
-periodic averaging with the correction; DiLoCo's values are ``outer_lr=0.7,
-outer_momentum=0.9``; ``outer_lr=1,outer_momentum=0`` is plain averaging)."""
+``CORRECTION_DEFAULT``, 0 turns it off; ``agreement=H`` scales its gain by how much the
+node's successive lessons agree, memory ``H`` merges, off by default) and
+``outer_lr=L,outer_momentum=M`` (an outer Nesterov step on every merge,
+``p2pfl.protocol.outer``; off by default: it halved dynamic's bytes on fixed data but made it
+collapse on a changing stream, and it measured worse for periodic averaging with the
+correction; DiLoCo's values are ``outer_lr=0.7, outer_momentum=0.9``;
+``outer_lr=1,outer_momentum=0`` is plain averaging)."""
 
 from __future__ import annotations
 

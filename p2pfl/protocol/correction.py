@@ -17,6 +17,20 @@ is ``λ`` for merges up to ``CORRECTION_STEPS`` steps apart, and for rarer ones 
 ``K / CORRECTION_STEPS`` merges of gain ``λ`` would have compounded to, so the offset is
 learned at the same pace in steps whether merges are frequent or rare.
 
+**Lesson agreement** (``agreement=H``, off by default). On IID data there is no offset to
+learn: each lesson is the mean SGD noise of ``K`` steps, independent from one merge to the
+next, and a fixed gain integrates it into a persistent random bias per node that drives the
+models apart (a dynamic network then syncs more for nothing). With ``agreement=H`` each node
+keeps an exponential mean, memory ``H`` merges, of the cosine between its successive lessons
+(``LessonAgreement``), clamped to [0, 1], and scales every gain by it: lessons that keep
+pointing the same way (an offset not learnt yet: label skew, or data that just changed) are
+learnt at up to the full gain, uncorrelated ones hardly at all; once an offset is learnt the
+residual lessons are noise again and the correction holds still. The factor a merge learns
+with is **shared by the group**: the mean of the factors the members told each other
+(``ModelReply``/``Push`` carry the sender's, ``Average`` the coordinator's mean of its
+group's), so the zero sums below hold with it. A peer's factor is clamped to [0, 1]: it can
+at most restore the fixed gain or freeze the group's learning for one merge.
+
 **What it preserves.** With one ``K`` shared by everyone whose merge used the same vectors,
 and a uniform merge, the updates of a group sum to ``g/(ηK) · Σ (w_i − mean) = 0``: the mean
 gradient stays unbiased. Per schedule:
@@ -38,6 +52,13 @@ gradient stays unbiased. Per schedule:
   regular graph, or a complete one) but **not** on a non-regular graph, where the global
   mean of the corrections (and of the models) drifts toward the high-degree nodes.
 * A sample-weighted or robust merge breaks the zero sum for every schedule.
+
+With the lesson agreement on, a session's members all use the factor the ``Average``
+carries (a coordinator standing in for a member uses the same one), and both ends of a
+gossip exchange the mean of the two factors they told each other: the sums stay zero. A
+periodic round uses the mean over the node's closed neighbourhood, the same group everywhere
+only on a complete graph: on any other graph the factors of neighbouring nodes differ a
+little and the sum drifts slightly, as it does on non-regular graphs.
 """
 
 from __future__ import annotations
