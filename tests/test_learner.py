@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from p2pfl.learning.batched import BatchedLearner
-from p2pfl.learning.learner import PerNodeLearner, SGDConfig
+from p2pfl.learning.learner import PerNodeLearner, SGDConfig, predicted
 from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
 from p2pfl.learning.schedule import parse_lr_schedule
@@ -254,3 +254,20 @@ def test_gradual_drift_labels_a_share_of_drawn_samples_by_the_next_concept():
         assert low <= new.float().mean() <= high
     with pytest.raises(ValueError, match="labels for"):
         bank.padded_labels(ys[:-1] + [ys[-1][:-1]])
+
+
+def test_predicted_is_argmax_bit_for_bit_with_ties_nan_and_inf():
+    """``predicted`` (``max(1)``, the fast form) picks what ``argmax(1)`` picks: the first
+    maximum, NaN counting as the maximum, on logits full of ties, NaN and infinities."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        k, classes, n = (int(torch.randint(1, hi, (1,), generator=g)) for hi in (20, 12, 40))
+        if trial % 3 == 0:
+            logits = torch.randn(k, classes, n, generator=g)
+        else:  # few distinct values: many ties
+            logits = torch.randint(-3, 3, (k, classes, n), generator=g).float()
+            draw = torch.rand(k, classes, n, generator=g)
+            logits[draw < 0.05] = float("nan")
+            logits[(draw >= 0.05) & (draw < 0.1)] = float("inf")
+            logits[(draw >= 0.1) & (draw < 0.15)] = float("-inf")
+        assert torch.equal(predicted(logits), logits.argmax(1))

@@ -12,9 +12,11 @@ from test_daemon_network import make_network
 from p2pfl.daemon.config import CONFIG_FILE
 
 STEPS = 300
-PROTOCOL = "dynamic:timeout=5"
-"""A wait of 5 s, as on a loaded machine's first contacts: a session that waited it out for
-the silent peer held the pair for 100 steps."""
+PROTOCOL = "dynamic:timeout=20"
+"""A node-wide wait of 20 s: longer than an honest first contact takes even on a machine at
+load 20 (a 5 s wait expired once there, for the honest peer's answer), so a session that
+times out can only have waited for the silent peer, and one that did held the pair for 400
+steps."""
 
 
 @pytest.mark.slow

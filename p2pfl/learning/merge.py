@@ -41,8 +41,10 @@ def distances_to(vectors: Sequence[torch.Tensor], to: Sequence[torch.Tensor]) ->
         to = to[:1]
     if len(vectors) == 1 and len(to) == 1:
         return [float(torch.linalg.vector_norm(vectors[0] - to[0]))]
-    if len(vectors) == len(to) > FEW_PAIRS and _alike([*vectors, *to]):
-        return _distinct_distances(vectors, to)
+    if len(vectors) == len(to) > FEW_PAIRS:
+        distinct = _distinct_distances(vectors, to)
+        if distinct is not None:
+            return distinct
     a = vectors[0] if len(vectors) == 1 else torch.stack(list(vectors))
     b = to[0] if len(to) == 1 else torch.stack(list(to))
     return torch.linalg.vector_norm(a - b, dim=-1).tolist()
@@ -54,18 +56,24 @@ measures each distinct pair once, subtracting run by run into one buffer (fewest
 merge's pairs share sides)."""
 
 
-def _distinct_distances(vectors: Sequence[torch.Tensor], to: Sequence[torch.Tensor]) -> list[float]:
+def _distinct_distances(
+    vectors: Sequence[torch.Tensor], to: Sequence[torch.Tensor]
+) -> list[float] | None:
     """``distances_to`` of many pairs, each distinct pair of tensors measured once (a merge
-    asks for our distance to one earlier model of ours for every peer recorded with it)."""
+    asks for our distance to one earlier model of ours for every peer recorded with it);
+    None unless all the tensors are flat vectors of one size and dtype."""
     index: dict[tuple[int, int], int] = {}
     slots, rows = [], []  # each pair's distinct pair; each distinct pair's first row
-    for row, (v, t) in enumerate(zip(vectors, to, strict=True)):
-        slot = index.setdefault((id(v), id(t)), len(index))
+    for row, pair in enumerate(zip(map(id, vectors), map(id, to), strict=True)):
+        slot = index.setdefault(pair, len(index))
         if slot == len(rows):
             rows.append(row)
         slots.append(slot)
     if len(rows) < len(slots):
         vectors, to = [vectors[r] for r in rows], [to[r] for r in rows]
+    # Checked once per distinct tensor (a merge's pairs share most of their tensors).
+    if not _alike(list({id(t): t for t in (*vectors, *to)}.values())):
+        return None
     distinct = torch.linalg.vector_norm(_differences(vectors, to), dim=-1).tolist()
     return [distinct[slot] for slot in slots]
 
@@ -73,9 +81,10 @@ def _distinct_distances(vectors: Sequence[torch.Tensor], to: Sequence[torch.Tens
 def _alike(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether all ``tensors`` are flat vectors of one size and dtype."""
     first = tensors[0]
-    return first.dim() == 1 and all(
-        t.shape == first.shape and t.dtype == first.dtype for t in tensors
-    )
+    if first.dim() != 1:
+        return False
+    shape, dtype = first.shape, first.dtype
+    return all(t.shape == shape and t.dtype == dtype for t in tensors)
 
 
 def _differences(vectors: Sequence[torch.Tensor], to: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -112,7 +112,9 @@ class Session:
 
     @property
     def answered(self) -> bool:
-        return not self.pending
+        """``not pending``, without building the set (asked every answer of a session)."""
+        replies, refused, cut = self.replies, self.refused, self.cut
+        return all(p in replies or p in refused or p in cut for p in self.asked)
 
 
 @dataclass

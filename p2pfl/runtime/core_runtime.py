@@ -67,8 +67,12 @@ class CoreRuntime:
 
     def message(self, now: float, sender: str, message: Message) -> None:
         """A validated message of this channel arrived from ``sender``."""
-        self._run(self.core.on_heard(now, sender), now)
-        self._run(self.core.on_message(now, sender, message), now)
+        heard = self.core.on_heard(now, sender)
+        if heard:  # usually nothing: a run of no actions does nothing
+            self._run(heard, now)
+        actions = self.core.on_message(now, sender, message)
+        if actions:
+            self._run(actions, now)
 
     def timer(self, now: float, key: Hashable) -> None:
         """A timer the driver was asked to set fired."""

@@ -118,15 +118,20 @@ class StackedCores:
         return core
 
     def _read_back(self) -> None:
-        """Read back the state of every core called since the last local step."""
-        for row in self._touched:
-            core = self.cores[row]
-            for name, column in self.numbers.items():
-                column[row] = getattr(core, name)
-            for name, clock in self.clocks.items():
-                value = getattr(core, name)
-                clock[row] = np.nan if value is None else value
-            for name, stored in self._rows.items():
+        """Read back the state of every core called since the last local step (numbers one
+        column at a time: one numpy assignment per column, not per core)."""
+        if not self._touched:
+            return
+        rows = list(self._touched)
+        cores = [self.cores[row] for row in rows]
+        index = np.array(rows)
+        for name, column in self.numbers.items():
+            column[index] = [getattr(core, name) for core in cores]
+        for name, clock in self.clocks.items():
+            values = [getattr(core, name) for core in cores]
+            clock[index] = [np.nan if value is None else value for value in values]
+        for name, stored in self._rows.items():
+            for row, core in zip(rows, cores, strict=True):
                 value = getattr(core, name)
                 if value is not stored[row]:  # replaced by the core: copy it in, share the row
                     stored[row].copy_(value)

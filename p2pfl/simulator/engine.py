@@ -121,7 +121,9 @@ def _snapshot(message: Message) -> Message:
     params = getattr(message, "params", None)
     if not isinstance(params, torch.Tensor) or params._base is None:
         return message  # compressed payloads are fresh tensors
-    return replace(message, params=params.detach().clone())
+    return replace(
+        message, params=params.clone() if not params.requires_grad else params.detach().clone()
+    )
 
 
 Event = tuple[float, int, int, str, Any]
@@ -254,6 +256,8 @@ class Simulation:
             [channel.graph for channel in self.channels],
             self,
         )
+        self._gated = [self.gates.gated(c) for c in range(len(self.channels))]
+        self._schemas = [channel.part.schema for channel in self.channels]
         self._scheduled = not self.learner.sgd.schedule.constant
         self.channel_bytes = [0] * len(self.channels)
         self.channel_messages = [0] * len(self.channels)
@@ -308,17 +312,21 @@ class Simulation:
         if (
             not self.net.online[dst]
             or dst not in self.members[channel]
-            or not self.gates.admits(channel, src, dst)
+            or (self._gated[channel] and not self.gates.admits(channel, src, dst))
         ):
             self.runtimes[channel][src].send_failed(now, str(dst))
             return
-        size = encoded_size(message, self.channels[channel].part.schema)
+        size = encoded_size(message, self._schemas[channel])
         self.channel_bytes[channel] += size
         self.channel_messages[channel] += 1
         arrival = self.net.transmit(now, src, dst, size)
-        if arrival is not None:
-            sent = _snapshot(message)
-            self._push(arrival, src, "msg", (channel, src, dst, sent, self._finite(sent)))
+        if arrival is None:
+            return
+        if isinstance(getattr(message, "params", None), torch.Tensor):
+            message = _snapshot(message)
+            self._push(arrival, src, "msg", (channel, src, dst, message, self._finite(message)))
+        else:
+            self._push(arrival, src, "msg", (channel, src, dst, message, True))
 
     def _finite(self, message: Message) -> bool:
         """Whether ``message``'s parameters are free of NaN/inf, checked once per tensor (a
@@ -364,9 +372,10 @@ class Simulation:
 
     def deliver(self, now: float, horizon: float = math.inf) -> None:
         """Deliver every message and timer due by ``now`` and earlier than ``horizon``."""
-        events, online = self.events, self.net.online
-        while events and events[0][0] <= now and events[0][0] < horizon:
-            at, _, _, kind, payload = heapq.heappop(events)
+        events, online, gated, pop = self.events, self.net.online, self._gated, heapq.heappop
+        until = min(now, math.nextafter(horizon, -math.inf))  # due by now, before horizon
+        while events and events[0][0] <= until:
+            at, _, _, kind, payload = pop(events)
             if kind == "timer":
                 channel, node, key = payload
                 self._runtime(channel, node).timer(at, key)
@@ -378,7 +387,7 @@ class Simulation:
             if kind == "hello":
                 self.gates.hello(at, channel, src, dst, message)
                 continue
-            if self.gates.frame(at, channel, src, dst) is not None:
+            if gated[channel] and self.gates.frame(at, channel, src, dst) is not None:
                 self.gates.refused[channel] += 1
                 continue
             if not finite:

@@ -170,11 +170,28 @@ def encoded_size(message: Message, schema: ParamSchema) -> int:
             else:
                 _check_params_to_send(value, schema)
         elif name == "neighbors":
-            _check_neighbors_to_send(value)
-            size += _array_header(len(value)) - 1 + _str_list_size(value)
+            size += _neighbors_size(value)
         else:
             size += _int_size(value) - 1
     return size
+
+
+def _neighbors_size(neighbors: list[str]) -> int:
+    """What the neighbour list adds to a frame with an empty one, checked as ``encode``
+    checks it (``_check_neighbors_to_send``); short ASCII peer ids at C speed."""
+    if len(neighbors) > MAX_NEIGHBORS or not neighbors:
+        _check_neighbors_to_send(neighbors)
+        return 0
+    lengths = list(map(len, neighbors))
+    longest = max(lengths)
+    if min(lengths) == 0 or longest > MAX_PEER_ID_CHARS:
+        _check_neighbors_to_send(neighbors)
+    joined = "".join(neighbors)
+    if joined.isascii() and longest < 32:
+        texts = len(joined) + len(neighbors)  # one byte per char, a fixstr header each
+    else:
+        texts = sum(_str_size(text) for text in neighbors)
+    return _array_header(len(neighbors)) - 1 + texts
 
 
 @functools.lru_cache(maxsize=256)
@@ -197,6 +214,7 @@ def _dense_params_size(schema: ParamSchema) -> int:
     return len(msgpack.packb(_pack_params(torch.zeros(schema.numel), schema)))
 
 
+@functools.lru_cache(maxsize=4096)  # a session's id is sized in each of its messages
 def _int_size(value: int) -> int:
     """Bytes of a msgpack int (positive/negative fixint, then 8/16/32/64-bit forms)."""
     if -32 <= value < 128:
@@ -212,15 +230,6 @@ def _str_size(text: str) -> int:
     """Bytes of a msgpack str (fixstr, str 8/16/32)."""
     n = len(text.encode())
     return n + (1 if n < 32 else 2 if n < 2**8 else 3 if n < 2**16 else 5)
-
-
-def _str_list_size(texts: list[str]) -> int:
-    """Bytes of the msgpack strs ``texts`` (without the array header); short ASCII ones, such
-    as peer ids, at C speed."""
-    joined = "".join(texts)
-    if joined.isascii() and (not texts or max(map(len, texts)) < 32):
-        return len(joined) + len(texts)  # one byte per char, a fixstr header each
-    return sum(_str_size(text) for text in texts)
 
 
 def _array_header(n: int) -> int:
