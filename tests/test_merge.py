@@ -535,6 +535,37 @@ def test_a_member_refuses_a_replayed_average_but_learns_from_a_merge_with_a_stal
     assert any(isinstance(a, Send) and isinstance(a.message, Average) for a in out)
 
 
+def test_a_member_adopts_an_honest_average_that_moved_less_than_it_did():
+    """Sessions every few steps (small Δ): a member moves by its local steps' noise and by
+    jumps onto other coordinators' averages, while an honest coordinator's next average, a
+    mean of its group's models, moves about 1/√n as far (the noise averages out) and never
+    made our jumps. Its share is measured from the average we adopted last (our model right
+    after adopting it) with √n allowed for the pooling (n: our degree + 1): the average is
+    adopted (today's rule, from what we sent then, gave it a fifth of the radius and
+    refused it). The same average again, a replay, is still refused."""
+    unit = torch.eye(DIM)
+    model = FakeModel(vec(1.0))
+    spec = parse_protocol("dynamic:delta=0.01,b=1,correction=0")
+    core = make_core("m", spec, model, ["c", "d", "e", "f"])
+    core.on_message(0.0, "c", Pull(1))
+    first = vec(1.0) + 0.02 * unit[0]
+    model.w = replaced(core.on_message(0.1, "c", Average(1, first, 3)))
+    model.w = model.w + 0.05 * unit[1]  # local steps
+    core.on_message(1.0, "d", Pull(2))
+    model.w = replaced(core.on_message(1.1, "d", Average(2, model.w + 0.1 * unit[2], 3)))
+    model.w = model.w + 0.05 * unit[3]
+    sent = model.w.clone()
+    core.on_message(2.0, "c", Pull(3))
+    honest = first + (sent - first) / 5  # our reply among five models near ``first``
+    # τ = 3·√Δ = 0.3; the average lies 0.098 from what we sent
+    torch.testing.assert_close(replaced(core.on_message(2.1, "c", Average(3, honest, 3))), honest)
+    assert core.stats.refused_peer == 0
+    model.w = model.w + 0.05 * unit[4]
+    core.on_message(3.0, "c", Pull(4))
+    assert core.on_message(3.1, "c", Average(4, honest, 3)) == []  # replayed
+    assert core.stats.refused_peer == 1
+
+
 def test_a_dynamic_merge_with_a_liar_teaches_the_correction_with_the_liar_at_our_model():
     """A dynamic coordinator's merge with a model far beyond its sender's trusted radius
     still teaches the drift correction, the lie standing at our own model in the lesson

@@ -439,7 +439,11 @@ class NodeCore:
         return (self._last_step_at - self._first_step_at) / (self.step - 1)
 
     def _clip(
-        self, own: torch.Tensor, others: dict[str, torch.Tensor], widen: float = 1.0
+        self,
+        own: torch.Tensor,
+        others: dict[str, torch.Tensor],
+        widen: float = 1.0,
+        allowance: float = 1.0,
     ) -> Clipped:
         """The models of ``others`` (by sender) clipped around ``own``, each to its sender's
         trusted share of ``widen``·τ times the share its progress earns
@@ -477,7 +481,7 @@ class NodeCore:
         verdicts = {sender: bound * self._verdict(sender, bounded) for sender in distances}
         trusted = [bound * t for t in self._judge(distances, closing_in, verdicts, bounded)]
         theirs, ours = measured[k : 2 * k], measured[2 * k : 3 * k]
-        shares = self.progress.record(peers, models, own, lasts, theirs, ours)
+        shares = self.progress.record(peers, models, own, lasts, theirs, ours, allowance)
         radii = [r * share for r, share in zip(trusted, shares, strict=True)]
         clipped, count = clip_around(own, models, radii, measured[:k])
         self.stats.clipped += count

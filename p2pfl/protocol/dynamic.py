@@ -636,13 +636,20 @@ class DynamicCore(NodeCore):
         seen = msg.base if isinstance(msg, EchoedAverage) else m.sent
         # With ``stand_in`` the coordinator is told (``Busy``): it learns our correction
         # update in our place.
-        if self._clip(seen, {sender: msg.params}).suspect:
+        # An average of n models moves ~1/√n as far as one under SGD noise, and once
+        # adopted it is where our progress is measured from (``p2pfl.protocol.trust``).
+        pooled = self.config.cap or len(self.neighbors) + 1
+        if self._clip(seen, {sender: msg.params}, allowance=math.sqrt(pooled)).suspect:
             self.stats.refused_peer += 1
             log.debug("%s: refused the average of %s (beyond its radius)", self.node_id, sender)
             return self._leave(msg.session, sender)
-        return self._adopt(
+        actions = self._adopt(
             msg.params, m.sent, msg.steps, seen=seen, lesson=msg.params, agreement=msg.agreement
         )
+        if self.config.merge.clip:
+            adopted = next(a.params for a in actions if isinstance(a, ReplaceModel))
+            self.progress.adopted(sender, msg.params, adopted)
+        return actions
 
     def _leave(self, session: int, coordinator: str) -> list[Action]:
         """We do not adopt the average of ``coordinator``'s ``session``: with ``stand_in``

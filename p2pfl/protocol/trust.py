@@ -21,7 +21,18 @@ and merges as we do); a stale one does not move. ``PeerProgress`` scales a peer'
 by its progress: how far its model moved since an earlier one it sent us (for its first,
 since where we started), relative to how far our own model moved over the same interval
 (at most 1): a replayed model has no pull, an honest peer that moves as we do keeps all of
-it, a slower one (which is staler) keeps its share. Tried and dropped: letting a peer twice
+it, a slower one (which is staler) keeps its share. Two things make an honest
+coordinator's ``Average`` move less than a member, and both made members refuse honest
+averages when sessions came every few steps (``rel=0.0002`` on the fresh stream: 415
+refusals in 1,000 steps, all within τ from coordinators at full trust, median share 0.23):
+the member's own move included its jumps onto the averages it adopted, and an average of
+``n`` models moves about ``1/√n`` as far as one of them where SGD noise dominates (the
+noise averages out). So once a member adopted a peer's average, that peer is measured from
+the average and the member's model right after adopting it (``adopted``), and a member
+checking an ``Average`` allows it ``√n`` (``record``'s ``allowance``; ``n`` the session's
+cap, else the member's degree + 1). Neither helps a replay: a model sent again earns 0
+whatever it is divided by, and a first contact is still measured from ``origin`` without
+allowance. Tried and dropped: letting a peer twice
 slower than us keep its whole radius (3 replayers of 16 then cost 55 points instead of 3);
 not counting our moves toward the peer's earlier model (honest Dirichlet 0.5, 3,000 steps:
 0.927 instead of 0.971); measuring from the peer's model that last earned a full share
@@ -120,6 +131,13 @@ class PeerProgress:
         """The peer's earlier model and ours then, for a peer's ``baselines`` entry."""
         return (self.origin, self.origin) if last is None else (last[0], last[1])
 
+    def adopted(self, peer: str, model: torch.Tensor, own: torch.Tensor) -> None:
+        """We adopted ``model``, which ``peer`` sent (a coordinator's average) and now hold
+        ``own``: the peer's progress is measured from there on both sides."""
+        last = self._last.get(peer)
+        if last is not None:
+            self._last[peer] = (model.detach(), own.detach(), last[2])
+
     def record(
         self,
         peers: Sequence[str],
@@ -128,9 +146,12 @@ class PeerProgress:
         lasts: Sequence[Baseline | None],
         theirs: Sequence[float],
         ours: Sequence[float],
+        allowance: float = 1.0,
     ) -> list[float]:
         """The shares from each peer's distance to its reference (``theirs``) and ours to
-        our reference (``ours``, one for all peers or one each), stored in the table."""
+        our reference (``ours``, one for all peers or one each), stored in the table; a peer
+        measured from its earlier model (not its first) gets ``allowance`` times its
+        progress (an average of ``n`` models: ``√n``, see the module docstring)."""
         # A model a core merges is never modified in place; only a live view of the model
         # (``ModelAccess.read``) can change under us.
         kept = own.detach() if own._base is None else own.detach().clone()
@@ -139,8 +160,13 @@ class PeerProgress:
             moved = ours[row if len(ours) > 1 else 0]
             # Our model has not moved since the pair was taken (two messages at once): the
             # verdict of that time stands.
+            scale = 1.0 if last is None else allowance
             share = (
-                min(1.0, theirs[row] / moved) if moved > 0.0 else 1.0 if last is None else last[2]
+                min(1.0, scale * theirs[row] / moved)
+                if moved > 0.0
+                else 1.0
+                if last is None
+                else last[2]
             )
             if peer in table:
                 table[peer] = (
