@@ -41,12 +41,14 @@ PERIODS = (2, 5, 10, 20, 50, 100, 200, 500, 1000)
 RELS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 DYNAMIC_BS = (DYNAMIC_DEFAULTS["b"],)
 OUTER = "outer_lr=0.7,outer_momentum=0.9"  # DiLoCo's values
+AGREEMENT = "agreement=4"  # the drift correction's gain scaled by its lessons' agreement
 # The baseline schedules: periodic averaging with each combination of the shared mechanisms.
 BASELINES = {
     "plain": "correction=0",
     "correction": "",
     "outer": f"correction=0,{OUTER}",
     "correction+outer": OUTER,
+    "agreement": AGREEMENT,
 }
 REFERENCE = "continuous:correction=0"  # averaging every step, the classical reference
 RECOVERY_SHARE = 0.95

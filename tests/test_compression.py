@@ -579,11 +579,11 @@ def test_compressed_dynamic_keeps_the_global_mean_up_to_held_residuals(spec, mon
     dropped = torch.zeros(DIM)
     adopt = DynamicCore._adopt
 
-    def counting(self, merged, sent, steps, current=None, seen=None, *, lesson):
+    def counting(self, merged, sent, steps, current=None, seen=None, *, lesson, **shared):
         nonlocal dropped
         if seen is not None:
             dropped = dropped + (sent - seen)
-        return adopt(self, merged, sent, steps, current, seen, lesson=lesson)
+        return adopt(self, merged, sent, steps, current, seen, lesson=lesson, **shared)
 
     monkeypatch.setattr(DynamicCore, "_adopt", counting)
     n, seed = 10, 3

@@ -3,11 +3,13 @@
 
 Every protocol that merges also takes the keys of the mechanisms shared by all of them:
 ``correction=λ`` (drift correction, ``p2pfl.protocol.correction``; default
-``CORRECTION_DEFAULT``, 0 turns it off) and ``outer_lr=L,outer_momentum=M`` (an outer
-Nesterov step on every merge, ``p2pfl.protocol.outer``; off by default: it halved dynamic's
-bytes on fixed data but made it collapse on a changing stream, and it measured worse for
-periodic averaging with the correction; DiLoCo's values are ``outer_lr=0.7,
-outer_momentum=0.9``; ``outer_lr=1,outer_momentum=0`` is plain averaging)."""
+``CORRECTION_DEFAULT``, 0 turns it off; ``agreement=H`` scales its gain by how much the
+node's successive lessons agree, memory ``H`` merges, off by default) and
+``outer_lr=L,outer_momentum=M`` (an outer Nesterov step on every merge,
+``p2pfl.protocol.outer``; off by default: it halved dynamic's bytes on fixed data but made it
+collapse on a changing stream, and it measured worse for periodic averaging with the
+correction; DiLoCo's values are ``outer_lr=0.7, outer_momentum=0.9``;
+``outer_lr=1,outer_momentum=0`` is plain averaging)."""
 
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ class ProtocolConfig:
     group: int = 0
     cap: int = 0
     correction: float = 0.0
+    agreement: int = 0
+    """Memory (merges) of the drift correction's lesson agreement; 0: fixed gain."""
     outer: tuple[float, float] | None = None
     condition: str = "distance"
     smoothing: int = 16
@@ -84,7 +88,7 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "stand_in": False,
     "outer": None,
 }
-MECHANISM_KEYS = {"correction", "outer_lr", "outer_momentum"}
+MECHANISM_KEYS = {"correction", "agreement", "outer_lr", "outer_momentum"}
 
 
 def parse_protocol(text: str) -> ProtocolConfig:
@@ -100,6 +104,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
         "codec": _codec(spec),
         "local": spec.take("local", _local, ""),
         "correction": spec.take("correction", _damping, CORRECTION_DEFAULT),
+        "agreement": spec.take("agreement", non_negative_int, 0),
         "outer": _outer(spec, DYNAMIC_DEFAULTS["outer"] if spec.kind == "dynamic" else None),
         "text": spec.text,
     }

@@ -245,7 +245,7 @@ class NodeCore:
         """How much of its radius each peer's progress earns it (a stale model: none)."""
         self._first_step_at: float | None = None
         self._last_step_at = 0.0
-        self.drift_correction = DriftCorrection(config.correction)
+        self.drift_correction = DriftCorrection(config.correction, config.agreement)
         self.outer = None if config.outer is None else OuterOptimizer(*config.outer, model.read())
 
     @property
@@ -369,7 +369,9 @@ class NodeCore:
             return None
         if params.echo and isinstance(message, Average):
             base = self.links.echo_base(sender, params)
-            return EchoedAverage(message.session, vector, message.steps, base=base)
+            return EchoedAverage(
+                message.session, vector, message.steps, message.agreement, base=base
+            )
         return replace(message, params=vector)  # type: ignore[type-var]
 
     def _compressed(self, send: Send) -> Send:
@@ -613,11 +615,13 @@ class NodeCore:
         seen: torch.Tensor | None = None,
         *,
         lesson: torch.Tensor,
+        agreement: float | None = None,
     ) -> list[Action]:
         """Take the result of a merge: learn the drift correction from ``sent`` (the model
         this node contributed; ``seen``, the merge's copy of it, when a lossy link gave the
         merge another one) and ``lesson`` (the merge as the correction may learn it, see
-        ``Clipped.lesson``) over ``steps`` shared local steps, apply the outer
+        ``Clipped.lesson``) over ``steps`` shared local steps (with the group's
+        ``agreement`` factor, ``DriftCorrection.group_factor``), apply the outer
         optimizer, and replace the model keeping the local steps taken since ``sent`` was
         handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge is in
         flight (``current`` stands for ``w_now`` when an earlier replacement is not applied
@@ -630,7 +634,9 @@ class NodeCore:
         if steps > 0:
             step_size = self.mean_step_size(steps)
             contributed = sent if seen is None else seen
-            actions += self.drift_correction.update(contributed, lesson, steps, step_size)
+            actions += self.drift_correction.update(
+                contributed, lesson, steps, step_size, agreement
+            )
         self.stats.syncs += 1
         return actions
 

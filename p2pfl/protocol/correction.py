@@ -17,6 +17,20 @@ is ``λ`` for merges up to ``CORRECTION_STEPS`` steps apart, and for rarer ones 
 ``K / CORRECTION_STEPS`` merges of gain ``λ`` would have compounded to, so the offset is
 learned at the same pace in steps whether merges are frequent or rare.
 
+**Lesson agreement** (``agreement=H``, off by default). On IID data there is no offset to
+learn: each lesson is the mean SGD noise of ``K`` steps, independent from one merge to the
+next, and a fixed gain integrates it into a persistent random bias per node that drives the
+models apart (a dynamic network then syncs more for nothing). With ``agreement=H`` each node
+keeps an exponential mean, memory ``H`` merges, of the cosine between its successive lessons
+(``LessonAgreement``), clamped to [0, 1], and scales every gain by it: lessons that keep
+pointing the same way (an offset not learnt yet: label skew, or data that just changed) are
+learnt at up to the full gain, uncorrelated ones hardly at all; once an offset is learnt the
+residual lessons are noise again and the correction holds still. The factor a merge learns
+with is **shared by the group**: the mean of the factors the members told each other
+(``ModelReply``/``Push`` carry the sender's, ``Average`` the coordinator's mean of its
+group's), so the zero sums below hold with it. A peer's factor is clamped to [0, 1]: it can
+at most restore the fixed gain or freeze the group's learning for one merge.
+
 **What it preserves.** With one ``K`` shared by everyone whose merge used the same vectors,
 and a uniform merge, the updates of a group sum to ``g/(ηK) · Σ (w_i − mean) = 0``: the mean
 gradient stays unbiased. Per schedule:
@@ -38,6 +52,13 @@ gradient stays unbiased. Per schedule:
   regular graph, or a complete one) but **not** on a non-regular graph, where the global
   mean of the corrections (and of the models) drifts toward the high-degree nodes.
 * A sample-weighted or robust merge breaks the zero sum for every schedule.
+
+With the lesson agreement on, a session's members all use the factor the ``Average``
+carries (a coordinator standing in for a member uses the same one), and both ends of a
+gossip exchange the mean of the two factors they told each other: the sums stay zero. A
+periodic round uses the mean over the node's closed neighbourhood, the same group everywhere
+only on a complete graph: on any other graph the factors of neighbouring nodes differ a
+little and the sum drifts slightly, as it does on non-regular graphs.
 """
 
 from __future__ import annotations
@@ -60,30 +81,110 @@ def correction_gain(lam: float, steps: int) -> float:
 
 class DriftCorrection:
     """One node's gradient correction (``None`` until its first update); see the module
-    docstring. ``lam = 0`` turns it off."""
+    docstring. ``lam = 0`` turns it off. ``agreement = H > 0`` scales every gain by how much
+    the node's successive lessons agree (``LessonAgreement``, memory ``H`` merges)."""
 
-    def __init__(self, lam: float) -> None:
+    def __init__(self, lam: float, agreement: int = 0) -> None:
         self.lam = lam
         self.vector: torch.Tensor | None = None
+        self.agreement = LessonAgreement(agreement) if agreement else None
 
     def update(
-        self, sent: torch.Tensor, merged: torch.Tensor, steps: int, step_size: float
+        self,
+        sent: torch.Tensor,
+        merged: torch.Tensor,
+        steps: int,
+        step_size: float,
+        factor: float | None = None,
+        observe: bool = True,
     ) -> list[SetCorrection]:
         """Learn from one merge after ``steps`` local steps of mean size ``step_size``;
         returns the action that hands the new vector to the learner (nothing when off or
-        after zero steps)."""
+        after zero steps). With the lesson agreement on, the gain is scaled by ``factor``
+        (the group's shared one; None: this node's own, ``self.factor``), and the lesson is
+        folded into the agreement unless ``observe`` is false (a lesson learnt in a
+        member's place)."""
         if not self.lam or steps <= 0:
             return []
         gain = correction_gain(self.lam, steps)
-        change = (sent - merged).mul_(gain / (step_size * steps))  # scaled in place: fresh
+        if self.agreement is None:
+            change = (sent - merged).mul_(gain / (step_size * steps))  # scaled in place: fresh
+        else:
+            gain *= self.factor if factor is None else min(1.0, max(0.0, factor))
+            lesson = (sent - merged).div_(step_size * steps)
+            if observe:
+                self.agreement.observe(lesson)
+            change = lesson.mul_(gain)
         # A new tensor each time, never modified in place: the learner copies what it is
         # handed, so the action may share it.
         self.vector = change if self.vector is None else self.vector + change
         return [SetCorrection(self.vector)]
 
+    @property
+    def factor(self) -> float:
+        """This node's gain factor for its next lesson (1 with the agreement off)."""
+        return 1.0 if self.agreement is None else self.agreement.factor
+
+    def shared(self) -> float | None:
+        """What this node tells the peers it merges with (``agreement`` of ``ModelReply``,
+        ``Average`` and ``Push``): its factor, or None with the agreement off."""
+        return None if self.agreement is None else self.agreement.factor
+
+    def group_factor(self, *peers: float | None, own: float | None = None) -> float | None:
+        """The factor a merge with peers that told ``peers`` learns with: the mean of ours
+        (``own``, what we told them; None: our factor now) and theirs (a peer that told none
+        is left out), the same at every member of a group that merges the same vectors, so
+        their updates still sum to zero; None when off."""
+        if self.agreement is None:
+            return None
+        told = [min(1.0, max(0.0, p)) for p in peers if p is not None]
+        mine = self.agreement.factor if own is None else own
+        return (mine + sum(told)) / (1 + len(told))
+
     def state_dict(self) -> dict[str, Any]:
-        return {"correction": None if self.vector is None else self.vector.clone()}
+        state = {"correction": None if self.vector is None else self.vector.clone()}
+        return state if self.agreement is None else state | self.agreement.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         vector = state.get("correction")
         self.vector = None if vector is None else vector.clone()
+        if self.agreement is not None:
+            self.agreement.load_state_dict(state)
+
+
+class LessonAgreement:
+    """How much a node's successive lessons agree: an exponential mean (memory ``horizon``
+    merges) of the cosine between each lesson and the previous one, clamped to [0, 1].
+
+    A steady offset between a node's gradient and its group's (label skew) gives lessons that
+    point the same way until the correction has learnt it; SGD noise on IID data gives
+    lessons that are independent from one merge to the next (cosine near 0), which a fixed
+    gain would integrate into a persistent random bias. Scaling the gain by the agreement
+    learns the first and ignores the second; once an offset is learnt the residual lessons
+    are noise again and the correction holds still until the data change."""
+
+    def __init__(self, horizon: int) -> None:
+        self.rate = 1.0 / horizon
+        self.mean_cosine = 0.0
+        self.previous: torch.Tensor | None = None
+
+    @property
+    def factor(self) -> float:
+        return min(1.0, max(0.0, self.mean_cosine))
+
+    def observe(self, lesson: torch.Tensor) -> float:
+        """Fold in ``lesson``'s cosine with the previous one; returns the new factor."""
+        if self.previous is not None:
+            cosine = float(torch.nn.functional.cosine_similarity(lesson, self.previous, dim=0))
+            self.mean_cosine += self.rate * (cosine - self.mean_cosine)
+        self.previous = lesson.clone()
+        return self.factor
+
+    def state_dict(self) -> dict[str, Any]:
+        previous = None if self.previous is None else self.previous.clone()
+        return {"agreement_mean_cosine": self.mean_cosine, "agreement_previous": previous}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean_cosine = float(state.get("agreement_mean_cosine", 0.0))
+        previous = state.get("agreement_previous")
+        self.previous = None if previous is None else previous.clone()

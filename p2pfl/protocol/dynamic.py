@@ -237,11 +237,12 @@ class DynamicCore(NodeCore):
         sync (``v`` the move since the previous check, over ``n`` steps for the first)."""
         self._excess: float | None = 0.0 if growth else None
         """``growth``: ``e = D − s·n`` at the last check."""
-        self._averaged: OrderedDict[int, tuple[torch.Tensor, dict[str, torch.Tensor], int]] = (
-            OrderedDict()
-        )
+        self._averaged: OrderedDict[
+            int, tuple[torch.Tensor, dict[str, torch.Tensor], int, float | None]
+        ] = OrderedDict()
         """Per recent session we coordinated: its average, the members' models in it (by
-        member, until it adopted or not) and the shared step count (``_take_over``)."""
+        member, until it adopted or not), the shared step count and agreement factor
+        (``_take_over``)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Base state plus reference and steps since the last sync."""
@@ -534,7 +535,10 @@ class DynamicCore(NodeCore):
         # The members learn theirs from the average they checked against what they sent;
         # our lesson takes the update of a model beyond its trusted radius in its sender's
         # place (``NodeCore._merge``), so the honest updates sum to zero.
-        actions: list[Action] = [Send(p, Average(s.id, average, group_steps)) for p in s.replies]
+        agreement = self.drift_correction.group_factor(*(r.agreement for r in s.replies.values()))
+        actions: list[Action] = [
+            Send(p, Average(s.id, average, group_steps, agreement)) for p in s.replies
+        ]
         # Peers that never answered (timed out) are released instead of waiting for us.
         actions += [Send(p, Busy(s.id)) for p in sorted(s.asked - set(s.replies) - s.refused)]
         self.session = None
@@ -542,10 +546,12 @@ class DynamicCore(NodeCore):
         # ``NodeCore._merge``): a liar that refused must not have its lie learnt in its place.
         if self.config.stand_in and lesson is average and self.drift_correction.lam:
             members = {peer: r.params for peer, r in s.replies.items()}
-            self._averaged[s.id] = (average, members, group_steps)
+            self._averaged[s.id] = (average, members, group_steps, agreement)
             while len(self._averaged) > ANSWERABLE_SESSIONS:
                 self._averaged.popitem(last=False)
-        return actions + self._adopt(average, s.sent, group_steps, lesson=lesson)
+        return actions + self._adopt(
+            average, s.sent, group_steps, lesson=lesson, agreement=agreement
+        )
 
     def _take_over(self, session: int, member: str) -> list[Action]:
         """``member`` did not adopt the average of our ``session`` (refused it, or left the
@@ -553,13 +559,15 @@ class DynamicCore(NodeCore):
         session's updates still sum to zero (``p2pfl.protocol.correction``, "What it
         preserves"). Only a session in which no model lay beyond its trusted radius is
         remembered, so what is learnt here is bounded by that radius; once per member."""
-        average, members, steps = self._averaged[session]
+        average, members, steps, agreement = self._averaged[session]
         model = members.pop(member)
         if not members:
             del self._averaged[session]
         self.stats.taken_over += 1
         step_size = self.mean_step_size(steps)
-        return self.drift_correction.update(model, average, steps, step_size)
+        return self.drift_correction.update(
+            model, average, steps, step_size, agreement, observe=False
+        )
 
     def _widen(self) -> list[str]:
         """Up to as many new peers as the group has (doubling it), drawn from the members'
@@ -587,7 +595,12 @@ class DynamicCore(NodeCore):
         sent = self.model.read().clone()
         self.membership = Membership(msg.session, sender, sent)
         reply = ModelReply(
-            msg.session, sent, self.model.samples, self.live_neighbors, self.steps_since_sync
+            msg.session,
+            sent,
+            self.model.samples,
+            self.live_neighbors,
+            self.steps_since_sync,
+            self.drift_correction.shared(),
         )
         deadline = now + self.round_trip.wait * (MAX_WIDENING_ROUNDS + 2)
         return actions + [Send(sender, reply), SetTimer(deadline, ("member", msg.session))]
@@ -630,7 +643,9 @@ class DynamicCore(NodeCore):
             self.stats.refused_peer += 1
             log.debug("%s: refused the average of %s (beyond its radius)", self.node_id, sender)
             return self._leave(msg.session, sender)
-        actions = self._adopt(msg.params, m.sent, msg.steps, seen=seen, lesson=msg.params)
+        actions = self._adopt(
+            msg.params, m.sent, msg.steps, seen=seen, lesson=msg.params, agreement=msg.agreement
+        )
         if self.config.merge.clip:
             adopted = next(a.params for a in actions if isinstance(a, ReplaceModel))
             self.progress.adopted(sender, msg.params, adopted)
@@ -650,10 +665,13 @@ class DynamicCore(NodeCore):
         seen: torch.Tensor | None = None,
         *,
         lesson: torch.Tensor,
+        agreement: float | None = None,
     ) -> list[Action]:
         """The shared merge (correction, outer step, kept progress); the result becomes the
         reference."""
-        actions = super()._adopt(merged, sent, steps, current, seen, lesson=lesson)
+        actions = super()._adopt(
+            merged, sent, steps, current, seen, lesson=lesson, agreement=agreement
+        )
         self.reference = merged if self.outer is None else self.outer.anchor  # never modified
         if self._coherent:
             self._checked = next(a.params for a in actions if isinstance(a, ReplaceModel)).clone()

@@ -44,6 +44,8 @@ class PeriodicCore(NodeCore):
         self.sent_copies: dict[str, torch.Tensor] = {}
         """What each neighbour holds of ``sent`` (``copy_for``): the round's merge mixes these."""
         self.fallback: dict[str, tuple[torch.Tensor, int]] = {}
+        self.peer_agreement: dict[str, float | None] = {}
+        """The drift-correction agreement factor each neighbour told with its latest push."""
         """Each neighbour's latest push of a round we could not match (see the class)."""
 
     @classmethod
@@ -68,7 +70,8 @@ class PeriodicCore(NodeCore):
         self.open_round, self.sent, self.slowest = rnd, current.clone(), None
         self.sent_copies = {peer: self.copy_for(peer, self.sent) for peer in self.live_neighbors}
         for peer in self.live_neighbors:
-            actions.append(Send(peer, Push(rnd, self.sent, self.model.samples)))
+            push = Push(rnd, self.sent, self.model.samples, self.drift_correction.shared())
+            actions.append(Send(peer, push))
             self.peer_waits.asked(peer, rnd, now)
         self.awaited = set(self.peer_waits.expected(self.live_neighbors))
         self.round_opened_at = now
@@ -88,11 +91,13 @@ class PeriodicCore(NodeCore):
             self.awaited.add(sender)  # a peer that answers again is waited for again
         if not oldest <= message.round <= oldest + 2:
             self.stats.unmatched += 1
+            self.peer_agreement[sender] = message.agreement
             self.fallback[sender] = (message.params, message.samples)
             log.debug(
                 "%s: round %d from %s kept as a fallback", self.node_id, message.round, sender
             )
             return []
+        self.peer_agreement[sender] = message.agreement
         self.inbox.setdefault(message.round, {})[sender] = (message.params, message.samples)
         if message.round != self.open_round:
             return []
@@ -144,7 +149,9 @@ class PeriodicCore(NodeCore):
         if not got:
             return []
         merged, lesson = self._merge(sent, self.model.samples, got, copies=self.sent_copies)
-        return self._adopt(merged, sent, self.config.b, current, lesson=lesson)
+        told = (self.peer_agreement.get(peer) for peer in got)
+        agreement = self.drift_correction.group_factor(*told)
+        return self._adopt(merged, sent, self.config.b, current, lesson=lesson, agreement=agreement)
 
 
 class GossipCore(NodeCore):
@@ -160,8 +167,10 @@ class GossipCore(NodeCore):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.exchanges: dict[int, tuple[str, torch.Tensor, torch.Tensor, float]] = {}
-        """Open exchanges by id: the peer, what we sent, the peer's copy of it, when."""
+        self.exchanges: dict[int, tuple[str, torch.Tensor, torch.Tensor, float, float | None]]
+        self.exchanges = {}
+        """Open exchanges by id: the peer, what we sent, the peer's copy of it, when, and the
+        agreement factor we told it."""
         self.next_exchange = 1
 
     step_fields = ("has_live_neighbors",)
@@ -188,10 +197,11 @@ class GossipCore(NodeCore):
         peer = self.rng.choice(self.peer_waits.expected(peers) or peers)
         exchange, self.next_exchange = self.next_exchange, self.next_exchange + 1
         sent = self.model.read().clone()
-        self.exchanges[exchange] = (peer, sent, self.copy_for(peer, sent), now)
+        told = self.drift_correction.shared()
+        self.exchanges[exchange] = (peer, sent, self.copy_for(peer, sent), now, told)
         self.peer_waits.asked(peer, exchange, now)
         return [
-            Send(peer, Push(-exchange, sent, self.model.samples)),
+            Send(peer, Push(-exchange, sent, self.model.samples, told)),
             SetTimer(now + self.round_trip.wait, ("exchange", exchange)),
         ]
 
@@ -203,20 +213,24 @@ class GossipCore(NodeCore):
             offer = {sender: (message.params, message.samples)}
             copies = {sender: self.copy_for(sender, own)}  # our reply, as the peer will hold it
             merged, lesson = self._merge(own, self.model.samples, offer, copies=copies)
-            reply = ModelReply(-message.round, own, self.model.samples)
-            return [Send(sender, reply)] + self._adopt(merged, own, self.config.b, lesson=lesson)
+            told = self.drift_correction.shared()
+            reply = ModelReply(-message.round, own, self.model.samples, agreement=told)
+            agreement = self.drift_correction.group_factor(message.agreement)
+            adopted = self._adopt(merged, own, self.config.b, lesson=lesson, agreement=agreement)
+            return [Send(sender, reply)] + adopted
         if isinstance(message, ModelReply):
             self.peer_waits.answered(sender, message.session, now)  # late ones too
         if (
             isinstance(message, ModelReply)
             and self.exchanges.get(message.session, ("",))[0] == sender
         ):
-            _, sent, copy, asked_at = self.exchanges.pop(message.session)
+            _, sent, copy, asked_at, told = self.exchanges.pop(message.session)
             self.round_trip.sample(now - asked_at)
             answer = {sender: (message.params, message.samples)}
             copies = {sender: copy}
             merged, lesson = self._merge(sent, self.model.samples, answer, copies=copies)
-            return self._adopt(merged, sent, self.config.b, lesson=lesson)
+            agreement = self.drift_correction.group_factor(message.agreement, own=told)
+            return self._adopt(merged, sent, self.config.b, lesson=lesson, agreement=agreement)
         return super().on_message(now, sender, message)
 
     def on_timer(self, now: float, key: Hashable) -> list[Action]:

@@ -63,6 +63,9 @@ _TAGS: dict[type, str] = {
 }
 _TYPES = {tag: cls for cls, tag in _TAGS.items()}
 _FIELD_NAMES = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TAGS}
+_OPTIONAL = frozenset({"agreement"})
+"""Fields left out of the frame when None (a float in [0, 1] otherwise)."""
+_FLOAT_SIZE = 9  # msgpack float 64
 _HEADER_KEYS = frozenset({"digest", "names", "shapes", "dtypes", "buffers"})
 _LINK_INTS = ("seq", "base", "base_kind", "ack")
 _MAX_BLOCK = 2**32
@@ -156,7 +159,11 @@ def encoded_size(message: Message, schema: ParamSchema) -> int:
     size = _zero_frame_size(type(message), schema)
     for name in _FIELD_NAMES[type(message)]:
         value = getattr(message, name)
-        if name == "params":
+        if name in _OPTIONAL:
+            if value is not None:
+                _check_fraction(value, name)
+                size += _str_size(name) + _FLOAT_SIZE
+        elif name == "params":
             if isinstance(value, Compressed):
                 packed = msgpack.packb(_pack_compressed(value, _layout(schema)))
                 size += len(packed) - _dense_params_size(schema)
@@ -189,8 +196,11 @@ def _neighbors_size(neighbors: list[str]) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _zero_frame_size(cls: type, schema: ParamSchema) -> int:
-    """Encoded size of a ``cls`` message whose ints are 0 and whose neighbour list is empty."""
-    zeros: dict[str, object] = {name: 0 for name in _FIELD_NAMES[cls]}
+    """Encoded size of a ``cls`` message whose ints are 0, whose neighbour list is empty and
+    whose optional fields are left out."""
+    zeros: dict[str, object] = {
+        name: None if name in _OPTIONAL else 0 for name in _FIELD_NAMES[cls]
+    }
     if "params" in zeros:
         zeros["params"] = torch.zeros(schema.numel)
     if "neighbors" in zeros:
@@ -234,12 +244,22 @@ def _frame(message: Message, schema: ParamSchema) -> dict[str, object]:
     frame: dict[str, object] = {"v": WIRE_VERSION, "type": tag}
     for name in _FIELD_NAMES[type(message)]:
         value = getattr(message, name)
-        if name == "params":
+        if name in _OPTIONAL:
+            if value is None:
+                continue
+            _check_fraction(value, name)
+            value = float(value)
+        elif name == "params":
             value = _pack_params(value, schema)
         elif name == "neighbors":
             _check_neighbors_to_send(value)
         frame[name] = value
     return frame
+
+
+def _check_fraction(value: float, name: str) -> None:
+    if not 0.0 <= value <= 1.0:  # also false for NaN
+        raise ValueError(f"{name} {value!r} is not a fraction in [0, 1]")
 
 
 def decode(data: bytes, schema: ParamSchema, max_bytes: int | None = None) -> Message:
@@ -270,6 +290,8 @@ def decode(data: bytes, schema: ParamSchema, max_bytes: int | None = None) -> Me
         raise WireError(f"unexpected field {unexpected[0]!r} in {tag!r} message")
     values: dict[str, object] = {}
     for name in names:
+        if name in _OPTIONAL and name not in frame:
+            continue
         if name not in frame:
             raise WireError(f"{tag!r} message lacks field {name!r}")
         values[name] = _read_field(name, frame[name], tag, layout)
@@ -282,6 +304,10 @@ def _read_field(name: str, value: object, tag: str, layout: _Layout) -> object:
         return _unpack_params(value, layout)
     if name == "neighbors":
         return _read_neighbors(value, where)
+    if name in _OPTIONAL:
+        if type(value) is not float or not 0.0 <= value <= 1.0:
+            raise WireError(f"{where} must be a float in [0, 1], got {value!r:.40}")
+        return value
     lowest = 0 if name in ("samples", "steps") else _INT64_MIN
     if type(value) is not int:
         raise WireError(f"{where} must be int, got {_kind(value)}")

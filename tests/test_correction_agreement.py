@@ -1,0 +1,143 @@
+"""The drift correction's lesson agreement (``agreement=H``, ``p2pfl.protocol.correction``):
+the gain follows how much a node's successive lessons agree, the factor is shared by the
+group that merged (so a session's or an exchange's updates still sum to zero), a factor of 1
+is the fixed gain, and the factor travels as an optional wire field that default frames
+leave out."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import pytest
+import torch
+from kit import DIM, VirtualNet, complete, ring, star, vector_schema
+
+from p2pfl.protocol.config import parse_protocol
+from p2pfl.protocol.correction import DriftCorrection, LessonAgreement
+from p2pfl.spec import SpecError
+from p2pfl.wire.codec import WireError, decode, encode, encoded_size
+from p2pfl.wire.messages import Average, ModelReply, Push
+
+
+def lessons(gen: torch.Generator, n: int, offset: torch.Tensor, noise: float):
+    return [offset + noise * torch.randn(len(offset), generator=gen) for _ in range(n)]
+
+
+def test_consistent_lessons_raise_the_factor_and_independent_noise_keeps_it_near_zero():
+    gen = torch.Generator().manual_seed(0)
+    steady = LessonAgreement(4)
+    assert steady.factor == 0.0  # nothing learnt before lessons agree
+    for lesson in lessons(gen, 40, torch.ones(500), 0.3):
+        steady.observe(lesson)
+    assert steady.factor > 0.8
+    noise = LessonAgreement(4)
+    for lesson in lessons(gen, 40, torch.zeros(500), 1.0):
+        noise.observe(lesson)
+    assert noise.factor < 0.15
+    noise.mean_cosine = -0.5  # opposed lessons: clamped, never a negative gain
+    assert noise.factor == 0.0
+
+
+def test_factor_one_is_the_fixed_gain_and_factor_zero_learns_nothing():
+    sent, merged = torch.linspace(-1, 1, DIM), torch.zeros(DIM)
+    fixed = DriftCorrection(0.3)
+    fixed.update(sent, merged, 40, 0.05)
+    adaptive = DriftCorrection(0.3, agreement=4)
+    adaptive.update(sent, merged, 40, 0.05, factor=1.0)
+    torch.testing.assert_close(adaptive.vector, fixed.vector)
+    silent = DriftCorrection(0.3, agreement=4)
+    silent.update(sent, merged, 40, 0.05)  # its own factor: 0 before any agreement
+    torch.testing.assert_close(silent.vector, torch.zeros(DIM))
+    assert silent.agreement is not None and silent.agreement.previous is not None
+
+
+def test_a_lesson_learnt_in_a_members_place_is_not_folded_into_the_agreement():
+    correction = DriftCorrection(0.3, agreement=4)
+    correction.update(torch.ones(DIM), torch.zeros(DIM), 8, 0.1, factor=0.5, observe=False)
+    assert correction.agreement is not None and correction.agreement.previous is None
+    assert float(correction.vector.abs().min()) > 0
+
+
+def test_agreement_survives_a_state_round_trip():
+    correction = DriftCorrection(0.3, agreement=4)
+    for lesson in lessons(torch.Generator().manual_seed(1), 5, torch.ones(DIM), 0.1):
+        correction.update(lesson, torch.zeros(DIM), 8, 0.1)
+    restored = DriftCorrection(0.3, agreement=4)
+    restored.load_state_dict(correction.state_dict())
+    assert restored.factor == correction.factor > 0
+    torch.testing.assert_close(restored.vector, correction.vector)
+    assert DriftCorrection(0.3).state_dict().keys() == {"correction"}  # off: as before
+
+
+@pytest.mark.parametrize(
+    ("spec", "graph"),
+    [
+        ("gossip:b=2", star(6)),
+        ("gossip:b=2", ring(6)),
+        ("dynamic:b=1,rel=0.0005,condition=distance", star(6)),
+        ("dynamic:b=1,rel=0.0005,condition=distance", complete(5)),
+        ("periodic:b=3", complete(5)),
+    ],
+    ids=["gossip-star", "gossip-ring", "dynamic-star", "dynamic-complete", "periodic-complete"],
+)
+def test_corrections_sum_to_zero_though_each_node_agrees_differently(spec, graph):
+    """Every node starts with its own factor (0.2 … 0.9) and learns its own from then on:
+    the members of each merge learn with one shared factor, the mean of theirs, so the sum
+    stays zero (a session, a gossip exchange, and a periodic round on a complete graph,
+    where every node merges the same group)."""
+    net = VirtualNet(f"{spec},correction=0.3,agreement=2", graph, seed=4, jitter=0.004)
+    for core in net.cores.values():
+        core.outer = None
+    factors = {n: 0.2 + 0.7 * i / (len(graph) - 1) for i, n in enumerate(net.cores)}
+    for node, core in net.cores.items():
+        assert core.drift_correction.agreement is not None
+        core.drift_correction.agreement.mean_cosine = factors[node]
+    pull = {n: 0.05 * torch.randn(DIM, generator=net.gen) for n in net.cores}
+    for _ in range(40):
+        for node in net.cores:
+            net.step(node, 0.05 * torch.randn(DIM, generator=net.gen) + pull[node])
+        net.advance(net.now + 0.01)
+    net.settle()
+    assert net.stat("syncs") > 0 and len(net.corrections) == len(graph)
+    assert any(isinstance(m, Average | ModelReply | Push) and m.agreement for *_, m in net.log)
+    scale = max(float(c.abs().max()) for c in net.corrections.values())
+    assert scale > 0.05
+    total = torch.stack(list(net.corrections.values())).sum(0)
+    torch.testing.assert_close(total, torch.zeros(DIM), atol=1e-4 * scale, rtol=0)
+
+
+def test_agreement_is_off_by_default_and_a_spec_key():
+    assert parse_protocol("dynamic").agreement == 0
+    assert parse_protocol("periodic:b=5,agreement=4").agreement == 4
+    assert parse_protocol("gossip:agreement=8").agreement == 8
+    with pytest.raises(SpecError):
+        parse_protocol("dynamic:agreement=-1")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        ModelReply(3, torch.ones(DIM), 10, ["a"], 7),
+        Average(3, torch.ones(DIM), 7),
+        Push(2, torch.ones(DIM), 10),
+    ],
+    ids=["reply", "average", "push"],
+)
+def test_agreement_is_an_optional_wire_field(message):
+    schema = vector_schema()
+    plain = encode(message, schema)
+    assert "agreement" not in msgpack.unpackb(plain)  # off: the frame is as before
+    assert decode(plain, schema).agreement is None
+    message.agreement = 0.25
+    told = encode(message, schema)
+    assert encoded_size(message, schema) == len(told) > len(plain)
+    assert decode(told, schema).agreement == 0.25
+    for bad in (1.5, -0.1, math.nan, "1", 1):
+        frame = msgpack.unpackb(told)
+        frame["agreement"] = bad
+        with pytest.raises(WireError, match="agreement"):
+            decode(msgpack.packb(frame), schema)
+    message.agreement = 2.0
+    with pytest.raises(ValueError, match="agreement"):
+        encode(message, schema)
