@@ -44,9 +44,9 @@ class PeriodicCore(NodeCore):
         self.sent_copies: dict[str, torch.Tensor] = {}
         """What each neighbour holds of ``sent`` (``copy_for``): the round's merge mixes these."""
         self.fallback: dict[str, tuple[torch.Tensor, int]] = {}
+        """Each neighbour's latest push of a round we could not match (see the class)."""
         self.peer_agreement: dict[str, float | None] = {}
         """The drift-correction agreement factor each neighbour told with its latest push."""
-        """Each neighbour's latest push of a round we could not match (see the class)."""
 
     @classmethod
     def which_act(
