@@ -634,14 +634,14 @@ class DynamicCore(NodeCore):
         # the correction from it; our reply's codec error, which no one in the group saw, is
         # dropped with it (see ``p2pfl.protocol.links``).
         seen = msg.base if isinstance(msg, EchoedAverage) else m.sent
-        # With ``stand_in`` the coordinator is told (``Busy``): it learns our correction
-        # update in our place.
         # An average of n models moves ~1/√n as far as one under SGD noise, and once
         # adopted it is where our progress is measured from (``p2pfl.protocol.trust``).
         pooled = self.config.cap or len(self.neighbors) + 1
         if self._clip(seen, {sender: msg.params}, allowance=math.sqrt(pooled)).suspect:
             self.stats.refused_peer += 1
             log.debug("%s: refused the average of %s (beyond its radius)", self.node_id, sender)
+            # With ``stand_in`` the coordinator is told (``Busy``): it learns our correction
+            # update in our place.
             return self._leave(msg.session, sender)
         actions = self._adopt(
             msg.params, m.sent, msg.steps, seen=seen, lesson=msg.params, agreement=msg.agreement

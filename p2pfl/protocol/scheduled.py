@@ -89,15 +89,14 @@ class PeriodicCore(NodeCore):
             self.peer_waits.heard(sender)
         if timed or message.round >= oldest:
             self.awaited.add(sender)  # a peer that answers again is waited for again
+        self.peer_agreement[sender] = message.agreement
         if not oldest <= message.round <= oldest + 2:
             self.stats.unmatched += 1
-            self.peer_agreement[sender] = message.agreement
             self.fallback[sender] = (message.params, message.samples)
             log.debug(
                 "%s: round %d from %s kept as a fallback", self.node_id, message.round, sender
             )
             return []
-        self.peer_agreement[sender] = message.agreement
         self.inbox.setdefault(message.round, {})[sender] = (message.params, message.samples)
         if message.round != self.open_round:
             return []

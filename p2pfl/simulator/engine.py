@@ -121,9 +121,7 @@ def _snapshot(message: Message) -> Message:
     params = getattr(message, "params", None)
     if not isinstance(params, torch.Tensor) or params._base is None:
         return message  # compressed payloads are fresh tensors
-    return replace(
-        message, params=params.clone() if not params.requires_grad else params.detach().clone()
-    )
+    return replace(message, params=params.detach().clone())
 
 
 Event = tuple[float, int, int, str, Any]
@@ -320,13 +318,9 @@ class Simulation:
         self.channel_bytes[channel] += size
         self.channel_messages[channel] += 1
         arrival = self.net.transmit(now, src, dst, size)
-        if arrival is None:
-            return
-        if isinstance(getattr(message, "params", None), torch.Tensor):
-            message = _snapshot(message)
-            self._push(arrival, src, "msg", (channel, src, dst, message, self._finite(message)))
-        else:
-            self._push(arrival, src, "msg", (channel, src, dst, message, True))
+        if arrival is not None:
+            sent = _snapshot(message)
+            self._push(arrival, src, "msg", (channel, src, dst, sent, self._finite(sent)))
 
     def _finite(self, message: Message) -> bool:
         """Whether ``message``'s parameters are free of NaN/inf, checked once per tensor (a

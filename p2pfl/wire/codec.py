@@ -179,15 +179,9 @@ def encoded_size(message: Message, schema: ParamSchema) -> int:
 def _neighbors_size(neighbors: list[str]) -> int:
     """What the neighbour list adds to a frame with an empty one, checked as ``encode``
     checks it (``_check_neighbors_to_send``); short ASCII peer ids at C speed."""
-    if len(neighbors) > MAX_NEIGHBORS or not neighbors:
-        _check_neighbors_to_send(neighbors)
-        return 0
-    lengths = list(map(len, neighbors))
-    longest = max(lengths)
-    if min(lengths) == 0 or longest > MAX_PEER_ID_CHARS:
-        _check_neighbors_to_send(neighbors)
+    _check_neighbors_to_send(neighbors)
     joined = "".join(neighbors)
-    if joined.isascii() and longest < 32:
+    if joined.isascii() and (not neighbors or max(map(len, neighbors)) < 32):
         texts = len(joined) + len(neighbors)  # one byte per char, a fixstr header each
     else:
         texts = sum(_str_size(text) for text in neighbors)
