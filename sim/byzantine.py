@@ -5,7 +5,8 @@ the attack-free run, on one scenario (default: digits, 16 nodes, Dirichlet 0.5, 
         --rules default,today,trimmed --out runs/byzantine
 
 Writes ``byzantine.json`` (after every run, so an interrupted table keeps what it measured)
-and ``byzantine.md`` (the README table, with the default's cost on an honest network) into
+and ``byzantine.md`` (the table of docs/byzantine.md, with the default's cost on an honest
+network) into
 ``--out``; ``--table-from`` prints the table of earlier runs' json. Accuracy is the
 scenario's fair final accuracy (mean over prime-numbered steps in the last tenth) over
 honest nodes only. "today" is the merge before issue 11 (plain mean, no clipping, no

@@ -1,5 +1,5 @@
 """Where a codec's bytes go in one simulation, and how other codecs would do on the vectors
-it compressed (the README's "Why not 30×" tables).
+it compressed (the "Why not 30×" tables of docs/compression.md).
 
     .venv/bin/python sim/codec_study.py sim/pareto-iid.toml \\
         --protocol dynamic:rel=0.02,group=2,cap=3,codec=int2,key=int2,block=1024

@@ -1,5 +1,5 @@
 """Bytes to reach 99 % of continuous averaging, for each protocol x codec, on fixed-data
-scenarios (the README's compression table).
+scenarios (the compression tables of docs/compression.md).
 
     .venv/bin/python sim/compression.py sim/pareto-iid.toml sim/pareto-dirichlet05.toml \\
         sim/pareto-dirichlet01.toml --seeds 1,2 --out runs/compression

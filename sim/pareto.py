@@ -11,7 +11,8 @@ fewest bytes ``dynamic`` (default mechanisms, Δ swept) needed, the fewest of th
 baseline (and of plain periodic averaging) and their ratios, and the 2×2 ablation trigger
 (periodic / dynamic) × drift correction (off / on). Accuracy is measured fairly: the mean of
 evaluations at prime-numbered steps in the last tenth of the run (no period divides them).
-``--lr-schedule`` gives every run the same learning-rate schedule (README, table 1b).
+``--lr-schedule`` gives every run the same learning-rate schedule
+(docs/fair-comparison.md, table 1b).
 
 With concept drift in the scenario it also runs the periodic schedule whose traffic matches
 the default ``dynamic`` and writes ``drift.png`` (accuracy, cumulative bytes and bytes per

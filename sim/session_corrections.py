@@ -1,8 +1,8 @@
-"""Diagnose the drift corrections' zero sum under dynamic averaging on a stream (README,
-"Long changing streams"): every 200 steps, the norm of the sum of all nodes' corrections,
-their mean norm, the refused averages so far and what the refusers' missing updates add
-back; at the end, why the averages were refused (distance against the radius τ, the
-coordinator's trust and its progress share, see ``p2pfl.protocol.trust``).
+"""Diagnose the drift corrections' zero sum under dynamic averaging on a stream
+(docs/fair-comparison.md, "Long changing streams"): every 200 steps, the norm of the sum of
+all nodes' corrections, their mean norm, the refused averages so far and what the
+refusers' missing updates add back; at the end, why the averages were refused (distance
+against the radius τ, the coordinator's trust and its progress share, see ``p2pfl.protocol.trust``).
 
     .venv/bin/python sim/session_corrections.py dynamic:rel=0.0002 1000 [scenario.toml]
 

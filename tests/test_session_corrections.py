@@ -3,7 +3,7 @@ member does not adopt the average: one that refuses it (beyond its coordinator's
 radius) or leaves the session before it arrives tells its coordinator (``Busy``), which
 learns that member's update in its place. Without it the members that adopted learnt
 one-sided updates, and on a stream with thousands of refusals the integrator summed them
-into a bias that dragged every model (README, "Long changing streams").
+into a bias that dragged every model (docs/fair-comparison.md, "Long changing streams").
 
 Runs the cores in the kit's ``VirtualNet`` on a path 0 - 1 - 2: node 1 violates and pulls
 both neighbours."""

@@ -16,8 +16,8 @@ the member-syncs. Three nodes synced for four models instead of a neighbourhood 
 eight reached 99 % of continuous averaging with 1.1–1.5× fewer bytes than the default
 (every neighbour and the hedge); where sessions are rare (95 %) the larger groups mixed
 more per session and were 1.1–1.25× cheaper under label skew, and early in training (200
-steps, Dirichlet 0.5) small sessions mixed slower and held less under attack (README,
-"The fair comparison"): not the default.
+steps, Dirichlet 0.5) small sessions mixed slower and held less under attack
+(docs/fair-comparison.md): not the default.
 
 Decisions that matter on a real network:
 
