@@ -634,10 +634,11 @@ class DynamicCore(NodeCore):
         # the correction from it; our reply's codec error, which no one in the group saw, is
         # dropped with it (see ``p2pfl.protocol.links``).
         seen = msg.base if isinstance(msg, EchoedAverage) else m.sent
-        # An average of n models moves ~1/√n as far as one under SGD noise, and once
-        # adopted it is where our progress is measured from (``p2pfl.protocol.trust``).
-        pooled = self.config.cap or len(self.neighbors) + 1
-        if self._clip(seen, {sender: msg.params}, allowance=math.sqrt(pooled)).suspect:
+        # An honest average moves less than a member (the members' client drifts cancel in
+        # it): after the first, only a repeat (a replay) is refused for lack of progress
+        # (``p2pfl.protocol.trust``).
+        widen = MERGED_RADIUS if self.progress.knows(sender) else 1.0
+        if self._clip(seen, {sender: msg.params}, widen, repeats_only=True).suspect:
             self.stats.refused_peer += 1
             log.debug("%s: refused the average of %s (beyond its radius)", self.node_id, sender)
             # With ``stand_in`` the coordinator is told (``Busy``): it learns our correction
