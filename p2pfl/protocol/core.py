@@ -447,15 +447,13 @@ class NodeCore:
         own: torch.Tensor,
         others: dict[str, torch.Tensor],
         widen: float = 1.0,
-        repeats_only: bool = False,
+        allowance: float = 1.0,
     ) -> Clipped:
         """The models of ``others`` (by sender) clipped around ``own``, each to its sender's
         trusted share of ``widen``·τ times the share its progress earns
         (``p2pfl.protocol.trust``; a model beyond its verdict radius, ``_judge``, lowers its
         sender's trust first, a stale one earns no radius), with the verdict (see
-        ``Clipped``); their distances update the per-peer history that sizes τ.
-        ``repeats_only``: a peer's progress only tells a repeat of its earlier model
-        (``PeerProgress.record``)."""
+        ``Clipped``); their distances update the per-peer history that sizes τ."""
         # Every distance the verdict needs, in one tensor operation (bit for bit each pair
         # measured alone): each peer's from us, and with clipping on, our displacement (τ)
         # and each peer's progress and ours since its baseline (``PeerProgress``).
@@ -487,7 +485,7 @@ class NodeCore:
         verdicts = {sender: bound * self._verdict(sender, bounded) for sender in distances}
         trusted = [bound * t for t in self._judge(distances, closing_in, verdicts, bounded)]
         theirs, ours = measured[k : 2 * k], measured[2 * k : 3 * k]
-        shares = self.progress.record(peers, models, own, lasts, theirs, ours, repeats_only)
+        shares = self.progress.record(peers, models, own, lasts, theirs, ours, allowance)
         radii = [r * share for r, share in zip(trusted, shares, strict=True)]
         clipped, count = clip_around(own, models, radii, measured[:k])
         self.stats.clipped += count

@@ -29,20 +29,20 @@ the member's own move included its jumps onto the averages it adopted, and an av
 ``n`` models moves about ``1/√n`` as far as one of them where SGD noise dominates (the
 noise averages out). So once a member adopted a peer's average, that peer is measured from
 the average and the member's model right after adopting it (``adopted``), and a member
-checking an ``Average`` allowed it ``√n`` (``n`` the session's cap, else the member's
-degree + 1). Under label skew that was not enough: a member's model (and its reference,
-hopping between the averages of groups that sit far apart) moves by its client drift,
-which every average undoes, while an honest coordinator's average moves only by what its
-group learnt (the members' drifts cancel in it). On Dirichlet 0.1 (3,000 steps) honest
-averages earned 0.4-0.7 of their radius and 7 of 16 refused averages were refused for it
-alone, each the start of a cascade (a member that refuses stays apart from the group, and
-the next average from there lay beyond τ: 8 more); measured from the member's reference
-instead of its model, 8 of 11. So a member checks a coordinator's ``Average`` (after its
-first) only for being a repeat (``record``'s ``repeats_only``): the same model as the
-coordinator's last earns nothing (a replay), any other its whole radius. A first contact
-is still measured from ``origin``. What this leaves open: a coordinator that replays a
-stale average with a small change each time is adopted while it lies within τ of what the
-member sent. Tried and dropped: letting a peer twice
+checking an ``Average`` allows it ``n`` times its progress (``record``'s ``allowance``;
+``n`` the session's cap, else the member's degree + 1): an average of ``n`` models with
+the member's among them moves at least ``1/n`` as far as the member did, its own share,
+even if every other member stood still; only an average that left the member's model out
+(a replay, with or without a small change) moves less. Under label skew an allowance of
+``√n`` (noise alone) was not enough: the member's model heads toward its own data between
+sessions (client drift, undone at every average) while the average moves only by what
+the group learnt, the members' drifts cancelling in it; honest averages moved 0.18-0.28
+as far as their members (Dirichlet 0.1, 3,000 steps, n = 5), and 7 of 16 refused averages
+of that honest run were refused for it alone, each starting a cascade (a member that
+refuses stays apart from the group and lowers its coordinator's trust; the next average
+lay beyond τ: 8 more). Neither helps a replay: a model sent again earns 0 whatever it is
+divided by, and a first contact is still measured from ``origin`` without allowance.
+Tried and dropped: letting a peer twice
 slower than us keep its whole radius (3 replayers of 16 then cost 55 points instead of 3);
 not counting our moves toward the peer's earlier model (honest Dirichlet 0.5, 3,000 steps:
 0.927 instead of 0.971); measuring from the peer's model that last earned a full share
@@ -160,27 +160,29 @@ class PeerProgress:
         lasts: Sequence[Baseline | None],
         theirs: Sequence[float],
         ours: Sequence[float],
-        repeats_only: bool = False,
+        allowance: float = 1.0,
     ) -> list[float]:
         """The shares from each peer's distance to its reference (``theirs``) and ours to
-        our reference (``ours``, one for all peers or one each), stored in the table.
-        ``repeats_only`` (a member checking an ``Average``, see the module docstring): a peer
-        measured from its earlier model (not its first) earns nothing for that very model
-        again and its whole radius for any other."""
+        our reference (``ours``, one for all peers or one each), stored in the table; a peer
+        measured from its earlier model (not its first) gets ``allowance`` times its
+        progress (an average of ``n`` models with ours among them: ``n``, see the module
+        docstring)."""
         # A model a core merges is never modified in place; only a live view of the model
         # (``ModelAccess.read``) can change under us.
         kept = own.detach() if own._base is None else own.detach().clone()
         table, shares = self._last, []
         for row, (peer, last) in enumerate(zip(peers, lasts, strict=True)):
             moved = ours[row if len(ours) > 1 else 0]
-            if repeats_only and last is not None:
-                share = 1.0 if theirs[row] > 0.0 else 0.0
-            elif moved > 0.0:
-                share = min(1.0, theirs[row] / moved)
-            else:
-                # Our model has not moved since the pair was taken (two messages at once):
-                # the verdict of that time stands.
-                share = 1.0 if last is None else last[2]
+            # Our model has not moved since the pair was taken (two messages at once): the
+            # verdict of that time stands.
+            scale = 1.0 if last is None else allowance
+            share = (
+                min(1.0, scale * theirs[row] / moved)
+                if moved > 0.0
+                else 1.0
+                if last is None
+                else last[2]
+            )
             if peer in table:
                 table[peer] = (
                     (models[row].detach(), kept, share) if moved > 0.0 or last is None else last
