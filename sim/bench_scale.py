@@ -256,7 +256,8 @@ class OpCounter(TorchDispatchMode):
 
 def _tensors(obj: Any, path: str, out: list[tuple[str, torch.Tensor]], seen: set[int]) -> None:
     """Every tensor reachable from ``obj`` through attributes and containers, with its path
-    (``core.progress._last[][]``); the model access and config are left out (shared)."""
+    (``core.progress._last[][1]``: a tuple's fields by index); the model access and config
+    are left out (shared)."""
     if isinstance(obj, torch.Tensor):
         out.append((path, obj))
         return
@@ -265,7 +266,9 @@ def _tensors(obj: Any, path: str, out: list[tuple[str, torch.Tensor]], seen: set
     seen.add(id(obj))
     if isinstance(obj, dict):
         items: Any = [(f"{path}[]", v) for v in obj.values()]
-    elif isinstance(obj, list | tuple | set | frozenset):
+    elif isinstance(obj, tuple):  # a record: each field apart
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+    elif isinstance(obj, list | set | frozenset):
         items = [(f"{path}[]", v) for v in obj]
     elif hasattr(obj, "__dict__") and not callable(obj):
         items = [(f"{path}.{k}", v) for k, v in vars(obj).items() if k not in HELD_SKIPPED]
