@@ -25,7 +25,10 @@ network model, evaluation and the engine loop itself.
 ``summary_sha256``, which two code trees taking the same decisions share). With
 ``--count-ops`` it also counts the torch (aten) operations run while delivering messages and
 while training, and the delivery's ops per message: a cost that, unlike time, does not depend
-on the machine's load (the counting makes the run several times slower).
+on the machine's load (the counting makes the run several times slower). With ``--held`` it
+also lists the tensor memory the cores hold at the end of the run, per node, by the attribute
+that holds it (``held_by_cores``: each storage counted once, where a core reaches it first
+by the largest attribute).
 
 Digits has 1,438 training samples. Sizes above that cannot be split; there, node ``i`` trains
 on part ``i mod 1024`` of a 1,024-way split (the output says so).
@@ -122,6 +125,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--learner", default="batched", help=argparse.SUPPRESS)
     p.add_argument("--per-node-protocol", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--count-ops", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--held", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.protocols = args.protocols or ["dynamic"]
     args.protocol = args.protocols[0]
@@ -250,6 +254,57 @@ class OpCounter(TorchDispatchMode):
         }
 
 
+def _tensors(obj: Any, path: str, out: list[tuple[str, torch.Tensor]], seen: set[int]) -> None:
+    """Every tensor reachable from ``obj`` through attributes and containers, with its path
+    (``core.progress._last[][1]``: a tuple's fields by index); the model access and config
+    are left out (shared)."""
+    if isinstance(obj, torch.Tensor):
+        out.append((path, obj))
+        return
+    if id(obj) in seen or isinstance(obj, str | int | float | bool | type) or obj is None:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        items: Any = [(f"{path}[]", v) for v in obj.values()]
+    elif isinstance(obj, tuple):  # a record: each field apart
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+    elif isinstance(obj, list | set | frozenset):
+        items = [(f"{path}[]", v) for v in obj]
+    elif hasattr(obj, "__dict__") and not callable(obj):
+        items = [(f"{path}.{k}", v) for k, v in vars(obj).items() if k not in HELD_SKIPPED]
+    else:
+        return
+    for sub, value in items:
+        _tensors(value, sub, out, seen)
+
+
+HELD_SKIPPED = ("model", "config", "mean_step_size")
+
+
+def held_by_cores(cores: list[Any], nodes: int) -> dict[str, float]:
+    """KB per node of the tensor storage the cores hold, by the attribute path that holds it
+    (a storage several paths share counts once, under the path holding most in all), and
+    the total under ``"total"``."""
+    sizes: dict[int, int] = {}
+    paths: dict[str, set[int]] = defaultdict(set)
+    for core in cores:
+        found: list[tuple[str, torch.Tensor]] = []
+        _tensors(core, "core", found, set())
+        for path, tensor in found:
+            storage = tensor.untyped_storage()
+            sizes[storage.data_ptr()] = storage.nbytes()
+            paths[path].add(storage.data_ptr())
+    owner: dict[int, str] = {}
+    for path in sorted(paths, key=lambda p: -sum(sizes[k] for k in paths[p])):
+        for key in paths[path]:
+            owner.setdefault(key, path)
+    held: dict[str, float] = defaultdict(float)
+    for key, path in owner.items():
+        held[path] += sizes[key] / 1024 / nodes
+    ordered = dict(sorted(held.items(), key=lambda kv: -kv[1]))
+    return {"total": sum(sizes.values()) / 1024 / nodes} | ordered
+
+
 def clocks() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
@@ -317,6 +372,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": dict(timers.seconds),
         "calls": dict(timers.calls),
         "sessions": {k: summary.get(k, 0) for k in SESSION_STATS},
+        **({"held_kb_per_node": held_by_cores(sim.cores, args.nodes)} if args.held else {}),
     }
 
 

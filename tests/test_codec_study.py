@@ -61,3 +61,22 @@ def test_messages_are_counted_by_type_role_and_codec():
     assert study.message_kind(Average(1, echo)) == "Average echo int2"
     assert study.message_kind(Average(1, key)) == "Average key frame int4"
     assert study.message_kind(Pull(1)) == "Pull"
+
+
+def test_the_exact_oracle_decodes_its_role_exactly_at_the_codecs_size():
+    study = load_script()
+    from p2pfl.protocol.links import CodecLinks
+
+    g = torch.Generator().manual_seed(2)
+    config = CodecConfig("int2", 1024)
+    role = ["reply"]
+    for roles, exact in (({"reply"}, True), ({"echo"}, False), (set(), False)):
+        sender, receiver = CodecLinks(config), CodecLinks(config)
+        with study.decoded_exactly(roles, role):
+            for _ in range(3):  # a key frame, then deltas on the chain
+                x = torch.randn(SCHEMA.numel, generator=g)
+                c = sender.encode("b", x)
+                assert c.codec in ("int2", "int8")  # key frames in int8: sized as ever
+                error = float((receiver.decode("a", c) - x).norm() / x.norm())
+                assert error < 1e-6 if exact else error > 0.005
+    assert study.links.decompress is decompress  # restored

@@ -131,22 +131,40 @@ _ENTRY_POINTS = (
 def _through_links(method: Any) -> Any:
     """Wrap an entry point: decode compressed parameters before it, reset a peer's link when
     it goes down or comes back, compress the parameters it sends (idempotent, so an
-    override calling ``super()`` is fine)."""
+    override calling ``super()`` is fine). One wrapper per kind of entry point: a message
+    whose parameters are not compressed costs a type check, nothing more."""
     name = method.__name__
 
-    @functools.wraps(method)
-    def entry(self: NodeCore, now: float, *args: Any) -> list[Action]:
-        if name == "on_message":
-            message = self._decoded(args[0], args[1])
-            if message is None:
-                return []
-            args = (args[0], message)
-        elif name in ("on_peer_down", "on_peer_up"):
-            self.links.reset(args[0])
-        actions = method(self, now, *args)
+    def sent(self: NodeCore, actions: list[Action]) -> list[Action]:
         if self.config.codec is None or not actions:
             return actions
         return [self._compressed(a) if isinstance(a, Send) else a for a in actions]
+
+    if name == "on_message":
+
+        @functools.wraps(method)
+        def entry(self: NodeCore, now: float, sender: str, message: Message) -> list[Action]:
+            if isinstance(getattr(message, "params", None), Compressed):
+                decoded = self._decoded(sender, message)
+                if decoded is None:
+                    return []
+                message = decoded
+            actions = method(self, now, sender, message)
+            return actions if self.config.codec is None else sent(self, actions)
+
+    elif name in ("on_peer_down", "on_peer_up"):
+
+        @functools.wraps(method)
+        def entry(self: NodeCore, now: float, peer: str) -> list[Action]:
+            self.links.reset(peer)
+            return sent(self, method(self, now, peer))
+
+    else:
+
+        @functools.wraps(method)
+        def entry(self: NodeCore, now: float, *args: Any) -> list[Action]:
+            actions = method(self, now, *args)
+            return actions if self.config.codec is None else sent(self, actions)
 
     return entry
 
@@ -413,9 +431,8 @@ class NodeCore:
         if s is None:
             s = float(torch.linalg.vector_norm(own - self.anchor))
         judged = self._clip_floor() > 0  # trust is judged at τ (see ``_judge``): vouched only
-        seen = sorted(
-            d for p, d in self._peer_distances.items() if not judged or self.trust.vouched(p)
-        )
+        distances = self._peer_distances
+        seen = sorted(self.trust.vouched_values(distances) if judged else distances.values())
         m = seen[(len(seen) - 1) // 2] if len(seen) >= MAJORITY_PEERS else 0.0
         return self.config.merge.clip * max(s, self._clip_floor(), m)
 
