@@ -41,10 +41,11 @@ gradient stays unbiased. Per schedule:
   radius, or left the session before it came) keeps its correction while the others learn
   theirs: on the fresh stream at ``rel=0.0002`` the corrections' sum grew to a third of
   their summed norms within 1,000 steps, all of it the refusers' missing updates, and
-  dragged every model (README, "Long changing streams"). With ``dynamic:stand_in=1`` such a
-  member tells its coordinator (``Busy``), which learns that member's update in its place
-  (``DynamicCore._take_over``): the sum stays zero. (A coordinator whose merge had a model
-  beyond its trusted radius learns with that model at its own, and stands in for nobody.)
+  dragged every model (docs/fair-comparison.md, "Long changing streams"). With
+  ``dynamic:stand_in=1`` such a member tells its coordinator (``Busy``), which learns that
+  member's update in its place (``DynamicCore._take_over``): the sum stays zero. (A
+  coordinator whose merge had a model beyond its trusted radius learns with that model at
+  its own, and stands in for nobody.)
 * ``gossip`` (pairwise exchange): both ends of an exchange merge the same two vectors with
   ``K = b``: the two updates cancel exactly, on any graph.
 * ``periodic``/``continuous``: every node merges its own closed neighbourhood (``K = b``).
