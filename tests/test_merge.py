@@ -167,8 +167,10 @@ def test_member_refuses_an_average_beyond_what_it_and_the_protocol_vouch_for():
 def test_a_coordinator_merges_replies_within_twice_the_radius_a_member_adopts_whole():
     """τ = 3·√Δ = 0.3 here. A coordinator takes a reply 0.45 away (one model among the
     group's moves the average by a third of that) whole and keeps trusting its sender; a
-    member refuses an ``Average`` 0.45 away from what it sent (it would move by all of it);
-    a reply beyond 2τ is clipped to 2τ."""
+    member refuses an ``Average`` 0.45 away from what it sent from a coordinator it never
+    heard from (it would move by all of it; one it knows is checked at 2τ as well, see
+    ``test_a_member_adopts_a_known_coordinators_honest_average_under_label_skew``); a
+    reply beyond 2τ is clipped to 2τ."""
     far = torch.zeros(DIM)
     far[0] = 0.45
     model = FakeModel(vec(1.0))
@@ -564,6 +566,48 @@ def test_a_member_adopts_an_honest_average_that_moved_less_than_it_did():
     core.on_message(3.0, "c", Pull(4))
     assert core.on_message(3.1, "c", Average(4, honest, 3)) == []  # replayed
     assert core.stats.refused_peer == 1
+
+
+def test_a_member_adopts_a_known_coordinators_honest_average_under_label_skew():
+    """Label skew: a member moves by its client drift and its jumps onto other groups'
+    averages, while its coordinator's next average moves only by what the group learnt
+    (0.18-0.28 as far on Dirichlet 0.1), and it can lie farther than τ from what the member
+    sent. An average of n models with ours among them moves at least 1/n as far as we did
+    (our own share): it earns its whole radius there, and a coordinator the member knows is
+    checked at the radius it merged the member's reply at (2τ). Before, both of these
+    honest averages were refused (a share of √5/5 of the radius; 1.5τ away), and every
+    refusal in an honest network broke its session's zero sum and lowered the coordinator's
+    trust: a cascade on Dirichlet 0.1. A replay, exact or with a 1e-4 relative change, is
+    still refused."""
+    unit = torch.eye(DIM)
+    model = FakeModel(vec(1.0))
+    spec = parse_protocol("dynamic:delta=0.01,b=1,correction=0")
+    core = make_core("m", spec, model, ["c", "d", "e", "f"])  # n = 5
+    core.on_message(0.0, "c", Pull(1))
+    first = vec(1.0) + 0.02 * unit[0]
+    model.w = replaced(core.on_message(0.1, "c", Average(1, first, 3)))
+    model.w = model.w + 0.08 * unit[1]  # client drift
+    core.on_message(1.0, "d", Pull(2))
+    model.w = replaced(core.on_message(1.1, "d", Average(2, model.w + 0.15 * unit[2], 3)))
+    model.w = model.w + 0.05 * unit[3]  # τ = 3·√Δ = 0.3
+    sent = model.w.clone()
+    core.on_message(2.0, "c", Pull(3))
+    moved = float((sent - first).norm())
+    honest = first + moved / 5 * unit[4]  # our share of it, the rest of the group still
+    assert float((honest - sent).norm()) > math.sqrt(5) / 5 * 0.3  # the old radius
+    torch.testing.assert_close(replaced(core.on_message(2.1, "c", Average(3, honest, 3))), honest)
+    model.w = honest + 0.06 * unit[5]
+    sent = model.w.clone()
+    core.on_message(3.0, "c", Pull(4))
+    far = sent + 0.45 * unit[0]  # 1.5τ
+    torch.testing.assert_close(replaced(core.on_message(3.1, "c", Average(4, far, 3))), far)
+    assert core.stats.refused_peer == 0 and core.trust["c"] == 1.0
+    noise = torch.randn(DIM, generator=torch.Generator().manual_seed(0))
+    for sid, lie in ((5, far), (6, far + 1e-4 * float(far.norm()) * noise / noise.norm())):
+        model.w = model.w + 0.06 * unit[sid - 4]
+        core.on_message(float(sid), "c", Pull(sid))
+        assert core.on_message(sid + 0.1, "c", Average(sid, lie, 3)) == []
+    assert core.stats.refused_peer == 2
 
 
 def test_a_dynamic_coordinator_learns_the_liars_update_so_the_honest_ones_sum_to_zero():

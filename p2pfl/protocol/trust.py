@@ -29,10 +29,20 @@ the member's own move included its jumps onto the averages it adopted, and an av
 ``n`` models moves about ``1/√n`` as far as one of them where SGD noise dominates (the
 noise averages out). So once a member adopted a peer's average, that peer is measured from
 the average and the member's model right after adopting it (``adopted``), and a member
-checking an ``Average`` allows it ``√n`` (``record``'s ``allowance``; ``n`` the session's
-cap, else the member's degree + 1). Neither helps a replay: a model sent again earns 0
-whatever it is divided by, and a first contact is still measured from ``origin`` without
-allowance. Tried and dropped: letting a peer twice
+checking an ``Average`` allows it ``n`` times its progress (``record``'s ``allowance``;
+``n`` the session's cap, else the member's degree + 1): an average of ``n`` models with
+the member's among them moves at least ``1/n`` as far as the member did, its own share,
+even if every other member stood still; only an average that left the member's model out
+(a replay, with or without a small change) moves less. Under label skew an allowance of
+``√n`` (noise alone) was not enough: the member's model heads toward its own data between
+sessions (client drift, undone at every average) while the average moves only by what
+the group learnt, the members' drifts cancelling in it; honest averages moved 0.18-0.28
+as far as their members (Dirichlet 0.1, 3,000 steps, n = 5), and 7 of 16 refused averages
+of that honest run were refused for it alone, each starting a cascade (a member that
+refuses stays apart from the group and lowers its coordinator's trust; the next average
+lay beyond τ: 8 more). Neither helps a replay: a model sent again earns 0 whatever it is
+divided by, and a first contact is still measured from ``origin`` without allowance.
+Tried and dropped: letting a peer twice
 slower than us keep its whole radius (3 replayers of 16 then cost 55 points instead of 3);
 not counting our moves toward the peer's earlier model (honest Dirichlet 0.5, 3,000 steps:
 0.927 instead of 0.971); measuring from the peer's model that last earned a full share
@@ -122,6 +132,10 @@ class PeerProgress:
             peers, models, own, lasts, distances_to(models, theirs), distances_to([own], ours)
         )
 
+    def knows(self, peer: str) -> bool:
+        """Whether ``peer`` sent us a model before (its next is measured from that one)."""
+        return peer in self._last
+
     def baselines(self, peers: Sequence[str]) -> list[Baseline | None]:
         """What each of ``peers`` is measured against (None: from ``origin``), taken from the
         table in order (which entries the bound on remembered peers drops within one merge
@@ -158,7 +172,8 @@ class PeerProgress:
         """The shares from each peer's distance to its reference (``theirs``) and ours to
         our reference (``ours``, one for all peers or one each), stored in the table; a peer
         measured from its earlier model (not its first) gets ``allowance`` times its
-        progress (an average of ``n`` models: ``√n``, see the module docstring)."""
+        progress (an average of ``n`` models with ours among them: ``n``, see the module
+        docstring)."""
         # A model a core merges is never modified in place; only a live view of the model
         # (``ModelAccess.read``) can change under us.
         kept = own.detach() if own._base is None else own.detach().clone()
