@@ -22,9 +22,7 @@ learn: each lesson is the mean SGD noise of ``K`` steps, independent from one me
 next, and a fixed gain integrates it into a persistent random bias per node that drives the
 models apart (a dynamic network then syncs more for nothing). With ``agreement=H`` each node
 keeps an exponential mean, memory ``H`` merges, of the cosine between its successive lessons
-(``LessonAgreement``; bias-corrected for the cosines seen so far, so a node that merges
-rarely is not held at a fraction of its agreement), clamped to [0, 1], and scales every
-gain by it: lessons that keep
+(``LessonAgreement``), clamped to [0, 1], and scales every gain by it: lessons that keep
 pointing the same way (an offset not learnt yet: label skew, or data that just changed) are
 learnt at up to the full gain, uncorrelated ones hardly at all; once an offset is learnt the
 residual lessons are noise again and the correction holds still. The factor a merge learns
@@ -73,7 +71,6 @@ import torch
 from p2pfl.protocol.actions import SetCorrection
 
 CORRECTION_STEPS = 16
-SETTLED = 1_000_000  # cosines after which the bias correction of their mean is 1
 
 
 def correction_gain(lam: float, steps: int) -> float:
@@ -165,49 +162,30 @@ class LessonAgreement:
     lessons that are independent from one merge to the next (cosine near 0), which a fixed
     gain would integrate into a persistent random bias. Scaling the gain by the agreement
     learns the first and ignores the second; once an offset is learnt the residual lessons
-    are noise again and the correction holds still until the data change.
-
-    The mean is **bias-corrected** for the number of cosines seen (as Adam corrects its
-    moments): an exponential mean started at 0 would read ``1 − (1 − 1/horizon)^n`` of the
-    agreement after ``n`` cosines, so a node that merges rarely (periodic b=500: six merges
-    in 3,000 steps) would learn a fraction of its offset; corrected, the factor after the
-    first cosine is that cosine. Before any cosine (the first lesson) it is 0."""
+    are noise again and the correction holds still until the data change."""
 
     def __init__(self, horizon: int) -> None:
         self.rate = 1.0 / horizon
         self.mean_cosine = 0.0
-        """The exponential mean of the cosines, started at 0 (``factor`` corrects it)."""
-        self.seen = 0
-        """Cosines folded into ``mean_cosine``."""
         self.previous: torch.Tensor | None = None
 
     @property
     def factor(self) -> float:
-        if not self.seen:
-            return 0.0
-        agreement = self.mean_cosine / (1.0 - (1.0 - self.rate) ** self.seen)
-        return min(1.0, max(0.0, agreement))
+        return min(1.0, max(0.0, self.mean_cosine))
 
     def observe(self, lesson: torch.Tensor) -> float:
         """Fold in ``lesson``'s cosine with the previous one; returns the new factor."""
         if self.previous is not None:
             cosine = float(torch.nn.functional.cosine_similarity(lesson, self.previous, dim=0))
             self.mean_cosine += self.rate * (cosine - self.mean_cosine)
-            self.seen += 1
         self.previous = lesson.clone()
         return self.factor
 
     def state_dict(self) -> dict[str, Any]:
         previous = None if self.previous is None else self.previous.clone()
-        return {
-            "agreement_mean_cosine": self.mean_cosine,
-            "agreement_seen": self.seen,
-            "agreement_previous": previous,
-        }
+        return {"agreement_mean_cosine": self.mean_cosine, "agreement_previous": previous}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mean_cosine = float(state.get("agreement_mean_cosine", 0.0))
         previous = state.get("agreement_previous")
         self.previous = None if previous is None else previous.clone()
-        # A state saved before the count was kept: its mean is taken as settled.
-        self.seen = int(state.get("agreement_seen", 0 if previous is None else SETTLED))
