@@ -537,6 +537,25 @@ def test_a_member_refuses_a_replayed_average_but_learns_from_a_merge_with_a_stal
     assert any(isinstance(a, Send) and isinstance(a.message, Average) for a in out)
 
 
+def _member_of_two_sessions(local: float, jump: float) -> tuple[FakeModel, NodeCore, torch.Tensor]:
+    """A dynamic member (Δ = 0.01, so τ = 3·√Δ = 0.3; degree 4, so n = 5) that adopted
+    coordinator c's average ``first``, moved ``local`` by its own steps, adopted d's average
+    lying ``jump`` away, and took 0.05 of steps more, each move along its own unit axis
+    (0-3): ``(model, core, first)``."""
+    unit = torch.eye(DIM)
+    model = FakeModel(vec(1.0))
+    spec = parse_protocol("dynamic:delta=0.01,b=1,correction=0")
+    core = make_core("m", spec, model, ["c", "d", "e", "f"])
+    core.on_message(0.0, "c", Pull(1))
+    first = vec(1.0) + 0.02 * unit[0]
+    model.w = replaced(core.on_message(0.1, "c", Average(1, first, 3)))
+    model.w = model.w + local * unit[1]  # local steps (under label skew: client drift)
+    core.on_message(1.0, "d", Pull(2))
+    model.w = replaced(core.on_message(1.1, "d", Average(2, model.w + jump * unit[2], 3)))
+    model.w = model.w + 0.05 * unit[3]
+    return model, core, first
+
+
 def test_a_member_adopts_an_honest_average_that_moved_less_than_it_did():
     """Sessions every few steps (small Δ): a member moves by its local steps' noise and by
     jumps onto other coordinators' averages, while an honest coordinator's next average, a
@@ -546,16 +565,7 @@ def test_a_member_adopts_an_honest_average_that_moved_less_than_it_did():
     adopted (today's rule, from what we sent then, gave it a fifth of the radius and
     refused it). The same average again, a replay, is still refused."""
     unit = torch.eye(DIM)
-    model = FakeModel(vec(1.0))
-    spec = parse_protocol("dynamic:delta=0.01,b=1,correction=0")
-    core = make_core("m", spec, model, ["c", "d", "e", "f"])
-    core.on_message(0.0, "c", Pull(1))
-    first = vec(1.0) + 0.02 * unit[0]
-    model.w = replaced(core.on_message(0.1, "c", Average(1, first, 3)))
-    model.w = model.w + 0.05 * unit[1]  # local steps
-    core.on_message(1.0, "d", Pull(2))
-    model.w = replaced(core.on_message(1.1, "d", Average(2, model.w + 0.1 * unit[2], 3)))
-    model.w = model.w + 0.05 * unit[3]
+    model, core, first = _member_of_two_sessions(local=0.05, jump=0.1)
     sent = model.w.clone()
     core.on_message(2.0, "c", Pull(3))
     honest = first + (sent - first) / 5  # our reply among five models near ``first``
@@ -580,16 +590,7 @@ def test_a_member_adopts_a_known_coordinators_honest_average_under_label_skew():
     trust: a cascade on Dirichlet 0.1. A replay, exact or with a 1e-4 relative change, is
     still refused."""
     unit = torch.eye(DIM)
-    model = FakeModel(vec(1.0))
-    spec = parse_protocol("dynamic:delta=0.01,b=1,correction=0")
-    core = make_core("m", spec, model, ["c", "d", "e", "f"])  # n = 5
-    core.on_message(0.0, "c", Pull(1))
-    first = vec(1.0) + 0.02 * unit[0]
-    model.w = replaced(core.on_message(0.1, "c", Average(1, first, 3)))
-    model.w = model.w + 0.08 * unit[1]  # client drift
-    core.on_message(1.0, "d", Pull(2))
-    model.w = replaced(core.on_message(1.1, "d", Average(2, model.w + 0.15 * unit[2], 3)))
-    model.w = model.w + 0.05 * unit[3]  # τ = 3·√Δ = 0.3
+    model, core, first = _member_of_two_sessions(local=0.08, jump=0.15)  # n = 5, τ = 0.3
     sent = model.w.clone()
     core.on_message(2.0, "c", Pull(3))
     moved = float((sent - first).norm())

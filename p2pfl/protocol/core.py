@@ -430,14 +430,20 @@ class NodeCore:
         s = displacement
         if s is None:
             s = float(torch.linalg.vector_norm(own - self.anchor))
-        judged = self._clip_floor() > 0  # trust is judged at τ (see ``_judge``): vouched only
         distances = self._peer_distances
-        seen = sorted(self.trust.vouched_values(distances) if judged else distances.values())
+        # Trust is judged at τ where honest distances are bounded (``_judge``): vouched only.
+        bounded = self._bounded()
+        seen = sorted(self.trust.vouched_values(distances) if bounded else distances.values())
         m = seen[(len(seen) - 1) // 2] if len(seen) >= MAJORITY_PEERS else 0.0
         return self.config.merge.clip * max(s, self._clip_floor(), m)
 
     def _clip_floor(self) -> float:
         return 0.0
+
+    def _bounded(self) -> bool:
+        """Whether the protocol bounds how far an honest peer's model may be (dynamic's √Δ):
+        then trust is judged at τ and a session's members learn from its average."""
+        return self._clip_floor() > 0
 
     def _admit_session(self, peer: str, now: float) -> bool:
         """At most one session (a pull answered, a pushed model merged at once) per peer
@@ -498,7 +504,7 @@ class NodeCore:
         if not clipping:
             return Clipped(models, suspect=False, lesson=models)
         bound = self.clip_bound(own, displacement=measured[-1]) * widen
-        bounded = self._clip_floor() > 0
+        bounded = self._bounded()
         verdicts = {sender: bound * self._verdict(sender, bounded) for sender in distances}
         trusted = [bound * t for t in self._judge(distances, closing_in, verdicts, bounded)]
         theirs, ours = measured[k : 2 * k], measured[2 * k : 3 * k]
@@ -598,7 +604,7 @@ class NodeCore:
         merged = self._mixed(own, base, mean)
         if clipped.lesson is clipped.models:
             return merged, merged
-        if self._clip_floor() > 0:
+        if self._bounded():
             # A dynamic session's members each learn ``sent - average`` from the average
             # itself, and the liar's update is lost: the coordinator learns the liars'
             # (clipped) updates in their place, so the honest ones sum to zero.

@@ -173,13 +173,12 @@ class LessonAgreement:
     def factor(self) -> float:
         return min(1.0, max(0.0, self.mean_cosine))
 
-    def observe(self, lesson: torch.Tensor) -> float:
-        """Fold in ``lesson``'s cosine with the previous one; returns the new factor."""
+    def observe(self, lesson: torch.Tensor) -> None:
+        """Fold in ``lesson``'s cosine with the previous one."""
         if self.previous is not None:
             cosine = float(torch.nn.functional.cosine_similarity(lesson, self.previous, dim=0))
             self.mean_cosine += self.rate * (cosine - self.mean_cosine)
         self.previous = lesson.clone()
-        return self.factor
 
     def state_dict(self) -> dict[str, Any]:
         previous = None if self.previous is None else self.previous.clone()
