@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from p2pfl.cli.exits import run_script
 from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.scenario import load_scenario
 
@@ -41,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
