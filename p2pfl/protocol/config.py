@@ -4,7 +4,8 @@
 Every protocol that merges also takes the keys of the mechanisms shared by all of them:
 ``correction=λ`` (drift correction, ``p2pfl.protocol.correction``; default
 ``CORRECTION_DEFAULT``, 0 turns it off; ``agreement=H`` scales its gain by how much the
-node's successive lessons agree, memory ``H`` merges, off by default) and
+node's successive lessons agree, memory ``H`` merges, off by default, and ``floor=S`` keeps
+merges more than ``S`` steps apart near the fixed gain) and
 ``outer_lr=L,outer_momentum=M`` (an outer Nesterov step on every merge,
 ``p2pfl.protocol.outer``; off by default: it halved dynamic's bytes on fixed data but made it
 collapse on a changing stream, and it measured worse for periodic averaging with the
@@ -55,6 +56,9 @@ class ProtocolConfig:
     correction: float = 0.0
     agreement: int = 0
     """Memory (merges) of the drift correction's lesson agreement; 0: fixed gain."""
+    floor: int = 0
+    """With ``agreement``: a merge ``K`` steps after the previous one learns at least
+    ``1 − floor/K`` of the fixed gain (``correction.rare_floor``); 0: no floor."""
     outer: tuple[float, float] | None = None
     condition: str = "distance"
     smoothing: int = 16
@@ -88,7 +92,7 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "stand_in": False,
     "outer": None,
 }
-MECHANISM_KEYS = {"correction", "agreement", "outer_lr", "outer_momentum"}
+MECHANISM_KEYS = {"correction", "agreement", "floor", "outer_lr", "outer_momentum"}
 
 
 def parse_protocol(text: str) -> ProtocolConfig:
@@ -105,9 +109,12 @@ def parse_protocol(text: str) -> ProtocolConfig:
         "local": spec.take("local", _local, ""),
         "correction": spec.take("correction", _damping, CORRECTION_DEFAULT),
         "agreement": spec.take("agreement", non_negative_int, 0),
+        "floor": spec.take("floor", non_negative_int, 0),
         "outer": _outer(spec, DYNAMIC_DEFAULTS["outer"] if spec.kind == "dynamic" else None),
         "text": spec.text,
     }
+    if base["floor"] and not base["agreement"]:
+        raise SpecError(f"{text!r}: floor sets the lesson agreement's floor; give agreement=H too")
     if spec.kind == "continuous":
         spec.check_keys(common)
         return ProtocolConfig(kind="periodic", b=1, **base)
