@@ -5,7 +5,8 @@ Every protocol that merges also takes the keys of the mechanisms shared by all o
 ``correction=λ`` (drift correction, ``p2pfl.protocol.correction``; default
 ``CORRECTION_DEFAULT``, 0 turns it off; ``agreement=H`` scales its gain by how much the
 node's successive lessons agree, memory ``H`` merges, off by default, and ``floor=S`` keeps
-merges more than ``S`` steps apart near the fixed gain) and
+merges more than ``S`` steps apart near the fixed gain, ``against=mean`` compares each lesson
+with the earlier lessons' mean) and
 ``outer_lr=L,outer_momentum=M`` (an outer Nesterov step on every merge,
 ``p2pfl.protocol.outer``; off by default: it halved dynamic's bytes on fixed data but made it
 collapse on a changing stream, and it measured worse for periodic averaging with the
@@ -59,6 +60,9 @@ class ProtocolConfig:
     floor: int = 0
     """With ``agreement``: a merge ``K`` steps after the previous one learns at least
     ``1 − floor/K`` of the fixed gain (``correction.rare_floor``); 0: no floor."""
+    against: str = "last"
+    """With ``agreement``: what each lesson's cosine is taken with, the last lesson or the
+    earlier lessons' mean (``mean``; ``correction.LessonAgreement``)."""
     outer: tuple[float, float] | None = None
     condition: str = "distance"
     smoothing: int = 16
@@ -92,7 +96,7 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "stand_in": False,
     "outer": None,
 }
-MECHANISM_KEYS = {"correction", "agreement", "floor", "outer_lr", "outer_momentum"}
+MECHANISM_KEYS = {"correction", "agreement", "floor", "against", "outer_lr", "outer_momentum"}
 
 
 def parse_protocol(text: str) -> ProtocolConfig:
@@ -110,11 +114,12 @@ def parse_protocol(text: str) -> ProtocolConfig:
         "correction": spec.take("correction", _damping, CORRECTION_DEFAULT),
         "agreement": spec.take("agreement", non_negative_int, 0),
         "floor": spec.take("floor", non_negative_int, 0),
+        "against": spec.take("against", _against, "last"),
         "outer": _outer(spec, DYNAMIC_DEFAULTS["outer"] if spec.kind == "dynamic" else None),
         "text": spec.text,
     }
-    if base["floor"] and not base["agreement"]:
-        raise SpecError(f"{text!r}: floor sets the lesson agreement's floor; give agreement=H too")
+    if (base["floor"] or base["against"] != "last") and not base["agreement"]:
+        raise SpecError(f"{text!r}: floor and against tune the lesson agreement; give agreement=H")
     if spec.kind == "continuous":
         spec.check_keys(common)
         return ProtocolConfig(kind="periodic", b=1, **base)
@@ -171,6 +176,12 @@ def _lr_power(raw: str) -> float:
             "(0: Δ ignores the learning rate; 2: √Δ shrinks with it)"
         )
     return value
+
+
+def _against(raw: str) -> str:
+    if raw not in ("last", "mean"):
+        raise ValueError("must be last (the previous lesson) or mean (the earlier lessons' mean)")
+    return raw
 
 
 def _switch(raw: str) -> bool:
