@@ -39,6 +39,24 @@ def test_consistent_lessons_raise_the_factor_and_independent_noise_keeps_it_near
     assert noise.factor == 0.0
 
 
+def test_against_the_mean_an_offset_shows_through_noise_and_noise_stays_near_zero():
+    """Noisy lessons with a shared offset: their cosine with the last lesson is about
+    |o|² / |l|² (0.2 here), with the mean of the earlier ones (memory 4: noise 1/7 of a
+    lesson's) about 0.36;
+    independent noise stays near 0 either way."""
+    gen = torch.Generator().manual_seed(2)
+    offset = torch.ones(500)
+    last, mean = LessonAgreement(4), LessonAgreement(4, against="mean")
+    for lesson in lessons(gen, 60, offset, 2.0):
+        last.observe(lesson)
+        mean.observe(lesson)
+    assert last.factor < 0.25 < 0.3 < mean.factor < 0.45
+    noise = LessonAgreement(4, against="mean")
+    for lesson in lessons(gen, 60, torch.zeros(500), 1.0):
+        noise.observe(lesson)
+    assert noise.factor < 0.15
+
+
 def test_factor_one_is_the_fixed_gain_and_factor_zero_learns_nothing():
     sent, merged = torch.linspace(-1, 1, DIM), torch.zeros(DIM)
     fixed = DriftCorrection(0.3)
@@ -146,6 +164,11 @@ def test_agreement_is_off_by_default_and_a_spec_key():
     assert parse_protocol("periodic:b=500,agreement=4,floor=16").floor == 16
     with pytest.raises(SpecError, match="agreement"):
         parse_protocol("dynamic:floor=16")  # a floor for the agreement, not the fixed gain
+    assert parse_protocol("dynamic:agreement=4,against=mean").against == "mean"
+    assert parse_protocol("dynamic:agreement=4").against == "last"
+    for bad in ("dynamic:against=mean", "dynamic:agreement=4,against=first"):
+        with pytest.raises(SpecError):
+            parse_protocol(bad)
 
 
 @pytest.mark.parametrize(
