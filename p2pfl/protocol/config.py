@@ -6,7 +6,7 @@ Every protocol that merges also takes the keys of the mechanisms shared by all o
 ``CORRECTION_DEFAULT``, 0 turns it off; ``agreement=H`` scales its gain by how much the
 node's successive lessons agree, memory ``H`` merges, off by default, and ``floor=S`` keeps
 merges more than ``S`` steps apart near the fixed gain, ``against=mean`` compares each lesson
-with the earlier lessons' mean) and
+with the earlier lessons' mean, ``boost=k`` multiplies its factor) and
 ``outer_lr=L,outer_momentum=M`` (an outer Nesterov step on every merge,
 ``p2pfl.protocol.outer``; off by default: it halved dynamic's bytes on fixed data but made it
 collapse on a changing stream, and it measured worse for periodic averaging with the
@@ -63,6 +63,8 @@ class ProtocolConfig:
     against: str = "last"
     """With ``agreement``: what each lesson's cosine is taken with, the last lesson or the
     earlier lessons' mean (``mean``; ``correction.LessonAgreement``)."""
+    boost: float = 1.0
+    """With ``agreement``: the agreement factor is multiplied by this before its clamp."""
     outer: tuple[float, float] | None = None
     condition: str = "distance"
     smoothing: int = 16
@@ -96,7 +98,8 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "stand_in": False,
     "outer": None,
 }
-MECHANISM_KEYS = {"correction", "agreement", "floor", "against", "outer_lr", "outer_momentum"}
+MECHANISM_KEYS = {"correction", "agreement", "floor", "against", "boost"}
+MECHANISM_KEYS |= {"outer_lr", "outer_momentum"}
 
 
 def parse_protocol(text: str) -> ProtocolConfig:
@@ -115,11 +118,15 @@ def parse_protocol(text: str) -> ProtocolConfig:
         "agreement": spec.take("agreement", non_negative_int, 0),
         "floor": spec.take("floor", non_negative_int, 0),
         "against": spec.take("against", _against, "last"),
+        "boost": spec.take("boost", positive_float, 1.0),
         "outer": _outer(spec, DYNAMIC_DEFAULTS["outer"] if spec.kind == "dynamic" else None),
         "text": spec.text,
     }
-    if (base["floor"] or base["against"] != "last") and not base["agreement"]:
-        raise SpecError(f"{text!r}: floor and against tune the lesson agreement; give agreement=H")
+    tuned = base["floor"] or base["against"] != "last" or base["boost"] != 1.0
+    if tuned and not base["agreement"]:
+        raise SpecError(
+            f"{text!r}: floor, against, boost tune the lesson agreement; give agreement=H"
+        )
     if spec.kind == "continuous":
         spec.check_keys(common)
         return ProtocolConfig(kind="periodic", b=1, **base)

@@ -264,7 +264,7 @@ class NodeCore:
         self._first_step_at: float | None = None
         self._last_step_at = 0.0
         self.drift_correction = DriftCorrection(
-            config.correction, config.agreement, config.floor, config.against
+            config.correction, config.agreement, config.floor, config.against, config.boost
         )
         self.outer = None if config.outer is None else OuterOptimizer(*config.outer, model.read())
 

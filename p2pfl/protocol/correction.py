@@ -73,7 +73,9 @@ large) the agreement stays low and the offset is learnt slowly (Dirichlet 0.1, d
 ``against=mean`` each lesson is compared with the exponential mean (memory ``H`` merges) of
 the earlier ones, whose noise has averaged out: a shared offset shows at about the square
 root of the cosine of two lessons, while independent noise still gives a cosine near 0
-(the mean of noise is as unrelated to the next lesson as one lesson is).
+(the mean of noise is as unrelated to the next lesson as one lesson is). ``boost=k`` scales
+the factor by ``k`` before the clamp to [0, 1]: an offset read through noise then reaches the
+fixed gain sooner, noise (cosine near 0) stays near 0.
 
 With the lesson agreement on, a session's members all use the factor the ``Average``
 carries (a coordinator standing in for a member uses the same one), and both ends of a
@@ -112,14 +114,19 @@ class DriftCorrection:
     docstring. ``lam = 0`` turns it off. ``agreement = H > 0`` scales every gain by how much
     the node's successive lessons agree (``LessonAgreement``, memory ``H`` merges), with
     ``floor = S`` at least ``rare_floor(S, K)`` of it, with ``against = "mean"`` each lesson
-    compared with the earlier lessons' mean."""
+    compared with the earlier lessons' mean, with ``boost = k`` the factor times ``k``."""
 
     def __init__(
-        self, lam: float, agreement: int = 0, floor: int = 0, against: str = "last"
+        self,
+        lam: float,
+        agreement: int = 0,
+        floor: int = 0,
+        against: str = "last",
+        boost: float = 1.0,
     ) -> None:
         self.lam = lam
         self.vector: torch.Tensor | None = None
-        self.agreement = LessonAgreement(agreement, against) if agreement else None
+        self.agreement = LessonAgreement(agreement, against, boost) if agreement else None
         self.floor = floor
 
     def update(
@@ -190,7 +197,8 @@ class DriftCorrection:
 class LessonAgreement:
     """How much a node's successive lessons agree: an exponential mean (memory ``horizon``
     merges) of the cosine between each lesson and the previous one (``against="mean"``: the
-    exponential mean of the earlier lessons, memory ``horizon``), clamped to [0, 1].
+    exponential mean of the earlier lessons, memory ``horizon``), times ``boost``, clamped
+    to [0, 1].
 
     A steady offset between a node's gradient and its group's (label skew) gives lessons that
     point the same way until the correction has learnt it; SGD noise on IID data gives
@@ -199,16 +207,17 @@ class LessonAgreement:
     learns the first and ignores the second; once an offset is learnt the residual lessons
     are noise again and the correction holds still until the data change."""
 
-    def __init__(self, horizon: int, against: str = "last") -> None:
+    def __init__(self, horizon: int, against: str = "last", boost: float = 1.0) -> None:
         self.rate = 1.0 / horizon
         self.against_mean = against == "mean"
+        self.boost = boost
         self.mean_cosine = 0.0
         self.previous: torch.Tensor | None = None
         """What the next lesson is compared with: the last lesson, or the lessons' mean."""
 
     @property
     def factor(self) -> float:
-        return min(1.0, max(0.0, self.mean_cosine))
+        return min(1.0, max(0.0, self.boost * self.mean_cosine))
 
     def observe(self, lesson: torch.Tensor) -> None:
         """Fold in ``lesson``'s cosine with the previous one (or the earlier lessons' mean)."""
