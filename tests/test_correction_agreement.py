@@ -57,6 +57,13 @@ def test_against_the_mean_an_offset_shows_through_noise_and_noise_stays_near_zer
     assert noise.factor < 0.15
 
 
+def test_boost_scales_the_factor_before_its_clamp():
+    boosted = LessonAgreement(4, boost=2.0)
+    for cosine, factor in ((0.3, 0.6), (0.7, 1.0), (-0.2, 0.0), (0.0, 0.0)):
+        boosted.mean_cosine = cosine
+        assert boosted.factor == pytest.approx(factor)
+
+
 def test_factor_one_is_the_fixed_gain_and_factor_zero_learns_nothing():
     sent, merged = torch.linspace(-1, 1, DIM), torch.zeros(DIM)
     fixed = DriftCorrection(0.3)
@@ -166,7 +173,9 @@ def test_agreement_is_off_by_default_and_a_spec_key():
         parse_protocol("dynamic:floor=16")  # a floor for the agreement, not the fixed gain
     assert parse_protocol("dynamic:agreement=4,against=mean").against == "mean"
     assert parse_protocol("dynamic:agreement=4").against == "last"
-    for bad in ("dynamic:against=mean", "dynamic:agreement=4,against=first"):
+    assert parse_protocol("gossip:agreement=4,boost=2").boost == 2.0
+    bad_specs = ("dynamic:against=mean", "dynamic:agreement=4,against=first", "dynamic:boost=2")
+    for bad in bad_specs + ("periodic:agreement=4,boost=0",):
         with pytest.raises(SpecError):
             parse_protocol(bad)
 
