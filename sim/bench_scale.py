@@ -30,12 +30,19 @@ also lists the tensor memory the cores hold at the end of the run, per node, by 
 that holds it (``held_by_cores``: each storage counted once, where a core reaches it first
 by the largest attribute).
 
+``--against DIR --e2e NODESxSTEPS`` compares this tree with another source tree (a ``git
+archive`` of main, say) instead of printing the tables: their end-to-end runs in turn,
+``--repeats`` times, each run's CPU and summary hash, and the median CPU ratio of
+neighbouring runs (on a shared machine the load moves CPU time by tens of percent between
+runs far apart; neighbours share most of it).
+
 Digits has 1,438 training samples. Sizes above that cannot be split; there, node ``i`` trains
 on part ``i mod 1024`` of a 1,024-way split (the output says so).
 
 Run from the repository root:
     .venv/bin/python sim/bench_scale.py           # 16, 256, 1,024, 4,096 nodes + 1,000 x 1,000
     .venv/bin/python sim/bench_scale.py --quick   # small sizes, a few minutes
+    .venv/bin/python sim/bench_scale.py --against /tmp/main --e2e 1024x200   # against main
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import hashlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -117,6 +125,15 @@ def parse_args() -> argparse.Namespace:
         "print where its CPU time goes, the cores' message handlers by message type (the timers "
         "add about a microsecond per call)",
     )
+    p.add_argument(
+        "--against",
+        metavar="DIR",
+        help="instead of the tables: compare this tree with the source tree DIR (e.g. "
+        "`git archive main | tar -x -C DIR`), --e2e NODESxSTEPS of --protocol from each in "
+        "turn, --repeats times: each run's CPU, load and summary hash, and the median of the "
+        "CPU ratios of neighbouring runs (they share the machine's load)",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="runs of each tree with --against")
     add_threads_option(p)
     p.add_argument("--quick", action="store_true", help="16, 64, 256 nodes x 50 steps; 200x100")
     p.add_argument(
@@ -439,12 +456,18 @@ def sharded_child(
 # ------------------------------------------------------------------ parent: tables
 
 
-def spawn(args: argparse.Namespace, kind: str, nodes: int, steps: int, **flags: Any) -> dict:
+def spawn(
+    args: argparse.Namespace, kind: str, nodes: int, steps: int, tree: str = "", **flags: Any
+) -> dict:
     """Run one configuration (of ``flags["protocol"]``, default the first) in a fresh
-    interpreter and parse its JSON line."""
+    interpreter and parse its JSON line; with ``tree``, that source tree's copy of this
+    script on that tree's package."""
+    env = None
+    if tree:
+        env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
     cmd = [
         sys.executable,
-        __file__,
+        os.path.join(tree, "sim", "bench_scale.py") if tree else __file__,
         "--child",
         kind,
         "--nodes",
@@ -464,7 +487,7 @@ def spawn(args: argparse.Namespace, kind: str, nodes: int, steps: int, **flags: 
     ]
     if flags.get("per_node_protocol"):
         cmd.append("--per-node-protocol")
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -597,6 +620,38 @@ def sharded_line(
         )
 
 
+def against_table(args: argparse.Namespace) -> None:
+    """This tree against ``--against``: end-to-end runs of each in turn, CPU per node-step
+    and the median ratio of neighbouring runs, and whether both took the same decisions."""
+    nodes, steps = (int(v) for v in args.e2e.lower().split("x"))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print(
+        f"\n== {nodes} nodes x {steps} steps of {args.protocol}: this tree ({here}) against "
+        f"{args.against}, {args.repeats} runs each, in turn (who goes first alternates)"
+    )
+    ratios, hashes = [], set()
+    for run in range(1, args.repeats + 1):
+        pair = {}
+        trees = [("this", here), ("against", args.against)]
+        for name, tree in trees if run % 2 else trees[::-1]:  # who goes first alternates
+            r = spawn(args, "e2e", nodes, steps, tree=tree)
+            pair[name] = r
+            hashes.add(r["summary_sha256"])
+            print(
+                f"run {run} {name:<8} {r['total_cpu']:7.1f} s CPU "
+                f"({r['total_cpu'] / r['node_steps'] * 1e6:6.1f} us/node-step incl. start-up), "
+                f"load {r['load']:4.1f}, peak {r['peak_mb']:5.0f} MB, "
+                f"summary {r['summary_sha256']}"
+            )
+        ratios.append(pair["this"]["total_cpu"] / pair["against"]["total_cpu"])
+    ratios.sort()
+    print(
+        f"CPU this / against: median {statistics.median(ratios):.3f} "
+        f"(runs {', '.join(f'{r:.3f}' for r in ratios)}); "
+        f"the same decisions (summary sha256): {len(hashes) == 1}"
+    )
+
+
 def breakdown_table(r: dict[str, Any]) -> None:
     """Where the time of an instrumented end-to-end run goes."""
     cpu, seconds, calls = r["cpu"], r["seconds"], r["calls"]
@@ -627,6 +682,9 @@ def main() -> None:
         f"bench_scale: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"load average {os.getloadavg()[0]:.1f} at the start"
     )
+    if args.against:
+        against_table(args)
+        return
     if not args.no_scale:
         scale_table(args)
     if not args.no_e2e:
