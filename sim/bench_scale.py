@@ -550,12 +550,13 @@ def scale_table(args: argparse.Namespace) -> None:
                 f"{n:>6} {'ratio':>9}  {protocol}: batched end to end incl. start-up and "
                 f"evaluation / plain per-model loop: {e2e:.3f} wall, {e2e_cpu:.3f} CPU (target "
                 f"<= {PLAIN_TARGET}: {verdict}); training alone "
-                f"{b['train'] / b['node_steps'] * 1e6 / plain_us:.3f}{per_node_ratio}"
+                f"{b['train'] / b['node_steps'] * 1e6 / plain_cpu:.3f} CPU{per_node_ratio}"
             )
         if n > 1438:
             notes.append(n)
     print(
-        "train = time inside learner.step; e2e = Simulation.run (protocol, messages, "
+        "train = CPU time inside learner.step (the plain loop's: wall); e2e = "
+        "Simulation.run (protocol, messages, "
         "evaluation); +start-up adds data split, learner and cores; cpu us = the same with "
         "CPU time (process_time). peak MB = ru_maxrss of the configuration's own process; "
         "load = 1-minute load average when the configuration ended"
