@@ -37,8 +37,8 @@ DYNAMIC_BASE = "shared"
 """``dynamic``'s default ``base=`` (the others': ``CodecConfig.base``, the chain). A member's
 reply travels on a link it may not have used for several sessions, so a delta on the
 average last echoed on that link is a fifth smaller than one on its old message there, and
-int2's error with it: 13-23 % fewer bytes at the same accuracy with 3-node sessions and
-int2 (16 nodes, digits; docs/compression.md, "Shared bases in dynamic")."""
+the codec's error with it: fewer sessions, 3-17 % fewer bytes at about the same accuracy
+(16 nodes, digits, int2 and int4; docs/compression.md, "Shared bases in dynamic")."""
 LOCAL_KINDS = ("bn",)
 
 
