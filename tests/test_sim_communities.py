@@ -23,6 +23,7 @@ from p2pfl.simulator.results import run_scenario
 from p2pfl.simulator.scenario import ScenarioError, load_scenario
 from p2pfl.spec import SpecError
 from p2pfl.wire.codec import decode, encode
+from p2pfl.wire.messages import Confirm
 
 ROOT = Path(__file__).resolve().parent.parent
 TWO_PARTS = [
@@ -83,9 +84,11 @@ def test_private_parameters_never_appear_in_any_message(monkeypatch):
         private = [n for n in sim.schema.names if n not in schema.names]
         data = encode(message, schema)
         assert len(data) == frame["size"]  # the link carried exactly these bytes
-        assert decode(data, schema).params.shape == (schema.numel,)
         for name in private:
             assert name.encode() not in data
+        if isinstance(message, Confirm):
+            continue  # a gossip exchange's confirmation carries no parameters
+        assert decode(data, schema).params.shape == (schema.numel,)
         # gossip pushes and continuous rounds carry the shared entries of the sender only
         assert torch.equal(message.params, channel.part.take(frame["full"]))
 
@@ -146,11 +149,13 @@ def test_shared_entries_agree_private_entries_stay_own():
 # is no longer waited for round after round: 3 more syncs, same bytes, 0.5061 -> 0.5064);
 # and when a push of a round that could not be matched (101 of its 310 here: nodes of other
 # speeds count other rounds) became its sender's fallback instead of being dropped: 9 more
-# syncs, same bytes, 0.5064 -> 0.5311, loss 1.672 -> 1.527.
+# syncs, same bytes, 0.5064 -> 0.5311, loss 1.672 -> 1.527. Gossip re-recorded when the
+# receiver of an exchange began learning its correction update only once the initiator
+# confirms (issue 11, flood: 782 confirmations, 20,332 bytes, none missing; 0.7022 -> 0.7073).
 PINNED = {
     "periodic:b=5": (0.5310584917664528, 1.527215266227722, 6023460, 310, 146),
     "dynamic": (0.6140668511390686, 1.3707069367170335, 3545008, 332, 109),
-    "gossip": (0.7021587744355202, 1.3461494207382203, 30542290, 1571, 1565),
+    "gossip": (0.707311974465847, 1.350144198536873, 30562622, 2353, 1565),
 }
 
 

@@ -23,7 +23,7 @@ from p2pfl.wire.codec import (
     encoded_size,
     max_message_bytes,
 )
-from p2pfl.wire.messages import Average, Busy, Message, ModelReply, Pull, Push
+from p2pfl.wire.messages import Average, Busy, Confirm, Message, ModelReply, Pull, Push
 
 SCHEMA = ParamSchema((ParamSpec("fc.weight", (3, 4)), ParamSpec("fc.bias", (3,))))
 MIXED = ParamSchema(
@@ -58,6 +58,7 @@ def messages(params: torch.Tensor) -> list[Message]:
         Busy(session=2**63 - 1),
         Average(session=3, params=params),
         Push(round=-1, params=params, samples=12),
+        Confirm(session=2**40),
     ]
 
 
@@ -421,7 +422,7 @@ def decode_or_wire_error(data: bytes) -> None:
         message = decode(data, SCHEMA)
     except WireError:
         return
-    assert isinstance(message, Pull | ModelReply | Busy | Average | Push)
+    assert isinstance(message, Pull | ModelReply | Busy | Average | Push | Confirm)
 
 
 @FUZZ

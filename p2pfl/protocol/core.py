@@ -99,6 +99,9 @@ class CoreStats:
     taken_over: int = 0
     """Correction updates a coordinator learnt for a member that did not adopt its average
     (``dynamic``)."""
+    unconfirmed: int = 0
+    """Gossip exchanges this node merged as receiver whose initiator never confirmed merging
+    the reply (``Confirm``): their correction updates were not learnt (``GossipCore``)."""
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -639,6 +642,7 @@ class NodeCore:
         *,
         lesson: torch.Tensor,
         agreement: float | None = None,
+        learn: bool = True,
     ) -> list[Action]:
         """Take the result of a merge: learn the drift correction from ``sent`` (the model
         this node contributed; ``seen``, the merge's copy of it, when a lossy link gave the
@@ -648,13 +652,15 @@ class NodeCore:
         optimizer, and replace the model keeping the local steps taken since ``sent`` was
         handed out: ``w = new + (w_now - sent)``, so no local work is lost while a merge is in
         flight (``current`` stands for ``w_now`` when an earlier replacement is not applied
-        yet). The ``ReplaceModel`` comes first; returns the actions."""
+        yet). The ``ReplaceModel`` comes first; returns the actions. ``learn`` false: the
+        caller learns the correction later, if at all (a gossip receiver, once the initiator
+        confirms the exchange)."""
         actions: list[Action] = []
         new = merged if self.outer is None else self.outer.step(merged)
         now = self.model.read() if current is None else current
         self.anchor = new  # merge results are fresh tensors no one modifies in place
         actions.append(ReplaceModel(new + (now - sent)))
-        if steps > 0:
+        if steps > 0 and learn:
             step_size = self.mean_step_size(steps)
             contributed = sent if seen is None else seen
             actions += self.drift_correction.update(

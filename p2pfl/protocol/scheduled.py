@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from p2pfl.protocol.actions import Action, ReplaceModel, Send, SetTimer
 from p2pfl.protocol.config import ProtocolConfig
 from p2pfl.protocol.core import NodeCore, RowReader, log
-from p2pfl.wire.messages import Message, ModelReply, Push
+from p2pfl.wire.messages import Confirm, Message, ModelReply, Push
 
 
 class PeriodicCore(NodeCore):
@@ -153,6 +154,23 @@ class PeriodicCore(NodeCore):
         return self._adopt(merged, sent, self.config.b, current, lesson=lesson, agreement=agreement)
 
 
+CONFIRM_WAITS = 2.0
+"""How many round-trip waits (``RoundTrip.wait``, when the offer was merged) a gossip
+receiver keeps an exchange's correction update for its initiator's ``Confirm``: an honest
+initiator confirms within one wait of our reply's arrival (it ignores later replies)."""
+
+
+@dataclass(frozen=True)
+class _Unconfirmed:
+    """A receiver's correction update of one exchange, learnt once its initiator confirms."""
+
+    sent: torch.Tensor
+    lesson: torch.Tensor
+    step_size: float
+    agreement: float | None
+    until: float
+
+
 class GossipCore(NodeCore):
     """Pairwise gossip averaging: every ``b`` steps a node offers its model to one random live
     neighbour (``Push`` with a negative round, ``-exchange id``); the receiver merges it into
@@ -160,9 +178,17 @@ class GossipCore(NodeCore):
     with the model it merged with (``ModelReply`` of that exchange id), which the initiator
     merges too. Both ends merge the same two vectors, so an exchange moves ``(w_j - w_i) / 2``
     from one to the other: the global mean is kept and the two drift-correction updates
-    (``K = b``) cancel, however exchanges interleave (uniform merge, nothing clipped). A reply
-    after the round-trip wait is ignored (the receiver's half of that exchange stays done); a
-    neighbour that let offers go unanswered is offered less often (``PeerWaits``)."""
+    (``K = b``) cancel, however exchanges interleave (uniform merge, nothing clipped). A
+    neighbour that let offers go unanswered is offered less often (``PeerWaits``).
+
+    **Both ends learn, or neither.** With the drift correction on, the initiator tells the
+    receiver it merged the reply (``Confirm`` of the exchange id, a few dozen bytes), and the
+    receiver learns its correction update of the exchange only then (its model is merged at
+    once either way); a reply after the round-trip wait is ignored and never confirmed, and
+    an unconfirmed update is dropped after ``CONFIRM_WAITS`` waits (``unconfirmed`` in the
+    stats). A peer that pushes its model to every neighbour and merges no reply (a flooder)
+    otherwise had each receiver learn an update nobody mirrored: the corrections lost their
+    zero sum, which cost honest nodes 4.5 points at 3 flooders of 16 (docs/byzantine.md)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -171,6 +197,9 @@ class GossipCore(NodeCore):
         """Open exchanges by id: the peer, what we sent, the peer's copy of it, when, and the
         agreement factor we told it."""
         self.next_exchange = 1
+        self.unconfirmed: dict[tuple[str, int], _Unconfirmed] = {}
+        """Exchanges we merged as receiver, by initiator and exchange id: their correction
+        updates wait for the initiator's ``Confirm``."""
 
     step_fields = ("has_live_neighbors",)
 
@@ -215,8 +244,21 @@ class GossipCore(NodeCore):
             told = self.drift_correction.shared()
             reply = ModelReply(-message.round, own, self.model.samples, agreement=told)
             agreement = self.drift_correction.group_factor(message.agreement)
-            adopted = self._adopt(merged, own, self.config.b, lesson=lesson, agreement=agreement)
+            confirmed = bool(self.drift_correction.lam)
+            adopted = self._adopt(
+                merged, own, self.config.b, lesson=lesson, agreement=agreement, learn=not confirmed
+            )
+            if confirmed:
+                self._expire_unconfirmed(now)
+                step_size = self.mean_step_size(self.config.b)
+                until = now + CONFIRM_WAITS * self.round_trip.wait
+                pending = _Unconfirmed(own, lesson, step_size, agreement, until)
+                replaced = self.unconfirmed.pop((sender, -message.round), None)
+                self.stats.unconfirmed += replaced is not None  # an exchange id offered again
+                self.unconfirmed[(sender, -message.round)] = pending
             return [Send(sender, reply)] + adopted
+        if isinstance(message, Confirm):
+            return self._learn_confirmed(now, sender, message.session)
         if isinstance(message, ModelReply):
             self.peer_waits.answered(sender, message.session, now)  # late ones too
         if (
@@ -229,8 +271,31 @@ class GossipCore(NodeCore):
             copies = {sender: copy}
             merged, lesson = self._merge(sent, self.model.samples, answer, copies=copies)
             agreement = self.drift_correction.group_factor(message.agreement, own=told)
-            return self._adopt(merged, sent, self.config.b, lesson=lesson, agreement=agreement)
+            adopted = self._adopt(merged, sent, self.config.b, lesson=lesson, agreement=agreement)
+            if self.drift_correction.lam:
+                adopted.append(Send(sender, Confirm(message.session)))
+            return adopted
         return super().on_message(now, sender, message)
+
+    def _learn_confirmed(self, now: float, sender: str, exchange: int) -> list[Action]:
+        """``sender`` confirmed exchange ``exchange``: learn our correction update of it (if we
+        merged it as receiver and it has not expired)."""
+        self._expire_unconfirmed(now)
+        pending = self.unconfirmed.pop((sender, exchange), None)
+        if pending is None:
+            return []
+        return list(
+            self.drift_correction.update(
+                pending.sent, pending.lesson, self.config.b, pending.step_size, pending.agreement
+            )
+        )
+
+    def _expire_unconfirmed(self, now: float) -> None:
+        """Drop the correction updates whose confirmation did not come in time."""
+        expired = [key for key, pending in self.unconfirmed.items() if pending.until < now]
+        for key in expired:
+            del self.unconfirmed[key]
+        self.stats.unconfirmed += len(expired)
 
     def on_timer(self, now: float, key: Hashable) -> list[Action]:
         if isinstance(key, tuple) and key[0] == "exchange" and key[1] in self.exchanges:

@@ -33,7 +33,7 @@ from p2pfl.learning.compression import (
     scale_count,
 )
 from p2pfl.learning.params import ParamSchema
-from p2pfl.wire.messages import Average, Busy, Message, ModelReply, Pull, Push
+from p2pfl.wire.messages import Average, Busy, Confirm, Message, ModelReply, Pull, Push
 
 if sys.byteorder != "little":
     raise ImportError("p2pfl.wire.codec needs a little-endian host: buffers are raw LE bytes")
@@ -60,6 +60,7 @@ _TAGS: dict[type, str] = {
     Busy: "busy",
     Average: "average",
     Push: "push",
+    Confirm: "confirm",
 }
 _TYPES = {tag: cls for cls, tag in _TAGS.items()}
 _FIELD_NAMES = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TAGS}

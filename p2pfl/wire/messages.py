@@ -3,8 +3,8 @@
 Fields that default to None (``agreement``) are optional: left out of the frame when None.
 
 Sessions (dynamic averaging) use Pull / ModelReply / Busy / Average; scheduled protocols
-(periodic, gossip) use Push. ``params`` is always a flat float32 vector in the order of the
-sender's and receiver's shared ``ParamSchema``.
+(periodic, gossip) use Push, and a gossip exchange ends with Confirm. ``params`` is always a
+flat float32 vector in the order of the sender's and receiver's shared ``ParamSchema``.
 """
 
 from __future__ import annotations
@@ -67,4 +67,12 @@ class Push:
     agreement: float | None = None
 
 
-Message = Pull | ModelReply | Busy | Average | Push
+@dataclass
+class Confirm:
+    """The initiator of gossip exchange ``session`` merged the receiver's reply: the receiver
+    may learn its drift-correction update of that exchange (``GossipCore``)."""
+
+    session: int
+
+
+Message = Pull | ModelReply | Busy | Average | Push | Confirm
