@@ -4,7 +4,9 @@
 Every protocol that merges also takes the keys of the mechanisms shared by all of them:
 ``correction=λ`` (drift correction, ``p2pfl.protocol.correction``; default
 ``CORRECTION_DEFAULT``, 0 turns it off; ``agreement=H`` scales its gain by how much the
-node's successive lessons agree, memory ``H`` merges, off by default) and
+node's successive lessons agree, memory ``H`` merges, off by default, and ``floor=S`` keeps
+merges more than ``S`` steps apart near the fixed gain, ``against=mean`` compares each lesson
+with the earlier lessons' mean, ``boost=k`` multiplies its factor) and
 ``outer_lr=L,outer_momentum=M`` (an outer Nesterov step on every merge,
 ``p2pfl.protocol.outer``; off by default: it halved dynamic's bytes on fixed data but made it
 collapse on a changing stream, and it measured worse for periodic averaging with the
@@ -61,6 +63,14 @@ class ProtocolConfig:
     correction: float = 0.0
     agreement: int = 0
     """Memory (merges) of the drift correction's lesson agreement; 0: fixed gain."""
+    floor: int = 0
+    """With ``agreement``: a merge ``K`` steps after the previous one learns at least
+    ``1 − floor/K`` of the fixed gain (``correction.rare_floor``); 0: no floor."""
+    against: str = "last"
+    """With ``agreement``: what each lesson's cosine is taken with, the last lesson or the
+    earlier lessons' mean (``mean``; ``correction.LessonAgreement``)."""
+    boost: float = 1.0
+    """With ``agreement``: the agreement factor is multiplied by this before its clamp."""
     outer: tuple[float, float] | None = None
     condition: str = "distance"
     smoothing: int = 16
@@ -94,7 +104,8 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "stand_in": False,
     "outer": None,
 }
-MECHANISM_KEYS = {"correction", "agreement", "outer_lr", "outer_momentum"}
+MECHANISM_KEYS = {"correction", "agreement", "floor", "against", "boost"}
+MECHANISM_KEYS |= {"outer_lr", "outer_momentum"}
 
 
 def parse_protocol(text: str) -> ProtocolConfig:
@@ -111,9 +122,17 @@ def parse_protocol(text: str) -> ProtocolConfig:
         "local": spec.take("local", _local, ""),
         "correction": spec.take("correction", _damping, CORRECTION_DEFAULT),
         "agreement": spec.take("agreement", non_negative_int, 0),
+        "floor": spec.take("floor", non_negative_int, 0),
+        "against": spec.take("against", _against, "last"),
+        "boost": spec.take("boost", positive_float, 1.0),
         "outer": _outer(spec, DYNAMIC_DEFAULTS["outer"] if spec.kind == "dynamic" else None),
         "text": spec.text,
     }
+    tuned = base["floor"] or base["against"] != "last" or base["boost"] != 1.0
+    if tuned and not base["agreement"]:
+        raise SpecError(
+            f"{text!r}: floor, against, boost tune the lesson agreement; give agreement=H"
+        )
     if spec.kind == "continuous":
         spec.check_keys(common)
         return ProtocolConfig(kind="periodic", b=1, **base)
@@ -170,6 +189,12 @@ def _lr_power(raw: str) -> float:
             "(0: Δ ignores the learning rate; 2: √Δ shrinks with it)"
         )
     return value
+
+
+def _against(raw: str) -> str:
+    if raw not in ("last", "mean"):
+        raise ValueError("must be last (the previous lesson) or mean (the earlier lessons' mean)")
+    return raw
 
 
 def _switch(raw: str) -> bool:
