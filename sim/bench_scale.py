@@ -17,8 +17,8 @@ run sharded over ``--shards`` Ray workers (a local Ray cluster started for it, o
 thread each; needs ``pip install 'p2pfl[ray]'``), with wall and CPU time (on a busy machine
 CPU time is the better guide; for the sharded run, the workers' CPU time added up) and peak
 memory. ``--large 10000x1000`` adds a larger sharded run. With ``--breakdown`` an
-instrumented one-process run splits the time over learner, protocol cores, wire sizes,
-network model, evaluation and the engine loop itself.
+instrumented one-process run splits its CPU time over learner, protocol cores (their message
+handlers by message type), wire sizes, network model, evaluation and the engine loop itself.
 
 ``--child e2e --nodes N --steps S --protocol P`` runs one configuration and prints its JSON
 (CPU and wall of the run and of start-up, peak memory, messages, syncs, accuracy and
@@ -30,12 +30,19 @@ also lists the tensor memory the cores hold at the end of the run, per node, by 
 that holds it (``held_by_cores``: each storage counted once, where a core reaches it first
 by the largest attribute).
 
+``--against DIR --e2e NODESxSTEPS`` compares this tree with another source tree (a ``git
+archive`` of main, say) instead of printing the tables: their end-to-end runs in turn,
+``--repeats`` times, each run's CPU and summary hash, and the median CPU ratio of
+neighbouring runs (on a shared machine the load moves CPU time by tens of percent between
+runs far apart; neighbours share most of it).
+
 Digits has 1,438 training samples. Sizes above that cannot be split; there, node ``i`` trains
 on part ``i mod 1024`` of a 1,024-way split (the output says so).
 
 Run from the repository root:
     .venv/bin/python sim/bench_scale.py           # 16, 256, 1,024, 4,096 nodes + 1,000 x 1,000
     .venv/bin/python sim/bench_scale.py --quick   # small sizes, a few minutes
+    .venv/bin/python sim/bench_scale.py --against /tmp/main --e2e 1024x200   # against main
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import hashlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -114,8 +122,18 @@ def parse_args() -> argparse.Namespace:
         "--breakdown",
         action="store_true",
         help="after the end-to-end runs, repeat the one-process run with per-call timers and "
-        "print where the time goes (the timers add about a microsecond per call)",
+        "print where its CPU time goes, the cores' message handlers by message type (the timers "
+        "add about a microsecond per call)",
     )
+    p.add_argument(
+        "--against",
+        metavar="DIR",
+        help="instead of the tables: compare this tree with the source tree DIR (e.g. "
+        "`git archive main | tar -x -C DIR`), --e2e NODESxSTEPS of --protocol from each in "
+        "turn, --repeats times: each run's CPU, load and summary hash, and the median of the "
+        "CPU ratios of neighbouring runs (they share the machine's load)",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="runs of each tree with --against")
     add_threads_option(p)
     p.add_argument("--quick", action="store_true", help="16, 64, 256 nodes x 50 steps; 200x100")
     p.add_argument(
@@ -156,7 +174,9 @@ def peak_mb() -> float:
 
 
 class Timers:
-    """Wall time and call counts per category, from wrappers around functions."""
+    """CPU time (this thread's, ``time.thread_time``) and call counts per category, from
+    wrappers around functions: on a machine shared with other processes wall time charges
+    their turns to whatever function was running."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -164,7 +184,7 @@ class Timers:
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` with its time and calls added to ``name``."""
-        clock, seconds, calls = time.perf_counter, self.seconds, self.calls
+        clock, seconds, calls = time.thread_time, self.seconds, self.calls
 
         def timed(*a: Any, **kw: Any) -> Any:
             start = clock()
@@ -173,6 +193,22 @@ class Timers:
             finally:
                 seconds[name] += clock() - start
                 calls[name] += 1
+
+        return timed
+
+    def by_kind(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn(now, sender, message)`` with its time and calls added to ``name`` and the
+        message's type (the handlers of a protocol differ by an order of magnitude)."""
+        clock, seconds, calls = time.thread_time, self.seconds, self.calls
+
+        def timed(now: float, sender: str, message: Any) -> Any:
+            start = clock()
+            try:
+                return fn(now, sender, message)
+            finally:
+                kind = f"{name} {type(message).__name__}"
+                seconds[kind] += clock() - start
+                calls[kind] += 1
 
         return timed
 
@@ -201,15 +237,15 @@ def instrument(sim: Simulation, timers: Timers, breakdown: bool) -> None:
             stacked.local_step = timers.wrap("vectorised local step", stacked.local_step)  # type: ignore[method-assign]
     for core in sim.cores:
         core.on_local_step = timers.wrap("core.on_local_step", core.on_local_step)  # type: ignore[method-assign]
-        core.on_message = timers.wrap("core.on_message", core.on_message)  # type: ignore[method-assign]
+        core.on_message = timers.by_kind("core.on_message", core.on_message)  # type: ignore[method-assign]
         core.on_timer = timers.wrap("core.on_timer", core.on_timer)  # type: ignore[method-assign]
     encoded_size = engine.encoded_size
 
     def timed_encoded_size(message: Any, schema: Any) -> int:
-        start = time.perf_counter()
+        start = time.thread_time()
         size = encoded_size(message, schema)
         kind = type(message).__name__
-        timers.seconds[f"wire.encoded_size {kind}"] += time.perf_counter() - start
+        timers.seconds[f"wire.encoded_size {kind}"] += time.thread_time() - start
         timers.calls[f"wire.encoded_size {kind}"] += 1
         return size
 
@@ -420,12 +456,18 @@ def sharded_child(
 # ------------------------------------------------------------------ parent: tables
 
 
-def spawn(args: argparse.Namespace, kind: str, nodes: int, steps: int, **flags: Any) -> dict:
+def spawn(
+    args: argparse.Namespace, kind: str, nodes: int, steps: int, tree: str = "", **flags: Any
+) -> dict:
     """Run one configuration (of ``flags["protocol"]``, default the first) in a fresh
-    interpreter and parse its JSON line."""
+    interpreter and parse its JSON line; with ``tree``, that source tree's copy of this
+    script on that tree's package."""
+    env = None
+    if tree:
+        env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
     cmd = [
         sys.executable,
-        __file__,
+        os.path.join(tree, "sim", "bench_scale.py") if tree else __file__,
         "--child",
         kind,
         "--nodes",
@@ -445,7 +487,7 @@ def spawn(args: argparse.Namespace, kind: str, nodes: int, steps: int, **flags: 
     ]
     if flags.get("per_node_protocol"):
         cmd.append("--per-node-protocol")
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -508,12 +550,13 @@ def scale_table(args: argparse.Namespace) -> None:
                 f"{n:>6} {'ratio':>9}  {protocol}: batched end to end incl. start-up and "
                 f"evaluation / plain per-model loop: {e2e:.3f} wall, {e2e_cpu:.3f} CPU (target "
                 f"<= {PLAIN_TARGET}: {verdict}); training alone "
-                f"{b['train'] / b['node_steps'] * 1e6 / plain_us:.3f}{per_node_ratio}"
+                f"{b['train'] / b['node_steps'] * 1e6 / plain_cpu:.3f} CPU{per_node_ratio}"
             )
         if n > 1438:
             notes.append(n)
     print(
-        "train = time inside learner.step; e2e = Simulation.run (protocol, messages, "
+        "train = CPU time inside learner.step (the plain loop's: wall); e2e = "
+        "Simulation.run (protocol, messages, "
         "evaluation); +start-up adds data split, learner and cores; cpu us = the same with "
         "CPU time (process_time). peak MB = ru_maxrss of the configuration's own process; "
         "load = 1-minute load average when the configuration ended"
@@ -533,7 +576,8 @@ def e2e_table(args: argparse.Namespace) -> None:
     paths = [("vectorised protocol path", fast), ("per-node protocol path", slow)]
     for name, r in [(name, r) for name, r in paths if r is not None]:
         print(
-            f"{name}: {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU (training {r['train']:.1f} s), "
+            f"{name}: {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU "
+            f"(training {r['train']:.1f} s CPU), "
             f"start-up {r['startup_wall']:.1f} s, load {r['load']:.1f}; {r['node_steps']:,} "
             f"node-steps, {r['messages']:,} messages, {r['syncs']:,} syncs, accuracy "
             f"{r['accuracy']:.3f}, peak {r['peak_mb']:.0f} MB"
@@ -577,18 +621,52 @@ def sharded_line(
         )
 
 
+def against_table(args: argparse.Namespace) -> None:
+    """This tree against ``--against``: end-to-end runs of each in turn, CPU per node-step
+    and the median ratio of neighbouring runs, and whether both took the same decisions."""
+    nodes, steps = (int(v) for v in args.e2e.lower().split("x"))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print(
+        f"\n== {nodes} nodes x {steps} steps of {args.protocol}: this tree ({here}) against "
+        f"{args.against}, {args.repeats} runs each, in turn (who goes first alternates)"
+    )
+    ratios, hashes = [], set()
+    for run in range(1, args.repeats + 1):
+        pair = {}
+        trees = [("this", here), ("against", args.against)]
+        for name, tree in trees if run % 2 else trees[::-1]:  # who goes first alternates
+            r = spawn(args, "e2e", nodes, steps, tree=tree)
+            pair[name] = r
+            hashes.add(r["summary_sha256"])
+            print(
+                f"run {run} {name:<8} {r['total_cpu']:7.1f} s CPU "
+                f"({r['total_cpu'] / r['node_steps'] * 1e6:6.1f} us/node-step incl. start-up), "
+                f"load {r['load']:4.1f}, peak {r['peak_mb']:5.0f} MB, "
+                f"summary {r['summary_sha256']}"
+            )
+        ratios.append(pair["this"]["total_cpu"] / pair["against"]["total_cpu"])
+    ratios.sort()
+    print(
+        f"CPU this / against: median {statistics.median(ratios):.3f} "
+        f"(runs {', '.join(f'{r:.3f}' for r in ratios)}); "
+        f"the same decisions (summary sha256): {len(hashes) == 1}"
+    )
+
+
 def breakdown_table(r: dict[str, Any]) -> None:
     """Where the time of an instrumented end-to-end run goes."""
-    wall, seconds, calls = r["wall"], r["seconds"], r["calls"]
-    print(f"instrumented repeat (vectorised path): {wall:.1f} s wall")
+    cpu, seconds, calls = r["cpu"], r["seconds"], r["calls"]
+    print(f"instrumented repeat (vectorised path): {cpu:.1f} s CPU, {r['wall']:.1f} s wall")
     # Wrapped categories never nest, so what remains is the engine's own loop.
-    rest = wall - sum(seconds.values())
-    rows = sorted(seconds.items(), key=lambda kv: -kv[1]) + [("engine loop (the rest)", rest)]
+    rest = cpu - sum(seconds.values())
+    rows = sorted(seconds.items(), key=lambda kv: -kv[1]) + [
+        ("engine loop and runtime (the rest)", rest)
+    ]
     print(f"{'where':<34}{'seconds':>9}{'share':>8}{'calls':>11}{'us/call':>9}")
     for name, sec in rows:
         n = calls.get(name, 0)
         per = f"{sec / n * 1e6:9.1f}" if n else f"{'':>9}"
-        print(f"{name:<34}{sec:>9.1f}{sec / wall:>8.0%}{n:>11,}{per}")
+        print(f"{name:<34}{sec:>9.1f}{sec / cpu:>8.0%}{n:>11,}{per}")
     fifths = [calls.get(f"messages in fifth {i} of the run", 0) for i in range(1, 6)]
     print(f"messages sent in each fifth of the run: {', '.join(f'{n:,}' for n in fifths)}")
     print(", ".join(f"{k} {v:,}" for k, v in r["sessions"].items()))
@@ -605,6 +683,9 @@ def main() -> None:
         f"bench_scale: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"load average {os.getloadavg()[0]:.1f} at the start"
     )
+    if args.against:
+        against_table(args)
+        return
     if not args.no_scale:
         scale_table(args)
     if not args.no_e2e:

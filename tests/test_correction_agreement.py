@@ -14,7 +14,7 @@ import torch
 from kit import DIM, VirtualNet, complete, ring, star, vector_schema
 
 from p2pfl.protocol.config import parse_protocol
-from p2pfl.protocol.correction import DriftCorrection, LessonAgreement
+from p2pfl.protocol.correction import DriftCorrection, LessonAgreement, rare_floor
 from p2pfl.spec import SpecError
 from p2pfl.wire.codec import WireError, decode, encode, encoded_size
 from p2pfl.wire.messages import Average, ModelReply, Push
@@ -39,6 +39,31 @@ def test_consistent_lessons_raise_the_factor_and_independent_noise_keeps_it_near
     assert noise.factor == 0.0
 
 
+def test_against_the_mean_an_offset_shows_through_noise_and_noise_stays_near_zero():
+    """Noisy lessons with a shared offset: their cosine with the last lesson is about
+    |o|² / |l|² (0.2 here), with the mean of the earlier ones (memory 4: noise 1/7 of a
+    lesson's) about 0.36;
+    independent noise stays near 0 either way."""
+    gen = torch.Generator().manual_seed(2)
+    offset = torch.ones(500)
+    last, mean = LessonAgreement(4), LessonAgreement(4, against="mean")
+    for lesson in lessons(gen, 60, offset, 2.0):
+        last.observe(lesson)
+        mean.observe(lesson)
+    assert last.factor < 0.25 < 0.3 < mean.factor < 0.45
+    noise = LessonAgreement(4, against="mean")
+    for lesson in lessons(gen, 60, torch.zeros(500), 1.0):
+        noise.observe(lesson)
+    assert noise.factor < 0.15
+
+
+def test_boost_scales_the_factor_before_its_clamp():
+    boosted = LessonAgreement(4, boost=2.0)
+    for cosine, factor in ((0.3, 0.6), (0.7, 1.0), (-0.2, 0.0), (0.0, 0.0)):
+        boosted.mean_cosine = cosine
+        assert boosted.factor == pytest.approx(factor)
+
+
 def test_factor_one_is_the_fixed_gain_and_factor_zero_learns_nothing():
     sent, merged = torch.linspace(-1, 1, DIM), torch.zeros(DIM)
     fixed = DriftCorrection(0.3)
@@ -50,6 +75,25 @@ def test_factor_one_is_the_fixed_gain_and_factor_zero_learns_nothing():
     silent.update(sent, merged, 40, 0.05)  # its own factor: 0 before any agreement
     torch.testing.assert_close(silent.vector, torch.zeros(DIM))
     assert silent.agreement is not None and silent.agreement.previous is not None
+
+
+def test_the_floor_lets_rare_merges_learn_before_lessons_agree():
+    """A first lesson (factor 0) is learnt at 1 - S/K of the fixed gain under floor=S:
+    nothing after K <= S steps, nearly all of it after K = 25 S; a higher factor wins."""
+    assert rare_floor(0, 400) == 0.0 and rare_floor(16, 8) == 0.0 and rare_floor(16, 16) == 0.0
+    assert rare_floor(16, 400) == pytest.approx(0.96)
+    sent, merged = torch.linspace(-1, 1, DIM), torch.zeros(DIM)
+    for steps, share in ((8, 0.0), (400, 0.96)):
+        fixed = DriftCorrection(0.3)
+        fixed.update(sent, merged, steps, 0.05)
+        floored = DriftCorrection(0.3, agreement=4, floor=16)
+        floored.update(sent, merged, steps, 0.05)
+        torch.testing.assert_close(floored.vector, share * fixed.vector)
+    agreed = DriftCorrection(0.3, agreement=4, floor=16)
+    agreed.update(sent, merged, 32, 0.05, factor=0.8)  # above the floor of 0.5
+    fixed = DriftCorrection(0.3)
+    fixed.update(sent, merged, 32, 0.05)
+    torch.testing.assert_close(agreed.vector, 0.8 * fixed.vector)
 
 
 def test_a_lesson_learnt_in_a_members_place_is_not_folded_into_the_agreement():
@@ -78,8 +122,18 @@ def test_agreement_survives_a_state_round_trip():
         ("dynamic:b=1,rel=0.0005,condition=distance", star(6)),
         ("dynamic:b=1,rel=0.0005,condition=distance", complete(5)),
         ("periodic:b=3", complete(5)),
+        ("gossip:b=4,floor=2", ring(6)),
+        ("dynamic:b=1,rel=0.0005,condition=distance,floor=2", star(6)),
     ],
-    ids=["gossip-star", "gossip-ring", "dynamic-star", "dynamic-complete", "periodic-complete"],
+    ids=[
+        "gossip-star",
+        "gossip-ring",
+        "dynamic-star",
+        "dynamic-complete",
+        "periodic-complete",
+        "gossip-floor",
+        "dynamic-floor",
+    ],
 )
 def test_corrections_sum_to_zero_though_each_node_agrees_differently(spec, graph):
     """Every node starts with its own factor (0.2 … 0.9) and learns its own from then on:
@@ -113,6 +167,17 @@ def test_agreement_is_off_by_default_and_a_spec_key():
     assert parse_protocol("gossip:agreement=8").agreement == 8
     with pytest.raises(SpecError):
         parse_protocol("dynamic:agreement=-1")
+    assert parse_protocol("dynamic").floor == 0
+    assert parse_protocol("periodic:b=500,agreement=4,floor=16").floor == 16
+    with pytest.raises(SpecError, match="agreement"):
+        parse_protocol("dynamic:floor=16")  # a floor for the agreement, not the fixed gain
+    assert parse_protocol("dynamic:agreement=4,against=mean").against == "mean"
+    assert parse_protocol("dynamic:agreement=4").against == "last"
+    assert parse_protocol("gossip:agreement=4,boost=2").boost == 2.0
+    bad_specs = ("dynamic:against=mean", "dynamic:agreement=4,against=first", "dynamic:boost=2")
+    for bad in bad_specs + ("periodic:agreement=4,boost=0",):
+        with pytest.raises(SpecError):
+            parse_protocol(bad)
 
 
 @pytest.mark.parametrize(

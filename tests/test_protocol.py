@@ -128,8 +128,9 @@ def test_make_core_builds_the_right_policy(spec, cls):
             "periodic:c=2",
             [
                 "unknown argument(s) ['c']",
-                "periodic accepts: agreement, b, base, block, clip, codec, correction, f, key, "
-                "local, merge, mix, outer_lr, outer_momentum, timeout, topk, trim",
+                "periodic accepts: against, agreement, b, base, block, boost, clip, codec, "
+                "correction, f, floor, key, local, merge, mix, outer_lr, outer_momentum, timeout, "
+                "topk, trim",
             ],
         ),
         ("gossip:outer_momentum=1", ["'outer_momentum'", "must be in [0, 1)"]),

@@ -4,7 +4,9 @@
 Every protocol that merges also takes the keys of the mechanisms shared by all of them:
 ``correction=λ`` (drift correction, ``p2pfl.protocol.correction``; default
 ``CORRECTION_DEFAULT``, 0 turns it off; ``agreement=H`` scales its gain by how much the
-node's successive lessons agree, memory ``H`` merges, off by default) and
+node's successive lessons agree, memory ``H`` merges, off by default, and ``floor=S`` keeps
+merges more than ``S`` steps apart near the fixed gain, ``against=mean`` compares each lesson
+with the earlier lessons' mean, ``boost=k`` multiplies its factor) and
 ``outer_lr=L,outer_momentum=M`` (an outer Nesterov step on every merge,
 ``p2pfl.protocol.outer``; off by default: it halved dynamic's bytes on fixed data but made it
 collapse on a changing stream, and it measured worse for periodic averaging with the
@@ -33,6 +35,12 @@ CONDITIONS = ("distance", "coherent", "smoothed", "growth")
 CODEC_KEYS = {"codec", "block", "topk", "values", "base", "mix", "key"}
 DYNAMIC_CODEC_KEYS = {"tol"}
 """Codec keys measured in dynamic's Δ (``CodecConfig.tol``)."""
+DYNAMIC_BASE = "shared"
+"""``dynamic``'s default ``base=`` (the others': ``CodecConfig.base``, the chain). A member's
+reply travels on a link it may not have used for several sessions, so a delta on the
+average last echoed on that link is a fifth smaller than one on its old message there, and
+the codec's error with it: fewer sessions, 3-17 % fewer bytes at about the same accuracy
+(16 nodes, digits, int2 and int4; docs/compression.md, "Shared bases in dynamic")."""
 LOCAL_KINDS = ("bn",)
 
 
@@ -55,6 +63,14 @@ class ProtocolConfig:
     correction: float = 0.0
     agreement: int = 0
     """Memory (merges) of the drift correction's lesson agreement; 0: fixed gain."""
+    floor: int = 0
+    """With ``agreement``: a merge ``K`` steps after the previous one learns at least
+    ``1 − floor/K`` of the fixed gain (``correction.rare_floor``); 0: no floor."""
+    against: str = "last"
+    """With ``agreement``: what each lesson's cosine is taken with, the last lesson or the
+    earlier lessons' mean (``mean``; ``correction.LessonAgreement``)."""
+    boost: float = 1.0
+    """With ``agreement``: the agreement factor is multiplied by this before its clamp."""
     outer: tuple[float, float] | None = None
     condition: str = "distance"
     smoothing: int = 16
@@ -88,7 +104,8 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "stand_in": False,
     "outer": None,
 }
-MECHANISM_KEYS = {"correction", "agreement", "outer_lr", "outer_momentum"}
+MECHANISM_KEYS = {"correction", "agreement", "floor", "against", "boost"}
+MECHANISM_KEYS |= {"outer_lr", "outer_momentum"}
 
 
 def parse_protocol(text: str) -> ProtocolConfig:
@@ -105,9 +122,17 @@ def parse_protocol(text: str) -> ProtocolConfig:
         "local": spec.take("local", _local, ""),
         "correction": spec.take("correction", _damping, CORRECTION_DEFAULT),
         "agreement": spec.take("agreement", non_negative_int, 0),
+        "floor": spec.take("floor", non_negative_int, 0),
+        "against": spec.take("against", _against, "last"),
+        "boost": spec.take("boost", positive_float, 1.0),
         "outer": _outer(spec, DYNAMIC_DEFAULTS["outer"] if spec.kind == "dynamic" else None),
         "text": spec.text,
     }
+    tuned = base["floor"] or base["against"] != "last" or base["boost"] != 1.0
+    if tuned and not base["agreement"]:
+        raise SpecError(
+            f"{text!r}: floor, against, boost tune the lesson agreement; give agreement=H"
+        )
     if spec.kind == "continuous":
         spec.check_keys(common)
         return ProtocolConfig(kind="periodic", b=1, **base)
@@ -166,6 +191,12 @@ def _lr_power(raw: str) -> float:
     return value
 
 
+def _against(raw: str) -> str:
+    if raw not in ("last", "mean"):
+        raise ValueError("must be last (the previous lesson) or mean (the earlier lessons' mean)")
+    return raw
+
+
 def _switch(raw: str) -> bool:
     if raw not in ("0", "1"):
         raise ValueError("must be 1 (on) or 0 (off)")
@@ -190,7 +221,8 @@ def _codec(spec: Spec) -> CodecConfig | None:
     """``codec=fp16|int8|int4|int2|sign|topk`` with ``block=N`` (entries per scale of the
     block-scaled codecs, 0 for one scale) or ``topk=R`` (the kept fraction) and
     ``values=fp16|int8`` (how topk's kept values travel; int8 takes ``block`` too), and
-    ``base=chain|shared`` (what a message is a delta on, see ``p2pfl.protocol.links``) and
+    ``base=chain|shared`` (what a message is a delta on, see ``p2pfl.protocol.links``;
+    default shared for ``dynamic``, ``DYNAMIC_BASE``, chain for the others) and
     ``mix=G`` (the consensus step of a fixed schedule's merge on lossy copies,
     ``CodecConfig.consensus_step``) and ``key=fp16|int8|int4|int2`` (how key frames
     travel, ``CodecConfig.key_codec``) and, for ``dynamic``, ``tol=T`` (a reply whose codec
@@ -216,7 +248,7 @@ def _codec(spec: Spec) -> CodecConfig | None:
             raise SpecError(f"{spec.text!r}: {key!r} does not apply to codec={name}{hint}")
     block = spec.take("block", non_negative_int, CodecConfig.block)
     fraction = spec.take("topk", _fraction, CodecConfig.fraction)
-    base = spec.take("base", _base, CodecConfig.base)
+    base = spec.take("base", _base, DYNAMIC_BASE if spec.kind == "dynamic" else CodecConfig.base)
     mix = spec.take("mix", _mix, None)
     key = spec.take("key", _key, None)
     if "tol" in spec.args and spec.kind != "dynamic":

@@ -266,7 +266,9 @@ class NodeCore:
         """How much of its radius each peer's progress earns it (a stale model: none)."""
         self._first_step_at: float | None = None
         self._last_step_at = 0.0
-        self.drift_correction = DriftCorrection(config.correction, config.agreement)
+        self.drift_correction = DriftCorrection(
+            config.correction, config.agreement, config.floor, config.against, config.boost
+        )
         self.outer = None if config.outer is None else OuterOptimizer(*config.outer, model.read())
 
     @property
