@@ -39,6 +39,7 @@ import torch
 from p2pfl.cli.exits import run_script
 from p2pfl.errors import P2pflError
 from p2pfl.learning.compression import (
+    BASE_KINDS,
     CodecConfig,
     Compressed,
     compress,
@@ -175,12 +176,15 @@ def decoded_exactly(roles: set[str], role: list[str]) -> Iterator[None]:
 
 
 def message_kind(message: object) -> str:
-    """A message's type, and for a compressed model what it is and its codec."""
+    """A message's type, and for a compressed model what it is and its codec (and, for a
+    delta on another base than the sender's last message, which: ``base=shared``)."""
     kind = type(message).__name__
     params = getattr(message, "params", None)
     if isinstance(params, Compressed):
         role = "echo" if params.echo else "key frame" if params.base == 0 else "delta"
         kind += f" {role} {params.codec}"
+        if params.base_kind and not params.echo:
+            kind += f" on {BASE_KINDS[params.base_kind]}"
     return kind
 
 

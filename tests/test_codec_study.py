@@ -61,6 +61,8 @@ def test_messages_are_counted_by_type_role_and_codec():
     assert study.message_kind(Average(1, echo)) == "Average echo int2"
     assert study.message_kind(Average(1, key)) == "Average key frame int4"
     assert study.message_kind(Pull(1)) == "Pull"
+    shared = Compressed("int2", 4, torch.zeros(1, dtype=torch.uint8), base=2, base_kind=1)
+    assert study.message_kind(Average(1, shared)) == "Average delta int2 on average on sender's"
 
 
 def test_the_exact_oracle_decodes_its_role_exactly_at_the_codecs_size():

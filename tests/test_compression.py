@@ -334,6 +334,26 @@ def test_shared_bases_shrink_the_delta_of_a_rarely_used_link():
     assert float((member.decode("c", back) - own).norm()) < 0.5 * float((own - x).norm()) + 0.05
 
 
+def test_a_key_frame_in_one_direction_leaves_no_shared_base_behind():
+    """A receiver drops the averages echoed on a link when its peer's key frame arrives (the
+    peer may have restarted), so the sender forgets them as it sends one: a node's first
+    message to a peer that was its member (a key frame) is not followed by a delta on the
+    average it echoed to that peer before, which the peer no longer holds (seen as a
+    refused reply in ``dynamic`` runs before the fix)."""
+    config = CodecConfig("int8", base="shared")
+    a, b = CodecLinks(config), CodecLinks(config)
+    x = randn(N, 0)
+    b.decode("a", a.encode("b", x))  # a's reply to b's session: a key frame
+    average = x + 0.1 * randn(N, 1)
+    a.decode("b", b.encode("a", average, echo=True))  # b echoes the average on it
+    a.decode("b", b.encode("a", average + 0.1 * randn(N, 2)))  # b's first message to a
+    b.decode("a", a.encode("b", x + randn(N, 3), echo=True))  # a echoes on that one
+    near = average + 0.01 * randn(N, 4)  # b's model, nearest the average it echoed to a
+    c = b.encode("a", near)
+    assert c.base_kind != 3
+    torch.testing.assert_close(a.decode("b", c), near, atol=0.05, rtol=0)
+
+
 def test_a_lost_shared_base_asks_for_a_key_frame_once():
     """A receiver that no longer holds the shared base (it restarted unnoticed) refuses with
     the reason and asks for a key frame; the sender then forgets the shared vectors of that
@@ -503,11 +523,14 @@ def test_mutated_compressed_frames_raise_only_wire_error(data, codec):
 
 
 def test_codec_keys_in_protocol_specs():
-    assert parse_protocol("dynamic:codec=int8").codec == CodecConfig("int8")
+    assert parse_protocol("dynamic:codec=int8").codec == CodecConfig("int8", base="shared")
+    assert parse_protocol("dynamic:codec=int8,base=chain").codec == CodecConfig("int8")
     assert parse_protocol("periodic:b=5,codec=int8,block=0").codec == CodecConfig("int8", block=0)
     assert parse_protocol("gossip:codec=topk,topk=0.02").codec == CodecConfig("topk", fraction=0.02)
     assert parse_protocol("continuous:codec=fp16").codec == CodecConfig("fp16")
-    assert parse_protocol("dynamic:codec=sign,block=64").codec == CodecConfig("sign", block=64)
+    assert parse_protocol("dynamic:codec=sign,block=64").codec == CodecConfig(
+        "sign", block=64, base="shared"
+    )
     assert parse_protocol("periodic:codec=topk,topk=0.05,values=int8,block=0").codec == (
         CodecConfig("topk", block=0, fraction=0.05, values="int8")
     )
@@ -523,8 +546,13 @@ def test_codec_keys_in_protocol_specs():
         "int8",
         "int4",
     )
-    assert parse_protocol("dynamic:codec=sign,tol=0.5").codec == CodecConfig("sign", tol=0.5)
-    assert parse_protocol("dynamic:codec=sign,tol=0.5").codec.label == "sign:block=256,tol=0.5"
+    assert parse_protocol("dynamic:codec=sign,tol=0.5").codec == CodecConfig(
+        "sign", base="shared", tol=0.5
+    )
+    assert parse_protocol("dynamic:codec=sign,tol=0.5,base=chain").codec.label == (
+        "sign:block=256,tol=0.5"
+    )
+    assert parse_protocol("periodic:codec=int2").codec == CodecConfig("int2")  # chain
     assert parse_protocol("dynamic").codec is None
     for bad, fragment in [
         ("dynamic:codec=zip", "codec must be one of fp16, int8, int4, int2, sign, topk"),
@@ -600,7 +628,9 @@ def test_compressed_dynamic_keeps_the_global_mean_up_to_held_residuals(spec, mon
             if rng.random() < 0.8:
                 net.step(node, 0.01 * torch.randn(DIM, generator=gen) + 0.002 * (int(node) - n / 2))
     net.settle()
-    assert net.stat("sessions") >= 50 and net.stat("refused_codec") == 0
+    # A reply on a shared base (dynamic's default) that overtakes the echo it is a delta on
+    # is refused (the jitter reorders messages) and the link resyncs: rare, and the sum holds.
+    assert net.stat("sessions") >= 50 and net.stat("refused_codec") <= 1
     coded = [m for _, _, _, m in net.log if isinstance(getattr(m, "params", None), Compressed)]
     assert coded and all(m.params.codec in ("int8", "int4", "topk", "sign") for m in coded)
     if "tol" in spec:  # both: replies that fell back, and echoes and small replies in sign

@@ -35,6 +35,12 @@ CONDITIONS = ("distance", "coherent", "smoothed", "growth")
 CODEC_KEYS = {"codec", "block", "topk", "values", "base", "mix", "key"}
 DYNAMIC_CODEC_KEYS = {"tol"}
 """Codec keys measured in dynamic's Δ (``CodecConfig.tol``)."""
+DYNAMIC_BASE = "shared"
+"""``dynamic``'s default ``base=`` (the others': ``CodecConfig.base``, the chain). A member's
+reply travels on a link it may not have used for several sessions, so a delta on the
+average last echoed on that link is a fifth smaller than one on its old message there, and
+the codec's error with it: fewer sessions, 3-17 % fewer bytes at about the same accuracy
+(16 nodes, digits, int2 and int4; docs/compression.md, "Shared bases in dynamic")."""
 LOCAL_KINDS = ("bn",)
 
 
@@ -215,7 +221,8 @@ def _codec(spec: Spec) -> CodecConfig | None:
     """``codec=fp16|int8|int4|int2|sign|topk`` with ``block=N`` (entries per scale of the
     block-scaled codecs, 0 for one scale) or ``topk=R`` (the kept fraction) and
     ``values=fp16|int8`` (how topk's kept values travel; int8 takes ``block`` too), and
-    ``base=chain|shared`` (what a message is a delta on, see ``p2pfl.protocol.links``) and
+    ``base=chain|shared`` (what a message is a delta on, see ``p2pfl.protocol.links``;
+    default shared for ``dynamic``, ``DYNAMIC_BASE``, chain for the others) and
     ``mix=G`` (the consensus step of a fixed schedule's merge on lossy copies,
     ``CodecConfig.consensus_step``) and ``key=fp16|int8|int4|int2`` (how key frames
     travel, ``CodecConfig.key_codec``) and, for ``dynamic``, ``tol=T`` (a reply whose codec
@@ -241,7 +248,7 @@ def _codec(spec: Spec) -> CodecConfig | None:
             raise SpecError(f"{spec.text!r}: {key!r} does not apply to codec={name}{hint}")
     block = spec.take("block", non_negative_int, CodecConfig.block)
     fraction = spec.take("topk", _fraction, CodecConfig.fraction)
-    base = spec.take("base", _base, CodecConfig.base)
+    base = spec.take("base", _base, DYNAMIC_BASE if spec.kind == "dynamic" else CodecConfig.base)
     mix = spec.take("mix", _mix, None)
     key = spec.take("key", _key, None)
     if "tol" in spec.args and spec.kind != "dynamic":

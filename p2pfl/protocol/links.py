@@ -143,8 +143,10 @@ class CodecLinks:
             _keep_newest(inn.echoed)
         else:
             c, mirror = self._chain_message(x, out, inn, tolerance)
-            if c.base == 0:
+            if c.base == 0:  # the receiver drops the link's echoed averages on it: so do we
                 out.floor = out.acked = out.seq + 1
+                out.echoed.clear()
+                inn.echoed.clear()
             out.seq += 1
             c.seq = out.seq
             out.sent[out.seq] = mirror
