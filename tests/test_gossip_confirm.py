@@ -9,7 +9,8 @@ import pytest
 import torch
 from kit import FakeModel, small_digits_run, unclipped
 
-from p2pfl.protocol.actions import Send, SetCorrection
+from p2pfl.protocol.actions import ReplaceModel, Send, SetCorrection
+from p2pfl.protocol.byzantine import ByzantineCore
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import make_core
 from p2pfl.protocol.scheduled import CONFIRM_WAITS
@@ -70,6 +71,22 @@ def test_without_the_correction_nothing_is_confirmed():
     finished = initiator.on_message(0.02, "1", reply)
     assert [a for a in finished if isinstance(a, Send)] == [] and corrections(finished) == []
     assert receiver.unconfirmed == {}
+
+
+@pytest.mark.parametrize("attack", ["flood", "flood-confirm"])
+def test_a_flooder_confirms_only_if_it_adapts_to_the_rule(attack):
+    """A flooder pushes to every neighbour at every step and merges no reply to those pushes;
+    ``flood-confirm`` confirms them anyway, which the receiver cannot tell from a merge."""
+    core = make_core("0", parse_protocol("gossip"), FakeModel(vec(1.0)), ["1", "2"], seed=0)
+    flooder = ByzantineCore(core, attack)
+    pushes = [a for a in flooder.on_local_step(0.0) if isinstance(a, Send)]
+    assert {a.to for a in pushes} == {"1", "2"}
+    (honest,) = [peer for peer, *_ in core.exchanges.values()]  # its own exchange
+    flooded = ({"1", "2"} - {honest}).pop()
+    answer = flooder.on_message(0.01, flooded, ModelReply(1, vec(3.0), 10))
+    assert not [a for a in answer if isinstance(a, ReplaceModel)]  # it merges nothing
+    confirms = [a for a in answer if isinstance(a, Send) and isinstance(a.message, Confirm)]
+    assert len(confirms) == (attack == "flood-confirm")
 
 
 def total_correction_imbalance(sim) -> float:

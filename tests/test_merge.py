@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 from p2pfl.learning.merge import FEW_PAIRS, clip_around, distances_to, merge
 from p2pfl.learning.rules import RULES, MergeRule
 from p2pfl.protocol.actions import ReplaceModel, Send
-from p2pfl.protocol.byzantine import ATTACKS, Attackers, ByzantineCore, parse_byzantine
+from p2pfl.protocol.byzantine import (
+    ATTACKS,
+    FLOODING,
+    Attackers,
+    ByzantineCore,
+    parse_byzantine,
+)
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import NodeCore, make_core
 from p2pfl.protocol.dynamic import IDLE_SESSION_WAITS
@@ -277,11 +283,11 @@ def test_each_attack_lies_as_documented(attack):
         assert not torch.equal(sent, vec(2.0))
         assert float(torch.linalg.vector_norm(sent - vec(2.0))) < 10 * float(sent.norm())
     else:
-        torch.testing.assert_close(sent, vec(2.0))  # flood / fake-average reply honestly
+        torch.testing.assert_close(sent, vec(2.0))  # the floods reply honestly
     # floods claim a violation at every check even with Δ = 1e9; honest liars do not
     liar.on_message(0.1, "1", Busy(5))
     pulls = [a for a in liar.on_local_step(1.0) if isinstance(a, Send)]
-    assert bool(pulls) == (attack in ("flood", "fake-average"))
+    assert bool(pulls) == (attack in FLOODING)
     if pulls:
         sid = pulls[0].message.session
         answer = ModelReply(sid, vec(4.0), 10, [], 1)

@@ -152,10 +152,14 @@ def test_shared_entries_agree_private_entries_stay_own():
 # syncs, same bytes, 0.5064 -> 0.5311, loss 1.672 -> 1.527. Gossip re-recorded when the
 # receiver of an exchange began learning its correction update only once the initiator
 # confirms (issue 11, flood: 782 confirmations, 20,332 bytes, none missing; 0.7022 -> 0.7073).
+# Gossip and periodic re-recorded when PeerProgress began keeping our own model as a
+# half-precision snapshot (issue 11, memory: our move since a peer's last model is measured
+# less the snapshot's rounding error): gossip clipped 87 models instead of 88, 0.7073 ->
+# 0.7136; periodic the same clips and accuracy, loss 1.527215 -> 1.527228.
 PINNED = {
-    "periodic:b=5": (0.5310584917664528, 1.527215266227722, 6023460, 310, 146),
+    "periodic:b=5": (0.5310584917664528, 1.5272279888391496, 6023460, 310, 146),
     "dynamic": (0.6140668511390686, 1.3707069367170335, 3545008, 332, 109),
-    "gossip": (0.707311974465847, 1.350144198536873, 30562622, 2353, 1565),
+    "gossip": (0.7136490270495415, 1.3473816603422164, 30562622, 2353, 1565),
 }
 
 

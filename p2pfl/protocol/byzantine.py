@@ -10,6 +10,8 @@ network), but every model it sends is replaced as the attack says:
 * ``replay``: the first model it ever sent, again and again (a stale model);
 * ``flood``: honest models, but it always claims a violation (dynamic: a session at every
   check; gossip: a push to every neighbour at every step) to keep its peers busy;
+* ``flood-confirm``: floods, and on gossip confirms every reply it gets (``Confirm``) without
+  merging it: the adaptive flooder the gossip confirmation cannot tell from an honest peer;
 * ``fake-average``: floods, and the averages it returns as coordinator are sign-flipped;
 * ``silent``: sends nothing at all, neither models nor refusals (a peer crashed behind a
   connection that stays open, or one that withholds on purpose): whoever waits for it waits
@@ -33,11 +35,20 @@ from p2pfl.protocol.core import NodeCore
 from p2pfl.protocol.dynamic import DynamicCore
 from p2pfl.protocol.scheduled import GossipCore
 from p2pfl.spec import SpecError
-from p2pfl.wire.messages import Average, Push
+from p2pfl.wire.messages import Average, Confirm, Message, ModelReply, Push
 
-ATTACKS = ("signflip", "scale", "noise", "replay", "flood", "fake-average", "silent")
+ATTACKS = (
+    "signflip",
+    "scale",
+    "noise",
+    "replay",
+    "flood",
+    "flood-confirm",
+    "fake-average",
+    "silent",
+)
 SCALE = 1000.0
-FLOODING = ("flood", "fake-average")
+FLOODING = ("flood", "flood-confirm", "fake-average")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +122,17 @@ class ByzantineCore:
                 if peer not in sent:
                     message = Push(-1, model.read().clone(), model.samples)
                     actions.append(Send(peer, message))
+        return self._lie(actions)
+
+    def on_message(self, now: float, sender: str, message: Message) -> list[Action]:
+        actions = self.core.on_message(now, sender, message)
+        if (
+            self.attack == "flood-confirm"
+            and isinstance(message, ModelReply)
+            and isinstance(self.core, GossipCore)
+            and not any(isinstance(a, Send) and isinstance(a.message, Confirm) for a in actions)
+        ):
+            actions.append(Send(sender, Confirm(message.session)))  # as if it merged it
         return self._lie(actions)
 
     def _lie(self, actions: list[Action]) -> list[Action]:

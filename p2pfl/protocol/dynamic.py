@@ -87,6 +87,7 @@ from p2pfl.protocol.core import (
     RowReader,
     log,
 )
+from p2pfl.protocol.trust import snapshot
 from p2pfl.wire.messages import Average, Busy, Message, ModelReply, Pull
 
 
@@ -181,15 +182,6 @@ def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             out=out[start:stop],
         )
     return out
-
-
-def snapshot(model: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``model`` in half precision (half the memory of a copy) and the norm of what that
-    rounding changed: a distance to the snapshot is within that of the distance to the model
-    itself. A model half precision cannot hold (entries beyond its range) is copied whole."""
-    compact = model.half()
-    error = float(torch.linalg.vector_norm(model - compact))
-    return (compact, error) if math.isfinite(error) else (model.clone(), 0.0)
 
 
 def _store_kept(

@@ -51,6 +51,7 @@ not counting our moves toward the peer's earlier model (honest Dirichlet 0.5, 3,
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -97,15 +98,27 @@ class PeerTrust:
         return new
 
 
-Baseline = tuple[torch.Tensor, torch.Tensor, float]
-"""A peer's entry in ``PeerProgress``: the last model it sent, ours then, the share it earned."""
+def snapshot(model: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``model`` in half precision (half the memory of a copy) and the norm of what that
+    rounding changed: a distance to the snapshot is within that of the distance to the model
+    itself. A model half precision cannot hold (entries beyond its range) is copied whole."""
+    compact = model.half()
+    error = float(torch.linalg.vector_norm(model - compact))
+    return (compact, error) if math.isfinite(error) else (model.clone(), 0.0)
+
+
+Baseline = tuple[torch.Tensor, torch.Tensor, float, float]
+"""A peer's entry in ``PeerProgress``: the last model it sent, ours then (a ``snapshot``), the
+share it earned, and the snapshot's rounding error."""
 
 
 class PeerProgress:
     """Each peer's progress between the models it sends us, relative to ours (see the
     module docstring). Keeps, for the last ``remembered`` peers, the last model each sent (the
-    tensor itself), our own model at that time (one copy per merge) and the share it earned;
-    a peer not heard from yet is measured from ``origin``, where our own model started."""
+    tensor itself), our own model at that time (one half-precision ``snapshot`` per merge:
+    our move since is taken as the distance to it less its rounding error, never more than
+    we moved) and the share it earned; a peer not heard from yet is measured from
+    ``origin``, where our own model started (kept exact)."""
 
     def __init__(self, remembered: int, origin: torch.Tensor) -> None:
         self.remembered = remembered
@@ -157,7 +170,8 @@ class PeerProgress:
         ``own``: the peer's progress is measured from there on both sides."""
         last = self._last.get(peer)
         if last is not None:
-            self._last[peer] = (model.detach(), own.detach(), last[2])
+            compact, error = snapshot(own.detach())
+            self._last[peer] = (model.detach(), compact, last[2], error)
 
     def record(
         self,
@@ -170,16 +184,17 @@ class PeerProgress:
         allowance: float = 1.0,
     ) -> list[float]:
         """The shares from each peer's distance to its reference (``theirs``) and ours to
-        our reference (``ours``, one for all peers or one each), stored in the table; a peer
+        our reference (``ours``, one for all peers or one each; less the reference's
+        rounding error, for a reference kept as a ``snapshot``), stored in the table; a peer
         measured from its earlier model (not its first) gets ``allowance`` times its
         progress (an average of ``n`` models with ours among them: ``n``, see the module
         docstring)."""
-        # A model a core merges is never modified in place; only a live view of the model
-        # (``ModelAccess.read``) can change under us.
-        kept = own.detach() if own._base is None else own.detach().clone()
+        kept, error = snapshot(own.detach())
         table, shares = self._last, []
         for row, (peer, last) in enumerate(zip(peers, lasts, strict=True)):
             moved = ours[row if len(ours) > 1 else 0]
+            if last is not None:
+                moved = max(0.0, moved - last[3])  # at least this far from our model then
             # Our model has not moved since the pair was taken (two messages at once): the
             # verdict of that time stands.
             scale = 1.0 if last is None else allowance
@@ -192,7 +207,9 @@ class PeerProgress:
             )
             if peer in table:
                 table[peer] = (
-                    (models[row].detach(), kept, share) if moved > 0.0 or last is None else last
+                    (models[row].detach(), kept, share, error)
+                    if moved > 0.0 or last is None
+                    else last
                 )
             shares.append(share)
         return shares
