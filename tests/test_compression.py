@@ -525,20 +525,24 @@ def test_mutated_compressed_frames_raise_only_wire_error(data, codec):
 def test_codec_keys_in_protocol_specs():
     assert parse_protocol("dynamic:codec=int8").codec == CodecConfig("int8", base="shared")
     assert parse_protocol("dynamic:codec=int8,base=chain").codec == CodecConfig("int8")
-    assert parse_protocol("periodic:b=5,codec=int8,block=0").codec == CodecConfig("int8", block=0)
-    assert parse_protocol("gossip:codec=topk,topk=0.02").codec == CodecConfig("topk", fraction=0.02)
-    assert parse_protocol("continuous:codec=fp16").codec == CodecConfig("fp16")
+    assert parse_protocol("periodic:b=5,codec=int8,block=0").codec == CodecConfig(
+        "int8", block=0, base="shared"
+    )
+    assert parse_protocol("gossip:codec=topk,topk=0.02,base=chain").codec == CodecConfig(
+        "topk", fraction=0.02
+    )
+    assert parse_protocol("continuous:codec=fp16").codec == CodecConfig("fp16", base="shared")
     assert parse_protocol("dynamic:codec=sign,block=64").codec == CodecConfig(
         "sign", block=64, base="shared"
     )
     assert parse_protocol("periodic:codec=topk,topk=0.05,values=int8,block=0").codec == (
-        CodecConfig("topk", block=0, fraction=0.05, values="int8")
+        CodecConfig("topk", block=0, fraction=0.05, values="int8", base="shared")
     )
     assert parse_protocol("dynamic:codec=int2,base=shared,delta=0.5").codec == CodecConfig(
         "int2", base="shared"
     )
     assert parse_protocol("gossip:codec=topk,topk=0.1,mix=0.5,key=int4").codec == CodecConfig(
-        "topk", fraction=0.1, mix=0.5, key="int4"
+        "topk", fraction=0.1, mix=0.5, key="int4", base="shared"
     )
     assert CodecConfig("topk", fraction=0.1).consensus_step == pytest.approx(0.25)
     assert CodecConfig("int2").consensus_step == 1.0
@@ -552,7 +556,7 @@ def test_codec_keys_in_protocol_specs():
     assert parse_protocol("dynamic:codec=sign,tol=0.5,base=chain").codec.label == (
         "sign:block=256,tol=0.5"
     )
-    assert parse_protocol("periodic:codec=int2").codec == CodecConfig("int2")  # chain
+    assert parse_protocol("periodic:codec=int2,base=chain").codec == CodecConfig("int2")
     assert parse_protocol("dynamic").codec is None
     for bad, fragment in [
         ("dynamic:codec=zip", "codec must be one of fp16, int8, int4, int2, sign, topk"),

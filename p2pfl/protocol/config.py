@@ -35,12 +35,14 @@ CONDITIONS = ("distance", "coherent", "smoothed", "growth")
 CODEC_KEYS = {"codec", "block", "topk", "values", "base", "mix", "key"}
 DYNAMIC_CODEC_KEYS = {"tol"}
 """Codec keys measured in dynamic's Δ (``CodecConfig.tol``)."""
-DYNAMIC_BASE = "shared"
-"""``dynamic``'s default ``base=`` (the others': ``CodecConfig.base``, the chain). A member's
-reply travels on a link it may not have used for several sessions, so a delta on the
-average last echoed on that link is a fifth smaller than one on its old message there, and
-the codec's error with it: fewer sessions, 3-17 % fewer bytes at about the same accuracy
-(16 nodes, digits, int2 and int4; docs/compression.md, "Shared bases in dynamic")."""
+SPEC_BASE = "shared"
+"""A spec's default ``base=`` (``CodecConfig.base``, the chain, is the library's). A message
+on a link used rarely (a ``dynamic`` member's reply, a ``gossip`` exchange every ``b`` steps
+with a random neighbour) is a delta on the closest vector both ends hold, often the average
+last echoed or the peer's last message there, instead of on the sender's old message: a
+smaller delta, so a smaller codec error at the same bytes (int2, 16 nodes, digits:
+``dynamic`` 3-17 % fewer bytes, ``gossip:b=50`` +1.2 points; docs/compression.md, "Shared
+bases")."""
 LOCAL_KINDS = ("bn",)
 
 
@@ -222,7 +224,7 @@ def _codec(spec: Spec) -> CodecConfig | None:
     block-scaled codecs, 0 for one scale) or ``topk=R`` (the kept fraction) and
     ``values=fp16|int8`` (how topk's kept values travel; int8 takes ``block`` too), and
     ``base=chain|shared`` (what a message is a delta on, see ``p2pfl.protocol.links``;
-    default shared for ``dynamic``, ``DYNAMIC_BASE``, chain for the others) and
+    default ``SPEC_BASE``) and
     ``mix=G`` (the consensus step of a fixed schedule's merge on lossy copies,
     ``CodecConfig.consensus_step``) and ``key=fp16|int8|int4|int2`` (how key frames
     travel, ``CodecConfig.key_codec``) and, for ``dynamic``, ``tol=T`` (a reply whose codec
@@ -248,7 +250,7 @@ def _codec(spec: Spec) -> CodecConfig | None:
             raise SpecError(f"{spec.text!r}: {key!r} does not apply to codec={name}{hint}")
     block = spec.take("block", non_negative_int, CodecConfig.block)
     fraction = spec.take("topk", _fraction, CodecConfig.fraction)
-    base = spec.take("base", _base, DYNAMIC_BASE if spec.kind == "dynamic" else CodecConfig.base)
+    base = spec.take("base", _base, SPEC_BASE)
     mix = spec.take("mix", _mix, None)
     key = spec.take("key", _key, None)
     if "tol" in spec.args and spec.kind != "dynamic":
