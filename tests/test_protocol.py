@@ -1067,3 +1067,66 @@ def test_none_trains_alone():
     assert core.on_message(0.0, "1", Push(1, vec(1.0), 1)) == []
     assert core.on_timer(0.0, ("round", 1)) == []
     assert driver.log == [] and core.stats.ignored == 1
+
+
+# -- a round's wait and its stragglers' cut-off at the same instant --
+WAIT = 0.5
+"""The round's wait (``timeout``: the floor of the wait while round trips are short)."""
+
+
+def _timers_at_one_instant(spec, open_round, answer, keys):
+    """Two identical cores: a round opened by ``open_round`` (which returns when), one answer
+    ``WAIT / STRAGGLER_FACTOR`` later from 1 (2 is pending and judged a straggler
+    ``STRAGGLER_FACTOR`` times that later: when the round's wait runs out too); then the two
+    timers due at that instant, fired in both orders. Returns each order's outcome."""
+    outcomes = []
+    for order in (keys, keys[::-1]):
+        model = FakeModel(vec(0.0))
+        core = make_core("0", unclipped(parse_protocol(classic(spec))), model, ("1", "2"))
+        opened = open_round(core, model)
+        core.on_message(opened + WAIT / STRAGGLER_FACTOR, "1", answer(core))
+        due = [key(core) for key in order]  # both set while the round is open
+        fired = [sends_of(core.on_timer(opened + WAIT, key)) for key in due]
+        stats = (core.stats.timeouts, core.stats.stragglers, core.round_trip.wait)
+        outcomes.append((sorted(len(f) for f in fired), stats))
+    return outcomes
+
+
+def test_a_tie_between_a_rounds_wait_and_its_cut_off_does_not_depend_on_the_timers_order():
+    """Drivers fire two timers due at the same instant in either order (the simulator in the
+    order they were set, trio as it likes); the core counts the tie as the wait's timeout
+    (the answers were not quick enough for a cut-off before it) whichever comes first."""
+
+    def pull(core, model):
+        model.w = vec(5.0)
+        core.on_local_step(0.0)
+        return 0.0
+
+    def session(kind):
+        return lambda core: (kind, core.session.id, core.session.round)
+
+    first, second = _timers_at_one_instant(
+        f"dynamic:delta=0.01,b=1,timeout={WAIT}",
+        pull,
+        lambda core: ModelReply(core.session.id, vec(1.0), 10, ["1"], 1),
+        [session("session"), session("straggler")],
+    )
+    assert first == second and first[1][:2] == (1, 0)
+
+    def third_round(core, model):
+        """2 misses round 1 and sits round 2 out; round 3 waits for it again, but only
+        ``STRAGGLER_FACTOR`` times the lag of 1's push (see the test above)."""
+        core.on_local_step(0.0)
+        core.on_message(0.002, "1", Push(1, vec(1.0), 10))
+        core.on_local_step(0.25)
+        core.on_message(0.252, "1", Push(2, vec(1.0), 10))
+        core.on_local_step(1.0)
+        return 1.0
+
+    first, second = _timers_at_one_instant(
+        f"periodic:b=1,timeout={WAIT}",
+        third_round,
+        lambda core: Push(3, vec(1.0), 10),
+        [lambda core: ("round", 3), lambda core: ("straggler", 3)],
+    )
+    assert first == second and first[1][:2] == (1, 0)

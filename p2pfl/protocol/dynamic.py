@@ -100,6 +100,8 @@ class Session:
     asked: set[str]
     round: int = 0
     asked_at: float = 0.0
+    deadline: float = math.inf
+    """When the round's wait runs out (its ``session`` timer)."""
     replies: dict[str, ModelReply] = field(default_factory=dict)
     refused: set[str] = field(default_factory=set)
     cut: set[str] = field(default_factory=set)
@@ -464,7 +466,8 @@ class DynamicCore(NodeCore):
         for peer in peers:
             self.peer_waits.asked(peer, s.id, now)
         actions: list[Action] = [Send(p, Pull(s.id)) for p in peers]
-        actions.append(SetTimer(now + self.round_trip.wait, ("session", s.id, s.round)))
+        s.deadline = now + self.round_trip.wait
+        actions.append(SetTimer(s.deadline, ("session", s.id, s.round)))
         if s.slowest is not None:  # a wider round: its round trips are known already
             actions += self._straggler_timer(s)
         return actions
@@ -708,6 +711,8 @@ class DynamicCore(NodeCore):
 
     def on_timer(self, now: float, key: Hashable) -> list[Action]:
         s, m = self.session, self.membership
+        if s is not None and key == ("straggler", s.id, s.round) and now >= s.deadline:
+            key = ("session", s.id, s.round)  # a tie is the wait's: whichever timer fires first
         if s is not None and key == ("session", s.id, s.round):
             # Reached only if the answers in hand (if any) were too slow for a cut-off before
             # it: the links are slow, the next wait doubles.

@@ -33,6 +33,8 @@ class PeriodicCore(NodeCore):
 
     open_round: int | None = None
     round_opened_at = 0.0
+    round_deadline = math.inf
+    """When the open round's wait runs out (its ``round`` timer)."""
     sent: torch.Tensor | None = None
     slowest: float | None = None
     """The latest push of the open round so far, after the round opened (None: none yet)."""
@@ -75,8 +77,8 @@ class PeriodicCore(NodeCore):
             actions.append(Send(peer, push))
             self.peer_waits.asked(peer, rnd, now)
         self.awaited = set(self.peer_waits.expected(self.live_neighbors))
-        self.round_opened_at = now
-        actions.append(SetTimer(now + self.round_trip.wait, ("round", rnd)))
+        self.round_opened_at, self.round_deadline = now, now + self.round_trip.wait
+        actions.append(SetTimer(self.round_deadline, ("round", rnd)))
         return actions + self._finish_if_complete(current)
 
     def on_message(self, now: float, sender: str, message: Message) -> list[Action]:
@@ -119,6 +121,8 @@ class PeriodicCore(NodeCore):
         return self.awaited - self.down - self.inbox.get(self.open_round, {}).keys()
 
     def on_timer(self, now: float, key: Hashable) -> list[Action]:
+        if key == ("straggler", self.open_round) and now >= self.round_deadline:
+            key = ("round", self.open_round)  # a tie is the wait's: whichever timer fires first
         if key == ("round", self.open_round):
             self.stats.timeouts += 1  # the models in hand (if any) were too slow for a cut-off
             self.round_trip.expired()
