@@ -8,10 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kit import free_ports
 from test_daemon_network import Daemon
-
-from p2pfl.daemon.config import CONFIG_FILE
+from test_robust_daemons import pair
 
 STEPS = 200
 
@@ -19,19 +17,7 @@ STEPS = 200
 def gossip_pair(tmp_path: Path, attack: str) -> list[Daemon]:
     """An honest gossip daemon (index 0) training ``STEPS`` steps and its peer (index 1),
     training until stopped, flooding with ``attack`` if given."""
-    ports = free_ports(2)
-    daemons = [Daemon(tmp_path / f"{attack or 'honest'}{i}", i, ports[i], "") for i in range(2)]
-    for d in daemons:
-        other = daemons[1 - d.index]
-        (d.home / CONFIG_FILE).write_text(
-            f'listen = "/ip4/127.0.0.1/tcp/{d.port}"\nbootstrap = ["{other.addr}"]\n'
-            f'data = "digits:part={d.index}/2,alpha=10,seed=1"\n'
-            'protocol = "gossip:b=5,timeout=5"\n'
-            f"steps = {STEPS if d.index == 0 else 0}\n"
-            "batch_size = 16\nlr = 0.1\nseed = 1\nstep_interval = 0.05\n"
-            + (f'byzantine = "{attack}"\n' if attack and d.index == 1 else "")
-        )
-    return daemons
+    return pair(tmp_path, attack, protocol="gossip:b=5,timeout=5", steps=STEPS)
 
 
 @pytest.mark.slow

@@ -29,17 +29,19 @@ DATA = "digits:part={i}/2,alpha=10,seed=1"
 liar out, so the comparison measures the attack, not the lost data."""
 
 
-def pair(tmp_path: Path, attack: str) -> list[Daemon]:
-    """An honest daemon (index 0) training ``STEPS`` steps and its peer (index 1), training
-    until stopped and lying with ``attack`` if given."""
+def pair(
+    tmp_path: Path, attack: str, protocol: str = "dynamic:timeout=5", steps: int = STEPS
+) -> list[Daemon]:
+    """An honest daemon (index 0) training ``steps`` steps of ``protocol`` and its peer
+    (index 1), training until stopped and lying with ``attack`` if given."""
     ports = free_ports(2)
     daemons = [Daemon(tmp_path / f"{attack or 'honest'}{i}", i, ports[i], "") for i in range(2)]
     for d in daemons:
         other = daemons[1 - d.index]
         (d.home / CONFIG_FILE).write_text(
             f'listen = "/ip4/127.0.0.1/tcp/{d.port}"\nbootstrap = ["{other.addr}"]\n'
-            f'data = "{DATA.format(i=d.index)}"\nprotocol = "dynamic:timeout=5"\n'
-            f"steps = {STEPS if d.index == 0 else 0}\n"
+            f'data = "{DATA.format(i=d.index)}"\nprotocol = "{protocol}"\n'
+            f"steps = {steps if d.index == 0 else 0}\n"
             "batch_size = 16\nlr = 0.1\nseed = 1\nstep_interval = 0.05\n"
             + (f'byzantine = "{attack}"\n' if attack and d.index == 1 else "")
         )
