@@ -106,8 +106,15 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "stand_in": False,
     "outer": None,
 }
-MECHANISM_KEYS = {"correction", "agreement", "floor", "against", "boost"}
-MECHANISM_KEYS |= {"outer_lr", "outer_momentum"}
+MECHANISM_KEYS = {
+    "correction",
+    "agreement",
+    "floor",
+    "against",
+    "boost",
+    "outer_lr",
+    "outer_momentum",
+}
 
 
 def parse_protocol(text: str) -> ProtocolConfig:
