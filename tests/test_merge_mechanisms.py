@@ -168,7 +168,8 @@ def test_correction_is_on_by_default_and_off_with_zero(spec):
 
 
 def test_correction_gain_per_merge():
-    """One periodic round of two nodes: c += λ (w_sent − merged) / (η K), K = b."""
+    """One periodic round of two nodes: c += g(K) (w_sent − merged) / (η K), K = b, where
+    g(K) = 1 − (1 − λ)^(K/16): less than λ for a merge 2 steps after the previous one."""
     models = {"0": torch.zeros(DIM), "1": torch.zeros(DIM)}
     driver = VirtualNet("periodic:b=2,correction=0.5", line(2), models, wire=False)
     for _ in range(2):
@@ -176,7 +177,9 @@ def test_correction_gain_per_merge():
         driver.step("1", torch.zeros(DIM))
     driver.settle()
     eta = driver.cores["0"].step_size
-    torch.testing.assert_close(driver.corrections["0"], torch.full((DIM,), 0.5 * 0.1 / (eta * 2)))
+    gain = 1 - 0.5 ** (2 / 16)
+    assert gain < 0.5
+    torch.testing.assert_close(driver.corrections["0"], torch.full((DIM,), gain * 0.1 / (eta * 2)))
     torch.testing.assert_close(driver.corrections["1"], -driver.corrections["0"])
 
 
@@ -194,7 +197,8 @@ def test_correction_divides_by_the_mean_step_size_of_the_merged_steps():
         driver.step("1", torch.zeros(DIM))
     driver.settle()
     assert asked and set(asked) == {2}
-    torch.testing.assert_close(driver.corrections["0"], torch.full((DIM,), 0.5 * 0.1 / (0.04 * 2)))
+    gain = 1 - 0.5 ** (2 / 16)
+    torch.testing.assert_close(driver.corrections["0"], torch.full((DIM,), gain * 0.1 / (0.04 * 2)))
 
 
 # -- outer optimizer --

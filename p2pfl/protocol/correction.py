@@ -13,9 +13,16 @@ models took since their previous merge and ``η`` the mean step size over those 
 would overstate the offset by the ratio of the mean rate to the current one, and after a
 long quiet stretch that ratio is large). It is an integral controller: it
 learns the constant offset between the node's gradient and its group's. The gain ``g(K)``
-is ``λ`` for merges up to ``CORRECTION_STEPS`` steps apart, and for rarer ones what
-``K / CORRECTION_STEPS`` merges of gain ``λ`` would have compounded to, so the offset is
-learned at the same pace in steps whether merges are frequent or rare.
+is what ``K / CORRECTION_STEPS`` merges of gain ``λ`` would have compounded to,
+``1 − (1 − λ)^(K/CORRECTION_STEPS)``, so the offset is learned at the same pace in steps
+whether merges are frequent or rare. That holds below ``CORRECTION_STEPS`` too: a merge
+``K`` steps after the previous one learns less than ``λ``. A lesson of ``K`` steps carries
+SGD noise of variance ∝ ``1/K``, so at one pace per step the noise a node integrates per
+step does not depend on how often it merges; with ``λ`` per merge below
+``CORRECTION_STEPS`` (the gain until this change) the bursts of frequent merges after a
+concept drift learnt up to ``CORRECTION_STEPS / K`` times faster per step, integrated the
+transient's noise into a bias per node and set the models apart when they were settling
+again (docs/fair-comparison.md, "The correction's pace").
 
 **Lesson agreement** (``agreement=H``, off by default). On IID data there is no offset to
 learn: each lesson is the mean SGD noise of ``K`` steps, independent from one merge to the
@@ -103,10 +110,10 @@ def rare_floor(floor: int, steps: int) -> float:
 
 
 def correction_gain(lam: float, steps: int) -> float:
-    """The gain of a merge after ``steps`` local steps: ``lam`` for merges up to
-    ``CORRECTION_STEPS`` steps apart, and for rarer ones the gain that
-    ``steps / CORRECTION_STEPS`` merges of gain ``lam`` would have compounded to."""
-    return 1.0 - (1.0 - lam) ** max(1.0, steps / CORRECTION_STEPS)
+    """The gain of a merge after ``steps`` local steps: what ``steps / CORRECTION_STEPS``
+    merges of gain ``lam`` would have compounded to (``lam`` at ``CORRECTION_STEPS``
+    steps, less for more frequent merges, more for rarer ones)."""
+    return 1.0 - (1.0 - lam) ** (steps / CORRECTION_STEPS)
 
 
 class DriftCorrection:
