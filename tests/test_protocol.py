@@ -738,9 +738,11 @@ def test_drift_correction_on_by_default_and_off_with_zero():
     driver.step("1", vec(0.0, 0.05))
     driver.step("0", vec(1.0))
     driver.settle()
-    # c += λ (w_sent - average) / (η K), K = 1 local step each
-    torch.testing.assert_close(driver.corrections["0"], vec(0.5, -0.025))
-    torch.testing.assert_close(driver.corrections["1"], vec(-0.5, 0.025))
+    # c += g (w_sent - average) / (η K), K = 1 local step each: g = 1 - (1 - λ)^(1/16), the
+    # gain of one step at the pace of λ per 16 steps
+    gain = 1 - 0.9 ** (1 / 16)
+    torch.testing.assert_close(driver.corrections["0"], vec(5.0, -0.25) * gain)
+    torch.testing.assert_close(driver.corrections["1"], vec(-5.0, 0.25) * gain)
 
 
 def _corrections_after_one_session(steps_a, steps_b):

@@ -19,7 +19,7 @@ whether merges are frequent or rare. That holds below ``CORRECTION_STEPS`` too: 
 ``K`` steps after the previous one learns less than ``λ``. A lesson of ``K`` steps carries
 SGD noise of variance ∝ ``1/K``, so at one pace per step the noise a node integrates per
 step does not depend on how often it merges; with ``λ`` per merge below
-``CORRECTION_STEPS`` (the gain until this change) the bursts of frequent merges after a
+``CORRECTION_STEPS`` (the gain before 010757e) the bursts of frequent merges after a
 concept drift learnt up to ``CORRECTION_STEPS / K`` times faster per step, integrated the
 transient's noise into a bias per node and set the models apart when they were settling
 again (docs/fair-comparison.md, "The correction's pace").
