@@ -129,8 +129,8 @@ def test_make_core_builds_the_right_policy(spec, cls):
             [
                 "unknown argument(s) ['c']",
                 "periodic accepts: against, agreement, b, base, block, boost, clip, codec, "
-                "correction, f, floor, key, local, merge, mix, outer_lr, outer_momentum, timeout, "
-                "topk, trim",
+                "correction, f, floor, key, local, merge, mix, outer_lr, outer_momentum, pace, "
+                "timeout, topk, trim",
             ],
         ),
         ("gossip:outer_momentum=1", ["'outer_momentum'", "must be in [0, 1)"]),
@@ -738,11 +738,9 @@ def test_drift_correction_on_by_default_and_off_with_zero():
     driver.step("1", vec(0.0, 0.05))
     driver.step("0", vec(1.0))
     driver.settle()
-    # c += g (w_sent - average) / (η K), K = 1 local step each: g = 1 - (1 - λ)^(1/16), the
-    # gain of one step at the pace of λ per 16 steps
-    gain = 1 - 0.9 ** (1 / 16)
-    torch.testing.assert_close(driver.corrections["0"], vec(5.0, -0.25) * gain)
-    torch.testing.assert_close(driver.corrections["1"], vec(-5.0, 0.25) * gain)
+    # c += λ (w_sent - average) / (η K), K = 1 local step each
+    torch.testing.assert_close(driver.corrections["0"], vec(0.5, -0.025))
+    torch.testing.assert_close(driver.corrections["1"], vec(-0.5, 0.025))
 
 
 def _corrections_after_one_session(steps_a, steps_b):
