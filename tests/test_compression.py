@@ -576,7 +576,15 @@ def test_codec_keys_in_protocol_specs():
         CodecConfig("topk", block=0, fraction=0.05, values="int8", base="shared")
     )
     assert parse_protocol("dynamic:codec=int2,base=shared,delta=0.5").codec == CodecConfig(
+        "int2", base="shared", scale="unbiased"
+    )
+    assert parse_protocol("gossip:codec=int2").codec == CodecConfig("int2", base="shared")
+    assert parse_protocol("gossip:codec=int2,scale=unbiased").codec.scale == "unbiased"
+    assert parse_protocol("dynamic:codec=int2,scale=rms").codec == CodecConfig(
         "int2", base="shared"
+    )
+    assert parse_protocol("dynamic:codec=int2,key=int4").codec.label == (
+        "int2:block=256,base=shared,key=int4,scale=unbiased"
     )
     assert parse_protocol("gossip:codec=topk,topk=0.1,mix=0.5,key=int4").codec == CodecConfig(
         "topk", fraction=0.1, mix=0.5, key="int4", base="shared"
@@ -612,6 +620,10 @@ def test_codec_keys_in_protocol_specs():
         ("periodic:codec=sign,tol=0.5", "periodic has no Δ (drop tol)"),
         ("dynamic:codec=sign,tol=0", "must be a positive number"),
         ("dynamic:tol=0.5", "add codec=int8 or codec=topk"),
+        ("dynamic:codec=int4,scale=unbiased", "'scale' does not apply to codec=int4"),
+        ("dynamic:codec=topk,scale=rms", "'scale' does not apply to codec=topk"),
+        ("dynamic:codec=int2,scale=max", "choose one of rms, unbiased"),
+        ("dynamic:scale=rms", "add codec=int8 or codec=topk"),
     ]:
         with pytest.raises(SpecError, match=re.escape(fragment)):
             parse_protocol(bad)

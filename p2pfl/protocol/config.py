@@ -51,12 +51,14 @@ last echoed or the peer's last message there, instead of on the sender's old mes
 smaller delta, so a smaller codec error at the same bytes (int2, 16 nodes, digits:
 ``dynamic`` 3-17 % fewer bytes, ``gossip:b=50`` +1.2 points; docs/compression.md, "Shared
 bases")."""
-SPEC_SCALE = "unbiased"
-"""A spec's default int2 ``scale=`` (``CodecConfig.scale``; the library's is ``rms``): a
-``dynamic`` member drops its reply's codec error, and at the RMS scale that error shrinks
-every reply toward its base (the coordinator's own model counts in full, the members'
-moves at about 0.88). Unbiased replies: +0.2 to +0.8 point on every cell of
-docs/compression.md's "Unbiased int2 replies", 7-10 % fewer bytes under label skew."""
+DYNAMIC_SCALE = "unbiased"
+"""``dynamic``'s default int2 ``scale=`` (``CodecConfig.scale``; every other protocol's, and
+the library's, is ``rms``): a member drops its reply's codec error, and at the RMS scale
+that error shrinks every reply toward its base (the coordinator's own model counts in
+full, the members' moves at about 0.88). Unbiased replies: +0.2 to +0.8 point on each of
+six cells (docs/compression.md, "Unbiased int2 replies"), 7-10 % fewer bytes under label
+skew. A fixed schedule returns its messages' error (the next delta carries it), and there
+the unbiased scale broke ``gossip:b=50`` with int2 key frames (Dirichlet 0.5 0.963 -> 0.48)."""
 LOCAL_KINDS = ("bn",)
 
 
@@ -249,9 +251,9 @@ def _codec(spec: Spec) -> CodecConfig | None:
     ``mix=G`` (the consensus step of a fixed schedule's merge on lossy copies,
     ``CodecConfig.consensus_step``) and ``key=fp16|int8|int4|int2`` (how key frames
     travel, ``CodecConfig.key_codec``) and, for int2, ``scale=rms|unbiased`` (default
-    ``SPEC_SCALE``, ``CodecConfig.scale``) and, for ``dynamic``, ``tol=T`` (a reply whose codec
-    error would exceed T·√Δ travels in the key codec, ``CodecConfig.tol``), or None (float32
-    on the wire)."""
+    ``DYNAMIC_SCALE`` in ``dynamic``, else rms; ``CodecConfig.scale``) and, for ``dynamic``,
+    ``tol=T`` (a reply whose codec error would exceed T·√Δ travels in the key codec,
+    ``CodecConfig.tol``), or None (float32 on the wire)."""
     name = spec.take("codec", str, None)
     if name is None:
         for key in ("block", "topk", "values", "base", "mix", "key", "scale", "tol"):
@@ -281,7 +283,8 @@ def _codec(spec: Spec) -> CodecConfig | None:
             f"{spec.text!r}: tol is measured in dynamic's √Δ; {spec.kind} has no Δ (drop tol)"
         )
     tol = spec.take("tol", positive_float, None)
-    scale = spec.take("scale", _scale, SPEC_SCALE if name == "int2" else "rms")
+    default_scale = DYNAMIC_SCALE if (name, spec.kind) == ("int2", "dynamic") else "rms"
+    scale = spec.take("scale", _scale, default_scale)
     return CodecConfig(name, block, fraction, values, base, mix, key, tol, scale)
 
 

@@ -48,6 +48,15 @@ A lossy codec sends deltas, not models, and keeps what it left out (error feedba
   instead (the frame names its codec); the codec still carries echoes and the small deltas
   of links used often.
 
+* **Unbiased int2 chain messages** (``scale=unbiased``, ``dynamic``'s default for int2): the
+  RMS scale is close to int2's least squared error, which shrinks a message toward its base
+  (``x̂·x ≈ 0.88 ||x||²`` on Gaussian entries). A ``dynamic`` member drops its reply's error,
+  so every reply reached its group shrunk while the coordinator's own model counted in full;
+  chain messages therefore travel at the scale with ``x̂·x = ||x||²`` (same codes, same
+  bytes, a little more squared error). Echoes keep the RMS scale: their error returns, as
+  a fixed schedule's chain error does (there the unbiased scale is worse, and not the
+  default).
+
 * **Copies** (fixed schedules): ``copy_of`` says what a peer will hold of a vector once it
   is sent on the chain; ``periodic`` and ``gossip`` merge these copies, their own among
   the peers' decoded ones, and keep what their own messages left out
