@@ -6,7 +6,8 @@ Every protocol that merges also takes the keys of the mechanisms shared by all o
 ``CORRECTION_DEFAULT``, 0 turns it off; ``agreement=H`` scales its gain by how much the
 node's successive lessons agree, memory ``H`` merges, off by default, and ``floor=S`` keeps
 merges more than ``S`` steps apart near the fixed gain, ``against=mean`` compares each lesson
-with the earlier lessons' mean, ``boost=k`` multiplies its factor) and
+with the earlier lessons' mean, ``boost=k`` multiplies its factor; ``pace=1`` learns at
+one pace per step for merges fewer than 16 steps apart too, off by default) and
 ``outer_lr=L,outer_momentum=M`` (an outer Nesterov step on every merge,
 ``p2pfl.protocol.outer``; off by default: it halved dynamic's bytes on fixed data but made it
 collapse on a changing stream, and it measured worse for periodic averaging with the
@@ -90,6 +91,9 @@ class ProtocolConfig:
     earlier lessons' mean (``mean``; ``correction.LessonAgreement``)."""
     boost: float = 1.0
     """With ``agreement``: the agreement factor is multiplied by this before its clamp."""
+    pace: bool = False
+    """The drift correction learns at one pace per step for merges fewer than 16 steps apart
+    too (``correction.correction_gain``); off: ``λ`` per merge there."""
     outer: tuple[float, float] | None = None
     condition: str = "distance"
     smoothing: int = 16
@@ -129,6 +133,7 @@ MECHANISM_KEYS = {
     "floor",
     "against",
     "boost",
+    "pace",
     "outer_lr",
     "outer_momentum",
 }
@@ -151,6 +156,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
         "floor": spec.take("floor", non_negative_int, 0),
         "against": spec.take("against", _against, "last"),
         "boost": spec.take("boost", positive_float, 1.0),
+        "pace": spec.take("pace", _switch, False),
         "outer": _outer(spec, DYNAMIC_DEFAULTS["outer"] if spec.kind == "dynamic" else None),
         "text": spec.text,
     }
