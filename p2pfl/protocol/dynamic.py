@@ -223,6 +223,9 @@ class DynamicCore(NodeCore):
         self.steps_since_sync = 0
         self.session: Session | None = None
         self.membership: Membership | None = None
+        self._timed_out: tuple[Membership, int] | None = None
+        """The membership we last gave up waiting on, and our sync count then: its average
+        is still adopted if it arrives while we are idle and have not synced since."""
         self.quiet_until = 0
         self._session_models: OrderedDict[str, tuple[torch.Tensor, float, float]] = OrderedDict()
         """Per peer: our model at our last session with it (``snapshot``), the norm of that
@@ -619,12 +622,12 @@ class DynamicCore(NodeCore):
         return [Send(p, Busy(s.id)) for p in sorted(s.asked - s.refused)]
 
     def _on_average(self, sender: str, msg: Average) -> list[Action]:
-        m = self.membership
+        m = self.membership or self._late_membership()
         if m is None or m.id != msg.session or m.coordinator != sender:
             self.stats.ignored += 1
             log.debug("%s: stale average from %s", self.node_id, sender)
             return []
-        self.membership = None
+        self.membership = self._timed_out = None
         # Never adopt a model unchecked: the average is checked around what we sent, like a
         # peer's model in our own merge (one history entry per peer: a coordinator that
         # floods us counts once; our other peers' distances keep the bound honest). One
@@ -657,6 +660,17 @@ class DynamicCore(NodeCore):
             adopted = next(a.params for a in actions if isinstance(a, ReplaceModel))
             self.progress.adopted(sender, msg.params, adopted)
         return actions
+
+    def _late_membership(self) -> Membership | None:
+        """The session we timed out of, if its average may still be adopted: the group
+        adopted it and counted our model in it, so taking it late keeps the network's mean
+        (``_adopt`` keeps the steps taken since). Not once we synced again (our reference
+        moved on) or while busy, nor with ``stand_in`` (the coordinator learnt our
+        correction update in our place)."""
+        if self._timed_out is None or self.busy or self.config.stand_in:
+            return None
+        m, syncs = self._timed_out
+        return m if syncs == self.stats.syncs else None
 
     def _leave(self, session: int, coordinator: str) -> list[Action]:
         """We do not adopt the average of ``coordinator``'s ``session``: with ``stand_in``
@@ -734,6 +748,7 @@ class DynamicCore(NodeCore):
         if m is not None and key == ("member", m.id):
             self.stats.timeouts += 1
             self.membership = None
+            self._timed_out = (m, self.stats.syncs)
             return self._leave(m.id, m.coordinator)  # as for a refused average
         return []
 
