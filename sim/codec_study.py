@@ -158,8 +158,8 @@ def decoded_exactly(roles: set[str], role: list[str]) -> Iterator[None]:
     encoded size, stay the codec's. The ``--exact`` oracle."""
     coded, decoded = links.compress, links.decompress
 
-    def compressing(x: torch.Tensor, config: CodecConfig) -> Compressed:
-        c = coded(x, config)
+    def compressing(x: torch.Tensor, config: CodecConfig, unbiased: bool = False) -> Compressed:
+        c = coded(x, config, unbiased)
         if role[0] in roles:
             c._exact = x.clone()  # type: ignore[attr-defined]  # read by `decompressing` only
         return c
@@ -215,10 +215,10 @@ def study(
         return size
 
     def kept(
-        self: links.CodecLinks, delta: torch.Tensor, tolerance: float | None
+        self: links.CodecLinks, delta: torch.Tensor, tolerance: float | None, unbiased: bool
     ) -> tuple[Compressed, torch.Tensor]:
         vectors[role[0]].append(delta.clone())
-        return lossy(self, delta, tolerance)
+        return lossy(self, delta, tolerance, unbiased)
 
     def encoding(
         self: links.CodecLinks,

@@ -51,6 +51,7 @@ CONFIGS = [
     CodecConfig("int4", base="shared"),
     CodecConfig("int2"),
     CodecConfig("int2", block=7, base="shared"),
+    CodecConfig("int2", base="shared", scale="unbiased"),
     CodecConfig("sign"),
     CodecConfig("sign", block=7),
     CodecConfig("topk", fraction=0.05),
@@ -98,6 +99,18 @@ def test_codecs_round_trip_within_their_stated_error(n, seed, scale):
             if scale > 0:  # every entry on one of the four levels
                 off = (got / scale).unsqueeze(1) - torch.tensor([-1.5, -0.5, 0.5, 1.5])
                 assert float(off.abs().amin(1).max()) < 1e-5
+        # unbiased: the same codes at the scale with x̂·x = ||x||² per block, so the error is
+        # ||x̂||² - ||x||²
+        fitted = compress(x, CodecConfig("int2", block=block), unbiased=True)
+        assert torch.equal(fitted.values, c.values)
+        z = decompress(fitted)
+        for row, got in zip(torch.split(x, width), torch.split(z, width), strict=False):
+            energy = float(row.square().sum())
+            assert float(got @ row) == pytest.approx(energy, rel=1e-4, abs=1e-30)
+            err = float((got - row).square().sum())
+            assert err == pytest.approx(
+                float(got.square().sum()) - energy, rel=1e-3, abs=1e-4 * energy + 1e-30
+            )
     for block in (0, 1, 5, 256):
         width = block or max(n, 1)
         c = compress(x, CodecConfig("sign", block=block))
@@ -228,6 +241,30 @@ def test_copy_of_is_what_the_peer_will_decode_and_changes_nothing(config):
         if i % 2:  # the peer answers: its ack moves our chain's base
             a.decode("b", b.encode("a", randn(N, 50 + i)))
     assert CodecLinks(config).copy_of("b", x).shape == x.shape  # a key frame's copy
+
+
+def test_unbiased_int2_scales_chain_messages_and_leaves_echoes_at_the_rms_scale():
+    """``scale=unbiased``: a delta-chain message (key frame in int2 included) decodes to
+    ``x̂`` with ``x̂·x = ||x||²``, its error no longer shrinking it toward its base; an echo,
+    whose error returns with the residual, keeps the RMS scale (the smaller error)."""
+    gaussian = randn(4096, 0)  # the RMS scale shrinks a Gaussian by about its MSE, 0.12
+    shrunk = decompress(compress(gaussian, CodecConfig("int2", block=1024))) @ gaussian
+    assert 0.8 < float(shrunk / gaussian.square().sum()) < 0.95
+    config = CodecConfig("int2", key="int2", scale="unbiased")
+    a, b = CodecLinks(config), CodecLinks(config)
+    x = randn(N, 1)
+    key = a.encode("b", x)
+    assert key.codec == "int2" and torch.equal(key.scales, compress(x, config, True).scales)
+    assert float(b.decode("a", key) @ x) == pytest.approx(float(x @ x), rel=1e-4)
+    a.decode("b", b.encode("a", randn(N, 2)))
+    held = b.decode("a", key)  # what b holds of a's last message (a re-decode changes nothing)
+    y = randn(N, 3)
+    reply = a.encode("b", y)
+    delta = b.decode("a", reply) - held
+    assert float(delta @ (y - held)) == pytest.approx(float((y - held).square().sum()), rel=1e-4)
+    echo = b.encode("a", randn(N, 4), echo=True)
+    plain = compress(randn(N, 4) - b._in["a"].mirrors[b._in["a"].last], config)
+    assert echo.echo and torch.equal(echo.scales, plain.scales)
 
 
 def test_key_frames_travel_in_the_key_codec():
@@ -539,7 +576,15 @@ def test_codec_keys_in_protocol_specs():
         CodecConfig("topk", block=0, fraction=0.05, values="int8", base="shared")
     )
     assert parse_protocol("dynamic:codec=int2,base=shared,delta=0.5").codec == CodecConfig(
+        "int2", base="shared", scale="unbiased"
+    )
+    assert parse_protocol("gossip:codec=int2").codec == CodecConfig("int2", base="shared")
+    assert parse_protocol("gossip:codec=int2,scale=unbiased").codec.scale == "unbiased"
+    assert parse_protocol("dynamic:codec=int2,scale=rms").codec == CodecConfig(
         "int2", base="shared"
+    )
+    assert parse_protocol("dynamic:codec=int2,key=int4").codec.label == (
+        "int2:block=256,base=shared,key=int4,scale=unbiased"
     )
     assert parse_protocol("gossip:codec=topk,topk=0.1,mix=0.5,key=int4").codec == CodecConfig(
         "topk", fraction=0.1, mix=0.5, key="int4", base="shared"
@@ -575,6 +620,10 @@ def test_codec_keys_in_protocol_specs():
         ("periodic:codec=sign,tol=0.5", "periodic has no Δ (drop tol)"),
         ("dynamic:codec=sign,tol=0", "must be a positive number"),
         ("dynamic:tol=0.5", "add codec=int8 or codec=topk"),
+        ("dynamic:codec=int4,scale=unbiased", "'scale' does not apply to codec=int4"),
+        ("dynamic:codec=topk,scale=rms", "'scale' does not apply to codec=topk"),
+        ("dynamic:codec=int2,scale=max", "choose one of rms, unbiased"),
+        ("dynamic:scale=rms", "add codec=int8 or codec=topk"),
     ]:
         with pytest.raises(SpecError, match=re.escape(fragment)):
             parse_protocol(bad)

@@ -129,8 +129,8 @@ def test_make_core_builds_the_right_policy(spec, cls):
             [
                 "unknown argument(s) ['c']",
                 "periodic accepts: against, agreement, b, base, block, boost, clip, codec, "
-                "correction, f, floor, key, local, merge, mix, outer_lr, outer_momentum, timeout, "
-                "topk, trim",
+                "correction, f, floor, key, local, merge, mix, outer_lr, outer_momentum, scale, "
+                "timeout, topk, trim",
             ],
         ),
         ("gossip:outer_momentum=1", ["'outer_momentum'", "must be in [0, 1)"]),

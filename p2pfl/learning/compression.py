@@ -16,7 +16,11 @@ encoding left out (error feedback). Stated error of one round trip of ``x``, per
 * ``int2``: 2 bits per entry, the four levels ``±scale/2`` and ``±3·scale/2`` with ``scale``
   the block's root mean square (close to the optimal 4-level quantizer of a Gaussian, MSE
   about ``0.12 ||x||²``): each entry within ``max(scale/2, |x_i| - 3·scale/2)``, i.e. within
-  ``scale/2`` unless it lies beyond ``2·scale`` (the clipped tail returns with error feedback);
+  ``scale/2`` unless it lies beyond ``2·scale`` (the clipped tail returns with error feedback).
+  With ``unbiased`` the codes stay those of that scale, but each block travels at the scale
+  that makes its decoding ``x̂`` carry all of the block along it, ``x̂·x = ||x||²``: the
+  RMS scale shrinks a block by about the MSE (``x̂·x ≈ 0.88 ||x||²``), the unbiased one does
+  not, and its error is exactly ``||x̂||² - ||x||²`` (a little larger);
 * ``sign``: each entry becomes ``sign(x_i) * mean|x_block|`` (1 bit per entry, the scaled
   sign of EF-SGD), so ``||x - x̂||² = ||x||² - ||x||₁² / n`` per block of ``n`` entries:
   at most ``(1 - 1/n) ||x||²``, about ``0.36 ||x||²`` for Gaussian entries;
@@ -50,6 +54,8 @@ MAX_DECODED = 3.0e38
 """Largest magnitude a decoded entry may have (float32 stays finite)."""
 INT2_TOP = 1.5
 """int2's outer level, in scales (the levels are ±0.5 and ±1.5 scales)."""
+SCALES = ("rms", "unbiased")
+"""How int2 scales a delta-chain message's blocks (``CodecConfig.scale``)."""
 BASES = ("chain", "shared")
 """What a compressed message is a delta on (see ``p2pfl.protocol.links``): ``chain``, the
 sender's last acknowledged message; ``shared``, the closest vector both ends hold."""
@@ -94,6 +100,12 @@ class CodecConfig:
     """``dynamic`` only: the largest error a reply may carry in the codec, in units of √Δ;
     one that would carry more travels in the key codec instead (None: no limit; see
     ``p2pfl.protocol.links``)."""
+    scale: str = "rms"
+    """int2 only, one of ``SCALES``: ``unbiased`` sends delta-chain messages (replies,
+    pushes, key frames) at the unbiased scale (``compress``), so a message whose error the
+    receiver cannot return (a ``dynamic`` member drops its reply's) is not shrunk toward its
+    base; echoes keep the RMS scale, whose smaller error returns with the residual. ``rms``:
+    every message at the RMS scale."""
 
     @property
     def key_codec(self) -> str:
@@ -123,6 +135,7 @@ class CodecConfig:
         shared += "" if self.mix is None else f",mix={self.mix:g}"
         shared += "" if self.key is None else f",key={self.key}"
         shared += "" if self.tol is None else f",tol={self.tol:g}"
+        shared += "" if self.scale == "rms" else f",scale={self.scale}"
         if self.name in BITS:
             return f"{self.name}:block={self.block}{shared}"
         if self.name == "topk":
@@ -181,8 +194,9 @@ def packed_count(codec: str, numel: int) -> int:
     return math.ceil(numel * {"fp16": 16, **BITS}[codec] / 8)
 
 
-def compress(x: torch.Tensor, config: CodecConfig) -> Compressed:
-    """Compress the float32 vector ``x``."""
+def compress(x: torch.Tensor, config: CodecConfig, unbiased: bool = False) -> Compressed:
+    """Compress the float32 vector ``x`` (int2 with ``unbiased``: at the unbiased scale, see
+    the module docstring; other codecs ignore it)."""
     import torch
 
     x = x.detach().to(torch.float32).reshape(-1)
@@ -190,7 +204,7 @@ def compress(x: torch.Tensor, config: CodecConfig) -> Compressed:
     if config.name == "fp16":
         return Compressed("fp16", n, x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16))
     if config.name in BITS:
-        values, scales = _quantize(x, config.name, config.block)
+        values, scales = _quantize(x, config.name, config.block, unbiased)
         return Compressed(config.name, n, values, scales=scales, block=config.block)
     if config.name == "topk":
         k = min(n, max(1, math.ceil(config.fraction * n))) if n else 0
@@ -213,8 +227,11 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, (-n) % width)).view(-1, width)
 
 
-def _quantize(x: torch.Tensor, codec: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values, scales)`` of a block-scaled codec (see ``Compressed``)."""
+def _quantize(
+    x: torch.Tensor, codec: str, block: int, unbiased: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, scales)`` of a block-scaled codec (see ``Compressed``); int2 ``unbiased``:
+    codes of the RMS scale, sent at the scale with ``x̂·x = ||x||²`` per block."""
     import numpy
     import torch
 
@@ -224,6 +241,10 @@ def _quantize(x: torch.Tensor, codec: str, block: int) -> tuple[torch.Tensor, to
         scales = (rows.square().sum(1) / sizes).sqrt().nan_to_num(posinf=MAX_DECODED)
         scales = scales.clamp_max(max_scale(codec))
         codes = (rows / scales.clamp_min(1e-38).unsqueeze(1)).floor_().clamp_(-2, 1) + 2
+        if unbiased:  # x̂ = s'·levels, s'·(levels·x) = ||x||²; levels·x > 0 unless x is 0
+            along = (rows * (codes - INT2_TOP)).sum(1)  # the decoded levels
+            fitted = (rows.square().sum(1) / along).nan_to_num(posinf=MAX_DECODED)
+            scales = torch.where(along > 0, fitted, scales).clamp_max(max_scale(codec))
         codes = torch.nn.functional.pad(codes.reshape(-1)[:n], (0, (-n) % 4)).to(torch.uint8)
         quads = codes.view(-1, 4)
         packed = quads[:, 0] | quads[:, 1] << 2 | quads[:, 2] << 4 | quads[:, 3] << 6

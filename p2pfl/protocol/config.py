@@ -18,7 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from p2pfl.learning.compression import BASES, BITS, CODECS, KEY_CODECS, TOPK_VALUES, CodecConfig
+from p2pfl.learning.compression import (
+    BASES,
+    BITS,
+    CODECS,
+    KEY_CODECS,
+    SCALES,
+    TOPK_VALUES,
+    CodecConfig,
+)
 from p2pfl.learning.rules import MERGE_KEYS, MergeRule, parse_merge
 from p2pfl.spec import (
     Spec,
@@ -32,7 +40,7 @@ from p2pfl.spec import (
 
 PROTOCOLS = ("none", "continuous", "periodic", "gossip", "dynamic")
 CONDITIONS = ("distance", "coherent", "smoothed", "growth")
-CODEC_KEYS = {"codec", "block", "topk", "values", "base", "mix", "key"}
+CODEC_KEYS = {"codec", "block", "topk", "values", "base", "mix", "key", "scale"}
 DYNAMIC_CODEC_KEYS = {"tol"}
 """Codec keys measured in dynamic's Δ (``CodecConfig.tol``)."""
 SPEC_BASE = "shared"
@@ -43,6 +51,14 @@ last echoed or the peer's last message there, instead of on the sender's old mes
 smaller delta, so a smaller codec error at the same bytes (int2, 16 nodes, digits:
 ``dynamic`` 3-17 % fewer bytes, ``gossip:b=50`` +1.2 points; docs/compression.md, "Shared
 bases")."""
+DYNAMIC_SCALE = "unbiased"
+"""``dynamic``'s default int2 ``scale=`` (``CodecConfig.scale``; every other protocol's, and
+the library's, is ``rms``): a member drops its reply's codec error, and at the RMS scale
+that error shrinks every reply toward its base (the coordinator's own model counts in
+full, the members' moves at about 0.88). Unbiased replies: +0.2 to +0.8 point on each of
+six cells (docs/compression.md, "Unbiased int2 replies"), 7-10 % fewer bytes under label
+skew. A fixed schedule returns its messages' error (the next delta carries it), and there
+the unbiased scale broke ``gossip:b=50`` with int2 key frames (Dirichlet 0.5 0.963 -> 0.48)."""
 LOCAL_KINDS = ("bn",)
 
 
@@ -234,12 +250,13 @@ def _codec(spec: Spec) -> CodecConfig | None:
     default ``SPEC_BASE``) and
     ``mix=G`` (the consensus step of a fixed schedule's merge on lossy copies,
     ``CodecConfig.consensus_step``) and ``key=fp16|int8|int4|int2`` (how key frames
-    travel, ``CodecConfig.key_codec``) and, for ``dynamic``, ``tol=T`` (a reply whose codec
-    error would exceed T·√Δ travels in the key codec, ``CodecConfig.tol``), or None (float32
-    on the wire)."""
+    travel, ``CodecConfig.key_codec``) and, for int2, ``scale=rms|unbiased`` (default
+    ``DYNAMIC_SCALE`` in ``dynamic``, else rms; ``CodecConfig.scale``) and, for ``dynamic``,
+    ``tol=T`` (a reply whose codec error would exceed T·√Δ travels in the key codec,
+    ``CodecConfig.tol``), or None (float32 on the wire)."""
     name = spec.take("codec", str, None)
     if name is None:
-        for key in ("block", "topk", "values", "base", "mix", "key", "tol"):
+        for key in ("block", "topk", "values", "base", "mix", "key", "scale", "tol"):
             if key in spec.args:
                 raise SpecError(
                     f"{spec.text!r}: {key!r} sets up a codec; add codec=int8 or codec=topk"
@@ -251,9 +268,10 @@ def _codec(spec: Spec) -> CodecConfig | None:
     wrong = ("topk", "values") if name in BITS else ("block", "topk", "values")
     if name == "topk":
         wrong = ("block",) if values == "fp16" else ()
+    wrong += () if name == "int2" else ("scale",)
     for key in wrong:
         if key in spec.args:
-            hint = " (add values=int8)" if name == "topk" else ""
+            hint = " (add values=int8)" if (name, key) == ("topk", "block") else ""
             raise SpecError(f"{spec.text!r}: {key!r} does not apply to codec={name}{hint}")
     block = spec.take("block", non_negative_int, CodecConfig.block)
     fraction = spec.take("topk", _fraction, CodecConfig.fraction)
@@ -265,12 +283,20 @@ def _codec(spec: Spec) -> CodecConfig | None:
             f"{spec.text!r}: tol is measured in dynamic's √Δ; {spec.kind} has no Δ (drop tol)"
         )
     tol = spec.take("tol", positive_float, None)
-    return CodecConfig(name, block, fraction, values, base, mix, key, tol)
+    default_scale = DYNAMIC_SCALE if (name, spec.kind) == ("int2", "dynamic") else "rms"
+    scale = spec.take("scale", _scale, default_scale)
+    return CodecConfig(name, block, fraction, values, base, mix, key, tol, scale)
 
 
 def _base(raw: str) -> str:
     if raw not in BASES:
         raise ValueError(f"choose one of {', '.join(BASES)}")
+    return raw
+
+
+def _scale(raw: str) -> str:
+    if raw not in SCALES:
+        raise ValueError(f"choose one of {', '.join(SCALES)}")
     return raw
 
 

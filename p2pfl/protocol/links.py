@@ -48,6 +48,15 @@ A lossy codec sends deltas, not models, and keeps what it left out (error feedba
   instead (the frame names its codec); the codec still carries echoes and the small deltas
   of links used often.
 
+* **Unbiased int2 chain messages** (``scale=unbiased``, ``dynamic``'s default for int2): the
+  RMS scale is close to int2's least squared error, which shrinks a message toward its base
+  (``x̂·x ≈ 0.88 ||x||²`` on Gaussian entries). A ``dynamic`` member drops its reply's error,
+  so every reply reached its group shrunk while the coordinator's own model counted in full;
+  chain messages therefore travel at the scale with ``x̂·x = ||x||²`` (same codes, same
+  bytes, a little more squared error). Echoes keep the RMS scale: their error returns, as
+  a fixed schedule's chain error does (there the unbiased scale is worse, and not the
+  default).
+
 * **Copies** (fixed schedules): ``copy_of`` says what a peer will hold of a vector once it
   is sent on the chain; ``periodic`` and ``gossip`` merge these copies, their own among
   the peers' decoded ones, and keep what their own messages left out
@@ -136,7 +145,7 @@ class CodecLinks:
             target = x - inn.mirrors[inn.last]
             if out.residual is not None:
                 target += out.residual
-            c, decoded = self._lossy(target, None)  # its error returns with the residual
+            c, decoded = self._lossy(target, None, False)  # its error returns: RMS scale
             out.residual = target - decoded
             c.base, c.echo = inn.last, True
             inn.echoed[inn.last] = inn.mirrors[inn.last] + decoded
@@ -169,20 +178,22 @@ class CodecLinks:
     ) -> tuple[Compressed, torch.Tensor]:
         """The next delta-chain message of ``x`` on this link and the receiver's
         reconstruction of it (a key frame, ``base`` 0, if the acknowledged base is gone)."""
+        unbiased = self.config.scale == "unbiased"
         if out.sent.get(out.acked) is None:
-            c = compress(x, self.key_config)
+            c = compress(x, self.key_config, unbiased)
             return c, decompress(c)
         kind, number, base = self._closest_base(x, out, inn)
-        c, decoded = self._lossy(x - base, tolerance)
+        c, decoded = self._lossy(x - base, tolerance, unbiased)
         c.base, c.base_kind = number, kind
         return c, base + decoded
 
     def _lossy(
-        self, delta: torch.Tensor, tolerance: float | None
+        self, delta: torch.Tensor, tolerance: float | None, unbiased: bool
     ) -> tuple[Compressed, torch.Tensor]:
         """``delta`` compressed and decoded: in the codec, or in the key codec if the codec
-        would leave it off by more than ``tolerance`` (None: no limit)."""
-        c = compress(delta, self.config)
+        would leave it off by more than ``tolerance`` (None: no limit); int2 at the
+        unbiased scale if ``unbiased`` (``CodecConfig.scale``)."""
+        c = compress(delta, self.config, unbiased)
         decoded = decompress(c)
         if (
             tolerance is not None
@@ -190,7 +201,7 @@ class CodecLinks:
             and float(torch.linalg.vector_norm(delta - decoded)) > tolerance
         ):
             self.fallbacks += 1
-            c = compress(delta, self.key_config)
+            c = compress(delta, self.key_config, unbiased)
             decoded = decompress(c)
         return c, decoded
 
