@@ -25,7 +25,7 @@ from p2pfl.protocol.byzantine import (
 )
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import NodeCore, make_core
-from p2pfl.protocol.dynamic import IDLE_SESSION_WAITS
+from p2pfl.protocol.dynamic import IDLE_SESSION_WAITS, MERGED_RADIUS
 from p2pfl.protocol.trust import PeerProgress
 from p2pfl.spec import SpecError
 from p2pfl.wire.messages import Average, Busy, ModelReply, Pull, Push
@@ -615,6 +615,31 @@ def test_a_member_adopts_a_known_coordinators_honest_average_under_label_skew():
         core.on_message(float(sid), "c", Pull(sid))
         assert core.on_message(sid + 0.1, "c", Average(sid, lie, 3)) == []
     assert core.stats.refused_peer == 2
+
+
+def test_a_member_never_adopts_a_sign_flipped_average_of_a_coordinator_it_refused_before():
+    """A ``fake-average`` peer (a node's only peer: no median of other peers' distances
+    sizes τ) coordinates a session with a member that merged nothing since it started, so
+    τ = 3·s with ``s`` the member's displacement since then. Its first sign-flipped average
+    (``2||w||`` from what the member sent) is refused at τ. Its second comes once the member
+    trained alone far enough that it fits 2τ = 6s: a coordinator known only from a refused
+    model earns no 2τ, so it is refused too (it was adopted, and the honest daemon ended at
+    0.245 against 0.930 trained alone, CI on a912145)."""
+    unit = torch.eye(DIM)
+    start = vec(5.0 / math.sqrt(DIM))  # ||w|| 5 at the start, as the daemons' model
+    model = FakeModel(start)
+    core = make_core("m", parse_protocol("dynamic:delta=0.01,b=1"), model, ["c"])
+    model.w = start + 1.5 * unit[0]  # trained alone
+    core.on_message(0.0, "c", Pull(1))
+    assert core.on_message(0.1, "c", Average(1, -model.w, 3)) == []  # 10.4 from it, τ = 4.5
+    model.w = start + 2.5 * unit[0]  # trained on: s = 2.5, τ = 7.5
+    sent = model.w.clone()
+    core.on_message(1.0, "c", Pull(2))
+    flipped = -sent
+    assert 3 * 2.5 < float((flipped - sent).norm()) < MERGED_RADIUS * 3 * 2.5  # 11.2
+    assert core.on_message(1.1, "c", Average(2, flipped, 3)) == []
+    assert core.stats.refused_peer == 2 and core.stats.syncs == 0
+    torch.testing.assert_close(model.w, sent)
 
 
 def test_a_dynamic_coordinator_learns_the_liars_update_so_the_honest_ones_sum_to_zero():

@@ -55,10 +55,11 @@ DYNAMIC_SCALE = "unbiased"
 """``dynamic``'s default int2 ``scale=`` (``CodecConfig.scale``; every other protocol's, and
 the library's, is ``rms``): a member drops its reply's codec error, and at the RMS scale
 that error shrinks every reply toward its base (the coordinator's own model counts in
-full, the members' moves at about 0.88). Unbiased replies: +0.2 to +0.8 point on each of
-six cells (docs/compression.md, "Unbiased int2 replies"), 7-10 % fewer bytes under label
-skew. A fixed schedule returns its messages' error (the next delta carries it), and there
-the unbiased scale broke ``gossip:b=50`` with int2 key frames (Dirichlet 0.5 0.963 -> 0.48)."""
+full, the members' moves at about 0.88). Unbiased replies: +0.2 to +0.8 point on the seven
+best cells of seeds 1-3, 6-10 % fewer bytes under label skew; one of three seed-4 cells lost
+0.6 (docs/compression.md, "Unbiased int2 replies"). A fixed schedule returns its messages'
+error (the next delta carries it), and there the unbiased scale broke ``gossip:b=50``
+(Dirichlet 0.5 0.963 -> 0.48)."""
 LOCAL_KINDS = ("bn",)
 
 

@@ -139,11 +139,16 @@ with different neighbours drift apart); clipped at τ, coordinators cut (and dis
 replies of honest far peers, the network split into groups that stayed apart and single
 nodes fell far behind (Dirichlet 0.5, ``rel=0.005``, 3,000 steps: 0.916 at 1, 0.966 at 2,
 0.958 with no clipping). A member checks an ``Average`` from a coordinator it heard from
-before at 2τ as well (at τ honest averages under label skew were refused, each refusal
-breaking its session's zero sum and the coordinator's trust with the member: on Dirichlet
-0.1 a cascade), and from one it never heard from at τ: a first contact is measured from
-where the member started, and stale averages of 3 replayers of 16 fit 2τ there (200 steps,
-seed 1: 0.285 instead of 0.831)."""
+before and vouches for (``PeerTrust.vouched``: its models lay within their radius lately)
+at 2τ as well (at τ honest averages under label skew were refused, each refusal breaking
+its session's zero sum and the coordinator's trust with the member: on Dirichlet 0.1 a
+cascade), and any other at τ: a first contact is measured from where the member started,
+and stale averages of 3 replayers of 16 fit 2τ there (200 steps, seed 1: 0.285 instead of
+0.831); a coordinator known only from a model the member refused earned no 2τ: with τ
+sized by the member's own displacement ``s`` since its last merge, a sign-flipped average
+(``2||w||`` from what the member sent) fits 2τ = 6s once a member that rarely merges has
+trained ``||w||/3`` alone, and a ``fake-average`` peer's second average was adopted (an
+honest daemon at 0.245 against 0.930 trained alone, CI on a912145)."""
 IDLE_SESSION_WAITS = 2  # a node that stopped training admits a peer once per this many waits
 ANSWERABLE_SESSIONS = 4
 """Sessions a coordinator remembers after sending their average, so that a member that
@@ -669,10 +674,12 @@ class DynamicCore(NodeCore):
         # dropped with it (see ``p2pfl.protocol.links``).
         seen = msg.base if isinstance(msg, EchoedAverage) else m.sent
         # An average of n models with ours among them moves at least 1/n as far as we did
-        # unless it left our model out (a replay); a coordinator we know is checked at the
-        # radius it merged our reply at (``p2pfl.protocol.trust``).
+        # unless it left our model out (a replay); a coordinator we know and vouch for is
+        # checked at the radius it merged our reply at (``p2pfl.protocol.trust``,
+        # ``MERGED_RADIUS``).
         pooled = self.config.cap or len(self.neighbors) + 1
-        widen = MERGED_RADIUS if self.progress.knows(sender) else 1.0
+        known = self.progress.knows(sender) and self.trust.vouched(sender)
+        widen = MERGED_RADIUS if known else 1.0
         if self._clip(seen, {sender: msg.params}, widen, allowance=pooled).suspect:
             self.stats.refused_peer += 1
             log.debug("%s: refused the average of %s (beyond its radius)", self.node_id, sender)
