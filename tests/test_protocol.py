@@ -129,7 +129,8 @@ def test_make_core_builds_the_right_policy(spec, cls):
             [
                 "unknown argument(s) ['c']",
                 "periodic accepts: against, agreement, b, base, block, boost, clip, codec, "
-                "correction, f, floor, key, local, merge, mix, outer_lr, outer_momentum, scale, "
+                "correction, f, floor, key, local, merge, mix, outer_lr, outer_momentum, pace, "
+                "scale, "
                 "timeout, topk, trim",
             ],
         ),
