@@ -53,7 +53,9 @@ def main(protocol: str, steps: int, scenario: Path) -> None:
         refusals.append((*seen, core.trust[sender], share))
         lam = core.drift_correction.lam
         if lam and msg.steps > 0:
-            scale = correction_gain(lam, msg.steps) / (core.mean_step_size(msg.steps) * msg.steps)
+            scale = correction_gain(lam, msg.steps, core.config.pace) / (
+                core.mean_step_size(msg.steps) * msg.steps
+            )
             missed.add_((own - msg.params) * scale)
         return actions
 

@@ -180,6 +180,29 @@ def test_correction_gain_per_merge():
     torch.testing.assert_close(driver.corrections["1"], -driver.corrections["0"])
 
 
+@pytest.mark.parametrize("b", [2, 8, 16, 32])
+def test_paced_correction_learns_one_pace_per_step_below_16_steps(b):
+    """``pace=1``: a round after K = b steps learns 1 − (1 − λ)^(K/16), less than λ below 16
+    steps (the default learns λ there) and the default's gain from 16 steps on; the two
+    nodes' updates still cancel."""
+    lam, gains = 0.5, {}
+    for spec in (f"periodic:b={b},correction={lam}", f"periodic:b={b},correction={lam},pace=1"):
+        models = {"0": torch.zeros(DIM), "1": torch.zeros(DIM)}
+        driver = VirtualNet(spec, line(2), models, wire=False)
+        for _ in range(b):
+            driver.step("0", torch.full((DIM,), 0.1 / b))
+            driver.step("1", torch.zeros(DIM))
+        driver.settle()
+        eta = driver.cores["0"].step_size
+        unit = torch.full((DIM,), 0.05 / (eta * b))  # (w_sent − merged) / (η K)
+        gains[spec] = float(driver.corrections["0"][0] / unit[0])
+        torch.testing.assert_close(driver.corrections["1"], -driver.corrections["0"])
+    default, paced = gains.values()
+    assert paced == pytest.approx(1 - (1 - lam) ** (b / 16))
+    assert default == pytest.approx(1 - (1 - lam) ** max(1, b / 16))
+    assert (paced < default) == (b < 16)
+
+
 def test_correction_divides_by_the_mean_step_size_of_the_merged_steps():
     """Under a learning-rate schedule a merge after K steps divides by the mean step size of
     those K steps (the core asks for it), not by the latest one."""

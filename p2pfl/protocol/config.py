@@ -6,7 +6,8 @@ Every protocol that merges also takes the keys of the mechanisms shared by all o
 ``CORRECTION_DEFAULT``, 0 turns it off; ``agreement=H`` scales its gain by how much the
 node's successive lessons agree, memory ``H`` merges, off by default, and ``floor=S`` keeps
 merges more than ``S`` steps apart near the fixed gain, ``against=mean`` compares each lesson
-with the earlier lessons' mean, ``boost=k`` multiplies its factor) and
+with the earlier lessons' mean, ``boost=k`` multiplies its factor; ``pace=1`` learns at
+one pace per step for merges fewer than 16 steps apart too, off by default) and
 ``outer_lr=L,outer_momentum=M`` (an outer Nesterov step on every merge,
 ``p2pfl.protocol.outer``; off by default: it halved dynamic's bytes on fixed data but made it
 collapse on a changing stream, and it measured worse for periodic averaging with the
@@ -55,9 +56,9 @@ DYNAMIC_SCALE = "unbiased"
 """``dynamic``'s default int2 ``scale=`` (``CodecConfig.scale``; every other protocol's, and
 the library's, is ``rms``): a member drops its reply's codec error, and at the RMS scale
 that error shrinks every reply toward its base (the coordinator's own model counts in
-full, the members' moves at about 0.88). Unbiased replies: +0.2 to +0.8 point on the seven
-best cells of seeds 1-3, 6-10 % fewer bytes under label skew; one of three seed-4 cells lost
-0.6 (docs/compression.md, "Unbiased int2 replies"). A fixed schedule returns its messages'
+full, the members' moves at about 0.88). Unbiased replies under label skew: 0-11 % fewer
+bytes and +0.14 to +0.8 point in nine of ten cells (seeds 1-4); on IID 5-11 % more bytes
+(docs/compression.md, "Unbiased int2 replies"). A fixed schedule returns its messages'
 error (the next delta carries it), and there the unbiased scale broke ``gossip:b=50``
 (Dirichlet 0.5 0.963 -> 0.48)."""
 LOCAL_KINDS = ("bn",)
@@ -90,6 +91,9 @@ class ProtocolConfig:
     earlier lessons' mean (``mean``; ``correction.LessonAgreement``)."""
     boost: float = 1.0
     """With ``agreement``: the agreement factor is multiplied by this before its clamp."""
+    pace: bool = False
+    """The drift correction learns at one pace per step for merges fewer than 16 steps apart
+    too (``correction.correction_gain``); off: ``λ`` per merge there."""
     outer: tuple[float, float] | None = None
     condition: str = "distance"
     smoothing: int = 16
@@ -129,6 +133,7 @@ MECHANISM_KEYS = {
     "floor",
     "against",
     "boost",
+    "pace",
     "outer_lr",
     "outer_momentum",
 }
@@ -151,6 +156,7 @@ def parse_protocol(text: str) -> ProtocolConfig:
         "floor": spec.take("floor", non_negative_int, 0),
         "against": spec.take("against", _against, "last"),
         "boost": spec.take("boost", positive_float, 1.0),
+        "pace": spec.take("pace", _switch, False),
         "outer": _outer(spec, DYNAMIC_DEFAULTS["outer"] if spec.kind == "dynamic" else None),
         "text": spec.text,
     }

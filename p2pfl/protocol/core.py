@@ -267,7 +267,12 @@ class NodeCore:
         self._first_step_at: float | None = None
         self._last_step_at = 0.0
         self.drift_correction = DriftCorrection(
-            config.correction, config.agreement, config.floor, config.against, config.boost
+            config.correction,
+            config.agreement,
+            config.floor,
+            config.against,
+            config.boost,
+            config.pace,
         )
         self.outer = None if config.outer is None else OuterOptimizer(*config.outer, model.read())
 

@@ -15,7 +15,18 @@ long quiet stretch that ratio is large). It is an integral controller: it
 learns the constant offset between the node's gradient and its group's. The gain ``g(K)``
 is ``λ`` for merges up to ``CORRECTION_STEPS`` steps apart, and for rarer ones what
 ``K / CORRECTION_STEPS`` merges of gain ``λ`` would have compounded to, so the offset is
-learned at the same pace in steps whether merges are frequent or rare.
+learned at the same pace in steps for merges at least ``CORRECTION_STEPS`` apart.
+
+**One pace for every interval** (``pace=1``, off by default). With it the compounding holds
+below ``CORRECTION_STEPS`` too, ``g(K) = 1 − (1 − λ)^(K/CORRECTION_STEPS)``: a merge ``K``
+steps after the previous one learns less than ``λ``. A lesson of ``K`` steps carries SGD
+noise of variance ∝ ``1/K``, so at one pace per step the noise a node integrates per step
+does not depend on how often it merges; with ``λ`` per merge the bursts of frequent merges
+after a concept drift learn up to ``CORRECTION_STEPS / K`` times faster per step, integrate
+the transient's noise into a bias per node and set the models apart when they settle again.
+It depends only on ``K``, which the group shares, so the zero sums below hold. It wins on
+the IID streams and costs early training under label skew, where learning the offset fast
+from the first frequent merges pays (docs/fair-comparison.md, "The correction's pace").
 
 **Lesson agreement** (``agreement=H``, off by default). On IID data there is no offset to
 learn: each lesson is the mean SGD noise of ``K`` steps, independent from one merge to the
@@ -102,11 +113,14 @@ def rare_floor(floor: int, steps: int) -> float:
     return max(0.0, 1.0 - floor / steps) if floor else 0.0
 
 
-def correction_gain(lam: float, steps: int) -> float:
+def correction_gain(lam: float, steps: int, pace: bool = False) -> float:
     """The gain of a merge after ``steps`` local steps: ``lam`` for merges up to
-    ``CORRECTION_STEPS`` steps apart, and for rarer ones the gain that
-    ``steps / CORRECTION_STEPS`` merges of gain ``lam`` would have compounded to."""
-    return 1.0 - (1.0 - lam) ** max(1.0, steps / CORRECTION_STEPS)
+    ``CORRECTION_STEPS`` steps apart (with ``pace``: what ``steps / CORRECTION_STEPS``
+    merges of gain ``lam`` would have compounded to, less than ``lam``), and for rarer ones
+    the gain that ``steps / CORRECTION_STEPS`` merges of gain ``lam`` would have compounded
+    to."""
+    merges = steps / CORRECTION_STEPS
+    return 1.0 - (1.0 - lam) ** (merges if pace else max(1.0, merges))
 
 
 class DriftCorrection:
@@ -114,7 +128,8 @@ class DriftCorrection:
     docstring. ``lam = 0`` turns it off. ``agreement = H > 0`` scales every gain by how much
     the node's successive lessons agree (``LessonAgreement``, memory ``H`` merges), with
     ``floor = S`` at least ``rare_floor(S, K)`` of it, with ``against = "mean"`` each lesson
-    compared with the earlier lessons' mean, with ``boost = k`` the factor times ``k``."""
+    compared with the earlier lessons' mean, with ``boost = k`` the factor times ``k``;
+    ``pace`` learns at one pace per step below ``CORRECTION_STEPS`` too (``correction_gain``)."""
 
     def __init__(
         self,
@@ -123,8 +138,10 @@ class DriftCorrection:
         floor: int = 0,
         against: str = "last",
         boost: float = 1.0,
+        pace: bool = False,
     ) -> None:
         self.lam = lam
+        self.pace = pace
         self.vector: torch.Tensor | None = None
         self.agreement = LessonAgreement(agreement, against, boost) if agreement else None
         self.floor = floor
@@ -147,7 +164,7 @@ class DriftCorrection:
         member's place)."""
         if not self.lam or steps <= 0:
             return []
-        gain = correction_gain(self.lam, steps)
+        gain = correction_gain(self.lam, steps, self.pace)
         if self.agreement is None:
             change = (sent - merged).mul_(gain / (step_size * steps))  # scaled in place: fresh
         else:
