@@ -104,6 +104,12 @@ def parse_args() -> argparse.Namespace:
         help="skip the simulator with the per-node learner in part 1",
     )
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--model",
+        default="mlp",
+        help="model spec of every run (default mlp: 4,810 parameters); e.g. logistic (650) or "
+        "mlp:hidden=256 (19,210) to see which costs grow with the model's size",
+    )
     p.add_argument("--e2e", default="1000x1000", help="NODESxSTEPS of the end-to-end runs")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end runs")
     p.add_argument("--no-scale", action="store_true", help="skip part 1 (the sizes)")
@@ -157,7 +163,12 @@ def parse_args() -> argparse.Namespace:
 
 def prepared_for(nodes: int, steps: int, args: argparse.Namespace, learner: str) -> Prepared:
     """The scenario of one run; sizes beyond the data set cycle a 1,024-way split."""
-    data = {"dataset": "digits", "model": "mlp", "partition": "iid", "batch_size": args.batch_size}
+    data = {
+        "dataset": "digits",
+        "model": args.model,
+        "partition": "iid",
+        "batch_size": args.batch_size,
+    }
     try:
         return prepared_scenario(nodes, steps, args.protocol, learner, **data)
     except SpecError:
@@ -487,6 +498,8 @@ def spawn(
     ]
     if flags.get("per_node_protocol"):
         cmd.append("--per-node-protocol")
+    if args.model != "mlp":  # a tree from before ``--model`` runs the default
+        cmd += ["--model", args.model]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -503,7 +516,7 @@ def scale_table(args: argparse.Namespace) -> None:
     (and the per-node) learner, each against that plain loop."""
     sizes = [int(s) for s in args.sizes.split(",")]
     print(
-        f"\n== scale: mlp on digits (iid), protocols {', '.join(args.protocols)}, batch "
+        f"\n== scale: {args.model} on digits (iid), protocols {', '.join(args.protocols)}, batch "
         f"{args.batch_size}, {args.steps} steps batched, per-node/plain steps = "
         f"{args.per_node_budget} / nodes (3..{args.steps}), "
         f"{args.threads or torch.get_num_threads()} thread(s)"

@@ -263,6 +263,18 @@ def test_slow_links_beyond_the_timeout_still_keep_the_mean():
     torch.testing.assert_close(driver.mean(), before + driver.added / 6, atol=1e-5, rtol=0)
 
 
+def test_a_member_that_timed_out_still_adopts_the_average_that_counted_its_model():
+    """An average slower than the member's wait still reaches a member that gave up but
+    stayed idle: its group counted its model, so it adopts it and the mean is kept (found by
+    the interleavings property above: node 5 kept its model, the mean moved by 0.14)."""
+    driver = classic_net("dynamic:delta=0.0,b=1,group=1", complete(6), seed=1469970, jitter=3.0)
+    before = driver.mean()
+    run_dynamic(driver, 1, 1.0, random.Random(1469970))
+    late = driver.cores["5"].stats
+    assert (late.gave_way, late.timeouts, late.syncs, late.ignored) == (1, 1, 1, 0)
+    torch.testing.assert_close(driver.mean(), before + driver.added / 6, atol=1e-5, rtol=0)
+
+
 def test_periodic_on_a_ring_keeps_the_mean():
     driver = classic_net("periodic:b=2", ring(6), seed=1)
     before = driver.mean()

@@ -13,7 +13,13 @@ import torch
 
 from p2pfl.protocol.config import parse_protocol
 from p2pfl.protocol.core import make_core
-from p2pfl.protocol.dynamic import UNCALIBRATED, DynamicCore, squared_distances
+from p2pfl.protocol.dynamic import (
+    BLOCKS,
+    DISTANCE_BLOCK,
+    UNCALIBRATED,
+    DynamicCore,
+    squared_distances,
+)
 from p2pfl.simulator.batched_protocol import StackedCores
 from p2pfl.simulator.engine import Simulation, prepare
 from p2pfl.simulator.scenario import ScenarioError, load_scenario
@@ -307,3 +313,26 @@ def test_ray_sharded_run_equals_one_process():
         assert_same_run(ShardedRun(prepare(s), protocol, 2, backend="ray").run(), one)
     finally:
         ray.shutdown()
+
+
+@pytest.mark.parametrize("condition", ["smoothed", "coherent"])
+def test_the_vectorised_check_reuses_its_block_buffers(condition):
+    """The check's temporaries (megabytes a block at the benchmark's model size) are taken
+    from ``BLOCKS``: the same storage from block to block and call to call, not allocated
+    afresh (which cost page faults); with three blocks a call, it still equals each core."""
+    spec = f"dynamic:rel=0.0005,b=1,condition={condition}"
+    cores = with_check_state(random_cores(spec, 2 * DISTANCE_BLOCK + 12, 4), 4)
+    violated = []
+    for probe in map(copy.deepcopy, cores):
+        count = probe.stats.violations
+        probe.on_local_step(0.0)
+        violated.append(probe.stats.violations > count)
+    stacked = StackedCores(cores, rows_of(cores))
+    rows = torch.arange(len(cores))
+    assert DynamicCore.which_act(cores[0].config, stacked.state, rows, stacked.read).tolist() == (
+        violated
+    )
+    held = {name: buf.data_ptr() for name, buf in BLOCKS._store.items()}
+    assert {"reference", "checked", "move", "scratch"} <= set(held)
+    DynamicCore.which_act(cores[0].config, stacked.state, rows, stacked.read)
+    assert {name: buf.data_ptr() for name, buf in BLOCKS._store.items()} == held

@@ -161,13 +161,40 @@ UNCALIBRATED = -1.0
 """``growth``'s noise rate before a check has measured it (rates are never negative)."""
 
 
-def squared_distances(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+class BlockBuffers:
+    """Buffers of a block of rows (``DISTANCE_BLOCK``), by name, that the vectorised check reuses
+    from block to block and from step to step. Its temporaries are megabytes (64 rows of the
+    benchmark's 4,810 parameters: 1.2 MB each); allocated afresh, the allocator gave them
+    back to the system after each block and took page faults to map them again."""
+
+    def __init__(self) -> None:
+        self._store: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, width: int) -> torch.Tensor:
+        """An uninitialised ``[rows, width]`` tensor, valid until the next ``get`` of
+        ``name``."""
+        buf = self._store.get(name)
+        if buf is None or buf.shape[-1] != width or len(buf) < rows:
+            buf = self._store[name] = torch.empty(max(rows, DISTANCE_BLOCK), width)
+        return buf[:rows]
+
+
+BLOCKS = BlockBuffers()
+"""The vectorised check's buffers (one set per process: a check runs to its end before the
+next starts)."""
+
+
+def squared_distances(
+    w: torch.Tensor, r: torch.Tensor, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """``||w_i - r_i||²`` for every row of ``w`` and ``r`` (``[k, p]``), a block of rows at a
-    time (the difference of a block stays in cache). One row gives bit for bit what that
-    row gives among many: the per-node and the vectorised drift test agree exactly."""
+    time (the difference of a block stays in cache; ``scratch``: a buffer of at least
+    ``min(k, DISTANCE_BLOCK)`` rows to take it in). One row gives bit for bit what that row
+    gives among many: the per-node and the vectorised drift test agree exactly."""
     k = len(w)
     out = torch.empty(k)
-    scratch = torch.empty(min(k, DISTANCE_BLOCK), w.shape[-1])
+    if scratch is None:
+        scratch = torch.empty(min(k, DISTANCE_BLOCK), w.shape[-1])
     for start in range(0, k, DISTANCE_BLOCK):
         stop = min(start + DISTANCE_BLOCK, k)
         d = torch.sub(w[start:stop], r[start:stop], out=scratch[: stop - start])
@@ -175,12 +202,14 @@ def squared_distances(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a_i · b_i`` for every row of ``a`` and ``b`` (``[k, p]``), a block of rows at a time;
-    like ``squared_distances``, one row gives bit for bit what it gives among many."""
+def row_dots(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``a_i · b_i`` for every row of ``a`` and ``b`` (``[k, p]``), a block of rows at a time
+    (``scratch`` as for ``squared_distances``); like ``squared_distances``, one row gives bit
+    for bit what it gives among many."""
     k = len(a)
     out = torch.empty(k)
-    scratch = torch.empty(min(k, DISTANCE_BLOCK), a.shape[-1])
+    if scratch is None:
+        scratch = torch.empty(min(k, DISTANCE_BLOCK), a.shape[-1])
     for start in range(0, k, DISTANCE_BLOCK):
         stop = min(start + DISTANCE_BLOCK, k)
         torch.sum(
@@ -223,6 +252,9 @@ class DynamicCore(NodeCore):
         self.steps_since_sync = 0
         self.session: Session | None = None
         self.membership: Membership | None = None
+        self._timed_out: tuple[Membership, int] | None = None
+        """The membership we last gave up waiting on, and our sync count then: its average
+        is still adopted if it arrives while we are idle and have not synced since."""
         self.quiet_until = 0
         self._session_models: OrderedDict[str, tuple[torch.Tensor, float, float]] = OrderedDict()
         """Per peer: our model at our last session with it (``snapshot``), the norm of that
@@ -355,20 +387,27 @@ class DynamicCore(NodeCore):
         ``_condition`` (NaN too, as ``_after_step``); the checks' new state is stored for the
         others. The same operations as ``_condition`` on each row, so bit for bit its result."""
         w = read(due)
-        reference = state["reference"].index_select(0, due)
+        k, width = w.shape
+        reference = torch.index_select(
+            state["reference"], 0, due, out=BLOCKS.get("reference", k, width)
+        )
         delta = state["delta"][due]
+        scratch = BLOCKS.get("scratch", k, width)
         if config.condition == "distance":
-            return ~(squared_distances(w, reference).double() <= delta)
+            return ~(squared_distances(w, reference, scratch).double() <= delta)
         if config.condition == "growth":
             return DynamicCore._check_growth(config, state, due, w, reference, delta)
-        checked = state["_checked"].index_select(0, due)
+        checked = torch.index_select(state["_checked"], 0, due, out=BLOCKS.get("checked", k, width))
         if config.condition == "smoothed":
-            move = torch.sub(w, checked)  # checked += (w - checked) * a, in fewer temporaries
+            # checked += (w - checked) * a, in fewer temporaries
+            move = torch.sub(w, checked, out=BLOCKS.get("move", k, width))
             checked += move.mul_(min(1.0, config.b / config.smoothing))
-            violated = ~(squared_distances(checked, reference).double() <= delta)
+            violated = ~(squared_distances(checked, reference, scratch).double() <= delta)
             _store_kept(state["_checked"], due, checked, violated)
             return violated
-        sums = state["_coherence"][due] + 2 * row_dots(w - checked, checked - reference).double()
+        move = torch.sub(w, checked, out=BLOCKS.get("move", k, width))
+        apart = torch.sub(checked, reference, out=reference)  # the reference is not read again
+        sums = state["_coherence"][due] + 2 * row_dots(move, apart, scratch).double()
         value = torch.where(sums > 0.0, sums, 0.0)  # max(0.0, sums), NaN to 0 as there
         violated = ~(value <= delta)
         _store_kept(state["_checked"], due, w, violated)
@@ -619,12 +658,12 @@ class DynamicCore(NodeCore):
         return [Send(p, Busy(s.id)) for p in sorted(s.asked - s.refused)]
 
     def _on_average(self, sender: str, msg: Average) -> list[Action]:
-        m = self.membership
+        m = self.membership or self._late_membership()
         if m is None or m.id != msg.session or m.coordinator != sender:
             self.stats.ignored += 1
             log.debug("%s: stale average from %s", self.node_id, sender)
             return []
-        self.membership = None
+        self.membership = self._timed_out = None
         # Never adopt a model unchecked: the average is checked around what we sent, like a
         # peer's model in our own merge (one history entry per peer: a coordinator that
         # floods us counts once; our other peers' distances keep the bound honest). One
@@ -657,6 +696,17 @@ class DynamicCore(NodeCore):
             adopted = next(a.params for a in actions if isinstance(a, ReplaceModel))
             self.progress.adopted(sender, msg.params, adopted)
         return actions
+
+    def _late_membership(self) -> Membership | None:
+        """The session we timed out of, if its average may still be adopted: the group
+        adopted it and counted our model in it, so taking it late keeps the network's mean
+        (``_adopt`` keeps the steps taken since). Not once we synced again (our reference
+        moved on) or while busy, nor with ``stand_in`` (the coordinator learnt our
+        correction update in our place)."""
+        if self._timed_out is None or self.busy or self.config.stand_in:
+            return None
+        m, syncs = self._timed_out
+        return m if syncs == self.stats.syncs else None
 
     def _leave(self, session: int, coordinator: str) -> list[Action]:
         """We do not adopt the average of ``coordinator``'s ``session``: with ``stand_in``
@@ -734,6 +784,7 @@ class DynamicCore(NodeCore):
         if m is not None and key == ("member", m.id):
             self.stats.timeouts += 1
             self.membership = None
+            self._timed_out = (m, self.stats.syncs)
             return self._leave(m.id, m.coordinator)  # as for a refused average
         return []
 
