@@ -114,11 +114,8 @@ def rare_floor(floor: int, steps: int) -> float:
 
 
 def correction_gain(lam: float, steps: int, pace: bool = False) -> float:
-    """The gain of a merge after ``steps`` local steps: ``lam`` for merges up to
-    ``CORRECTION_STEPS`` steps apart (with ``pace``: what ``steps / CORRECTION_STEPS``
-    merges of gain ``lam`` would have compounded to, less than ``lam``), and for rarer ones
-    the gain that ``steps / CORRECTION_STEPS`` merges of gain ``lam`` would have compounded
-    to."""
+    """The gain of a merge after ``steps`` local steps: what ``steps / CORRECTION_STEPS``
+    merges of gain ``lam`` would have compounded to, and at least ``lam`` unless ``pace``."""
     merges = steps / CORRECTION_STEPS
     return 1.0 - (1.0 - lam) ** (merges if pace else max(1.0, merges))
 
